@@ -1,0 +1,52 @@
+/*
+ * ms_engine.h - executes a plan: the libuv pipeline of readers, method stages
+ * and writers under a fixed memory budget (DESIGN.md section 3), and the output
+ * directory around the shards (config.json, tokenizer, card, recipe).
+ *
+ * The engine owns the only uv_loop of the process while it runs. It must be
+ * called from the main thread. Memory: every buffer is allocated once, at start,
+ * from opts->max_memory; nothing grows with model or tensor size.
+ */
+#ifndef MS_ENGINE_H
+#define MS_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ms_plan.h"
+
+#define MS_DEFAULT_MAX_MEMORY (512ull << 20)
+
+struct ms_engine_opts {
+    const char *out;              /* output directory ("-" is reserved for the tar stream) */
+    uint64_t max_memory;          /* bytes for all buffers together; 0 = default */
+    unsigned threads;             /* compute threads; 0 = number of cores */
+    uint64_t chunk_elems;         /* testing knob: cap on elements per chunk (0 = from budget) */
+    bool in_memory;               /* allow the read-once path for multi-pass stages (default on) */
+    bool quiet;                   /* no progress line */
+    bool progress;                /* draw the progress line (a terminal and not quiet) */
+    bool copy_tokenizer;          /* copy the donor's tokenizer files (default on) */
+    bool write_card;              /* README.md and mergekit_config.yml (default on) */
+    bool resume;                  /* keep finished shards already in out */
+};
+
+/* Fills opts with defaults. */
+void ms_engine_opts_init(struct ms_engine_opts *opts);
+
+/*
+ * Runs the whole merge into opts->out. Returns 0, or a negative code with
+ * ms_errmsg() naming the file or tensor. On failure (or a signal) no file is
+ * left under a final name that is not complete; temporaries are removed.
+ */
+int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts);
+
+/* Memory figures for `plan`: the bytes the pool will take at max_memory and the
+ * element count of the largest chunk. Returns MS_EINVAL if the budget is too small
+ * (the message says the minimum). */
+int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned threads,
+                       uint64_t *pool_bytes, uint64_t *chunk_elems);
+
+/* Asks a running ms_engine_run to stop (async-signal-safe). */
+void ms_engine_cancel(int signo);
+
+#endif

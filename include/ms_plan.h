@@ -1,0 +1,97 @@
+/*
+ * ms_plan.h - the merge plan: recipe + model headers -> every output tensor with
+ * its inputs, method, resolved parameters, dtypes and place in the output shards.
+ *
+ * Building a plan reads config.json files and safetensors headers only, never
+ * tensor data. Every check that can be made without data is made here, and a
+ * failing build reports all problems (one line each), not just the first.
+ * The plan is immutable after ms_plan_build and owns everything it points to.
+ */
+#ifndef MS_PLAN_H
+#define MS_PLAN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "ms_recipe.h"
+#include "ms_safetensors.h"
+#include "ms_stage.h"
+
+struct ms_plan_model {
+    char *ref;                    /* the reference as written in the recipe */
+    char *path;                   /* resolved local directory */
+    struct ms_model *model;       /* opened headers */
+    char *config_json;            /* config.json text, or NULL if absent */
+    uint64_t num_layers;          /* from config.json (num_hidden_layers or similar); 0 unknown */
+};
+
+/* One input of an output tensor: where its bytes are. */
+struct ms_plan_input {
+    uint32_t model;               /* index into plan->models */
+    const char *name;             /* input tensor name (borrowed from the model) */
+    const char *file;             /* shard path (borrowed from the model) */
+    uint32_t shard;
+    enum ms_dtype dtype;          /* stored dtype */
+    uint64_t file_offset;         /* absolute file offset of element 0 */
+    uint64_t numel;               /* elements stored (may exceed the job's when rows are cut) */
+};
+
+struct ms_job {
+    struct ms_stage_job s;        /* what the stage sees; s.name == name, s.shape == shape */
+    char *name;                   /* output tensor name */
+    char *label;                  /* mergekit's scheduling label (6.2): save-order key */
+    uint32_t ndim;
+    int64_t shape[MS_MAX_DIMS];
+    enum ms_dtype out_dtype;      /* stored dtype of the result */
+    uint64_t out_bytes;
+    uint32_t shard;               /* output shard index */
+    uint64_t out_offset;          /* absolute offset in the output shard file */
+    bool copy;                    /* raw byte copy of in[0] (passthrough of a non-float, or
+                                     a single input whose dtype equals out_dtype and compute) */
+    struct ms_plan_input in[MS_MAX_INPUTS]; /* s.ninputs entries, recipe order */
+};
+
+struct ms_plan_opts {
+    uint64_t out_shard_size;      /* bytes; 0 = no splitting; default 5,000,000,000 */
+    uint64_t seed;                /* --random-seed */
+    bool allow_crimes;
+};
+
+struct ms_plan {
+    const struct ms_recipe *recipe; /* borrowed; must outlive the plan */
+    const struct ms_method *method;
+    size_t nmodels;
+    struct ms_plan_model *models;
+    size_t base;                  /* index into models of base_model, or SIZE_MAX */
+    size_t donor;                 /* model whose config.json and tokenizer are copied */
+    size_t njobs;
+    struct ms_job *jobs;          /* in processing order: shard by shard, file offset order */
+    struct ms_layout *layout;     /* output shards; layout->tensors[i] is jobs' save order */
+    char *out_config_json;        /* config.json for the output (patched donor text), or NULL */
+    uint64_t bytes_read;          /* input bytes one pass reads */
+    uint64_t bytes_written;       /* output file bytes (headers included) */
+};
+
+/*
+ * Builds the plan. Returns 0, or MS_EPLAN (or MS_ERECIPE, MS_EUNSUPPORTED, a
+ * model error) after printing every problem found to stderr, one line each,
+ * with the recipe's file:line:col where one applies; ms_errmsg() holds the first.
+ */
+int ms_plan_build(const struct ms_recipe *r, const struct ms_plan_opts *opts,
+                  struct ms_plan **out);
+void ms_plan_free(struct ms_plan *p);
+
+/*
+ * Resolves a model reference to a local directory: an existing path, else a
+ * hub id "org/name" found in the Hugging Face cache ($HF_HUB_CACHE, else
+ * $HF_HOME/hub, else ~/.cache/huggingface/hub; snapshot of refs/main or of the
+ * revision). *out is owned by the caller (ms_free).
+ */
+int ms_model_resolve(const char *ref, const char *revision, char **out);
+
+/* Writes the human-readable summary (`mergestream plan`) or the JSON plan (--json). */
+int ms_plan_print(const struct ms_plan *p, uint64_t max_memory, bool json, FILE *f);
+
+#endif

@@ -1,0 +1,130 @@
+/*
+ * ms_recipe.h - mergekit YAML recipes (mergekit-spec.md section 1), parsed with
+ * libyaml into a typed tree that keeps every node's line and column.
+ *
+ * The recipe owns every string and array in it; ms_recipe_free releases all.
+ * Nothing here looks at models or tensors: the plan (ms_plan.h) resolves
+ * references, counts layers and evaluates parameters with ms_setting_eval.
+ */
+#ifndef MS_RECIPE_H
+#define MS_RECIPE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct ms_pos {
+    int line, col;                /* 1-based position in the YAML file; 0 if unknown */
+};
+
+enum ms_setting_kind {
+    MS_SET_NONE = 0,              /* not written */
+    MS_SET_SCALAR,                /* a number (true/false -> 1/0, numeric strings accepted) */
+    MS_SET_GRADIENT,              /* a list of numbers */
+    MS_SET_COND,                  /* a list of {filter?, value} */
+};
+
+struct ms_cond;
+
+/* One parameter value as written in the recipe. */
+struct ms_setting {
+    enum ms_setting_kind kind;
+    double scalar;                /* MS_SET_SCALAR */
+    double *grad;                 /* MS_SET_GRADIENT: ngrad >= 1 values */
+    size_t ngrad;
+    struct ms_cond *cond;         /* MS_SET_COND: ncond entries */
+    size_t ncond;
+    struct ms_pos pos;
+};
+
+struct ms_cond {
+    char *filter;                 /* NULL when absent; "*" matches everything */
+    struct ms_setting value;      /* scalar or gradient */
+};
+
+struct ms_param {
+    char *name;
+    struct ms_setting value;
+};
+
+struct ms_params {
+    size_t n;
+    struct ms_param *v;
+};
+
+/* "path", "path@revision", "path+lora" or {model, lora, override_architecture}. */
+struct ms_modelref {
+    char *path;                   /* NULL when not set */
+    char *revision;               /* after '@', or NULL */
+    char *lora;                   /* after '+', or NULL (LoRA merging is not supported) */
+    char *override_architecture;  /* or NULL */
+    struct ms_pos pos;
+};
+
+struct ms_source {
+    struct ms_modelref model;
+    bool has_range;
+    int64_t layer_range[2];       /* half-open [start, end) */
+    struct ms_params params;
+    struct ms_pos pos;
+};
+
+struct ms_slice {
+    size_t nsources;
+    struct ms_source *sources;
+    struct ms_modelref base_model; /* path NULL when not set */
+    struct ms_params params;
+    struct ms_pos pos;
+};
+
+struct ms_recipe {
+    char *path;                   /* file name used in messages */
+    char *text;                   /* the verbatim YAML (saved as mergekit_config.yml) */
+    size_t text_len;
+    char *merge_method;
+    struct ms_pos merge_method_pos;
+    size_t nmodels;               /* models form: nmodels > 0 */
+    struct ms_source *models;
+    size_t nslices;               /* slices form: nslices > 0 */
+    struct ms_slice *slices;
+    bool has_modules;             /* modules form: parsed for position only; unsupported */
+    struct ms_pos modules_pos;
+    struct ms_modelref base_model;
+    struct ms_params params;
+    char *dtype;                  /* as written, or NULL */
+    struct ms_pos dtype_pos;
+    char *out_dtype;
+    struct ms_pos out_dtype_pos;
+    char *tokenizer_source;       /* legacy key, or NULL */
+    struct ms_pos tokenizer_source_pos;
+    bool has_tokenizer;           /* the `tokenizer:` mapping form */
+    struct ms_pos tokenizer_pos;
+    char *chat_template;
+    struct ms_pos chat_template_pos;
+};
+
+/*
+ * Parses YAML text. `name` is used in messages ("r.yml:3:5: ..."). Errors
+ * (MS_ERECIPE) name file:line:column and the key. Unknown keys are reported with
+ * ms_log_warn ("r.yml:3:1: unknown key 'paramters'") and ignored, as mergekit
+ * ignores them. Schema rules checked here: exactly one of models/slices/modules,
+ * tokenizer_source and tokenizer not both, value types, layer_range shape.
+ */
+int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_recipe **out);
+/* Reads the file and parses it. */
+int ms_recipe_load(const char *path, struct ms_recipe **out);
+void ms_recipe_free(struct ms_recipe *r);
+
+/* The setting named `name` in params, or NULL. */
+const struct ms_setting *ms_params_get(const struct ms_params *p, const char *name);
+
+/*
+ * Evaluates a setting for tensor `tensor_name` at gradient position t
+ * (mergekit-spec.md 1.5-1.6): scalar -> value; gradient -> interpolation in
+ * Python double arithmetic; conditional list -> the first entry whose filter is
+ * absent, "*" or a substring of tensor_name. Returns true and sets *out when a
+ * value results; false means "not set here, fall through" (and for MS_SET_NONE).
+ */
+bool ms_setting_eval(const struct ms_setting *s, const char *tensor_name, double t, double *out);
+
+#endif

@@ -1,0 +1,180 @@
+/*
+ * ms_stage.h - merge methods as chunk-local compute stages (stages/).
+ *
+ * A method is described by a const struct ms_method: its name, the parameters
+ * it declares (per-model or global, defaults, ranges), its input rules, and its
+ * stage operations. Stages are pure compute: they never see files, libuv or the
+ * memory pool. The engine (pipeline/) hands them chunks: the same element range
+ * [first, first+count) of every input of one output tensor, decoded to float
+ * holding values exactly representable in the compute dtype.
+ *
+ * Protocol for one output tensor (a "job"):
+ *
+ *   begin(state, job)                  loop thread; returns MS_STAGE_REDUCE or MS_STAGE_APPLY
+ *   while it says MS_STAGE_REDUCE:     a reduce pass over every chunk, in any order
+ *       reduce(state, job, chunk, partial)       worker thread; state is read-only
+ *       fold(state, job, chunk_index, partial)   loop thread, strictly in chunk order
+ *       end_pass(state, job)           loop thread; returns MS_STAGE_REDUCE or MS_STAGE_APPLY
+ *   apply(state, job, chunk)           worker thread, any order, chunks in parallel
+ *
+ * The engine cuts a job into the same chunks in every pass of one run.
+ *
+ * Determinism: a stage's result must not depend on how the tensor is cut into
+ * chunks. Floating-point sums over a whole tensor use ms_xacc (exact, order-free);
+ * per-element work depends only on the element index; random masks come from
+ * ms_rng_u32 keyed by (seed, tensor, model, element).
+ *
+ * Numerics follow mergekit-spec.md section 0: every operation is computed in
+ * float32 and rounded to the compute dtype (ms_stage_job.compute) after each op.
+ */
+#ifndef MS_STAGE_H
+#define MS_STAGE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ms_dtype.h"
+
+#define MS_MAX_INPUTS 16          /* models feeding one output tensor */
+#define MS_MAX_PARAMS 8           /* parameters one method declares */
+
+/* ------------------------------------------------------------------------ */
+/* What a stage sees of one output tensor. Immutable while the job runs.     */
+
+struct ms_stage_job {
+    const char *name;             /* output tensor name */
+    uint32_t ndim;
+    const int64_t *shape;         /* ndim entries */
+    uint64_t numel;               /* elements */
+    uint64_t row_len;             /* elements per row: shape[ndim-1], or numel for ndim <= 1 */
+    enum ms_dtype compute;        /* F32, F16 or BF16: rounding after each op */
+    uint32_t ninputs;             /* inputs present for this tensor, in recipe order */
+    int base;                     /* index of the base model among inputs, or -1 */
+    const struct ms_method *method;
+    /* Resolved parameters, indexed like method->params. Per-model ones in
+     * pv[input][param]; global ones in gv[param]. NAN means "not set" for an
+     * optional parameter without default (e.g. passthrough's scale). */
+    double pv[MS_MAX_INPUTS][MS_MAX_PARAMS];
+    double gv[MS_MAX_PARAMS];
+    uint64_t seed;                /* --random-seed */
+    uint64_t key;                 /* hash of the output tensor name, for the RNG */
+};
+
+/* What a stage sees of one chunk. */
+struct ms_chunk {
+    uint64_t first, count;        /* element range of the output tensor */
+    uint32_t index;               /* chunk number in the tensor, 0-based */
+    uint32_t pass;                /* reduce pass number (0-based); apply: number of reduce passes run */
+    const float *in[MS_MAX_INPUTS]; /* ninputs pointers, count floats each, MS_ALIGN-aligned */
+    float *out;                   /* apply writes count floats here */
+};
+
+enum { MS_STAGE_APPLY = 0, MS_STAGE_REDUCE = 1 };
+
+/* Stage flags */
+#define MS_STAGE_ROWWISE 0x1u     /* chunks hold whole rows (first and count multiples of row_len) */
+
+struct ms_stage_ops {
+    uint32_t flags;
+    /* Bytes of per-job state (optional: NULL means 0). Called at plan time;
+     * the engine allocates the largest once. The state is zeroed before begin. */
+    size_t (*state_size)(const struct ms_stage_job *job);
+    /* Bytes of one chunk's reduce partial (optional: NULL means 0). */
+    size_t (*partial_size)(const struct ms_stage_job *job);
+    /* Optional: NULL means MS_STAGE_APPLY at once. Returns < 0 on error (ms_error). */
+    int (*begin)(void *state, const struct ms_stage_job *job);
+    /* Optional when begin never asks for a reduce pass. Must fully write *partial. */
+    void (*reduce)(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                   void *partial);
+    void (*fold)(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                 const void *partial);
+    int (*end_pass)(void *state, const struct ms_stage_job *job);
+    /* Required. */
+    void (*apply)(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c);
+};
+
+/* ------------------------------------------------------------------------ */
+/* Methods and their parameters.                                             */
+
+struct ms_param_decl {
+    const char *name;             /* YAML name: "weight", "density", "t", ... */
+    bool per_model;               /* read per source model (mergekit-spec.md 1.5) */
+    bool required;                /* no default: missing is a plan error */
+    bool is_bool;                 /* printed and validated as true/false */
+    double def;                   /* default (NAN: none / "None") */
+    double lo, hi;                /* valid closed range; lo_open/hi_open make it open */
+    bool lo_open, hi_open;
+};
+
+/* Method flags */
+#define MS_M_BASE_REQUIRED 0x1u   /* base_model must be set (GTA family, slerp, ...) */
+#define MS_M_BASE_INPUT 0x2u      /* the base is an input of the method (vs ignored) */
+
+struct ms_method {
+    const char *name;
+    const char *summary;          /* one line for --help */
+    uint32_t flags;
+    uint32_t min_inputs, max_inputs; /* counted with the base when it is an input; 0 = any */
+    uint32_t nparams;
+    struct ms_param_decl params[MS_MAX_PARAMS];
+    const struct ms_stage_ops *ops; /* NULL when not supported */
+};
+
+/* Registry: every mergekit method name; ms_method_find returns NULL for an unknown name. */
+const struct ms_method *ms_method_find(const char *name);
+const struct ms_method *ms_method_at(size_t i); /* NULL past the end */
+/* Index of a declared parameter, or -1. */
+int ms_method_param(const struct ms_method *m, const char *name);
+
+/*
+ * Runs a whole job in memory with the given chunk size (elements; rounded down
+ * to whole rows for ROWWISE stages, at least one row): the reference driver for
+ * tests, and the meaning the engine must reproduce. in[i] has job->numel floats
+ * already in the compute dtype; out gets numel floats. Allocates its own state.
+ */
+int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
+                     uint64_t chunk_elems);
+
+/* ------------------------------------------------------------------------ */
+/* Shared numeric helpers for stages.                                        */
+
+/*
+ * Exact, order-independent accumulator for sums of float products (x*y with x, y
+ * float is exact in double). Adding is integer addition into fixed limbs, so the
+ * total is the same whatever the order or chunking; ms_xacc_value rounds once.
+ * Capacity: at least 2^40 terms.
+ */
+struct ms_xacc {
+    __int128 limb[20];
+};
+void ms_xacc_init(struct ms_xacc *a);
+/* Adds the exact double v (must be a float or a product of two floats; finite). */
+void ms_xacc_add(struct ms_xacc *a, double v);
+void ms_xacc_merge(struct ms_xacc *a, const struct ms_xacc *b);
+/* The sum rounded to nearest double. Non-finite inputs are tracked separately:
+ * an Inf or NaN added makes the value Inf or NaN as IEEE addition would. */
+double ms_xacc_value(const struct ms_xacc *a);
+/* Kernels: a += sum x[i]*y[i]; a += sum x[i]^2; a += sum |x[i]|. */
+void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n);
+void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n);
+void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n);
+
+/* Counter-based RNG: a 32-bit value that depends only on its arguments. */
+uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element);
+/* 64-bit FNV-1a of a NUL-terminated string (the job key). */
+uint64_t ms_hash_str(const char *s);
+
+/* Rounds x to the compute dtype (F32, F16, BF16). */
+static inline float ms_rnd(enum ms_dtype d, float x)
+{
+    if (d == MS_DT_BF16)
+        return ms_round_bf16_1(x);
+    if (d == MS_DT_F16)
+        return ms_round_f16_1(x);
+    return x;
+}
+/* Python double -> torch tensor of dtype d: double -> float32 -> d (rule 0.5). */
+static inline float ms_rnd_param(enum ms_dtype d, double v) { return ms_rnd(d, (float)v); }
+
+#endif

@@ -1,0 +1,32 @@
+/*
+ * th.h - helpers shared by the Criterion tests (tests/th_util.c).
+ */
+#ifndef MS_TH_H
+#define MS_TH_H
+
+#include <stddef.h>
+
+#ifndef MS_BUILD_DIR
+#define MS_BUILD_DIR "build"
+#endif
+
+/* A fresh directory under $TMPDIR (or /tmp); the path is static storage per call. */
+char *th_tmpdir(void);
+/* Removes a directory tree (rm -rf). */
+void th_rmtree(const char *path);
+/* Joins a and b with '/': returns malloc'd storage (free). */
+char *th_path(const char *a, const char *b);
+/* Writes len bytes to path (creates or truncates). Returns 0 or -1. */
+int th_write(const char *path, const void *data, size_t len);
+/* Reads a whole file; returns malloc'd bytes (NUL-terminated) or NULL. */
+char *th_read(const char *path, size_t *len);
+/*
+ * Runs `sh -c cmd` with the build directory's binaries in PATH (build/mergestream,
+ * build/ms-*). Captures stdout and stderr (each NUL-terminated, malloc'd, may be
+ * NULL if not wanted). Returns the exit status, or 128+signal.
+ */
+int th_run(const char *cmd, char **out, char **err);
+/* Byte-compares two files; 0 if equal. */
+int th_cmp_files(const char *a, const char *b);
+
+#endif
