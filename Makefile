@@ -22,7 +22,7 @@ ifneq ($(SANITIZE),)
 endif
 
 PKGS      := libuv libzstd yaml-0.1 jansson
-DEB_PKGS  := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcriterion-dev pkg-config zstd tar rclone
+DEB_PKGS  := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcriterion-dev pkg-config zstd tar rclone clang libclang-rt-14-dev
 # Recursive (=) so pkg-config runs after the deps step has installed things.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)

@@ -48,5 +48,7 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 
 /* Asks a running ms_engine_run to stop (async-signal-safe). */
 void ms_engine_cancel(int signo);
+/* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM), or 0. */
+int ms_engine_signal(void);
 
 #endif

@@ -142,11 +142,15 @@ int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, flo
 /*
  * Exact, order-independent accumulator for sums of float products (x*y with x, y
  * float is exact in double). Adding is integer addition into fixed limbs, so the
- * total is the same whatever the order or chunking; ms_xacc_value rounds once.
- * Capacity: at least 2^40 terms.
+ * total is the same whatever the order or chunking; ms_xacc_value rounds once,
+ * correctly (to nearest, ties to even). Capacity: at least 2^40 terms.
+ * Layout (stages/xacc.c): a term m*2^e (|m| < 2^53) is added as m << ((e+352) mod 32)
+ * into limb[(e+352)/32]; the limbs are not carry-normalised until ms_xacc_value.
+ * Plain data: copy it with memcpy, zero it with ms_xacc_init. Any thread, no locks.
  */
 struct ms_xacc {
     __int128 limb[20];
+    uint32_t nonfinite;           /* OR of the Inf/NaN kinds added (xacc.c) */
 };
 void ms_xacc_init(struct ms_xacc *a);
 /* Adds the exact double v (must be a float or a product of two floats; finite). */

@@ -16,4 +16,119 @@
 #define MS_STAGE_OPS_TASK_ARITHMETIC NULL
 #define MS_STAGE_OPS_TIES NULL
 
+/* ======================================================================== */
+/* select.c - exact top-k by magnitude over a stream (GTA family)            */
+/* ======================================================================== */
+/*
+ * Selects the k elements of largest magnitude of a stream of n values (one
+ * model's delta over one tensor), exactly and with bounded memory: counting
+ * passes over a histogram of the magnitude's bit pattern (peers-and-formats.md
+ * 4.2), plus at most one pass that locates the tie cut in chunk order.
+ *
+ * The order is: larger |x| first; NaN above +Inf (as mergekit's descending
+ * argsort); among equal magnitudes the lower flat index first (DESIGN.md 2),
+ * or the higher index first when the selection is created with high_first
+ * (what a stable ascending sort's top end holds: breadcrumbs' n_top).
+ * A two-sided selection (keep ascending positions [n_bot, n - n_top)) is two
+ * selections with high_first over the same stream:
+ *     keep = in_top(n - n_bot) && !in_top(n_top).
+ *
+ * Values must be exactly representable in the selection's dtype (F32, F16 or
+ * BF16); the 16-bit types take one counting pass, F32 two.
+ *
+ * Protocol, mirroring the stage protocol (all on the stage's threads as noted):
+ *   ms__sel_init                              begin (loop thread)
+ *   while ms__sel_phase() != MS__SEL_DONE:    one reduce pass per step
+ *     HIST: ms__sel_count per chunk (worker) into a zeroed uint32 partial of
+ *           ms__sel_bins() entries; ms__sel_fold_hist (loop, chunk order) into
+ *           a uint64 accumulator of ms__sel_hist_len(dt) entries, zero at
+ *           init; ms__sel_end_hist at end_pass (zeroes the accumulator again)
+ *     TIES: ms__sel_count_ties per chunk (worker); ms__sel_fold_ties (loop,
+ *           strictly in chunk order); ms__sel_end_ties at end_pass
+ *   ms__sel_mask per chunk in apply (worker), with the same chunks as the passes.
+ * Workers read only fields that change in init/end_*; fold changes the others.
+ * A chunk holds fewer than 2^32 elements (uint32 partial counts).
+ */
+enum ms__sel_phase { MS__SEL_DONE = 0, MS__SEL_HIST = 1, MS__SEL_TIES = 2 };
+
+#define MS__SEL_BINS_MAX 65536u   /* largest histogram (F32 second level) */
+
+struct ms__sel {                  /* plain data: lives in a stage's state */
+    enum ms_dtype dt;             /* F32, F16 or BF16 */
+    uint32_t phase;               /* enum ms__sel_phase */
+    uint32_t level;               /* HIST: 0 = high (or only) bits, 1 = F32 low 16 bits */
+    uint32_t hi;                  /* F32 level 1: the boundary bin of level 0 */
+    bool high_first;              /* ties: higher index ranks first */
+    bool all_ties;                /* DONE: every element with key == T is selected */
+    uint64_t n, k;                /* stream length; elements to select (k <= n) */
+    uint32_t key;                 /* DONE/TIES: threshold key T; key > T is selected */
+    uint64_t above;               /* elements with key above the current boundary bin */
+    uint64_t need, at;            /* TIES: elements with key == T: to select, present */
+    uint64_t cut;                 /* TIES: ties with rank < cut in index order are the low side */
+    uint64_t seen;                /* TIES fold: ties in the chunks folded so far */
+    uint64_t cut_first;           /* first element of the chunk holding the cut (located) */
+    uint64_t cut_r;               /* ties of that chunk on the low side (1..) */
+    bool located;
+};
+
+/* Starts a selection of k of n elements (k > n is taken as n). k == 0 and
+ * k == n need no pass. */
+void ms__sel_init(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t k, bool high_first);
+static inline enum ms__sel_phase ms__sel_phase(const struct ms__sel *s)
+{
+    return (enum ms__sel_phase)s->phase;
+}
+/* uint64 accumulator entries a selection over dt needs (32,768 or 65,536). */
+static inline size_t ms__sel_hist_len(enum ms_dtype dt)
+{
+    return dt == MS_DT_F32 ? 65536u : 32768u;
+}
+/* Histogram entries the current HIST pass uses (<= ms__sel_hist_len). */
+static inline size_t ms__sel_bins(const struct ms__sel *s)
+{
+    return s->dt == MS_DT_F32 && s->level == 1 ? 65536u : 32768u;
+}
+/* HIST pass, worker: hist[key bin of x[i]] += 1 for n values (hist zeroed by the caller). */
+void ms__sel_count(const struct ms__sel *s, uint32_t *restrict hist, const float *restrict x,
+                   size_t n);
+/* HIST pass, loop thread: acc += part over ms__sel_bins(s) entries. */
+void ms__sel_fold_hist(const struct ms__sel *s, uint64_t *restrict acc,
+                       const uint32_t *restrict part);
+/* End of a HIST pass: finds the boundary bin, advances the phase, zeroes acc. */
+void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc);
+/* TIES pass, worker: elements of x whose key is T. */
+uint64_t ms__sel_count_ties(const struct ms__sel *s, const float *restrict x, size_t n);
+/* TIES pass, loop thread, strictly in chunk order: the chunk starting at
+ * element `first` holds `ties` elements with key T. */
+void ms__sel_fold_ties(struct ms__sel *s, uint64_t first, uint64_t ties);
+void ms__sel_end_ties(struct ms__sel *s);
+/*
+ * Apply, worker: keep[i] = 1.0f if element i of x is selected, else 0.0f, for
+ * n consecutive elements of the chunk that starts at element chunk_first.
+ * *run carries the count of key-T elements already met in this chunk: 0 at
+ * the chunk's first element, updated for the next call on the same chunk.
+ */
+void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
+                  const float *restrict x, float *restrict keep, size_t n);
+
+/* Order-preserving key of |x| for x representable in dt: the 15-bit pattern
+ * of |x| for F16/BF16, the 31-bit pattern for F32; every NaN maps to the
+ * largest key (above +Inf). */
+static inline uint32_t ms__sel_key(enum ms_dtype dt, float x)
+{
+    uint32_t u = ms_f32_bits(x) & 0x7fffffffu;
+    if (dt == MS_DT_F32)
+        return u > 0x7f800000u ? 0x7fffffffu : u;
+    if (u > 0x7f800000u)
+        return 0x7fffu;
+    if (dt == MS_DT_BF16)
+        return u >> 16;
+    /* F16: re-bias a normal value; a subnormal one is a multiple of 2^-24. */
+    if (u >= 0x47800000u) /* >= 65536: only +Inf is representable there */
+        return 0x7c00u;
+    if (u >= 0x38800000u) /* >= 2^-14 */
+        return (u >> 13) - ((127u - 15u) << 10);
+    return (uint32_t)(ms_f32_from_bits(u) * 0x1p24f);
+}
+
 #endif

@@ -1,0 +1,1085 @@
+/*
+ * engine.c - executes a plan on a libuv loop under a fixed memory budget.
+ *
+ * Shape of the pipeline (DESIGN.md section 3):
+ *
+ *   slot FREE -> READING (one uv_fs_read per input, same element range)
+ *             -> COMPUTE (uv_queue_work: decode, round to the compute dtype,
+ *                         stage reduce or apply, encode to the output dtype)
+ *             -> WRITING (uv_fs_write at the tensor's known offset) -> FREE
+ *
+ * Memory: nslots slots of slot_bytes each plus nstates job states are
+ * allocated once at start from --max-memory; a chunk is carved out of one slot
+ * (partial, one buffer per input, output), so nothing grows with model size.
+ *
+ * Jobs (output tensors) run in plan order. A job whose stage asks for reduce
+ * passes runs them first; a later job may start taking slots only once every
+ * job before it has issued all the chunks of its apply pass. That keeps the
+ * schedule deadlock-free (a job never waits on slots held by a later job that
+ * waits on it) and keeps writes close to file order.
+ *
+ * Multi-pass jobs whose chunks all fit in the pool at once are "resident":
+ * their inputs are read and decoded once, and every pass runs from the slots.
+ * Otherwise each pass reads the inputs again. The chunking is the same either
+ * way, so both paths give the same bytes.
+ *
+ * Threads: everything here runs on the loop thread except work_cb, which only
+ * touches its own slot (and reads the job's stage state, const during a pass).
+ */
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "ms_common.h"
+#include "ms_engine.h"
+#include "pipeline_impl.h"
+
+#define MAX_ACTIVE 64  /* jobs in flight at once */
+#define MIN_SLOTS 4
+#define MAX_SLOTS 64
+
+enum slot_state { SLOT_FREE, SLOT_READING, SLOT_QUEUED, SLOT_COMPUTING, SLOT_REDUCED,
+                  SLOT_WRITING, SLOT_RESIDENT };
+
+struct eng;
+struct jrun;
+
+struct slot {
+    struct eng *e;
+    struct jrun *jr;
+    enum slot_state state;
+    unsigned char *mem;           /* slot_bytes, MS_ALIGN-aligned */
+    struct ms_chunk ck;           /* stage view; in[] / out point into mem */
+    void *partial;
+    unsigned char *raw[MS_MAX_INPUTS]; /* read targets (same memory as ck.in[]) */
+    uint64_t raw_len[MS_MAX_INPUTS];   /* bytes to read per input */
+    uint64_t raw_done[MS_MAX_INPUTS];
+    uint64_t raw_off[MS_MAX_INPUTS];   /* absolute file offset of the first byte */
+    uv_fs_t rd[MS_MAX_INPUTS];
+    uint32_t reads_left;
+    bool decoded;                 /* inputs already decoded (resident passes) */
+    uv_work_t work;
+    uv_fs_t wr;
+    const unsigned char *wbuf;
+    uint64_t wlen, wdone, woff;
+    struct slot *next_queued;     /* compute queue link */
+};
+
+struct jrun {
+    bool used;
+    const struct ms_job *job;
+    const struct ms_stage_ops *ops;
+    void *state;
+    int state_idx;                /* index into e->states, or -1 */
+    bool copy;                    /* raw byte copy: units are bytes, not elements */
+    uint64_t total;               /* elements (or bytes for copy jobs) */
+    uint64_t chunk;               /* elements (or bytes) per chunk */
+    uint32_t nchunks;
+    int phase;                    /* MS_STAGE_REDUCE or MS_STAGE_APPLY */
+    uint32_t pass;                /* reduce passes completed */
+    bool resident;
+    size_t partial_bytes;
+    uint32_t issued, folded, done; /* chunks of the current pass */
+    struct slot **ring;           /* chunk c of the current pass at ring[c % nslots] */
+};
+
+struct out_shard {
+    uv_file fd;                   /* -1 when not open */
+    char *tmp, *final;
+    size_t jobs_left;
+    bool finished;
+};
+
+struct eng {
+    uv_loop_t loop;
+    const struct ms_plan *plan;
+    const struct ms_engine_opts *opts;
+
+    uv_file *in_fd;               /* per (model, shard): in_fd[fd_base[model] + shard] */
+    size_t *fd_base;
+    size_t nfd;
+
+    struct out_shard *osh;
+    size_t nsh;
+
+    uint32_t nslots;
+    size_t slot_bytes;
+    struct slot *slots;
+    struct slot **free_slots;
+    uint32_t nfree;
+    struct slot **ring_mem;       /* MAX_ACTIVE * nslots ring entries */
+
+    uint32_t nstates;
+    size_t state_bytes;
+    void **states;
+    bool *state_used;
+
+    struct jrun jr[MAX_ACTIVE];
+    uint32_t order[MAX_ACTIVE];   /* active jobs, oldest first (indices into jr) */
+    uint32_t nactive;
+    size_t next_job;
+    size_t jobs_done;
+
+    struct slot *cq_head, *cq_tail; /* chunks ready to compute */
+    uint32_t compute_inflight, compute_max;
+    uint32_t io_inflight;
+
+    uv_signal_t sigint, sigterm;
+    uv_timer_t timer;
+    bool have_signals, have_timer;
+    uint64_t t_start;
+    uint64_t bytes_in, bytes_out;
+
+    int err;
+    char errmsg[1024];
+    int signo;
+};
+
+static volatile sig_atomic_t g_cancel_signo;
+
+void ms_engine_cancel(int signo) { g_cancel_signo = signo; }
+
+void ms_engine_opts_init(struct ms_engine_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->max_memory = MS_DEFAULT_MAX_MEMORY;
+    o->in_memory = true;
+    o->copy_tokenizer = true;
+    o->write_card = true;
+}
+
+/* ------------------------------------------------------------------ errors */
+
+/* Records the first failure; later ones are dropped. Returns code. */
+static int eng_fail(struct eng *e, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int eng_fail(struct eng *e, int code, const char *fmt, ...)
+{
+    if (e->err)
+        return code;
+    e->err = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->errmsg, sizeof e->errmsg, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static bool eng_stopping(const struct eng *e) { return e->err != 0; }
+
+/* ------------------------------------------------------------------ sizing */
+
+static unsigned default_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+static size_t align_up(size_t n) { return (n + MS_ALIGN - 1) / MS_ALIGN * MS_ALIGN; }
+
+static uint32_t elem_bytes(enum ms_dtype dt)
+{
+    unsigned b = ms_dtype_bits(dt);
+    return b >= 8 ? b / 8 : 1;
+}
+
+/* Bytes one buffer element takes in a slot: the raw input is read into the same
+ * memory it is decoded to, so it must hold the larger of the two. */
+static uint32_t input_elem_bytes(const struct ms_job *j)
+{
+    uint32_t eb = 4;
+    for (uint32_t i = 0; i < j->s.ninputs; i++)
+        eb = MS_MAX(eb, elem_bytes(j->in[i].dtype));
+    return eb;
+}
+
+static size_t job_state_size(const struct ms_job *j)
+{
+    const struct ms_stage_ops *ops = j->s.method ? j->s.method->ops : NULL;
+    return (!j->copy && ops && ops->state_size) ? ops->state_size(&j->s) : 0;
+}
+
+static size_t job_partial_size(const struct ms_job *j)
+{
+    const struct ms_stage_ops *ops = j->s.method ? j->s.method->ops : NULL;
+    return (!j->copy && ops && ops->partial_size) ? ops->partial_size(&j->s) : 0;
+}
+
+/*
+ * Elements per chunk of job j in a slot of slot_bytes (bytes for copy jobs).
+ * Returns 0 when not even the minimum (one row, or 16 elements) fits.
+ */
+static uint64_t job_chunk(const struct ms_job *j, size_t slot_bytes, uint64_t cap)
+{
+    if (j->copy) {
+        uint64_t c = slot_bytes / MS_ALIGN * MS_ALIGN;
+        return MS_MIN(c, MS_MAX(j->out_bytes, 1));
+    }
+    size_t fixed = align_up(job_partial_size(j)) + (size_t)MS_ALIGN * (j->s.ninputs + 2);
+    if (slot_bytes <= fixed)
+        return 0;
+    uint64_t per = (uint64_t)j->s.ninputs * input_elem_bytes(j) + 4;
+    uint64_t c = (slot_bytes - fixed) / per;
+    if (cap && c > cap)
+        c = cap;
+    uint64_t numel = MS_MAX(j->s.numel, 1);
+    const struct ms_stage_ops *ops = j->s.method->ops;
+    if (ops->flags & MS_STAGE_ROWWISE) {
+        uint64_t row = MS_MAX(j->s.row_len, 1);
+        if (c < row)
+            return cap ? row : 0; /* a test cap never splits rows */
+        c -= c % row;
+    } else if (c >= 64 && c < numel) {
+        c -= c % 16;
+    }
+    return MS_MIN(c, numel);
+}
+
+struct sizing {
+    uint32_t nslots, nstates;
+    size_t slot_bytes, state_bytes;
+};
+
+static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned threads,
+                          uint64_t cap, struct sizing *sz, uint64_t *max_chunk)
+{
+    if (!max_memory)
+        max_memory = MS_DEFAULT_MAX_MEMORY;
+    if (!threads)
+        threads = default_threads();
+    size_t state_max = 0;
+    bool stateful = false;
+    for (size_t i = 0; i < p->njobs; i++) {
+        size_t s = job_state_size(&p->jobs[i]);
+        state_max = MS_MAX(state_max, s);
+        stateful |= s > 0;
+    }
+    sz->nstates = stateful ? 2 : 0;
+    sz->state_bytes = align_up(state_max);
+    sz->nslots = MS_MIN(MS_MAX((uint32_t)(2 * threads + 2), MIN_SLOTS), MAX_SLOTS);
+    uint64_t for_states = (uint64_t)sz->nstates * sz->state_bytes;
+    if (max_memory <= for_states)
+        return ms_error(MS_EINVAL, "--max-memory %" PRIu64 " is too small: the method's per-tensor "
+                        "state alone needs %" PRIu64 " bytes", max_memory, for_states);
+    sz->slot_bytes = (size_t)((max_memory - for_states) / sz->nslots / MS_ALIGN * MS_ALIGN);
+    uint64_t mc = 0;
+    for (size_t i = 0; i < p->njobs; i++) {
+        const struct ms_job *j = &p->jobs[i];
+        if (!j->copy && j->s.numel == 0)
+            continue;
+        uint64_t c = job_chunk(j, sz->slot_bytes, cap);
+        if (!c) {
+            uint64_t need = align_up(job_partial_size(j)) + (uint64_t)MS_ALIGN * (j->s.ninputs + 2) +
+                            (uint64_t)MS_MAX(j->s.row_len, 16) *
+                                ((uint64_t)j->s.ninputs * input_elem_bytes(j) + 4);
+            return ms_error(MS_EINVAL, "--max-memory %" PRIu64 " is too small for tensor '%s': "
+                            "one chunk needs %" PRIu64 " bytes per slot (%u slots); use at least "
+                            "%" PRIu64, max_memory, j->name, need, sz->nslots,
+                            need * sz->nslots + for_states);
+        }
+        if (!j->copy)
+            mc = MS_MAX(mc, c);
+    }
+    if (max_chunk)
+        *max_chunk = mc;
+    return 0;
+}
+
+int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned threads,
+                       uint64_t *pool_bytes, uint64_t *chunk_elems)
+{
+    struct sizing sz;
+    uint64_t mc = 0;
+    int rc = compute_sizing(plan, max_memory, threads, 0, &sz, &mc);
+    if (rc)
+        return rc;
+    if (pool_bytes)
+        *pool_bytes = (uint64_t)sz.nslots * sz.slot_bytes + (uint64_t)sz.nstates * sz.state_bytes;
+    if (chunk_elems)
+        *chunk_elems = mc;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+static void pump(struct eng *e);
+static void on_read(uv_fs_t *req);
+static void on_write(uv_fs_t *req);
+static void work_cb(uv_work_t *w);
+static void after_work_cb(uv_work_t *w, int status);
+
+/* ------------------------------------------------------------------ slots */
+
+static struct slot *slot_get(struct eng *e)
+{
+    if (!e->nfree)
+        return NULL;
+    struct slot *s = e->free_slots[--e->nfree];
+    assert(s->state == SLOT_FREE);
+    s->state = SLOT_READING;
+    s->decoded = false;
+    return s;
+}
+
+static void slot_put(struct eng *e, struct slot *s)
+{
+    s->state = SLOT_FREE;
+    s->jr = NULL;
+    e->free_slots[e->nfree++] = s;
+}
+
+/* Carves chunk c of jr out of slot s: partial, inputs, output. */
+static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t c)
+{
+    const struct ms_job *j = jr->job;
+    uint64_t first = (uint64_t)c * jr->chunk;
+    uint64_t count = MS_MIN(jr->chunk, jr->total - first);
+    unsigned char *p = s->mem;
+    memset(&s->ck, 0, sizeof s->ck);
+    s->jr = jr;
+    s->ck.first = first;
+    s->ck.count = count;
+    s->ck.index = c;
+    s->reads_left = 0;
+    if (jr->copy) {
+        s->partial = NULL;
+        s->raw[0] = p;
+        s->raw_len[0] = count;
+        s->raw_done[0] = 0;
+        s->raw_off[0] = j->in[0].file_offset + first;
+        s->reads_left = 1;
+        return;
+    }
+    s->partial = jr->partial_bytes ? p : NULL;
+    p += align_up(jr->partial_bytes);
+    uint32_t eb = input_elem_bytes(j);
+    for (uint32_t i = 0; i < j->s.ninputs; i++) {
+        uint32_t ib = elem_bytes(j->in[i].dtype);
+        s->raw[i] = p;
+        s->ck.in[i] = (const float *)(void *)p;
+        s->raw_len[i] = count * ib;
+        s->raw_done[i] = 0;
+        s->raw_off[i] = j->in[i].file_offset + first * ib;
+        p += align_up(count * eb);
+    }
+    s->ck.out = (float *)(void *)p;
+    p += align_up(count * 4);
+    assert((size_t)(p - s->mem) <= e->slot_bytes);
+    s->reads_left = j->s.ninputs;
+}
+
+/* ------------------------------------------------------------------ reads */
+
+static uv_file input_fd(struct eng *e, const struct ms_plan_input *in)
+{
+    return e->in_fd[e->fd_base[in->model] + in->shard];
+}
+
+static void read_issue(struct eng *e, struct slot *s, uint32_t i)
+{
+    const struct ms_job *j = s->jr->job;
+    uv_buf_t b = uv_buf_init((char *)s->raw[i] + s->raw_done[i],
+                             (unsigned)MS_MIN(s->raw_len[i] - s->raw_done[i], 1u << 30));
+    s->rd[i].data = s;
+    e->io_inflight++;
+    int rc = uv_fs_read(&e->loop, &s->rd[i], input_fd(e, &j->in[i]), &b, 1,
+                        (int64_t)(s->raw_off[i] + s->raw_done[i]), on_read);
+    if (rc < 0) {
+        e->io_inflight--;
+        eng_fail(e, rc, "%s: read failed: %s", j->in[i].file, uv_strerror(rc));
+        s->reads_left--;
+    }
+}
+
+static void chunk_ready(struct eng *e, struct slot *s)
+{
+    s->state = SLOT_QUEUED;
+    s->next_queued = NULL;
+    if (e->cq_tail)
+        e->cq_tail->next_queued = s;
+    else
+        e->cq_head = s;
+    e->cq_tail = s;
+}
+
+static void write_issue(struct eng *e, struct slot *s);
+
+static void reads_done(struct eng *e, struct slot *s)
+{
+    if (eng_stopping(e)) {
+        slot_put(e, s);
+        return;
+    }
+    if (s->jr->copy) {
+        s->wbuf = s->raw[0];
+        s->wlen = s->ck.count;
+        s->woff = s->jr->job->out_offset + s->ck.first;
+        write_issue(e, s);
+    } else {
+        chunk_ready(e, s);
+    }
+}
+
+static void on_read(uv_fs_t *req)
+{
+    struct slot *s = req->data;
+    struct eng *e = s->e;
+    uint32_t i = (uint32_t)(req - s->rd);
+    ssize_t r = req->result;
+    uv_fs_req_cleanup(req);
+    e->io_inflight--;
+    const struct ms_plan_input *in = &s->jr->job->in[i];
+    if (r < 0) {
+        eng_fail(e, (int)r, "%s: read of tensor '%s' failed: %s", in->file, in->name,
+                 uv_strerror((int)r));
+    } else if (r == 0) {
+        eng_fail(e, MS_EIO, "%s: unexpected end of file reading tensor '%s' (file truncated "
+                 "after the plan was made?)", in->file, in->name);
+    } else {
+        s->raw_done[i] += (uint64_t)r;
+        e->bytes_in += (uint64_t)r;
+        if (s->raw_done[i] < s->raw_len[i] && !eng_stopping(e)) {
+            read_issue(e, s, i);
+            return;
+        }
+    }
+    if (--s->reads_left == 0)
+        reads_done(e, s);
+    pump(e);
+}
+
+/* ------------------------------------------------------------------ compute */
+
+static void work_cb(uv_work_t *w)
+{
+    struct slot *s = w->data;
+    struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    uint64_t n = s->ck.count;
+    if (!s->decoded) {
+        for (uint32_t i = 0; i < j->s.ninputs; i++) {
+            float *x = (float *)(void *)s->raw[i];
+            ms_dtype_decode(j->in[i].dtype, x, x, n);
+            ms_dtype_round(j->s.compute, x, n);
+        }
+        s->decoded = true;
+    }
+    s->ck.pass = jr->pass;
+    if (jr->phase == MS_STAGE_REDUCE) {
+        jr->ops->reduce(jr->state, &j->s, &s->ck, s->partial);
+    } else {
+        jr->ops->apply(jr->state, &j->s, &s->ck);
+        ms_dtype_encode(j->out_dtype, s->ck.out, s->ck.out, n);
+    }
+}
+
+static void start_compute(struct eng *e)
+{
+    while (e->cq_head && e->compute_inflight < e->compute_max && !eng_stopping(e)) {
+        struct slot *s = e->cq_head;
+        e->cq_head = s->next_queued;
+        if (!e->cq_head)
+            e->cq_tail = NULL;
+        s->state = SLOT_COMPUTING;
+        s->work.data = s;
+        e->compute_inflight++;
+        int rc = uv_queue_work(&e->loop, &s->work, work_cb, after_work_cb);
+        if (rc < 0) {
+            e->compute_inflight--;
+            eng_fail(e, rc, "cannot queue work: %s", uv_strerror(rc));
+            slot_put(e, s);
+        }
+    }
+    if (eng_stopping(e)) { /* drop queued chunks */
+        while (e->cq_head) {
+            struct slot *s = e->cq_head;
+            e->cq_head = s->next_queued;
+            slot_put(e, s);
+        }
+        e->cq_tail = NULL;
+    }
+}
+
+static void job_finish(struct eng *e, struct jrun *jr);
+static void shard_job_done(struct eng *e, uint32_t shard);
+
+/* Folds, in chunk order, every reduced chunk that is next in line. */
+static void fold_ready(struct eng *e, struct jrun *jr)
+{
+    while (jr->folded < jr->issued) {
+        struct slot *s = jr->ring[jr->folded % e->nslots];
+        if (!s || s->state != SLOT_REDUCED)
+            return;
+        jr->ops->fold(jr->state, &jr->job->s, &s->ck, s->partial);
+        jr->ring[jr->folded % e->nslots] = jr->resident ? s : NULL;
+        if (jr->resident)
+            s->state = SLOT_RESIDENT;
+        else
+            slot_put(e, s);
+        jr->folded++;
+    }
+    if (jr->folded < jr->nchunks)
+        return;
+    int rc = jr->ops->end_pass(jr->state, &jr->job->s);
+    if (rc < 0) {
+        eng_fail(e, rc, "tensor '%s': %s", jr->job->name, ms_errmsg());
+        return;
+    }
+    jr->pass++;
+    jr->phase = rc;
+    jr->issued = jr->folded = jr->done = 0;
+}
+
+static void after_work_cb(uv_work_t *w, int status)
+{
+    struct slot *s = w->data;
+    struct eng *e = s->e;
+    struct jrun *jr = s->jr;
+    e->compute_inflight--;
+    if (status < 0 || eng_stopping(e)) {
+        if (status < 0)
+            eng_fail(e, status, "compute canceled: %s", uv_strerror(status));
+        slot_put(e, s);
+        pump(e);
+        return;
+    }
+    if (jr->phase == MS_STAGE_REDUCE) {
+        s->state = SLOT_REDUCED;
+        fold_ready(e, jr);
+    } else {
+        const struct ms_job *j = jr->job;
+        uint32_t ob = elem_bytes(j->out_dtype);
+        s->wbuf = (const unsigned char *)s->ck.out;
+        s->wlen = s->ck.count * ob;
+        s->woff = j->out_offset + s->ck.first * ob;
+        write_issue(e, s);
+    }
+    pump(e);
+}
+
+/* ------------------------------------------------------------------ writes */
+
+static void write_issue(struct eng *e, struct slot *s)
+{
+    struct out_shard *sh = &e->osh[s->jr->job->shard];
+    s->state = SLOT_WRITING;
+    s->wdone = 0;
+    uv_buf_t b = uv_buf_init((char *)s->wbuf, (unsigned)MS_MIN(s->wlen, 1u << 30));
+    s->wr.data = s;
+    e->io_inflight++;
+    int rc = uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)s->woff, on_write);
+    if (rc < 0) {
+        e->io_inflight--;
+        eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
+        slot_put(e, s);
+    }
+}
+
+static void chunk_written(struct eng *e, struct slot *s)
+{
+    struct jrun *jr = s->jr;
+    if (jr->resident)
+        jr->ring[s->ck.index % e->nslots] = NULL;
+    slot_put(e, s);
+    if (++jr->done == jr->nchunks)
+        job_finish(e, jr);
+}
+
+static void on_write(uv_fs_t *req)
+{
+    struct slot *s = req->data;
+    struct eng *e = s->e;
+    struct out_shard *sh = &e->osh[s->jr->job->shard];
+    ssize_t r = req->result;
+    uv_fs_req_cleanup(req);
+    e->io_inflight--;
+    if (r <= 0) {
+        int code = r < 0 ? (int)r : MS_EIO;
+        eng_fail(e, code, "%s: write failed: %s", sh->tmp,
+                 r < 0 ? uv_strerror((int)r) : "no progress");
+        slot_put(e, s);
+    } else {
+        s->wdone += (uint64_t)r;
+        e->bytes_out += (uint64_t)r;
+        if (s->wdone < s->wlen && !eng_stopping(e)) {
+            uv_buf_t b = uv_buf_init((char *)s->wbuf + s->wdone,
+                                     (unsigned)MS_MIN(s->wlen - s->wdone, 1u << 30));
+            e->io_inflight++;
+            int rc = uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)(s->woff + s->wdone),
+                                 on_write);
+            if (rc < 0) {
+                e->io_inflight--;
+                eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
+                slot_put(e, s);
+            }
+        } else if (eng_stopping(e)) {
+            slot_put(e, s);
+        } else {
+            chunk_written(e, s);
+        }
+    }
+    pump(e);
+}
+
+/* ------------------------------------------------------------------ shards */
+
+static int shard_open(struct eng *e, uint32_t k)
+{
+    struct out_shard *sh = &e->osh[k];
+    const struct ms_out_shard *ls = &e->plan->layout->shards[k];
+    uv_fs_t req;
+    int fd = uv_fs_open(NULL, &req, sh->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644, NULL);
+    uv_fs_req_cleanup(&req);
+    if (fd < 0)
+        return eng_fail(e, fd, "%s: cannot create: %s", sh->tmp, uv_strerror(fd));
+    sh->fd = fd;
+    /* Reserve the whole file now so that a full disk is reported before any work. */
+    int frc = posix_fallocate(fd, 0, (off_t)ls->file_bytes);
+    if (frc == ENOSPC || frc == EFBIG)
+        return eng_fail(e, -frc, "%s: cannot reserve %" PRIu64 " bytes: %s", sh->tmp,
+                        ls->file_bytes, strerror(frc));
+    uint64_t done = 0;
+    while (done < ls->header_bytes) {
+        ssize_t w = pwrite(fd, ls->header + done, ls->header_bytes - done, (off_t)done);
+        if (w <= 0)
+            return eng_fail(e, w < 0 ? -errno : MS_EIO, "%s: cannot write header: %s", sh->tmp,
+                            w < 0 ? strerror(errno) : "no progress");
+        done += (uint64_t)w;
+    }
+    e->bytes_out += ls->header_bytes;
+    return 0;
+}
+
+/* Syncs, closes and renames a finished shard (synchronous: once per shard). */
+static void shard_job_done(struct eng *e, uint32_t k)
+{
+    struct out_shard *sh = &e->osh[k];
+    assert(sh->jobs_left > 0);
+    if (--sh->jobs_left)
+        return;
+    if (fsync(sh->fd) < 0) {
+        eng_fail(e, -errno, "%s: fsync failed: %s", sh->tmp, strerror(errno));
+        return;
+    }
+    if (close(sh->fd) < 0) {
+        sh->fd = -1;
+        eng_fail(e, -errno, "%s: close failed: %s", sh->tmp, strerror(errno));
+        return;
+    }
+    sh->fd = -1;
+    if (rename(sh->tmp, sh->final) < 0) {
+        eng_fail(e, -errno, "%s: cannot rename to %s: %s", sh->tmp, sh->final, strerror(errno));
+        return;
+    }
+    sh->finished = true;
+}
+
+/* ------------------------------------------------------------------ jobs */
+
+static void job_finish(struct eng *e, struct jrun *jr)
+{
+    const struct ms_job *j = jr->job;
+    if (jr->state_idx >= 0)
+        e->state_used[jr->state_idx] = false;
+    uint32_t idx = (uint32_t)(jr - e->jr);
+    for (uint32_t i = 0; i < e->nactive; i++) {
+        if (e->order[i] == idx) {
+            memmove(&e->order[i], &e->order[i + 1], (e->nactive - i - 1) * sizeof e->order[0]);
+            e->nactive--;
+            break;
+        }
+    }
+    jr->used = false;
+    e->jobs_done++;
+    shard_job_done(e, j->shard);
+}
+
+/* True when jr has issued every chunk it will ever issue (its apply pass). */
+static bool job_fully_issued(const struct jrun *jr)
+{
+    return jr->phase == MS_STAGE_APPLY && jr->issued == jr->nchunks;
+}
+
+static int job_activate(struct eng *e)
+{
+    const struct ms_job *j = &e->plan->jobs[e->next_job];
+    uint32_t idx = 0;
+    while (e->jr[idx].used)
+        idx++;
+    struct jrun *jr = &e->jr[idx];
+    memset(jr, 0, sizeof *jr);
+    jr->ring = e->ring_mem + (size_t)idx * e->nslots;
+    memset(jr->ring, 0, e->nslots * sizeof jr->ring[0]);
+    jr->job = j;
+    jr->state_idx = -1;
+    jr->copy = j->copy;
+    jr->phase = MS_STAGE_APPLY;
+    size_t ssz = job_state_size(j);
+    if (ssz) {
+        uint32_t k = 0;
+        while (k < e->nstates && e->state_used[k])
+            k++;
+        if (k == e->nstates)
+            return 1; /* wait for a state buffer */
+        jr->state_idx = (int)k;
+        e->state_used[k] = true;
+        jr->state = e->states[k];
+        memset(jr->state, 0, ssz);
+    }
+    struct out_shard *sh = &e->osh[j->shard];
+    if (sh->fd < 0 && !sh->finished) {
+        int rc = shard_open(e, j->shard);
+        if (rc)
+            return rc;
+    }
+    jr->used = true;
+    e->order[e->nactive++] = idx;
+    e->next_job++;
+    if (j->copy) {
+        jr->total = j->out_bytes;
+        jr->chunk = job_chunk(j, e->slot_bytes, 0);
+    } else {
+        jr->ops = j->s.method->ops;
+        jr->total = j->s.numel;
+        jr->chunk = job_chunk(j, e->slot_bytes, e->opts->chunk_elems);
+        jr->partial_bytes = job_partial_size(j);
+    }
+    jr->nchunks = jr->total ? (uint32_t)((jr->total + jr->chunk - 1) / jr->chunk) : 0;
+    if (!jr->copy && jr->ops->begin && jr->total) {
+        int rc = jr->ops->begin(jr->state, &j->s);
+        if (rc < 0)
+            return eng_fail(e, rc, "tensor '%s': %s", j->name, ms_errmsg());
+        jr->phase = rc;
+    }
+    jr->resident = jr->phase == MS_STAGE_REDUCE && e->opts->in_memory && jr->nchunks <= e->nslots;
+    if (jr->nchunks == 0)
+        job_finish(e, jr);
+    return 0;
+}
+
+/* Issues chunks of jr's current pass while slots are free. */
+static void job_issue(struct eng *e, struct jrun *jr)
+{
+    while (jr->issued < jr->nchunks && !eng_stopping(e)) {
+        uint32_t c = jr->issued;
+        if (jr->resident && jr->pass > 0) {
+            struct slot *s = jr->ring[c % e->nslots];
+            assert(s && s->state == SLOT_RESIDENT);
+            jr->issued++;
+            chunk_ready(e, s);
+            continue;
+        }
+        /* A streaming reduce pass keeps at most nslots chunks between fold and issue. */
+        if (jr->phase == MS_STAGE_REDUCE && c - jr->folded >= e->nslots)
+            return;
+        struct slot *s = slot_get(e);
+        if (!s)
+            return;
+        slot_setup(e, jr, s, c);
+        if (jr->phase == MS_STAGE_REDUCE)
+            jr->ring[c % e->nslots] = s;
+        jr->issued++;
+        uint32_t n = s->reads_left;
+        for (uint32_t i = 0; i < n && !eng_stopping(e); i++)
+            read_issue(e, s, i);
+    }
+}
+
+static void pump(struct eng *e)
+{
+    if (g_cancel_signo && !e->err) {
+        e->signo = g_cancel_signo;
+        eng_fail(e, MS_ECANCELED, "interrupted by signal %d", (int)g_cancel_signo);
+    }
+    if (!eng_stopping(e)) {
+        for (uint32_t k = 0; k < e->nactive && !eng_stopping(e); k++) {
+            struct jrun *jr = &e->jr[e->order[k]];
+            job_issue(e, jr);
+            if (!job_fully_issued(jr))
+                break;
+        }
+        while (!eng_stopping(e) && e->next_job < e->plan->njobs && e->nactive < MAX_ACTIVE &&
+               e->nfree > 0 &&
+               (e->nactive == 0 || job_fully_issued(&e->jr[e->order[e->nactive - 1]]))) {
+            int rc = job_activate(e);
+            if (rc > 0)
+                break; /* waiting for a state buffer */
+            if (rc < 0)
+                break;
+            if (e->nactive) {
+                struct jrun *last = &e->jr[e->order[e->nactive - 1]];
+                job_issue(e, last);
+            }
+        }
+    }
+    start_compute(e);
+}
+
+/* ------------------------------------------------------------------ progress */
+
+static void fmt_bytes(char *buf, size_t n, double b)
+{
+    const char *u[] = { "B", "KB", "MB", "GB", "TB" };
+    int i = 0;
+    while (b >= 1000 && i < 4) {
+        b /= 1000;
+        i++;
+    }
+    snprintf(buf, n, i ? "%.2f %s" : "%.0f %s", b, u[i]);
+}
+
+static void progress_draw(struct eng *e, bool final)
+{
+    double secs = (double)(uv_hrtime() - e->t_start) / 1e9;
+    uint64_t total = e->plan->bytes_read + e->plan->bytes_written;
+    uint64_t done = e->bytes_in + e->bytes_out;
+    double rate = secs > 0 ? (double)done / secs : 0;
+    char a[32], b[32], r[32], eta[32] = "--:--";
+    fmt_bytes(a, sizeof a, (double)done);
+    fmt_bytes(b, sizeof b, (double)total);
+    fmt_bytes(r, sizeof r, rate);
+    if (rate > 0 && total > done) {
+        uint64_t left = (uint64_t)((double)(total - done) / rate);
+        snprintf(eta, sizeof eta, "%" PRIu64 ":%02" PRIu64, left / 60, left % 60);
+    } else if (total <= done) {
+        snprintf(eta, sizeof eta, "0:00");
+    }
+    fprintf(stderr, "\r\033[K[%zu/%zu tensors] %s / %s  %s/s  ETA %s%s", e->jobs_done,
+            e->plan->njobs, a, b, r, eta, final ? "\n" : "");
+    fflush(stderr);
+}
+
+static void on_timer(uv_timer_t *t)
+{
+    struct eng *e = t->data;
+    progress_draw(e, false);
+    pump(e);
+}
+
+static void on_signal(uv_signal_t *h, int signo)
+{
+    struct eng *e = h->data;
+    g_cancel_signo = signo;
+    pump(e);
+}
+
+/* ------------------------------------------------------------------ setup */
+
+static int open_inputs(struct eng *e)
+{
+    const struct ms_plan *p = e->plan;
+    e->fd_base = ms_calloc(p->nmodels + 1, sizeof *e->fd_base);
+    if (!e->fd_base)
+        return ms_error(MS_ENOMEM, "out of memory");
+    size_t n = 0;
+    for (size_t m = 0; m < p->nmodels; m++) {
+        e->fd_base[m] = n;
+        n += p->models[m].model->nshards;
+    }
+    e->nfd = n;
+    e->in_fd = ms_malloc((n ? n : 1) * sizeof *e->in_fd);
+    if (!e->in_fd)
+        return ms_error(MS_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        e->in_fd[i] = -1;
+    /* Open only the shards some job reads. */
+    for (size_t k = 0; k < p->njobs; k++) {
+        const struct ms_job *j = &p->jobs[k];
+        for (uint32_t i = 0; i < j->s.ninputs; i++) {
+            size_t slot = e->fd_base[j->in[i].model] + j->in[i].shard;
+            if (e->in_fd[slot] >= 0)
+                continue;
+            int fd = open(j->in[i].file, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                return ms_error(-errno, "%s: cannot open: %s", j->in[i].file, strerror(errno));
+            e->in_fd[slot] = fd;
+        }
+    }
+    return 0;
+}
+
+static int alloc_pool(struct eng *e, const struct sizing *sz)
+{
+    e->nslots = sz->nslots;
+    e->slot_bytes = sz->slot_bytes;
+    e->slots = ms_calloc(e->nslots, sizeof *e->slots);
+    e->free_slots = ms_calloc(e->nslots, sizeof *e->free_slots);
+    e->ring_mem = ms_calloc((size_t)MAX_ACTIVE * e->nslots, sizeof *e->ring_mem);
+    if (!e->slots || !e->free_slots || !e->ring_mem)
+        return ms_error(MS_ENOMEM, "out of memory allocating the buffer pool");
+    for (uint32_t i = 0; i < e->nslots; i++) {
+        struct slot *s = &e->slots[i];
+        s->e = e;
+        s->mem = ms_aligned_alloc(e->slot_bytes);
+        if (!s->mem)
+            return ms_error(MS_ENOMEM, "out of memory allocating %zu-byte buffers (--max-memory)",
+                            e->slot_bytes);
+        e->free_slots[e->nfree++] = s;
+    }
+    e->nstates = sz->nstates;
+    e->state_bytes = sz->state_bytes;
+    if (e->nstates) {
+        e->states = ms_calloc(e->nstates, sizeof *e->states);
+        e->state_used = ms_calloc(e->nstates, sizeof *e->state_used);
+        if (!e->states || !e->state_used)
+            return ms_error(MS_ENOMEM, "out of memory");
+        for (uint32_t i = 0; i < e->nstates; i++) {
+            e->states[i] = ms_aligned_alloc(e->state_bytes);
+            if (!e->states[i])
+                return ms_error(MS_ENOMEM, "out of memory allocating method state");
+        }
+    }
+    return 0;
+}
+
+static int prepare_outputs(struct eng *e)
+{
+    const struct ms_layout *l = e->plan->layout;
+    e->nsh = l->nshards;
+    e->osh = ms_calloc(e->nsh ? e->nsh : 1, sizeof *e->osh);
+    if (!e->osh)
+        return ms_error(MS_ENOMEM, "out of memory");
+    for (size_t k = 0; k < e->nsh; k++) {
+        struct out_shard *sh = &e->osh[k];
+        sh->fd = -1;
+        sh->final = ms_asprintf("%s/%s", e->opts->out, l->shards[k].file_name);
+        sh->tmp = ms_asprintf("%s/%s.partial", e->opts->out, l->shards[k].file_name);
+        if (!sh->final || !sh->tmp)
+            return ms_error(MS_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < e->plan->njobs; i++)
+        e->osh[e->plan->jobs[i].shard].jobs_left++;
+    return 0;
+}
+
+static void eng_release(struct eng *e)
+{
+    if (e->in_fd)
+        for (size_t i = 0; i < e->nfd; i++)
+            if (e->in_fd[i] >= 0)
+                close(e->in_fd[i]);
+    ms_free(e->in_fd);
+    ms_free(e->fd_base);
+    if (e->osh) {
+        for (size_t k = 0; k < e->nsh; k++) {
+            struct out_shard *sh = &e->osh[k];
+            if (sh->fd >= 0)
+                close(sh->fd);
+            if (!sh->finished && sh->tmp)
+                unlink(sh->tmp);
+            ms_free(sh->tmp);
+            ms_free(sh->final);
+        }
+    }
+    ms_free(e->osh);
+    if (e->slots)
+        for (uint32_t i = 0; i < e->nslots; i++)
+            ms_aligned_free(e->slots[i].mem);
+    ms_free(e->slots);
+    ms_free(e->free_slots);
+    ms_free(e->ring_mem);
+    if (e->states)
+        for (uint32_t i = 0; i < e->nstates; i++)
+            ms_aligned_free(e->states[i]);
+    ms_free(e->states);
+    ms_free(e->state_used);
+}
+
+static void close_cb(uv_handle_t *h) { (void)h; }
+
+static int run_loop(struct eng *e)
+{
+    int rc = uv_loop_init(&e->loop);
+    if (rc)
+        return ms_error(rc, "cannot start the event loop: %s", uv_strerror(rc));
+    e->loop.data = e;
+    if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0) {
+        e->sigint.data = e->sigterm.data = e;
+        uv_signal_start(&e->sigint, on_signal, SIGINT);
+        uv_signal_start(&e->sigterm, on_signal, SIGTERM);
+        uv_unref((uv_handle_t *)&e->sigint);
+        uv_unref((uv_handle_t *)&e->sigterm);
+        e->have_signals = true;
+    }
+    e->t_start = uv_hrtime();
+    if (e->opts->progress && !e->opts->quiet && uv_timer_init(&e->loop, &e->timer) == 0) {
+        e->timer.data = e;
+        uv_timer_start(&e->timer, on_timer, 250, 250);
+        uv_unref((uv_handle_t *)&e->timer);
+        e->have_timer = true;
+    }
+    pump(e);
+    uv_run(&e->loop, UV_RUN_DEFAULT);
+    if (!e->err && e->jobs_done != e->plan->njobs)
+        eng_fail(e, MS_EIO, "internal error: the pipeline stalled after %zu of %zu tensors",
+                 e->jobs_done, e->plan->njobs);
+    if (e->have_timer) {
+        if (!e->err)
+            progress_draw(e, true);
+        else
+            fputs("\n", stderr);
+        uv_close((uv_handle_t *)&e->timer, close_cb);
+    }
+    if (e->have_signals) {
+        uv_close((uv_handle_t *)&e->sigint, close_cb);
+        uv_close((uv_handle_t *)&e->sigterm, close_cb);
+    }
+    uv_run(&e->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&e->loop);
+    return e->err;
+}
+
+int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
+{
+    struct eng *e = ms_calloc(1, sizeof *e);
+    if (!e)
+        return ms_error(MS_ENOMEM, "out of memory");
+    e->plan = plan;
+    e->opts = opts;
+    unsigned threads = opts->threads ? opts->threads : default_threads();
+    e->compute_max = threads;
+    /* The pool serves file I/O and compute: leave room for reads beside compute. */
+    char tp[16];
+    snprintf(tp, sizeof tp, "%u", threads + 2);
+    setenv("UV_THREADPOOL_SIZE", tp, 1);
+    g_cancel_signo = 0;
+
+    struct sizing sz;
+    int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL);
+    if (!rc)
+        rc = ms_outdir_prepare(plan, opts);
+    if (!rc)
+        rc = open_inputs(e);
+    if (!rc)
+        rc = prepare_outputs(e);
+    if (!rc)
+        rc = alloc_pool(e, &sz);
+    if (!rc) {
+        rc = run_loop(e);
+        if (rc)
+            ms_error(rc, "%s", e->errmsg);
+    }
+    if (!rc)
+        rc = ms_outdir_finish(plan, opts);
+    eng_release(e);
+    if (rc == MS_ECANCELED && e->signo)
+        ms_error(rc, "interrupted by %s; temporary files removed",
+                 e->signo == SIGINT ? "SIGINT" : e->signo == SIGTERM ? "SIGTERM" : "a signal");
+    int signo = e->signo;
+    ms_free(e);
+    if (rc == MS_ECANCELED)
+        g_cancel_signo = signo;
+    return rc;
+}
+
+int ms_engine_signal(void) { return (int)g_cancel_signo; }

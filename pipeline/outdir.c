@@ -1,0 +1,284 @@
+/*
+ * outdir.c - everything in the output directory besides the tensor shards:
+ * the index, config.json, the model card, the saved recipe and the tokenizer
+ * files copied from the donor model (mergekit-spec.md 4.2, 4.4-4.7).
+ * Runs on the main thread, synchronously, after the loop has finished.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ms_common.h"
+#include "pipeline_impl.h"
+
+static int mkdir_p(const char *path)
+{
+    char *p = ms_strdup(path);
+    if (!p)
+        return ms_error(MS_ENOMEM, "out of memory");
+    int rc = 0;
+    for (char *c = p + 1;; c++) {
+        if (*c == '/' || *c == 0) {
+            char save = *c;
+            *c = 0;
+            if (mkdir(p, 0755) < 0 && errno != EEXIST) {
+                rc = ms_error(-errno, "%s: cannot create directory: %s", p, strerror(errno));
+                break;
+            }
+            *c = save;
+            if (!save)
+                break;
+        }
+    }
+    ms_free(p);
+    return rc;
+}
+
+int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *opts)
+{
+    (void)plan;
+    int rc = mkdir_p(opts->out);
+    if (rc)
+        return rc;
+    struct stat st;
+    if (stat(opts->out, &st) < 0 || !S_ISDIR(st.st_mode))
+        return ms_error(MS_EINVAL, "%s: output path exists and is not a directory", opts->out);
+    if (access(opts->out, W_OK) < 0)
+        return ms_error(-errno, "%s: output directory is not writable: %s", opts->out,
+                        strerror(errno));
+    return 0;
+}
+
+static int write_in(const char *dir, const char *name, const void *data, size_t len)
+{
+    char *path = ms_asprintf("%s/%s", dir, name);
+    if (!path)
+        return ms_error(MS_ENOMEM, "out of memory");
+    int rc = ms_write_file_atomic(path, data, len);
+    ms_free(path);
+    return rc;
+}
+
+static bool file_exists(const char *dir, const char *name)
+{
+    char *path = ms_asprintf("%s/%s", dir, name);
+    bool ok = path && access(path, R_OK) == 0;
+    ms_free(path);
+    return ok;
+}
+
+/* Tokenizer files mergekit copies verbatim from the donor (4.6). */
+static const char *const tokenizer_files[] = {
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "video_preprocessor_config.json",
+};
+
+static int copy_tokenizer(const struct ms_plan *plan, const char *out)
+{
+    if (plan->donor >= plan->nmodels)
+        return 0;
+    const char *dir = plan->models[plan->donor].path;
+    if (!file_exists(dir, "tokenizer_config.json") ||
+        !(file_exists(dir, "tokenizer.json") || file_exists(dir, "tokenizer.model"))) {
+        ms_log_warn("%s: no tokenizer_config.json with tokenizer.json or tokenizer.model; "
+                    "tokenizer not copied", dir);
+        return 0;
+    }
+    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++) {
+        if (!file_exists(dir, tokenizer_files[i]))
+            continue;
+        char *src = ms_asprintf("%s/%s", dir, tokenizer_files[i]);
+        if (!src)
+            return ms_error(MS_ENOMEM, "out of memory");
+        char *data = NULL;
+        size_t len = 0;
+        int rc = ms_read_file(src, &data, &len);
+        ms_free(src);
+        if (!rc)
+            rc = write_in(out, tokenizer_files[i], data, len);
+        ms_free(data);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+struct method_card {
+    const char *name, *pretty, *url;
+};
+
+static const struct method_card cards[] = {
+    { "linear", "Linear", "https://arxiv.org/abs/2203.05482" },
+    { "slerp", "SLERP", "https://en.wikipedia.org/wiki/Slerp" },
+    { "nuslerp", "NuSLERP", NULL },
+    { "multislerp", "Multi-SLERP", NULL },
+    { "karcher", "Karcher Mean", "https://en.wikipedia.org/wiki/Karcher_mean" },
+    { "task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089" },
+    { "ties", "TIES", "https://arxiv.org/abs/2306.01708" },
+    { "dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099" },
+    { "dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099" },
+    { "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795" },
+    { "breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795" },
+    { "della", "DELLA", "https://arxiv.org/abs/2406.11617" },
+    { "della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617" },
+    { "model_stock", "Model Stock", "https://arxiv.org/abs/2403.19522" },
+    { "sce", "SCE", "https://arxiv.org/abs/2408.07990" },
+    { "ram", "RAM", NULL },
+    { "ramplus_tl", "RAM+", NULL },
+    { "nearswap", "NearSwap", NULL },
+    { "arcee_fusion", "Arcee Fusion", NULL },
+    { "passthrough", "Passthrough", NULL },
+};
+
+/* A reference counts as a hub repo id when it is not an absolute or home path,
+ * has at most one '/', and is not a local path (we never ask the network). */
+static bool looks_like_hub_id(const char *ref)
+{
+    if (!ref || ref[0] == '/' || ref[0] == '~' || ref[0] == '.')
+        return false;
+    const char *slash = strchr(ref, '/');
+    if (slash && strchr(slash + 1, '/'))
+        return false;
+    return access(ref, F_OK) != 0;
+}
+
+/* Appends to a growing string; returns false on allocation failure. */
+struct sbuf {
+    char *s;
+    size_t len, cap;
+    bool oom;
+};
+
+static void sb_add(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_add(struct sbuf *b, const char *fmt, ...)
+{
+    if (b->oom)
+        return;
+    va_list ap, ap2;
+    va_start(ap, fmt);
+    va_copy(ap2, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || b->len + (size_t)n + 1 > b->cap) {
+        size_t cap = MS_MAX(b->cap * 2, b->len + (size_t)(n < 0 ? 0 : n) + 256);
+        char *s = ms_realloc(b->s, cap);
+        if (!s || n < 0) {
+            b->oom = true;
+            va_end(ap2);
+            return;
+        }
+        b->s = s;
+        b->cap = cap;
+    }
+    vsnprintf(b->s + b->len, b->cap - b->len, fmt, ap2);
+    va_end(ap2);
+    b->len += (size_t)n;
+}
+
+char *ms_outdir_card(const struct ms_plan *plan, const char *title)
+{
+    struct sbuf b = { 0 };
+    const char *mname = plan->method ? plan->method->name : "";
+    const struct method_card *mc = NULL;
+    for (size_t i = 0; i < MS_ARRAY_LEN(cards); i++)
+        if (!strcmp(cards[i].name, mname))
+            mc = &cards[i];
+    sb_add(&b, "---\n");
+    bool any = false;
+    for (size_t i = 0; i < plan->nmodels; i++) {
+        if (!looks_like_hub_id(plan->models[i].ref))
+            continue;
+        if (!any)
+            sb_add(&b, "base_model:\n");
+        any = true;
+        sb_add(&b, "- %s\n", plan->models[i].ref);
+    }
+    sb_add(&b, "library_name: transformers\ntags:\n- mergekit\n- merge\n\n---\n");
+    sb_add(&b, "# %s\n\n", title && *title ? title : "Untitled Model (1)");
+    sb_add(&b, "This is a merge of pre-trained language models created with mergestream, "
+               "from a [mergekit](https://github.com/arcee-ai/mergekit) recipe.\n\n");
+    sb_add(&b, "## Merge Details\n### Merge Method\n\n");
+    const char *pretty = mc ? mc->pretty : mname;
+    if (mc && mc->url)
+        sb_add(&b, "This model was merged using the [%s](%s) merge method", pretty, mc->url);
+    else
+        sb_add(&b, "This model was merged using the %s merge method", pretty);
+    bool show_base = plan->base < plan->nmodels && strcmp(mname, "slerp") != 0;
+    if (show_base)
+        sb_add(&b, " using %s as a base", plan->models[plan->base].ref);
+    sb_add(&b, ".\n\n### Models Merged\n\nThe following models were included in the merge:\n");
+    for (size_t i = 0; i < plan->nmodels; i++) {
+        if (show_base && i == plan->base)
+            continue;
+        sb_add(&b, "* %s\n", plan->models[i].ref);
+    }
+    sb_add(&b, "\n### Configuration\n\nThe following YAML configuration was used to produce "
+               "this model:\n\n```yaml\n");
+    const struct ms_recipe *r = plan->recipe;
+    if (r && r->text) {
+        sb_add(&b, "%.*s", (int)r->text_len, r->text);
+        if (r->text_len && r->text[r->text_len - 1] != '\n')
+            sb_add(&b, "\n");
+    }
+    sb_add(&b, "```\n");
+    if (b.oom) {
+        ms_free(b.s);
+        return NULL;
+    }
+    return b.s;
+}
+
+static int sync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return ms_error(-errno, "%s: cannot open directory: %s", dir, strerror(errno));
+    int rc = fsync(fd) < 0 && errno != EINVAL ? -errno : 0;
+    close(fd);
+    return rc ? ms_error(rc, "%s: fsync failed: %s", dir, strerror(-rc)) : 0;
+}
+
+int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *opts)
+{
+    const char *out = opts->out;
+    int rc = 0;
+    char *text = NULL;
+    size_t len = 0;
+    if (plan->layout->nshards > 1) {
+        rc = ms_layout_index_json(plan->layout, &text, &len);
+        if (!rc)
+            rc = write_in(out, "model.safetensors.index.json", text, len);
+        ms_free(text);
+        text = NULL;
+        if (rc)
+            return rc;
+    }
+    if (plan->out_config_json) {
+        rc = write_in(out, "config.json", plan->out_config_json, strlen(plan->out_config_json));
+        if (rc)
+            return rc;
+    }
+    if (opts->write_card) {
+        const char *title = strrchr(out, '/');
+        title = title && title[1] ? title + 1 : out;
+        text = ms_outdir_card(plan, title);
+        if (!text)
+            return ms_error(MS_ENOMEM, "out of memory writing the model card");
+        rc = write_in(out, "README.md", text, strlen(text));
+        ms_free(text);
+        if (!rc && plan->recipe && plan->recipe->text)
+            rc = write_in(out, "mergekit_config.yml", plan->recipe->text, plan->recipe->text_len);
+        if (rc)
+            return rc;
+    }
+    if (opts->copy_tokenizer) {
+        rc = copy_tokenizer(plan, out);
+        if (rc)
+            return rc;
+    }
+    return sync_dir(out);
+}

@@ -1,0 +1,138 @@
+/*
+ * resolve.c - model references to local directories (DESIGN.md section 1): a
+ * path that exists, else a hub id found in the local Hugging Face cache.
+ * Nothing is downloaded.
+ */
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ms_common.h"
+#include "ms_plan.h"
+#include "ms_safetensors.h"
+
+static bool path_exists(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0;
+}
+
+static bool is_dir(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* "org/name": two non-empty parts of [A-Za-z0-9._-], neither "." nor "..". */
+static bool is_hub_id(const char *ref)
+{
+    const char *slash = strchr(ref, '/');
+    if (!slash || slash == ref || !slash[1] || strchr(slash + 1, '/'))
+        return false;
+    for (const char *p = ref; *p; p++)
+        if (p != slash && !isalnum((unsigned char)*p) && !strchr("._-", *p))
+            return false;
+    size_t n1 = (size_t)(slash - ref);
+    if ((n1 == 1 && ref[0] == '.') || (n1 == 2 && !strncmp(ref, "..", 2)))
+        return false;
+    return strcmp(slash + 1, ".") && strcmp(slash + 1, "..");
+}
+
+static bool is_commit_hash(const char *s)
+{
+    size_t n = strlen(s);
+    if (n != 40)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!isxdigit((unsigned char)s[i]))
+            return false;
+    return true;
+}
+
+/* The hub cache root: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub. */
+static char *cache_root(void)
+{
+    const char *v = getenv("HF_HUB_CACHE");
+    if (v && *v)
+        return ms_strdup(v);
+    v = getenv("HF_HOME");
+    if (v && *v)
+        return ms_asprintf("%s/hub", v);
+    v = getenv("HOME");
+    return ms_asprintf("%s/.cache/huggingface/hub", v && *v ? v : ".");
+}
+
+int ms_model_resolve(const char *ref, const char *revision, char **out)
+{
+    *out = NULL;
+    int rc = 0;
+    char *root = NULL, *repo = NULL, *refs = NULL, *hash = NULL, *snap = NULL;
+
+    if (path_exists(ref) || !is_hub_id(ref)) {
+        if (!path_exists(ref))
+            return ms_error(MS_EMODEL, "model '%s' not found (no such file or directory)", ref);
+        *out = ms_strdup(ref);
+        return *out ? 0 : ms_error(MS_ENOMEM, "out of memory");
+    }
+    const char *slash = strchr(ref, '/');
+    root = cache_root();
+    if (!root) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    repo = ms_asprintf("%s/models--%.*s--%s", root, (int)(slash - ref), ref, slash + 1);
+    if (!repo) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (!is_dir(repo)) {
+        rc = ms_error(MS_EMODEL, "model '%s' not found locally or in the Hugging Face cache "
+                      "(%s); download it first", ref, repo);
+        goto out;
+    }
+    const char *rev = revision ? revision : "main";
+    if (is_commit_hash(rev)) {
+        hash = ms_strdup(rev);
+    } else {
+        refs = ms_asprintf("%s/refs/%s", repo, rev);
+        size_t len;
+        if (!refs) {
+            rc = ms_error(MS_ENOMEM, "out of memory");
+            goto out;
+        }
+        if (ms_read_file(refs, &hash, &len) < 0) {
+            hash = NULL;
+            rc = ms_error(MS_EMODEL, "model '%s': revision '%s' not found in the Hugging Face "
+                          "cache (%s); download it first", ref, rev, refs);
+            goto out;
+        }
+        /* The ref file holds the commit hash, possibly followed by a newline. */
+        size_t n = strlen(hash);
+        while (n && isspace((unsigned char)hash[n - 1]))
+            hash[--n] = 0;
+    }
+    if (!hash) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    snap = ms_asprintf("%s/snapshots/%s", repo, hash);
+    if (!snap) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (!is_dir(snap)) {
+        rc = ms_error(MS_EMODEL, "model '%s': snapshot %s of revision '%s' is missing from the "
+                      "Hugging Face cache (%s); download it first", ref, hash, rev, snap);
+        goto out;
+    }
+    *out = snap;
+    snap = NULL;
+out:
+    ms_free(root);
+    ms_free(repo);
+    ms_free(refs);
+    ms_free(hash);
+    ms_free(snap);
+    return rc;
+}

@@ -1,0 +1,182 @@
+/*
+ * xacc.c - ms_xacc, the exact order-independent accumulator (ms_stage.h).
+ *
+ * Every finite double that is a float or the product of two floats is m * 2^e
+ * with |m| < 2^53 and e in [-350, 203] (-350: the product of two least float
+ * subnormals, 2^-298 = 2^52 * 2^-350; 203: the largest float squared is below
+ * 2^256 = 2^53 * 2^203). Shifting e by XACC_BIAS = 352 (a multiple of 32) makes it
+ * non-negative; the term is added as the integer m << (e' mod 32) (< 2^84) into
+ * limb[e' / 32] (index <= 17). A limb thus takes 2^43 terms before it could
+ * overflow, and the value of the accumulator is sum limb[k] * 2^(32k - 352)
+ * exactly. Integer addition is associative, so any order or split of the
+ * terms gives the same limbs.
+ *
+ * Inf and NaN are not representable in the limbs: they set bits in nonfinite,
+ * and ms_xacc_value returns what IEEE addition of all terms would give (NaN if a
+ * NaN or both infinities were added, else the infinity).
+ */
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+
+#define XACC_BIAS 352
+#define XACC_NLIMB ((int)MS_ARRAY_LEN(((struct ms_xacc *)0)->limb))
+#define XACC_TOP 17                /* highest limb a term reaches */
+
+enum { XACC_POSINF = 1u, XACC_NEGINF = 2u, XACC_NAN = 4u };
+
+/* Adds one term to limb (nf collects non-finite kinds). Branch-free apart from
+ * what the compiler turns into conditional moves; the caller guarantees v is a
+ * float or a product of two floats (or Inf/NaN). */
+static inline void xacc_term(__int128 *restrict limb, uint32_t *restrict nf, double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, sizeof(u));
+    uint64_t bexp = (u >> 52) & 0x7ffu;
+    uint64_t frac = u & ((UINT64_C(1) << 52) - 1);
+    uint64_t special = bexp == 0x7ffu;
+    uint64_t neg = u >> 63;
+    *nf |= (uint32_t)(special << (frac ? 2 : neg));
+    /* Zero and specials add 0 at limb 0; normals add (2^52 | frac) at their exponent. */
+    uint64_t normal = (bexp != 0) & !special;
+    uint64_t m = (frac | (UINT64_C(1) << 52)) & -normal;
+    uint64_t e = normal ? bexp - 1075 + XACC_BIAS : 0;
+    int64_t sm = (int64_t)(m ^ -neg) + (int64_t)neg; /* conditional negate */
+    /* Shift as unsigned: a left shift of a negative signed value is undefined. */
+    limb[e >> 5] += (__int128)((unsigned __int128)(__int128)sm << (e & 31));
+}
+
+void ms_xacc_init(struct ms_xacc *a) { memset(a, 0, sizeof(*a)); }
+
+void ms_xacc_add(struct ms_xacc *a, double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, sizeof(u));
+    uint64_t bexp = (u >> 52) & 0x7ffu;
+    /* Outside the contract (e.g. 1e300, a double subnormal): a bug in the caller.
+     * Poison the sum rather than write outside the limbs. */
+    bool in_range = bexp == 0x7ffu || (bexp == 0 && (u << 1) == 0) ||
+                    (bexp >= 1075 - XACC_BIAS && bexp - 1075 + XACC_BIAS < (XACC_TOP + 1) * 32);
+    assert(in_range);
+    if (!in_range) {
+        a->nonfinite |= XACC_NAN;
+        return;
+    }
+    xacc_term(a->limb, &a->nonfinite, v);
+}
+
+void ms_xacc_merge(struct ms_xacc *a, const struct ms_xacc *b)
+{
+    for (int k = 0; k < XACC_NLIMB; k++)
+        a->limb[k] += b->limb[k];
+    a->nonfinite |= b->nonfinite;
+}
+
+/* Carry-normalises d so that d[0..n-2] are in [0, 2^32) and d[n-1] holds the rest
+ * (signed); the represented integer is unchanged. */
+static void xacc_carry(__int128 *d, int n)
+{
+    for (int k = 0; k < n - 1; k++) {
+        __int128 lo = d[k] & 0xffffffff;  /* two's complement: lo in [0, 2^32) */
+        __int128 carry = (d[k] - lo) / ((__int128)1 << 32); /* exact division */
+        d[k] = lo;
+        d[k + 1] += carry;
+    }
+}
+
+double ms_xacc_value(const struct ms_xacc *a)
+{
+    if (a->nonfinite) {
+        if ((a->nonfinite & XACC_NAN) || a->nonfinite == (XACC_POSINF | XACC_NEGINF))
+            return NAN;
+        return a->nonfinite == XACC_POSINF ? INFINITY : -INFINITY;
+    }
+    __int128 d[XACC_NLIMB];
+    memcpy(d, a->limb, sizeof(d));
+    xacc_carry(d, XACC_NLIMB);
+    bool neg = d[XACC_NLIMB - 1] < 0;
+    if (neg) {
+        for (int k = 0; k < XACC_NLIMB; k++)
+            d[k] = -d[k];
+        xacc_carry(d, XACC_NLIMB);
+    }
+    assert(d[XACC_NLIMB - 1] >= 0 && d[XACC_NLIMB - 1] < ((__int128)1 << 64));
+    int top = XACC_NLIMB - 1;
+    while (top >= 0 && d[top] == 0)
+        top--;
+    if (top < 0)
+        return 0.0;
+    /* The three highest digits (top digit < 2^64, so hi < 2^128) and a sticky bit
+     * for everything below them. */
+    unsigned __int128 hi = (unsigned __int128)d[top] << 64;
+    if (top >= 1)
+        hi |= (unsigned __int128)d[top - 1] << 32;
+    if (top >= 2)
+        hi |= (unsigned __int128)d[top - 2];
+    bool sticky = false;
+    for (int k = top - 3; k >= 0; k--)
+        sticky |= d[k] != 0;
+    int nbits = 128;
+    while (!(hi >> (nbits - 1)))
+        nbits--;
+    /* hi has at least 65 bits (d[top] >= 1), so s >= 12. */
+    int s = nbits - 53;
+    assert(s >= 1);
+    unsigned __int128 one = 1;
+    uint64_t mant = (uint64_t)(hi >> s);
+    unsigned __int128 rem = hi & ((one << s) - 1), half = one << (s - 1);
+    if (rem > half || (rem == half && (sticky || (mant & 1))))
+        mant++;               /* 2^53 after a carry is still exact in double */
+    double r = ldexp((double)mant, s + 32 * (top - 2) - XACC_BIAS);
+    return neg ? -r : r;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Kernels. Two interleaved accumulators break the load-add-store dependency   */
+/* when consecutive terms land in the same limb; they are merged at the end,   */
+/* which is exact.                                                             */
+
+void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n)
+{
+    struct ms_xacc b;
+    ms_xacc_init(&b);
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)y[i]);
+        xacc_term(b.limb, &b.nonfinite, (double)x[i + 1] * (double)y[i + 1]);
+    }
+    for (; i < n; i++)
+        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)y[i]);
+    ms_xacc_merge(a, &b);
+}
+
+void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n)
+{
+    struct ms_xacc b;
+    ms_xacc_init(&b);
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)x[i]);
+        xacc_term(b.limb, &b.nonfinite, (double)x[i + 1] * (double)x[i + 1]);
+    }
+    for (; i < n; i++)
+        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)x[i]);
+    ms_xacc_merge(a, &b);
+}
+
+void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n)
+{
+    struct ms_xacc b;
+    ms_xacc_init(&b);
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        xacc_term(a->limb, &a->nonfinite, fabs((double)x[i]));
+        xacc_term(b.limb, &b.nonfinite, fabs((double)x[i + 1]));
+    }
+    for (; i < n; i++)
+        xacc_term(a->limb, &a->nonfinite, fabs((double)x[i]));
+    ms_xacc_merge(a, &b);
+}

@@ -1,0 +1,118 @@
+#!/bin/sh
+# tools/bench.sh BUILD [scenario...] - the merge benchmark (not a test).
+#
+# Each scenario generates synthetic bf16 models, warms the page cache, measures
+# the I/O floor (ms-iofloor: read every input byte and write as many output
+# bytes, no merge, same files), runs the merge under ms-timeit (wall time and
+# peak RSS of the process), and prints both from the same run:
+#
+#   scenario  size/model  wall_s  floor_s  ratio  MB/s  maxrss_MiB  budget_MiB
+#
+# Scenarios:
+#   linear3        three models of BENCH_SIZE (default 1.5G) bytes, linear merge
+#   bigtensor      a model with a 512 MiB embedding tensor, --max-memory 64M
+#   flat           linear3 at 0.5G, 1G, 2G and 4G per model (throughput vs size)
+#   ties3          three models, ties (density 0.5), default budget
+# Environment: BENCH_DIR (default BUILD/bench), BENCH_SIZE, BENCH_MEM (default 512M),
+# BENCH_THREADS (default: cores), BENCH_KEEP=1 keeps the generated models.
+set -eu
+build=${1:-build}; shift || true
+[ $# -gt 0 ] || set -- linear3 bigtensor
+bin=$(cd "$build" && pwd)
+dir=${BENCH_DIR:-$bin/bench}
+mem=${BENCH_MEM:-512M}
+threads=${BENCH_THREADS:-$(nproc)}
+mkdir -p "$dir"
+
+size_bytes() { # 1.5G -> bytes
+    awk -v s="$1" 'BEGIN { m = 1; u = substr(s, length(s)); if (u ~ /[kK]/) m = 1e3;
+        else if (u ~ /[mM]/) m = 1e6; else if (u ~ /[gGbB]/) m = 1e9;
+        if (m > 1) s = substr(s, 1, length(s) - 1); printf "%d", s * m }'
+}
+
+gen3() { # gen3 NAME BYTES [extra mkmodel args] -> $dir/NAME/{base,ft1,ft2}
+    name=$1; bytes=$2; shift 2
+    d=$dir/$name
+    if [ ! -f "$d/.done" ]; then
+        rm -rf "$d"; mkdir -p "$d"
+        "$bin/ms-mkmodel" --size "$bytes" --dtype bf16 --shard-size 2B --seed 1 "$@" "$d/base" >/dev/null
+        "$bin/ms-mkmodel" --base "$d/base" --noise 0.002 --seed 2 "$d/ft1" >/dev/null
+        "$bin/ms-mkmodel" --base "$d/base" --noise 0.002 --seed 3 "$d/ft2" >/dev/null
+        touch "$d/.done"
+    fi
+}
+
+recipe() { # recipe FILE METHOD DIR
+    case $2 in
+    linear) cat > "$1" <<R
+merge_method: linear
+dtype: bfloat16
+models:
+  - model: $3/base
+    parameters: {weight: 0.5}
+  - model: $3/ft1
+    parameters: {weight: 0.3}
+  - model: $3/ft2
+    parameters: {weight: 0.2}
+R
+    ;;
+    ties) cat > "$1" <<R
+merge_method: ties
+dtype: bfloat16
+base_model: $3/base
+models:
+  - model: $3/ft1
+    parameters: {weight: 0.5, density: 0.5}
+  - model: $3/ft2
+    parameters: {weight: 0.5, density: 0.5}
+R
+    ;;
+    esac
+}
+
+measure() { # measure LABEL METHOD DIR MEM
+    label=$1; method=$2; d=$3; m=$4
+    r=$d/$method.yml; out=$d/out-$method
+    recipe "$r" "$method" "$d"
+    inputs=$(ls "$d"/base/*.safetensors "$d"/ft1/*.safetensors "$d"/ft2/*.safetensors)
+    in_bytes=$(cat $inputs | wc -c)
+    out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%d", s }')
+    cat $inputs > /dev/null  # warm cache
+    floor=$("$bin/ms-iofloor" "$d/floor.bin" "$out_bytes" $inputs | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+    rm -rf "$out"
+    t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$r" "$out" -q --max-memory "$m" \
+            --threads "$threads" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:' )
+    wall=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+    rss=$(echo "$t" | sed -n 's/.*maxrss_kib=\([0-9]*\).*/\1/p')
+    st=$(echo "$t" | sed -n 's/.*status=\([0-9]*\).*/\1/p')
+    [ "$st" = 0 ] || { echo "bench: merge failed (status $st)"; exit 1; }
+    awk -v l="$label" -v sz="$(ls -l "$d"/base/*.safetensors | awk '{s+=$5} END {print s/1e9}')" \
+        -v w="$wall" -v f="$floor" -v io="$in_bytes" -v ob="$out_bytes" -v rss="$rss" -v m="$m" \
+        'BEGIN { printf "%-12s %6.2f GB  wall %7.2f s  floor %7.2f s  ratio %5.2f  %7.0f MB/s  peak RSS %6.1f MiB  budget %s\n",
+                 l, sz, w, f, w / f, (io + ob) / w / 1e6, rss / 1024, m }'
+    rm -rf "$out"
+}
+
+echo "bench: $(nproc) cores, threads $threads, $(date -u +%Y-%m-%dT%H:%MZ)"
+for s in "$@"; do
+    case $s in
+    linear3)
+        b=$(size_bytes "${BENCH_SIZE:-1.5G}")
+        gen3 linear3 "$b"
+        measure linear3 linear "$dir/linear3" "$mem" ;;
+    ties3)
+        b=$(size_bytes "${BENCH_SIZE:-1.5G}")
+        gen3 linear3 "$b"
+        measure ties3 ties "$dir/linear3" "$mem" ;;
+    bigtensor)
+        gen3 bigtensor 0 --layers 1 --hidden 4096 --intermediate 256 --vocab 65536
+        measure bigtensor linear "$dir/bigtensor" 64M ;;
+    flat)
+        for sz in 0.5G 1G 2G 4G; do
+            gen3 "flat-$sz" "$(size_bytes $sz)"
+            measure "flat-$sz" linear "$dir/flat-$sz" "$mem"
+            [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir/flat-$sz"
+        done ;;
+    *) echo "bench: unknown scenario $s"; exit 2 ;;
+    esac
+done

@@ -1,0 +1,222 @@
+/*
+ * cli_merge.c - `mergestream merge RECIPE.yml OUT [options]`: recipe -> plan ->
+ * engine. Option names follow mergekit-yaml where they apply.
+ */
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ms_common.h"
+#include "ms_engine.h"
+#include "ms_plan.h"
+#include "ms_recipe.h"
+
+#include "cli.h"
+
+static const char merge_usage[] =
+    "usage: mergestream merge RECIPE.yml OUT [options]\n"
+    "\n"
+    "Runs the merge that RECIPE.yml (a mergekit YAML recipe) describes and writes the\n"
+    "model into directory OUT: safetensors shards (and their index), config.json, the\n"
+    "donor's tokenizer files, README.md and mergekit_config.yml.\n"
+    "\n"
+    "options:\n"
+    "  --max-memory SIZE        memory for all buffers together (default 512M; K/M/G are\n"
+    "                           binary here); tensors larger than this merge chunk by chunk\n"
+    "  -j, --threads N          compute threads (default: number of cores)\n"
+    "  --out-shard-size SIZE    maximum shard size in bytes (default 5B; K/M/B = 1e3/1e6/1e9)\n"
+    "  --random-seed N          seed for methods with random masks (default 0)\n"
+    "  --allow-crimes           allow models whose architectures differ\n"
+    "  --copy-tokenizer / --no-copy-tokenizer\n"
+    "                           copy the donor's tokenizer files (default on)\n"
+    "  --write-model-card / --no-write-model-card\n"
+    "                           write README.md and mergekit_config.yml (default on)\n"
+    "  -q, --quiet              no progress line\n"
+    "  -h, --help               this text\n"
+    "\n"
+    "not supported yet (the merge stops with a message): --compress, --pipe, --resume,\n"
+    "--part, OUT = '-' (tar stream), --no-safe-serialization.\n"
+    "\n"
+    "accepted for mergekit compatibility, with no effect here: --cuda, --device,\n"
+    "--low-cpu-memory, --lazy-unpickle, --read-to-gpu, --multi-gpu, --gpu-rich,\n"
+    "--async-write, --write-threads N, --num-threads N (use --threads), --clone-tensors,\n"
+    "--trust-remote-code, --transformers-cache DIR, --lora-merge-cache DIR,\n"
+    "--safe-serialization, -v.\n"
+    "\n"
+    "testing knobs: --chunk-elems N caps elements per chunk; --reread makes multi-pass\n"
+    "methods read their inputs again in every pass instead of keeping them in memory.\n"
+    "\n"
+    "exit status: 0 success, 1 failure, 2 usage, 130/143 interrupted by SIGINT/SIGTERM.\n";
+
+enum {
+    OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
+    OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
+    OPT_NUMTHREADS,
+};
+
+static const struct option merge_opts[] = {
+    { "max-memory", required_argument, NULL, OPT_MAXMEM },
+    { "threads", required_argument, NULL, 'j' },
+    { "out-shard-size", required_argument, NULL, OPT_SHARD },
+    { "random-seed", required_argument, NULL, OPT_SEED },
+    { "allow-crimes", no_argument, NULL, OPT_CRIMES },
+    { "copy-tokenizer", no_argument, NULL, OPT_COPYTOK },
+    { "no-copy-tokenizer", no_argument, NULL, OPT_NOCOPYTOK },
+    { "write-model-card", no_argument, NULL, OPT_CARD },
+    { "no-write-model-card", no_argument, NULL, OPT_NOCARD },
+    { "quiet", no_argument, NULL, 'q' },
+    { "help", no_argument, NULL, 'h' },
+    { "chunk-elems", required_argument, NULL, OPT_CHUNK },
+    { "reread", no_argument, NULL, OPT_REREAD },
+    /* ours, not there yet */
+    { "compress", required_argument, NULL, OPT_UNSUP_ARG },
+    { "pipe", required_argument, NULL, OPT_UNSUP_ARG },
+    { "part", required_argument, NULL, OPT_UNSUP_ARG },
+    { "resume", no_argument, NULL, OPT_UNSUP },
+    { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
+    /* mergekit's, meaningless here */
+    { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
+    { "cuda", no_argument, NULL, OPT_NOOP },
+    { "no-cuda", no_argument, NULL, OPT_NOOP },
+    { "low-cpu-memory", no_argument, NULL, OPT_NOOP },
+    { "no-low-cpu-memory", no_argument, NULL, OPT_NOOP },
+    { "lazy-unpickle", no_argument, NULL, OPT_NOOP },
+    { "no-lazy-unpickle", no_argument, NULL, OPT_NOOP },
+    { "read-to-gpu", no_argument, NULL, OPT_NOOP },
+    { "no-read-to-gpu", no_argument, NULL, OPT_NOOP },
+    { "multi-gpu", no_argument, NULL, OPT_NOOP },
+    { "no-multi-gpu", no_argument, NULL, OPT_NOOP },
+    { "gpu-rich", no_argument, NULL, OPT_NOOP },
+    { "async-write", no_argument, NULL, OPT_NOOP },
+    { "no-async-write", no_argument, NULL, OPT_NOOP },
+    { "clone-tensors", no_argument, NULL, OPT_NOOP },
+    { "no-clone-tensors", no_argument, NULL, OPT_NOOP },
+    { "trust-remote-code", no_argument, NULL, OPT_NOOP },
+    { "no-trust-remote-code", no_argument, NULL, OPT_NOOP },
+    { "safe-serialization", no_argument, NULL, OPT_NOOP },
+    { "device", required_argument, NULL, OPT_NOOP_ARG },
+    { "write-threads", required_argument, NULL, OPT_NOOP_ARG },
+    { "transformers-cache", required_argument, NULL, OPT_NOOP_ARG },
+    { "lora-merge-cache", required_argument, NULL, OPT_NOOP_ARG },
+    { "lora-merge-dtype", required_argument, NULL, OPT_NOOP_ARG },
+    { "verbose", no_argument, NULL, 'v' },
+    { NULL, 0, NULL, 0 },
+};
+
+static int usage_error(const char *msg, const char *arg)
+{
+    fprintf(stderr, "mergestream merge: %s%s%s\n", msg, arg ? " " : "", arg ? arg : "");
+    fprintf(stderr, "usage: mergestream merge RECIPE.yml OUT [options]  (--help for more)\n");
+    return 2;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    if (!s || !*s || *s == '-')
+        return -1;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (*end)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int ms_cli_merge(int argc, char **argv)
+{
+    struct ms_engine_opts eo;
+    struct ms_plan_opts po = { .out_shard_size = 5000000000ull };
+    ms_engine_opts_init(&eo);
+    uint64_t v;
+    int c;
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, ":j:qhv", merge_opts, NULL)) != -1) {
+        const char *name = optind > 0 && optind <= argc ? argv[optind - 1] : "";
+        switch (c) {
+        case OPT_MAXMEM:
+            if (ms_parse_size(optarg, true, &eo.max_memory) || !eo.max_memory)
+                return usage_error("invalid --max-memory", optarg);
+            break;
+        case 'j':
+        case OPT_NUMTHREADS:
+            if (parse_u64(optarg, &v) || v == 0 || v > 1024)
+                return usage_error("invalid thread count", optarg);
+            eo.threads = (unsigned)v;
+            if (c == OPT_NUMTHREADS)
+                ms_log_info("note: --num-threads is taken as --threads %u", eo.threads);
+            break;
+        case OPT_SHARD:
+            if (ms_parse_size(optarg, false, &po.out_shard_size))
+                return usage_error("invalid --out-shard-size", optarg);
+            break;
+        case OPT_SEED:
+            if (parse_u64(optarg, &po.seed))
+                return usage_error("invalid --random-seed", optarg);
+            break;
+        case OPT_CRIMES: po.allow_crimes = true; break;
+        case OPT_COPYTOK: eo.copy_tokenizer = true; break;
+        case OPT_NOCOPYTOK: eo.copy_tokenizer = false; break;
+        case OPT_CARD: eo.write_card = true; break;
+        case OPT_NOCARD: eo.write_card = false; break;
+        case 'q': eo.quiet = true; break;
+        case 'h': fputs(merge_usage, stdout); return 0;
+        case OPT_CHUNK:
+            if (parse_u64(optarg, &eo.chunk_elems) || !eo.chunk_elems)
+                return usage_error("invalid --chunk-elems", optarg);
+            break;
+        case OPT_REREAD: eo.in_memory = false; break;
+        case OPT_UNSUP:
+        case OPT_UNSUP_ARG:
+            fprintf(stderr, "mergestream: %s is not supported yet (see README: Status)\n", name);
+            return 1;
+        case 'v':
+        case OPT_NOOP:
+        case OPT_NOOP_ARG:
+            ms_log_info("note: %s has no effect in mergestream (CPU, out of core)", name);
+            break;
+        case ':': return usage_error("missing value for", argv[optind - 1]);
+        default: return usage_error("unknown option", argv[optind - 1]);
+        }
+    }
+    if (argc - optind != 2)
+        return usage_error("expected RECIPE.yml and OUT", NULL);
+    const char *recipe_path = argv[optind];
+    eo.out = argv[optind + 1];
+    if (!strcmp(eo.out, "-")) {
+        fprintf(stderr, "mergestream: OUT '-' (a tar stream on stdout) is not supported yet\n");
+        return 1;
+    }
+    ms_log_set_quiet(eo.quiet);
+    eo.progress = !eo.quiet && isatty(STDERR_FILENO);
+
+    struct ms_recipe *r = NULL;
+    struct ms_plan *p = NULL;
+    int rc = ms_recipe_load(recipe_path, &r);
+    if (rc) {
+        ms_cli_report(rc, NULL);
+        return 1;
+    }
+    rc = ms_plan_build(r, &po, &p);
+    if (rc) {
+        /* ms_plan_build has printed every problem. */
+        ms_recipe_free(r);
+        return 1;
+    }
+    rc = ms_engine_run(p, &eo);
+    if (rc)
+        ms_cli_report(rc, NULL);
+    else
+        ms_log_info("merged %zu tensors into %s", p->njobs, eo.out);
+    ms_plan_free(p);
+    ms_recipe_free(r);
+    if (rc == MS_ECANCELED) {
+        int sig = ms_engine_signal();
+        return sig ? 128 + sig : 130;
+    }
+    return rc ? 1 : 0;
+}
