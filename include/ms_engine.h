@@ -13,6 +13,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "ms_out.h"
 #include "ms_plan.h"
 
 #define MS_DEFAULT_MAX_MEMORY (512ull << 20)
@@ -27,7 +28,12 @@ struct ms_engine_opts {
     bool progress;                /* draw the progress line (a terminal and not quiet) */
     bool copy_tokenizer;          /* copy the donor's tokenizer files (default on) */
     bool write_card;              /* README.md and mergekit_config.yml (default on) */
-    bool resume;                  /* keep finished shards already in out */
+    bool resume;                  /* keep finished shards already in out (directory output) */
+    enum ms_out_kind kind;        /* MS_OUT_DIR (default), MS_OUT_TAR (to stdout), MS_OUT_PIPE */
+    const char *pipe_cmd;         /* MS_OUT_PIPE: command per output file */
+    int out_fd;                   /* MS_OUT_TAR: stream destination (default 1) */
+    int zstd_level;               /* 0 = raw; else shards (DIR, PIPE) or the whole stream (TAR) */
+    unsigned part_index, part_count; /* --part I/N: write only shard k with k % N == I - 1 */
 };
 
 /* Fills opts with defaults. */

@@ -34,6 +34,9 @@ struct ms_plan_input {
     const char *file;             /* shard path (borrowed from the model) */
     uint32_t shard;
     enum ms_dtype dtype;          /* stored dtype */
+    enum ms_dtype load;           /* dtype the decoded value is rounded to first: the recipe's
+                                     dtype: for float tensors, else the stored dtype (then the
+                                     engine rounds to s.compute); equals dtype for copy jobs */
     uint64_t file_offset;         /* absolute file offset of element 0 */
     uint64_t numel;               /* elements stored (may exceed the job's when rows are cut) */
 };
@@ -72,6 +75,11 @@ struct ms_plan {
     char *out_config_json;        /* config.json for the output (patched donor text), or NULL */
     uint64_t bytes_read;          /* input bytes one pass reads */
     uint64_t bytes_written;       /* output file bytes (headers included) */
+    char *arch;                   /* architecture used (config.json class name) */
+    uint64_t out_layers;          /* layers of the output model */
+    size_t ndropped;              /* input tensors the architecture does not list (dropped) */
+    enum ms_dtype dtype;          /* recipe dtype:, or MS_DT_NONE */
+    enum ms_dtype out_dtype;      /* recipe out_dtype:, or MS_DT_NONE */
 };
 
 /*

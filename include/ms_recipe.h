@@ -45,6 +45,7 @@ struct ms_cond {
 struct ms_param {
     char *name;
     struct ms_setting value;
+    struct ms_pos pos;            /* of the name (the key) */
 };
 
 struct ms_params {
@@ -52,13 +53,20 @@ struct ms_params {
     struct ms_param *v;
 };
 
-/* "path", "path@revision", "path+lora" or {model, lora, override_architecture}. */
+/*
+ * "path", "path@revision", "path+lora" or {model, lora, override_architecture},
+ * split as mergekit does: a string is cut at its '+' (more than one '+' is an
+ * error), then each part at its '@' (more than one '@' in a part is an error).
+ * In the mapping form `model` and `lora` are a "path@revision" string or a
+ * {path, revision} mapping, and '+' is not special.
+ */
 struct ms_modelref {
     char *path;                   /* NULL when not set */
     char *revision;               /* after '@', or NULL */
     char *lora;                   /* after '+', or NULL (LoRA merging is not supported) */
+    char *lora_revision;          /* after the lora's '@', or NULL */
     char *override_architecture;  /* or NULL */
-    struct ms_pos pos;
+    struct ms_pos pos;            /* of the reference's value node */
 };
 
 struct ms_source {
@@ -88,17 +96,19 @@ struct ms_recipe {
     size_t nslices;               /* slices form: nslices > 0 */
     struct ms_slice *slices;
     bool has_modules;             /* modules form: parsed for position only; unsupported */
-    struct ms_pos modules_pos;
+    struct ms_pos modules_pos;    /* of the `modules` key */
     struct ms_modelref base_model;
     struct ms_params params;
     char *dtype;                  /* as written, or NULL */
     struct ms_pos dtype_pos;
     char *out_dtype;
     struct ms_pos out_dtype_pos;
-    char *tokenizer_source;       /* legacy key, or NULL */
+    char *tokenizer_source;       /* legacy key as written ("union", "base", a model), or NULL;
+                                     for the mapping form, the model's path */
     struct ms_pos tokenizer_source_pos;
-    bool has_tokenizer;           /* the `tokenizer:` mapping form */
-    struct ms_pos tokenizer_pos;
+    struct ms_modelref tokenizer_source_ref; /* path set when tokenizer_source names a model */
+    bool has_tokenizer;           /* the `tokenizer:` mapping form (not parsed further) */
+    struct ms_pos tokenizer_pos;  /* of the `tokenizer` key */
     char *chat_template;
     struct ms_pos chat_template_pos;
 };
@@ -117,6 +127,10 @@ void ms_recipe_free(struct ms_recipe *r);
 
 /* The setting named `name` in params, or NULL. */
 const struct ms_setting *ms_params_get(const struct ms_params *p, const char *name);
+
+/* mergekit's ModelReference equality: path, revision, lora, lora_revision and
+ * override_architecture all equal (NULL equals only NULL). Positions are ignored. */
+bool ms_modelref_eq(const struct ms_modelref *a, const struct ms_modelref *b);
 
 /*
  * Evaluates a setting for tensor `tensor_name` at gradient position t

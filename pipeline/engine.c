@@ -49,7 +49,7 @@
 #define MAX_SLOTS 64
 
 enum slot_state { SLOT_FREE, SLOT_READING, SLOT_QUEUED, SLOT_COMPUTING, SLOT_REDUCED,
-                  SLOT_WRITING, SLOT_RESIDENT };
+                  SLOT_WRITING, SLOT_WREADY, SLOT_RESIDENT };
 
 struct eng;
 struct jrun;
@@ -94,10 +94,30 @@ struct jrun {
 };
 
 struct out_shard {
-    uv_file fd;                   /* -1 when not open */
+    uv_file fd;                   /* -1 when not open (positional mode) */
     char *tmp, *final;
     size_t jobs_left;
-    bool finished;
+    bool finished;                /* complete under its final name */
+    bool skip;                    /* not written by this run (--resume kept it, or --part) */
+};
+
+/*
+ * Sequential output (zstd, tar, pipe): chunks are handed to ms_out strictly in
+ * file order, one blocking call at a time on the thread pool. The cursor
+ * (wjob, wchunk) names the next chunk due; finished chunks wait in their slots
+ * (SLOT_WREADY) until it reaches them.
+ */
+struct seq_writer {
+    struct ms_out *out;
+    bool busy;
+    size_t wjob;                  /* plan job index due next */
+    uint32_t wchunk;              /* chunk of that job due next */
+    long cur_shard;               /* shard whose file is open in out, or -1 */
+    long begin_shard;             /* work item: shard to begin first, or -1 */
+    struct slot *ws;              /* work item: the chunk being written */
+    uv_work_t work;
+    int rc;                       /* work item result */
+    char err[512];
 };
 
 struct eng {
@@ -139,6 +159,9 @@ struct eng {
     bool have_signals, have_timer;
     uint64_t t_start;
     uint64_t bytes_in, bytes_out;
+
+    bool seq;                     /* output goes through ms_out (not positional files) */
+    struct seq_writer sw;
 
     int err;
     char errmsg[1024];
@@ -413,6 +436,18 @@ static void chunk_ready(struct eng *e, struct slot *s)
 }
 
 static void write_issue(struct eng *e, struct slot *s);
+static void seq_pump(struct eng *e);
+
+/* Hands a finished chunk (s->wbuf, wlen, woff set) to the output. */
+static void output_chunk(struct eng *e, struct slot *s)
+{
+    if (e->seq) {
+        s->state = SLOT_WREADY;
+        seq_pump(e);
+    } else {
+        write_issue(e, s);
+    }
+}
 
 static void reads_done(struct eng *e, struct slot *s)
 {
@@ -424,7 +459,7 @@ static void reads_done(struct eng *e, struct slot *s)
         s->wbuf = s->raw[0];
         s->wlen = s->ck.count;
         s->woff = s->jr->job->out_offset + s->ck.first;
-        write_issue(e, s);
+        output_chunk(e, s);
     } else {
         chunk_ready(e, s);
     }
@@ -562,7 +597,7 @@ static void after_work_cb(uv_work_t *w, int status)
         s->wbuf = (const unsigned char *)s->ck.out;
         s->wlen = s->ck.count * ob;
         s->woff = j->out_offset + s->ck.first * ob;
-        write_issue(e, s);
+        output_chunk(e, s);
     }
     pump(e);
 }
@@ -631,6 +666,117 @@ static void on_write(uv_fs_t *req)
     pump(e);
 }
 
+
+/* ------------------------------------------------------------------ sequential output */
+
+static struct jrun *active_run_of(struct eng *e, size_t job_index)
+{
+    const struct ms_job *j = &e->plan->jobs[job_index];
+    for (uint32_t k = 0; k < e->nactive; k++)
+        if (e->jr[e->order[k]].job == j)
+            return &e->jr[e->order[k]];
+    return NULL;
+}
+
+/* Worker thread: begins a new shard file if due, then writes one chunk. */
+static void seq_work_cb(uv_work_t *w)
+{
+    struct eng *e = w->data;
+    struct seq_writer *sw = &e->sw;
+    int rc = 0;
+    ms_error_clear();
+    if (sw->begin_shard >= 0) {
+        if (sw->cur_shard >= 0)
+            rc = ms_out_file_end(sw->out);
+        const struct ms_out_shard *ls = &e->plan->layout->shards[sw->begin_shard];
+        if (!rc)
+            rc = ms_out_file_begin(sw->out, ls->file_name, ls->file_bytes, NULL);
+        if (!rc)
+            rc = ms_out_file_write(sw->out, ls->header, ls->header_bytes);
+    }
+    if (!rc)
+        rc = ms_out_file_write(sw->out, sw->ws->wbuf, sw->ws->wlen);
+    sw->rc = rc;
+    if (rc)
+        snprintf(sw->err, sizeof sw->err, "%s", ms_errmsg());
+}
+
+static void seq_after_cb(uv_work_t *w, int status)
+{
+    struct eng *e = w->data;
+    struct seq_writer *sw = &e->sw;
+    struct slot *s = sw->ws;
+    sw->busy = false;
+    sw->ws = NULL;
+    if (status < 0 || sw->rc) {
+        if (status < 0)
+            eng_fail(e, status, "output write canceled: %s", uv_strerror(status));
+        else
+            eng_fail(e, sw->rc, "%s", sw->err);
+        slot_put(e, s);
+        pump(e);
+        return;
+    }
+    if (sw->begin_shard >= 0) {
+        e->bytes_out += e->plan->layout->shards[sw->begin_shard].header_bytes;
+        sw->cur_shard = sw->begin_shard;
+    }
+    e->bytes_out += s->wlen;
+    struct jrun *jr = s->jr;
+    if (++sw->wchunk == jr->nchunks) {
+        sw->wjob++;
+        sw->wchunk = 0;
+    }
+    chunk_written(e, s);
+    pump(e);
+}
+
+/* Starts the next in-order write if its chunk is ready and the writer is idle. */
+static void seq_pump(struct eng *e)
+{
+    struct seq_writer *sw = &e->sw;
+    if (sw->busy || eng_stopping(e))
+        return;
+    while (sw->wjob < e->plan->njobs) {
+        const struct ms_job *j = &e->plan->jobs[sw->wjob];
+        if (e->osh[j->shard].skip) {
+            sw->wjob++;
+            continue;
+        }
+        struct jrun *jr = active_run_of(e, sw->wjob);
+        if (!jr) {
+            if (sw->wjob < e->next_job) { /* finished with no chunks: an empty tensor */
+                sw->wjob++;
+                sw->wchunk = 0;
+                continue;
+            }
+            return;
+        }
+        struct slot *s = NULL;
+        for (uint32_t i = 0; i < e->nslots; i++) {
+            struct slot *c = &e->slots[i];
+            if (c->state == SLOT_WREADY && c->jr == jr && c->ck.index == sw->wchunk) {
+                s = c;
+                break;
+            }
+        }
+        if (!s)
+            return;
+        sw->begin_shard = (long)j->shard != sw->cur_shard ? (long)j->shard : -1;
+        sw->ws = s;
+        sw->busy = true;
+        s->state = SLOT_WRITING;
+        sw->work.data = e;
+        int rc = uv_queue_work(&e->loop, &sw->work, seq_work_cb, seq_after_cb);
+        if (rc < 0) {
+            sw->busy = false;
+            eng_fail(e, rc, "cannot queue output write: %s", uv_strerror(rc));
+            slot_put(e, s);
+        }
+        return;
+    }
+}
+
 /* ------------------------------------------------------------------ shards */
 
 static int shard_open(struct eng *e, uint32_t k)
@@ -665,8 +811,8 @@ static void shard_job_done(struct eng *e, uint32_t k)
 {
     struct out_shard *sh = &e->osh[k];
     assert(sh->jobs_left > 0);
-    if (--sh->jobs_left)
-        return;
+    if (--sh->jobs_left || e->seq)
+        return; /* sequential output ends files in seq_work_cb */
     if (fsync(sh->fd) < 0) {
         eng_fail(e, -errno, "%s: fsync failed: %s", sh->tmp, strerror(errno));
         return;
@@ -713,6 +859,11 @@ static bool job_fully_issued(const struct jrun *jr)
 static int job_activate(struct eng *e)
 {
     const struct ms_job *j = &e->plan->jobs[e->next_job];
+    if (e->osh[j->shard].skip) {
+        e->next_job++;
+        e->jobs_done++;
+        return 0;
+    }
     uint32_t idx = 0;
     while (e->jr[idx].used)
         idx++;
@@ -737,7 +888,7 @@ static int job_activate(struct eng *e)
         memset(jr->state, 0, ssz);
     }
     struct out_shard *sh = &e->osh[j->shard];
-    if (sh->fd < 0 && !sh->finished) {
+    if (!e->seq && sh->fd < 0 && !sh->finished) {
         int rc = shard_open(e, j->shard);
         if (rc)
             return rc;
@@ -942,28 +1093,91 @@ static int alloc_pool(struct eng *e, const struct sizing *sz)
     return 0;
 }
 
+/*
+ * --resume: a shard already under its final name was synced before it was
+ * renamed, so it is complete; it is kept when its size and header bytes are the
+ * ones this plan would write (a different recipe or option gives a different
+ * header and the shard is rewritten).
+ */
+static bool shard_matches(struct eng *e, size_t k, const char *final)
+{
+    const struct ms_out_shard *ls = &e->plan->layout->shards[k];
+    bool ok = false;
+    unsigned char *hdr = ms_malloc(ls->header_bytes);
+    if (!hdr)
+        return false;
+    if (e->opts->zstd_level) {
+        struct ms_zsrc *z = NULL;
+        ok = ms_zsrc_open(final, &z) == 0 && ms_zsrc_size(z) == ls->file_bytes &&
+             ms_zsrc_pread(z, hdr, ls->header_bytes, 0) == 0 &&
+             !memcmp(hdr, ls->header, ls->header_bytes);
+        ms_zsrc_free(z);
+    } else {
+        int fd = open(final, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        ok = fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_size == ls->file_bytes &&
+             pread(fd, hdr, ls->header_bytes, 0) == (ssize_t)ls->header_bytes &&
+             !memcmp(hdr, ls->header, ls->header_bytes);
+        if (fd >= 0)
+            close(fd);
+    }
+    ms_free(hdr);
+    ms_error_clear();
+    return ok;
+}
+
 static int prepare_outputs(struct eng *e)
 {
+    const struct ms_engine_opts *o = e->opts;
     const struct ms_layout *l = e->plan->layout;
     e->nsh = l->nshards;
     e->osh = ms_calloc(e->nsh ? e->nsh : 1, sizeof *e->osh);
     if (!e->osh)
         return ms_error(MS_ENOMEM, "out of memory");
+    const char *suffix = o->zstd_level ? ".zst" : "";
     for (size_t k = 0; k < e->nsh; k++) {
         struct out_shard *sh = &e->osh[k];
         sh->fd = -1;
-        sh->final = ms_asprintf("%s/%s", e->opts->out, l->shards[k].file_name);
-        sh->tmp = ms_asprintf("%s/%s.partial", e->opts->out, l->shards[k].file_name);
-        if (!sh->final || !sh->tmp)
-            return ms_error(MS_ENOMEM, "out of memory");
+        if (o->kind == MS_OUT_DIR) {
+            sh->final = ms_asprintf("%s/%s%s", o->out, l->shards[k].file_name, suffix);
+            sh->tmp = ms_asprintf("%s/%s.partial", o->out, l->shards[k].file_name);
+            if (!sh->final || !sh->tmp)
+                return ms_error(MS_ENOMEM, "out of memory");
+        }
+        if (o->part_count > 1 && k % o->part_count != o->part_index - 1)
+            sh->skip = true;
+        if (!sh->skip && o->resume && o->kind == MS_OUT_DIR && access(sh->final, F_OK) == 0) {
+            if (shard_matches(e, k, sh->final)) {
+                sh->skip = sh->finished = true;
+                ms_log_info("resume: keeping %s", sh->final);
+            } else {
+                ms_log_warn("resume: %s does not match this merge; writing it again", sh->final);
+            }
+        }
     }
     for (size_t i = 0; i < e->plan->njobs; i++)
         e->osh[e->plan->jobs[i].shard].jobs_left++;
+    e->seq = o->kind != MS_OUT_DIR || o->zstd_level;
+    e->sw.cur_shard = -1;
+    if (e->seq) {
+        struct ms_out_opts oo = {
+            .kind = o->kind, .dir = o->out, .fd = o->out_fd, .pipe_cmd = o->pipe_cmd,
+            .zstd_level = o->zstd_level, .zstd_workers = o->threads ? o->threads : default_threads(),
+        };
+        int rc = ms_out_open(&oo, &e->sw.out);
+        if (rc)
+            return rc;
+    }
     return 0;
 }
 
 static void eng_release(struct eng *e)
 {
+    if (e->sw.out) {
+        if (e->err)
+            ms_out_abort(e->sw.out);
+        ms_out_free(e->sw.out);
+    }
     if (e->in_fd)
         for (size_t i = 0; i < e->nfd; i++)
             if (e->in_fd[i] >= 0)
@@ -1020,6 +1234,11 @@ static int run_loop(struct eng *e)
     }
     pump(e);
     uv_run(&e->loop, UV_RUN_DEFAULT);
+    if (!e->err && e->seq && e->sw.cur_shard >= 0) {
+        int erc = ms_out_file_end(e->sw.out);
+        if (erc)
+            eng_fail(e, erc, "%s", ms_errmsg());
+    }
     if (!e->err && e->jobs_done != e->plan->njobs)
         eng_fail(e, MS_EIO, "internal error: the pipeline stalled after %zu of %zu tensors",
                  e->jobs_done, e->plan->njobs);
@@ -1056,7 +1275,7 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
 
     struct sizing sz;
     int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL);
-    if (!rc)
+    if (!rc && opts->kind == MS_OUT_DIR)
         rc = ms_outdir_prepare(plan, opts);
     if (!rc)
         rc = open_inputs(e);
@@ -1069,8 +1288,12 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
         if (rc)
             ms_error(rc, "%s", e->errmsg);
     }
-    if (!rc)
-        rc = ms_outdir_finish(plan, opts);
+    if (!rc && (opts->part_count <= 1 || opts->part_index == 1))
+        rc = ms_outdir_finish(plan, opts, e->sw.out);
+    else if (!rc && e->sw.out)
+        rc = ms_out_finish(e->sw.out);
+    if (rc && !e->err)
+        e->err = rc;
     eng_release(e);
     if (rc == MS_ECANCELED && e->signo)
         ms_error(rc, "interrupted by %s; temporary files removed",

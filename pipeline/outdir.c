@@ -52,9 +52,23 @@ int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *o
     return 0;
 }
 
-static int write_in(const char *dir, const char *name, const void *data, size_t len)
+/* Where finish() sends small files: a directory, or an ms_out stream. */
+struct emit {
+    const char *dir;
+    struct ms_out *out;
+};
+
+static int write_in(const struct emit *em, const char *name, const void *data, size_t len)
 {
-    char *path = ms_asprintf("%s/%s", dir, name);
+    if (em->out) {
+        int rc = ms_out_file_begin(em->out, name, len, NULL);
+        if (!rc)
+            rc = ms_out_file_write(em->out, data, len);
+        if (!rc)
+            rc = ms_out_file_end(em->out);
+        return rc;
+    }
+    char *path = ms_asprintf("%s/%s", em->dir, name);
     if (!path)
         return ms_error(MS_ENOMEM, "out of memory");
     int rc = ms_write_file_atomic(path, data, len);
@@ -77,7 +91,7 @@ static const char *const tokenizer_files[] = {
     "generation_config.json", "video_preprocessor_config.json",
 };
 
-static int copy_tokenizer(const struct ms_plan *plan, const char *out)
+static int copy_tokenizer(const struct ms_plan *plan, const struct emit *out)
 {
     if (plan->donor >= plan->nmodels)
         return 0;
@@ -242,43 +256,75 @@ static int sync_dir(const char *dir)
     return rc ? ms_error(rc, "%s: fsync failed: %s", dir, strerror(-rc)) : 0;
 }
 
-int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *opts)
+/*
+ * The index names the shard files as written: "<name>.zst" when each shard is
+ * compressed (directory or pipe output with --compress). Inside a compressed
+ * tar stream the shards themselves are plain.
+ */
+static int index_json(const struct ms_plan *plan, bool zst, char **text, size_t *len)
+{
+    if (!zst)
+        return ms_layout_index_json(plan->layout, text, len);
+    struct ms_layout l = *plan->layout;
+    l.shards = ms_calloc(l.nshards, sizeof *l.shards);
+    if (!l.shards)
+        return ms_error(MS_ENOMEM, "out of memory");
+    int rc = 0;
+    for (size_t k = 0; k < l.nshards && !rc; k++) {
+        l.shards[k] = plan->layout->shards[k];
+        l.shards[k].file_name = ms_asprintf("%s.zst", plan->layout->shards[k].file_name);
+        if (!l.shards[k].file_name)
+            rc = ms_error(MS_ENOMEM, "out of memory");
+    }
+    if (!rc)
+        rc = ms_layout_index_json(&l, text, len);
+    for (size_t k = 0; k < l.nshards; k++)
+        ms_free(l.shards[k].file_name);
+    ms_free(l.shards);
+    return rc;
+}
+
+int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *opts,
+                     struct ms_out *stream)
 {
     const char *out = opts->out;
+    struct emit em = { .dir = out, .out = opts->kind == MS_OUT_DIR ? NULL : stream };
     int rc = 0;
     char *text = NULL;
     size_t len = 0;
     if (plan->layout->nshards > 1) {
-        rc = ms_layout_index_json(plan->layout, &text, &len);
+        rc = index_json(plan, opts->zstd_level && opts->kind != MS_OUT_TAR, &text, &len);
         if (!rc)
-            rc = write_in(out, "model.safetensors.index.json", text, len);
+            rc = write_in(&em, "model.safetensors.index.json", text, len);
         ms_free(text);
         text = NULL;
         if (rc)
             return rc;
     }
     if (plan->out_config_json) {
-        rc = write_in(out, "config.json", plan->out_config_json, strlen(plan->out_config_json));
+        rc = write_in(&em, "config.json", plan->out_config_json, strlen(plan->out_config_json));
         if (rc)
             return rc;
     }
     if (opts->write_card) {
-        const char *title = strrchr(out, '/');
-        title = title && title[1] ? title + 1 : out;
+        const char *title = opts->kind == MS_OUT_DIR ? strrchr(out, '/') : NULL;
+        title = title && title[1] ? title + 1 : opts->kind == MS_OUT_DIR ? out : NULL;
         text = ms_outdir_card(plan, title);
         if (!text)
             return ms_error(MS_ENOMEM, "out of memory writing the model card");
-        rc = write_in(out, "README.md", text, strlen(text));
+        rc = write_in(&em, "README.md", text, strlen(text));
         ms_free(text);
         if (!rc && plan->recipe && plan->recipe->text)
-            rc = write_in(out, "mergekit_config.yml", plan->recipe->text, plan->recipe->text_len);
+            rc = write_in(&em, "mergekit_config.yml", plan->recipe->text, plan->recipe->text_len);
         if (rc)
             return rc;
     }
     if (opts->copy_tokenizer) {
-        rc = copy_tokenizer(plan, out);
+        rc = copy_tokenizer(plan, &em);
         if (rc)
             return rc;
     }
+    if (stream)
+        return ms_out_finish(stream);
     return sync_dir(out);
 }

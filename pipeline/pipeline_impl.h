@@ -12,9 +12,11 @@ int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *o
  * After every shard is complete: the index (more than one shard), config.json,
  * README.md and mergekit_config.yml (write_card), the donor's tokenizer files
  * (copy_tokenizer), each written atomically, then the directory is synced.
- * The order follows mergekit-spec.md 4.5.
+ * The order follows mergekit-spec.md 4.5. With `out` (tar or pipe output) the
+ * files go through it instead of into a directory, and ms_out_finish ends it.
  */
-int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *opts);
+int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *opts,
+                     struct ms_out *out);
 /* The model card text (README.md) for plan written to a directory named title. */
 char *ms_outdir_card(const struct ms_plan *plan, const char *title);
 

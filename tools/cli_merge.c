@@ -38,8 +38,18 @@ static const char merge_usage[] =
     "  -q, --quiet              no progress line\n"
     "  -h, --help               this text\n"
     "\n"
-    "not supported yet (the merge stops with a message): --compress, --pipe, --resume,\n"
-    "--part, OUT = '-' (tar stream), --no-safe-serialization.\n"
+    "streaming outputs:\n"
+    "  OUT = -                  write the whole output directory as one tar stream on stdout\n"
+    "  --compress zstd[:LEVEL]  zstd (default level 3): each shard as NAME.safetensors.zst (the\n"
+    "                           index names them so), or with OUT = - the whole tar stream\n"
+    "  --pipe CMD               stream each output file into the stdin of its own `sh -c CMD`;\n"
+    "                           {} in CMD (and $MERGESTREAM_FILE) is the file name, e.g.\n"
+    "                           --pipe 'aws s3 cp - s3://bucket/merged/{}'\n"
+    "  --resume                 keep the shards an interrupted run already finished in OUT\n"
+    "  --part I/N               write only shards k with k %% N == I-1 (1-based I), for one\n"
+    "                           merge spread over N machines; part 1 also writes the other files\n"
+    "\n"
+    "not supported: --no-safe-serialization (PyTorch .bin output).\n"
     "\n"
     "accepted for mergekit compatibility, with no effect here: --cuda, --device,\n"
     "--low-cpu-memory, --lazy-unpickle, --read-to-gpu, --multi-gpu, --gpu-rich,\n"
@@ -55,7 +65,7 @@ static const char merge_usage[] =
 enum {
     OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
     OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
-    OPT_NUMTHREADS,
+    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME,
 };
 
 static const struct option merge_opts[] = {
@@ -72,11 +82,10 @@ static const struct option merge_opts[] = {
     { "help", no_argument, NULL, 'h' },
     { "chunk-elems", required_argument, NULL, OPT_CHUNK },
     { "reread", no_argument, NULL, OPT_REREAD },
-    /* ours, not there yet */
-    { "compress", required_argument, NULL, OPT_UNSUP_ARG },
-    { "pipe", required_argument, NULL, OPT_UNSUP_ARG },
-    { "part", required_argument, NULL, OPT_UNSUP_ARG },
-    { "resume", no_argument, NULL, OPT_UNSUP },
+    { "compress", required_argument, NULL, OPT_COMPRESS },
+    { "pipe", required_argument, NULL, OPT_PIPE },
+    { "part", required_argument, NULL, OPT_PART },
+    { "resume", no_argument, NULL, OPT_RESUME },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -170,6 +179,35 @@ int ms_cli_merge(int argc, char **argv)
                 return usage_error("invalid --chunk-elems", optarg);
             break;
         case OPT_REREAD: eo.in_memory = false; break;
+        case OPT_COMPRESS: {
+            long lvl = 3;
+            if (strncmp(optarg, "zstd", 4) || (optarg[4] && optarg[4] != ':'))
+                return usage_error("--compress takes zstd or zstd:LEVEL, not", optarg);
+            if (optarg[4] == ':') {
+                char *end;
+                lvl = strtol(optarg + 5, &end, 10);
+                if (*end || lvl < 1 || lvl > 19)
+                    return usage_error("zstd level must be 1..19:", optarg);
+            }
+            eo.zstd_level = (int)lvl;
+            break;
+        }
+        case OPT_PIPE:
+            if (!*optarg)
+                return usage_error("--pipe needs a command", NULL);
+            eo.kind = MS_OUT_PIPE;
+            eo.pipe_cmd = optarg;
+            break;
+        case OPT_PART: {
+            unsigned a, b;
+            char tail;
+            if (sscanf(optarg, "%u/%u%c", &a, &b, &tail) != 2 || b == 0 || a == 0 || a > b)
+                return usage_error("--part takes I/N with 1 <= I <= N, not", optarg);
+            eo.part_index = a;
+            eo.part_count = b;
+            break;
+        }
+        case OPT_RESUME: eo.resume = true; break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:
             fprintf(stderr, "mergestream: %s is not supported yet (see README: Status)\n", name);
@@ -188,9 +226,20 @@ int ms_cli_merge(int argc, char **argv)
     const char *recipe_path = argv[optind];
     eo.out = argv[optind + 1];
     if (!strcmp(eo.out, "-")) {
-        fprintf(stderr, "mergestream: OUT '-' (a tar stream on stdout) is not supported yet\n");
-        return 1;
+        if (eo.kind == MS_OUT_PIPE)
+            return usage_error("OUT '-' and --pipe exclude each other", NULL);
+        if (isatty(STDOUT_FILENO)) {
+            fprintf(stderr, "mergestream: refusing to write a tar stream to a terminal; "
+                            "redirect stdout or pipe it\n");
+            return 2;
+        }
+        eo.kind = MS_OUT_TAR;
+        eo.out_fd = STDOUT_FILENO;
     }
+    if (eo.resume && eo.kind != MS_OUT_DIR)
+        return usage_error("--resume needs a directory OUT (not '-' or --pipe)", NULL);
+    /* A closed stdout or pipe is reported as EPIPE with the file's name, not a silent death. */
+    signal(SIGPIPE, SIG_IGN);
     ms_log_set_quiet(eo.quiet);
     eo.progress = !eo.quiet && isatty(STDERR_FILENO);
 
