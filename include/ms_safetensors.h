@@ -34,7 +34,8 @@ struct ms_st_file {
     uint64_t header_len;          /* N, the JSON length that follows the 8-byte prefix */
     uint64_t data_start;          /* 8 + N: file offset of the data region */
     size_t ntensors;
-    struct ms_st_tensor *tensors; /* sorted by begin (then name) */
+    struct ms_st_tensor *tensors; /* sorted by begin, then end, then name (empty tensors
+                                     sharing an offset precede the tensor starting there) */
     char *format;                 /* __metadata__.format, or NULL */
 };
 

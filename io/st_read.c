@@ -436,9 +436,9 @@ int ms_st_parse(const char *path, const void *buf, size_t buf_len, uint64_t file
                       path, data_len, have);
     else if (data_len < have)
         rc = ms_error(MS_EST_INCOMPLETE,
-                      "%s: %" PRIu64 " trailing bytes after the %" PRIu64
+                      "%s: %" PRIu64 " trailing byte%s after the %" PRIu64
                       " data bytes the header describes",
-                      path, have - data_len, data_len);
+                      path, have - data_len, have - data_len == 1 ? "" : "s", data_len);
 
 out:
     json_decref(root);

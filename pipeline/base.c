@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
 #include <uv.h>
 
 #include "ms_common.h"
@@ -156,6 +157,12 @@ void *ms_realloc(void *p, size_t n)
 }
 
 void ms_free(void *p) { free(p); }
+
+/* jansson allocates through ours, so allocation fault injection covers JSON too. */
+__attribute__((constructor)) static void route_json_allocations(void)
+{
+    json_set_alloc_funcs(ms_malloc, ms_free);
+}
 
 char *ms_strndup(const char *s, size_t n)
 {
