@@ -93,6 +93,10 @@ void ms_aligned_free(void *p);
 void ms_alloc_fail_after(long n);
 /* Number of allocations made since the process started (for fault-injection loops). */
 long ms_alloc_count(void);
+/* Number of allocations that failed on the calling thread so far. Libraries that
+ * allocate through our hooks (jansson) report a failed allocation as a parse
+ * error; a caller compares this before and after to report MS_ENOMEM instead. */
+long ms_alloc_failures(void);
 
 /* Parses a size with mergekit's suffixes (K/M/B = 1e3/1e6/1e9, any case) and our
  * binary ones (KiB/MiB/GiB, and k/m/g with --max-memory style "64M" meaning

@@ -147,7 +147,13 @@ static int model_load_index(struct ms_model *m, const char *ipath)
     rc = ms_read_file(ipath, &text, &len);
     if (rc)
         return rc;
+    long fails0 = ms_alloc_failures();
     root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root && (json_error_code(&jerr) == json_error_out_of_memory || !jerr.text[0] ||
+                  ms_alloc_failures() != fails0)) {
+        rc = ms_error(MS_ENOMEM, "%s: out of memory parsing json", ipath);
+        goto out;
+    }
     if (!root) {
         rc = ms_error(MS_EST_INDEX, "%s: not valid json at line %d: %s", ipath, jerr.line,
                       jerr.text);

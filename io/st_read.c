@@ -353,7 +353,13 @@ int ms_st_parse(const char *path, const void *buf, size_t buf_len, uint64_t file
                         bad + PREFIX_BYTES);
 
     json_error_t jerr;
+    long fails0 = ms_alloc_failures();
     root = json_loadb(hdr, (size_t)n, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    if (!root && (json_error_code(&jerr) == json_error_out_of_memory || !jerr.text[0] ||
+                  ms_alloc_failures() != fails0)) {
+        rc = ms_error(MS_ENOMEM, "%s: out of memory parsing json", path);
+        goto out;
+    }
     if (!root) {
         if (json_error_code(&jerr) == json_error_duplicate_key) {
             char *key = NULL;

@@ -128,11 +128,19 @@ void ms_alloc_fail_after(long n)
 
 long ms_alloc_count(void) { return atomic_load(&g_alloc_count); }
 
+static _Thread_local long tl_alloc_failures;
+
+long ms_alloc_failures(void) { return tl_alloc_failures; }
+
 static bool alloc_should_fail(void)
 {
     long c = atomic_fetch_add(&g_alloc_count, 1) + 1;
     long f = atomic_load(&g_fail_at);
-    return f > 0 && c >= f;
+    if (f > 0 && c >= f) {
+        tl_alloc_failures++;
+        return true;
+    }
+    return false;
 }
 
 void *ms_malloc(size_t n)
