@@ -128,10 +128,16 @@ const struct ms_method *ms_method_at(size_t i); /* NULL past the end */
 int ms_method_param(const struct ms_method *m, const char *name);
 
 /*
- * Runs a whole job in memory with the given chunk size (elements; rounded down
- * to whole rows for ROWWISE stages, at least one row): the reference driver for
- * tests, and the meaning the engine must reproduce. in[i] has job->numel floats
- * already in the compute dtype; out gets numel floats. Allocates its own state.
+ * Runs a whole job in memory with the given chunk size (elements; 0 = the whole
+ * tensor; rounded down to whole rows for ROWWISE stages, at least one row): the
+ * reference driver for tests, and the meaning the engine must reproduce. in[i]
+ * has job->numel floats already in the compute dtype; out gets numel floats.
+ * Allocates its own state and scratch (stages/stage_run.c). To catch stages that
+ * depend on what the protocol leaves free, it reduces windows of chunks from
+ * last to first (folding them in chunk order), poisons partials before reduce
+ * and outputs (NaN) before apply, and hands every chunk MS_ALIGN-aligned copies.
+ * Returns 0, the stage's error, MS_EUNSUPPORTED (no ops), MS_EINVAL or MS_ENOMEM.
+ * Any thread; single-threaded inside.
  */
 int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
                      uint64_t chunk_elems);

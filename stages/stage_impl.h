@@ -10,11 +10,22 @@
 
 /* Each method's file defines its ops table and replaces NULL here with
  * &ms_stage_<method>_ops when it lands. */
-#define MS_STAGE_OPS_LINEAR NULL
-#define MS_STAGE_OPS_PASSTHROUGH NULL
-#define MS_STAGE_OPS_SLERP NULL
-#define MS_STAGE_OPS_TASK_ARITHMETIC NULL
-#define MS_STAGE_OPS_TIES NULL
+#define MS_STAGE_OPS_LINEAR (&ms_stage_linear_ops)
+#define MS_STAGE_OPS_PASSTHROUGH (&ms_stage_passthrough_ops)
+#define MS_STAGE_OPS_SLERP (&ms_stage_slerp_ops)
+#define MS_STAGE_OPS_TASK_ARITHMETIC (&ms_stage_task_arithmetic_ops)
+#define MS_STAGE_OPS_TIES (&ms_stage_ties_ops)
+
+/* linear.c, passthrough.c, slerp.c (mergekit-spec.md 2.2, 2.12, 2.3) */
+extern const struct ms_stage_ops ms_stage_linear_ops;
+extern const struct ms_stage_ops ms_stage_passthrough_ops;
+extern const struct ms_stage_ops ms_stage_slerp_ops;
+
+/* ======================================================================== */
+/* gta.c - the generalized task arithmetic family (mergekit-spec.md 2.6)     */
+/* ======================================================================== */
+extern const struct ms_stage_ops ms_stage_task_arithmetic_ops;
+extern const struct ms_stage_ops ms_stage_ties_ops;
 
 /* ======================================================================== */
 /* select.c - exact top-k by magnitude over a stream (GTA family)            */

@@ -135,48 +135,87 @@ double ms_xacc_value(const struct ms_xacc *a)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Kernels. Two interleaved accumulators break the load-add-store dependency   */
-/* when consecutive terms land in the same limb; they are merged at the end,   */
-/* which is exact.                                                             */
+/* Kernels. A term is first added, as its signed 53-bit mantissa, into an int64 */
+/* bin per biased double exponent (one add, no shifts), and the bins are       */
+/* flushed into the limbs every XB_BLOCK terms per bin, before an int64 could   */
+/* overflow (2^10 terms * 2^53 < 2^63). Bin k holds terms of biased exponent   */
+/* k + 723, i.e. shifted exponent e' = k: exactly the limb position of         */
+/* xacc_term, so the limbs get the same integers. Two bin tables (even and odd  */
+/* elements) break the load-add-store chain when neighbours share an exponent. */
 
+#define XB_LO 723                 /* biased exponent of bin 0 (= 1075 - XACC_BIAS) */
+#define XB_N 560                  /* bins: biased exponents 723..1282 */
+#define XB_BLOCK 1024             /* terms per bin table between flushes */
+
+struct xacc_bins {
+    int64_t b[2][XB_N];
+    uint32_t nf;
+};
+
+static inline void xb_term(int64_t *restrict bin, uint32_t *restrict nf, double v)
+{
+    uint64_t u;
+    memcpy(&u, &v, sizeof(u));
+    uint64_t bexp = (u >> 52) & 0x7ffu;
+    uint64_t frac = u & ((UINT64_C(1) << 52) - 1);
+    uint64_t neg = u >> 63;
+    *nf |= (uint32_t)((bexp == 0x7ffu) << (frac ? 2 : neg));
+    /* zero, Inf and NaN fall outside the bins: they add 0 to bin 0 */
+    uint64_t k = bexp - XB_LO;
+    uint64_t valid = k < XB_N;
+    k = valid ? k : 0;
+    int64_t m = (int64_t)((frac | (UINT64_C(1) << 52)) & -valid);
+    bin[k] += (m ^ -(int64_t)neg) + (int64_t)neg;
+}
+
+static void xb_flush(struct ms_xacc *a, struct xacc_bins *w)
+{
+    for (int t = 0; t < 2; t++)
+        for (int k = 0; k < XB_N; k++) {
+            int64_t v = w->b[t][k];
+            if (!v)
+                continue;
+            w->b[t][k] = 0;
+            a->limb[k >> 5] += (__int128)((unsigned __int128)(__int128)v << (k & 31));
+        }
+    a->nonfinite |= w->nf;
+    w->nf = 0;
+}
+
+/* The kernels share one shape: TERM(i) is the exact double of element i. */
+#define XACC_KERNEL(TERM)                                                        \
+    struct xacc_bins w;                                                          \
+    memset(&w, 0, sizeof(w));                                                    \
+    for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {                            \
+        size_t i1 = MS_MIN(n, i0 + 2 * XB_BLOCK), i = i0;                        \
+        for (; i + 2 <= i1; i += 2) {                                            \
+            xb_term(w.b[0], &w.nf, TERM(i));                                     \
+            xb_term(w.b[1], &w.nf, TERM(i + 1));                                 \
+        }                                                                        \
+        if (i < i1)                                                              \
+            xb_term(w.b[0], &w.nf, TERM(i));                                     \
+        xb_flush(a, &w);                                                         \
+    }
+
+/* The scalar reference of each kernel is ms_xacc_add of its terms one by one
+ * (tests/test_xacc.c checks that the limbs are identical). */
 void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n)
 {
-    struct ms_xacc b;
-    ms_xacc_init(&b);
-    size_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)y[i]);
-        xacc_term(b.limb, &b.nonfinite, (double)x[i + 1] * (double)y[i + 1]);
-    }
-    for (; i < n; i++)
-        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)y[i]);
-    ms_xacc_merge(a, &b);
+#define DOT_TERM(i) ((double)x[i] * (double)y[i])
+    XACC_KERNEL(DOT_TERM)
+#undef DOT_TERM
 }
 
 void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n)
 {
-    struct ms_xacc b;
-    ms_xacc_init(&b);
-    size_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)x[i]);
-        xacc_term(b.limb, &b.nonfinite, (double)x[i + 1] * (double)x[i + 1]);
-    }
-    for (; i < n; i++)
-        xacc_term(a->limb, &a->nonfinite, (double)x[i] * (double)x[i]);
-    ms_xacc_merge(a, &b);
+#define SQ_TERM(i) ((double)x[i] * (double)x[i])
+    XACC_KERNEL(SQ_TERM)
+#undef SQ_TERM
 }
 
 void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n)
 {
-    struct ms_xacc b;
-    ms_xacc_init(&b);
-    size_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-        xacc_term(a->limb, &a->nonfinite, fabs((double)x[i]));
-        xacc_term(b.limb, &b.nonfinite, fabs((double)x[i + 1]));
-    }
-    for (; i < n; i++)
-        xacc_term(a->limb, &a->nonfinite, fabs((double)x[i]));
-    ms_xacc_merge(a, &b);
+#define ABS_TERM(i) fabs((double)x[i])
+    XACC_KERNEL(ABS_TERM)
+#undef ABS_TERM
 }

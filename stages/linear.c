@@ -1,0 +1,100 @@
+/*
+ * linear.c - the `linear` method (mergekit-spec.md 2.2): a weighted sum of the
+ * inputs, optionally divided by the sum of the weights.
+ *
+ * With D the compute dtype and rnd() rounding to it (section 0):
+ *   W_i = rnd(float32(w_i))                        weights as a D tensor (rule 0.5)
+ *   S   = rnd(0 + rnd(W_0*X_0) + rnd(W_1*X_1) ...)  float32 accumulation in input order
+ *   out = rnd(S / rnd(0 + W_0 + W_1 ...))           normalize: true (no zero guard)
+ *   out = S                                         normalize: false
+ * The accumulations start from +0.0 as torch's sum does (its additive identity),
+ * which matters only for the sign of a zero. Every element depends only on its own
+ * inputs, so the method needs no reduce pass and is exact in every compute dtype.
+ */
+#include <assert.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "stage_impl.h"
+
+struct linear_state {
+    float w[MS_MAX_INPUTS];       /* W_i, already in D */
+    float wsum;                   /* rnd(sum W_i) */
+    bool normalize;
+};
+
+static size_t linear_state_size(const struct ms_stage_job *job) { return sizeof(struct linear_state); }
+
+static int linear_begin(void *state, const struct ms_stage_job *job)
+{
+    struct linear_state *s = state;
+    int pw = ms_method_param(job->method, "weight");
+    int pn = ms_method_param(job->method, "normalize");
+    assert(pw >= 0 && pn >= 0 && job->ninputs <= MS_MAX_INPUTS);
+    if (job->ninputs == 0)
+        return ms_error(MS_EPLAN, "%s: linear merge with no input", job->name);
+    float acc = 0.0f;
+    for (uint32_t i = 0; i < job->ninputs; i++) {
+        s->w[i] = ms_rnd_param(job->compute, job->pv[i][pw]);
+        acc += s->w[i];
+    }
+    s->wsum = ms_rnd(job->compute, acc);
+    s->normalize = job->gv[pn] != 0;
+    return MS_STAGE_APPLY;
+}
+
+/* Kernels; d is a constant in each caller so that ms_rnd inlines to one path. */
+
+/* acc[j] += rnd(w * x[j]) */
+static inline void linear_axpy(enum ms_dtype d, float *restrict acc, const float *restrict x,
+                               float w, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        acc[j] += ms_rnd(d, w * x[j]);
+}
+
+/* y[j] = rnd(y[j]), then y[j] = rnd(y[j] / div) when normalizing */
+static inline void linear_finish(enum ms_dtype d, float *restrict y, bool normalize, float div,
+                                 size_t n)
+{
+    if (normalize)
+        for (size_t j = 0; j < n; j++)
+            y[j] = ms_rnd(d, ms_rnd(d, y[j]) / div);
+    else
+        for (size_t j = 0; j < n; j++)
+            y[j] = ms_rnd(d, y[j]);
+}
+
+static inline void linear_chunk(enum ms_dtype d, const struct linear_state *s,
+                                const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    size_t n = (size_t)c->count;
+    for (size_t j = 0; j < n; j++)
+        c->out[j] = 0.0f;
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        linear_axpy(d, c->out, c->in[i], s->w[i], n);
+    linear_finish(d, c->out, s->normalize, s->wsum, n);
+}
+
+static void linear_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    const struct linear_state *s = state;
+    switch (job->compute) {
+    case MS_DT_BF16:
+        linear_chunk(MS_DT_BF16, s, job, c);
+        break;
+    case MS_DT_F16:
+        linear_chunk(MS_DT_F16, s, job, c);
+        break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        linear_chunk(MS_DT_F32, s, job, c);
+        break;
+    }
+}
+
+const struct ms_stage_ops ms_stage_linear_ops = {
+    .state_size = linear_state_size,
+    .begin = linear_begin,
+    .apply = linear_apply,
+};

@@ -1,0 +1,44 @@
+/*
+ * rng.c - the counter-based random numbers of the stages (ms_stage.h) and the
+ * FNV-1a hash that keys them by tensor name.
+ *
+ * ms_rng_u32 is a pure function of (seed, key, model, element): no state, so a
+ * random mask does not depend on chunking, threads or pass, and a second pass
+ * regenerates it. Construction: the stream id (seed, key, model) is absorbed
+ * through three rounds of the splitmix64 finaliser (Stafford's "mix13"), then
+ * the element index is used as a splitmix64 counter in that stream and the
+ * result goes through the finaliser once more; the high 32 bits are returned.
+ * The finaliser is a bijection of 64-bit words with full avalanche, so distinct
+ * elements of one stream give distinct 64-bit outputs.
+ *
+ * The exact values are part of the output format of random methods (DARE, DELLA):
+ * changing this function changes merged bytes. tests/test_xacc.c pins them.
+ */
+#include "ms_stage.h"
+
+#define RNG_GOLDEN UINT64_C(0x9e3779b97f4a7c15)
+
+static inline uint64_t rng_mix(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
+    return z ^ (z >> 31);
+}
+
+uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element)
+{
+    uint64_t s = rng_mix(seed + RNG_GOLDEN);
+    s = rng_mix(s ^ key);
+    s = rng_mix(s ^ (((uint64_t)model + 1) * UINT64_C(0xd1b54a32d192ed03)));
+    return (uint32_t)(rng_mix(s + (element + 1) * RNG_GOLDEN) >> 32);
+}
+
+uint64_t ms_hash_str(const char *s)
+{
+    uint64_t h = UINT64_C(0xcbf29ce484222325);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        h ^= *p;
+        h *= UINT64_C(0x100000001b3);
+    }
+    return h;
+}

@@ -1,0 +1,361 @@
+/*
+ * test_xacc.c - the exact accumulator (stages/xacc.c) against two independent
+ * references: integer arithmetic on dyadic values (__int128, converted with the
+ * compiler's correctly rounded __int128 -> double), and a Shewchuk/fsum-style
+ * exact expansion sum with a correctly rounded final step, written here from
+ * the published algorithm. Seeded tests print their seed.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+
+static uint64_t t_state;
+static uint64_t t_next(void)
+{
+    /* xorshift64*: independent of the library's generator */
+    t_state ^= t_state >> 12;
+    t_state ^= t_state << 25;
+    t_state ^= t_state >> 27;
+    return t_state * UINT64_C(2685821657736338717);
+}
+static void t_seed(uint64_t s, const char *what)
+{
+    t_state = s ? s : 1;
+    cr_log_info("%s: seed %llu", what, (unsigned long long)s);
+}
+
+static uint64_t dbits(double d)
+{
+    uint64_t u;
+    memcpy(&u, &d, 8);
+    return u;
+}
+/* Bit-identical doubles; ctx names the case in the failure message. */
+#define ASSERT_SAME_DOUBLE_CTX(a, b, ctx, ...)                                               \
+    do {                                                                                  \
+        double a_ = (a), b_ = (b);                                                        \
+        cr_assert_eq(dbits(a_), dbits(b_), "%a != %a: " ctx, a_, b_, ##__VA_ARGS__);      \
+    } while (0)
+#define ASSERT_SAME_DOUBLE(a, b) ASSERT_SAME_DOUBLE_CTX(a, b, "")
+
+/* Exact sum of doubles, correctly rounded to nearest (Shewchuk's expansion
+ * growth, then the half-way correction of the final rounding). */
+static double ref_fsum(const double *x, size_t n)
+{
+    double p[128];
+    size_t np = 0;
+    for (size_t k = 0; k < n; k++) {
+        double v = x[k];
+        size_t i = 0;
+        for (size_t j = 0; j < np; j++) {
+            double y = p[j];
+            if (fabs(v) < fabs(y)) {
+                double t = v;
+                v = y;
+                y = t;
+            }
+            double hi = v + y;
+            double lo = y - (hi - v);
+            if (lo != 0)
+                p[i++] = lo;
+            v = hi;
+        }
+        cr_assert(i < 128);
+        p[i++] = v;
+        np = i;
+    }
+    if (np == 0)
+        return 0.0;
+    size_t m = np;
+    double hi = p[--m], lo = 0;
+    while (m > 0) {
+        double v = hi, y = p[--m];
+        hi = v + y;
+        double yr = hi - v;
+        lo = y - yr;
+        if (lo != 0)
+            break;
+    }
+    if (m > 0 && ((lo < 0 && p[m - 1] < 0) || (lo > 0 && p[m - 1] > 0))) {
+        double y = lo * 2, v = hi + y, yr = v - hi;
+        if (y == yr)
+            hi = v;
+    }
+    return hi;
+}
+
+static float rand_float_wide(void)
+{
+    /* any finite float, subnormals included, with random sign */
+    for (;;) {
+        uint32_t u = (uint32_t)t_next();
+        if ((u & 0x7f800000u) == 0x7f800000u)
+            continue;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+}
+
+Test(xacc, empty_is_zero)
+{
+    struct ms_xacc a;
+    ms_xacc_init(&a);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 0.0);
+    ms_xacc_add(&a, -0.0);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 0.0);
+}
+
+Test(xacc, catastrophic_cancellation)
+{
+    struct ms_xacc a;
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, 1e30f);
+    ms_xacc_add(&a, 1.0);
+    ms_xacc_add(&a, -1e30f);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 1.0);
+
+    /* largest float squared, a tiny subnormal product, then the large one removed */
+    float big = 3.4028234663852886e38f, tiny = 1.401298464324817e-45f;
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, (double)big * big);
+    ms_xacc_add(&a, (double)tiny * tiny);
+    ms_xacc_add(&a, -((double)big * big));
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), ldexp(1.0, -298));
+
+    /* negative total */
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, 3.0);
+    ms_xacc_add(&a, -1e20f);
+    ms_xacc_add(&a, 1e20f);
+    ms_xacc_add(&a, -5.5);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), -2.5);
+}
+
+Test(xacc, rounding_ties_and_sticky)
+{
+    struct ms_xacc a;
+    /* 1 + 2^-53: a tie, to even -> 1 */
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, 1.0);
+    ms_xacc_add(&a, ldexp(1.0, -53));
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 1.0);
+    /* 1 + 2^-53 + 2^-298: just above the tie -> up */
+    ms_xacc_add(&a, ldexp(1.0, -298));
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 1.0 + ldexp(1.0, -52));
+    /* 1 + 2^-52 + 2^-53: a tie, to even -> 1 + 2^-51 */
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, 1.0);
+    ms_xacc_add(&a, ldexp(1.0, -52));
+    ms_xacc_add(&a, ldexp(1.0, -53));
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 1.0 + ldexp(1.0, -51));
+    /* the same, negative */
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, -1.0);
+    ms_xacc_add(&a, -ldexp(1.0, -52));
+    ms_xacc_add(&a, -ldexp(1.0, -53));
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), -(1.0 + ldexp(1.0, -51)));
+    /* carry out of the mantissa: (2^53 - 1) + 1/2 is a tie, odd: rounds to 2^53 */
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, (double)16777215.0f * 536870912.0f); /* (2^24-1) * 2^29 */
+    ms_xacc_add(&a, (double)16777215.0f * 32.0f);        /* (2^24-1) * 2^5 */
+    ms_xacc_add(&a, 31.0f);                               /* total 2^53 - 1 */
+    ms_xacc_add(&a, 0.5);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 9007199254740992.0);
+}
+
+Test(xacc, subnormal_products)
+{
+    float s = 1.401298464324817e-45f; /* 2^-149 */
+    float s2 = 1.1754942106924411e-38f; /* largest subnormal */
+    float x[4] = { s, s2, -s, 3.0f };
+    float y[4] = { s, s2, s2, s };
+    struct ms_xacc a;
+    ms_xacc_init(&a);
+    ms_xacc_dot(&a, x, y, 4);
+    double terms[4];
+    for (int i = 0; i < 4; i++)
+        terms[i] = (double)x[i] * (double)y[i];
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), ref_fsum(terms, 4));
+    ms_xacc_init(&a);
+    ms_xacc_sumsq(&a, x, 1);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), ldexp(1.0, -298));
+}
+
+Test(xacc, nonfinite)
+{
+    struct ms_xacc a, b;
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, 1.0);
+    ms_xacc_add(&a, INFINITY);
+    cr_assert(isinf(ms_xacc_value(&a)) && ms_xacc_value(&a) > 0);
+    ms_xacc_init(&b);
+    ms_xacc_add(&b, -INFINITY);
+    cr_assert(isinf(ms_xacc_value(&b)) && ms_xacc_value(&b) < 0);
+    ms_xacc_merge(&a, &b);
+    cr_assert(isnan(ms_xacc_value(&a)));
+    ms_xacc_init(&a);
+    ms_xacc_add(&a, NAN);
+    ms_xacc_add(&a, 2.0);
+    cr_assert(isnan(ms_xacc_value(&a)));
+    /* kernels: an Inf input makes Inf, Inf*0 makes NaN, a NaN input makes NaN */
+    float x[3] = { 1.0f, INFINITY, 2.0f }, z[3] = { 1.0f, 0.0f, 1.0f };
+    ms_xacc_init(&a);
+    ms_xacc_sumabs(&a, x, 3);
+    cr_assert(isinf(ms_xacc_value(&a)));
+    ms_xacc_init(&a);
+    ms_xacc_dot(&a, x, z, 3);
+    cr_assert(isnan(ms_xacc_value(&a)));
+    x[1] = -NAN;
+    ms_xacc_init(&a);
+    ms_xacc_sumsq(&a, x, 3);
+    cr_assert(isnan(ms_xacc_value(&a)));
+    /* finite again after init; float overflow does not happen in double */
+    x[1] = 3e38f;
+    ms_xacc_init(&a);
+    ms_xacc_sumsq(&a, x, 3);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), 5.0 + (double)x[1] * x[1]);
+}
+
+/* Integer reference: x_i = k_i * 2^-20, |k_i| < 2^24, so x_i*y_i = k*k' * 2^-40
+ * and the sum is an __int128 times 2^-40. */
+Test(xacc, dyadic_integer_reference)
+{
+    t_seed(12345, "dyadic");
+    enum { N = 200000 };
+    static float x[N], y[N];
+    for (int rep = 0; rep < 20; rep++) {
+        size_t n = 1 + t_next() % N;
+        __int128 dot = 0, ss = 0, sa = 0;
+        for (size_t i = 0; i < n; i++) {
+            int32_t kx = (int32_t)(t_next() % (1u << 25)) - (1 << 24);
+            int32_t ky = (int32_t)(t_next() % (1u << 25)) - (1 << 24);
+            if (rep & 1) { /* sums that cancel to something small */
+                kx = (int32_t)(i & 1 ? -kx : kx);
+            }
+            x[i] = ldexpf((float)kx, -20);
+            y[i] = ldexpf((float)ky, -20);
+            dot += (__int128)kx * ky;
+            ss += (__int128)kx * kx;
+            sa += kx < 0 ? -kx : kx;
+        }
+        struct ms_xacc a;
+        ms_xacc_init(&a);
+        ms_xacc_dot(&a, x, y, n);
+        ASSERT_SAME_DOUBLE_CTX(ms_xacc_value(&a), ldexp((double)dot, -40), "dot rep %d", rep);
+        ms_xacc_init(&a);
+        ms_xacc_sumsq(&a, x, n);
+        ASSERT_SAME_DOUBLE_CTX(ms_xacc_value(&a), ldexp((double)ss, -40), "ss rep %d", rep);
+        ms_xacc_init(&a);
+        ms_xacc_sumabs(&a, x, n);
+        ASSERT_SAME_DOUBLE_CTX(ms_xacc_value(&a), ldexp((double)sa, -20), "sa rep %d", rep);
+    }
+}
+
+/* Wide exponent range, subnormals included: against the expansion sum. */
+Test(xacc, wide_random_against_fsum)
+{
+    t_seed(777, "wide");
+    enum { N = 4000 };
+    static float x[N], y[N];
+    static double terms[N];
+    for (int rep = 0; rep < 300; rep++) {
+        size_t n = 1 + t_next() % N;
+        for (size_t i = 0; i < n; i++) {
+            x[i] = rand_float_wide();
+            /* keep some products in a narrow band so that cancellation happens */
+            y[i] = (t_next() & 3) ? rand_float_wide() : ldexpf(1.0f, -60) / (x[i] ? x[i] : 1.0f);
+            if (!isfinite(y[i]))
+                y[i] = 1.0f;
+            terms[i] = (double)x[i] * (double)y[i];
+        }
+        if (rep % 3 == 0) /* exact cancellation of everything but one term */
+            for (size_t i = 1; i + 1 < n; i += 2) {
+                x[i + 1] = -x[i];
+                y[i + 1] = y[i];
+                terms[i + 1] = -terms[i];
+            }
+        struct ms_xacc a;
+        ms_xacc_init(&a);
+        ms_xacc_dot(&a, x, y, n);
+        ASSERT_SAME_DOUBLE_CTX(ms_xacc_value(&a), ref_fsum(terms, n), "rep %d n %zu", rep, n);
+        /* the scalar entry point agrees with the kernel */
+        struct ms_xacc b;
+        ms_xacc_init(&b);
+        for (size_t i = 0; i < n; i++)
+            ms_xacc_add(&b, terms[i]);
+        cr_assert(!memcmp(a.limb, b.limb, sizeof(a.limb)) && a.nonfinite == b.nonfinite);
+    }
+}
+
+Test(xacc, order_and_split_independence)
+{
+    t_seed(4242, "order");
+    enum { N = 5000 };
+    static float x[N], y[N], xs[N], ys[N];
+    for (size_t i = 0; i < N; i++) {
+        x[i] = rand_float_wide();
+        y[i] = (float)((double)(t_next() >> 11) * 0x1p-53 * 2.0 - 1.0);
+    }
+    struct ms_xacc ref;
+    ms_xacc_init(&ref);
+    ms_xacc_dot(&ref, x, y, N);
+    for (int rep = 0; rep < 50; rep++) {
+        /* Fisher-Yates shuffle of the pairs */
+        memcpy(xs, x, sizeof(x));
+        memcpy(ys, y, sizeof(y));
+        for (size_t i = N - 1; i > 0; i--) {
+            size_t j = t_next() % (i + 1);
+            float t = xs[i]; xs[i] = xs[j]; xs[j] = t;
+            t = ys[i]; ys[i] = ys[j]; ys[j] = t;
+        }
+        /* random split points, partial accumulators merged in a random order */
+        struct ms_xacc part[8], tot;
+        size_t cut[9] = { 0 };
+        for (int k = 1; k < 8; k++)
+            cut[k] = t_next() % (N + 1);
+        cut[8] = N;
+        for (int k = 1; k < 8; k++) /* insertion sort */
+            for (int j = k; j > 0 && cut[j] < cut[j - 1]; j--) {
+                size_t t = cut[j]; cut[j] = cut[j - 1]; cut[j - 1] = t;
+            }
+        for (int k = 0; k < 8; k++) {
+            ms_xacc_init(&part[k]);
+            ms_xacc_dot(&part[k], xs + cut[k], ys + cut[k], cut[k + 1] - cut[k]);
+        }
+        ms_xacc_init(&tot);
+        int start = (int)(t_next() % 8);
+        for (int k = 0; k < 8; k++)
+            ms_xacc_merge(&tot, &part[(start + 5 * k) % 8]);
+        cr_assert(!memcmp(tot.limb, ref.limb, sizeof(ref.limb)), "rep %d", rep);
+        ASSERT_SAME_DOUBLE(ms_xacc_value(&tot), ms_xacc_value(&ref));
+    }
+}
+
+Test(xacc, capacity_many_large_terms)
+{
+    /* 2^20 copies of the largest float squared, then the same negated but one:
+     * exercises the top limbs' headroom and the carry of the value. */
+    struct ms_xacc a, b;
+    float big = 3.4028234663852886e38f;
+    ms_xacc_init(&a);
+    float v[1024];
+    for (int i = 0; i < 1024; i++)
+        v[i] = big;
+    for (int k = 0; k < 1024; k++)
+        ms_xacc_sumsq(&a, v, 1024);
+    double bb = (double)big * big;
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&a), ldexp(bb, 20));
+    b = a;
+    ms_xacc_add(&b, 1.0);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&b), ldexp(bb, 20));
+    for (int k = 0; k < 1024; k++)
+        for (int i = 0; i < 1024; i++)
+            ms_xacc_add(&b, -bb);
+    ASSERT_SAME_DOUBLE(ms_xacc_value(&b), 1.0);
+}
