@@ -224,7 +224,8 @@ static inline uint16_t f32_to_f16_fast(uint32_t u)
     uint32_t r = a - F16_REBIAS;
     uint32_t normal = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
     /* Subnormal: adding 0.5 puts the value's units of 2^-24 in the low mantissa
-     * bits of a float in [0.5, 1), rounded to nearest even by the FPU. */
+     * bits of a float in [0.5, 1), rounded to nearest even by the FPU (the
+     * default rounding mode; FTZ/DAZ do not change the result). */
     uint32_t sub = ms_f32_bits(ms_f32_from_bits(a & ~is_normal) + 0.5f) - 0x3f000000u;
     uint32_t v = (nan & is_nan) | (0x7c00u & is_big & ~is_nan)
                | (normal & is_normal & ~is_big) | (sub & ~is_normal);
@@ -246,14 +247,14 @@ static inline uint16_t f32_to_bf16_fast(uint32_t u)
 #define BLOCK 32
 #define BLOCKED_LOOP(n, stmt)                              \
     do {                                                   \
-        size_t i = 0;                                      \
-        for (; i + BLOCK <= (n); i += BLOCK) {             \
+        size_t i_ = 0;                                     \
+        for (; i_ + BLOCK <= (n); i_ += BLOCK) {           \
             for (size_t j_ = 0; j_ < BLOCK; j_++) {        \
-                size_t k = i + j_;                         \
+                size_t k = i_ + j_;                        \
                 stmt;                                      \
             }                                              \
         }                                                  \
-        for (size_t k = i; k < (n); k++) {                 \
+        for (size_t k = i_; k < (n); k++) {                \
             stmt;                                          \
         }                                                  \
     } while (0)

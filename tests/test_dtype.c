@@ -2,9 +2,10 @@
  * test_dtype.c - dtype names and the f16/bf16 conversion kernels (ms_dtype.h).
  *
  * Oracles independent of the code under test: for bf16 decode the bit shift
- * (uint32_t)h << 16; for f16 gcc's _Float16 conversions; for rounding to bf16
- * the nearest of the two neighbouring candidates, chosen by comparing
- * distances in double (ties to the even one). Random inputs come from a seeded
+ * (uint32_t)h << 16; for f16 the compiler's _Float16 conversions (or, where
+ * the compiler has no _Float16, ldexp and a nearest-candidate search); for
+ * rounding to bf16 the nearest of the two neighbouring candidates, chosen by
+ * comparing distances in double (ties to the even one). Random inputs come from a seeded
  * generator; the seed is printed so a failure can be replayed.
  */
 #include <math.h>
@@ -55,6 +56,10 @@ static uint32_t random_f32_bits(void)
     return u;
 }
 
+static bool f32_is_nan_bits(uint32_t u) { return (u & 0x7fffffffu) > 0x7f800000u; }
+
+#ifdef __FLT16_MAX__ /* the compiler has _Float16 (gcc; clang 15+ on x86-64) */
+
 static float f16_oracle_decode(uint16_t h)
 {
     _Float16 x;
@@ -70,7 +75,45 @@ static uint16_t f16_oracle_encode(float f)
     return h;
 }
 
-static bool f32_is_nan_bits(uint32_t u) { return (u & 0x7fffffffu) > 0x7f800000u; }
+#else /* no _Float16: the same oracle from ldexp and a nearest-candidate search */
+
+static float f16_oracle_decode(uint16_t h)
+{
+    unsigned e = (h >> 10) & 31u, m = h & 1023u;
+    uint32_t sign = (uint32_t)(h >> 15) << 31;
+    if (e == 31)
+        return ms_f32_from_bits(sign | 0x7f800000u | (m ? 0x00400000u | m << 13 : 0));
+    double v = e ? ldexp(1024.0 + m, (int)e - 25) : ldexp(m, -24);
+    return (float)(sign ? -v : v);
+}
+
+static uint16_t f16_oracle_encode(float f)
+{
+    uint32_t u = ms_f32_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (f32_is_nan_bits(u))
+        return (uint16_t)(sign | 0x7e00u | ((u >> 13) & 0x3ffu));
+    double a = fabs((double)f);
+    if (a >= 65520.0)
+        return (uint16_t)(sign | 0x7c00u);
+    /* Largest finite pattern whose value is <= a (values grow with the pattern). */
+    uint16_t lo = 0, hi = 0x7bff;
+    while (lo < hi) {
+        uint16_t mid = (uint16_t)((lo + hi + 1) / 2);
+        if ((double)f16_oracle_decode(mid) <= a)
+            lo = mid;
+        else
+            hi = (uint16_t)(mid - 1);
+    }
+    double vlo = f16_oracle_decode(lo);
+    double vhi = lo == 0x7bff ? 65536.0 : (double)f16_oracle_decode((uint16_t)(lo + 1));
+    double dlo = a - vlo, dhi = vhi - a;
+    unsigned pick = dlo < dhi ? lo : dhi < dlo ? lo + 1u : (lo & 1u) ? lo + 1u : lo;
+    return (uint16_t)(sign | pick);
+}
+
+#endif
+
 static bool f16_is_nan(uint16_t h) { return (h & 0x7fffu) > 0x7c00u; }
 static bool bf16_is_nan(uint16_t h) { return (h & 0x7fffu) > 0x7f80u; }
 
