@@ -5,8 +5,27 @@
  * command per file fed through its stdin (`--pipe CMD`).
  *
  * Calls are blocking and sequential: one thread at a time may use an ms_out
- * (the engine runs them one after another on its thread pool). Nothing here
- * buffers a whole file: memory is zstd's window and workspace plus fixed buffers.
+ * (the engine runs them one after another on its thread pool); successive calls
+ * may come from different threads. Call from a worker thread, not from a loop
+ * callback: writes block on the destination (a pipe's reader gives
+ * backpressure) and PIPE's file_end waits, with no time limit, for the command
+ * to exit. PIPE runs a private uv loop inside these calls, in the calling thread.
+ * Nothing here buffers a whole file: memory is zstd's window and workspace plus
+ * fixed buffers (ZSTD_CStreamOutSize).
+ *
+ * SIGPIPE: a write to a closed pipe or stream is an error code, never a signal:
+ * each write blocks SIGPIPE in the calling thread and discards the one it
+ * raised, so the process survives even where SIGPIPE is not ignored (the CLI
+ * should still ignore it for everything else). Commands are started with
+ * default signal dispositions (libuv resets them), so an ignored SIGPIPE does not
+ * leak into `--pipe` commands.
+ *
+ * Errors: 0 or negative; -errno (e.g. -EPIPE, -ENOSPC) for I/O, MS_ECHILD for a
+ * failed command, MS_EINVAL for misuse (wrong order, more or fewer bytes than
+ * declared, a name with '/'), MS_ENOMEM. The one-line diagnostic (ms_errmsg())
+ * names the file (the .partial path in DIR mode) and, for PIPE, the command.
+ * After an error every call but abort and free fails again with the same code
+ * and message; the caller then calls ms_out_abort.
  *
  * The positional fast path (raw files in a directory, written at known offsets
  * in any order) does not go through ms_out; everything else does.
@@ -28,26 +47,35 @@ struct ms_out_opts {
     enum ms_out_kind kind;
     const char *dir;              /* MS_OUT_DIR: the output directory (must exist) */
     int fd;                       /* MS_OUT_TAR: where the stream goes (e.g. 1); not closed */
-    const char *pipe_cmd;         /* MS_OUT_PIPE: "{}" is replaced by the file name; the name
-                                     is also in $MERGESTREAM_FILE; run with /bin/sh -c */
-    int zstd_level;               /* 0 = no compression; 1..19 = zstd level */
+    const char *pipe_cmd;         /* MS_OUT_PIPE: each "{}" is replaced by the file name,
+                                     single-quoted for the shell (write {} unquoted); the name
+                                     is also in $MERGESTREAM_FILE; run with /bin/sh -c; stdout
+                                     and stderr are ours. Copied by ms_out_open. */
+    int zstd_level;               /* 0 = no compression; 1..ZSTD_maxCLevel() (22) = zstd level */
     unsigned zstd_workers;        /* ZSTD_c_nbWorkers (0 = single-threaded) */
     uint64_t mtime;               /* tar entry mtime (seconds); fixed for reproducible output */
 };
 
 struct ms_out;
 
-/* Creates the sink. MS_OUT_TAR with zstd compresses the whole stream (tar --zstd). */
+/* Creates the sink; *out is NULL on error. MS_OUT_TAR with zstd compresses the
+ * whole stream as one frame (tar --zstd); DIR and PIPE compress each file as
+ * one frame whose header declares the content size. opts is copied. */
 int ms_out_open(const struct ms_out_opts *opts, struct ms_out **out);
 /*
  * Starts file `name` (a bare file name) of exactly `size` bytes (uncompressed).
  * DIR: creates "<dir>/<name>[.zst].partial"; TAR: emits the 512-byte ustar header;
  * PIPE: spawns the command with the file name. Returns the written name through
- * *final_name if non-NULL (borrowed until the next begin): "<name>.zst" when
- * each file is compressed in DIR mode, else name.
+ * *final_name if non-NULL (borrowed until file_end, abort or free):
+ * "<name>.zst" when each file is compressed (DIR or PIPE with zstd), else name;
+ * PIPE gives the command that name. TAR names over 100 bytes get a pax "path"
+ * record, sizes over 8 GiB - 1 a pax "size" record plus GNU base-256 in the
+ * ustar field. name must be a bare file name (no '/', not "." or "..").
  */
 int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const char **final_name);
-/* Appends len bytes to the current file. Errors name the file (and the command). */
+/* Appends len bytes to the current file. Errors name the file (and the command).
+ * TAR: -EPIPE "output stream closed (broken pipe)". PIPE: a command that closed
+ * its stdin early is MS_ECHILD with its exit status when it has exited. */
 int ms_out_file_write(struct ms_out *o, const void *buf, size_t len);
 /*
  * Ends the current file: checks that exactly `size` bytes came; DIR: finishes the
@@ -58,22 +86,30 @@ int ms_out_file_write(struct ms_out *o, const void *buf, size_t len);
 int ms_out_file_end(struct ms_out *o);
 /* Ends the stream (tar end-of-archive blocks, zstd epilogue; DIR: syncs the directory). */
 int ms_out_finish(struct ms_out *o);
-/* Stops: removes the current temporary file, kills a running command. Safe after errors. */
+/* Stops: removes the current .partial (DIR), kills a running command (SIGTERM,
+ * SIGKILL after 5 s) and reaps it (PIPE); a TAR stream is left cut short so that
+ * readers see it as truncated. Idempotent; safe after errors; later calls fail. */
 void ms_out_abort(struct ms_out *o);
+/* Frees the sink (aborting first if a file is open). ms_out_free(NULL) is a no-op. */
 void ms_out_free(struct ms_out *o);
 
 /*
- * Compressed inputs: a reader over a .safetensors.zst file (plain zstd frames)
- * that serves reads at increasing offsets by decompressing forward; a read
- * before the cursor restarts from the file's start (documented cost: a pass that
- * reads again decompresses again). Thread: one at a time.
+ * Compressed inputs: a reader over a .safetensors.zst file (one or more
+ * concatenated zstd frames; skippable frames are skipped) that serves reads at
+ * increasing offsets by decompressing forward; a gap is decompressed and
+ * dropped; a read before the cursor restarts from the file's start (documented
+ * cost: a pass that reads again decompresses again). Thread: one at a time.
+ * Open walks the frame and block headers, so a truncated file fails there
+ * (MS_EIO naming the file) before any data is decompressed. Frames needing a
+ * window over 128 MiB (zstd --long=28 and up) are MS_EUNSUPPORTED.
  */
 struct ms_zsrc;
 int ms_zsrc_open(const char *path, struct ms_zsrc **out);
-/* Uncompressed size (from the frame header, else by decompressing once). */
+/* Uncompressed size (the frame headers' sum, else counted by decompressing once at open). */
 uint64_t ms_zsrc_size(const struct ms_zsrc *z);
 /* Reads exactly len bytes at uncompressed offset off; short input is MS_EIO naming the file. */
 int ms_zsrc_pread(struct ms_zsrc *z, void *buf, size_t len, uint64_t off);
+/* Closes the file and frees; NULL is a no-op. */
 void ms_zsrc_free(struct ms_zsrc *z);
 
 #endif
