@@ -974,6 +974,8 @@ static void pump(struct eng *e)
         }
     }
     start_compute(e);
+    if (e->seq)
+        seq_pump(e);
 }
 
 /* ------------------------------------------------------------------ progress */

@@ -307,8 +307,12 @@ int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *op
             return rc;
     }
     if (opts->write_card) {
-        const char *title = opts->kind == MS_OUT_DIR ? strrchr(out, '/') : NULL;
-        title = title && title[1] ? title + 1 : opts->kind == MS_OUT_DIR ? out : NULL;
+        /* The card's title is OUT's base name; a tar stream on stdout has none. */
+        const char *title = NULL;
+        if (opts->kind != MS_OUT_TAR) {
+            title = strrchr(out, '/');
+            title = title && title[1] ? title + 1 : out;
+        }
         text = ms_outdir_card(plan, title);
         if (!text)
             return ms_error(MS_ENOMEM, "out of memory writing the model card");
