@@ -74,7 +74,7 @@ struct ms_source {
     bool has_range;
     int64_t layer_range[2];       /* half-open [start, end) */
     struct ms_params params;
-    struct ms_pos pos;
+    struct ms_pos pos;            /* of the entry's mapping */
 };
 
 struct ms_slice {
@@ -82,7 +82,7 @@ struct ms_slice {
     struct ms_source *sources;
     struct ms_modelref base_model; /* path NULL when not set */
     struct ms_params params;
-    struct ms_pos pos;
+    struct ms_pos pos;            /* of the slice's mapping */
 };
 
 struct ms_recipe {
@@ -114,15 +114,26 @@ struct ms_recipe {
 };
 
 /*
- * Parses YAML text. `name` is used in messages ("r.yml:3:5: ..."). Errors
- * (MS_ERECIPE) name file:line:column and the key. Unknown keys are reported with
+ * Parses YAML text (copied: the recipe keeps its own `text`). `name` is used in
+ * messages ("r.yml:3:5: ..."). Scalars are read as yaml.safe_load reads them
+ * (YAML 1.1: yes/no/on/off are booleans, "1e-5" is a string that a number
+ * field accepts as pydantic does). Errors (MS_ERECIPE) name file:line:column
+ * (1-based, of the offending node) and the key: YAML syntax, more than one
+ * document, duplicate keys, '<<' merge keys, wrong value types, a missing
+ * merge_method / model / layer_range / sources, not exactly one non-empty
+ * models/slices/modules, tokenizer_source together with tokenizer, a bare
+ * {filter, value} mapping not in a list, an empty gradient, layer_range not two
+ * integers with 0 <= start <= end, a model string with two '+' or two '@'.
+ * MS_ENOMEM when an allocation fails. Unknown keys are reported with
  * ms_log_warn ("r.yml:3:1: unknown key 'paramters'") and ignored, as mergekit
- * ignores them. Schema rules checked here: exactly one of models/slices/modules,
- * tokenizer_source and tokenizer not both, value types, layer_range shape.
+ * ignores them. Not checked here (the plan does it): method names, parameter
+ * names, dtype names, models existing. On error *out is NULL and nothing leaks.
+ * Any thread; no shared state besides the calling thread's diagnostic.
  */
 int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_recipe **out);
-/* Reads the file and parses it. */
+/* Reads the file and parses it; a file that cannot be read gives -errno. */
 int ms_recipe_load(const char *path, struct ms_recipe **out);
+/* Releases the recipe and everything in it; NULL is a no-op. */
 void ms_recipe_free(struct ms_recipe *r);
 
 /* The setting named `name` in params, or NULL. */
