@@ -225,7 +225,7 @@ static int shard_build(struct ms_layout *l, uint32_t s, const struct ms_out_tens
         sb_printf(&sb, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", t->begin, off);
     }
     sb_puts(&sb, "}");
-    while ((sb.len - 8) % 8)
+    while (!sb.oom && (sb.len - 8) % 8)
         sb_puts(&sb, " ");
     if (sb.oom) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", sh->file_name);

@@ -505,6 +505,10 @@ static void work_cb(uv_work_t *w)
         for (uint32_t i = 0; i < j->s.ninputs; i++) {
             float *x = (float *)(void *)s->raw[i];
             ms_dtype_decode(j->in[i].dtype, x, x, n);
+            /* mergekit converts to the recipe dtype when it loads, then computes
+             * (slerp computes in float32 whatever that dtype is). */
+            if (ms_dtype_is_compute(j->in[i].load) && j->in[i].load != j->s.compute)
+                ms_dtype_round(j->in[i].load, x, n);
             ms_dtype_round(j->s.compute, x, n);
         }
         s->decoded = true;

@@ -15,6 +15,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "ms_safetensors.h"
 
 #define MS__MAX_ALIASES 2
@@ -85,5 +87,14 @@ bool ms__arch_classify(const struct ms__arch *a, const char *name, enum ms__wkin
 /* Splits a layer tensor name at its first ".<digits>." component: true with
  * the prefix length, the index and the offset of the part after it. */
 bool ms__layer_split(const char *name, size_t *prefix_len, uint64_t *layer, size_t *rest);
+
+/*
+ * Renders a JSON value as Python's json.dumps(indent=2) does (the way mergekit
+ * and transformers write JSON): two-space indentation, ", " never at line ends,
+ * non-ASCII escaped as \uXXXX, reals in Python's shortest repr ("1e-05",
+ * "10000.0"). Object keys keep their order. A trailing newline is added when
+ * `newline`. *out is NUL-terminated and owned by the caller (ms_free).
+ */
+int ms__json_render(const json_t *v, bool newline, char **out, size_t *len);
 
 #endif

@@ -10,7 +10,7 @@
 #define MS_BUILD_DIR "build"
 #endif
 
-/* A fresh directory under $TMPDIR (or /tmp); the path is static storage per call. */
+/* A fresh directory under $TMPDIR (or /tmp); the caller frees the returned path. */
 char *th_tmpdir(void);
 /* Removes a directory tree (rm -rf). */
 void th_rmtree(const char *path);

@@ -1,0 +1,1210 @@
+/*
+ * plan.c - recipe + model headers -> the merge plan (ms_plan.h).
+ *
+ * The build runs in phases, each over the whole recipe so that every problem
+ * is reported, not just the first:
+ *   1. recipe checks that need no model (method, forms, tokenizer keys, dtypes);
+ *   2. normalisation of the models/slices forms into slices of sources
+ *      (mergekit-spec.md 1.3), and the list of distinct models;
+ *   3. models: resolve, open headers, read config.json, agree on the architecture,
+ *      count layers;
+ *   4. slice layer ranges;
+ *   5. one job per output tensor (1.4-1.6, 2.1): inputs, shapes, parameters, dtypes;
+ *   6. save order by label (6.2), output layout (4.1), processing order, config.json.
+ * A phase runs only when the ones it depends on found no problem.
+ */
+#include <assert.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "ms_common.h"
+#include "ms_dtype.h"
+#include "ms_plan.h"
+#include "plan_impl.h"
+
+#define DEFAULT_SHARD_SIZE 5000000000ull
+
+/* ------------------------------------------------------------------ builder state */
+
+struct perr {
+    int code;
+    char *key;                    /* problems with the same key are reported once, counted */
+    char *msg;
+    size_t more;                  /* further tensors with the same problem */
+    struct ms_pos pos;            /* recipe position, for ordering recipe problems */
+};
+
+/* A source of an output slice (after normalisation). */
+struct psrc {
+    size_t model;                 /* index into plan->models */
+    int64_t start, end;           /* layer range, half-open */
+    bool has_range;
+    const struct ms_params *params; /* NULL for an appended base model */
+    struct ms_pos pos;
+};
+
+struct pslice {
+    size_t nsrc;
+    struct psrc *src;
+    size_t base;                  /* model index of the slice's base model, or SIZE_MAX */
+    const struct ms_params *params; /* NULL in the models form */
+    struct ms_pos pos;
+};
+
+struct pb {
+    const struct ms_recipe *r;
+    const struct ms_plan_opts *opts;
+    struct ms_plan *p;
+    const struct ms_method *m;    /* NULL when unknown or not supported */
+    bool gta, slerp, passthrough; /* method families with their own dtype and shape rules */
+    struct ms__arch *arch;
+    const struct ms_modelref **refs; /* per plan model: its first reference in the recipe */
+    size_t cap_models;
+    size_t nsl;
+    struct pslice *sl;
+    const char *layers_key;       /* the donor config's layer-count key, or NULL */
+    size_t cap_jobs;
+    size_t nerr, cap_err;
+    struct perr *err;
+    bool oom;
+};
+
+static const char *const gta_methods[] = {
+    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear",
+};
+
+/* ------------------------------------------------------------------ problems */
+
+/*
+ * Records one problem. A problem whose key matches an earlier one only counts
+ * (the message says "and N more tensors"), so a model missing one weight in every
+ * layer gives one line. key NULL: always a new line.
+ */
+/* Records one problem (see pb_err); pos tags it for ordering. */
+static int pb_verr(struct pb *pb, int code, const char *key, struct ms_pos pos, const char *msg)
+{
+    if (key) {
+        for (size_t i = 0; i < pb->nerr; i++) {
+            if (pb->err[i].key && !strcmp(pb->err[i].key, key)) {
+                pb->err[i].more++;
+                return code;
+            }
+        }
+    }
+    if (pb->nerr == pb->cap_err) {
+        size_t nc = MS_MAX(8, pb->cap_err * 2);
+        struct perr *e = ms_realloc(pb->err, nc * sizeof *e);
+        if (!e) {
+            pb->oom = true;
+            return code;
+        }
+        pb->err = e;
+        pb->cap_err = nc;
+    }
+    struct perr *e = &pb->err[pb->nerr];
+    e->code = code;
+    e->more = 0;
+    e->pos = pos;
+    e->msg = ms_strdup(msg);
+    e->key = key ? ms_strdup(key) : NULL;
+    if (!e->msg || (key && !e->key)) {
+        ms_free(e->msg);
+        ms_free(e->key);
+        pb->oom = true;
+        return code;
+    }
+    pb->nerr++;
+    return code;
+}
+
+/*
+ * Records one problem. A problem whose key matches an earlier one only counts
+ * (the message says "and N more tensors"), so a model missing one weight in every
+ * layer gives one line. key NULL: always a new line.
+ */
+static int pb_err(struct pb *pb, int code, const char *key, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int pb_err(struct pb *pb, int code, const char *key, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return pb_verr(pb, code, key, (struct ms_pos){ 0, 0 }, msg);
+}
+
+/* A problem at a recipe position: "recipe.yml:L:C: <msg>". */
+static int pb_at(struct pb *pb, int code, const char *key, struct ms_pos pos, const char *fmt,
+                 ...) __attribute__((format(printf, 5, 6)));
+static int pb_at(struct pb *pb, int code, const char *key, struct ms_pos pos, const char *fmt,
+                 ...)
+{
+    char body[900], msg[1600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(body, sizeof body, fmt, ap);
+    va_end(ap);
+    if (pos.line > 0)
+        snprintf(msg, sizeof msg, "%s:%d:%d: %s", pb->r->path, pos.line, pos.col, body);
+    else
+        snprintf(msg, sizeof msg, "%s: %s", pb->r->path, body);
+    return pb_verr(pb, code, key, pos, msg);
+}
+
+static void pb_oom(struct pb *pb) { pb->oom = true; }
+
+static bool pb_failed(const struct pb *pb) { return pb->nerr > 0 || pb->oom; }
+
+/* Orders problems [from, nerr) by recipe position (stable; untagged ones last). */
+static void pb_sort(struct pb *pb, size_t from)
+{
+    for (size_t i = from + 1; i < pb->nerr; i++) {
+        struct perr e = pb->err[i];
+        long ke = e.pos.line > 0 ? (long)e.pos.line * 100000 + e.pos.col : LONG_MAX;
+        size_t j = i;
+        for (; j > from; j--) {
+            const struct perr *q = &pb->err[j - 1];
+            long kq = q->pos.line > 0 ? (long)q->pos.line * 100000 + q->pos.col : LONG_MAX;
+            if (kq <= ke)
+                break;
+            pb->err[j] = pb->err[j - 1];
+        }
+        pb->err[j] = e;
+    }
+}
+
+/* "recipe.yml:3:5" (or the bare file name when pos is unknown) into buf. */
+static const char *where(const struct pb *pb, struct ms_pos pos, char *buf, size_t n)
+{
+    if (pos.line > 0)
+        snprintf(buf, n, "%s:%d:%d", pb->r->path, pos.line, pos.col);
+    else
+        snprintf(buf, n, "%s", pb->r->path);
+    return buf;
+}
+
+#define WHERE(pos) where(pb, (pos), wbuf, sizeof wbuf)
+
+static const char *model_ref(const struct pb *pb, size_t m) { return pb->p->models[m].ref; }
+
+/* ------------------------------------------------------------------ phase 1: recipe */
+
+static void check_recipe(struct pb *pb)
+{
+    const struct ms_recipe *r = pb->r;
+
+    if (!r->merge_method) {
+        pb_at(pb, MS_ERECIPE, NULL, (struct ms_pos){ 0, 0 }, "merge_method is missing");
+    } else {
+        const struct ms_method *m = ms_method_find(r->merge_method);
+        if (!m) {
+            char known[512] = "";
+            size_t o = 0;
+            for (size_t i = 0; ms_method_at(i) && o < sizeof known; i++)
+                o += (size_t)snprintf(known + o, sizeof known - o, "%s%s", i ? ", " : "",
+                                      ms_method_at(i)->name);
+            pb_at(pb, MS_EPLAN, NULL, r->merge_method_pos, "unknown merge method '%s' (known: %s)",
+                  r->merge_method, known);
+        } else if (!m->ops) {
+            pb_at(pb, MS_EUNSUPPORTED, NULL, r->merge_method_pos,
+                  "merge method '%s' is not supported yet", m->name);
+        } else {
+            pb->m = m;
+            pb->p->method = m;
+            for (size_t i = 0; i < MS_ARRAY_LEN(gta_methods); i++)
+                if (!strcmp(m->name, gta_methods[i]))
+                    pb->gta = true;
+            pb->slerp = !strcmp(m->name, "slerp");
+            pb->passthrough = !strcmp(m->name, "passthrough");
+        }
+    }
+    if (r->has_modules)
+        pb_at(pb, MS_EUNSUPPORTED, NULL, r->modules_pos, "the modules form is not supported yet");
+    if (r->tokenizer_source)
+        pb_at(pb, MS_EUNSUPPORTED, NULL, r->tokenizer_source_pos, "tokenizer_source is not supported "
+              "yet (tokenizer merging); without it the donor model's tokenizer is copied");
+    if (r->has_tokenizer)
+        pb_at(pb, MS_EUNSUPPORTED, NULL, r->tokenizer_pos, "tokenizer is not supported yet (tokenizer "
+              "merging); without it the donor model's tokenizer is copied");
+    if (r->chat_template)
+        pb_at(pb, MS_EUNSUPPORTED, NULL, r->chat_template_pos, "chat_template is not supported yet");
+
+    struct {
+        const char *key, *val;
+        struct ms_pos pos;
+        enum ms_dtype *dst;
+    } dt[2] = {
+        { "dtype", r->dtype, r->dtype_pos, &pb->p->dtype },
+        { "out_dtype", r->out_dtype, r->out_dtype_pos, &pb->p->out_dtype },
+    };
+    for (int i = 0; i < 2; i++) {
+        *dt[i].dst = MS_DT_NONE;
+        if (!dt[i].val)
+            continue;
+        enum ms_dtype d = ms_dtype_from_recipe(dt[i].val);
+        if (d == MS_DT_NONE)
+            pb_at(pb, MS_ERECIPE, NULL, dt[i].pos, "unknown %s '%s' (use bfloat16, float16 or float32)",
+                  dt[i].key, dt[i].val);
+        else if (!ms_dtype_is_compute(d))
+            pb_at(pb, MS_EUNSUPPORTED, NULL, dt[i].pos, "%s '%s' is not supported (use bfloat16, "
+                  "float16 or float32)", dt[i].key, dt[i].val);
+        else
+            *dt[i].dst = d;
+    }
+    /* Report recipe problems in file order. */
+    pb_sort(pb, 0);
+}
+
+/* ------------------------------------------------------------------ phase 2: forms */
+
+/* Index of the plan model for ref, adding it if new; SIZE_MAX when out of memory. */
+static size_t model_add(struct pb *pb, const struct ms_modelref *ref)
+{
+    struct ms_plan *p = pb->p;
+    char wbuf[600];
+    for (size_t i = 0; i < p->nmodels; i++)
+        if (ms_modelref_eq(pb->refs[i], ref))
+            return i;
+    if (ref->lora)
+        pb_err(pb, MS_EUNSUPPORTED, NULL, "%s: LoRA model references ('%s+%s') are not "
+               "supported yet", WHERE(ref->pos), ref->path, ref->lora);
+    if (p->nmodels == pb->cap_models) {
+        size_t nc = MS_MAX(4, pb->cap_models * 2);
+        struct ms_plan_model *mm = ms_realloc(p->models, nc * sizeof *mm);
+        if (!mm)
+            return pb_oom(pb), SIZE_MAX;
+        p->models = mm;
+        const struct ms_modelref **rr = ms_realloc(pb->refs, nc * sizeof *rr);
+        if (!rr)
+            return pb_oom(pb), SIZE_MAX;
+        pb->refs = rr;
+        pb->cap_models = nc;
+    }
+    struct ms_plan_model *pm = &p->models[p->nmodels];
+    memset(pm, 0, sizeof *pm);
+    pm->ref = ref->revision ? ms_asprintf("%s@%s", ref->path, ref->revision)
+                            : ms_strdup(ref->path);
+    if (!pm->ref)
+        return pb_oom(pb), SIZE_MAX;
+    pb->refs[p->nmodels] = ref;
+    return p->nmodels++;
+}
+
+static bool slice_has_model(const struct pslice *s, size_t m)
+{
+    for (size_t i = 0; i < s->nsrc; i++)
+        if (s->src[i].model == m)
+            return true;
+    return false;
+}
+
+/* Normalises the models or slices form into pb->sl (mergekit-spec.md 1.3). */
+static void normalize(struct pb *pb)
+{
+    const struct ms_recipe *r = pb->r;
+    struct ms_plan *p = pb->p;
+    char wbuf[600];
+    size_t nsl = r->nmodels ? 1 : r->nslices;
+    if (!nsl)
+        return;
+    pb->sl = ms_calloc(nsl, sizeof *pb->sl);
+    if (!pb->sl)
+        return pb_oom(pb);
+    pb->nsl = nsl;
+
+    if (r->nmodels) {
+        struct pslice *s = &pb->sl[0];
+        s->src = ms_calloc(r->nmodels + 1, sizeof *s->src);
+        if (!s->src)
+            return pb_oom(pb);
+        s->pos = r->models[0].pos;
+        for (size_t i = 0; i < r->nmodels; i++) {
+            size_t m = model_add(pb, &r->models[i].model);
+            if (m == SIZE_MAX)
+                return;
+            if (slice_has_model(s, m))
+                pb_err(pb, MS_EPLAN, NULL, "%s: model '%s' is listed twice",
+                       WHERE(r->models[i].pos), model_ref(pb, m));
+            s->src[s->nsrc++] = (struct psrc){ .model = m, .params = &r->models[i].params,
+                                               .pos = r->models[i].pos };
+        }
+        p->base = SIZE_MAX;
+        if (r->base_model.path) {
+            size_t b = model_add(pb, &r->base_model);
+            if (b == SIZE_MAX)
+                return;
+            p->base = b;
+            /* An unlisted base model becomes an extra source without parameters. */
+            if (!slice_has_model(s, b))
+                s->src[s->nsrc++] = (struct psrc){ .model = b, .pos = r->base_model.pos };
+        }
+        s->base = p->base;
+    } else {
+        for (size_t k = 0; k < r->nslices; k++) {
+            const struct ms_slice *rs = &r->slices[k];
+            struct pslice *s = &pb->sl[k];
+            s->pos = rs->pos;
+            s->params = &rs->params;
+            s->src = ms_calloc(rs->nsources ? rs->nsources : 1, sizeof *s->src);
+            if (!s->src)
+                return pb_oom(pb);
+            for (size_t i = 0; i < rs->nsources; i++) {
+                const struct ms_source *src = &rs->sources[i];
+                size_t m = model_add(pb, &src->model);
+                if (m == SIZE_MAX)
+                    return;
+                if (slice_has_model(s, m))
+                    pb_err(pb, MS_EPLAN, NULL, "%s: model '%s' is listed twice in one slice",
+                           WHERE(src->pos), model_ref(pb, m));
+                s->src[s->nsrc++] = (struct psrc){ .model = m, .start = src->layer_range[0],
+                                                   .end = src->layer_range[1],
+                                                   .has_range = src->has_range,
+                                                   .params = &src->params, .pos = src->pos };
+            }
+            if (!rs->nsources)
+                pb_err(pb, MS_ERECIPE, NULL, "%s: slice has no sources", WHERE(rs->pos));
+        }
+        p->base = SIZE_MAX;
+        if (r->base_model.path && (p->base = model_add(pb, &r->base_model)) == SIZE_MAX)
+            return;
+        for (size_t k = 0; k < r->nslices; k++) {
+            const struct ms_slice *rs = &r->slices[k];
+            pb->sl[k].base = p->base;
+            if (rs->base_model.path && (pb->sl[k].base = model_add(pb, &rs->base_model)) ==
+                                           SIZE_MAX)
+                return;
+        }
+    }
+    for (size_t k = 0; k < pb->nsl; k++) {
+        if (pb->sl[k].nsrc > MS_MAX_INPUTS)
+            pb_err(pb, MS_EUNSUPPORTED, NULL, "%s: %zu models in one slice; at most %d are "
+                   "supported", WHERE(pb->sl[k].pos), pb->sl[k].nsrc, MS_MAX_INPUTS);
+        if (pb->m && (pb->m->flags & MS_M_BASE_REQUIRED) && pb->sl[k].base == SIZE_MAX) {
+            pb_err(pb, MS_EPLAN, "need-base", "%s: merge method '%s' requires base_model",
+                   WHERE(pb->r->nmodels ? pb->r->merge_method_pos : pb->sl[k].pos),
+                   pb->m->name);
+        }
+    }
+    p->donor = p->base != SIZE_MAX ? p->base : 0;
+}
+
+/* ------------------------------------------------------------------ phase 3: models */
+
+static bool file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static void open_models(struct pb *pb)
+{
+    struct ms_plan *p = pb->p;
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct ms_plan_model *pm = &p->models[i];
+        const struct ms_modelref *ref = pb->refs[i];
+        int rc = ms_model_resolve(ref->path, ref->revision, &pm->path);
+        if (rc) {
+            pb_err(pb, rc, NULL, "%s", ms_errmsg());
+            continue;
+        }
+        rc = ms_model_open(pm->path, &pm->model);
+        if (rc) {
+            pm->model = NULL;
+            pb_err(pb, rc, NULL, "model '%s': %s", pm->ref, ms_errmsg());
+            continue;
+        }
+        char *cfg = ms_asprintf("%s/config.json", pm->model->dir);
+        if (!cfg)
+            return pb_oom(pb);
+        if (file_exists(cfg)) {
+            size_t len;
+            rc = ms_read_file(cfg, &pm->config_json, &len);
+            if (rc) {
+                pm->config_json = NULL;
+                pb_err(pb, rc, NULL, "model '%s': %s", pm->ref, ms_errmsg());
+            }
+        }
+        ms_free(cfg);
+    }
+}
+
+/* All models agree on the architecture (unless --allow-crimes); builds it and
+ * counts every model's layers. */
+static void check_arch(struct pb *pb)
+{
+    struct ms_plan *p = pb->p;
+    size_t e0 = pb->nerr;
+    char **names = ms_calloc(p->nmodels, sizeof *names);
+    struct ms_model **models = ms_calloc(p->nmodels, sizeof *models);
+    const char **refs = ms_calloc(p->nmodels, sizeof *refs);
+    if (!names || !models || !refs) {
+        pb_oom(pb);
+        goto out;
+    }
+    for (size_t i = 0; i < p->nmodels; i++) {
+        models[i] = p->models[i].model;
+        refs[i] = p->models[i].ref;
+        const char *ov = pb->refs[i]->override_architecture;
+        int rc = ov ? ((names[i] = ms_strdup(ov)) ? 0 : MS_ENOMEM)
+                    : ms__arch_name(p->models[i].config_json, refs[i], &names[i]);
+        if (rc)
+            pb_err(pb, rc, NULL, "%s", rc == MS_ENOMEM ? "out of memory" : ms_errmsg());
+    }
+    if (pb->oom || pb->nerr > e0)
+        goto out;
+    for (size_t i = 1; i < p->nmodels && !(pb->opts && pb->opts->allow_crimes); i++) {
+        const char *a = names[0] ? names[0] : "(none)", *b = names[i] ? names[i] : "(none)";
+        if (strcmp(a, b))
+            pb_err(pb, MS_EPLAN, NULL, "models disagree on the architecture: '%s' is %s, '%s' "
+                   "is %s (--allow-crimes merges them anyway)", refs[0], a, refs[i], b);
+    }
+    if (pb->oom || pb->nerr > e0)
+        goto out;
+    int rc = ms__arch_build(names[0], models, refs, p->nmodels, &pb->arch);
+    if (rc) {
+        pb_err(pb, rc, NULL, "%s", ms_errmsg());
+        goto out;
+    }
+    p->arch = ms_strdup(pb->arch->name);
+    if (!p->arch)
+        pb_oom(pb);
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *key;
+        rc = ms__arch_layers(pb->arch, p->models[i].config_json, models[i], refs[i],
+                             &p->models[i].num_layers, &key);
+        if (rc)
+            pb_err(pb, rc, NULL, "%s", ms_errmsg());
+        if (i == p->donor)
+            pb->layers_key = key;
+        /* Count the checkpoint tensors that no output uses. */
+        for (size_t t = 0; t < models[i]->ntensors; t++) {
+            enum ms__wkind k;
+            size_t w;
+            uint64_t l;
+            if (!ms__arch_classify(pb->arch, ms_model_tensor_at(models[i], t, NULL)->name, &k,
+                                   &w, &l))
+                p->ndropped++;
+        }
+    }
+out:
+    if (names)
+        for (size_t i = 0; i < p->nmodels; i++)
+            ms_free(names[i]);
+    ms_free(names);
+    ms_free(models);
+    ms_free(refs);
+}
+
+/* ------------------------------------------------------------------ phase 4: layer ranges */
+
+static void check_ranges(struct pb *pb)
+{
+    struct ms_plan *p = pb->p;
+    char wbuf[600];
+    p->out_layers = 0;
+    for (size_t k = 0; k < pb->nsl; k++) {
+        struct pslice *s = &pb->sl[k];
+        bool ok = true;
+        for (size_t i = 0; i < s->nsrc; i++) {
+            struct psrc *src = &s->src[i];
+            uint64_t n = p->models[src->model].num_layers;
+            if (pb->r->nmodels) {
+                src->start = 0;
+                src->end = (int64_t)n;
+                continue;
+            }
+            if (!src->has_range) {
+                pb_err(pb, MS_ERECIPE, NULL, "%s: slice source '%s' has no layer_range",
+                       WHERE(src->pos), model_ref(pb, src->model));
+                ok = false;
+            } else if (src->start < 0 || src->end > (int64_t)n || src->start >= src->end) {
+                pb_err(pb, MS_EPLAN, NULL, "%s: layer_range [%" PRId64 ", %" PRId64 "] is %s "
+                       "for model '%s' (%" PRIu64 " layers)", WHERE(src->pos), src->start,
+                       src->end, src->start >= src->end ? "empty" : "out of bounds",
+                       model_ref(pb, src->model), n);
+                ok = false;
+            }
+        }
+        if (!ok || !s->nsrc)
+            continue;
+        int64_t n0 = s->src[0].end - s->src[0].start;
+        for (size_t i = 1; i < s->nsrc; i++) {
+            int64_t ni = s->src[i].end - s->src[i].start;
+            if (ni != n0) {
+                pb_err(pb, MS_EPLAN, NULL, "%s: all sources of a slice must have the same "
+                       "number of layers ('%s' has %" PRId64 ", '%s' has %" PRId64 ")",
+                       WHERE(pb->r->nmodels ? s->src[i].pos : s->pos),
+                       model_ref(pb, s->src[0].model), n0, model_ref(pb, s->src[i].model), ni);
+                break;
+            }
+        }
+        p->out_layers += (uint64_t)n0;
+    }
+}
+
+/* ------------------------------------------------------------------ phase 5: jobs */
+
+static const struct ms_setting *param_get(const struct ms_params *ps, const char *name)
+{
+    return ps ? ms_params_get(ps, name) : NULL;
+}
+
+/*
+ * The value of parameter d for `model` (SIZE_MAX for a global parameter) with
+ * mergekit's precedence (1.5): the sources of this slice naming this model, in
+ * order (per-model parameters only), then the slice, then the top level. The
+ * filter sees `name`. Returns false when no level sets it.
+ */
+static bool param_eval(const struct pb *pb, const struct pslice *sl,
+                       const struct ms_param_decl *d, size_t model, const char *name, double t,
+                       double *v, struct ms_pos *pos)
+{
+    const struct ms_setting *s;
+    if (d->per_model) {
+        for (size_t i = 0; i < sl->nsrc; i++) {
+            if (sl->src[i].model != model)
+                continue;
+            s = param_get(sl->src[i].params, d->name);
+            if (s && ms_setting_eval(s, name, t, v)) {
+                *pos = s->pos;
+                return true;
+            }
+        }
+    }
+    s = param_get(sl->params, d->name);
+    if (s && ms_setting_eval(s, name, t, v)) {
+        *pos = s->pos;
+        return true;
+    }
+    s = param_get(&pb->r->params, d->name);
+    if (s && ms_setting_eval(s, name, t, v)) {
+        *pos = s->pos;
+        return true;
+    }
+    return false;
+}
+
+/* Range and bool checks of a resolved value; false (and a problem) when invalid. */
+static bool param_check(struct pb *pb, const struct ms_param_decl *d, double v,
+                        struct ms_pos pos, const char *model, const char *tensor)
+{
+    char wbuf[600], key[128], forwhom[600];
+    if (model)
+        snprintf(forwhom, sizeof forwhom, "model '%s' tensor '%s'", model, tensor);
+    else
+        snprintf(forwhom, sizeof forwhom, "tensor '%s'", tensor);
+    if (d->is_bool && v != 0 && v != 1) {
+        snprintf(key, sizeof key, "bool:%d:%d:%s", pos.line, pos.col, d->name);
+        pb_err(pb, MS_EPLAN, key, "%s: parameter '%s' must be true or false, got %g for %s",
+               WHERE(pos), d->name, v, forwhom);
+        return false;
+    }
+    bool low = d->lo_open ? !(v > d->lo) : !(v >= d->lo);
+    bool high = d->hi_open ? !(v < d->hi) : !(v <= d->hi);
+    if (low || high) {
+        snprintf(key, sizeof key, "range:%d:%d:%s", pos.line, pos.col, d->name);
+        pb_err(pb, MS_EPLAN, key, "%s: %s %g is out of range %c%g, %g%c for %s", WHERE(pos),
+               d->name, v, d->lo_open ? '(' : '[', d->lo, d->hi, d->hi_open ? ')' : ']',
+               forwhom);
+        return false;
+    }
+    return true;
+}
+
+static enum ms_dtype promote(enum ms_dtype a, enum ms_dtype b)
+{
+    if (a == b)
+        return a;
+    if (a == MS_DT_F64 || b == MS_DT_F64)
+        return MS_DT_F64;
+    return MS_DT_F32; /* bf16 with f16, or either with f32 */
+}
+
+static void shape_str(const int64_t *shape, uint32_t ndim, char *buf, size_t n)
+{
+    size_t o = (size_t)snprintf(buf, n, "[");
+    for (uint32_t i = 0; i < ndim && o < n; i++)
+        o += (size_t)snprintf(buf + o, n - o, "%s%" PRId64, i ? ", " : "", shape[i]);
+    if (o < n)
+        snprintf(buf + o, n - o, "]");
+}
+
+static bool job_push(struct pb *pb, const struct ms_job *job)
+{
+    struct ms_plan *p = pb->p;
+    if (p->njobs == pb->cap_jobs) {
+        size_t nc = MS_MAX(64, pb->cap_jobs * 2);
+        struct ms_job *j = ms_realloc(p->jobs, nc * sizeof *j);
+        if (!j)
+            return false;
+        p->jobs = j;
+        pb->cap_jobs = nc;
+    }
+    p->jobs[p->njobs++] = *job;
+    return true;
+}
+
+/* Input-count and base rules of the method for one tensor; false when broken. */
+static bool check_inputs(struct pb *pb, const struct pslice *sl, const struct ms_job *job,
+                         const char *tname)
+{
+    const struct ms_method *m = pb->m;
+    uint32_t n = job->s.ninputs;
+    char wbuf[600];
+    if (n < m->min_inputs || (m->max_inputs && n > m->max_inputs)) {
+        if (pb->passthrough)
+            pb_err(pb, MS_EPLAN, "count", "%s: merge method 'passthrough' takes exactly one "
+                   "input, got %u for tensor '%s'", WHERE(pb->r->merge_method_pos), n, tname);
+        else if (m->max_inputs == 2 && (m->flags & MS_M_BASE_REQUIRED))
+            pb_err(pb, MS_EPLAN, "count", "%s: merge method '%s' takes the base model and one "
+                   "other model, got %u inputs for tensor '%s'",
+                   WHERE(pb->r->merge_method_pos), m->name, n, tname);
+        else if (m->max_inputs)
+            pb_err(pb, MS_EPLAN, "count", "%s: merge method '%s' takes %u to %u inputs, got %u "
+                   "for tensor '%s'", WHERE(pb->r->merge_method_pos), m->name, m->min_inputs,
+                   m->max_inputs, n, tname);
+        else
+            pb_err(pb, MS_EPLAN, "count", "%s: merge method '%s' takes at least %u inputs, got "
+                   "%u for tensor '%s'", WHERE(pb->r->merge_method_pos), m->name,
+                   m->min_inputs, n, tname);
+        return false;
+    }
+    /* A required base must be among the inputs (slerp-like methods pass a lone
+     * tensor through, base or not). */
+    if ((m->flags & MS_M_BASE_REQUIRED) && job->s.base < 0 && sl->base != SIZE_MAX &&
+        (m->max_inputs == 0 || n > 1)) {
+        char key[64];
+        snprintf(key, sizeof key, "nobase:%p", (const void *)sl);
+        if (!slice_has_model(sl, sl->base))
+            pb_err(pb, MS_EPLAN, key, "%s: base model '%s' is not a source of this slice "
+                   "(merge method '%s' needs it)", WHERE(sl->pos), model_ref(pb, sl->base),
+                   m->name);
+        else
+            pb_err(pb, MS_EPLAN, key, "tensor '%s' is missing from the base model '%s' (merge "
+                   "method '%s' needs it)", tname, model_ref(pb, sl->base), m->name);
+        return false;
+    }
+    return true;
+}
+
+/* All inputs have one shape, except embedding rows (2.1.3, 2.6); sets the job shape. */
+static bool check_shapes(struct pb *pb, struct ms_job *job, const struct ms_st_tensor **tt,
+                         const struct ms__weight *wd, const char *tname)
+{
+    uint32_t n = job->s.ninputs;
+    uint32_t ref = (pb->gta && job->s.base >= 0) ? (uint32_t)job->s.base : 0;
+    const struct ms_st_tensor *R = tt[ref];
+    job->ndim = R->ndim;
+    memcpy(job->shape, R->shape, sizeof job->shape);
+    bool ok = true;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct ms_st_tensor *T = tt[i];
+        if (T->ndim == R->ndim && !memcmp(T->shape, R->shape, R->ndim * sizeof *R->shape))
+            continue;
+        const char *mr = model_ref(pb, job->in[ref].model), *mi = model_ref(pb, job->in[i].model);
+        char key[128], s1[160], s2[160];
+        shape_str(R->shape, R->ndim, s1, sizeof s1);
+        shape_str(T->shape, T->ndim, s2, sizeof s2);
+        if (wd->is_embed && T->ndim == 2 && R->ndim == 2 && T->shape[1] == R->shape[1]) {
+            if (!pb->gta) {
+                job->shape[0] = MS_MIN(job->shape[0], T->shape[0]);
+                continue;
+            }
+            if (T->shape[0] >= R->shape[0])
+                continue; /* cut to the base's rows */
+            snprintf(key, sizeof key, "rows:%u:%u", job->in[ref].model, job->in[i].model);
+            pb_err(pb, MS_EPLAN, key, "embedding tensor '%s' of model '%s' has %" PRId64 " rows, "
+                   "fewer than the base model '%s' (%" PRId64 "); merge method '%s' needs at "
+                   "least the base's", tname, mi, T->shape[0], mr, R->shape[0], pb->m->name);
+            ok = false;
+            continue;
+        }
+        snprintf(key, sizeof key, "shape:%u:%u", job->in[ref].model, job->in[i].model);
+        pb_err(pb, MS_EPLAN, key, "shape mismatch for tensor '%s': model '%s' has %s but model "
+               "'%s' has %s", tname, mr, s1, mi, s2);
+        ok = false;
+    }
+    return ok;
+}
+
+/* Resolves every declared parameter for the job (1.5); false when one is invalid. */
+static bool resolve_params(struct pb *pb, const struct pslice *sl, struct ms_job *job,
+                           char *const *in_name, const size_t *src_of, double t)
+{
+    const struct ms_method *m = pb->m;
+    char key[128];
+    bool ok = true;
+    for (uint32_t i = 0; i < MS_MAX_INPUTS; i++)
+        for (uint32_t j = 0; j < MS_MAX_PARAMS; j++)
+            job->s.pv[i][j] = NAN;
+    for (uint32_t j = 0; j < MS_MAX_PARAMS; j++)
+        job->s.gv[j] = NAN;
+    for (uint32_t j = 0; j < m->nparams; j++) {
+        const struct ms_param_decl *d = &m->params[j];
+        double v;
+        struct ms_pos pos;
+        if (!d->per_model) {
+            if (param_eval(pb, sl, d, SIZE_MAX, job->name, t, &v, &pos)) {
+                ok &= param_check(pb, d, v, pos, NULL, job->name);
+                job->s.gv[j] = v;
+            } else if (d->required) {
+                snprintf(key, sizeof key, "req:%s", d->name);
+                pb_at(pb, MS_EPLAN, key, pb->r->merge_method_pos, "missing required parameter "
+                      "'%s' for tensor '%s'", d->name, job->name);
+                ok = false;
+            } else {
+                job->s.gv[j] = d->def;
+            }
+            continue;
+        }
+        for (uint32_t i = 0; i < job->s.ninputs; i++) {
+            size_t model = job->in[i].model;
+            const char *fname = in_name[src_of[i]];
+            if (param_eval(pb, sl, d, model, fname, t, &v, &pos)) {
+                ok &= param_check(pb, d, v, pos, model_ref(pb, model), fname);
+                job->s.pv[i][j] = v;
+            } else if (d->required) {
+                /* The base model of a base-required method has no use for it. */
+                if ((int)i == job->s.base && (m->flags & MS_M_BASE_REQUIRED))
+                    continue;
+                snprintf(key, sizeof key, "req:%s:%zu", d->name, model);
+                pb_at(pb, MS_EPLAN, key, sl->src[src_of[i]].pos, "missing required parameter "
+                      "'%s' for model '%s' tensor '%s'", d->name, model_ref(pb, model), fname);
+                ok = false;
+            } else {
+                job->s.pv[i][j] = d->def;
+            }
+        }
+    }
+    return ok;
+}
+
+/* Compute and output dtypes (0, 1.7, 2.1.4) and the copy decision. */
+static bool pick_dtypes(struct pb *pb, struct ms_job *job)
+{
+    struct ms_plan *p = pb->p;
+    uint32_t n = job->s.ninputs;
+    bool nonfloat = false;
+    for (uint32_t i = 0; i < n; i++) {
+        struct ms_plan_input *in = &job->in[i];
+        bool fl = ms_dtype_is_float(in->dtype);
+        nonfloat |= !fl;
+        in->load = (fl && p->dtype != MS_DT_NONE) ? p->dtype : in->dtype;
+    }
+    double scale = NAN;
+    if (pb->passthrough && n == 1) {
+        int si = ms_method_param(pb->m, "scale");
+        if (si >= 0)
+            scale = job->s.pv[0][si];
+    }
+    if (nonfloat) {
+        const struct ms_plan_input *in = &job->in[0];
+        if (pb->passthrough && n == 1 && isnan(scale) &&
+            (p->out_dtype == MS_DT_NONE || p->out_dtype == in->dtype)) {
+            job->copy = true;
+            job->s.compute = MS_DT_F32;
+            job->out_dtype = in->dtype;
+            return true;
+        }
+        for (uint32_t i = 0; i < n; i++)
+            if (!ms_dtype_is_float(job->in[i].dtype))
+                in = &job->in[i];
+        pb_err(pb, MS_EPLAN, NULL, "tensor '%s' has dtype %s in model '%s': only float tensors "
+               "can be merged (passthrough without scale copies it)", job->name,
+               ms_dtype_name(in->dtype), model_ref(pb, in->model));
+        return false;
+    }
+    enum ms_dtype D, out;
+    int b = job->s.base;
+    if (pb->slerp) {
+        D = MS_DT_F32;
+        out = job->in[b >= 0 ? b : 0].load;
+    } else if (pb->gta) {
+        D = out = job->in[b >= 0 ? b : 0].load;
+    } else {
+        D = job->in[0].load;
+        for (uint32_t i = 1; i < n; i++)
+            D = promote(D, job->in[i].load);
+        out = D;
+    }
+    if (p->out_dtype != MS_DT_NONE)
+        out = p->out_dtype;
+    job->out_dtype = out;
+    job->copy = pb->passthrough && n == 1 && isnan(scale) && job->in[0].dtype == job->in[0].load &&
+                job->in[0].load == out;
+    if (job->copy) {
+        job->s.compute = ms_dtype_is_compute(D) ? D : MS_DT_F32;
+        return true;
+    }
+    if (!ms_dtype_is_compute(D) || !ms_dtype_is_compute(out)) {
+        pb_err(pb, MS_EUNSUPPORTED, "f64", "tensor '%s': %s arithmetic is not supported (set "
+               "dtype: float32)", job->name, ms_dtype_name(ms_dtype_is_compute(D) ? out : D));
+        return false;
+    }
+    job->s.compute = D;
+    return true;
+}
+
+/*
+ * Plans one output tensor: weight w of kind k, from the first nsrc sources of
+ * slice sl, at output layer out_layer and offset `off` into the sources' ranges
+ * (layer weights), at gradient position t.
+ */
+static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum ms__wkind k,
+                     size_t w, uint64_t out_layer, uint64_t off, double t)
+{
+    struct ms_plan *p = pb->p;
+    const struct ms__weight *wd = &pb->arch->w[k][w];
+    char *in_name[MS_MAX_INPUTS] = { 0 };
+    const struct ms_st_tensor *tt[MS_MAX_INPUTS];
+    size_t src_of[MS_MAX_INPUTS];
+    struct ms_job *job = ms_calloc(1, sizeof *job);
+    bool bad = false, direct = false;
+    assert(nsrc <= MS_MAX_INPUTS);
+    if (!job)
+        return pb_oom(pb);
+    job->name = ms__arch_tensor_name(pb->arch, k, w, out_layer);
+    if (!job->name) {
+        pb_oom(pb);
+        goto out;
+    }
+
+    uint32_t n = 0;
+    for (size_t s = 0; s < nsrc; s++) {
+        const struct psrc *src = &sl->src[s];
+        const struct ms_plan_model *pm = &p->models[src->model];
+        in_name[s] = k == MS__W_LAYER
+                         ? ms__arch_tensor_name(pb->arch, k, w, (uint64_t)src->start + off)
+                         : ms_strdup(job->name);
+        if (!in_name[s]) {
+            pb_oom(pb);
+            goto out;
+        }
+        uint32_t shard = 0;
+        const struct ms_st_tensor *ti = ms_model_find(pm->model, in_name[s], &shard);
+        for (size_t a = 0; !ti && k != MS__W_LAYER && a < wd->naliases; a++)
+            ti = ms_model_find(pm->model, wd->aliases[a], &shard);
+        if (ti)
+            direct = true;
+        else if (wd->tied)
+            ti = ms_model_find(pm->model, wd->tied, &shard);
+        if (!ti) {
+            if (!wd->optional) {
+                char key[128];
+                snprintf(key, sizeof key, "missing:%zu:%d:%zu", src->model, (int)k, w);
+                pb_err(pb, MS_EPLAN, key, "tensor '%s' required but not present in model '%s'",
+                       in_name[s], pm->ref);
+                bad = true;
+            }
+            continue;
+        }
+        const struct ms_st_file *f = pm->model->shards[shard];
+        struct ms_plan_input *in = &job->in[n];
+        in->model = (uint32_t)src->model;
+        in->name = ti->name;
+        in->file = f->path;
+        in->shard = shard;
+        in->dtype = ti->dtype;
+        in->load = ti->dtype;
+        in->file_offset = f->data_start + ti->begin;
+        in->numel = ti->numel;
+        tt[n] = ti;
+        src_of[n] = s;
+        n++;
+    }
+    /* An optional weight that no model stores under its own name is not produced
+     * (tied names do not count); a missing required one was reported above. */
+    if (bad || !direct || !n)
+        goto out;
+
+    job->s.ninputs = n;
+    job->s.base = -1;
+    for (uint32_t i = 0; i < n; i++)
+        if (job->in[i].model == sl->base)
+            job->s.base = (int)i;
+    if (!check_inputs(pb, sl, job, job->name) || !check_shapes(pb, job, tt, wd, job->name))
+        goto out;
+    if (!ms_shape_numel(job->shape, job->ndim, &job->s.numel)) {
+        pb_err(pb, MS_EPLAN, NULL, "tensor '%s': shape overflows", job->name);
+        goto out;
+    }
+    job->s.row_len = job->ndim >= 2 ? (uint64_t)job->shape[job->ndim - 1] : job->s.numel;
+    if (!resolve_params(pb, sl, job, in_name, src_of, t) || !pick_dtypes(pb, job))
+        goto out;
+    job->out_bytes = (job->s.numel * ms_dtype_bits(job->out_dtype) + 7) / 8;
+
+    const char *label = job->in[0].name;
+    for (uint32_t i = 1; i < n; i++)
+        if (strcmp(job->in[i].name, label) > 0)
+            label = job->in[i].name;
+    job->label = ms_strdup(label);
+    job->s.method = pb->m;
+    if (!job->label || !job_push(pb, job))
+        pb_oom(pb);
+    else
+        job->name = job->label = NULL; /* owned by the plan now */
+out:
+    for (size_t s = 0; s < nsrc; s++)
+        ms_free(in_name[s]);
+    ms_free(job->name);
+    ms_free(job->label);
+    ms_free(job);
+}
+
+/* Every output tensor in plan order: pre-weights, layers slice by slice, post-weights. */
+static void make_jobs(struct pb *pb)
+{
+    const struct ms__arch *a = pb->arch;
+    const struct pslice *first = &pb->sl[0], *last = &pb->sl[pb->nsl - 1];
+    for (size_t w = 0; w < a->nw[MS__W_PRE] && !pb->oom; w++)
+        job_make(pb, first, first->nsrc, MS__W_PRE, w, 0, 0, 0.0);
+    uint64_t out_layer = 0;
+    for (size_t k = 0; k < pb->nsl && !pb->oom; k++) {
+        const struct pslice *s = &pb->sl[k];
+        uint64_t n = (uint64_t)(s->src[0].end - s->src[0].start);
+        for (uint64_t i = 0; i < n && !pb->oom; i++, out_layer++) {
+            double t = n == 1 ? 1.0 : (double)i / (double)(n - 1);
+            for (size_t w = 0; w < a->nw[MS__W_LAYER]; w++)
+                job_make(pb, s, s->nsrc, MS__W_LAYER, w, out_layer, i, t);
+        }
+    }
+    /* mergekit zips the last slice's sources with a list sized by the first slice. */
+    size_t npost = MS_MIN(last->nsrc, first->nsrc);
+    for (size_t w = 0; w < a->nw[MS__W_POST] && !pb->oom; w++)
+        job_make(pb, last, npost, MS__W_POST, w, 0, 0, 0.0);
+}
+
+/* ------------------------------------------------------------------ phase 6: order, layout */
+
+struct order_key {
+    const char *label;
+    size_t idx;
+};
+
+static int order_cmp(const void *a, const void *b)
+{
+    const struct order_key *x = a, *y = b;
+    int c = strcmp(x->label, y->label);
+    if (c)
+        return c;
+    return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
+/* Save order by label then plan order; output layout; jobs in (shard, offset) order. */
+static int layout_jobs(struct pb *pb)
+{
+    struct ms_plan *p = pb->p;
+    size_t n = p->njobs;
+    int rc = 0;
+    struct order_key *ord = ms_malloc(n * sizeof *ord);
+    struct ms_out_tensor *ot = ms_calloc(n, sizeof *ot);
+    struct ms_job *jobs = ms_malloc(n * sizeof *jobs);
+    if (!ord || !ot || !jobs) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        ord[i] = (struct order_key){ p->jobs[i].label, i };
+    qsort(ord, n, sizeof *ord, order_cmp);
+    for (size_t i = 0; i < n; i++) {
+        const struct ms_job *j = &p->jobs[ord[i].idx];
+        ot[i].name = j->name;
+        ot[i].dtype = j->out_dtype;
+        ot[i].ndim = j->ndim;
+        memcpy(ot[i].shape, j->shape, sizeof ot[i].shape);
+        ot[i].nbytes = j->out_bytes;
+    }
+    rc = ms_layout_build(ot, n, pb->opts ? pb->opts->out_shard_size : DEFAULT_SHARD_SIZE,
+                         &p->layout);
+    if (rc) {
+        p->layout = NULL;
+        goto out;
+    }
+    size_t k = 0;
+    for (size_t s = 0; s < p->layout->nshards; s++) {
+        const struct ms_out_shard *sh = &p->layout->shards[s];
+        p->bytes_written += sh->file_bytes;
+        for (size_t i = 0; i < sh->ntensors; i++) {
+            size_t li = sh->order[i];
+            const struct ms_out_tensor *t = &p->layout->tensors[li];
+            assert(t->shard == s && k < n);
+            jobs[k] = p->jobs[ord[li].idx];
+            jobs[k].shard = (uint32_t)s;
+            jobs[k].out_offset = t->file_offset;
+            k++;
+        }
+    }
+    assert(k == n);
+    ms_free(p->jobs);
+    p->jobs = jobs;
+    jobs = NULL;
+    for (size_t i = 0; i < n; i++) {
+        struct ms_job *j = &p->jobs[i];
+        j->s.name = j->name;
+        j->s.ndim = j->ndim;
+        j->s.shape = j->shape;
+        j->s.seed = pb->opts ? pb->opts->seed : 0;
+        j->s.key = ms_hash_str(j->name);
+        if (j->copy)
+            p->bytes_read += j->out_bytes;
+        else
+            for (uint32_t q = 0; q < j->s.ninputs; q++)
+                p->bytes_read += (j->s.numel * ms_dtype_bits(j->in[q].dtype) + 7) / 8;
+    }
+out:
+    ms_free(ord);
+    ms_free(ot);
+    ms_free(jobs);
+    return rc;
+}
+
+/* Sets a dotted key path ("text_config.num_hidden_layers") to an integer. */
+static int json_set_path(json_t *root, const char *path, json_t *val)
+{
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", path);
+    json_t *node = root;
+    char *save = NULL, *tok = strtok_r(buf, ".", &save);
+    for (char *next; tok && (next = strtok_r(NULL, ".", &save)); tok = next) {
+        node = json_object_get(node, tok);
+        if (!json_is_object(node)) {
+            json_decref(val);
+            return -1;
+        }
+    }
+    return json_object_set_new(node, tok, val);
+}
+
+/* The donor's config.json with the layer count (slices form) and dtype patched (4.4). */
+static int make_config(struct pb *pb)
+{
+    struct ms_plan *p = pb->p;
+    const struct ms_plan_model *donor = &p->models[p->donor];
+    if (!donor->config_json)
+        return 0;
+    json_t *root = json_loads(donor->config_json, 0, NULL);
+    if (!root)
+        return ms_error(MS_EMODEL, "model '%s': config.json is not valid JSON", donor->ref);
+    int rc = 0;
+    if (pb->r->nslices && pb->layers_key &&
+        json_set_path(root, pb->layers_key, json_integer((json_int_t)p->out_layers))) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    enum ms_dtype d = p->out_dtype != MS_DT_NONE ? p->out_dtype : p->dtype;
+    if (d != MS_DT_NONE) {
+        const char *name = d == MS_DT_BF16 ? "bfloat16" : d == MS_DT_F16 ? "float16" : "float32";
+        if (json_object_set_new(root, "torch_dtype", json_string(name)) ||
+            (json_object_get(root, "dtype") &&
+             json_object_set_new(root, "dtype", json_string(name)))) {
+            rc = ms_error(MS_ENOMEM, "out of memory");
+            goto out;
+        }
+    }
+    rc = ms__json_render(root, true, &p->out_config_json, NULL);
+out:
+    json_decref(root);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ entry points */
+
+void ms_plan_free(struct ms_plan *p)
+{
+    if (!p)
+        return;
+    for (size_t i = 0; i < p->nmodels; i++) {
+        ms_free(p->models[i].ref);
+        ms_free(p->models[i].path);
+        ms_model_free(p->models[i].model);
+        ms_free(p->models[i].config_json);
+    }
+    ms_free(p->models);
+    for (size_t i = 0; i < p->njobs; i++) {
+        ms_free(p->jobs[i].name);
+        ms_free(p->jobs[i].label);
+    }
+    ms_free(p->jobs);
+    ms_layout_free(p->layout);
+    ms_free(p->out_config_json);
+    ms_free(p->arch);
+    ms_free(p);
+}
+
+int ms_plan_build(const struct ms_recipe *r, const struct ms_plan_opts *opts,
+                  struct ms_plan **out)
+{
+    *out = NULL;
+    struct pb pb = { .r = r, .opts = opts };
+    int rc = 0;
+    pb.p = ms_calloc(1, sizeof *pb.p);
+    if (!pb.p)
+        return ms_error(MS_ENOMEM, "out of memory");
+    struct ms_plan *p = pb.p;
+    p->recipe = r;
+    p->base = SIZE_MAX;
+    p->dtype = p->out_dtype = MS_DT_NONE;
+
+    check_recipe(&pb);
+    normalize(&pb);
+    if (!pb.oom && p->nmodels && pb.nsl) {
+        size_t e0 = pb.nerr;
+        open_models(&pb);
+        if (!pb.oom && pb.nerr == e0)
+            check_arch(&pb);
+        if (!pb.oom && pb.nerr == e0)
+            check_ranges(&pb);
+        if (!pb.oom && pb.nerr == e0 && pb.m && pb.arch)
+            make_jobs(&pb);
+    }
+    if (!pb_failed(&pb) && pb.m) {
+        if (!p->njobs) {
+            pb_err(&pb, MS_EPLAN, NULL, "%s: the recipe produces no tensors", r->path);
+        } else if ((rc = layout_jobs(&pb)) || (rc = make_config(&pb))) {
+            pb_err(&pb, rc, NULL, "%s", ms_errmsg());
+        }
+    }
+
+    if (pb.oom && !pb.nerr)
+        rc = ms_error(MS_ENOMEM, "out of memory");
+    if (pb.nerr) {
+        for (size_t i = 0; i < pb.nerr; i++) {
+            const struct perr *e = &pb.err[i];
+            if (e->more)
+                fprintf(stderr, "mergestream: %s (and %zu more tensors)\n", e->msg, e->more);
+            else
+                fprintf(stderr, "mergestream: %s\n", e->msg);
+        }
+        const struct perr *e = &pb.err[0];
+        rc = e->more ? ms_error(e->code, "%s (and %zu more tensors)", e->msg, e->more)
+                     : ms_error(e->code, "%s", e->msg);
+    } else if (rc) {
+        fprintf(stderr, "mergestream: %s\n", ms_errmsg());
+    }
+    for (size_t i = 0; i < pb.nerr; i++) {
+        ms_free(pb.err[i].msg);
+        ms_free(pb.err[i].key);
+    }
+    ms_free(pb.err);
+    for (size_t k = 0; k < pb.nsl; k++)
+        ms_free(pb.sl[k].src);
+    ms_free(pb.sl);
+    ms_free(pb.refs);
+    ms__arch_free(pb.arch);
+    if (rc) {
+        ms_plan_free(p);
+        return rc;
+    }
+    *out = p;
+    return 0;
+}

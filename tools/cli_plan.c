@@ -1,0 +1,120 @@
+/*
+ * cli_plan.c - `mergestream plan RECIPE.yml [options]`: validates a recipe
+ * against its models (headers and config.json only; no tensor data is read) and
+ * prints the plan.
+ */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_engine.h"
+#include "ms_plan.h"
+#include "ms_recipe.h"
+
+#include "cli.h"
+
+static const char plan_usage[] =
+    "usage: mergestream plan RECIPE.yml [options]\n"
+    "\n"
+    "Checks RECIPE.yml (a mergekit YAML recipe) against the models it names and prints\n"
+    "what a merge would do: the models, the resolved parameters, the output tensors and\n"
+    "shards, the bytes to read and write, and the memory the merge will use. Reads only\n"
+    "config.json files and safetensors headers. Every problem found is reported.\n"
+    "\n"
+    "options:\n"
+    "  --json                   print the whole plan as JSON (every tensor: shape, dtypes,\n"
+    "                           resolved parameters, inputs with file and offset, shard)\n"
+    "  --out-shard-size SIZE    maximum shard size in bytes (default 5B; K/M/B = 1e3/1e6/1e9)\n"
+    "  --max-memory SIZE        memory budget the estimate assumes (default 512M)\n"
+    "  --random-seed N          seed for methods with random masks (default 0)\n"
+    "  --allow-crimes           allow models whose architectures differ\n"
+    "  -q, --quiet              print nothing on success (exit status only)\n"
+    "  -h, --help               this text\n"
+    "\n"
+    "exit status: 0 the plan is valid, 1 problems found, 2 usage.\n";
+
+enum { OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES };
+
+static const struct option plan_opts[] = {
+    { "json", no_argument, NULL, OPT_JSON },
+    { "out-shard-size", required_argument, NULL, OPT_SHARD },
+    { "max-memory", required_argument, NULL, OPT_MAXMEM },
+    { "random-seed", required_argument, NULL, OPT_SEED },
+    { "allow-crimes", no_argument, NULL, OPT_CRIMES },
+    { "quiet", no_argument, NULL, 'q' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+};
+
+static int plan_usage_error(const char *msg, const char *arg)
+{
+    fprintf(stderr, "mergestream plan: %s%s%s\n", msg, arg ? " " : "", arg ? arg : "");
+    fprintf(stderr, "usage: mergestream plan RECIPE.yml [options]  (--help for more)\n");
+    return 2;
+}
+
+int ms_cli_plan(int argc, char **argv)
+{
+    struct ms_plan_opts po = { .out_shard_size = 5000000000ull };
+    uint64_t max_memory = MS_DEFAULT_MAX_MEMORY;
+    bool json = false, quiet = false;
+    int c;
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, ":qh", plan_opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_JSON: json = true; break;
+        case OPT_SHARD:
+            if (ms_parse_size(optarg, false, &po.out_shard_size))
+                return plan_usage_error("invalid --out-shard-size", optarg);
+            break;
+        case OPT_MAXMEM:
+            if (ms_parse_size(optarg, true, &max_memory) || !max_memory)
+                return plan_usage_error("invalid --max-memory", optarg);
+            break;
+        case OPT_SEED: {
+            char *end;
+            if (!*optarg || *optarg == '-')
+                return plan_usage_error("invalid --random-seed", optarg);
+            po.seed = strtoull(optarg, &end, 10);
+            if (*end)
+                return plan_usage_error("invalid --random-seed", optarg);
+            break;
+        }
+        case OPT_CRIMES: po.allow_crimes = true; break;
+        case 'q': quiet = true; break;
+        case 'h': fputs(plan_usage, stdout); return 0;
+        case ':': return plan_usage_error("missing value for", argv[optind - 1]);
+        default: return plan_usage_error("unknown option", argv[optind - 1]);
+        }
+    }
+    if (argc - optind != 1)
+        return plan_usage_error(argc - optind ? "expected one recipe, got more" : "missing recipe",
+                                NULL);
+    if (quiet)
+        ms_log_set_quiet(true);
+
+    struct ms_recipe *r = NULL;
+    struct ms_plan *p = NULL;
+    int rc = ms_recipe_load(argv[optind], &r);
+    if (rc) {
+        ms_cli_report(rc, NULL);
+        return 1;
+    }
+    rc = ms_plan_build(r, &po, &p);
+    if (rc) {
+        /* ms_plan_build has printed every problem already. */
+        ms_recipe_free(r);
+        return 1;
+    }
+    if (!quiet) {
+        rc = ms_plan_print(p, max_memory, json, stdout);
+        if (rc)
+            ms_cli_report(rc, NULL);
+    }
+    ms_plan_free(p);
+    ms_recipe_free(r);
+    return rc ? 1 : 0;
+}
