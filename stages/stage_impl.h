@@ -116,8 +116,9 @@ void ms__sel_end_ties(struct ms__sel *s);
 /*
  * Apply, worker: keep[i] = 1.0f if element i of x is selected, else 0.0f, for
  * n consecutive elements of the chunk that starts at element chunk_first.
- * *run carries the count of key-T elements already met in this chunk: 0 at
- * the chunk's first element, updated for the next call on the same chunk.
+ * Calls for one chunk go in element order: *run carries the count of key-T
+ * elements already met in this chunk (0 at the chunk's first element) and is
+ * updated for the next call on the same chunk.
  */
 void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
                   const float *restrict x, float *restrict keep, size_t n);

@@ -1,0 +1,229 @@
+/*
+ * select.c - exact top-k by magnitude over a stream with bounded memory
+ * (contract in stage_impl.h; DESIGN.md 2 and 3, peers-and-formats.md 4.2).
+ *
+ * Algorithm. The magnitude |x| of a value representable in the dtype maps to an
+ * integer key whose order is the order of |x| (ms__sel_key). For F16/BF16 the
+ * key has 15 bits: one counting pass over 32,768 bins finds the bin T where the
+ * count from the top reaches k. For F32 the key has 31 bits: a first pass
+ * counts the high 15 bits and finds the boundary bin H, a second counts the low
+ * 16 bits of the elements in H only. Then `above` elements have key > T and
+ * `need` = k - above of the `at` elements with key == T are selected.
+ *
+ * Ties at T are selected by flat index. When 0 < need < at, one more pass
+ * counts each chunk's key-T elements; folding those counts in chunk order finds
+ * the chunk holding the cut and how many of its ties lie before the cut. That
+ * is O(1) state: apply decides every tie from (its chunk's first element, its
+ * rank inside its chunk) alone, so the result is independent of the chunking
+ * as long as every pass and apply use the same chunks (the protocol's promise).
+ */
+#include <assert.h>
+#include <string.h>
+
+#include "stage_impl.h"
+
+/* ------------------------------------------------------------------------ */
+/* Lifecycle                                                                 */
+
+void ms__sel_init(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t k, bool high_first)
+{
+    assert(dt == MS_DT_F32 || dt == MS_DT_F16 || dt == MS_DT_BF16);
+    memset(s, 0, sizeof(*s));
+    s->dt = dt;
+    s->n = n;
+    s->k = MS_MIN(k, n);
+    s->high_first = high_first;
+    s->all_ties = true;
+    s->phase = MS__SEL_DONE;
+    if (s->k == 0)
+        s->key = UINT32_MAX; /* above every key: selects nothing */
+    else if (s->k == n)
+        s->key = 0;          /* every key is >= 0: selects everything */
+    else
+        s->phase = MS__SEL_HIST;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Counting kernels. Each is a leaf loop specialised on the dtype so the key
+ * computation inlines; the scalar form is the reference (there is no SIMD
+ * variant yet).                                                             */
+
+static inline __attribute__((always_inline)) void count_body(enum ms_dtype dt, uint32_t shift,
+                                                             uint32_t *restrict hist,
+                                                             const float *restrict x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        hist[ms__sel_key(dt, x[i]) >> shift]++;
+}
+
+void ms__sel_count(const struct ms__sel *s, uint32_t *restrict hist, const float *restrict x,
+                   size_t n)
+{
+    assert(s->phase == MS__SEL_HIST);
+    switch (s->dt) {
+    case MS_DT_BF16:
+        count_body(MS_DT_BF16, 0, hist, x, n);
+        break;
+    case MS_DT_F16:
+        count_body(MS_DT_F16, 0, hist, x, n);
+        break;
+    default:
+        if (s->level == 0) {
+            count_body(MS_DT_F32, 16, hist, x, n);
+        } else {
+            const uint32_t hi = s->hi;
+            for (size_t i = 0; i < n; i++) {
+                uint32_t key = ms__sel_key(MS_DT_F32, x[i]);
+                hist[key & 0xffffu] += (key >> 16) == hi;
+            }
+        }
+        break;
+    }
+}
+
+void ms__sel_fold_hist(const struct ms__sel *s, uint64_t *restrict acc,
+                       const uint32_t *restrict part)
+{
+    size_t bins = ms__sel_bins(s);
+    for (size_t b = 0; b < bins; b++)
+        acc[b] += part[b];
+}
+
+/* Enters the tie phase for threshold key T, or finishes when every tie is in. */
+static void sel_set_threshold(struct ms__sel *s, uint32_t key, uint64_t need, uint64_t at)
+{
+    s->key = key;
+    s->need = need;
+    s->at = at;
+    if (need == at) {
+        s->all_ties = true;
+        s->phase = MS__SEL_DONE;
+        return;
+    }
+    /* The cut sits between tie ranks cut-1 and cut in ascending index order:
+     * the low side is selected unless higher indices rank first. */
+    s->all_ties = false;
+    s->cut = s->high_first ? at - need : need;
+    s->seen = 0;
+    s->located = false;
+    s->phase = MS__SEL_TIES;
+}
+
+void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
+{
+    assert(s->phase == MS__SEL_HIST);
+    size_t bins = ms__sel_bins(s);
+    uint64_t target = s->k - s->above; /* elements still to select at this level */
+    uint64_t cum = 0;
+    size_t b = bins;
+    /* Scan from the top: b is the bin where the running count reaches target.
+     * target >= 1 and the bins hold >= target elements, so the loop stops. */
+    while (b-- > 0) {
+        if (cum + acc[b] >= target)
+            break;
+        cum += acc[b];
+    }
+    assert(b < bins && target > cum);
+    uint64_t at = acc[b], need = target - cum;
+    s->above += cum;
+    memset(acc, 0, bins * sizeof(*acc));
+
+    if (s->dt != MS_DT_F32) {
+        sel_set_threshold(s, (uint32_t)b, need, at);
+    } else if (s->level == 0) {
+        if (need == at) {
+            /* The whole high bin is selected: key >= b << 16, no second level. */
+            s->key = (uint32_t)b << 16;
+            s->need = s->at = 0;
+            s->all_ties = true;
+            s->phase = MS__SEL_DONE;
+        } else {
+            s->hi = (uint32_t)b;
+            s->level = 1;
+        }
+    } else {
+        sel_set_threshold(s, s->hi << 16 | (uint32_t)b, need, at);
+    }
+}
+
+uint64_t ms__sel_count_ties(const struct ms__sel *s, const float *restrict x, size_t n)
+{
+    assert(s->phase == MS__SEL_TIES);
+    const uint32_t key = s->key;
+    const enum ms_dtype dt = s->dt;
+    uint64_t c = 0;
+    for (size_t i = 0; i < n; i++)
+        c += ms__sel_key(dt, x[i]) == key;
+    return c;
+}
+
+void ms__sel_fold_ties(struct ms__sel *s, uint64_t first, uint64_t ties)
+{
+    assert(s->phase == MS__SEL_TIES);
+    if (!s->located && s->seen + ties >= s->cut) {
+        s->cut_first = first;
+        s->cut_r = s->cut - s->seen;
+        s->located = true;
+    }
+    s->seen += ties;
+}
+
+void ms__sel_end_ties(struct ms__sel *s)
+{
+    assert(s->phase == MS__SEL_TIES && s->located && s->seen == s->at);
+    s->phase = MS__SEL_DONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Apply                                                                     */
+
+/* keep[i] = key > T || (key == T && tie), tie constant over the run. */
+static inline __attribute__((always_inline)) void mask_body(enum ms_dtype dt, uint32_t key,
+                                                            bool tie, const float *restrict x,
+                                                            float *restrict keep, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t k = ms__sel_key(dt, x[i]);
+        keep[i] = (k > key || (k == key && tie)) ? 1.0f : 0.0f;
+    }
+}
+
+static void mask_const(enum ms_dtype dt, uint32_t key, bool tie, const float *restrict x,
+                       float *restrict keep, size_t n)
+{
+    switch (dt) {
+    case MS_DT_BF16:
+        mask_body(MS_DT_BF16, key, tie, x, keep, n);
+        break;
+    case MS_DT_F16:
+        mask_body(MS_DT_F16, key, tie, x, keep, n);
+        break;
+    default:
+        mask_body(MS_DT_F32, key, tie, x, keep, n);
+        break;
+    }
+}
+
+void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
+                  const float *restrict x, float *restrict keep, size_t n)
+{
+    assert(s->phase == MS__SEL_DONE);
+    if (s->all_ties || chunk_first != s->cut_first) {
+        /* Every tie of this chunk is on one side of the cut. */
+        bool tie = s->all_ties || ((chunk_first < s->cut_first) != s->high_first);
+        mask_const(s->dt, s->key, tie, x, keep, n);
+        return;
+    }
+    /* The chunk holding the cut: its first cut_r ties are the low side. */
+    const uint32_t key = s->key;
+    const enum ms_dtype dt = s->dt;
+    uint64_t r = *run;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t k = ms__sel_key(dt, x[i]);
+        bool sel = k > key;
+        if (k == key)
+            sel = (r++ < s->cut_r) != s->high_first;
+        keep[i] = sel ? 1.0f : 0.0f;
+    }
+    *run = r;
+}

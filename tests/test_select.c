@@ -1,0 +1,349 @@
+/*
+ * test_select.c - exact streaming top-k by magnitude (stages/select.c).
+ *
+ * Every selection is checked against a full sort of (|x|, index) pairs with the
+ * index as tiebreak (lower index first, or higher first for high_first),
+ * written here independently, on data with many equal magnitudes, in BF16, F16
+ * and F32, with random k and several chunkings (1, 7, 100, numel, random).
+ * The test drives the protocol as the engine does: partials reduced per chunk
+ * in reverse order, folds strictly in chunk order.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../stages/stage_impl.h"
+#include "ms_dtype.h"
+
+/* ------------------------------------------------------------------------ */
+/* Helpers                                                                   */
+
+static uint64_t rnd_next(uint64_t *s)
+{
+    /* xorshift64* */
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+static double rnd_unit(uint64_t *s) { return (double)(rnd_next(s) >> 11) * 0x1p-53; }
+
+static float round_to(enum ms_dtype dt, float v)
+{
+    if (dt == MS_DT_BF16)
+        return ms_round_bf16_1(v);
+    if (dt == MS_DT_F16)
+        return (float)(_Float16)v;
+    return v;
+}
+
+/* Reference order: NaN above everything, then |x| descending, then index. */
+static const float *g_x;
+static int g_high_first;
+
+static int ref_cmp(const void *pa, const void *pb)
+{
+    uint32_t a = *(const uint32_t *)pa, b = *(const uint32_t *)pb;
+    float xa = fabsf(g_x[a]), xb = fabsf(g_x[b]);
+    int na = isnan(xa), nb = isnan(xb);
+    if (na != nb)
+        return na ? -1 : 1;
+    if (!na && xa != xb)
+        return xa > xb ? -1 : 1;
+    if (a == b)
+        return 0;
+    return ((a < b) != g_high_first) ? -1 : 1;
+}
+
+/* keep[i] = 1 for the first k elements of the reference order. */
+static void ref_select(const float *x, uint32_t n, uint32_t k, int high_first, unsigned char *keep)
+{
+    uint32_t *idx = malloc((size_t)n * sizeof(*idx));
+    cr_assert(idx);
+    for (uint32_t i = 0; i < n; i++)
+        idx[i] = i;
+    g_x = x;
+    g_high_first = high_first;
+    qsort(idx, n, sizeof(*idx), ref_cmp);
+    memset(keep, 0, n);
+    for (uint32_t i = 0; i < k; i++)
+        keep[idx[i]] = 1;
+    free(idx);
+}
+
+/* Runs a selection over x with the given chunk size, as the engine would, and
+ * writes the 0/1 mask. Returns the number of passes. */
+static unsigned drive(struct ms__sel *s, const float *x, uint64_t n, uint64_t chunk, float *keep)
+{
+    uint64_t nchunks = (n + chunk - 1) / chunk;
+    size_t len = ms__sel_hist_len(s->dt);
+    uint64_t *acc = calloc(len, sizeof(*acc));
+    uint32_t *part = malloc(len * sizeof(*part));
+    uint64_t *ties = malloc((size_t)nchunks * sizeof(*ties));
+    cr_assert(acc && part && ties);
+    unsigned passes = 0;
+    while (ms__sel_phase(s) != MS__SEL_DONE) {
+        cr_assert(passes < 3, "more than three passes");
+        if (ms__sel_phase(s) == MS__SEL_HIST) {
+            for (uint64_t c = nchunks; c-- > 0;) {
+                uint64_t first = c * chunk, cnt = MS_MIN(chunk, n - first);
+                memset(part, 0, ms__sel_bins(s) * sizeof(*part));
+                ms__sel_count(s, part, x + first, (size_t)cnt);
+                ms__sel_fold_hist(s, acc, part);
+            }
+            ms__sel_end_hist(s, acc);
+            for (size_t b = 0; b < len; b++)
+                cr_assert_eq(acc[b], 0, "accumulator not cleared");
+        } else {
+            for (uint64_t c = nchunks; c-- > 0;) {
+                uint64_t first = c * chunk, cnt = MS_MIN(chunk, n - first);
+                /* Counted in two halves to check that counts are additive. */
+                size_t h = (size_t)cnt / 2;
+                ties[c] = ms__sel_count_ties(s, x + first, h) +
+                          ms__sel_count_ties(s, x + first + h, (size_t)cnt - h);
+            }
+            for (uint64_t c = 0; c < nchunks; c++)
+                ms__sel_fold_ties(s, c * chunk, ties[c]);
+            ms__sel_end_ties(s);
+        }
+        passes++;
+    }
+    /* Apply in reverse chunk order, each chunk in uneven pieces. */
+    for (uint64_t c = nchunks; c-- > 0;) {
+        uint64_t first = c * chunk, cnt = MS_MIN(chunk, n - first), run = 0;
+        for (uint64_t off = 0; off < cnt;) {
+            uint64_t piece = MS_MIN(cnt - off, 1 + (off % 5) * 3);
+            ms__sel_mask(s, first, &run, x + first + off, keep + first + off, (size_t)piece);
+            off += piece;
+        }
+    }
+    free(acc);
+    free(part);
+    free(ties);
+    return passes;
+}
+
+/* Values of dt with many equal magnitudes: a small pool of magnitudes, random
+ * signs and zeros; for F32 the pool shares high 16 bits, so the second level
+ * and its ties matter. special adds +-Inf and NaN. */
+static void gen(enum ms_dtype dt, uint64_t *rs, float *x, uint32_t n, int special)
+{
+    uint32_t npool = 1 + (uint32_t)(rnd_next(rs) % 40);
+    float pool[40];
+    uint32_t hi = 0x3c00u + (uint32_t)(rnd_next(rs) % 0x400u); /* shared F32 high half */
+    for (uint32_t p = 0; p < npool; p++) {
+        float v;
+        if (dt == MS_DT_F32 && (rnd_next(rs) & 1))
+            v = ms_f32_from_bits(hi << 16 | (uint32_t)(rnd_next(rs) % 64u) << 4);
+        else if (dt == MS_DT_F16 && (rnd_next(rs) & 3) == 0)
+            v = (float)(rnd_next(rs) % 1024u) * 0x1p-24f; /* subnormal f16 */
+        else
+            v = (float)(rnd_unit(rs) * pow(2.0, (double)(rnd_next(rs) % 20) - 10.0));
+        pool[p] = round_to(dt, v);
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t r = rnd_next(rs);
+        float v = (r % 7 == 0) ? 0.0f : pool[(r >> 8) % npool];
+        if (special && (r >> 40) % 50 == 0)
+            v = (r >> 50) & 1 ? INFINITY : NAN;
+        x[i] = (r >> 60) & 1 ? -v : v;
+    }
+}
+
+static void check_case(enum ms_dtype dt, uint64_t seed, int special)
+{
+    uint64_t rs = seed;
+    uint32_t n = 1 + (uint32_t)(rnd_next(&rs) % 600);
+    float *x = malloc(n * sizeof(float)), *keep = malloc(n * sizeof(float));
+    unsigned char *want = malloc(n);
+    cr_assert(x && keep && want);
+    gen(dt, &rs, x, n, special);
+    uint64_t chunks[5] = { 1, 7, 100, n, 1 + rnd_next(&rs) % n };
+    for (int hf = 0; hf < 2; hf++) {
+        uint32_t ks[4] = { (uint32_t)(rnd_next(&rs) % (n + 1)), (uint32_t)(rnd_next(&rs) % (n + 1)),
+                           1, n - 1 };
+        for (int ki = 0; ki < 4; ki++) {
+            uint32_t k = ks[ki];
+            ref_select(x, n, k, hf, want);
+            for (int ci = 0; ci < 5; ci++) {
+                if (chunks[ci] == 1 && n > 150)
+                    continue; /* per-chunk histogram folds make tiny chunks slow */
+                struct ms__sel s;
+                ms__sel_init(&s, dt, n, k, hf);
+                unsigned passes = drive(&s, x, n, chunks[ci], keep);
+                uint64_t kept = 0;
+                for (uint32_t i = 0; i < n; i++) {
+                    cr_assert(keep[i] == 0.0f || keep[i] == 1.0f);
+                    kept += keep[i] == 1.0f;
+                    cr_assert_eq(keep[i] == 1.0f, want[i] == 1,
+                                 "%s seed %llu n %u k %u high_first %d chunk %llu: element %u "
+                                 "(%a) %s but should not be",
+                                 ms_dtype_name(dt), (unsigned long long)seed, n, k, hf,
+                                 (unsigned long long)chunks[ci], i, x[i],
+                                 keep[i] == 1.0f ? "kept" : "dropped");
+                }
+                cr_assert_eq(kept, k, "seed %llu: kept %llu of k %u", (unsigned long long)seed,
+                             (unsigned long long)kept, k);
+                unsigned maxp = (dt == MS_DT_F32 ? 2 : 1) + 1;
+                cr_assert(passes <= maxp, "%u passes", passes);
+            }
+        }
+    }
+    free(x);
+    free(keep);
+    free(want);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Keys                                                                      */
+
+Test(select, key_f16_is_the_bit_pattern)
+{
+    for (uint32_t h = 0; h < 0x8000u; h++) {
+        float v = ms_f16_to_f32_1((uint16_t)h);
+        uint32_t want = h > 0x7c00u ? 0x7fffu : h;
+        cr_assert_eq(ms__sel_key(MS_DT_F16, v), want, "f16 %04x", h);
+        cr_assert_eq(ms__sel_key(MS_DT_F16, -v), want, "f16 -%04x", h);
+    }
+}
+
+Test(select, key_bf16_is_the_bit_pattern)
+{
+    for (uint32_t h = 0; h < 0x8000u; h++) {
+        float v = ms_bf16_to_f32_1((uint16_t)h);
+        uint32_t want = h > 0x7f80u ? 0x7fffu : h;
+        cr_assert_eq(ms__sel_key(MS_DT_BF16, v), want, "bf16 %04x", h);
+        cr_assert_eq(ms__sel_key(MS_DT_BF16, -v), want, "bf16 -%04x", h);
+    }
+}
+
+Test(select, key_f32_orders_magnitudes)
+{
+    uint64_t rs = 12345;
+    for (int i = 0; i < 100000; i++) {
+        float a = ms_f32_from_bits((uint32_t)rnd_next(&rs)), b = ms_f32_from_bits((uint32_t)rnd_next(&rs));
+        if (isnan(a) || isnan(b))
+            continue;
+        uint32_t ka = ms__sel_key(MS_DT_F32, a), kb = ms__sel_key(MS_DT_F32, b);
+        cr_assert_eq(fabsf(a) < fabsf(b), ka < kb);
+        cr_assert_eq(fabsf(a) == fabsf(b), ka == kb);
+    }
+    cr_assert_eq(ms__sel_key(MS_DT_F32, NAN), 0x7fffffffu);
+    cr_assert_eq(ms__sel_key(MS_DT_F32, -INFINITY), 0x7f800000u);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Selection against a full sort                                             */
+
+Test(select, bf16_matches_stable_sort) { for (uint64_t s = 1; s <= 16; s++) check_case(MS_DT_BF16, s * 7919, 0); }
+Test(select, f16_matches_stable_sort) { for (uint64_t s = 1; s <= 16; s++) check_case(MS_DT_F16, s * 104729, 0); }
+Test(select, f32_matches_stable_sort) { for (uint64_t s = 1; s <= 16; s++) check_case(MS_DT_F32, s * 1299709, 0); }
+
+Test(select, inf_and_nan_rank_on_top)
+{
+    for (uint64_t s = 1; s <= 8; s++) {
+        check_case(MS_DT_BF16, s * 31, 1);
+        check_case(MS_DT_F16, s * 37, 1);
+        check_case(MS_DT_F32, s * 41, 1);
+    }
+}
+
+/* All elements equal: the answer is decided by the tie rule alone. */
+Test(select, all_equal_keeps_lowest_indices)
+{
+    enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+    float x[257], keep[257];
+    for (int d = 0; d < 3; d++) {
+        for (int i = 0; i < 257; i++)
+            x[i] = (i & 1) ? -0.5f : 0.5f;
+        uint64_t chunks[4] = { 1, 7, 100, 257 };
+        for (int ci = 0; ci < 4; ci++) {
+            struct ms__sel s;
+            ms__sel_init(&s, dts[d], 257, 100, false);
+            unsigned passes = drive(&s, x, 257, chunks[ci], keep);
+            cr_assert_eq(passes, dts[d] == MS_DT_F32 ? 3u : 2u);
+            for (int i = 0; i < 257; i++)
+                cr_assert_eq(keep[i], i < 100 ? 1.0f : 0.0f, "chunk %llu element %d",
+                             (unsigned long long)chunks[ci], i);
+        }
+    }
+}
+
+Test(select, trivial_k_needs_no_pass)
+{
+    float x[5] = { 1, -2, 0, 3, NAN }, keep[5];
+    struct ms__sel s;
+    ms__sel_init(&s, MS_DT_F32, 5, 0, false);
+    cr_assert_eq(drive(&s, x, 5, 2, keep), 0u);
+    for (int i = 0; i < 5; i++)
+        cr_assert_eq(keep[i], 0.0f);
+    ms__sel_init(&s, MS_DT_BF16, 5, 9, false);
+    cr_assert_eq(drive(&s, x, 5, 2, keep), 0u);
+    for (int i = 0; i < 5; i++)
+        cr_assert_eq(keep[i], 1.0f);
+}
+
+/* F32 where the level-0 boundary bin is taken whole: no second level, no ties. */
+Test(select, f32_whole_high_bin_skips_second_level)
+{
+    float x[6] = { 3.0f, 1.0f, 1.0000001f, 2.0f, 1.0000002f, 0.5f }, keep[6];
+    struct ms__sel s;
+    ms__sel_init(&s, MS_DT_F32, 6, 2, false); /* 3 and 2 are alone in their bins */
+    cr_assert_eq(drive(&s, x, 6, 4, keep), 1u);
+    float want[6] = { 1, 0, 0, 1, 0, 0 };
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(keep[i], want[i], "element %d", i);
+}
+
+/*
+ * Two-sided use (what breadcrumbs needs): keep ascending stable-sort positions
+ * [n_bot, n - n_top) = in_top(n - n_bot) && !in_top(n_top), both with the
+ * higher index ranking first among ties.
+ */
+Test(select, two_sided_matches_ascending_stable_sort)
+{
+    enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+    for (uint64_t seed = 1; seed <= 20; seed++) {
+        uint64_t rs = seed * 65537;
+        enum ms_dtype dt = dts[seed % 3];
+        uint32_t n = 1 + (uint32_t)(rnd_next(&rs) % 800);
+        float *x = malloc(n * sizeof(float)), *a = malloc(n * sizeof(float)),
+              *b = malloc(n * sizeof(float));
+        uint32_t *idx = malloc(n * sizeof(uint32_t));
+        gen(dt, &rs, x, n, 0);
+        uint32_t n_top = (uint32_t)(rnd_next(&rs) % (n + 1));
+        uint32_t n_bot = (uint32_t)(rnd_next(&rs) % (n - n_top + 1));
+        /* Reference: ascending stable sort (ties: lower index first). */
+        for (uint32_t i = 0; i < n; i++)
+            idx[i] = i;
+        g_x = x;
+        g_high_first = 1; /* descending with high index first == reversed ascending stable */
+        qsort(idx, n, sizeof(*idx), ref_cmp);
+        /* idx is the descending order; ascending position of idx[j] is n-1-j. */
+        unsigned char *want = calloc(n, 1);
+        for (uint32_t j = 0; j < n; j++) {
+            uint32_t pos = n - 1 - j;
+            want[idx[j]] = pos >= n_bot && pos < n - n_top;
+        }
+        uint64_t chunk = 1 + rnd_next(&rs) % n;
+        struct ms__sel top, mid;
+        ms__sel_init(&top, dt, n, n_top, true);
+        ms__sel_init(&mid, dt, n, n - n_bot, true);
+        drive(&top, x, n, chunk, a);
+        drive(&mid, x, n, chunk, b);
+        for (uint32_t i = 0; i < n; i++)
+            cr_assert_eq(b[i] == 1.0f && a[i] == 0.0f, want[i] == 1,
+                         "seed %llu n %u n_top %u n_bot %u element %u",
+                         (unsigned long long)seed, n, n_top, n_bot, i);
+        free(x);
+        free(a);
+        free(b);
+        free(idx);
+        free(want);
+    }
+}

@@ -1,0 +1,142 @@
+/*
+ * test_stage_task_arith.c - the task_arithmetic stage (stages/gta.c) against
+ * the plain reference in tests/th_gta.c (mergekit-spec.md 2.6), through
+ * ms_stage_run_mem, in BF16, F16 and F32, bit for bit, for chunk sizes 1, 7,
+ * 100 and numel.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "th_gta.h"
+
+#define MAXN 400
+
+static float store[MS_MAX_INPUTS * MAXN];
+
+static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+
+static void expect(const struct th_gta *g, const float *want, const char *what)
+{
+    static float got[MAXN];
+    uint64_t chunks[4] = { 1, 7, 100, g->numel };
+    for (int ci = 0; ci < 4; ci++) {
+        int rc = th_gta_run(g, chunks[ci], got);
+        cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
+        long d = th_gta_first_diff(got, want, g->numel);
+        cr_assert_eq(d, -1, "%s: %s chunk %llu: element %ld is %a, want %a", what,
+                     ms_dtype_name(g->dt), (unsigned long long)chunks[ci], d,
+                     d >= 0 ? got[d] : 0.0f, d >= 0 ? want[d] : 0.0f);
+    }
+}
+
+static void random_cases(enum ms_dtype dt, uint64_t seed0, int count)
+{
+    static float want[MAXN];
+    for (int s = 0; s < count; s++) {
+        uint64_t seed = seed0 + (uint64_t)s, rs = seed * 0x9E3779B97F4A7C15ULL + 1;
+        struct th_gta g = { .method = "task_arithmetic", .dt = dt };
+        th_gta_random(&g, store, MAXN, &rs);
+        cr_assert_eq(th_gta_ref(&g, want), 0);
+        char what[160];
+        snprintf(what, sizeof what, "seed %llu (n %llu, %u inputs, base %d, normalize %d, lambda %g)",
+                 (unsigned long long)seed, (unsigned long long)g.numel, g.ninputs, g.base,
+                 g.normalize, g.lambda);
+        expect(&g, want, what);
+    }
+}
+
+Test(stage_task_arith, random_bf16) { random_cases(MS_DT_BF16, 100, 80); }
+Test(stage_task_arith, random_f16) { random_cases(MS_DT_F16, 200, 80); }
+Test(stage_task_arith, random_f32) { random_cases(MS_DT_F32, 300, 80); }
+
+/*
+ * Hand-computed, exact in every dtype. Base [1, 2] (input 0), A = [2, 2] and
+ * B = [0, 4], both weight 0.5:
+ *   dA = [1, 0], dB = [-1, 2]; WD_A = [0.5, 0], WD_B = [-0.5, 1]
+ *   mixed = [0, 1]; normalize off; lambda 2 -> [0, 2]; out = [1, 4]
+ * With normalize on, div = 0.5 + 0.5 = 1: the same.
+ * Weights 1 and -1 (sum zero, div guarded to 1), lambda 1:
+ *   WD_A = [1, 0], WD_B = [1, -2]; mixed = [2, -2]; /1 -> out = [3, 0]
+ */
+Test(stage_task_arith, hand_computed)
+{
+    float base[2] = { 1, 2 }, a[2] = { 2, 2 }, b[2] = { 0, 4 }, out[2], ref[2];
+    for (int d = 0; d < 3; d++) {
+        for (int norm = 0; norm < 2; norm++) {
+            struct th_gta g = { .method = "task_arithmetic", .dt = dts[d], .numel = 2,
+                                .ninputs = 3, .base = 0, .in = { base, a, b },
+                                .weight = { 0, 0.5, 0.5 }, .density = { 1, 1, 1 },
+                                .normalize = norm, .lambda = 2.0 };
+            float want[2] = { 1, 4 };
+            cr_assert_eq(th_gta_ref(&g, ref), 0);
+            cr_assert_eq(th_gta_first_diff(ref, want, 2), -1);
+            expect(&g, want, "hand-computed");
+        }
+        struct th_gta g = { .method = "task_arithmetic", .dt = dts[d], .numel = 2,
+                            .ninputs = 3, .base = 0, .in = { base, a, b },
+                            .weight = { 0, 1, -1 }, .density = { 1, 1, 1 },
+                            .normalize = true, .lambda = 1.0 };
+        float want[2] = { 3, 0 };
+        cr_assert_eq(th_gta_ref(&g, ref), 0);
+        cr_assert_eq(th_gta_first_diff(ref, want, 2), -1);
+        cr_assert_eq(th_gta_run(&g, 1, out), 0, "%s", ms_errmsg());
+        cr_assert_eq(th_gta_first_diff(out, want, 2), -1, "%s: %g %g", ms_dtype_name(dts[d]),
+                     out[0], out[1]);
+    }
+}
+
+/* Weights whose rounded sum is exactly zero, normalize on: the scalar divisor
+ * is guarded to 1 instead of dividing by zero. */
+Test(stage_task_arith, zero_weight_sum_is_guarded)
+{
+    static float want[MAXN];
+    for (int d = 0; d < 3; d++) {
+        uint64_t rs = 4242 + (uint64_t)d;
+        struct th_gta g = { .method = "task_arithmetic", .dt = dts[d] };
+        do /* a case with 3 models besides the base */
+            th_gta_random(&g, store, 200, &rs);
+        while (g.ninputs != 4);
+        const double w[3] = { 0.75, -0.25, -0.5 }; /* exact in every dtype: sum 0 */
+        for (uint32_t i = 0, j = 0; i < 4; i++)
+            if ((int)i != g.base)
+                g.weight[i] = w[j++];
+        g.normalize = true;
+        cr_assert_eq(th_gta_ref(&g, want), 0);
+        for (uint64_t e = 0; e < g.numel; e++)
+            cr_assert(isfinite(want[e]));
+        expect(&g, want, "zero weight sum");
+    }
+}
+
+/* density and rescale belong to sparsifiers; task_arithmetic has none, so a
+ * density that would keep nothing is not an error and changes nothing. */
+Test(stage_task_arith, density_and_rescale_ignored)
+{
+    static float want[MAXN], got[MAXN];
+    uint64_t rs = 99;
+    struct th_gta g = { .method = "task_arithmetic", .dt = MS_DT_BF16 };
+    th_gta_random(&g, store, 300, &rs);
+    g.rescale = false;
+    for (uint32_t i = 0; i < g.ninputs; i++)
+        g.density[i] = 1.0;
+    cr_assert_eq(th_gta_ref(&g, want), 0);
+    for (uint32_t i = 0; i < g.ninputs; i++)
+        g.density[i] = 1e-6;
+    g.rescale = true;
+    cr_assert_eq(th_gta_run(&g, 7, got), 0, "%s", ms_errmsg());
+    cr_assert_eq(th_gta_first_diff(got, want, g.numel), -1);
+}
+
+Test(stage_task_arith, base_only_is_copied)
+{
+    float base[4] = { 1.5f, -2, -0.0f, 7 }, out[4];
+    struct th_gta g = { .method = "task_arithmetic", .dt = MS_DT_F16, .numel = 4, .ninputs = 1,
+                        .base = 0, .in = { base }, .weight = { 1 }, .density = { 1 },
+                        .normalize = true, .lambda = 3 };
+    cr_assert_eq(th_gta_run(&g, 3, out), 0, "%s", ms_errmsg());
+    cr_assert_eq(th_gta_first_diff(out, base, 4), -1);
+}

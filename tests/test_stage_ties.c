@@ -1,0 +1,198 @@
+/*
+ * test_stage_ties.c - the ties stage (stages/gta.c) against the plain
+ * reference in tests/th_gta.c (mergekit-spec.md 2.6, 2.7), through the
+ * in-memory driver ms_stage_run_mem, in BF16, F16 and F32, bit for bit and for
+ * several chunk sizes.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "th_gta.h"
+
+#define MAXN 400
+
+static float store[MS_MAX_INPUTS * MAXN];
+
+static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+
+/* Runs g at chunk sizes 1 (small tensors only), 7, 100 and numel and compares
+ * each output with want, bit for bit. */
+static void expect(const struct th_gta *g, const float *want, const char *what)
+{
+    static float got[MAXN];
+    uint64_t chunks[4] = { 1, 7, 100, g->numel };
+    for (int ci = 0; ci < 4; ci++) {
+        if (chunks[ci] == 1 && g->numel > 48)
+            continue; /* a histogram partial per element makes chunk 1 slow */
+        int rc = th_gta_run(g, chunks[ci], got);
+        cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
+        long d = th_gta_first_diff(got, want, g->numel);
+        cr_assert_eq(d, -1, "%s: %s chunk %llu: element %ld is %a, want %a", what,
+                     ms_dtype_name(g->dt), (unsigned long long)chunks[ci], d,
+                     d >= 0 ? got[d] : 0.0f, d >= 0 ? want[d] : 0.0f);
+    }
+}
+
+static void random_cases(enum ms_dtype dt, uint64_t seed0, int count)
+{
+    static float want[MAXN];
+    for (int s = 0; s < count; s++) {
+        uint64_t seed = seed0 + (uint64_t)s, rs = seed * 0x9E3779B97F4A7C15ULL + 1;
+        struct th_gta g = { .method = "ties", .dt = dt };
+        th_gta_random(&g, store, s % 5 ? 48 : 250, &rs);
+        cr_assert_eq(th_gta_ref(&g, want), 0);
+        char what[160];
+        snprintf(what, sizeof what,
+                 "seed %llu (n %llu, %u inputs, base %d, normalize %d, rescale %d, lambda %g)",
+                 (unsigned long long)seed, (unsigned long long)g.numel, g.ninputs, g.base,
+                 g.normalize, g.rescale, g.lambda);
+        expect(&g, want, what);
+    }
+}
+
+Test(stage_ties, random_bf16) { random_cases(MS_DT_BF16, 1000, 30); }
+Test(stage_ties, random_f16) { random_cases(MS_DT_F16, 2000, 30); }
+Test(stage_ties, random_f32) { random_cases(MS_DT_F32, 3000, 30); }
+
+/*
+ * Hand-computed, exact in every dtype. Base 10 everywhere (input 1), density
+ * 0.5 so k = int(0.5*4) = 2, weights 1 and 0.5, normalize on:
+ *   dA = [ 1, -2, 3, 0]  top-2 |dA|: idx 2 (3), idx 1 (2)     -> [ 0, -2, 3, 0]
+ *   dB = [-1,  1, 1, 2]  top-2 |dB|: idx 3 (2), then the tie at
+ *                        1 goes to the lowest index, idx 0    -> [-1,  0, 0, 2]
+ *   WD_A = [0, -2, 3, 0], WD_B = [-0.5, 0, 0, 1]
+ *   S = [-0.5, -2, 3, 1] -> maj = [-1, -1, +1, +1]
+ *   mask_A = [0, 1, 1, 0] (a zero has no sign), mask_B = [1, 0, 0, 1]
+ *   mixed = [-0.5, -2, 3, 1], div = [0.5, 1, 1, 0.5]
+ *   mixed/div = [-1, -2, 3, 2] -> out = 10 + that = [9, 8, 13, 12]
+ */
+Test(stage_ties, hand_computed)
+{
+    float a[4] = { 11, 8, 13, 10 }, base[4] = { 10, 10, 10, 10 }, b[4] = { 9, 11, 11, 12 };
+    float want[4] = { 9, 8, 13, 12 };
+    for (int d = 0; d < 3; d++) {
+        struct th_gta g = { .method = "ties", .dt = dts[d], .numel = 4, .ninputs = 3, .base = 1,
+                            .in = { a, base, b }, .weight = { 1.0, 0, 0.5 },
+                            .density = { 0.5, 1, 0.5 }, .normalize = true, .lambda = 1.0 };
+        float ref[4];
+        cr_assert_eq(th_gta_ref(&g, ref), 0);
+        cr_assert_eq(th_gta_first_diff(ref, want, 4), -1, "reference disagrees with the hand result");
+        expect(&g, want, "hand-computed");
+    }
+}
+
+/*
+ * Sign election corner cases (F32, density 1, normalize on, base 0):
+ *   e0: dA = 1, dB = 1, wA = 1, wB = -1: WD = [1, -1], S = 0 counts as +1:
+ *       only A matches: mixed 1, div 1 -> 1
+ *   e1: dA = 0, dB = -1, weights 1, 1: S = -1, the zero never matches:
+ *       mixed -1, div wB = 1 -> -1
+ *   e2: dA = 0, dB = 0: S = 0, nobody matches: mixed 0, div 0 -> 1 -> 0
+ *   e3: dA = 1, dB = -2, wA = 1, wB = -1: WD = [1, 2], both match, div =
+ *       1 + -1 = 0 -> 1: mixed 3 -> 3 (weights summing to zero)
+ */
+Test(stage_ties, sign_election_and_zero_divisor)
+{
+    float base[4] = { 0, 0, 0, 0 };
+    /* Per element weights differ, so run each element as its own case. */
+    struct {
+        float a, b;
+        double wa, wb;
+        float want;
+    } cases[] = {
+        { 1, 1, 1, -1, 1 },
+        { 0, -1, 1, 1, -1 },
+        { 0, 0, 1, 1, 0 },
+        { 1, -2, 1, -1, 3 },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        for (int d = 0; d < 3; d++) {
+            float a[1] = { cases[i].a }, b[1] = { cases[i].b }, out[1], ref[1];
+            struct th_gta g = { .method = "ties", .dt = dts[d], .numel = 1, .ninputs = 3,
+                                .base = 0, .in = { base, a, b },
+                                .weight = { 0, cases[i].wa, cases[i].wb },
+                                .density = { 1, 1, 1 }, .normalize = true, .lambda = 1.0 };
+            cr_assert_eq(th_gta_ref(&g, ref), 0);
+            cr_assert_eq(ref[0], cases[i].want, "case %zu: reference %g", i, ref[0]);
+            cr_assert_eq(th_gta_run(&g, 1, out), 0, "%s", ms_errmsg());
+            cr_assert_eq(out[0], cases[i].want, "case %zu %s: got %g want %g", i,
+                         ms_dtype_name(dts[d]), out[0], cases[i].want);
+        }
+    }
+}
+
+/* Different densities per model (a density gradient), rescale and lambda, on a
+ * tensor large enough for ties at the threshold in every model. */
+Test(stage_ties, density_per_model_with_rescale)
+{
+    static float want[MAXN];
+    const uint64_t n = 200;
+    for (int d = 0; d < 3; d++) {
+        uint64_t rs = 77 + (uint64_t)d;
+        for (uint32_t i = 0; i < 4; i++)
+            for (uint64_t e = 0; e < n; e++) {
+                uint64_t r = th_gta_rand(&rs);
+                store[i * MAXN + e] = i == 0 ? (float)(int)(r % 17) / 16.0f
+                                             : store[e] + (float)((int)(r % 9) - 4) / 64.0f;
+            }
+        for (int resc = 0; resc < 2; resc++) {
+            struct th_gta g = { .method = "ties", .dt = dts[d], .numel = n, .ninputs = 4,
+                                .base = 0, .in = { store, store + MAXN, store + 2 * MAXN,
+                                                   store + 3 * MAXN },
+                                .weight = { 0, 0.6, 0.3, 0.45 }, .density = { 1, 0.2, 0.5, 0.8 },
+                                .normalize = true, .rescale = resc, .lambda = 0.9 };
+            cr_assert_eq(th_gta_ref(&g, want), 0);
+            expect(&g, want, resc ? "densities, rescale" : "densities");
+        }
+    }
+}
+
+Test(stage_ties, normalize_off_and_lambda)
+{
+    static float want[MAXN];
+    for (int d = 0; d < 3; d++) {
+        for (int s = 0; s < 10; s++) {
+            uint64_t rs = 500 + (uint64_t)s;
+            struct th_gta g = { .method = "ties", .dt = dts[d] };
+            th_gta_random(&g, store, 60, &rs);
+            g.normalize = s & 1;
+            g.lambda = s & 2 ? 1.0 : 3.5;
+            cr_assert_eq(th_gta_ref(&g, want), 0);
+            expect(&g, want, "normalize/lambda");
+        }
+    }
+}
+
+Test(stage_ties, base_only_is_copied)
+{
+    float base[5] = { 1.5f, -2, 0, -0.0f, 7 }, out[5];
+    struct th_gta g = { .method = "ties", .dt = MS_DT_BF16, .numel = 5, .ninputs = 1, .base = 0,
+                        .in = { base }, .weight = { 1 }, .density = { 0.5 }, .normalize = true,
+                        .lambda = 2 };
+    cr_assert_eq(th_gta_run(&g, 2, out), 0, "%s", ms_errmsg());
+    cr_assert_eq(th_gta_first_diff(out, base, 5), -1);
+}
+
+Test(stage_ties, density_keeping_nothing_is_an_error)
+{
+    static float z[100], out[100];
+    struct th_gta g = { .method = "ties", .dt = MS_DT_F32, .numel = 100, .ninputs = 2, .base = 0,
+                        .in = { z, z }, .weight = { 1, 1 }, .density = { 1, 0.001 },
+                        .normalize = true, .lambda = 1 };
+    cr_assert_eq(th_gta_ref(&g, out), -1);
+    int rc = th_gta_run(&g, 10, out);
+    cr_assert(rc < 0);
+    cr_assert(strstr(ms_errmsg(), "tensor 't': density 0.001 keeps no element of 100"),
+              "message: %s", ms_errmsg());
+}
+
+/* The registry points ties and task_arithmetic at their stages. */
+Test(stage_ties, registered)
+{
+    cr_assert_not_null(ms_method_find("ties")->ops);
+    cr_assert_not_null(ms_method_find("task_arithmetic")->ops);
+}
