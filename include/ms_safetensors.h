@@ -37,10 +37,13 @@ struct ms_st_file {
     struct ms_st_tensor *tensors; /* sorted by begin, then end, then name (empty tensors
                                      sharing an offset precede the tensor starting there) */
     char *format;                 /* __metadata__.format, or NULL */
+    bool compressed;              /* a .safetensors.zst file: file_size and every offset are
+                                     those of the decompressed stream (read with ms_zsrc) */
 };
 
 /*
- * Reads and validates the header of the safetensors file at path with every
+ * Reads and validates the header of the safetensors file at path (a path
+ * ending in ".zst" is read through zstd decompression) with every
  * check the official reader makes (peers-and-formats.md 5.2) plus duplicate
  * names. On failure returns an MS_EST_* code (or an I/O code) and a one-line
  * diagnostic naming the file and, where there is one, the tensor.
@@ -70,7 +73,8 @@ struct ms_model {
 
 /*
  * Opens a model: `path` is a directory holding model.safetensors.index.json
- * (preferred) or model.safetensors, or a path to a .safetensors file. A directory
+ * (preferred), model.safetensors or model.safetensors.zst, or a path to a
+ * .safetensors(.zst) file. Index entries may name .safetensors.zst shards. A directory
  * that has only pytorch_model.bin(.index.json) fails with MS_EUNSUPPORTED. With an
  * index, every shard header is validated and the weight_map is cross-checked
  * against the shards both ways (MS_EST_INDEX names the tensor and the files).

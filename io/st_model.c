@@ -324,6 +324,15 @@ int ms_model_open(const char *path, struct ms_model **out)
         goto out;
     }
     rc = exists(p);
+    if (rc == 0) { /* a compressed single file */
+        ms_free(p);
+        p = join(m->dir, SINGLE_NAME ".zst");
+        if (!p) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        rc = exists(p);
+    }
     if (rc < 0)
         goto out;
     if (rc == 1) {
@@ -357,7 +366,8 @@ int ms_model_open(const char *path, struct ms_model **out)
             goto out;
         }
     }
-    rc = ms_error(MS_EMODEL, "%s: no " SINGLE_NAME " or " INDEX_NAME " in this directory", m->dir);
+    rc = ms_error(MS_EMODEL, "%s: no " SINGLE_NAME "(.zst) or " INDEX_NAME " in this directory",
+                  m->dir);
 
 out:
     ms_free(p);

@@ -19,6 +19,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_out.h"
 #include "ms_safetensors.h"
 
 #include "st_impl.h"
@@ -456,29 +457,57 @@ out:
     return 0;
 }
 
+/* Where a header is read from: a plain file or a zstd-compressed one. */
+struct hsrc {
+    int fd;
+    struct ms_zsrc *z;
+};
+
+static int hsrc_read(struct hsrc *h, const char *path, void *buf, size_t len, uint64_t off)
+{
+    if (h->z)
+        return ms_zsrc_pread(h->z, buf, len, off);
+    return pread_full(h->fd, path, buf, len, off);
+}
+
+static bool has_suffix(const char *s, const char *suf)
+{
+    size_t a = strlen(s), b = strlen(suf);
+    return a >= b && !strcmp(s + a - b, suf);
+}
+
 int ms_st_open(const char *path, struct ms_st_file **out)
 {
     unsigned char *buf = NULL;
     int rc = 0;
     struct stat st;
+    struct hsrc h = { .fd = -1 };
+    uint64_t size;
 
     assert(path && out);
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return ms_error(-errno, "%s: %s", path, strerror(errno));
-    if (fstat(fd, &st) < 0) {
-        rc = ms_error(-errno, "%s: %s", path, strerror(errno));
-        goto out;
+    if (has_suffix(path, ".zst")) {
+        rc = ms_zsrc_open(path, &h.z);
+        if (rc)
+            return rc;
+        size = ms_zsrc_size(h.z);
+    } else {
+        h.fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (h.fd < 0)
+            return ms_error(-errno, "%s: %s", path, strerror(errno));
+        if (fstat(h.fd, &st) < 0) {
+            rc = ms_error(-errno, "%s: %s", path, strerror(errno));
+            goto out;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            rc = ms_error(MS_EIO, "%s: not a regular file", path);
+            goto out;
+        }
+        size = (uint64_t)st.st_size;
     }
-    if (!S_ISREG(st.st_mode)) {
-        rc = ms_error(MS_EIO, "%s: not a regular file", path);
-        goto out;
-    }
-    uint64_t size = (uint64_t)st.st_size;
     unsigned char prefix[PREFIX_BYTES];
     size_t have = (size_t)MS_MIN(size, (uint64_t)PREFIX_BYTES);
-    rc = pread_full(fd, path, prefix, have, 0);
+    rc = hsrc_read(&h, path, prefix, have, 0);
     if (rc)
         goto out;
     if (have < PREFIX_BYTES) {
@@ -498,14 +527,18 @@ int ms_st_open(const char *path, struct ms_st_file **out)
         goto out;
     }
     memcpy(buf, prefix, PREFIX_BYTES);
-    rc = pread_full(fd, path, buf + PREFIX_BYTES, (size_t)n, PREFIX_BYTES);
+    rc = hsrc_read(&h, path, buf + PREFIX_BYTES, (size_t)n, PREFIX_BYTES);
     if (rc)
         goto out;
     rc = ms_st_parse(path, buf, total, size, out);
+    if (!rc)
+        (*out)->compressed = h.z != NULL;
 
 out:
     ms_free(buf);
-    close(fd);
+    if (h.fd >= 0)
+        close(h.fd);
+    ms_zsrc_free(h.z);
     return rc;
 }
 

@@ -120,12 +120,36 @@ struct seq_writer {
     char err[512];
 };
 
+/*
+ * A compressed input shard (.safetensors.zst): reads are served by one work
+ * item at a time, in the order they were issued, so that the decompressor only
+ * moves forward within a pass (ms_zsrc restarts from the top on a backward read).
+ */
+struct zreq {
+    struct slot *s;
+    uint32_t i;
+};
+
+struct zin {
+    struct ms_zsrc *z;
+    const char *path;
+    struct zreq *q;               /* ring of pending reads, capacity qcap */
+    uint32_t qcap, qhead, qlen;
+    bool busy;
+    struct zreq cur;
+    uv_work_t work;
+    int rc;
+    char err[512];
+    struct eng *e;
+};
+
 struct eng {
     uv_loop_t loop;
     const struct ms_plan *plan;
     const struct ms_engine_opts *opts;
 
     uv_file *in_fd;               /* per (model, shard): in_fd[fd_base[model] + shard] */
+    struct zin **in_z;            /* same index: non-NULL for compressed shards */
     size_t *fd_base;
     size_t nfd;
 
@@ -408,9 +432,19 @@ static uv_file input_fd(struct eng *e, const struct ms_plan_input *in)
     return e->in_fd[e->fd_base[in->model] + in->shard];
 }
 
+static void zin_pump(struct zin *zi);
+
 static void read_issue(struct eng *e, struct slot *s, uint32_t i)
 {
     const struct ms_job *j = s->jr->job;
+    struct zin *zi = e->in_z[e->fd_base[j->in[i].model] + j->in[i].shard];
+    if (zi) {
+        assert(zi->qlen < zi->qcap);
+        zi->q[(zi->qhead + zi->qlen++) % zi->qcap] = (struct zreq){ s, i };
+        e->io_inflight++;
+        zin_pump(zi);
+        return;
+    }
     uv_buf_t b = uv_buf_init((char *)s->raw[i] + s->raw_done[i],
                              (unsigned)MS_MIN(s->raw_len[i] - s->raw_done[i], 1u << 30));
     s->rd[i].data = s;
@@ -465,6 +499,8 @@ static void reads_done(struct eng *e, struct slot *s)
     }
 }
 
+static void read_done(struct eng *e, struct slot *s, uint32_t i, ssize_t r);
+
 static void on_read(uv_fs_t *req)
 {
     struct slot *s = req->data;
@@ -473,6 +509,12 @@ static void on_read(uv_fs_t *req)
     ssize_t r = req->result;
     uv_fs_req_cleanup(req);
     e->io_inflight--;
+    read_done(e, s, i, r);
+}
+
+/* A read of input i of slot s finished with r bytes (or a negative code). */
+static void read_done(struct eng *e, struct slot *s, uint32_t i, ssize_t r)
+{
     const struct ms_plan_input *in = &s->jr->job->in[i];
     if (r < 0) {
         eng_fail(e, (int)r, "%s: read of tensor '%s' failed: %s", in->file, in->name,
@@ -491,6 +533,62 @@ static void on_read(uv_fs_t *req)
     if (--s->reads_left == 0)
         reads_done(e, s);
     pump(e);
+}
+
+static void zin_work_cb(uv_work_t *w)
+{
+    struct zin *zi = w->data;
+    struct slot *s = zi->cur.s;
+    uint32_t i = zi->cur.i;
+    ms_error_clear();
+    zi->rc = ms_zsrc_pread(zi->z, s->raw[i] + s->raw_done[i], s->raw_len[i] - s->raw_done[i],
+                           s->raw_off[i] + s->raw_done[i]);
+    if (zi->rc)
+        snprintf(zi->err, sizeof zi->err, "%s", ms_errmsg());
+}
+
+static void zin_after_cb(uv_work_t *w, int status)
+{
+    struct zin *zi = w->data;
+    struct eng *e = zi->e;
+    struct slot *s = zi->cur.s;
+    uint32_t i = zi->cur.i;
+    zi->busy = false;
+    e->io_inflight--;
+    if (status < 0 || zi->rc) {
+        if (status < 0)
+            eng_fail(e, status, "%s: read canceled", zi->path);
+        else
+            eng_fail(e, zi->rc, "%s", zi->err);
+        read_done(e, s, i, status < 0 ? status : MS_EIO);
+    } else {
+        read_done(e, s, i, (ssize_t)(s->raw_len[i] - s->raw_done[i]));
+    }
+    zin_pump(zi);
+}
+
+static void zin_pump(struct zin *zi)
+{
+    struct eng *e = zi->e;
+    while (!zi->busy && zi->qlen) {
+        zi->cur = zi->q[zi->qhead];
+        zi->qhead = (zi->qhead + 1) % zi->qcap;
+        zi->qlen--;
+        if (eng_stopping(e)) { /* drop: the slot is released by read_done */
+            e->io_inflight--;
+            read_done(e, zi->cur.s, zi->cur.i, MS_ECANCELED);
+            continue;
+        }
+        zi->busy = true;
+        zi->work.data = zi;
+        int rc = uv_queue_work(&e->loop, &zi->work, zin_work_cb, zin_after_cb);
+        if (rc < 0) {
+            zi->busy = false;
+            eng_fail(e, rc, "%s: cannot queue read: %s", zi->path, uv_strerror(rc));
+            e->io_inflight--;
+            read_done(e, zi->cur.s, zi->cur.i, rc);
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ compute */
@@ -1045,7 +1143,8 @@ static int open_inputs(struct eng *e)
     }
     e->nfd = n;
     e->in_fd = ms_malloc((n ? n : 1) * sizeof *e->in_fd);
-    if (!e->in_fd)
+    e->in_z = ms_calloc(n ? n : 1, sizeof *e->in_z);
+    if (!e->in_fd || !e->in_z)
         return ms_error(MS_ENOMEM, "out of memory");
     for (size_t i = 0; i < n; i++)
         e->in_fd[i] = -1;
@@ -1056,6 +1155,25 @@ static int open_inputs(struct eng *e)
             size_t slot = e->fd_base[j->in[i].model] + j->in[i].shard;
             if (e->in_fd[slot] >= 0)
                 continue;
+            const struct ms_st_file *f = p->models[j->in[i].model].model->shards[j->in[i].shard];
+            if (f->compressed) {
+                if (e->in_z[slot])
+                    continue;
+                struct zin *zi = ms_calloc(1, sizeof *zi);
+                if (!zi)
+                    return ms_error(MS_ENOMEM, "out of memory");
+                e->in_z[slot] = zi;
+                zi->e = e;
+                zi->path = j->in[i].file;
+                zi->qcap = MAX_SLOTS * MS_MAX_INPUTS;
+                zi->q = ms_calloc(zi->qcap, sizeof *zi->q);
+                if (!zi->q)
+                    return ms_error(MS_ENOMEM, "out of memory");
+                int rc = ms_zsrc_open(j->in[i].file, &zi->z);
+                if (rc)
+                    return rc;
+                continue;
+            }
             int fd = open(j->in[i].file, O_RDONLY | O_CLOEXEC);
             if (fd < 0)
                 return ms_error(-errno, "%s: cannot open: %s", j->in[i].file, strerror(errno));
@@ -1189,6 +1307,16 @@ static void eng_release(struct eng *e)
             if (e->in_fd[i] >= 0)
                 close(e->in_fd[i]);
     ms_free(e->in_fd);
+    if (e->in_z) {
+        for (size_t i = 0; i < e->nfd; i++) {
+            if (!e->in_z[i])
+                continue;
+            ms_zsrc_free(e->in_z[i]->z);
+            ms_free(e->in_z[i]->q);
+            ms_free(e->in_z[i]);
+        }
+    }
+    ms_free(e->in_z);
     ms_free(e->fd_base);
     if (e->osh) {
         for (size_t k = 0; k < e->nsh; k++) {
