@@ -181,6 +181,39 @@ Test(engine, bytes_identical_across_threads_budgets_and_chunks)
     }
 }
 
+/*
+ * Multi-pass methods (slerp: one reduce pass; ties: histogram and tie passes;
+ * ties with rescale: one more) give the same bytes whether their inputs stay in
+ * memory across passes or are read again in every pass, for any chunking.
+ */
+static void check_multipass(const char *name, const char *text)
+{
+    write_recipe(name, text);
+    run_ok("cd %s && rm -rf a b && mergestream merge %s a/out -q", g_dir, name);
+    const char *variants[] = {
+        "--reread", "--reread --chunk-elems 1000", "--chunk-elems 1000", "--max-memory 4M",
+        "--reread --max-memory 4M --threads 3", "--chunk-elems 64 --threads 1",
+    };
+    for (size_t i = 0; i < MS_ARRAY_LEN(variants); i++) {
+        run_ok("cd %s && rm -rf b && mergestream merge %s b/out -q %s", g_dir, name, variants[i]);
+        assert_same_output("a/out", "b/out");
+    }
+}
+
+Test(engine, slerp_in_memory_and_reread_paths_agree)
+{
+    check_multipass("slerp.yml", "merge_method: slerp\nbase_model: base\nmodels:\n"
+                                 "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n");
+}
+
+Test(engine, ties_in_memory_and_reread_paths_agree)
+{
+    check_multipass("ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\n"
+                                "models:\n  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                                "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n"
+                                "parameters:\n  rescale: true\n");
+}
+
 Test(engine, output_directory_layout)
 {
     write_recipe("linear.yml", linear_recipe);
