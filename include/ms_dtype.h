@@ -99,6 +99,14 @@ void ms_f32_to_f16_ref(const float *src, uint16_t *dst, size_t n);
  * expanding conversions run from the end. F64 narrows with RNE.
  */
 void ms_dtype_decode(enum ms_dtype dt, const void *raw, float *dst, size_t n);
+/*
+ * Decodes n elements of dt whose raw bytes sit at the top of the n-float buffer
+ * dst (raw == (char *)dst + n * (4 - size of dt)), the layout a reader gets by
+ * reading straight into the end of the buffer. Converting forward never
+ * overwrites raw bytes not yet read, so no staging copy is needed except for the
+ * last few elements. For 4-byte types raw == dst and this is ms_dtype_decode.
+ */
+void ms_dtype_decode_up(enum ms_dtype dt, const void *raw, float *dst, size_t n);
 /* Encodes n floats into dt at raw; in place allowed when raw == src. */
 void ms_dtype_encode(enum ms_dtype dt, const float *src, void *raw, size_t n);
 /* Rounds n floats in place to the nearest values of dt (F32 is a no-op). */

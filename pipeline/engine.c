@@ -47,6 +47,7 @@
 #define MAX_ACTIVE 64  /* jobs in flight at once */
 #define MIN_SLOTS 4
 #define MAX_SLOTS 64
+#define SLOT_TARGET (8u << 20) /* bytes per slot when the budget allows more slots */
 
 enum slot_state { SLOT_FREE, SLOT_READING, SLOT_QUEUED, SLOT_COMPUTING, SLOT_REDUCED,
                   SLOT_WRITING, SLOT_WREADY, SLOT_RESIDENT };
@@ -176,6 +177,8 @@ struct eng {
 
     struct slot *cq_head, *cq_tail; /* chunks ready to compute */
     uint32_t compute_inflight, compute_max;
+    uint32_t nresident;           /* slots holding a resident chunk between passes */
+    uint32_t depth;               /* most slots in flight (not free, not resident) */
     uint32_t io_inflight;
 
     uv_signal_t sigint, sigterm;
@@ -313,8 +316,13 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
     }
     sz->nstates = stateful ? 2 : 0;
     sz->state_bytes = align_up(state_max);
-    sz->nslots = MS_MIN(MS_MAX((uint32_t)(2 * threads + 2), MIN_SLOTS), MAX_SLOTS);
     uint64_t for_states = (uint64_t)sz->nstates * sz->state_bytes;
+    /* Enough slots to overlap reads, compute and writes; beyond that, more slots
+     * of about SLOT_TARGET bytes rather than fewer huge ones, so that multi-pass
+     * tensors can stay resident and a small working set stays warm in cache. */
+    uint64_t by_size = max_memory > for_states ? (max_memory - for_states) / SLOT_TARGET : 0;
+    sz->nslots = (uint32_t)MS_MIN(MS_MAX(by_size, (uint64_t)MS_MAX(2 * threads + 2, MIN_SLOTS)),
+                                  (uint64_t)MAX_SLOTS);
     if (max_memory <= for_states)
         return ms_error(MS_EINVAL, "--max-memory %" PRIu64 " is too small: the method's per-tensor "
                         "state alone needs %" PRIu64 " bytes", max_memory, for_states);
@@ -412,7 +420,9 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
     uint32_t eb = input_elem_bytes(j);
     for (uint32_t i = 0; i < j->s.ninputs; i++) {
         uint32_t ib = elem_bytes(j->in[i].dtype);
-        s->raw[i] = p;
+        /* Narrow types are read into the top of the float buffer and decoded
+         * forward (ms_dtype_decode_up); wider ones (F64) at its start. */
+        s->raw[i] = ib < 4 ? p + count * (4 - ib) : p;
         s->ck.in[i] = (const float *)(void *)p;
         s->raw_len[i] = count * ib;
         s->raw_done[i] = 0;
@@ -601,13 +611,22 @@ static void work_cb(uv_work_t *w)
     uint64_t n = s->ck.count;
     if (!s->decoded) {
         for (uint32_t i = 0; i < j->s.ninputs; i++) {
-            float *x = (float *)(void *)s->raw[i];
-            ms_dtype_decode(j->in[i].dtype, x, x, n);
+            float *x = (float *)(void *)s->ck.in[i];
+            enum ms_dtype dt = j->in[i].dtype;
+            if (elem_bytes(dt) < 4)
+                ms_dtype_decode_up(dt, s->raw[i], x, n);
+            else
+                ms_dtype_decode(dt, s->raw[i], x, n);
             /* mergekit converts to the recipe dtype when it loads, then computes
              * (slerp computes in float32 whatever that dtype is). */
-            if (ms_dtype_is_compute(j->in[i].load) && j->in[i].load != j->s.compute)
+            enum ms_dtype have = dt; /* every decoded value is exact in `have` */
+            if (ms_dtype_is_compute(j->in[i].load) && j->in[i].load != have &&
+                j->in[i].load != j->s.compute) {
                 ms_dtype_round(j->in[i].load, x, n);
-            ms_dtype_round(j->s.compute, x, n);
+                have = j->in[i].load;
+            }
+            if (have != j->s.compute && j->s.compute != MS_DT_F32)
+                ms_dtype_round(j->s.compute, x, n);
         }
         s->decoded = true;
     }
@@ -659,10 +678,12 @@ static void fold_ready(struct eng *e, struct jrun *jr)
             return;
         jr->ops->fold(jr->state, &jr->job->s, &s->ck, s->partial);
         jr->ring[jr->folded % e->nslots] = jr->resident ? s : NULL;
-        if (jr->resident)
+        if (jr->resident) {
             s->state = SLOT_RESIDENT;
-        else
+            e->nresident++;
+        } else {
             slot_put(e, s);
+        }
         jr->folded++;
     }
     if (jr->folded < jr->nchunks)
@@ -1029,11 +1050,14 @@ static void job_issue(struct eng *e, struct jrun *jr)
             struct slot *s = jr->ring[c % e->nslots];
             assert(s && s->state == SLOT_RESIDENT);
             jr->issued++;
+            e->nresident--;
             chunk_ready(e, s);
             continue;
         }
         /* A streaming reduce pass keeps at most nslots chunks between fold and issue. */
         if (jr->phase == MS_STAGE_REDUCE && c - jr->folded >= e->nslots)
+            return;
+        if (e->nslots - e->nfree - e->nresident >= e->depth)
             return;
         struct slot *s = slot_get(e);
         if (!s)
@@ -1401,6 +1425,7 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     e->opts = opts;
     unsigned threads = opts->threads ? opts->threads : default_threads();
     e->compute_max = threads;
+    e->depth = 2 * threads + 4;
     /* The pool serves file I/O and compute: leave room for reads beside compute. */
     char tp[16];
     snprintf(tp, sizeof tp, "%u", threads + 2);

@@ -362,6 +362,35 @@ void ms_dtype_decode(enum ms_dtype dt, const void *raw, float *dst, size_t n)
     }
 }
 
+void ms_dtype_decode_up(enum ms_dtype dt, const void *raw, float *dst, size_t n)
+{
+    size_t esz = ms_dtype_bits(dt) / 8;
+    if (esz >= sizeof(float)) {
+        assert((const void *)dst == raw || esz > sizeof(float));
+        ms_dtype_decode(dt, raw, dst, n);
+        return;
+    }
+    assert((const unsigned char *)raw == (const unsigned char *)dst + n * (sizeof(float) - esz));
+    /* Block [i, i+b) writes bytes [4i, 4i+4b) and reads [top+esz*i, ...) with
+     * top = n*(4-esz): disjoint while 4(i+b) <= top + esz*i. */
+    const unsigned char *src = raw;
+    size_t i = 0, b = STAGE_ELEMS;
+    size_t top = n * (sizeof(float) - esz);
+    while (i + b <= n && sizeof(float) * (i + b) <= top + esz * i) {
+        decode_run(dt, src + i * esz, dst + i, b);
+        i += b;
+    }
+    if (i < n) { /* the rest overlaps its own source: stage it */
+        union stage_buf tmp;
+        while (i < n) {
+            size_t cnt = MS_MIN(n - i, (size_t)STAGE_ELEMS);
+            memcpy(&tmp, src + i * esz, cnt * esz);
+            decode_run(dt, &tmp, dst + i, cnt);
+            i += cnt;
+        }
+    }
+}
+
 /* Staged encode: the mirror image of ms_dtype_decode (narrowing types run from
  * the start, expanding F64 from the end). Encoding into a stack buffer and then
  * copying also keeps a misaligned raw side legal. */

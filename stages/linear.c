@@ -65,15 +65,22 @@ static inline void linear_finish(enum ms_dtype d, float *restrict y, bool normal
             y[j] = ms_rnd(d, y[j]);
 }
 
+/* Elements per block: the accumulator stays in L1 across the inputs. */
+#define LINEAR_BLOCK 512
+
 static inline void linear_chunk(enum ms_dtype d, const struct linear_state *s,
                                 const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     size_t n = (size_t)c->count;
-    for (size_t j = 0; j < n; j++)
-        c->out[j] = 0.0f;
-    for (uint32_t i = 0; i < job->ninputs; i++)
-        linear_axpy(d, c->out, c->in[i], s->w[i], n);
-    linear_finish(d, c->out, s->normalize, s->wsum, n);
+    for (size_t b = 0; b < n; b += LINEAR_BLOCK) {
+        size_t m = MS_MIN((size_t)LINEAR_BLOCK, n - b);
+        float *restrict y = c->out + b;
+        for (size_t j = 0; j < m; j++)
+            y[j] = 0.0f;
+        for (uint32_t i = 0; i < job->ninputs; i++)
+            linear_axpy(d, y, c->in[i] + b, s->w[i], m);
+        linear_finish(d, y, s->normalize, s->wsum, m);
+    }
 }
 
 static void linear_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)

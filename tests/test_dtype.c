@@ -542,3 +542,31 @@ Test(dtype, round_f32_is_identity)
     for (int i = 0; i < 3; i++)
         cr_assert_eq(ms_f32_bits(x[i]), before[i]);
 }
+
+/* ms_dtype_decode_up: raw bytes at the top of the float buffer decode to the
+ * same floats as an out-of-place decode, for sizes around the staging edges. */
+Test(dtype, decode_up_matches_out_of_place)
+{
+    const enum ms_dtype dts[] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+    const size_t lens[] = { 0, 1, 2, 3, 31, 1023, 1024, 1025, 2047, 2048, 2049, 5000, 70001 };
+    for (size_t d = 0; d < 3; d++) {
+        size_t esz = ms_dtype_bits(dts[d]) / 8;
+        for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+            size_t n = lens[k];
+            uint16_t *src16 = malloc(n * 4 + 4);
+            float *want = malloc(n * 4 + 4), *buf = malloc(n * 4 + 4);
+            for (size_t i = 0; i < n * 2; i++)
+                src16[i] = (uint16_t)(i * 2654435761u >> 7) & 0x7bff;
+            ms_dtype_decode(dts[d], src16, want, n);
+            unsigned char *top = (unsigned char *)buf + n * (4 - esz);
+            memcpy(top, src16, n * esz);
+            ms_dtype_decode_up(dts[d], top, buf, n);
+            for (size_t i = 0; i < n; i++)
+                cr_assert_eq(ms_f32_bits(buf[i]), ms_f32_bits(want[i]), "%s n=%zu i=%zu",
+                             ms_dtype_name(dts[d]), n, i);
+            free(src16);
+            free(want);
+            free(buf);
+        }
+    }
+}

@@ -13,6 +13,8 @@
 #   bigtensor      a model with a 512 MiB embedding tensor, --max-memory 64M
 #   flat           linear3 at 0.5G, 1G, 2G and 4G per model (throughput vs size)
 #   ties3          three models, ties (density 0.5), default budget
+#   zstd           linear3 written with --compress zstd:3, against `zstd -T0 -3` compressing
+#                  the raw merge output (the same bytes) on the same machine
 # Environment: BENCH_DIR (default BUILD/bench), BENCH_SIZE, BENCH_MEM (default 512M),
 # BENCH_THREADS (default: cores), BENCH_KEEP=1 keeps the generated models.
 set -eu
@@ -35,7 +37,8 @@ gen3() { # gen3 NAME BYTES [extra mkmodel args] -> $dir/NAME/{base,ft1,ft2}
     d=$dir/$name
     if [ ! -f "$d/.done" ]; then
         rm -rf "$d"; mkdir -p "$d"
-        "$bin/ms-mkmodel" --size "$bytes" --dtype bf16 --shard-size 2B --seed 1 "$@" "$d/base" >/dev/null
+        if [ "$bytes" != 0 ]; then set -- --size "$bytes" "$@"; fi
+        "$bin/ms-mkmodel" --dtype bf16 --shard-size 2B --seed 1 "$@" "$d/base" >/dev/null
         "$bin/ms-mkmodel" --base "$d/base" --noise 0.002 --seed 2 "$d/ft1" >/dev/null
         "$bin/ms-mkmodel" --base "$d/base" --noise 0.002 --seed 3 "$d/ft2" >/dev/null
         touch "$d/.done"
@@ -104,6 +107,26 @@ for s in "$@"; do
         b=$(size_bytes "${BENCH_SIZE:-1.5G}")
         gen3 linear3 "$b"
         measure ties3 ties "$dir/linear3" "$mem" ;;
+    zstd)
+        b=$(size_bytes "${BENCH_SIZE:-1.5G}")
+        gen3 linear3 "$b"
+        d=$dir/linear3
+        recipe "$d/linear.yml" linear "$d"
+        rm -rf "$d/zraw" "$d/zout"
+        "$bin/mergestream" merge "$d/linear.yml" "$d/zraw" -q --out-shard-size 2B --threads "$threads"
+        raw=$(cat "$d"/zraw/*.safetensors | wc -c)
+        t0=$(date +%s.%N)
+        cat "$d"/zraw/*.safetensors | zstd -T0 -3 -q -c > "$d/zstd-cli.zst"
+        t1=$(date +%s.%N)
+        zc=$(wc -c < "$d/zstd-cli.zst")
+        t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$d/linear.yml" "$d/zout" -q \
+                --out-shard-size 2B --threads "$threads" --compress zstd:3; } 2>&1 >/dev/null | grep '^timeit:')
+        wall=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+        zm=$(cat "$d"/zout/*.zst | wc -c)
+        awk -v raw="$raw" -v a="$t0" -v b="$t1" -v zc="$zc" -v w="$wall" -v zm="$zm" \
+            'BEGIN { printf "zstd         zstd -T0 -3 alone: %6.2f s  %6.0f MB/s  ratio %.3f\n", b - a, raw / (b - a) / 1e6, zc / raw;
+                     printf "zstd         merge --compress zstd:3 (read+merge+compress): %6.2f s  %6.0f MB/s of output  ratio %.3f\n", w, raw / w / 1e6, zm / raw }'
+        rm -rf "$d/zraw" "$d/zout" "$d/zstd-cli.zst" ;;
     bigtensor)
         gen3 bigtensor 0 --layers 1 --hidden 4096 --intermediate 256 --vocab 65536
         measure bigtensor linear "$dir/bigtensor" 64M ;;
