@@ -110,6 +110,9 @@ struct ms_param_decl {
 /* Method flags */
 #define MS_M_BASE_REQUIRED 0x1u   /* base_model must be set (GTA family, slerp, ...) */
 #define MS_M_BASE_INPUT 0x2u      /* the base is an input of the method (vs ignored) */
+#define MS_M_BASE_PARAMS 0x4u     /* the base's per-model parameters are used (linear weights it);
+                                     otherwise a base needs none of its required ones */
+#define MS_M_RESULT_F32 0x8u      /* the result is float32 whatever the inputs (ramplus_tl) */
 
 struct ms_method {
     const char *name;

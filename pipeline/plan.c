@@ -774,8 +774,9 @@ static bool resolve_params(struct pb *pb, const struct pslice *sl, struct ms_job
                 ok &= param_check(pb, d, v, pos, model_ref(pb, model), fname);
                 job->s.pv[i][j] = v;
             } else if (d->required) {
-                /* The base model of a base-required method has no use for it. */
-                if ((int)i == job->s.base && (m->flags & MS_M_BASE_REQUIRED))
+                /* mergekit: required = p.required and not is_base. (linear still
+                 * needs the base's weight: mergekit crashes on None there.) */
+                if ((int)i == job->s.base && !(m->flags & MS_M_BASE_PARAMS))
                     continue;
                 snprintf(key, sizeof key, "req:%s:%zu", d->name, model);
                 pb_at(pb, MS_EPLAN, key, sl->src[src_of[i]].pos, "missing required parameter "
@@ -837,6 +838,8 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
             D = promote(D, job->in[i].load);
         out = D;
     }
+    if (pb->m->flags & MS_M_RESULT_F32)
+        out = MS_DT_F32; /* ramplus_tl: promoted by its float32 factors (2.14, 7.10) */
     if (p->out_dtype != MS_DT_NONE)
         out = p->out_dtype;
     job->out_dtype = out;
@@ -934,6 +937,20 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
             job->s.base = (int)i;
     if (!check_inputs(pb, sl, job, job->name) || !check_shapes(pb, job, tt, wd, job->name))
         goto out;
+    char wbuf[600];
+    if (!strcmp(pb->m->name, "model_stock") && n == 2) {
+        /* 2.8: the base and one other model: mergekit drops an optional tensor. */
+        if (!wd->optional)
+            pb_err(pb, MS_EPLAN, "stock2", "%s: merge method 'model_stock' needs the base and at "
+                   "least two other models; tensor '%s' has only one other",
+                   WHERE(pb->r->merge_method_pos), job->name);
+        goto out;
+    }
+    if (!strcmp(pb->m->name, "nuslerp") && sl->base != SIZE_MAX && job->s.base < 0 && n > 1) {
+        pb_err(pb, MS_EPLAN, "nuslerpbase", "tensor '%s' is missing from the base model '%s' "
+               "(nuslerp with a base needs it)", job->name, model_ref(pb, sl->base));
+        goto out;
+    }
     if (!ms_shape_numel(job->shape, job->ndim, &job->s.numel)) {
         pb_err(pb, MS_EPLAN, NULL, "tensor '%s': shape overflows", job->name);
         goto out;

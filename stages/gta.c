@@ -1,11 +1,12 @@
 /*
  * gta.c - the "generalized task arithmetic" family (mergekit-spec.md 2.6):
- * task_arithmetic and ties now; dare_*, breadcrumbs* and della* plug in as
- * further sparsifiers (enum gta_sparse) on the same passes.
+ * task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+ * della and della_linear: one set of passes, a sparsifier per method (enum
+ * gta_sparse, mergekit-spec.md 2.7) and the optional TIES sign election.
  *
  * For one output tensor with base B and the other models m in input order:
  *   d_m   = rnd(x_m - B)                        delta in the compute dtype
- *   d_m   = sparsify(d_m)                       ties: magnitude top-k (2.7)
+ *   d_m   = d_m * mask_m                        sparsifier, density < 1 only
  *   d_m   = rnd(d_m * rnd(before/after))        optional L1 rescale (2.7)
  *   WD_m  = rnd(W_m * d_m),  W_m = rnd(weight_m)
  *   consensus ("sum"): S = rnd(sum WD), maj = S >= 0 ? +1 : -1,
@@ -17,13 +18,53 @@
  * Sums over models accumulate in float32 from +0 in model order and round once
  * (mergekit-spec.md 0, rule 2).
  *
+ * Sparsifiers (mask_m):
+ *   magnitude (ties)    the k = int(density*n) largest |d|, lower index first
+ *                       among equal magnitudes (DESIGN.md 2).
+ *   random (dare_*)     keep element e iff u < p, u = (ms_rng_u32(seed, key,
+ *                       input, e) & 0xFFFFFF) * 2^-24 and p = density rounded to
+ *                       the work dtype (BF16 for BF16, else F32: 2.1.4).
+ *   magnitude_outliers  (breadcrumbs*) the positions [n_bot, n - n_top) of a
+ *                       stable ascending sort of |d|: two selections with
+ *                       higher index first, keep = top(n - n_bot) && !top(n_top).
+ *   della_magprune      per row, the 1-based stable ascending rank of |d|,
+ *                       rounded to the work dtype, gives
+ *                       p = (density-eps) + rnd(rnd(rank_norm*2)*eps), then the
+ *                       random rule above with that p.
+ * The random streams are keyed by the input index of the model (its place among
+ * the tensor's inputs, in recipe order) and the flat element index, so a mask
+ * is the same in every pass and for any chunking. The L1 rescale sums and
+ * factor are rounded to the work dtype (F32 for F16 merges with dare/della).
+ *
+ * Decisions where mergekit is undefined or crashes (documented in README):
+ *   - breadcrumbs with n_top == 0 (int(gamma*n) == 0 after the clamp, e.g.
+ *     gamma 0 or a tensor of fewer than 1/gamma elements): mergekit's slice
+ *     [n_bot:-0] is empty, so the model's delta becomes zero. We do the same
+ *     (bit-compatible); such a model then contributes only its weight to the
+ *     divisors. The plan is the place to warn about it.
+ *   - della on a one-element row: mergekit's rank norm is 0/0 (NaN
+ *     probabilities). We use p = density (rounded to the work dtype), the
+ *     random rule of dare.
+ *   - della ranks along dim 1; for 2-D tensors that is the row. Tensors of 3 or
+ *     more dimensions are refused (MS_EUNSUPPORTED) rather than ranked
+ *     differently from mergekit.
+ *   - della's density +- epsilon outside (0, 1) is an error from begin naming
+ *     the tensor (mergekit raises ValueError), for density in (0, 1).
+ *
  * Passes (the deltas are recomputed from the inputs in every pass):
- *   SELECT   magnitude only, models with density < 1: histogram passes and the
- *            tie pass of select.c, all models advancing together;
+ *   SELECT   magnitude and outliers, models with density < 1: histogram passes
+ *            and the tie pass of select.c, all selections advancing together;
  *   RESCALE  only with rescale: the L1 sums before/after the mask (ms_xacc);
  *   apply    per element, in blocks of GTA_BLOCK.
- * Memory: the state holds one histogram (32,768 or 65,536 uint64) per trimmed
- * model, whatever the tensor size.
+ * della is ROWWISE: each chunk holds whole rows. Ranking a row needs one
+ * uint32 per element: in the rescale pass that is the tail of the partial
+ * (partial_size includes one row); in apply it is the output row itself, whose
+ * words hold the row index being sorted (low ib bits) and one keep bit per
+ * trimmed model (above it) until the row's outputs overwrite them. So
+ * ib + trimmed models <= 32: rows up to 2^17 elements with 15 trimmed models,
+ * 2^28 with 4; longer rows are refused by begin.
+ * Memory: the state holds one histogram (32,768 or 65,536 uint64) per
+ * selection (one per trimmed ties model, two per breadcrumbs model).
  */
 #include <assert.h>
 #include <math.h>
@@ -39,6 +80,9 @@
 enum gta_sparse {
     GTA_SPARSE_NONE,      /* task_arithmetic: density and rescale unused */
     GTA_SPARSE_MAGNITUDE, /* ties: exact top-k by |delta| */
+    GTA_SPARSE_RANDOM,    /* dare_*: Bernoulli(density) */
+    GTA_SPARSE_OUTLIERS,  /* breadcrumbs*: drop the smallest and the largest |delta| */
+    GTA_SPARSE_DELLA,     /* della*: Bernoulli with a per-row rank-based p */
 };
 
 struct gta_kind {
@@ -48,6 +92,18 @@ struct gta_kind {
 
 static const struct gta_kind kind_task_arithmetic = { GTA_SPARSE_NONE, false };
 static const struct gta_kind kind_ties = { GTA_SPARSE_MAGNITUDE, true };
+static const struct gta_kind kind_dare_linear = { GTA_SPARSE_RANDOM, false };
+static const struct gta_kind kind_dare_ties = { GTA_SPARSE_RANDOM, true };
+static const struct gta_kind kind_breadcrumbs = { GTA_SPARSE_OUTLIERS, false };
+static const struct gta_kind kind_breadcrumbs_ties = { GTA_SPARSE_OUTLIERS, true };
+static const struct gta_kind kind_della = { GTA_SPARSE_DELLA, true };
+static const struct gta_kind kind_della_linear = { GTA_SPARSE_DELLA, false };
+
+/* Selections (histogram slots) one trimmed model uses. */
+static uint32_t kind_nsel(const struct gta_kind *kind)
+{
+    return kind->sparse == GTA_SPARSE_MAGNITUDE ? 1u : kind->sparse == GTA_SPARSE_OUTLIERS ? 2u : 0u;
+}
 
 /* ------------------------------------------------------------------------ */
 /* State                                                                     */
@@ -55,13 +111,17 @@ static const struct gta_kind kind_ties = { GTA_SPARSE_MAGNITUDE, true };
 enum gta_phase { GTA_SELECT, GTA_RESCALE, GTA_APPLY };
 
 struct gta_model {
-    uint32_t input;       /* index of this model's tensor in ms_chunk.in */
-    int32_t slot;         /* histogram / partial slot, -1 when not trimmed */
+    uint32_t input;       /* index of this model's tensor in ms_chunk.in; RNG model id */
+    int32_t slot;         /* first of kind_nsel histogram / partial slots, -1 when none */
+    int32_t bit;          /* della: keep bit among the trimmed models, -1 when none */
     float w;              /* W = rnd(weight) */
-    float factor;         /* rescale: rnd(before/after) */
-    bool trim;            /* the selection mask applies (k < numel) */
+    float factor;         /* rescale: rnd(before/after) in the work dtype */
+    float p;              /* random: keep probability; della: that of a one-element row */
+    float lo, eps;        /* della: float32(density - epsilon), float32(epsilon) */
+    bool trim;            /* a mask applies */
+    bool none;            /* the mask keeps nothing (breadcrumbs n_top == 0, della density <= 0) */
     bool scale;           /* the rescale factor applies */
-    struct ms__sel sel;   /* valid when slot >= 0 */
+    struct ms__sel sel[2]; /* magnitude: sel[0]; outliers: top(n - n_bot), top(n_top) */
 };
 
 /* Set by begin and end_pass (loop thread); read-only for reduce and apply,
@@ -69,28 +129,35 @@ struct gta_model {
 struct gta_state {
     struct gta_kind kind;
     enum ms_dtype dt;
+    enum ms_dtype wdt;    /* work dtype of the random masks and their rescale (2.1.4) */
     uint32_t phase;       /* enum gta_phase */
     uint32_t base;        /* input index of the base */
     uint32_t nm;          /* models other than the base */
-    uint32_t nslots;      /* trimmed-model slots (density < 1) */
+    uint32_t nslots;      /* histogram slots */
+    uint32_t nbits;       /* della: models with a keep bit */
+    uint32_t ib;          /* della: bits of a row index in the apply scratch */
     bool rescale, normalize, use_lambda;
     float lambda;         /* float32(lambda) */
     float div;            /* without consensus: the scalar divisor */
+    float rank_den;       /* della: rnd(max_rank - min_rank) of a row */
+    uint64_t row;         /* della: elements per ranked row */
+    uint64_t seed, key;   /* random stream of this tensor */
     size_t hist_len;      /* uint64 entries per slot in hist */
     size_t psize;         /* bytes of one partial */
     struct gta_model m[MS_MAX_INPUTS];
-    struct ms_xacc before[MS_MAX_INPUTS], after[MS_MAX_INPUTS]; /* by slot */
+    struct ms_xacc before[MS_MAX_INPUTS], after[MS_MAX_INPUTS]; /* by model */
     uint64_t hist[];      /* nslots * hist_len */
 };
 
 /* Partial of a SELECT pass: tie counts, then per-chunk histograms. */
 struct gta_part_select {
-    uint64_t ties[MS_MAX_INPUTS];   /* by slot */
-    uint32_t hist[];                /* nslots * hist_len */
+    uint64_t ties[2 * MS_MAX_INPUTS]; /* by slot */
+    uint32_t hist[];                  /* nslots * hist_len */
 };
 /* Partial of a RESCALE pass. */
 struct gta_part_rescale {
-    struct ms_xacc before[MS_MAX_INPUTS], after[MS_MAX_INPUTS]; /* by slot */
+    struct ms_xacc before[MS_MAX_INPUTS], after[MS_MAX_INPUTS]; /* by model */
+    uint32_t scratch[];               /* della: one row's sort words */
 };
 
 static int param_index(const struct ms_stage_job *job, const char *name)
@@ -98,33 +165,37 @@ static int param_index(const struct ms_stage_job *job, const char *name)
     return job->method ? ms_method_param(job->method, name) : -1;
 }
 
-/* Trimmed models need a histogram slot: non-base inputs with density < 1.
- * begin assigns slots in the same order. */
+/* Histogram slots: kind_nsel per non-base input with density < 1. begin
+ * assigns slots in the same order. */
 static uint32_t gta_nslots(const struct ms_stage_job *job, const struct gta_kind *kind)
 {
     int id = param_index(job, "density");
-    if (kind->sparse != GTA_SPARSE_MAGNITUDE || id < 0)
+    if (kind_nsel(kind) == 0 || id < 0)
         return 0;
     uint32_t n = 0;
     for (uint32_t i = 0; i < job->ninputs && i < MS_MAX_INPUTS; i++)
         n += (int)i != job->base && job->pv[i][id] < 1.0;
-    return n;
+    return n * kind_nsel(kind);
 }
 
 static size_t gta_state_size(const struct ms_stage_job *job, const struct gta_kind *kind)
 {
-    size_t len = kind->sparse == GTA_SPARSE_MAGNITUDE ? ms__sel_hist_len(job->compute) : 0;
+    size_t len = kind_nsel(kind) ? ms__sel_hist_len(job->compute) : 0;
     return sizeof(struct gta_state) + (size_t)gta_nslots(job, kind) * len * sizeof(uint64_t);
 }
 
 static size_t gta_partial_size(const struct ms_stage_job *job, const struct gta_kind *kind)
 {
-    uint32_t ns = gta_nslots(job, kind);
-    if (ns == 0)
+    if (kind->sparse == GTA_SPARSE_NONE)
         return 0;
-    size_t sel = sizeof(struct gta_part_select) +
-                 (size_t)ns * ms__sel_hist_len(job->compute) * sizeof(uint32_t);
-    return MS_MAX(sel, sizeof(struct gta_part_rescale));
+    uint32_t ns = gta_nslots(job, kind);
+    size_t sel = ns ? sizeof(struct gta_part_select) +
+                          (size_t)ns * ms__sel_hist_len(job->compute) * sizeof(uint32_t)
+                    : 0;
+    size_t resc = sizeof(struct gta_part_rescale);
+    if (kind->sparse == GTA_SPARSE_DELLA)
+        resc += (size_t)job->row_len * sizeof(uint32_t);
+    return MS_MAX(sel, resc);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -262,6 +333,148 @@ static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensu
 }
 
 /* ------------------------------------------------------------------------ */
+/* Masks                                                                     */
+
+/* random: keep[i] = u < p for the elements first..first+n-1 of one model. */
+static void keep_random(uint64_t seed, uint64_t key, uint32_t model, float p, uint64_t first,
+                        float *restrict keep, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t r = ms_rng_u32(seed, key, model, first + i);
+        keep[i] = (float)(r & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
+    }
+}
+
+/*
+ * keep[] for n deltas d of model m starting at element `first` of the chunk
+ * that starts at chunk_first (magnitude, outliers, random; not della). Calls
+ * for one chunk go in element order; run[2] carries the selections' tie counts.
+ */
+static void gta_keep(const struct gta_state *st, const struct gta_model *m, uint64_t chunk_first,
+                     uint64_t first, uint64_t *run, const float *restrict d, float *restrict keep,
+                     size_t n)
+{
+    float top[GTA_BLOCK];
+    assert(n <= GTA_BLOCK);
+    if (m->none) {
+        memset(keep, 0, n * sizeof(float));
+        return;
+    }
+    switch (st->kind.sparse) {
+    case GTA_SPARSE_MAGNITUDE:
+        ms__sel_mask(&m->sel[0], chunk_first, &run[0], d, keep, n);
+        break;
+    case GTA_SPARSE_OUTLIERS:
+        ms__sel_mask(&m->sel[0], chunk_first, &run[0], d, keep, n);
+        ms__sel_mask(&m->sel[1], chunk_first, &run[1], d, top, n);
+        for (size_t i = 0; i < n; i++)
+            keep[i] = top[i] != 0.0f ? 0.0f : keep[i];
+        break;
+    case GTA_SPARSE_RANDOM:
+        keep_random(st->seed, st->key, m->input, m->p, first, keep, n);
+        break;
+    default:
+        assert(!"della masks come from the row scratch");
+        break;
+    }
+}
+
+/* della: p of the 1-based rank r in a row, in the work dtype w, in mergekit's
+ * order: rank = rnd(rnd(r-1) + 1), rn = clamp(rnd(rnd(rank - 1) / den), 0, 1),
+ * p = rnd(lo + rnd(rnd(rn*2) * eps)). min_rank is 1 in every dtype. */
+static float della_p(const struct gta_state *st, const struct gta_model *m, uint64_t r)
+{
+    enum ms_dtype w = st->wdt;
+    if (st->row == 1)
+        return m->p; /* 0/0 in mergekit: see the top of the file */
+    float rank = ms_rnd(w, ms_rnd(w, (float)(r - 1)) + 1.0f);
+    float rn = ms_rnd(w, ms_rnd(w, rank - 1.0f) / st->rank_den);
+    rn = rn < 0.0f ? 0.0f : (rn > 1.0f ? 1.0f : rn);
+    float t = ms_rnd(w, rn * 2.0f);
+    t = ms_rnd(w, t * m->eps);
+    return ms_rnd(w, m->lo + t);
+}
+
+/* della row ranking. A row's sort words live in caller scratch (uint32 each,
+ * accessed with memcpy: in apply they alias the float output). The low bits
+ * (mask) hold a row index; heapsort orders them by (key of |d|, index), which
+ * is a stable ascending sort of |d|. */
+struct della_row {
+    enum ms_dtype dt;
+    const float *x, *b;           /* the model's and the base's row */
+    unsigned char *words;         /* row_len uint32 */
+    uint32_t mask;                /* index field */
+};
+
+static inline uint32_t word_get(const unsigned char *w, uint64_t i)
+{
+    uint32_t v;
+    memcpy(&v, w + 4 * i, 4);
+    return v;
+}
+static inline void word_put(unsigned char *w, uint64_t i, uint32_t v) { memcpy(w + 4 * i, &v, 4); }
+
+static inline uint32_t row_idx(const struct della_row *r, uint64_t pos)
+{
+    return word_get(r->words, pos) & r->mask;
+}
+static inline void row_set_idx(const struct della_row *r, uint64_t pos, uint32_t idx)
+{
+    word_put(r->words, pos, (word_get(r->words, pos) & ~r->mask) | idx);
+}
+static inline uint32_t row_key(const struct della_row *r, uint32_t idx)
+{
+    return ms__sel_key(r->dt, ms_rnd(r->dt, r->x[idx] - r->b[idx]));
+}
+
+static void row_sift(const struct della_row *r, uint64_t root, uint64_t n)
+{
+    uint32_t v = row_idx(r, root), kv = row_key(r, v);
+    for (;;) {
+        uint64_t child = 2 * root + 1;
+        if (child >= n)
+            break;
+        uint32_t c = row_idx(r, child), kc = row_key(r, c);
+        if (child + 1 < n) {
+            uint32_t c2 = row_idx(r, child + 1), k2 = row_key(r, c2);
+            if (kc < k2 || (kc == k2 && c < c2)) {
+                child++;
+                c = c2;
+                kc = k2;
+            }
+        }
+        if (!(kv < kc || (kv == kc && v < c)))
+            break;
+        row_set_idx(r, root, c);
+        root = child;
+    }
+    row_set_idx(r, root, v);
+}
+
+/* Sets the index fields of the row's words to 0..n-1 and sorts them. */
+static void row_rank(const struct della_row *r, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        row_set_idx(r, i, (uint32_t)i);
+    for (uint64_t i = n / 2; i-- > 0;)
+        row_sift(r, i, n);
+    for (uint64_t end = n; end-- > 1;) {
+        uint32_t top = row_idx(r, 0);
+        row_set_idx(r, 0, row_idx(r, end));
+        row_set_idx(r, end, top);
+        row_sift(r, 0, end);
+    }
+}
+
+/* della keep decision of the element at row index idx with 1-based rank. */
+static inline bool della_keep(const struct gta_state *st, const struct gta_model *m,
+                              uint64_t element, uint64_t rank)
+{
+    uint32_t u = ms_rng_u32(st->seed, st->key, m->input, element);
+    return (float)(u & 0xffffffu) * 0x1p-24f < della_p(st, m, rank);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Stage operations                                                          */
 
 static uint64_t *state_hist(struct gta_state *st, int32_t slot)
@@ -274,13 +487,22 @@ static int gta_after_select(struct gta_state *st)
 {
     bool any = false;
     for (uint32_t j = 0; j < st->nm; j++)
-        any |= st->m[j].trim;
+        any |= st->m[j].trim && !st->m[j].none;
     if (st->rescale && any) {
         st->phase = GTA_RESCALE;
         return MS_STAGE_REDUCE;
     }
     st->phase = GTA_APPLY;
     return MS_STAGE_APPLY;
+}
+
+/* Bits of a row index 0..n-1 (at least 1). */
+static uint32_t index_bits(uint64_t n)
+{
+    uint32_t b = 1;
+    while (b < 64 && (n - 1) >> b)
+        b++;
+    return b;
 }
 
 static int gta_begin(void *state, const struct ms_stage_job *job, const struct gta_kind *kind)
@@ -299,20 +521,30 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
         return ms_error(MS_EPLAN, "tensor '%s': %s needs the base model's tensor", name, mname);
     int iw = param_index(job, "weight"), id = param_index(job, "density");
     int inorm = param_index(job, "normalize"), iresc = param_index(job, "rescale");
-    int ilam = param_index(job, "lambda");
+    int ilam = param_index(job, "lambda"), igam = param_index(job, "gamma");
+    int ieps = param_index(job, "epsilon");
     if (iw < 0)
         return ms_error(MS_EINVAL, "tensor '%s': %s declares no weight", name, mname);
+    if ((kind->sparse == GTA_SPARSE_OUTLIERS && igam < 0) ||
+        (kind->sparse == GTA_SPARSE_DELLA && ieps < 0))
+        return ms_error(MS_EINVAL, "tensor '%s': %s declares no %s", name, mname,
+                        kind->sparse == GTA_SPARSE_DELLA ? "epsilon" : "gamma");
 
+    bool random = kind->sparse == GTA_SPARSE_RANDOM || kind->sparse == GTA_SPARSE_DELLA;
     st->kind = *kind;
     st->dt = dt;
+    st->wdt = random && dt != MS_DT_BF16 ? MS_DT_F32 : dt;
     st->base = (uint32_t)job->base;
     st->normalize = inorm >= 0 && job->gv[inorm] != 0.0;
     st->rescale = kind->sparse != GTA_SPARSE_NONE && iresc >= 0 && job->gv[iresc] != 0.0;
     double lambda = ilam >= 0 ? job->gv[ilam] : 1.0;
     st->use_lambda = lambda != 1.0;
     st->lambda = (float)lambda;
-    st->hist_len = kind->sparse == GTA_SPARSE_MAGNITUDE ? ms__sel_hist_len(dt) : 0;
+    st->seed = job->seed;
+    st->key = job->key;
+    st->hist_len = kind_nsel(kind) ? ms__sel_hist_len(dt) : 0;
     st->psize = gta_partial_size(job, kind);
+    const uint64_t n = job->numel;
 
     bool select = false;
     for (uint32_t i = 0; i < job->ninputs; i++) {
@@ -322,20 +554,71 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
         m->input = i;
         m->w = ms_rnd_param(dt, job->pv[i][iw]);
         m->slot = -1;
+        m->bit = -1;
         double density = id >= 0 ? job->pv[i][id] : 1.0;
-        if (kind->sparse != GTA_SPARSE_MAGNITUDE || !(density < 1.0))
-            continue;
-        /* mergekit: k = int(density * numel) in double, asserted > 0. */
-        uint64_t k = (uint64_t)(density * (double)job->numel);
-        if (k == 0 && job->numel > 0)
-            return ms_error(MS_EPLAN,
-                            "tensor '%s': density %g keeps no element of %llu "
-                            "(int(density*numel) == 0)",
-                            name, density, (unsigned long long)job->numel);
-        m->slot = (int32_t)st->nslots++;
-        m->trim = k < job->numel;
-        ms__sel_init(&m->sel, dt, job->numel, k, false);
-        select |= ms__sel_phase(&m->sel) != MS__SEL_DONE;
+        if (kind->sparse == GTA_SPARSE_NONE || !(density < 1.0))
+            continue; /* every sparsifier returns a density >= 1 delta unchanged */
+        m->trim = true;
+        switch (kind->sparse) {
+        case GTA_SPARSE_MAGNITUDE: {
+            /* mergekit: k = int(density * numel) in double, asserted > 0. */
+            uint64_t k = (uint64_t)(density * (double)n);
+            if (k == 0 && n > 0)
+                return ms_error(MS_EPLAN,
+                                "tensor '%s': density %g keeps no element of %llu "
+                                "(int(density*numel) == 0)",
+                                name, density, (unsigned long long)n);
+            m->slot = (int32_t)st->nslots++;
+            m->trim = k < n;
+            ms__sel_init(&m->sel[0], dt, n, k, false);
+            select |= ms__sel_phase(&m->sel[0]) != MS__SEL_DONE;
+            break;
+        }
+        case GTA_SPARSE_OUTLIERS: {
+            /* target = int(density*n), n_top = int(gamma*n), n_bot = n - target
+             * - n_top; n_bot < 0 moves into n_top. Keep ascending [n_bot, n - n_top). */
+            int64_t target = (int64_t)(density * (double)n);
+            int64_t n_top = (int64_t)(job->pv[i][igam] * (double)n);
+            int64_t n_bot = (int64_t)n - target - n_top;
+            if (n_bot < 0) {
+                n_top += n_bot;
+                n_bot = 0;
+            }
+            m->slot = (int32_t)st->nslots;
+            st->nslots += 2;
+            if (n_top <= 0) {
+                m->none = true; /* mergekit's [n_bot:-0] slice is empty */
+                break;
+            }
+            ms__sel_init(&m->sel[0], dt, n, n - (uint64_t)n_bot, true);
+            ms__sel_init(&m->sel[1], dt, n, (uint64_t)n_top, true);
+            select |= ms__sel_phase(&m->sel[0]) != MS__SEL_DONE ||
+                      ms__sel_phase(&m->sel[1]) != MS__SEL_DONE;
+            break;
+        }
+        case GTA_SPARSE_RANDOM:
+            m->p = ms_rnd_param(st->wdt, density);
+            break;
+        case GTA_SPARSE_DELLA: {
+            if (!(density > 0.0)) {
+                m->none = true; /* mergekit: density <= 0 gives zeros */
+                break;
+            }
+            double eps = job->pv[i][ieps];
+            if (density + eps >= 1.0 || density - eps <= 0.0)
+                return ms_error(MS_EPLAN,
+                                "tensor '%s': %s density %g +/- epsilon %g must lie "
+                                "strictly inside (0, 1)",
+                                name, mname, density, eps);
+            m->lo = (float)(density - eps);
+            m->eps = (float)eps;
+            m->p = ms_rnd_param(st->wdt, density);
+            m->bit = (int32_t)st->nbits++;
+            break;
+        }
+        default:
+            break;
+        }
     }
     assert(st->nslots == gta_nslots(job, kind));
 
@@ -346,15 +629,60 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
     s = ms_rnd(dt, s);
     st->div = fabsf(s) < 1e-8 ? 1.0f : s;
 
-    if (job->numel == 0 || st->nm == 0) {
+    if (n == 0 || st->nm == 0) {
         st->phase = GTA_APPLY;
         return MS_STAGE_APPLY;
+    }
+    if (st->nbits > 0) {
+        /* della ranks along dim 1 (a 1-D tensor is one row). */
+        if (job->ndim > 2)
+            return ms_error(MS_EUNSUPPORTED,
+                            "tensor '%s': %s on a %u-D tensor (mergekit ranks along dim 1; "
+                            "only 1-D and 2-D tensors are supported)",
+                            name, mname, job->ndim);
+        st->row = job->row_len;
+        st->ib = index_bits(st->row);
+        if (st->row == 0 || n % st->row != 0 || st->ib + st->nbits > 32)
+            return ms_error(MS_EUNSUPPORTED,
+                            "tensor '%s': %s rows of %llu elements with %u trimmed models "
+                            "exceed the ranking scratch (row index bits + models <= 32)",
+                            name, mname, (unsigned long long)st->row, st->nbits);
+        enum ms_dtype w = st->wdt;
+        float max_rank = ms_rnd(w, ms_rnd(w, (float)(st->row - 1)) + 1.0f);
+        st->rank_den = ms_rnd(w, max_rank - 1.0f);
     }
     if (select) {
         st->phase = GTA_SELECT;
         return MS_STAGE_REDUCE;
     }
     return gta_after_select(st);
+}
+
+/* della rescale pass over one chunk of whole rows: before += |d|, after +=
+ * |d| of the kept elements, for model m; words is one row of scratch. */
+static void della_reduce(const struct gta_state *st, const struct gta_model *m,
+                         const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
+                         struct ms_xacc *after)
+{
+    const float *x = c->in[m->input], *b = c->in[st->base];
+    const uint64_t L = st->row;
+    assert(c->count % L == 0);
+    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+        gta_delta(st->dt, d, x + off, b + off, n);
+        ms_xacc_sumabs(before, d, n);
+    }
+    for (uint64_t r0 = 0; r0 < c->count; r0 += L) {
+        struct della_row r = { .dt = st->dt, .x = x + r0, .b = b + r0, .words = words,
+                               .mask = UINT32_MAX };
+        row_rank(&r, L);
+        for (uint64_t pos = 0; pos < L; pos++) {
+            uint32_t idx = row_idx(&r, pos);
+            if (della_keep(st, m, c->first + r0 + idx, pos + 1))
+                ms_xacc_add(after, fabsf(ms_rnd(st->dt, r.x[idx] - r.b[idx])));
+        }
+    }
 }
 
 static void gta_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -371,21 +699,27 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         struct gta_part_select *p = partial;
         for (uint32_t j = 0; j < st->nm; j++) {
             const struct gta_model *m = &st->m[j];
-            enum ms__sel_phase ph = m->slot >= 0 ? ms__sel_phase(&m->sel) : MS__SEL_DONE;
-            if (ph == MS__SEL_DONE)
+            if (m->slot < 0 || m->none)
                 continue;
-            uint32_t *hist = p->hist + (size_t)m->slot * st->hist_len;
-            uint64_t ties = 0;
-            const float *x = c->in[m->input];
-            for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-                size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
-                gta_delta(st->dt, d, x + off, b + off, n);
-                if (ph == MS__SEL_HIST)
-                    ms__sel_count(&m->sel, hist, d, n);
-                else
-                    ties += ms__sel_count_ties(&m->sel, d, n);
+            for (uint32_t q = 0; q < kind_nsel(&st->kind); q++) {
+                const struct ms__sel *sel = &m->sel[q];
+                enum ms__sel_phase ph = ms__sel_phase(sel);
+                if (ph == MS__SEL_DONE)
+                    continue;
+                int32_t slot = m->slot + (int32_t)q;
+                uint32_t *hist = p->hist + (size_t)slot * st->hist_len;
+                uint64_t ties = 0;
+                const float *x = c->in[m->input];
+                for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
+                    size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+                    gta_delta(st->dt, d, x + off, b + off, n);
+                    if (ph == MS__SEL_HIST)
+                        ms__sel_count(sel, hist, d, n);
+                    else
+                        ties += ms__sel_count_ties(sel, d, n);
+                }
+                p->ties[slot] = ties;
             }
-            p->ties[m->slot] = ties;
         }
         return;
     }
@@ -394,18 +728,22 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
     struct gta_part_rescale *p = partial;
     for (uint32_t j = 0; j < st->nm; j++) {
         const struct gta_model *m = &st->m[j];
-        if (!m->trim)
+        if (!m->trim || m->none)
             continue;
-        struct ms_xacc *before = &p->before[m->slot], *after = &p->after[m->slot];
+        struct ms_xacc *before = &p->before[j], *after = &p->after[j];
         ms_xacc_init(before);
         ms_xacc_init(after);
+        if (st->kind.sparse == GTA_SPARSE_DELLA) {
+            della_reduce(st, m, c, (unsigned char *)p->scratch, before, after);
+            continue;
+        }
         const float *x = c->in[m->input];
-        uint64_t run = 0;
+        uint64_t run[2] = { 0, 0 };
         for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
             size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
             gta_delta(st->dt, d, x + off, b + off, n);
             ms_xacc_sumabs(before, d, n);
-            ms__sel_mask(&m->sel, c->first, &run, d, keep, n);
+            gta_keep(st, m, c->first, c->first + off, run, d, keep, n);
             gta_mask(st->dt, d, keep, false, 1.0f, n);
             ms_xacc_sumabs(after, d, n);
         }
@@ -420,18 +758,21 @@ static void gta_fold(void *state, const struct ms_stage_job *job, const struct m
         const struct gta_part_select *p = partial;
         for (uint32_t j = 0; j < st->nm; j++) {
             struct gta_model *m = &st->m[j];
-            if (m->slot < 0)
+            if (m->slot < 0 || m->none)
                 continue;
-            switch (ms__sel_phase(&m->sel)) {
-            case MS__SEL_HIST:
-                ms__sel_fold_hist(&m->sel, state_hist(st, m->slot),
-                                  p->hist + (size_t)m->slot * st->hist_len);
-                break;
-            case MS__SEL_TIES:
-                ms__sel_fold_ties(&m->sel, c->first, p->ties[m->slot]);
-                break;
-            default:
-                break;
+            for (uint32_t q = 0; q < kind_nsel(&st->kind); q++) {
+                int32_t slot = m->slot + (int32_t)q;
+                switch (ms__sel_phase(&m->sel[q])) {
+                case MS__SEL_HIST:
+                    ms__sel_fold_hist(&m->sel[q], state_hist(st, slot),
+                                      p->hist + (size_t)slot * st->hist_len);
+                    break;
+                case MS__SEL_TIES:
+                    ms__sel_fold_ties(&m->sel[q], c->first, p->ties[slot]);
+                    break;
+                default:
+                    break;
+                }
             }
         }
         return;
@@ -440,10 +781,10 @@ static void gta_fold(void *state, const struct ms_stage_job *job, const struct m
     const struct gta_part_rescale *p = partial;
     for (uint32_t j = 0; j < st->nm; j++) {
         const struct gta_model *m = &st->m[j];
-        if (!m->trim)
+        if (!m->trim || m->none)
             continue;
-        ms_xacc_merge(&st->before[m->slot], &p->before[m->slot]);
-        ms_xacc_merge(&st->after[m->slot], &p->after[m->slot]);
+        ms_xacc_merge(&st->before[j], &p->before[j]);
+        ms_xacc_merge(&st->after[j], &p->after[j]);
     }
 }
 
@@ -454,58 +795,90 @@ static int gta_end_pass(void *state, const struct ms_stage_job *job)
         bool more = false;
         for (uint32_t j = 0; j < st->nm; j++) {
             struct gta_model *m = &st->m[j];
-            if (m->slot < 0)
+            if (m->slot < 0 || m->none)
                 continue;
-            if (ms__sel_phase(&m->sel) == MS__SEL_HIST)
-                ms__sel_end_hist(&m->sel, state_hist(st, m->slot));
-            else if (ms__sel_phase(&m->sel) == MS__SEL_TIES)
-                ms__sel_end_ties(&m->sel);
-            more |= ms__sel_phase(&m->sel) != MS__SEL_DONE;
+            for (uint32_t q = 0; q < kind_nsel(&st->kind); q++) {
+                struct ms__sel *sel = &m->sel[q];
+                if (ms__sel_phase(sel) == MS__SEL_HIST)
+                    ms__sel_end_hist(sel, state_hist(st, m->slot + (int32_t)q));
+                else if (ms__sel_phase(sel) == MS__SEL_TIES)
+                    ms__sel_end_ties(sel);
+                more |= ms__sel_phase(sel) != MS__SEL_DONE;
+            }
         }
         return more ? MS_STAGE_REDUCE : gta_after_select(st);
     }
 
-    /* L1 rescale (mergekit-spec.md 2.7): before = rnd(sum |d|), after =
-     * rnd(sum |masked|); both >= 1e-7 gives the factor rnd(before/after). */
+    /* L1 rescale (mergekit-spec.md 2.7), in the work dtype: before = rnd(sum
+     * |d|), after = rnd(sum |masked|); both >= 1e-7 gives rnd(before/after). */
     assert(st->phase == GTA_RESCALE);
     for (uint32_t j = 0; j < st->nm; j++) {
         struct gta_model *m = &st->m[j];
-        if (!m->trim)
+        if (!m->trim || m->none)
             continue;
-        float before = ms_rnd(st->dt, (float)ms_xacc_value(&st->before[m->slot]));
-        float after = ms_rnd(st->dt, (float)ms_xacc_value(&st->after[m->slot]));
+        float before = ms_rnd(st->wdt, (float)ms_xacc_value(&st->before[j]));
+        float after = ms_rnd(st->wdt, (float)ms_xacc_value(&st->after[j]));
         m->scale = !(before < 1e-7 || after < 1e-7);
-        m->factor = m->scale ? ms_rnd(st->dt, before / after) : 1.0f;
+        m->factor = m->scale ? ms_rnd(st->wdt, before / after) : 1.0f;
     }
     st->phase = GTA_APPLY;
     return MS_STAGE_APPLY;
 }
 
-static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+/* della, apply: marks the keep bits of every trimmed model for the row whose
+ * outputs (L floats) are at words, then leaves them for gta_apply_range. */
+static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                           unsigned char *words)
 {
-    const struct gta_state *st = state;
-    assert(st->phase == GTA_APPLY);
-    const float *b = c->in[st->base];
-    if (st->nm == 0) {
-        memcpy(c->out, b, (size_t)c->count * sizeof(float));
-        return;
+    const uint64_t L = st->row;
+    const uint32_t mask = (uint32_t)(((uint64_t)1 << st->ib) - 1);
+    for (uint64_t i = 0; i < L; i++)
+        word_put(words, i, 0);
+    for (uint32_t j = 0; j < st->nm; j++) {
+        const struct gta_model *m = &st->m[j];
+        if (m->bit < 0)
+            continue;
+        struct della_row r = { .dt = st->dt, .x = c->in[m->input] + r0,
+                               .b = c->in[st->base] + r0, .words = words, .mask = mask };
+        row_rank(&r, L);
+        uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
+        for (uint64_t pos = 0; pos < L; pos++) {
+            uint32_t idx = row_idx(&r, pos);
+            if (della_keep(st, m, c->first + r0 + idx, pos + 1))
+                word_put(words, idx, word_get(words, idx) | bit);
+        }
     }
+}
+
+/* Output elements [off, off+count) of chunk c. For della, the keep bits of
+ * those elements are in the output words (della_mark_row). */
+static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
+                            uint64_t count, uint64_t (*run)[2])
+{
     float wd[MS_MAX_INPUTS][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float w[MS_MAX_INPUTS];
-    uint64_t run[MS_MAX_INPUTS] = { 0 };
+    const float *b = c->in[st->base];
+    const bool della = st->kind.sparse == GTA_SPARSE_DELLA;
     const struct gta_fin fin = { .normalize = st->normalize, .use_lambda = st->use_lambda,
                                  .lambda = st->lambda, .div = st->div };
     for (uint32_t j = 0; j < st->nm; j++)
         w[j] = st->m[j].w;
 
-    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+    for (uint64_t off = off0; off < off0 + count; off += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, off0 + count - off);
         for (uint32_t j = 0; j < st->nm; j++) {
             const struct gta_model *m = &st->m[j];
             gta_delta(st->dt, wd[j], c->in[m->input] + off, b + off, n);
             if (m->trim) {
-                ms__sel_mask(&m->sel, c->first, &run[j], wd[j], keep, n);
+                if (!della || m->none) {
+                    gta_keep(st, m, c->first, c->first + off, run[j], wd[j], keep, n);
+                } else {
+                    const unsigned char *words = (const unsigned char *)(c->out + off);
+                    uint32_t sh = st->ib + (uint32_t)m->bit;
+                    for (size_t i = 0; i < n; i++)
+                        keep[i] = (word_get(words, i) >> sh) & 1u ? 1.0f : 0.0f;
+                }
                 gta_mask(st->dt, wd[j], keep, m->scale, m->factor, n);
             }
             gta_weigh(st->dt, wd[j], m->w, n);
@@ -515,10 +888,32 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     }
 }
 
+static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    const struct gta_state *st = state;
+    assert(st->phase == GTA_APPLY);
+    if (st->nm == 0) {
+        memcpy(c->out, c->in[st->base], (size_t)c->count * sizeof(float));
+        return;
+    }
+    uint64_t run[MS_MAX_INPUTS][2];
+    memset(run, 0, sizeof(run));
+    if (st->nbits == 0) {
+        gta_apply_range(st, c, 0, c->count, run);
+        return;
+    }
+    /* della: row by row, the output row is the ranking scratch first. */
+    assert(c->count % st->row == 0);
+    for (uint64_t r0 = 0; r0 < c->count; r0 += st->row) {
+        della_mark_row(st, c, r0, (unsigned char *)(c->out + r0));
+        gta_apply_range(st, c, r0, st->row, run);
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Ops tables                                                                */
 
-#define GTA_OPS(method, kind)                                                                      \
+#define GTA_OPS(method, kind, fl)                                                                  \
     static size_t method##_state_size(const struct ms_stage_job *job)                             \
     {                                                                                              \
         return gta_state_size(job, &kind);                                                         \
@@ -532,6 +927,7 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
         return gta_begin(state, job, &kind);                                                       \
     }                                                                                              \
     const struct ms_stage_ops ms_stage_##method##_ops = {                                          \
+        .flags = (fl),                                                                             \
         .state_size = method##_state_size,                                                         \
         .partial_size = method##_partial_size,                                                     \
         .begin = method##_begin,                                                                   \
@@ -541,5 +937,11 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
         .apply = gta_apply,                                                                        \
     }
 
-GTA_OPS(task_arithmetic, kind_task_arithmetic);
-GTA_OPS(ties, kind_ties);
+GTA_OPS(task_arithmetic, kind_task_arithmetic, 0);
+GTA_OPS(ties, kind_ties, 0);
+GTA_OPS(dare_linear, kind_dare_linear, 0);
+GTA_OPS(dare_ties, kind_dare_ties, 0);
+GTA_OPS(breadcrumbs, kind_breadcrumbs, 0);
+GTA_OPS(breadcrumbs_ties, kind_breadcrumbs_ties, 0);
+GTA_OPS(della, kind_della, MS_STAGE_ROWWISE);
+GTA_OPS(della_linear, kind_della_linear, MS_STAGE_ROWWISE);

@@ -43,6 +43,14 @@ void ms__sel_init(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t k, b
         s->phase = MS__SEL_HIST;
 }
 
+void ms__sel_init_kth(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t k)
+{
+    assert(k >= 1 && k <= n);
+    ms__sel_init(s, dt, n, k, false);
+    s->exact = true;
+    s->phase = MS__SEL_HIST; /* also for k == n: the key of the minimum is wanted */
+}
+
 /* ------------------------------------------------------------------------ */
 /* Counting kernels. Each is a leaf loop specialised on the dtype so the key
  * computation inlines; the scalar form is the reference (there is no SIMD
@@ -131,7 +139,7 @@ void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
     if (s->dt != MS_DT_F32) {
         sel_set_threshold(s, (uint32_t)b, need, at);
     } else if (s->level == 0) {
-        if (need == at) {
+        if (need == at && !s->exact) {
             /* The whole high bin is selected: key >= b << 16, no second level. */
             s->key = (uint32_t)b << 16;
             s->need = s->at = 0;

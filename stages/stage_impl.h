@@ -15,17 +15,52 @@
 #define MS_STAGE_OPS_SLERP (&ms_stage_slerp_ops)
 #define MS_STAGE_OPS_TASK_ARITHMETIC (&ms_stage_task_arithmetic_ops)
 #define MS_STAGE_OPS_TIES (&ms_stage_ties_ops)
+#define MS_STAGE_OPS_NEARSWAP (&ms_stage_nearswap_ops)
+#define MS_STAGE_OPS_RAM (&ms_stage_ram_ops)
+#define MS_STAGE_OPS_RAMPLUS_TL (&ms_stage_ramplus_tl_ops)
+#define MS_STAGE_OPS_MODEL_STOCK (&ms_stage_model_stock_ops)
+#define MS_STAGE_OPS_KARCHER (&ms_stage_karcher_ops)
+#define MS_STAGE_OPS_MULTISLERP (&ms_stage_multislerp_ops)
+#define MS_STAGE_OPS_NUSLERP (&ms_stage_nuslerp_ops)
 
 /* linear.c, passthrough.c, slerp.c (mergekit-spec.md 2.2, 2.12, 2.3) */
 extern const struct ms_stage_ops ms_stage_linear_ops;
 extern const struct ms_stage_ops ms_stage_passthrough_ops;
 extern const struct ms_stage_ops ms_stage_slerp_ops;
 
+/* nuslerp.c, multislerp.c, karcher.c, model_stock.c, nearswap.c, ram.c
+ * (ram and ramplus_tl) (mergekit-spec.md 2.4, 2.5, 2.9, 2.8, 2.10, 2.14) */
+extern const struct ms_stage_ops ms_stage_nearswap_ops;
+extern const struct ms_stage_ops ms_stage_ram_ops;
+extern const struct ms_stage_ops ms_stage_ramplus_tl_ops;
+extern const struct ms_stage_ops ms_stage_model_stock_ops;
+extern const struct ms_stage_ops ms_stage_karcher_ops;
+extern const struct ms_stage_ops ms_stage_multislerp_ops;
+extern const struct ms_stage_ops ms_stage_nuslerp_ops;
+
 /* ======================================================================== */
 /* gta.c - the generalized task arithmetic family (mergekit-spec.md 2.6)     */
 /* ======================================================================== */
 extern const struct ms_stage_ops ms_stage_task_arithmetic_ops;
 extern const struct ms_stage_ops ms_stage_ties_ops;
+extern const struct ms_stage_ops ms_stage_dare_linear_ops;
+extern const struct ms_stage_ops ms_stage_dare_ties_ops;
+extern const struct ms_stage_ops ms_stage_breadcrumbs_ops;
+extern const struct ms_stage_ops ms_stage_breadcrumbs_ties_ops;
+extern const struct ms_stage_ops ms_stage_della_ops;
+extern const struct ms_stage_ops ms_stage_della_linear_ops;
+#define MS_STAGE_OPS_DARE_LINEAR (&ms_stage_dare_linear_ops)
+#define MS_STAGE_OPS_DARE_TIES (&ms_stage_dare_ties_ops)
+#define MS_STAGE_OPS_BREADCRUMBS (&ms_stage_breadcrumbs_ops)
+#define MS_STAGE_OPS_BREADCRUMBS_TIES (&ms_stage_breadcrumbs_ties_ops)
+#define MS_STAGE_OPS_DELLA (&ms_stage_della_ops)
+#define MS_STAGE_OPS_DELLA_LINEAR (&ms_stage_della_linear_ops)
+
+/* sce.c, arcee_fusion.c (mergekit-spec.md 2.13, 2.11) */
+extern const struct ms_stage_ops ms_stage_sce_ops;
+extern const struct ms_stage_ops ms_stage_arcee_fusion_ops;
+#define MS_STAGE_OPS_SCE (&ms_stage_sce_ops)
+#define MS_STAGE_OPS_ARCEE_FUSION (&ms_stage_arcee_fusion_ops)
 
 /* ======================================================================== */
 /* select.c - exact top-k by magnitude over a stream (GTA family)            */
@@ -80,11 +115,20 @@ struct ms__sel {                  /* plain data: lives in a stage's state */
     uint64_t cut_first;           /* first element of the chunk holding the cut (located) */
     uint64_t cut_r;               /* ties of that chunk on the low side (1..) */
     bool located;
+    bool exact;                   /* ms__sel_init_kth: T is always the exact k-th key */
 };
 
 /* Starts a selection of k of n elements (k > n is taken as n). k == 0 and
  * k == n need no pass. */
 void ms__sel_init(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t k, bool high_first);
+/*
+ * Starts an order statistic (arcee_fusion's quantiles): the key of the k-th
+ * largest magnitude, 1 <= k <= n. Unlike ms__sel_init it runs the counting
+ * passes even for k == n, and for F32 it always resolves both levels, so once
+ * the phase has left MS__SEL_HIST, s->key is exactly that key (the tie pass
+ * is not needed and may be skipped). ms__sel_key_value turns it into |x|.
+ */
+void ms__sel_init_kth(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t k);
 static inline enum ms__sel_phase ms__sel_phase(const struct ms__sel *s)
 {
     return (enum ms__sel_phase)s->phase;
@@ -141,6 +185,19 @@ static inline uint32_t ms__sel_key(enum ms_dtype dt, float x)
     if (u >= 0x38800000u) /* >= 2^-14 */
         return (u >> 13) - ((127u - 15u) << 10);
     return (uint32_t)(ms_f32_from_bits(u) * 0x1p24f);
+}
+
+/* The magnitude whose key is `key` in dt (inverse of ms__sel_key on |x|;
+ * the NaN key gives NaN). */
+static inline float ms__sel_key_value(enum ms_dtype dt, uint32_t key)
+{
+    if (dt == MS_DT_F32)
+        return ms_f32_from_bits(key == 0x7fffffffu ? 0x7fc00000u : key);
+    if (key >= 0x7fffu)
+        return ms_f32_from_bits(0x7fc00000u);
+    if (dt == MS_DT_BF16)
+        return ms_f32_from_bits(key << 16);
+    return ms_f16_to_f32_1((uint16_t)key);
 }
 
 #endif

@@ -628,11 +628,47 @@ Test(plan, err_unknown_method)
                "unknown merge method 'lineer'", "linear, slerp", NULL);
 }
 
-Test(plan, err_unsupported_method)
+/* mergekit: a per-model parameter is required only of models that are not the
+ * base (nuslerp's base carries no weight), except that linear weights the base. */
+Test(plan, base_needs_no_required_per_model_parameter)
 {
     mk((struct mspec){ .dir = "a" });
-    plan_fails("merge_method: della\nbase_model: a\nmodels:\n  - model: a\n", MS_EUNSUPPORTED,
-               "merge method 'della' is not supported yet", NULL);
+    mk((struct mspec){ .dir = "b" });
+    mk((struct mspec){ .dir = "c" });
+    plan_ok("merge_method: nuslerp\nbase_model: a\nmodels:\n  - model: b\n"
+            "    parameters: {weight: 1}\n  - model: c\n    parameters: {weight: 2}\n");
+    const struct ms_job *j = job_ok("model.norm.weight");
+    cr_assert_eq(j->s.ninputs, 3);
+    cr_assert_eq(pv("model.norm.weight", "c", "weight"), 2.0);
+    ms_plan_free(g_plan);
+    g_plan = NULL;
+    plan_fails("merge_method: linear\nbase_model: a\nmodels:\n  - model: b\n"
+               "    parameters: {weight: 1}\n", MS_EPLAN,
+               "missing required parameter 'weight' for model 'a'", NULL);
+}
+
+/* 2.14 and 7.10: ramplus_tl's result is float32 unless out_dtype says otherwise. */
+Test(plan, ramplus_tl_result_is_float32)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    plan_ok("merge_method: ramplus_tl\nbase_model: a\nmodels:\n  - model: b\n");
+    cr_assert_eq(job_ok("model.norm.weight")->out_dtype, MS_DT_F32);
+    cr_assert_eq(job_ok("model.norm.weight")->s.compute, MS_DT_BF16);
+    ms_plan_free(g_plan);
+    g_plan = NULL;
+    plan_ok("merge_method: ramplus_tl\nbase_model: a\nout_dtype: bfloat16\nmodels:\n"
+            "  - model: b\n");
+    cr_assert_eq(job_ok("model.norm.weight")->out_dtype, MS_DT_BF16);
+}
+
+/* 2.8: model_stock needs the base and two other models for a required tensor. */
+Test(plan, err_model_stock_with_one_other_model)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    plan_fails("merge_method: model_stock\nbase_model: a\nmodels:\n  - model: b\n", MS_EPLAN,
+               "merge method 'model_stock' needs the base and at least two other models", NULL);
 }
 
 Test(plan, err_ties_without_base)

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ms_common.h"
 #include "th_gta.h"
 
 uint64_t th_gta_rand(uint64_t *s)
@@ -29,26 +30,39 @@ float th_gta_rnd(enum ms_dtype dt, float x)
 void th_gta_job(const struct th_gta *g, struct ms_stage_job *job, int64_t *shape)
 {
     memset(job, 0, sizeof(*job));
-    shape[0] = (int64_t)g->numel;
     job->name = "t";
-    job->ndim = 1;
+    if (g->row_len && g->row_len < g->numel) {
+        shape[0] = (int64_t)(g->numel / g->row_len);
+        shape[1] = (int64_t)g->row_len;
+        job->ndim = 2;
+        job->row_len = g->row_len;
+    } else {
+        shape[0] = (int64_t)g->numel;
+        job->ndim = 1;
+        job->row_len = g->numel;
+    }
     job->shape = shape;
     job->numel = g->numel;
-    job->row_len = g->numel;
     job->compute = g->dt;
     job->ninputs = g->ninputs;
     job->base = g->base;
     job->method = ms_method_find(g->method);
     const struct ms_method *m = job->method;
     int iw = ms_method_param(m, "weight"), id = ms_method_param(m, "density");
+    int ig = ms_method_param(m, "gamma"), ie = ms_method_param(m, "epsilon");
     for (uint32_t i = 0; i < g->ninputs; i++) {
         job->pv[i][iw] = g->weight[i];
         job->pv[i][id] = g->density[i];
+        if (ig >= 0)
+            job->pv[i][ig] = g->gamma[i];
+        if (ie >= 0)
+            job->pv[i][ie] = g->epsilon[i];
     }
     job->gv[ms_method_param(m, "normalize")] = g->normalize;
     job->gv[ms_method_param(m, "rescale")] = g->rescale;
     job->gv[ms_method_param(m, "lambda")] = g->lambda;
     job->gv[ms_method_param(m, "int8_mask")] = 0;
+    job->seed = g->seed;
     job->key = ms_hash_str(job->name);
 }
 
@@ -106,14 +120,112 @@ void th_gta_random(struct th_gta *g, float *store, uint64_t maxn, uint64_t *rs)
         wsum -= g->weight[last];
         g->weight[last] = -wsum;
     }
+    g->row_len = 0;
+    g->seed = 0;
+    if (!strncmp(g->method, "ties", 4) || !strcmp(g->method, "task_arithmetic"))
+        return; /* their draws stay as they were */
+    static const double gammas[] = { 0.01, 0.1, 0.2, 0.0, 0.5, 0.05 };
+    static const double epsilons[] = { 0.15, 0.05, 0.1, 0.2 };
+    g->seed = th_gta_rand(rs);
+    for (uint32_t i = 0; i < g->ninputs; i++) {
+        g->gamma[i] = pick(rs, gammas, sizeof(gammas) / sizeof(gammas[0]));
+        double e = pick(rs, epsilons, sizeof(epsilons) / sizeof(epsilons[0]));
+        double d = g->density[i];
+        if (d < 1.0 && (d + e >= 1.0 || d - e <= 0.0))
+            e = (d < 1.0 - d ? d : 1.0 - d) / 2.0;
+        g->epsilon[i] = e;
+    }
+    /* della: a 2-D [rows, L] tensor most of the time (the data stay). */
+    if (!strncmp(g->method, "della", 5) && th_gta_rand(rs) % 4 != 0) {
+        uint64_t L = 1 + th_gta_rand(rs) % (n < 40 ? n : 40);
+        g->row_len = L;
+        g->numel = n / L * L;
+    }
 }
 
 int th_gta_run(const struct th_gta *g, uint64_t chunk, float *out)
 {
     struct ms_stage_job job;
-    int64_t shape[1];
+    int64_t shape[2];
     th_gta_job(g, &job, shape);
     return ms_stage_run_mem(&job, g->in, out, chunk);
+}
+
+int th_stage_run_shuffled(const struct ms_stage_job *job, const float *const *in, float *out,
+                          uint64_t chunk, uint64_t rs)
+{
+    const struct ms_stage_ops *ops = job->method->ops;
+    uint64_t n = job->numel;
+    if (chunk == 0 || chunk > n)
+        chunk = n ? n : 1;
+    if (ops->flags & MS_STAGE_ROWWISE) {
+        uint64_t row = job->row_len ? job->row_len : 1;
+        chunk = (chunk / row ? chunk / row : 1) * row;
+    }
+    uint64_t nch = n ? (n + chunk - 1) / chunk : 0;
+    size_t ssize = ops->state_size ? ops->state_size(job) : 0;
+    size_t psize = ops->partial_size ? ops->partial_size(job) : 0;
+    size_t pstride = (psize + 63) / 64 * 64 + 64;
+    void *state = ms_aligned_alloc(ssize + 64);
+    unsigned char *pp = ms_aligned_alloc(pstride * (nch ? nch : 1));
+    uint64_t *order = malloc((nch ? nch : 1) * sizeof(uint64_t));
+    memset(state, 0, ssize + 64);
+    int rc = ops->begin ? ops->begin(state, job) : MS_STAGE_APPLY;
+    uint32_t pass = 0;
+    for (;;) {
+        for (uint64_t i = 0; i < nch; i++)
+            order[i] = i;
+        for (uint64_t i = nch; i > 1; i--) {
+            uint64_t j = th_gta_rand(&rs) % i, t = order[i - 1];
+            order[i - 1] = order[j];
+            order[j] = t;
+        }
+        if (rc != MS_STAGE_REDUCE)
+            break;
+        for (uint64_t k = 0; k < nch; k++) {
+            uint64_t i = order[k];
+            struct ms_chunk c;
+            memset(&c, 0, sizeof(c));
+            c.first = i * chunk;
+            c.count = n - c.first < chunk ? n - c.first : chunk;
+            c.index = (uint32_t)i;
+            c.pass = pass;
+            for (uint32_t m = 0; m < job->ninputs; m++)
+                c.in[m] = in[m] + c.first;
+            memset(pp + i * pstride, 0x5a, pstride);
+            ops->reduce(state, job, &c, pp + i * pstride);
+        }
+        for (uint64_t i = 0; i < nch; i++) {
+            struct ms_chunk c;
+            memset(&c, 0, sizeof(c));
+            c.first = i * chunk;
+            c.count = n - c.first < chunk ? n - c.first : chunk;
+            c.index = (uint32_t)i;
+            c.pass = pass;
+            ops->fold(state, job, &c, pp + i * pstride);
+        }
+        rc = ops->end_pass(state, job);
+        pass++;
+    }
+    if (rc == MS_STAGE_APPLY) {
+        for (uint64_t k = 0; k < nch; k++) {
+            uint64_t i = order[k];
+            struct ms_chunk c;
+            memset(&c, 0, sizeof(c));
+            c.first = i * chunk;
+            c.count = n - c.first < chunk ? n - c.first : chunk;
+            c.index = (uint32_t)i;
+            c.pass = pass;
+            for (uint32_t m = 0; m < job->ninputs; m++)
+                c.in[m] = in[m] + c.first;
+            c.out = out + c.first;
+            ops->apply(state, job, &c);
+        }
+    }
+    ms_aligned_free(pp);
+    ms_aligned_free(state);
+    free(order);
+    return rc;
 }
 
 long th_gta_first_diff(const float *a, const float *b, uint64_t n)
@@ -135,11 +247,126 @@ static int cmp_mag(const void *pa, const void *pb)
     return a < b ? -1 : a > b;
 }
 
+/* Stable ascending order of |d| as float32, NaN last (torch.sort), ties by
+ * index: what a stable ascending sort gives. */
+static int cmp_asc(const void *pa, const void *pb)
+{
+    uint64_t a = *(const uint64_t *)pa, b = *(const uint64_t *)pb;
+    float x = fabsf(cmp_d[a]), y = fabsf(cmp_d[b]);
+    bool xn = isnan(x), yn = isnan(y);
+    if (xn != yn)
+        return xn ? 1 : -1;
+    if (!xn && x != y)
+        return x < y ? -1 : 1;
+    return a < b ? -1 : a > b;
+}
+
+/* u < p with u from the element's 24 random bits (mergekit-spec.md 2.7). */
+static bool draw(uint64_t seed, uint32_t model, uint64_t e, float p)
+{
+    uint32_t r = ms_rng_u32(seed, ms_hash_str("t"), model, e);
+    return (float)(r & 0xFFFFFF) / 16777216.0f < p;
+}
+
+/*
+ * Step 4: the sparsifier of g->method on delta d of input `input` (density < 1).
+ * Fills mask (0/1) and returns the work dtype, or -1 / -2 on mergekit's
+ * assertion / ValueError.
+ */
+static int sparsify_mask(const struct th_gta *g, uint32_t input, const float *d, float *mask,
+                         enum ms_dtype *work)
+{
+    enum ms_dtype D = g->dt;
+    uint64_t n = g->numel;
+    double density = g->density[input];
+    const char *me = g->method;
+    bool random = !strncmp(me, "dare", 4) || !strncmp(me, "della", 5);
+    enum ms_dtype W = random && D != MS_DT_BF16 ? MS_DT_F32 : D;
+    *work = W;
+    uint64_t *idx = malloc((n ? n : 1) * sizeof(uint64_t));
+    for (uint64_t e = 0; e < n; e++) {
+        idx[e] = e;
+        mask[e] = 0.0f;
+    }
+    cmp_d = d;
+    int rc = 0;
+    if (!strcmp(me, "ties")) {
+        uint64_t k = (uint64_t)(density * (double)n);
+        if (k == 0) {
+            rc = -1;
+        } else {
+            qsort(idx, n, sizeof(uint64_t), cmp_mag);
+            for (uint64_t e = 0; e < k; e++)
+                mask[idx[e]] = 1.0f;
+        }
+    } else if (!strncmp(me, "dare", 4)) {
+        float p = th_gta_rnd(W, (float)density);
+        for (uint64_t e = 0; e < n; e++)
+            mask[e] = draw(g->seed, input, e, p) ? 1.0f : 0.0f;
+    } else if (!strncmp(me, "breadcrumbs", 11)) {
+        long long target = (long long)(density * (double)n);
+        long long n_top = (long long)(g->gamma[input] * (double)n);
+        long long n_bot = (long long)n - target - n_top;
+        if (n_bot < 0) {
+            n_top += n_bot;
+            n_bot = 0;
+        }
+        qsort(idx, n, sizeof(uint64_t), cmp_asc);
+        /* indices[n_bot:-n_top]: a Python slice, empty when n_top == 0. */
+        long long end = n_top == 0 ? 0 : (long long)n - n_top;
+        for (long long e = n_bot; e < end; e++)
+            mask[idx[e]] = 1.0f;
+    } else if (!strncmp(me, "della", 5)) {
+        double eps = g->epsilon[input];
+        if (density <= 0.0) {
+            /* zeros */
+        } else if (density + eps >= 1.0 || density - eps <= 0.0) {
+            rc = -2;
+        } else {
+            uint64_t L = g->row_len && g->row_len < n ? g->row_len : n;
+            float *rank = malloc(L * sizeof(float));
+            for (uint64_t r0 = 0; r0 < n; r0 += L) {
+                cmp_d = d + r0;
+                for (uint64_t i = 0; i < L; i++)
+                    idx[i] = i;
+                qsort(idx, L, sizeof(uint64_t), cmp_asc);
+                for (uint64_t pos = 0; pos < L; pos++) {
+                    float r0f = g->exact_ranks ? (float)pos : th_gta_rnd(W, (float)pos);
+                    rank[idx[pos]] = g->exact_ranks ? r0f + 1 : th_gta_rnd(W, r0f + 1.0f);
+                }
+                float lo = rank[0], hi = rank[0];
+                for (uint64_t i = 1; i < L; i++) {
+                    lo = rank[i] < lo ? rank[i] : lo;
+                    hi = rank[i] > hi ? rank[i] : hi;
+                }
+                for (uint64_t i = 0; i < L; i++) {
+                    float p;
+                    if (L == 1) {
+                        p = th_gta_rnd(W, (float)density); /* our rule for 0/0 */
+                    } else {
+                        float rn = th_gta_rnd(W, th_gta_rnd(W, rank[i] - lo) / th_gta_rnd(W, hi - lo));
+                        rn = rn < 0 ? 0 : rn > 1 ? 1 : rn;
+                        float t = th_gta_rnd(W, th_gta_rnd(W, rn * 2) * (float)eps);
+                        p = th_gta_rnd(W, (float)(density - eps) + t);
+                    }
+                    mask[r0 + i] = draw(g->seed, input, r0 + i, p) ? 1.0f : 0.0f;
+                }
+            }
+            free(rank);
+        }
+    }
+    free(idx);
+    return rc;
+}
+
 int th_gta_ref(const struct th_gta *g, float *out)
 {
     enum ms_dtype D = g->dt;
     uint64_t n = g->numel;
-    bool ties = strcmp(g->method, "ties") == 0;
+    const char *me = g->method;
+    bool consensus = !strcmp(me, "ties") || !strcmp(me, "dare_ties") ||
+                     !strcmp(me, "breadcrumbs_ties") || !strcmp(me, "della");
+    bool sparse = strcmp(me, "task_arithmetic") != 0;
     const float *B = g->in[g->base];
     float *delta[MS_MAX_INPUTS], W[MS_MAX_INPUTS];
     uint32_t nm = 0;
@@ -148,43 +375,37 @@ int th_gta_ref(const struct th_gta *g, float *out)
     for (uint32_t i = 0; i < g->ninputs; i++) {
         if ((int)i == g->base)
             continue;
-        float *d = malloc(n * sizeof(float));
+        float *d = malloc((n ? n : 1) * sizeof(float));
         for (uint64_t e = 0; e < n; e++)
             d[e] = th_gta_rnd(D, g->in[i][e] - B[e]);
         W[nm] = th_gta_rnd(D, (float)g->weight[i]);
         double density = g->density[i];
         delta[nm++] = d;
 
-        /* Step 4: magnitude sparsifier (ties only). */
-        if (!ties || density >= 1.0)
+        /* Step 4: the sparsifier, then the L1 rescale in the work dtype. */
+        if (!sparse || density >= 1.0)
             continue;
-        uint64_t k = (uint64_t)(density * (double)n);
-        if (k == 0) {
+        float *mask = malloc((n ? n : 1) * sizeof(float));
+        enum ms_dtype Wd;
+        int rc = sparsify_mask(g, i, d, mask, &Wd);
+        if (rc < 0) {
+            free(mask);
             for (uint32_t j = 0; j < nm; j++)
                 free(delta[j]);
-            return -1;
+            return rc;
         }
-        uint64_t *idx = malloc(n * sizeof(uint64_t));
-        float *mask = calloc(n, sizeof(float));
-        for (uint64_t e = 0; e < n; e++)
-            idx[e] = e;
-        cmp_d = d;
-        qsort(idx, n, sizeof(uint64_t), cmp_mag);
-        for (uint64_t e = 0; e < k; e++)
-            mask[idx[e]] = 1.0f;
         double before = 0, after = 0;
         for (uint64_t e = 0; e < n; e++) {
             before += fabs((double)d[e]);
             after += fabs((double)(d[e] * mask[e]));
         }
-        float fb = th_gta_rnd(D, (float)before), fa = th_gta_rnd(D, (float)after);
+        float fb = th_gta_rnd(Wd, (float)before), fa = th_gta_rnd(Wd, (float)after);
         bool scale = g->rescale && !(fb < 1e-7 || fa < 1e-7);
-        float f = scale ? th_gta_rnd(D, fb / fa) : 1.0f;
+        float f = scale ? th_gta_rnd(Wd, fb / fa) : 1.0f;
         for (uint64_t e = 0; e < n; e++) {
             float masked = d[e] * mask[e];
-            d[e] = scale ? th_gta_rnd(D, masked * f) : masked;
+            d[e] = scale ? th_gta_rnd(D, th_gta_rnd(Wd, masked * f)) : masked;
         }
-        free(idx);
         free(mask);
     }
 
@@ -207,7 +428,7 @@ int th_gta_ref(const struct th_gta *g, float *out)
         for (uint32_t j = 0; j < nm; j++)
             wd[j] = th_gta_rnd(D, W[j] * delta[j][e]); /* step 5 */
         float mixed = 0.0f, div;
-        if (ties) { /* step 6 */
+        if (consensus) { /* step 6 */
             float S = 0.0f;
             for (uint32_t j = 0; j < nm; j++)
                 S += wd[j];

@@ -1,0 +1,283 @@
+/*
+ * multislerp.c - the `multislerp` method (mergekit-spec.md 2.5): barycentric
+ * interpolation of several models on the hypersphere, through the tangent
+ * space at their normalised weighted mean, optionally around a base model.
+ *
+ * With X_i the non-base models in input order (spec 2.1.2: config order), B
+ * the base if it is present, rnd() rounding to the compute dtype D, every
+ * vector the whole flattened tensor, and e = float32(eps):
+ *   X_i  = rnd(X_i - B)                                  (with a base)
+ *   W_i  = rnd(float32(weight_i)); normalize_weights: S = rnd(0 + W_0 + W_1 ...),
+ *          w_i = rnd(W_i / S) (no zero guard, spec 7.7); else w_i = W_i
+ *   n_i  = rnd(sqrtf(float32(sum X_i^2)))               pass 0
+ *   U_i  = rnd(X_i / rnd(n_i + e))
+ *   M    = rnd(0 + rnd(U_0*w_0) + rnd(U_1*w_1) ...)      float32 sum over models, in order
+ *   mn   = rnd(sqrtf(float32(sum M^2)))                 pass 1
+ *   mn < rnd(eps): two models give rnd(rnd(X_0*w_0) + rnd(X_1*w_1)) (+ B), more are an error
+ *   m    = rnd(M / mn)
+ *   dt_i = rnd(float32(sum rnd(U_i*m)))                 pass 2
+ *   T_i  = rnd(U_i - rnd(dt_i*m)); tau = rnd(0 + rnd(T_0*w_0) + ...)
+ *   tn   = rnd(rnd(sqrtf(float32(sum tau^2))) + e)      pass 3
+ *   r    = rnd(rnd(m*rnd(cosf(tn))) + rnd(tau*rnd(rnd(sinf(tn))/tn)))
+ *   out  = rnd(r * rnd(0 + rnd(n_0*w_0) + ...))  (+ B: rnd(out + B))
+ * Elementwise steps are torch's per-op roundings. The four whole-tensor sums
+ * are exact (ms_xacc) and rounded once to float32 where torch adds in float32
+ * in a blocked order: about 1 ulp of a scalar apart in rare cases (spec 7.20).
+ * Each pass recomputes the elementwise steps it needs from the inputs, so the
+ * stage holds only scalars; the result does not depend on chunking.
+ *
+ * Inputs: one non-base model is returned unchanged (the base is then ignored);
+ * none is an error.
+ */
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "stage_impl.h"
+
+enum { MSL_NORMS = 0, MSL_MEAN = 1, MSL_DOTS = 2, MSL_TAN = 3 }; /* reduce passes */
+
+struct mslerp_state {
+    int ib;                       /* input index of the base, or -1 */
+    uint32_t n;                   /* non-base models N */
+    uint32_t it[MS_MAX_INPUTS];   /* their input indices, in input order */
+    bool copy;                    /* N == 1: out = X_0 as loaded */
+    bool lerp;                    /* mn < eps with N == 2: the linear fallback */
+    uint32_t pass;                /* reduce pass under way (end_pass advances it) */
+    float w[MS_MAX_INPUTS];       /* w_i */
+    float e;                      /* float32(eps) */
+    float den[MS_MAX_INPUTS];     /* rnd(n_i + e) */
+    float norm[MS_MAX_INPUTS];    /* n_i */
+    float mn;                     /* ||M|| */
+    float dot[MS_MAX_INPUTS];     /* dt_i */
+    float cs, q, avg;             /* rnd(cos tn), rnd(sin tn / tn), rnd(sum n_i w_i) */
+    struct ms_xacc acc[MS_MAX_INPUTS]; /* the pass's folded sums */
+};
+
+static size_t mslerp_state_size(const struct ms_stage_job *job) { return sizeof(struct mslerp_state); }
+
+static size_t mslerp_partial_size(const struct ms_stage_job *job)
+{
+    return MS_MIN(job->ninputs, MS_MAX_INPUTS) * sizeof(struct ms_xacc);
+}
+
+/* Sums a pass folds: one per model for norms and dots, else one. */
+static uint32_t mslerp_nsums(const struct mslerp_state *s)
+{
+    return s->pass == MSL_NORMS || s->pass == MSL_DOTS ? s->n : 1;
+}
+
+static int mslerp_begin(void *state, const struct ms_stage_job *job)
+{
+    struct mslerp_state *s = state;
+    int pw = ms_method_param(job->method, "weight");
+    int pn = ms_method_param(job->method, "normalize_weights");
+    int pe = ms_method_param(job->method, "eps");
+    assert(pw >= 0 && pn >= 0 && pe >= 0 && job->ninputs <= MS_MAX_INPUTS);
+    const enum ms_dtype d = job->compute;
+    s->ib = job->base >= 0 && (uint32_t)job->base < job->ninputs ? job->base : -1;
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        if ((int)i != s->ib)
+            s->it[s->n++] = i;
+    if (s->n == 0)
+        return ms_error(MS_EPLAN, "%s: multislerp needs at least one model besides the base",
+                        job->name);
+    if (s->n == 1) {
+        s->copy = true;
+        return MS_STAGE_APPLY;
+    }
+    float sum = 0.0f;
+    for (uint32_t i = 0; i < s->n; i++) {
+        s->w[i] = ms_rnd_param(d, job->pv[s->it[i]][pw]);
+        sum += s->w[i];
+    }
+    if (job->gv[pn] != 0) {
+        sum = ms_rnd(d, sum);
+        for (uint32_t i = 0; i < s->n; i++)
+            s->w[i] = ms_rnd(d, s->w[i] / sum);
+    }
+    s->e = (float)job->gv[pe];
+    s->pass = MSL_NORMS;
+    for (uint32_t i = 0; i < s->n; i++)
+        ms_xacc_init(&s->acc[i]);
+    return MS_STAGE_REDUCE;
+}
+
+/* X_i of element j: the model minus the base when there is one. */
+static inline float mslerp_x(enum ms_dtype d, const struct mslerp_state *s,
+                             const struct ms_chunk *c, uint32_t i, size_t j)
+{
+    float x = c->in[s->it[i]][j];
+    return s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
+}
+
+/* rnd(0 + rnd(v_0*w_0) + rnd(v_1*w_1) ...): a weighted sum over the models. */
+static inline float mslerp_wsum(enum ms_dtype d, const struct mslerp_state *s, const float *v)
+{
+    float acc = 0.0f;
+    for (uint32_t i = 0; i < s->n; i++)
+        acc += ms_rnd(d, v[i] * s->w[i]);
+    return ms_rnd(d, acc);
+}
+
+/*
+ * The elementwise chain for element j, as far as pass `upto` needs it: adds
+ * the element's terms to a[] when upto is a reduce pass, and returns the
+ * output value when upto is MSL_TAN + 1 (apply).
+ */
+static inline float mslerp_elem(enum ms_dtype d, const struct mslerp_state *s,
+                                const struct ms_chunk *c, size_t j, uint32_t upto,
+                                struct ms_xacc *a)
+{
+    float x[MS_MAX_INPUTS], u[MS_MAX_INPUTS];
+    for (uint32_t i = 0; i < s->n; i++)
+        x[i] = mslerp_x(d, s, c, i, j);
+    if (upto == MSL_NORMS) {
+        for (uint32_t i = 0; i < s->n; i++)
+            ms_xacc_add(&a[i], (double)x[i] * x[i]);
+        return 0;
+    }
+    for (uint32_t i = 0; i < s->n; i++)
+        u[i] = ms_rnd(d, x[i] / s->den[i]);
+    float mean = mslerp_wsum(d, s, u);
+    if (upto == MSL_MEAN) {
+        ms_xacc_add(&a[0], (double)mean * mean);
+        return 0;
+    }
+    float m = ms_rnd(d, mean / s->mn);
+    if (upto == MSL_DOTS) {
+        for (uint32_t i = 0; i < s->n; i++)
+            ms_xacc_add(&a[i], (double)ms_rnd(d, u[i] * m));
+        return 0;
+    }
+    for (uint32_t i = 0; i < s->n; i++) /* T_i, in place */
+        u[i] = ms_rnd(d, u[i] - ms_rnd(d, s->dot[i] * m));
+    float tau = mslerp_wsum(d, s, u);
+    if (upto == MSL_TAN) {
+        ms_xacc_add(&a[0], (double)tau * tau);
+        return 0;
+    }
+    float r = ms_rnd(d, ms_rnd(d, m * s->cs) + ms_rnd(d, tau * s->q));
+    r = ms_rnd(d, r * s->avg);
+    return s->ib >= 0 ? ms_rnd(d, r + c->in[s->ib][j]) : r;
+}
+
+static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
+                          const struct ms_chunk *c, void *partial)
+{
+    const struct mslerp_state *s = state;
+    struct ms_xacc *a = partial;
+    for (uint32_t i = 0; i < mslerp_nsums(s); i++)
+        ms_xacc_init(&a[i]);
+    for (size_t j = 0; j < (size_t)c->count; j++)
+        mslerp_elem(job->compute, s, c, j, s->pass, a);
+}
+
+static void mslerp_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                        const void *partial)
+{
+    struct mslerp_state *s = state;
+    const struct ms_xacc *a = partial;
+    for (uint32_t i = 0; i < mslerp_nsums(s); i++)
+        ms_xacc_merge(&s->acc[i], &a[i]);
+}
+
+/* rnd(sqrtf(float32(sum))): torch.norm in D from an exact sum of squares. */
+static float mslerp_norm(enum ms_dtype d, const struct ms_xacc *a)
+{
+    return ms_rnd(d, sqrtf((float)ms_xacc_value(a)));
+}
+
+static int mslerp_end_pass(void *state, const struct ms_stage_job *job)
+{
+    struct mslerp_state *s = state;
+    const enum ms_dtype d = job->compute;
+    switch (s->pass) {
+    case MSL_NORMS:
+        for (uint32_t i = 0; i < s->n; i++) {
+            s->norm[i] = mslerp_norm(d, &s->acc[i]);
+            s->den[i] = ms_rnd(d, s->norm[i] + s->e);
+        }
+        break;
+    case MSL_MEAN: {
+        s->mn = mslerp_norm(d, &s->acc[0]);
+        int pe = ms_method_param(job->method, "eps");
+        assert(pe >= 0);
+        if (s->mn < ms_rnd_param(d, job->gv[pe])) {
+            if (s->n != 2)
+                return ms_error(MS_EDATA, "%s: multislerp: the weighted sum of the models' "
+                                "directions is zero (antipodal models whose weights cancel); "
+                                "change the weights", job->name);
+            s->lerp = true;
+            return MS_STAGE_APPLY;
+        }
+        break;
+    }
+    case MSL_DOTS:
+        for (uint32_t i = 0; i < s->n; i++)
+            s->dot[i] = ms_rnd(d, (float)ms_xacc_value(&s->acc[i]));
+        break;
+    default: {
+        assert(s->pass == MSL_TAN);
+        float tn = ms_rnd(d, mslerp_norm(d, &s->acc[0]) + s->e);
+        s->cs = ms_rnd(d, cosf(tn));
+        s->q = ms_rnd(d, ms_rnd(d, sinf(tn)) / tn);
+        s->avg = mslerp_wsum(d, s, s->norm);
+        return MS_STAGE_APPLY;
+    }
+    }
+    s->pass++;
+    for (uint32_t i = 0; i < mslerp_nsums(s); i++)
+        ms_xacc_init(&s->acc[i]);
+    return MS_STAGE_REDUCE;
+}
+
+static inline void mslerp_chunk(enum ms_dtype d, const struct mslerp_state *s,
+                                const struct ms_chunk *c)
+{
+    size_t n = (size_t)c->count;
+    if (s->lerp) {
+        for (size_t j = 0; j < n; j++) {
+            float r = ms_rnd(d, ms_rnd(d, mslerp_x(d, s, c, 0, j) * s->w[0]) +
+                                    ms_rnd(d, mslerp_x(d, s, c, 1, j) * s->w[1]));
+            c->out[j] = s->ib >= 0 ? ms_rnd(d, r + c->in[s->ib][j]) : r;
+        }
+        return;
+    }
+    for (size_t j = 0; j < n; j++)
+        c->out[j] = mslerp_elem(d, s, c, j, MSL_TAN + 1, NULL);
+}
+
+static void mslerp_apply(const void *state, const struct ms_stage_job *job,
+                         const struct ms_chunk *c)
+{
+    const struct mslerp_state *s = state;
+    if (s->copy) {
+        memcpy(c->out, c->in[s->it[0]], (size_t)c->count * sizeof(float));
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16:
+        mslerp_chunk(MS_DT_BF16, s, c);
+        break;
+    case MS_DT_F16:
+        mslerp_chunk(MS_DT_F16, s, c);
+        break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        mslerp_chunk(MS_DT_F32, s, c);
+        break;
+    }
+}
+
+const struct ms_stage_ops ms_stage_multislerp_ops = {
+    .state_size = mslerp_state_size,
+    .partial_size = mslerp_partial_size,
+    .begin = mslerp_begin,
+    .reduce = mslerp_reduce,
+    .fold = mslerp_fold,
+    .end_pass = mslerp_end_pass,
+    .apply = mslerp_apply,
+};

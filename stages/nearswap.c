@@ -1,0 +1,103 @@
+/*
+ * nearswap.c - the `nearswap` method (mergekit-spec.md 2.10): take the other
+ * model b where it is within t of the base a, and move toward it elsewhere.
+ *
+ * Elementwise, in the compute dtype D with torch's per-op rounding (section 0):
+ *   ad  = |rnd(a - b)|
+ *   cl  = max(ad, rnd(1e-6))          clamp(min=1e-6): torch casts the bound to D
+ *   w   = rnd(rnd(1/cl) * float32(t)) t / tensor is reciprocal(tensor) * t (rule 0.4)
+ *   w   = min(max(w, 0), 1)
+ *   out = rnd(rnd(w*b) + rnd(rnd(1 - w) * a))
+ * Every element depends only on its own inputs: no reduce pass, and the result
+ * is mergekit's bit for bit in every compute dtype (spec 7.20). NaN propagates
+ * through the clamps as torch's does.
+ *
+ * Inputs: the base (required) and exactly one other model. The base alone is
+ * returned unchanged; a lone tensor that is not the base's is an error, as in
+ * mergekit (the base tensor is required).
+ */
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "stage_impl.h"
+
+struct nearswap_state {
+    uint32_t ia, ib;              /* input index of a (the base) and b */
+    bool copy;                    /* the base alone: out = a */
+    float t;                      /* float32(t) */
+    float lo;                     /* rnd(1e-6): the clamp bound in D */
+};
+
+static size_t nearswap_state_size(const struct ms_stage_job *job)
+{
+    return sizeof(struct nearswap_state);
+}
+
+static int nearswap_begin(void *state, const struct ms_stage_job *job)
+{
+    struct nearswap_state *s = state;
+    int pt = ms_method_param(job->method, "t");
+    assert(pt >= 0);
+    if (job->base < 0 || (uint32_t)job->base >= job->ninputs)
+        return ms_error(MS_EPLAN, "%s: nearswap needs the base model's tensor", job->name);
+    s->ia = (uint32_t)job->base;
+    if (job->ninputs == 1) {
+        s->copy = true;
+        return MS_STAGE_APPLY;
+    }
+    if (job->ninputs != 2)
+        return ms_error(MS_EPLAN, "%s: nearswap merges the base and exactly one other model, "
+                        "got %u tensors", job->name, job->ninputs);
+    s->ib = 1 - s->ia;
+    s->t = (float)job->gv[pt];
+    s->lo = ms_rnd_param(job->compute, 1e-6);
+    return MS_STAGE_APPLY;
+}
+
+/* y[j] = nearswap(a[j], b[j]) as in the file comment; d is a constant in each caller. */
+static inline void nearswap_kern(enum ms_dtype d, float *restrict y, const float *restrict a,
+                                 const float *restrict b, float t, float lo, size_t n)
+{
+    for (size_t j = 0; j < n; j++) {
+        float ad = fabsf(ms_rnd(d, a[j] - b[j]));
+        float cl = ad < lo ? lo : ad;                 /* NaN stays NaN */
+        float w = ms_rnd(d, ms_rnd(d, 1.0f / cl) * t);
+        w = w < 0.0f ? 0.0f : w;
+        w = w > 1.0f ? 1.0f : w;
+        y[j] = ms_rnd(d, ms_rnd(d, w * b[j]) + ms_rnd(d, ms_rnd(d, 1.0f - w) * a[j]));
+    }
+}
+
+static void nearswap_apply(const void *state, const struct ms_stage_job *job,
+                           const struct ms_chunk *c)
+{
+    const struct nearswap_state *s = state;
+    size_t n = (size_t)c->count;
+    const float *a = c->in[s->ia];
+    if (s->copy) {
+        memcpy(c->out, a, n * sizeof(float));
+        return;
+    }
+    const float *b = c->in[s->ib];
+    switch (job->compute) {
+    case MS_DT_BF16:
+        nearswap_kern(MS_DT_BF16, c->out, a, b, s->t, s->lo, n);
+        break;
+    case MS_DT_F16:
+        nearswap_kern(MS_DT_F16, c->out, a, b, s->t, s->lo, n);
+        break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        nearswap_kern(MS_DT_F32, c->out, a, b, s->t, s->lo, n);
+        break;
+    }
+}
+
+const struct ms_stage_ops ms_stage_nearswap_ops = {
+    .state_size = nearswap_state_size,
+    .begin = nearswap_begin,
+    .apply = nearswap_apply,
+};

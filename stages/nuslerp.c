@@ -1,0 +1,495 @@
+/*
+ * nuslerp.c - the `nuslerp` method (mergekit-spec.md 2.4): spherical
+ * interpolation of two models, or of their task vectors around a base, over
+ * the whole tensor, each row, or each column.
+ *
+ * Inputs: one tensor is returned unchanged. With a base (job->base >= 0) there
+ * must be exactly 3 (the base and two others), else exactly 2. x0, x1 are the
+ * non-base inputs in input order, w0, w1 their weights; in Python doubles
+ *   t = w1/(w0 + w1), or 0.5 when |w0 + w1| < 1e-6.
+ * With rnd() rounding to the compute dtype D:
+ *   v_k = rnd(x_k - base) with a base, else x_k
+ *   per vector (see "modes"):
+ *     n_k = max(rnd(sqrtf(float32(sum v_k^2))), rnd(1e-7))   torch.norm, clamp bound in D
+ *     u_k = rnd(v_k / n_k)
+ *     c   = clamp(rnd(float32(sum rnd(u_0*u_1))), -1, 1)
+ *     th  = rnd(acosf(c)), s = rnd(sinf(th))
+ *     a   = rnd(sinf(rnd(float32(1-t)*th))), b = rnd(sinf(rnd(float32(t)*th)))
+ *     r   = rnd(rnd(rnd(a*v_0) + rnd(b*v_1)) / s)
+ *     |s| < rnd(1e-8) ("colinear"): r = rnd(rnd(float32(1-t)*v_0) + rnd(float32(t)*v_1))
+ *   out = rnd(base + r) with a base, else r
+ * (torch casts the bound of a clamp or comparison with a Python scalar to D;
+ * a Python scalar times a D tensor is a float32 product rounded to D.)
+ *
+ * Modes ("vectors"), all independent of chunking:
+ * - nuslerp_flatten (default): the whole tensor is one vector. Two reduce
+ *   passes: the sums of squares, then the sum of rounded u_0*u_1 (it needs
+ *   the norms: u is rounded to D before the product, as in torch). Sums are
+ *   exact (ms_xacc) and rounded once to float32 where torch adds in float32 in
+ *   a blocked order: about 1 ulp of a scalar apart in rare cases (spec 7.20).
+ * - flatten false, row_wise false: each row (last dim) is a vector. The stage
+ *   is ROWWISE and apply does a row at a time with exact sums, no reduce.
+ * - flatten false, row_wise true: the vectors run along dim 0 (mergekit
+ *   transposes (0, -1)): for a [R, C] matrix, the C columns; in general the
+ *   columns of the [shape[0], numel/shape[0]] view. Every column needs sums over
+ *   all rows, and exact accumulators (340 bytes each) per column per chunk would
+ *   make partials larger than the chunks. Instead, three reduce passes with
+ *   small per-column partials:
+ *     pass 0: the largest |v_k| of each column (as a bit pattern: order-free);
+ *     pass 1: sum v_k^2 per column in 128-bit fixed point, each term scaled by
+ *             2^(125 - 2e - L) where the column's largest |v_k| < 2^e and the
+ *             column has at most 2^L rows: no overflow, terms keep >= 120 - L
+ *             bits below the largest one, and the truncation of each term is
+ *             fixed, so the sum does not depend on the order;
+ *     pass 2: sum rnd(u_0*u_1) per column the same way with scale 2^(124 - L)
+ *             (|u| <= 1 + 2^-20).
+ *   This is exact up to terms more than ~2^100 times smaller than the column's
+ *   largest, far below float32 resolution. The state holds per-column results
+ *   (NUS_COL_BYTES per column) up to NUS_STATE_CAP: a tensor with more columns
+ *   is an error from begin naming it. NaN or Inf in a column make its norm NaN
+ *   or Inf, as torch's would be.
+ */
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "stage_impl.h"
+
+#define NUS_STATE_CAP ((size_t)64 << 20) /* bytes of per-column state, row_wise mode */
+
+enum nus_mode { NUS_COPY, NUS_FLAT, NUS_ROWS, NUS_COLS };
+
+/* The per-vector scalars apply uses. */
+struct nus_coef {
+    float a, b, s;                /* sin((1-t)th), sin(t th), sin th, all in D */
+    bool colinear;
+};
+
+/* One column's results (row_wise mode), in the state. */
+struct nus_col {
+    __int128 s0, s1, sc;          /* folded fixed-point sums: v_0^2, v_1^2, u_0*u_1 */
+    uint32_t key0, key1;          /* pass 0: largest |v_k| bit pattern (NaN > Inf > finite) */
+    uint32_t nf;                  /* pass 2: a non-finite product was met */
+    int32_t k0, k1;               /* pass 1 scale exponents */
+    float n0, n1;                 /* clamped norms (end of pass 1) */
+    struct nus_coef cf;           /* end of pass 2 */
+};
+#define NUS_COL_BYTES sizeof(struct nus_col)
+
+/* One column's share of a chunk (row_wise mode partial), by pass. */
+union nus_pcol {
+    struct { uint32_t key0, key1; } mx;
+    struct { __int128 s0, s1; } sq;
+    struct { __int128 sc; uint32_t nf; } cs;
+};
+
+struct nus_sums {
+    struct ms_xacc s0, s1, sc;
+};
+
+struct nus_state {
+    enum nus_mode mode;
+    uint32_t i0, i1;              /* input index of x0, x1 (NUS_COPY: i0) */
+    int ib;                       /* input index of the base, or -1 */
+    float c0, c1;                 /* float32(1 - t), float32(t) */
+    float lo7, lo8;               /* rnd(1e-7), rnd(1e-8) */
+    uint32_t pass;                /* reduce pass under way */
+    /* NUS_FLAT */
+    struct nus_sums sums;
+    float n0, n1;
+    struct nus_coef cf;
+    /* NUS_COLS */
+    uint64_t cols;                /* columns: numel / shape[0] */
+    uint32_t lbits;               /* L: rows <= 2^L */
+    struct nus_col col[];         /* cols entries */
+};
+
+static uint64_t nus_cols(const struct ms_stage_job *job)
+{
+    return job->ndim >= 1 && job->shape[0] > 0 ? job->numel / (uint64_t)job->shape[0] : 1;
+}
+
+static bool nus_is_cols(const struct ms_stage_job *job)
+{
+    int pf = ms_method_param(job->method, "nuslerp_flatten");
+    int pr = ms_method_param(job->method, "nuslerp_row_wise");
+    return pf >= 0 && pr >= 0 && job->gv[pf] == 0 && job->gv[pr] != 0;
+}
+
+static size_t nus_state_size(const struct ms_stage_job *job)
+{
+    size_t size = sizeof(struct nus_state);
+    uint64_t cols = nus_cols(job);
+    if (nus_is_cols(job) && cols <= NUS_STATE_CAP / NUS_COL_BYTES)
+        size += (size_t)cols * NUS_COL_BYTES;
+    return size;
+}
+
+static size_t nus_partial_size(const struct ms_stage_job *job)
+{
+    if (!nus_is_cols(job))
+        return sizeof(struct nus_sums);
+    uint64_t cols = nus_cols(job);
+    return cols <= NUS_STATE_CAP / NUS_COL_BYTES ? (size_t)cols * sizeof(union nus_pcol) : 0;
+}
+
+static int nus_begin(void *state, const struct ms_stage_job *job)
+{
+    struct nus_state *s = state;
+    int pw = ms_method_param(job->method, "weight");
+    int pf = ms_method_param(job->method, "nuslerp_flatten");
+    assert(pw >= 0 && pf >= 0);
+    if (job->ninputs == 1) {
+        s->mode = NUS_COPY;
+        s->i0 = 0;
+        return MS_STAGE_APPLY;
+    }
+    s->ib = job->base >= 0 && (uint32_t)job->base < job->ninputs ? job->base : -1;
+    if (s->ib >= 0 && job->ninputs != 3)
+        return ms_error(MS_EPLAN, "%s: nuslerp with a base model merges the base and two other "
+                        "models, got %u tensors", job->name, job->ninputs);
+    if (s->ib < 0 && job->ninputs != 2)
+        return ms_error(MS_EPLAN, "%s: nuslerp merges exactly two models (plus an optional "
+                        "base), got %u tensors", job->name, job->ninputs);
+    uint32_t k = 0, idx[2];
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        if ((int)i != s->ib)
+            idx[k++] = i;
+    s->i0 = idx[0];
+    s->i1 = idx[1];
+    double w0 = job->pv[s->i0][pw], w1 = job->pv[s->i1][pw], sum = w0 + w1;
+    double t = fabs(sum) < 1e-6 ? 0.5 : w1 / sum;
+    s->c0 = (float)(1.0 - t);
+    s->c1 = (float)t;
+    s->lo7 = ms_rnd_param(job->compute, 1e-7);
+    s->lo8 = ms_rnd_param(job->compute, 1e-8);
+    s->pass = 0;
+    if (job->gv[pf] != 0 || job->ndim == 0) {
+        s->mode = NUS_FLAT;
+        ms_xacc_init(&s->sums.s0);
+        ms_xacc_init(&s->sums.s1);
+        return MS_STAGE_REDUCE;
+    }
+    if (!nus_is_cols(job)) {
+        s->mode = NUS_ROWS;
+        return MS_STAGE_APPLY;
+    }
+    s->mode = NUS_COLS;
+    s->cols = nus_cols(job);
+    if (s->cols > NUS_STATE_CAP / NUS_COL_BYTES)
+        return ms_error(MS_EUNSUPPORTED, "%s: nuslerp_row_wise over %llu columns needs more than "
+                        "%zu MiB of state (at most %zu columns)", job->name,
+                        (unsigned long long)s->cols, NUS_STATE_CAP >> 20,
+                        NUS_STATE_CAP / NUS_COL_BYTES);
+    uint64_t rows = job->numel / s->cols;
+    s->lbits = rows <= 1 ? 0 : 64u - (uint32_t)__builtin_clzll(rows - 1);
+    return MS_STAGE_REDUCE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Per-vector scalars and per-element kernels.                               */
+
+static inline float nus_v(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+                          uint32_t k, size_t j)
+{
+    float x = c->in[k ? s->i1 : s->i0][j];
+    return s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
+}
+
+/* The clamped norm from a sum of squares. */
+static inline float nus_norm(enum ms_dtype d, const struct nus_state *s, double ss)
+{
+    float n = ms_rnd(d, sqrtf((float)ss));
+    return n < s->lo7 ? s->lo7 : n; /* NaN stays NaN */
+}
+
+/* The scalars from the sum of rounded u_0*u_1. */
+static struct nus_coef nus_coef_of(enum ms_dtype d, const struct nus_state *s, double sum)
+{
+    struct nus_coef cf;
+    float c = ms_rnd(d, (float)sum);
+    c = c < -1.0f ? -1.0f : c > 1.0f ? 1.0f : c;
+    float th = ms_rnd(d, acosf(c));
+    cf.s = ms_rnd(d, sinf(th));
+    cf.colinear = fabsf(cf.s) < s->lo8;
+    cf.a = ms_rnd(d, sinf(ms_rnd(d, s->c0 * th)));
+    cf.b = ms_rnd(d, sinf(ms_rnd(d, s->c1 * th)));
+    return cf;
+}
+
+static inline float nus_mix(enum ms_dtype d, const struct nus_state *s, const struct nus_coef *cf,
+                            float v0, float v1)
+{
+    if (cf->colinear)
+        return ms_rnd(d, ms_rnd(d, s->c0 * v0) + ms_rnd(d, s->c1 * v1));
+    return ms_rnd(d, ms_rnd(d, ms_rnd(d, cf->a * v0) + ms_rnd(d, cf->b * v1)) / cf->s);
+}
+
+/* out[j] for element j with the scalars of its vector. */
+static inline float nus_out(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+                            const struct nus_coef *cf, size_t j)
+{
+    float r = nus_mix(d, s, cf, nus_v(d, s, c, 0, j), nus_v(d, s, c, 1, j));
+    return s->ib >= 0 ? ms_rnd(d, c->in[s->ib][j] + r) : r;
+}
+
+/* sum rnd(u_0*u_1) terms of elements [j0, j1) into a. */
+static inline void nus_add_cos(enum ms_dtype d, const struct nus_state *s,
+                               const struct ms_chunk *c, size_t j0, size_t j1, float n0, float n1,
+                               struct ms_xacc *a)
+{
+    for (size_t j = j0; j < j1; j++) {
+        float u0 = ms_rnd(d, nus_v(d, s, c, 0, j) / n0), u1 = ms_rnd(d, nus_v(d, s, c, 1, j) / n1);
+        ms_xacc_add(a, (double)ms_rnd(d, u0 * u1));
+    }
+}
+
+static inline void nus_add_sq(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+                              size_t j0, size_t j1, struct ms_xacc *a0, struct ms_xacc *a1)
+{
+    for (size_t j = j0; j < j1; j++) {
+        float v0 = nus_v(d, s, c, 0, j), v1 = nus_v(d, s, c, 1, j);
+        ms_xacc_add(a0, (double)v0 * v0);
+        ms_xacc_add(a1, (double)v1 * v1);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Row_wise (columns) mode: fixed-point column sums.                         */
+
+/* Order-preserving key of |x|: NaN above Inf above every finite value. */
+static inline uint32_t nus_key(float x)
+{
+    uint32_t u = ms_f32_bits(x) & 0x7fffffffu;
+    return u > 0x7f800000u ? 0x7fffffffu : u;
+}
+
+/* Scale exponent for a column whose largest |v| has key `key` (finite, nonzero). */
+static int32_t nus_scale(const struct nus_state *s, uint32_t key)
+{
+    int e;
+    frexpf(ms_f32_from_bits(key), &e); /* |v| < 2^e */
+    return 125 - 2 * e - (int32_t)s->lbits;
+}
+
+/* A finite double term scaled by 2^k, truncated to an integer (|result| < 2^126). */
+static inline __int128 nus_fix(double v, int32_t k) { return (__int128)ldexp(v, k); }
+
+static void nus_cols_reduce(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+                            union nus_pcol *p)
+{
+    size_t n = (size_t)c->count;
+    uint64_t col = c->first % s->cols;
+    memset(p, 0, (size_t)s->cols * sizeof(*p));
+    for (size_t j = 0; j < n; j++, col = col + 1 == s->cols ? 0 : col + 1) {
+        const struct nus_col *sc = &s->col[col];
+        union nus_pcol *pc = &p[col];
+        float v0 = nus_v(d, s, c, 0, j), v1 = nus_v(d, s, c, 1, j);
+        switch (s->pass) {
+        case 0:
+            pc->mx.key0 = MS_MAX(pc->mx.key0, nus_key(v0));
+            pc->mx.key1 = MS_MAX(pc->mx.key1, nus_key(v1));
+            break;
+        case 1: /* non-finite columns are settled by their keys */
+            if (sc->key0 < 0x7f800000u)
+                pc->sq.s0 += nus_fix((double)v0 * v0, sc->k0);
+            if (sc->key1 < 0x7f800000u)
+                pc->sq.s1 += nus_fix((double)v1 * v1, sc->k1);
+            break;
+        default: {
+            float u0 = ms_rnd(d, v0 / sc->n0), u1 = ms_rnd(d, v1 / sc->n1);
+            float pr = ms_rnd(d, u0 * u1);
+            if (isfinite(pr))
+                pc->cs.sc += nus_fix(pr, 124 - (int32_t)s->lbits);
+            else
+                pc->cs.nf |= isnan(pr) ? 4u : pr > 0 ? 1u : 2u;
+            break;
+        }
+        }
+    }
+}
+
+static void nus_cols_fold(struct nus_state *s, const union nus_pcol *p)
+{
+    for (uint64_t k = 0; k < s->cols; k++) {
+        struct nus_col *sc = &s->col[k];
+        const union nus_pcol *pc = &p[k];
+        switch (s->pass) {
+        case 0:
+            sc->key0 = MS_MAX(sc->key0, pc->mx.key0);
+            sc->key1 = MS_MAX(sc->key1, pc->mx.key1);
+            break;
+        case 1:
+            sc->s0 += pc->sq.s0;
+            sc->s1 += pc->sq.s1;
+            break;
+        default:
+            sc->sc += pc->cs.sc;
+            sc->nf |= pc->cs.nf;
+            break;
+        }
+    }
+}
+
+/* The sum of squares of a column from its key, fixed-point sum and scale. */
+static double nus_cols_ss(uint32_t key, __int128 sum, int32_t k)
+{
+    if (key == 0)
+        return 0.0;
+    if (key >= 0x7f800000u)
+        return key == 0x7f800000u ? INFINITY : NAN;
+    return ldexp((double)sum, -k);
+}
+
+static int nus_cols_end(enum ms_dtype d, struct nus_state *s)
+{
+    for (uint64_t k = 0; k < s->cols; k++) {
+        struct nus_col *sc = &s->col[k];
+        switch (s->pass) {
+        case 0:
+            sc->k0 = sc->key0 && sc->key0 < 0x7f800000u ? nus_scale(s, sc->key0) : 0;
+            sc->k1 = sc->key1 && sc->key1 < 0x7f800000u ? nus_scale(s, sc->key1) : 0;
+            break;
+        case 1:
+            sc->n0 = nus_norm(d, s, nus_cols_ss(sc->key0, sc->s0, sc->k0));
+            sc->n1 = nus_norm(d, s, nus_cols_ss(sc->key1, sc->s1, sc->k1));
+            break;
+        default: {
+            double sum = ldexp((double)sc->sc, -(124 - (int32_t)s->lbits));
+            if (sc->nf)
+                sum = (sc->nf & 4u) || (sc->nf & 3u) == 3u ? NAN : sc->nf & 1u ? INFINITY : -INFINITY;
+            sc->cf = nus_coef_of(d, s, sum);
+            break;
+        }
+        }
+    }
+    return ++s->pass < 3 ? MS_STAGE_REDUCE : MS_STAGE_APPLY;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stage operations.                                                         */
+
+static void nus_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                       void *partial)
+{
+    const struct nus_state *s = state;
+    const enum ms_dtype d = job->compute;
+    size_t n = (size_t)c->count;
+    if (s->mode == NUS_COLS) {
+        nus_cols_reduce(d, s, c, partial);
+        return;
+    }
+    struct nus_sums *p = partial;
+    if (s->pass == 0) {
+        ms_xacc_init(&p->s0);
+        ms_xacc_init(&p->s1);
+        nus_add_sq(d, s, c, 0, n, &p->s0, &p->s1);
+    } else {
+        ms_xacc_init(&p->sc);
+        nus_add_cos(d, s, c, 0, n, s->n0, s->n1, &p->sc);
+    }
+}
+
+static void nus_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                     const void *partial)
+{
+    struct nus_state *s = state;
+    if (s->mode == NUS_COLS) {
+        nus_cols_fold(s, partial);
+        return;
+    }
+    const struct nus_sums *p = partial;
+    if (s->pass == 0) {
+        ms_xacc_merge(&s->sums.s0, &p->s0);
+        ms_xacc_merge(&s->sums.s1, &p->s1);
+    } else {
+        ms_xacc_merge(&s->sums.sc, &p->sc);
+    }
+}
+
+static int nus_end_pass(void *state, const struct ms_stage_job *job)
+{
+    struct nus_state *s = state;
+    const enum ms_dtype d = job->compute;
+    if (s->mode == NUS_COLS)
+        return nus_cols_end(d, s);
+    if (s->pass == 0) {
+        s->n0 = nus_norm(d, s, ms_xacc_value(&s->sums.s0));
+        s->n1 = nus_norm(d, s, ms_xacc_value(&s->sums.s1));
+        ms_xacc_init(&s->sums.sc);
+        s->pass = 1;
+        return MS_STAGE_REDUCE;
+    }
+    s->cf = nus_coef_of(d, s, ms_xacc_value(&s->sums.sc));
+    return MS_STAGE_APPLY;
+}
+
+static inline void nus_chunk(enum ms_dtype d, const struct nus_state *s,
+                             const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    size_t n = (size_t)c->count;
+    switch (s->mode) {
+    case NUS_FLAT:
+        for (size_t j = 0; j < n; j++)
+            c->out[j] = nus_out(d, s, c, &s->cf, j);
+        break;
+    case NUS_ROWS: {
+        size_t row = (size_t)MS_MAX(job->row_len, 1);
+        assert(n % row == 0);
+        for (size_t r0 = 0; r0 < n; r0 += row) {
+            struct ms_xacc a0, a1, ac;
+            ms_xacc_init(&a0);
+            ms_xacc_init(&a1);
+            ms_xacc_init(&ac);
+            nus_add_sq(d, s, c, r0, r0 + row, &a0, &a1);
+            float n0 = nus_norm(d, s, ms_xacc_value(&a0)), n1 = nus_norm(d, s, ms_xacc_value(&a1));
+            nus_add_cos(d, s, c, r0, r0 + row, n0, n1, &ac);
+            struct nus_coef cf = nus_coef_of(d, s, ms_xacc_value(&ac));
+            for (size_t j = r0; j < r0 + row; j++)
+                c->out[j] = nus_out(d, s, c, &cf, j);
+        }
+        break;
+    }
+    default: {
+        assert(s->mode == NUS_COLS);
+        uint64_t col = c->first % s->cols;
+        for (size_t j = 0; j < n; j++, col = col + 1 == s->cols ? 0 : col + 1)
+            c->out[j] = nus_out(d, s, c, &s->col[col].cf, j);
+        break;
+    }
+    }
+}
+
+static void nus_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    const struct nus_state *s = state;
+    if (s->mode == NUS_COPY) {
+        memcpy(c->out, c->in[s->i0], (size_t)c->count * sizeof(float));
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16:
+        nus_chunk(MS_DT_BF16, s, job, c);
+        break;
+    case MS_DT_F16:
+        nus_chunk(MS_DT_F16, s, job, c);
+        break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        nus_chunk(MS_DT_F32, s, job, c);
+        break;
+    }
+}
+
+const struct ms_stage_ops ms_stage_nuslerp_ops = {
+    .flags = MS_STAGE_ROWWISE,
+    .state_size = nus_state_size,
+    .partial_size = nus_partial_size,
+    .begin = nus_begin,
+    .reduce = nus_reduce,
+    .fold = nus_fold,
+    .end_pass = nus_end_pass,
+    .apply = nus_apply,
+};

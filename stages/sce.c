@@ -1,0 +1,330 @@
+/*
+ * sce.c - SCE: select by variance, calculate weights, erase minority signs
+ * (mergekit-spec.md 2.13). No per-model weights; select_topk is global.
+ *
+ * For one output tensor with base B and the other N models i in input order,
+ * rnd() rounding to the compute dtype D:
+ *   t_i  = rnd(x_i - B)
+ *   select_topk < 1:
+ *     var  = rnd(population variance of t over the models), per element
+ *     k    = int(float32(count_nonzero(var)) * float32(select_topk))
+ *     t_i  = t_i * mask, mask = the k positions of largest |var| (k == 0: none)
+ *   S    = rnd(sum t_i), maj = S >= 0 ? +1 : -1, m_i = sign(t_i) == maj
+ *   mu_i = rnd(sum rnd(t_i^2) / numel)                (after the variance mask)
+ *   w_i  = mu_i / sum mu (double), or 1/N when |sum mu| < 1e-6;  W_i = rnd(w_i)
+ *   ew_i = W_i * m_i
+ *   out  = rnd(B + rnd(rnd(sum rnd(t_i*ew_i)) / max(rnd(sum ew_i), rnd(1e-6))))
+ * Sums over models accumulate in float32 from +0 in model order and round once.
+ *
+ * Our rules where mergekit is not reproducible (README):
+ *   - the variance is computed per element in double (mean, then the mean of
+ *     squared deviations) and rounded once to D; torch's Welford kernel may
+ *     differ by an ulp (mergekit-spec.md 7.20);
+ *   - topk ties (equal |var|) go to the lower flat index (DESIGN.md 2);
+ *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once.
+ *
+ * Passes (everything is recomputed from the inputs in every pass):
+ *   COUNT    select_topk < 1: count_nonzero(var);
+ *   SELECT   0 < k < numel: the histogram passes and tie pass of select.c over var;
+ *   MU       sum rnd(t_i^2) per model after the mask (ms_xacc);
+ *   apply    per element, in blocks of SCE_BLOCK.
+ * Memory: the state holds one histogram (32,768 or 65,536 uint64).
+ */
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+#include "stage_impl.h"
+
+#define SCE_BLOCK 256 /* elements per inner block: bounds the stack scratch */
+
+enum sce_phase { SCE_COUNT, SCE_SELECT, SCE_MU, SCE_APPLY };
+
+/* Set by begin and end_pass (loop thread); read-only for reduce and apply. */
+struct sce_state {
+    enum ms_dtype dt;
+    uint32_t phase;          /* enum sce_phase */
+    uint32_t base;           /* input index of the base */
+    uint32_t nm;             /* models other than the base */
+    uint32_t in[MS_MAX_INPUTS]; /* their input indices */
+    bool topk;               /* select_topk < 1: the variance mask applies */
+    bool keep_all;           /* the variance mask keeps every element (k == numel) */
+    bool keep_none;          /* the variance mask keeps nothing (k == 0) */
+    double select_topk;
+    uint64_t nonzero;        /* COUNT fold: elements with var != 0 */
+    float w[MS_MAX_INPUTS];  /* W_i */
+    float clamp_min;         /* rnd(1e-6) */
+    struct ms__sel sel;      /* SELECT: top k of |var| */
+    size_t hist_len;
+    size_t psize;
+    struct ms_xacc mu[MS_MAX_INPUTS];
+    uint64_t hist[];         /* hist_len */
+};
+
+/* Partials (one pass at a time). */
+struct sce_part {
+    uint64_t count;          /* COUNT: nonzero variances; SELECT ties pass: ties */
+    struct ms_xacc mu[MS_MAX_INPUTS]; /* MU */
+    uint32_t hist[];         /* SELECT hist pass */
+};
+
+static size_t sce_state_size(const struct ms_stage_job *job)
+{
+    return sizeof(struct sce_state) + ms__sel_hist_len(job->compute) * sizeof(uint64_t);
+}
+
+static size_t sce_partial_size(const struct ms_stage_job *job)
+{
+    return sizeof(struct sce_part) + ms__sel_hist_len(job->compute) * sizeof(uint32_t);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Kernels                                                                   */
+
+/* t[j][i] = rnd(x_j - B) for every model, over n elements of the chunk at off. */
+static void sce_deltas(const struct sce_state *st, const struct ms_chunk *c, uint64_t off,
+                       float (*restrict t)[SCE_BLOCK], size_t n)
+{
+    const float *b = c->in[st->base] + off;
+    for (uint32_t j = 0; j < st->nm; j++) {
+        const float *x = c->in[st->in[j]] + off;
+        for (size_t i = 0; i < n; i++)
+            t[j][i] = ms_rnd(st->dt, x[i] - b[i]);
+    }
+}
+
+/* var[i] = rnd(population variance of t[.][i]) computed in double. */
+static void sce_var(const struct sce_state *st, const float (*restrict t)[SCE_BLOCK],
+                    float *restrict var, size_t n)
+{
+    const double N = (double)st->nm;
+    for (size_t i = 0; i < n; i++) {
+        double s = 0.0;
+        for (uint32_t j = 0; j < st->nm; j++)
+            s += t[j][i];
+        double mean = s / N, v = 0.0;
+        for (uint32_t j = 0; j < st->nm; j++) {
+            double d = t[j][i] - mean;
+            v += d * d;
+        }
+        var[i] = ms_rnd(st->dt, (float)(v / N));
+    }
+}
+
+/* Deltas of a block with the variance mask applied (t * mask, exact 0/1). */
+static void sce_masked(const struct sce_state *st, const struct ms_chunk *c, uint64_t off,
+                       uint64_t *run, float (*restrict t)[SCE_BLOCK], size_t n)
+{
+    float var[SCE_BLOCK], keep[SCE_BLOCK];
+    sce_deltas(st, c, off, t, n);
+    if (!st->topk || st->keep_all)
+        return;
+    if (st->keep_none) {
+        memset(keep, 0, sizeof(keep));
+    } else {
+        sce_var(st, (const float(*)[SCE_BLOCK])t, var, n);
+        ms__sel_mask(&st->sel, c->first, run, var, keep, n);
+    }
+    for (uint32_t j = 0; j < st->nm; j++)
+        for (size_t i = 0; i < n; i++)
+            t[j][i] *= keep[i];
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stage operations                                                          */
+
+static int sce_after_select(struct sce_state *st)
+{
+    st->phase = SCE_MU;
+    return MS_STAGE_REDUCE;
+}
+
+static int sce_begin(void *state, const struct ms_stage_job *job)
+{
+    struct sce_state *st = state;
+    const char *name = job->name ? job->name : "?";
+    enum ms_dtype dt = job->compute;
+    if (dt != MS_DT_F32 && dt != MS_DT_F16 && dt != MS_DT_BF16)
+        return ms_error(MS_EINVAL, "tensor '%s': sce cannot compute in %s", name,
+                        ms_dtype_name(dt) ? ms_dtype_name(dt) : "?");
+    if (job->ninputs > MS_MAX_INPUTS)
+        return ms_error(MS_EINVAL, "tensor '%s': %u inputs, at most %d", name, job->ninputs,
+                        MS_MAX_INPUTS);
+    if (job->base < 0 || (uint32_t)job->base >= job->ninputs)
+        return ms_error(MS_EPLAN, "tensor '%s': sce needs the base model's tensor", name);
+    int itop = job->method ? ms_method_param(job->method, "select_topk") : -1;
+    st->dt = dt;
+    st->base = (uint32_t)job->base;
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        if ((int)i != job->base)
+            st->in[st->nm++] = i;
+    st->select_topk = itop >= 0 ? job->gv[itop] : 1.0;
+    st->topk = st->select_topk < 1.0;
+    st->clamp_min = ms_rnd_param(dt, 1e-6);
+    st->hist_len = ms__sel_hist_len(dt);
+    st->psize = sce_partial_size(job);
+    if (st->nm == 0 || job->numel == 0) {
+        st->phase = SCE_APPLY;
+        return MS_STAGE_APPLY;
+    }
+    st->phase = st->topk ? SCE_COUNT : SCE_MU;
+    return MS_STAGE_REDUCE;
+}
+
+static void sce_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                       void *partial)
+{
+    const struct sce_state *st = state;
+    float t[MS_MAX_INPUTS][SCE_BLOCK];
+    float var[SCE_BLOCK], sq[SCE_BLOCK];
+    struct sce_part *p = partial;
+    assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
+    p->count = 0;
+    for (uint32_t j = 0; j < MS_MAX_INPUTS; j++)
+        ms_xacc_init(&p->mu[j]);
+    bool hist = st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST;
+    if (hist)
+        memset(p->hist, 0, ms__sel_bins(&st->sel) * sizeof(uint32_t));
+    uint64_t run = 0;
+    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
+        switch (st->phase) {
+        case SCE_COUNT:
+            sce_deltas(st, c, off, t, n);
+            sce_var(st, (const float(*)[SCE_BLOCK])t, var, n);
+            for (size_t i = 0; i < n; i++)
+                p->count += var[i] != 0.0f; /* NaN counts, as count_nonzero */
+            break;
+        case SCE_SELECT:
+            sce_deltas(st, c, off, t, n);
+            sce_var(st, (const float(*)[SCE_BLOCK])t, var, n);
+            if (hist)
+                ms__sel_count(&st->sel, p->hist, var, n);
+            else
+                p->count += ms__sel_count_ties(&st->sel, var, n);
+            break;
+        case SCE_MU:
+            sce_masked(st, c, off, &run, t, n);
+            for (uint32_t j = 0; j < st->nm; j++) {
+                for (size_t i = 0; i < n; i++)
+                    sq[i] = ms_rnd(st->dt, t[j][i] * t[j][i]);
+                ms_xacc_sumabs(&p->mu[j], sq, n);
+            }
+            break;
+        default:
+            assert(!"no reduce in apply");
+        }
+    }
+}
+
+static void sce_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                     const void *partial)
+{
+    struct sce_state *st = state;
+    const struct sce_part *p = partial;
+    switch (st->phase) {
+    case SCE_COUNT:
+        st->nonzero += p->count;
+        break;
+    case SCE_SELECT:
+        if (ms__sel_phase(&st->sel) == MS__SEL_HIST)
+            ms__sel_fold_hist(&st->sel, st->hist, p->hist);
+        else
+            ms__sel_fold_ties(&st->sel, c->first, p->count);
+        break;
+    case SCE_MU:
+        for (uint32_t j = 0; j < st->nm; j++)
+            ms_xacc_merge(&st->mu[j], &p->mu[j]);
+        break;
+    default:
+        break;
+    }
+}
+
+static int sce_end_pass(void *state, const struct ms_stage_job *job)
+{
+    struct sce_state *st = state;
+    switch (st->phase) {
+    case SCE_COUNT: {
+        /* int(count_nonzero(var) * select_topk): an int64 tensor times a Python
+         * float is a float32 product. */
+        uint64_t k = (uint64_t)((float)st->nonzero * (float)st->select_topk);
+        st->keep_none = k == 0;
+        st->keep_all = k >= job->numel;
+        if (st->keep_none || st->keep_all)
+            return sce_after_select(st);
+        ms__sel_init(&st->sel, st->dt, job->numel, k, false);
+        st->phase = SCE_SELECT;
+        return MS_STAGE_REDUCE;
+    }
+    case SCE_SELECT:
+        if (ms__sel_phase(&st->sel) == MS__SEL_HIST)
+            ms__sel_end_hist(&st->sel, st->hist);
+        else
+            ms__sel_end_ties(&st->sel);
+        return ms__sel_phase(&st->sel) != MS__SEL_DONE ? MS_STAGE_REDUCE : sce_after_select(st);
+    case SCE_MU: {
+        /* mu_i = mean(rnd(t_i^2)) in D; the weights are Python doubles. */
+        double mu[MS_MAX_INPUTS], sum = 0.0;
+        for (uint32_t j = 0; j < st->nm; j++) {
+            mu[j] = ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
+            sum += mu[j];
+        }
+        for (uint32_t j = 0; j < st->nm; j++) {
+            double w = fabs(sum) < 1e-6 ? 1.0 / st->nm : mu[j] / sum;
+            st->w[j] = ms_rnd_param(st->dt, w);
+        }
+        st->phase = SCE_APPLY;
+        return MS_STAGE_APPLY;
+    }
+    default:
+        return ms_error(MS_EINVAL, "tensor '%s': sce pass out of order", job->name);
+    }
+}
+
+static void sce_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    const struct sce_state *st = state;
+    assert(st->phase == SCE_APPLY);
+    const float *b = c->in[st->base];
+    if (st->nm == 0) {
+        memcpy(c->out, b, (size_t)c->count * sizeof(float));
+        return;
+    }
+    const enum ms_dtype dt = st->dt;
+    float t[MS_MAX_INPUTS][SCE_BLOCK];
+    uint64_t run = 0;
+    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
+        sce_masked(st, c, off, &run, t, n);
+        for (size_t i = 0; i < n; i++) {
+            float s = 0.0f;
+            for (uint32_t j = 0; j < st->nm; j++)
+                s += t[j][i];
+            int maj = ms_rnd(dt, s) >= 0.0f ? 1 : -1; /* NaN: -1 */
+            float num = 0.0f, div = 0.0f;
+            for (uint32_t j = 0; j < st->nm; j++) {
+                float v = t[j][i];
+                int sg = (v > 0.0f) - (v < 0.0f);
+                float ew = sg == maj ? st->w[j] : 0.0f;
+                num += ms_rnd(dt, v * ew);
+                div += ew;
+            }
+            num = ms_rnd(dt, num);
+            div = ms_rnd(dt, div);
+            if (div < st->clamp_min)
+                div = st->clamp_min;
+            c->out[off + i] = ms_rnd(dt, b[off + i] + ms_rnd(dt, num / div));
+        }
+    }
+}
+
+const struct ms_stage_ops ms_stage_sce_ops = {
+    .state_size = sce_state_size,
+    .partial_size = sce_partial_size,
+    .begin = sce_begin,
+    .reduce = sce_reduce,
+    .fold = sce_fold,
+    .end_pass = sce_end_pass,
+    .apply = sce_apply,
+};

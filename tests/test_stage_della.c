@@ -1,0 +1,252 @@
+/*
+ * test_stage_della.c - della and della_linear (stages/gta.c, della_magprune,
+ * mergekit-spec.md 2.6, 2.7) against the plain reference in tests/th_gta.c,
+ * bit for bit in BF16, F16 and F32, on 1-D and 2-D tensors, for several
+ * chunkings (whole rows) and chunk orders; ranks rounded to bf16; the rule
+ * for one-element rows; the kept fraction; validation errors.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "th_gta.h"
+
+#define MAXN 400
+
+static float store[MS_MAX_INPUTS * MAXN];
+
+static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+
+/* Runs g at chunk sizes 1 (small tensors only), 7, 100 and numel, and with
+ * the shuffled driver, and compares each output with want, bit for bit. */
+static void expect(const struct th_gta *g, const float *want, const char *what)
+{
+    static float got[MAXN];
+    uint64_t chunks[4] = { 1, 7, 100, g->numel };
+    for (int ci = 0; ci < 5; ci++) {
+        int rc;
+        if (ci < 4) {
+            if (chunks[ci] == 1 && g->numel > 48)
+                continue;
+            rc = th_gta_run(g, chunks[ci], got);
+        } else {
+            struct ms_stage_job job;
+            int64_t shape[2];
+            th_gta_job(g, &job, shape);
+            rc = th_stage_run_shuffled(&job, g->in, got, 7, g->numel * 31 + 5);
+        }
+        cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
+        long d = th_gta_first_diff(got, want, g->numel);
+        cr_assert_eq(d, -1, "%s: %s run %d: element %ld is %a, want %a", what,
+                     ms_dtype_name(g->dt), ci, d, d >= 0 ? got[d] : 0.0f,
+                     d >= 0 ? want[d] : 0.0f);
+    }
+}
+
+static void random_cases(const char *method, enum ms_dtype dt, uint64_t seed0, int count)
+{
+    static float want[MAXN];
+    for (int s = 0; s < count; s++) {
+        uint64_t seed = seed0 + (uint64_t)s, rs = seed * 0x9E3779B97F4A7C15ULL + 1;
+        struct th_gta g = { .method = method, .dt = dt };
+        th_gta_random(&g, store, s % 5 ? 48 : 250, &rs);
+        cr_assert_eq(th_gta_ref(&g, want), 0);
+        char what[200];
+        snprintf(what, sizeof what,
+                 "%s seed %llu (n %llu, %u inputs, base %d, normalize %d, rescale %d, lambda %g)",
+                 method, (unsigned long long)seed, (unsigned long long)g.numel, g.ninputs, g.base,
+                 g.normalize, g.rescale, g.lambda);
+        expect(&g, want, what);
+    }
+}
+
+Test(stage_della, random_bf16) { random_cases("della", MS_DT_BF16, 1000, 40); }
+Test(stage_della, random_f16) { random_cases("della", MS_DT_F16, 2000, 40); }
+Test(stage_della, random_f32) { random_cases("della", MS_DT_F32, 3000, 40); }
+Test(stage_della, linear_random_bf16) { random_cases("della_linear", MS_DT_BF16, 4000, 40); }
+Test(stage_della, linear_random_f16) { random_cases("della_linear", MS_DT_F16, 5000, 40); }
+Test(stage_della, linear_random_f32) { random_cases("della_linear", MS_DT_F32, 6000, 40); }
+
+/* Two models over rows of 600 (bf16 ranks take about 342 distinct values):
+ * the stage matches the reference that rounds ranks to bf16 and differs from
+ * one that does not, so the rounding is really exercised. */
+Test(stage_della, ranks_are_rounded_to_bf16)
+{
+    const uint64_t L = 600, n = 4 * 600;
+    float *x[3], *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
+    float *exact = malloc(n * sizeof(float));
+    uint64_t rs = 600;
+    for (int i = 0; i < 3; i++) {
+        x[i] = malloc(n * sizeof(float));
+        for (uint64_t e = 0; e < n; e++)
+            x[i][e] = ms_round_bf16_1((float)((int64_t)th_gta_rand(&rs) >> 40) * 0x1p-24f);
+    }
+    for (int resc = 0; resc < 2; resc++) {
+        struct th_gta g = { .method = "della", .dt = MS_DT_BF16, .numel = n, .row_len = L,
+                            .ninputs = 3, .base = 0, .in = { x[0], x[1], x[2] },
+                            .weight = { 0, 1, 0.5 }, .density = { 1, 0.5, 0.4 },
+                            .epsilon = { 0, 0.45, 0.35 }, .normalize = true, .rescale = resc,
+                            .lambda = 1, .seed = 3 };
+        cr_assert_eq(th_gta_ref(&g, want), 0);
+        g.exact_ranks = true;
+        cr_assert_eq(th_gta_ref(&g, exact), 0);
+        g.exact_ranks = false;
+        cr_assert_neq(th_gta_first_diff(want, exact, n), -1, "bf16 ranks change nothing here");
+        const uint64_t chunks[] = { 1, L, 2 * L + 5, n };
+        for (int c = 0; c < 4; c++) {
+            cr_assert_eq(th_gta_run(&g, chunks[c], got), 0, "%s", ms_errmsg());
+            long d = th_gta_first_diff(got, want, n);
+            cr_assert_eq(d, -1, "chunk %llu: element %ld is %a, want %a",
+                         (unsigned long long)chunks[c], d, d >= 0 ? got[d] : 0, d >= 0 ? want[d] : 0);
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        free(x[i]);
+    free(got);
+    free(want);
+    free(exact);
+}
+
+/* A one-element row has rank norm 0/0 in mergekit. Our rule: p = density, so
+ * della on an [n, 1] tensor is dare_ties (della_linear is dare_linear). */
+Test(stage_della, one_element_rows_are_dare)
+{
+    static float a[MAXN], b[MAXN];
+    for (int d = 0; d < 3; d++) {
+        for (int s = 0; s < 12; s++) {
+            uint64_t rs = 300 + (uint64_t)s;
+            const char *m = s & 1 ? "della" : "della_linear";
+            struct th_gta g = { .method = m, .dt = dts[d] };
+            th_gta_random(&g, store, 200, &rs);
+            g.row_len = 1;
+            if (g.numel == 1)
+                g.row_len = 0; /* 1-D of one element: also one row */
+            cr_assert_eq(th_gta_ref(&g, b), 0);
+            expect(&g, b, "one-element rows");
+            g.method = s & 1 ? "dare_ties" : "dare_linear";
+            cr_assert_eq(th_gta_run(&g, 7, a), 0, "%s", ms_errmsg());
+            cr_assert_eq(th_gta_first_diff(a, b, g.numel), -1, "%s on [n, 1] differs from %s", m,
+                         g.method);
+        }
+    }
+}
+
+/* The kept fraction over a large tensor is within 5 sigma of sum(p) over the
+ * ranks (F32: p is (density - eps) + 2 eps (rank-1)/(L-1) up to rounding). */
+Test(stage_della, kept_fraction)
+{
+    const uint64_t L = 1000, n = 1000 * 500;
+    float *base = calloc(n, sizeof(float)), *x = malloc(n * sizeof(float));
+    float *out = malloc(n * sizeof(float));
+    uint64_t rs = 5;
+    for (uint64_t e = 0; e < n; e++)
+        x[e] = (float)(1 + th_gta_rand(&rs) % 1000000) * 0x1p-20f;
+    struct th_gta g = { .method = "della_linear", .dt = MS_DT_F32, .numel = n, .row_len = L,
+                        .ninputs = 2, .base = 0, .in = { base, x }, .weight = { 0, 1 },
+                        .density = { 1, 0.4 }, .epsilon = { 0, 0.3 }, .lambda = 1, .seed = 11 };
+    cr_assert_eq(th_gta_run(&g, 64 * L, out), 0, "%s", ms_errmsg());
+    double mean = 0, var = 0;
+    for (uint64_t r = 0; r < L; r++) {
+        double p = 0.1 + 0.6 * (double)r / (double)(L - 1);
+        mean += p;
+        var += p * (1 - p);
+    }
+    mean *= (double)(n / L);
+    var *= (double)(n / L);
+    uint64_t kept = 0, kept_small = 0, kept_large = 0;
+    for (uint64_t e = 0; e < n; e++) {
+        kept += out[e] != 0.0f;
+        cr_assert(out[e] == 0.0f || out[e] == x[e]);
+    }
+    /* Larger magnitudes are kept more often: compare the extremes of a row. */
+    for (uint64_t r0 = 0; r0 < n; r0 += L) {
+        float lo = INFINITY, hi = 0;
+        uint64_t il = 0, ih = 0;
+        for (uint64_t i = 0; i < L; i++) {
+            if (x[r0 + i] < lo)
+                lo = x[r0 + i], il = i;
+            if (x[r0 + i] > hi)
+                hi = x[r0 + i], ih = i;
+        }
+        kept_small += out[r0 + il] != 0.0f;
+        kept_large += out[r0 + ih] != 0.0f;
+    }
+    cr_assert(fabs((double)kept - mean) < 5 * sqrt(var), "kept %llu, expected %g +- %g",
+              (unsigned long long)kept, mean, 5 * sqrt(var));
+    cr_assert(kept_small < 100 && kept_large > 300, "smallest kept %llu/500, largest %llu/500",
+              (unsigned long long)kept_small, (unsigned long long)kept_large);
+    free(base);
+    free(x);
+    free(out);
+}
+
+/* density +- epsilon must lie strictly inside (0, 1) (mergekit: ValueError),
+ * reported by begin with the tensor's name. */
+Test(stage_della, epsilon_out_of_range_is_an_error)
+{
+    static float z[100], out[100];
+    const double cases[][2] = { { 0.1, 0.15 }, { 0.9, 0.1 }, { 0.5, 0.5 } };
+    for (int i = 0; i < 3; i++) {
+        struct th_gta g = { .method = "della", .dt = MS_DT_BF16, .numel = 100, .ninputs = 2,
+                            .base = 0, .in = { z, z }, .weight = { 1, 1 },
+                            .density = { 1, cases[i][0] }, .epsilon = { 0, cases[i][1] },
+                            .lambda = 1 };
+        cr_assert_eq(th_gta_ref(&g, out), -2);
+        cr_assert(th_gta_run(&g, 10, out) < 0);
+        cr_assert(strstr(ms_errmsg(), "tensor 't': della density") &&
+                      strstr(ms_errmsg(), "strictly inside (0, 1)"),
+                  "message: %s", ms_errmsg());
+    }
+    /* density >= 1 is returned unchanged without the check, as mergekit. */
+    struct th_gta g = { .method = "della", .dt = MS_DT_BF16, .numel = 100, .ninputs = 2,
+                        .base = 0, .in = { z, z }, .weight = { 1, 1 }, .density = { 1, 1 },
+                        .epsilon = { 0, 0.5 }, .lambda = 1 };
+    cr_assert_eq(th_gta_run(&g, 10, out), 0, "%s", ms_errmsg());
+}
+
+/* Refused: 3-D tensors (mergekit ranks along dim 1) and rows too long for the
+ * apply scratch with many trimmed models. */
+Test(stage_della, unsupported_shapes)
+{
+    static float z[4096], out[4096];
+    struct th_gta g = { .method = "della", .dt = MS_DT_F32, .numel = 24, .ninputs = 2, .base = 0,
+                        .in = { z, z }, .weight = { 1, 1 }, .density = { 1, 0.5 },
+                        .epsilon = { 0, 0.1 }, .lambda = 1 };
+    struct ms_stage_job job;
+    int64_t shape[3] = { 2, 3, 4 };
+    th_gta_job(&g, &job, shape);
+    job.ndim = 3;
+    job.shape = shape;
+    job.row_len = 4;
+    cr_assert_eq(ms_stage_run_mem(&job, g.in, out, 0), MS_EUNSUPPORTED);
+    cr_assert(strstr(ms_errmsg(), "3-D"), "message: %s", ms_errmsg());
+
+    /* 2^18-element rows need 18 index bits: 15 trimmed models do not fit. */
+    const uint64_t n = 1u << 18;
+    float *big = calloc(n, sizeof(float)), *bo = malloc(n * sizeof(float));
+    struct th_gta h = { .method = "della_linear", .dt = MS_DT_F32, .numel = n, .ninputs = 16,
+                        .base = 0, .lambda = 1 };
+    for (int i = 0; i < 16; i++) {
+        h.in[i] = big;
+        h.weight[i] = 1;
+        h.density[i] = 0.5;
+        h.epsilon[i] = 0.1;
+    }
+    cr_assert_eq(th_gta_run(&h, 0, bo), MS_EUNSUPPORTED);
+    cr_assert(strstr(ms_errmsg(), "ranking scratch"), "message: %s", ms_errmsg());
+    h.ninputs = 8; /* 18 + 7 bits fit */
+    cr_assert_eq(th_gta_run(&h, 0, bo), 0, "%s", ms_errmsg());
+    free(big);
+    free(bo);
+}
+
+Test(stage_della, registered)
+{
+    cr_assert_not_null(ms_method_find("della")->ops);
+    cr_assert_not_null(ms_method_find("della_linear")->ops);
+    cr_assert(ms_method_find("della")->ops->flags & MS_STAGE_ROWWISE);
+}

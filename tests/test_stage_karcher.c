@@ -1,0 +1,210 @@
+/*
+ * test_stage_karcher.c - `karcher` (stages/karcher.c, mergekit-spec.md 2.9).
+ *
+ * The stage iterates in coefficient space over a Gram matrix; the reference
+ * here is mergekit's literal vector iteration, written from the spec in double
+ * over whole arrays (unit vectors x_i/n_i with float32 norms n_i, the update
+ * u = cos|T| u + sin|T| T/|T|, renormalisation, stopping rules), ending with
+ * the same two roundings (u to D, then float32(s)*u to D). The two are the
+ * same computation in exact arithmetic, so they agree within one ulp of the
+ * compute dtype. Hand-computed cases check the geometry; chunking invariance
+ * is exact.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "th_stage.h"
+
+static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+
+enum { NMAX = 512 };
+
+static double dotv(const double *a, const double *b, size_t n)
+{
+    double s = 0;
+    for (size_t j = 0; j < n; j++)
+        s += a[j] * b[j];
+    return s;
+}
+
+/* mergekit's karcher_merge_tensors, vector by vector, in double. Returns the iterations run. */
+static int ref_karcher(enum ms_dtype dt, const float *const *in, uint32_t n, size_t numel,
+                       int max_iter, double tol, float *out)
+{
+    static double u[MS_MAX_INPUTS][NMAX], m[NMAX], T[NMAX];
+    double nrm[MS_MAX_INPUTS], alpha = 1.0 / n, s = 0, asum = 0;
+    uint32_t v[MS_MAX_INPUTS], nv = 0;
+    cr_assert(numel <= NMAX);
+    for (uint32_t i = 0; i < n; i++) {
+        long double ss = 0;
+        for (size_t j = 0; j < numel; j++)
+            ss += (long double)in[i][j] * in[i][j];
+        nrm[i] = sqrtf((float)ss);
+        for (size_t j = 0; j < numel; j++)
+            u[i][j] = nrm[i] == 0 ? 0 : in[i][j] / nrm[i];
+        if (nrm[i] > tol) {
+            v[nv++] = i;
+            asum += alpha;
+        }
+        s += alpha * nrm[i];
+    }
+    if (!nv) {
+        for (size_t j = 0; j < numel; j++)
+            out[j] = 0;
+        return 0;
+    }
+    double a = alpha / asum;
+    for (size_t j = 0; j < numel; j++) {
+        m[j] = 0;
+        for (uint32_t k = 0; k < nv; k++)
+            m[j] += a * u[v[k]][j];
+    }
+    double nu = sqrt(dotv(m, m, numel));
+    for (size_t j = 0; j < numel; j++)
+        m[j] = nu < tol ? u[v[0]][j] : m[j] / nu;
+    int it;
+    for (it = 0; it < max_iter; it++) {
+        memset(T, 0, sizeof(T));
+        for (uint32_t k = 0; k < nv; k++) {
+            double d = dotv(m, u[v[k]], numel);
+            d = d < -1 ? -1 : d > 1 ? 1 : d;
+            double th = acos(d);
+            if (th < tol)
+                continue;
+            for (size_t j = 0; j < numel; j++)
+                T[j] += a * (th / sin(th)) * (u[v[k]][j] - d * m[j]);
+        }
+        double nt = sqrt(dotv(T, T, numel));
+        if (nt < tol)
+            break;
+        for (size_t j = 0; j < numel; j++)
+            m[j] = cos(nt) * m[j] + sin(nt) * (T[j] / nt);
+        double un = sqrt(dotv(m, m, numel));
+        if (un > tol)
+            for (size_t j = 0; j < numel; j++)
+                m[j] /= un;
+    }
+    for (size_t j = 0; j < numel; j++)
+        out[j] = th_stage_round(dt, (float)s * th_stage_round(dt, (float)m[j]));
+    return it;
+}
+
+/* |a - b| in units of the compute dtype's ulp at b. */
+static double ulps_d(enum ms_dtype dt, float a, float b)
+{
+    int mant = dt == MS_DT_BF16 ? 8 : dt == MS_DT_F16 ? 11 : 24;
+    int emin = dt == MS_DT_BF16 ? -126 : dt == MS_DT_F16 ? -14 : -126;
+    int e;
+    frexp(fmax(fabs(a), fabs(b)), &e);
+    e = e - 1 < emin ? emin : e - 1;
+    return fabs((double)a - b) / ldexp(1.0, e - (mant - 1));
+}
+
+static void run(const struct ms_stage_job *job, const float *const *in, float *out)
+{
+    cr_assert_eq(ms_stage_run_mem(job, in, out, 0), 0, "%s", ms_errmsg());
+}
+
+Test(karcher, registered) { cr_assert(ms_method_find("karcher")->ops); }
+
+Test(karcher, hand_computed)
+{
+    static const int64_t shape[1] = { 2 };
+    struct ms_stage_job job;
+    float out[2];
+    /* (2, 0) and (0, 2): the mean direction is (1, 1)/sqrt 2, the mean norm 2:
+     * out = (sqrt 2, sqrt 2) = 1.41421356 */
+    float a[2] = { 2, 0 }, b[2] = { 0, 2 };
+    const float *in[2] = { a, b };
+    th_stage_job(&job, "karcher", shape, 1, MS_DT_F32, 2);
+    run(&job, in, out);
+    cr_assert(th_stage_ulps(out[0], (float)M_SQRT2) <= 2 && th_stage_ulps(out[1], (float)M_SQRT2) <= 2,
+              "%a %a", out[0], out[1]);
+    /* (3, 4) and a zero vector: only (3, 4) is valid, u = (0.6, 0.8), but the
+     * scale counts both norms: s = (5 + 0)/2 = 2.5: out = (1.5, 2) */
+    float c[2] = { 3, 4 }, z[2] = { 0, 0 };
+    const float *in2[2] = { c, z };
+    run(&job, in2, out);
+    cr_assert(th_stage_ulps(out[0], 1.5f) <= 1 && th_stage_ulps(out[1], 2.0f) <= 1, "%a %a",
+              out[0], out[1]);
+    /* all zero: zeros */
+    const float *in3[2] = { z, z };
+    run(&job, in3, out);
+    cr_assert(out[0] == 0 && out[1] == 0);
+    /* one input: returned unchanged */
+    th_stage_job(&job, "karcher", shape, 1, MS_DT_BF16, 1);
+    const float *in4[1] = { c };
+    run(&job, in4, out);
+    cr_assert(out[0] == 3 && out[1] == 4);
+}
+
+/* Random directions, near (fine-tunes) and far apart (the iteration matters):
+ * within one ulp of D of the reference, exact chunking invariance. */
+Test(karcher, random_vs_vector_iteration)
+{
+    enum { R_ = 11, C_ = 37, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float store[6][N], out[N], want[N];
+    double max_ulps_seen = 0;
+    int iterated = 0;
+    for (int d = 0; d < 3; d++)
+        for (uint32_t n = 2; n <= 6; n += 2)
+            for (int far = 0; far < 2; far++)
+                for (int mi = 0; mi < 2; mi++) {
+                    uint64_t s = 8200 + (uint64_t)d * 1000 + n * 100 + (uint64_t)far * 10 +
+                                 (uint64_t)mi;
+                    cr_log_info("seed %llu", (unsigned long long)s);
+                    const float *in[6];
+                    for (int j = 0; j < N; j++)
+                        store[0][j] = th_stage_value(dts[d], &s, 0.05f);
+                    for (uint32_t i = 1; i < n; i++)
+                        for (int j = 0; j < N; j++) {
+                            float e = th_stage_value(MS_DT_F32, &s, far ? 0.05f : 0.003f);
+                            store[i][j] = th_stage_round(dts[d], (far ? 0.3f : 1.0f + 0.1f * i) *
+                                                                         store[0][j] + e);
+                        }
+                    for (uint32_t i = 0; i < n; i++)
+                        in[i] = store[i];
+                    int max_iter = mi ? 100 : 10;
+                    double tol = mi ? 1e-9 : 1e-5;
+                    struct ms_stage_job job;
+                    th_stage_job(&job, "karcher", shape, 2, dts[d], n);
+                    th_stage_set(&job, -1, "max_iter", max_iter);
+                    th_stage_set(&job, -1, "tol", tol);
+                    static const uint64_t sizes[] = { 0, 1, 7, C_, 100 };
+                    th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+                    iterated += ref_karcher(dts[d], in, n, N, max_iter, tol, want) > 0;
+                    for (int j = 0; j < N; j++) {
+                        double u = ulps_d(dts[d], out[j], want[j]);
+                        cr_assert(u <= 1, "dt %d n %u far %d elt %d: %a vs %a (%g ulps)", dts[d],
+                                  n, far, j, out[j], want[j], u);
+                        max_ulps_seen = fmax(max_ulps_seen, u);
+                    }
+                }
+    cr_log_info("largest difference: %g ulp; %d cases iterated", max_ulps_seen, iterated);
+    cr_assert(iterated > 0);
+}
+
+/* max_iter 0 keeps the initial guess (the normalised mean); with iterations
+ * the far-apart case moves away from it. */
+Test(karcher, iterations_matter)
+{
+    static const int64_t shape[1] = { 3 };
+    float a[3] = { 1, 0, 0 }, b[3] = { 0, 1, 0 }, c[3] = { 0.2f, 0.1f, 1 }, o0[3], o1[3], r[3];
+    const float *in[3] = { a, b, c };
+    struct ms_stage_job job;
+    th_stage_job(&job, "karcher", shape, 1, MS_DT_F32, 3);
+    th_stage_set(&job, -1, "max_iter", 0);
+    run(&job, in, o0);
+    th_stage_set(&job, -1, "max_iter", 50);
+    th_stage_set(&job, -1, "tol", 1e-12);
+    run(&job, in, o1);
+    cr_assert(fabsf(o0[2] - o1[2]) > 1e-4f, "%a %a", o0[2], o1[2]);
+    ref_karcher(MS_DT_F32, in, 3, 3, 50, 1e-12, r);
+    for (int j = 0; j < 3; j++)
+        cr_assert(th_stage_ulps(o1[j], r[j]) <= 2, "elt %d: %a vs %a", j, o1[j], r[j]);
+}

@@ -1,0 +1,207 @@
+/*
+ * test_stage_multislerp.c - `multislerp` (stages/multislerp.c,
+ * mergekit-spec.md 2.5).
+ *
+ * Expected values come from hand computation and from a plain reference
+ * written here from the spec over whole arrays: every elementwise step rounded
+ * (the independent rounding of tests/th_stage.c), the four whole-tensor sums
+ * in long double rounded once to float32. The stage's sums are exact, so on
+ * these sizes the two agree bit for bit in BF16, F16 and F32, with and without
+ * a base, at several chunk sizes.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "th_stage.h"
+
+static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+
+enum { NMAX = 400 };
+
+static void ref_multislerp(enum ms_dtype dt, const float *const *in, uint32_t n, int base,
+                           const double *weight, bool normalize, double eps, size_t numel,
+                           float *out)
+{
+#define R(x) th_stage_round(dt, (x))
+    static float X[MS_MAX_INPUTS][NMAX], U[MS_MAX_INPUTS][NMAX], M[NMAX], T[MS_MAX_INPUTS][NMAX],
+        tau[NMAX];
+    cr_assert(numel <= NMAX);
+    uint32_t it[MS_MAX_INPUTS], N = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if ((int)i != base)
+            it[N++] = i;
+    float w[MS_MAX_INPUTS], ws = 0.0f, e = (float)eps;
+    for (uint32_t i = 0; i < N; i++) {
+        w[i] = R((float)weight[it[i]]);
+        ws += w[i];
+    }
+    if (normalize)
+        for (uint32_t i = 0; i < N; i++)
+            w[i] = R(w[i] / R(ws));
+    float nrm[MS_MAX_INPUTS];
+    for (uint32_t i = 0; i < N; i++) {
+        long double ss = 0;
+        for (size_t j = 0; j < numel; j++) {
+            X[i][j] = base >= 0 ? R(in[it[i]][j] - in[base][j]) : in[it[i]][j];
+            ss += (long double)X[i][j] * X[i][j];
+        }
+        nrm[i] = R(sqrtf((float)ss));
+        for (size_t j = 0; j < numel; j++)
+            U[i][j] = R(X[i][j] / R(nrm[i] + e));
+    }
+    long double ss = 0;
+    for (size_t j = 0; j < numel; j++) {
+        float acc = 0.0f;
+        for (uint32_t i = 0; i < N; i++)
+            acc += R(U[i][j] * w[i]);
+        M[j] = R(acc);
+        ss += (long double)M[j] * M[j];
+    }
+    float mn = R(sqrtf((float)ss));
+    if (mn < R((float)eps)) {
+        cr_assert(N == 2);
+        for (size_t j = 0; j < numel; j++) {
+            float r = R(R(X[0][j] * w[0]) + R(X[1][j] * w[1]));
+            out[j] = base >= 0 ? R(r + in[base][j]) : r;
+        }
+        return;
+    }
+    for (size_t j = 0; j < numel; j++)
+        M[j] = R(M[j] / mn);
+    for (uint32_t i = 0; i < N; i++) {
+        long double dot = 0;
+        for (size_t j = 0; j < numel; j++)
+            dot += R(U[i][j] * M[j]);
+        float dt_i = R((float)dot);
+        for (size_t j = 0; j < numel; j++)
+            T[i][j] = R(U[i][j] - R(dt_i * M[j]));
+    }
+    ss = 0;
+    for (size_t j = 0; j < numel; j++) {
+        float acc = 0.0f;
+        for (uint32_t i = 0; i < N; i++)
+            acc += R(T[i][j] * w[i]);
+        tau[j] = R(acc);
+        ss += (long double)tau[j] * tau[j];
+    }
+    float tn = R(R(sqrtf((float)ss)) + e);
+    float cs = R(cosf(tn)), q = R(R(sinf(tn)) / tn);
+    float avg = 0.0f;
+    for (uint32_t i = 0; i < N; i++)
+        avg += R(nrm[i] * w[i]);
+    avg = R(avg);
+    for (size_t j = 0; j < numel; j++) {
+        float r = R(R(R(M[j] * cs) + R(tau[j] * q)) * avg);
+        out[j] = base >= 0 ? R(r + in[base][j]) : r;
+    }
+#undef R
+}
+
+static struct ms_stage_job mk(const int64_t *shape, uint32_t ndim, enum ms_dtype dt, uint32_t n,
+                              int base, const double *w)
+{
+    struct ms_stage_job job;
+    th_stage_job(&job, "multislerp", shape, ndim, dt, n);
+    job.base = base;
+    for (uint32_t i = 0; i < n; i++)
+        th_stage_set(&job, (int)i, "weight", w[i]);
+    return job;
+}
+
+Test(multislerp, registered) { cr_assert(ms_method_find("multislerp")->ops); }
+
+Test(multislerp, hand_computed)
+{
+    /* (1, 0) and (0, 1), weights 0.5: U = X, M = (0.5, 0.5), m = (1, 1)/sqrt 2,
+     * the tangents cancel (tau = 0, tn = eps): r = m, times the mean norm 1:
+     * out = (0.70710678, 0.70710678), the slerp midpoint. */
+    static const int64_t shape[1] = { 2 };
+    static const double w[3] = { 0.5, 0.5, 0 };
+    float a[2] = { 1, 0 }, b[2] = { 0, 1 }, out[2];
+    const float *in[2] = { a, b };
+    struct ms_stage_job job = mk(shape, 1, MS_DT_F32, 2, -1, w);
+    cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0, "%s", ms_errmsg());
+    cr_assert(th_stage_ulps(out[0], (float)M_SQRT1_2) <= 1 &&
+                  th_stage_ulps(out[1], (float)M_SQRT1_2) <= 1,
+              "%a %a", out[0], out[1]);
+    /* The same around a base (10, 10): task vectors (1, 0), (0, 1). */
+    float ten[2] = { 10, 10 }, a1[2] = { 11, 10 }, b1[2] = { 10, 11 };
+    const float *in1[3] = { a1, ten, b1 };
+    static const double w1[3] = { 0.5, 0, 0.5 };
+    job = mk(shape, 1, MS_DT_F32, 3, 1, w1);
+    cr_assert_eq(ms_stage_run_mem(&job, in1, out, 0), 0, "%s", ms_errmsg());
+    cr_assert(th_stage_ulps(out[0], 10.0f + (float)M_SQRT1_2) <= 1, "%a", out[0]);
+}
+
+Test(multislerp, antipodal)
+{
+    /* (1, 2) and (-1, -2) with equal weights: the mean is 0. Two models fall
+     * back to 0.5*X0 + 0.5*X1 = 0; three are an error. */
+    static const int64_t shape[1] = { 2 };
+    static const double w[3] = { 1, 1, 1 };
+    float a[2] = { 1, 2 }, b[2] = { -1, -2 }, z[2] = { 0, 0 }, out[2];
+    const float *in[3] = { a, b, z };
+    struct ms_stage_job job = mk(shape, 1, MS_DT_BF16, 2, -1, w);
+    cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0, "%s", ms_errmsg());
+    cr_assert(out[0] == 0 && out[1] == 0);
+    float a2[2] = { 2, 4 }, b2[2] = { -1, -2 }, c2[2] = { -1, -2 };
+    static const double w2[3] = { 0.5, 0.25, 0.25 }; /* 0.5*(1,2)/|.| + ... = 0 */
+    const float *in2[3] = { a2, b2, c2 };
+    job = mk(shape, 1, MS_DT_F32, 3, -1, w2);
+    cr_assert_eq(ms_stage_run_mem(&job, in2, out, 0), MS_EDATA);
+    cr_assert(strstr(ms_errmsg(), "t:"), "%s", ms_errmsg());
+}
+
+Test(multislerp, input_rules)
+{
+    static const int64_t shape[1] = { 3 };
+    static const double w[2] = { 1, 1 };
+    float a[3] = { 1, -0.0f, 3 }, b[3] = { 5, 6, 7 }, out[3];
+    const float *in[2] = { a, b };
+    struct ms_stage_job job = mk(shape, 1, MS_DT_BF16, 2, 1, w); /* one model plus the base */
+    cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0);
+    cr_assert(!memcmp(a, out, sizeof(a))); /* returned unchanged, the base ignored */
+    job = mk(shape, 1, MS_DT_BF16, 1, 0, w); /* the base alone */
+    cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), MS_EPLAN);
+}
+
+Test(multislerp, random_vs_reference_bit_exact)
+{
+    enum { R_ = 12, C_ = 31, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float store[7][N], out[N], want[N];
+    for (int d = 0; d < 3; d++)
+        for (uint32_t n = 2; n <= 6; n += 2)
+            for (int withbase = 0; withbase < 2; withbase++)
+                for (int norm = 0; norm < 2; norm++) {
+                    uint64_t s = 9300 + (uint64_t)d * 1000 + n * 100 + (uint64_t)withbase * 10 +
+                                 (uint64_t)norm;
+                    cr_log_info("seed %llu", (unsigned long long)s);
+                    uint32_t nin = n + (uint32_t)withbase;
+                    int base = withbase ? (int)(s % nin) : -1;
+                    double w[MS_MAX_INPUTS];
+                    const float *in[7];
+                    static float common[N];
+                    for (int j = 0; j < N; j++)
+                        common[j] = th_stage_value(MS_DT_F32, &s, 0.05f);
+                    for (uint32_t i = 0; i < nin; i++) {
+                        for (int j = 0; j < N; j++)
+                            store[i][j] = th_stage_round(
+                                dts[d], common[j] + th_stage_value(MS_DT_F32, &s, 0.03f));
+                        w[i] = 0.2 + 0.1 * (double)((s >> 7) % 7);
+                        in[i] = store[i];
+                    }
+                    struct ms_stage_job job = mk(shape, 2, dts[d], nin, base, w);
+                    th_stage_set(&job, -1, "normalize_weights", norm);
+                    static const uint64_t sizes[] = { 0, 1, 7, C_, 100 };
+                    th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+                    ref_multislerp(dts[d], in, nin, base, w, norm, 1e-8, N, want);
+                    for (int j = 0; j < N; j++)
+                        cr_assert(ms_f32_bits(out[j]) == ms_f32_bits(want[j]),
+                                  "dt %d n %u base %d norm %d elt %d: %a vs %a", dts[d], n, base,
+                                  norm, j, out[j], want[j]);
+                }
+}

@@ -1,0 +1,200 @@
+/*
+ * test_stage_nuslerp.c - `nuslerp` (stages/nuslerp.c, mergekit-spec.md 2.4).
+ *
+ * Expected values come from hand computation and from a plain reference
+ * written here from the spec over whole arrays: the vectors are index sets
+ * (the whole tensor; each row; each column of the [shape[0], rest] view), the
+ * sums are in long double rounded once to float32, every elementwise step is
+ * rounded with the independent rounding of tests/th_stage.c. On these sizes
+ * the stage (exact sums; fixed-point column sums in row_wise mode) agrees bit
+ * for bit in BF16, F16 and F32, with and without a base, at several chunk sizes.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ms_common.h"
+#include "ms_stage.h"
+#include "th_stage.h"
+
+static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+
+/* One vector: elements first + k*stride, k < len. */
+static void ref_vec(enum ms_dtype dt, const float *x0, const float *x1, const float *b, double t,
+                    size_t first, size_t stride, size_t len, float *out)
+{
+#define R(x) th_stage_round(dt, (x))
+#define V(x, j) (b ? R((x)[j] - b[j]) : (x)[j])
+    long double s0 = 0, s1 = 0, sc = 0;
+    for (size_t k = 0, j = first; k < len; k++, j += stride) {
+        s0 += (long double)V(x0, j) * V(x0, j);
+        s1 += (long double)V(x1, j) * V(x1, j);
+    }
+    float lo = R((float)1e-7);
+    float n0 = fmaxf(R(sqrtf((float)s0)), lo), n1 = fmaxf(R(sqrtf((float)s1)), lo);
+    for (size_t k = 0, j = first; k < len; k++, j += stride)
+        sc += R(R(V(x0, j) / n0) * R(V(x1, j) / n1));
+    float c = fminf(fmaxf(R((float)sc), -1.0f), 1.0f);
+    float th = R(acosf(c)), s = R(sinf(th));
+    float c0 = (float)(1 - t), c1 = (float)t;
+    float a = R(sinf(R(c0 * th))), bb = R(sinf(R(c1 * th)));
+    bool colinear = fabsf(s) < R((float)1e-8);
+    for (size_t k = 0, j = first; k < len; k++, j += stride) {
+        float v0 = V(x0, j), v1 = V(x1, j);
+        float r = colinear ? R(R(c0 * v0) + R(c1 * v1)) : R(R(R(a * v0) + R(bb * v1)) / s);
+        out[j] = b ? R(b[j] + r) : r;
+    }
+#undef V
+#undef R
+}
+
+enum { FLAT, ROWS, COLS };
+
+static void ref_nuslerp(enum ms_dtype dt, const float *x0, const float *x1, const float *b,
+                        double t, int mode, const int64_t *shape, uint32_t ndim, float *out)
+{
+    size_t numel = 1;
+    for (uint32_t i = 0; i < ndim; i++)
+        numel *= (size_t)shape[i];
+    if (mode == FLAT || ndim == 0) {
+        ref_vec(dt, x0, x1, b, t, 0, 1, numel, out);
+    } else if (mode == ROWS) {
+        size_t row = (size_t)shape[ndim - 1];
+        for (size_t r = 0; r < numel / row; r++)
+            ref_vec(dt, x0, x1, b, t, r * row, 1, row, out);
+    } else {
+        size_t inner = numel / (size_t)shape[0];
+        for (size_t c = 0; c < inner; c++)
+            ref_vec(dt, x0, x1, b, t, c, inner, (size_t)shape[0], out);
+    }
+}
+
+static struct ms_stage_job mk(const int64_t *shape, uint32_t ndim, enum ms_dtype dt, uint32_t n,
+                              int base, double w0, double w1, int mode)
+{
+    struct ms_stage_job job;
+    th_stage_job(&job, "nuslerp", shape, ndim, dt, n);
+    job.base = base;
+    for (uint32_t i = 0, k = 0; i < n; i++)
+        if ((int)i != base)
+            th_stage_set(&job, (int)i, "weight", k++ ? w1 : w0);
+    th_stage_set(&job, -1, "nuslerp_flatten", mode == FLAT);
+    th_stage_set(&job, -1, "nuslerp_row_wise", mode == COLS);
+    return job;
+}
+
+static void run(const struct ms_stage_job *job, const float *const *in, float *out)
+{
+    cr_assert_eq(ms_stage_run_mem(job, in, out, 0), 0, "%s", ms_errmsg());
+}
+
+Test(nuslerp, registered) { cr_assert(ms_method_find("nuslerp")->ops); }
+
+Test(nuslerp, hand_computed)
+{
+    static const int64_t shape[1] = { 2 };
+    float a[2] = { 1, 0 }, b[2] = { 0, 1 }, a2[2] = { 2, 4 }, b2[2] = { 1, 2 }, out[2];
+    const float *in[2] = { a, b };
+    /* (1, 0), (0, 1), weights 1 and 1: t = 0.5, th = pi/2, s = 1, both
+     * coefficients sin(pi/4): out = (0.70710677, 0.70710677) */
+    struct ms_stage_job job = mk(shape, 1, MS_DT_F32, 2, -1, 1, 1, FLAT);
+    run(&job, in, out);
+    cr_assert(th_stage_ulps(out[0], (float)M_SQRT1_2) <= 1 &&
+                  th_stage_ulps(out[1], (float)M_SQRT1_2) <= 1, "%a %a", out[0], out[1]);
+    /* weights 1 and 3: t = 0.75: out = (sin(pi/8), sin(3pi/8)) */
+    job = mk(shape, 1, MS_DT_F32, 2, -1, 1, 3, FLAT);
+    run(&job, in, out);
+    cr_assert(th_stage_ulps(out[0], (float)sin(M_PI / 8)) <= 2 &&
+                  th_stage_ulps(out[1], (float)sin(3 * M_PI / 8)) <= 2, "%a %a", out[0], out[1]);
+    /* weights summing to 0: t = 0.5 */
+    job = mk(shape, 1, MS_DT_F32, 2, -1, 1, -1, FLAT);
+    run(&job, in, out);
+    cr_assert(th_stage_ulps(out[0], (float)M_SQRT1_2) <= 1);
+    /* colinear (2, 4) and (1, 2), t = 0.25: cos = 1, sin = 0: the lerp
+     * 0.75*(2, 4) + 0.25*(1, 2) = (1.75, 3.5), exact in BF16 */
+    const float *in2[2] = { a2, b2 };
+    job = mk(shape, 1, MS_DT_BF16, 2, -1, 3, 1, FLAT);
+    run(&job, in2, out);
+    cr_assert(out[0] == 1.75f && out[1] == 3.5f, "%a %a", out[0], out[1]);
+    /* with a base (10, 10): task vectors (1, 0), (0, 1) */
+    float ten[2] = { 10, 10 }, x0[2] = { 11, 10 }, x1[2] = { 10, 11 };
+    const float *in3[3] = { ten, x0, x1 };
+    job = mk(shape, 1, MS_DT_F32, 3, 0, 1, 1, FLAT);
+    run(&job, in3, out);
+    cr_assert(th_stage_ulps(out[0], 10.0f + (float)M_SQRT1_2) <= 1, "%a", out[0]);
+}
+
+Test(nuslerp, input_rules)
+{
+    static const int64_t shape[1] = { 3 };
+    float a[3] = { 1, -0.0f, 3 }, out[3];
+    const float *in[3] = { a, a, a };
+    struct ms_stage_job job = mk(shape, 1, MS_DT_BF16, 1, -1, 1, 1, FLAT);
+    run(&job, in, out);
+    cr_assert(!memcmp(a, out, sizeof(a)));
+    job = mk(shape, 1, MS_DT_BF16, 2, 0, 1, 1, FLAT); /* the base and one model */
+    cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), MS_EPLAN);
+    cr_assert(strstr(ms_errmsg(), "t:"), "%s", ms_errmsg());
+    job = mk(shape, 1, MS_DT_BF16, 3, -1, 1, 1, FLAT); /* three models, no base */
+    cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), MS_EPLAN);
+}
+
+Test(nuslerp, row_wise_column_cap)
+{
+    /* 2 x (2^23) columns: over the state cap; the error names the tensor */
+    static const int64_t shape[2] = { 2, INT64_C(1) << 23 };
+    struct ms_stage_job job = mk(shape, 2, MS_DT_BF16, 2, -1, 1, 1, COLS);
+    size_t ssize = job.method->ops->state_size(&job);
+    cr_assert(ssize < 4096, "%zu", ssize);
+    void *state = calloc(1, ssize);
+    cr_assert_eq(job.method->ops->begin(state, &job), MS_EUNSUPPORTED);
+    cr_assert(strstr(ms_errmsg(), "t:") && strstr(ms_errmsg(), "columns"), "%s", ms_errmsg());
+    free(state);
+}
+
+Test(nuslerp, random_vs_reference_bit_exact)
+{
+    static const int64_t s2[2] = { 14, 27 }, s3[3] = { 3, 5, 19 }, s1[1] = { 301 };
+    static const int64_t *shapes[3] = { s2, s3, s1 };
+    static const uint32_t ndims[3] = { 2, 3, 1 };
+    static const double ws[3][2] = { { 1, 0.5 }, { 0.3, 0.9 }, { 1, 1 } };
+    enum { NMAX = 14 * 27 };
+    static float x0[NMAX], x1[NMAX], bb[NMAX], out[NMAX], want[NMAX];
+    for (int d = 0; d < 3; d++)
+        for (int sh = 0; sh < 3; sh++)
+            for (int mode = FLAT; mode <= COLS; mode++)
+                for (int withbase = 0; withbase < 2; withbase++)
+                    for (int near = 0; near < 2; near++) {
+                        uint64_t s = 10400 + (uint64_t)d * 1000 + (uint64_t)sh * 100 +
+                                     (uint64_t)mode * 10 + (uint64_t)withbase * 2 + (uint64_t)near;
+                        cr_log_info("seed %llu", (unsigned long long)s);
+                        struct ms_stage_job job = mk(shapes[sh], ndims[sh], dts[d],
+                                                     2 + (uint32_t)withbase,
+                                                     withbase ? (int)(s % 3) : -1, ws[sh][0],
+                                                     ws[sh][1], mode);
+                        size_t n = (size_t)job.numel;
+                        for (size_t j = 0; j < n; j++) {
+                            bb[j] = th_stage_value(dts[d], &s, 0.05f);
+                            float e0 = th_stage_value(MS_DT_F32, &s, 0.02f);
+                            float e1 = th_stage_value(MS_DT_F32, &s, 0.02f);
+                            /* near: x1 close to x0 (angles small), else independent */
+                            x0[j] = th_stage_round(dts[d], bb[j] + e0);
+                            x1[j] = th_stage_round(dts[d], near ? x0[j] + 0.05f * e1 : bb[j] + e1);
+                        }
+                        const float *in[3];
+                        const float *xs[2] = { x0, x1 };
+                        for (uint32_t i = 0, k = 0; i < job.ninputs; i++)
+                            in[i] = (int)i == job.base ? bb : xs[k++];
+                        uint64_t row = job.row_len;
+                        uint64_t sizes[] = { 0, 1, 7, row, 3 * row + 1 };
+                        th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+                        double w0 = ws[sh][0], w1 = ws[sh][1];
+                        ref_nuslerp(dts[d], x0, x1, withbase ? bb : NULL, w1 / (w0 + w1), mode,
+                                    shapes[sh], ndims[sh], want);
+                        for (size_t j = 0; j < n; j++)
+                            cr_assert(ms_f32_bits(out[j]) == ms_f32_bits(want[j]),
+                                      "dt %d shape %d mode %d base %d near %d elt %zu: %a vs %a",
+                                      dts[d], sh, mode, job.base, near, j, out[j], want[j]);
+                    }
+}
