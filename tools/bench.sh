@@ -29,7 +29,7 @@ mkdir -p "$dir"
 size_bytes() { # 1.5G -> bytes
     awk -v s="$1" 'BEGIN { m = 1; u = substr(s, length(s)); if (u ~ /[kK]/) m = 1e3;
         else if (u ~ /[mM]/) m = 1e6; else if (u ~ /[gGbB]/) m = 1e9;
-        if (m > 1) s = substr(s, 1, length(s) - 1); printf "%d", s * m }'
+        if (m > 1) s = substr(s, 1, length(s) - 1); printf "%.0f", s * m }'
 }
 
 gen3() { # gen3 NAME BYTES [extra mkmodel args] -> $dir/NAME/{base,ft1,ft2}
