@@ -4,6 +4,7 @@
  */
 #include <getopt.h>
 #include <inttypes.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,7 @@
 #include "ms_engine.h"
 #include "ms_plan.h"
 #include "ms_recipe.h"
+#include "ms_stage.h"
 
 #include "cli.h"
 
@@ -116,6 +118,34 @@ static const struct option merge_opts[] = {
     { NULL, 0, NULL, 0 },
 };
 
+/* The method registry: every method with its parameters and defaults. */
+static void print_methods(FILE *f)
+{
+    fprintf(f, "\nmerge methods (parameters: per-model ones are set under each model; "
+               "'required' has no default):\n");
+    const struct ms_method *m;
+    for (size_t i = 0; (m = ms_method_at(i)); i++) {
+        const char *base = (m->flags & MS_M_BASE_REQUIRED) ? "base_model required"
+                           : (m->flags & MS_M_BASE_PARAMS) ? "base_model optional (weighted)"
+                                                            : "base_model optional";
+        fprintf(f, "  %-17s %s%s; %s\n", m->name, m->summary, m->ops ? "" : " [not supported]",
+                base);
+        for (uint32_t k = 0; k < m->nparams; k++) {
+            const struct ms_param_decl *d = &m->params[k];
+            char def[32];
+            if (d->required)
+                snprintf(def, sizeof def, "required");
+            else if (isnan(d->def))
+                snprintf(def, sizeof def, "unset");
+            else if (d->is_bool)
+                snprintf(def, sizeof def, "%s", d->def != 0 ? "true" : "false");
+            else
+                snprintf(def, sizeof def, "%g", d->def);
+            fprintf(f, "      %-18s %-9s %s\n", d->name, d->per_model ? "per-model" : "global", def);
+        }
+    }
+}
+
 static int usage_error(const char *msg, const char *arg)
 {
     fprintf(stderr, "mergestream merge: %s%s%s\n", msg, arg ? " " : "", arg ? arg : "");
@@ -173,7 +203,10 @@ int ms_cli_merge(int argc, char **argv)
         case OPT_CARD: eo.write_card = true; break;
         case OPT_NOCARD: eo.write_card = false; break;
         case 'q': eo.quiet = true; break;
-        case 'h': fputs(merge_usage, stdout); return 0;
+        case 'h':
+            fputs(merge_usage, stdout);
+            print_methods(stdout);
+            return 0;
         case OPT_CHUNK:
             if (parse_u64(optarg, &eo.chunk_elems) || !eo.chunk_elems)
                 return usage_error("invalid --chunk-elems", optarg);
