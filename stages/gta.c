@@ -102,7 +102,9 @@ static const struct gta_kind kind_della_linear = { GTA_SPARSE_DELLA, false };
 /* Selections (histogram slots) one trimmed model uses. */
 static uint32_t kind_nsel(const struct gta_kind *kind)
 {
-    return kind->sparse == GTA_SPARSE_MAGNITUDE ? 1u : kind->sparse == GTA_SPARSE_OUTLIERS ? 2u : 0u;
+    if (kind->sparse == GTA_SPARSE_MAGNITUDE)
+        return 1;
+    return kind->sparse == GTA_SPARSE_OUTLIERS ? 2u : 0u;
 }
 
 /* ------------------------------------------------------------------------ */

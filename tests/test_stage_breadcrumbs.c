@@ -67,7 +67,10 @@ static void random_cases(const char *method, enum ms_dtype dt, uint64_t seed0, i
 Test(stage_breadcrumbs, random_bf16) { random_cases("breadcrumbs", MS_DT_BF16, 1000, 40); }
 Test(stage_breadcrumbs, random_f16) { random_cases("breadcrumbs", MS_DT_F16, 2000, 40); }
 Test(stage_breadcrumbs, random_f32) { random_cases("breadcrumbs", MS_DT_F32, 3000, 40); }
-Test(stage_breadcrumbs, ties_random_bf16) { random_cases("breadcrumbs_ties", MS_DT_BF16, 4000, 40); }
+Test(stage_breadcrumbs, ties_random_bf16)
+{
+    random_cases("breadcrumbs_ties", MS_DT_BF16, 4000, 40);
+}
 Test(stage_breadcrumbs, ties_random_f16) { random_cases("breadcrumbs_ties", MS_DT_F16, 5000, 40); }
 Test(stage_breadcrumbs, ties_random_f32) { random_cases("breadcrumbs_ties", MS_DT_F32, 6000, 40); }
 

@@ -116,7 +116,8 @@ Test(stage_dare, kept_fraction_and_exact_rule)
                 kept += k;
             }
             double mean = (double)n * p, sd = sqrt((double)n * p * (1 - p));
-            cr_assert(fabs((double)kept - mean) < 5 * sd, "%s density %g: kept %llu, expected %g +- %g",
+            cr_assert(fabs((double)kept - mean) < 5 * sd,
+                      "%s density %g: kept %llu, expected %g +- %g",
                       ms_dtype_name(dts[d]), dens[di], (unsigned long long)kept, mean, 5 * sd);
         }
     }
@@ -212,7 +213,8 @@ Test(stage_dare, rescale_is_l1_not_inverse_density)
     for (uint64_t e = 0; e < n; e++)
         kept += out[e] != 0.0f;
     float f = (float)n / (float)kept;
-    cr_assert(kept != n / 2, "kept exactly n/2 (%llu): the test cannot tell", (unsigned long long)kept);
+    cr_assert(kept != n / 2, "kept exactly n/2 (%llu): the test cannot tell",
+              (unsigned long long)kept);
     for (uint64_t e = 0; e < n; e++)
         cr_assert(out[e] == 0.0f || out[e] == f, "element %llu: %a, want 0 or %a",
                   (unsigned long long)e, out[e], f);

@@ -101,7 +101,8 @@ Test(stage_della, ranks_are_rounded_to_bf16)
             cr_assert_eq(th_gta_run(&g, chunks[c], got), 0, "%s", ms_errmsg());
             long d = th_gta_first_diff(got, want, n);
             cr_assert_eq(d, -1, "chunk %llu: element %ld is %a, want %a",
-                         (unsigned long long)chunks[c], d, d >= 0 ? got[d] : 0, d >= 0 ? want[d] : 0);
+                         (unsigned long long)chunks[c], d, d >= 0 ? got[d] : 0,
+                         d >= 0 ? want[d] : 0);
         }
     }
     for (int i = 0; i < 3; i++)

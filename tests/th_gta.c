@@ -344,7 +344,8 @@ static int sparsify_mask(const struct th_gta *g, uint32_t input, const float *d,
                     if (L == 1) {
                         p = th_gta_rnd(W, (float)density); /* our rule for 0/0 */
                     } else {
-                        float rn = th_gta_rnd(W, th_gta_rnd(W, rank[i] - lo) / th_gta_rnd(W, hi - lo));
+                        float num = th_gta_rnd(W, rank[i] - lo), den = th_gta_rnd(W, hi - lo);
+                        float rn = th_gta_rnd(W, num / den);
                         rn = rn < 0 ? 0 : rn > 1 ? 1 : rn;
                         float t = th_gta_rnd(W, th_gta_rnd(W, rn * 2) * (float)eps);
                         p = th_gta_rnd(W, (float)(density - eps) + t);
