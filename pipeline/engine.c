@@ -690,7 +690,7 @@ static void fold_ready(struct eng *e, struct jrun *jr)
         return;
     int rc = jr->ops->end_pass(jr->state, &jr->job->s);
     if (rc < 0) {
-        eng_fail(e, rc, "tensor '%s': %s", jr->job->name, ms_errmsg());
+        eng_fail(e, rc, "%s", ms_errmsg()); /* stages name the tensor */
         return;
     }
     jr->pass++;
@@ -1032,7 +1032,7 @@ static int job_activate(struct eng *e)
     if (!jr->copy && jr->ops->begin && jr->total) {
         int rc = jr->ops->begin(jr->state, &j->s);
         if (rc < 0)
-            return eng_fail(e, rc, "tensor '%s': %s", j->name, ms_errmsg());
+            return eng_fail(e, rc, "%s", ms_errmsg()); /* stages name the tensor */
         jr->phase = rc;
     }
     jr->resident = jr->phase == MS_STAGE_REDUCE && e->opts->in_memory && jr->nchunks <= e->nslots;

@@ -65,6 +65,8 @@ struct pb {
     struct ms_plan *p;
     const struct ms_method *m;    /* NULL when unknown or not supported */
     bool gta, slerp, passthrough; /* method families with their own dtype and shape rules */
+    size_t crumbs_zeroed;         /* breadcrumbs inputs whose int(gamma*numel) == 0 */
+    char crumbs_first[256];       /* the first such tensor, for the warning */
     struct ms__arch *arch;
     const struct ms_modelref **refs; /* per plan model: its first reference in the recipe */
     size_t cap_models;
@@ -790,6 +792,63 @@ static bool resolve_params(struct pb *pb, const struct pslice *sl, struct ms_job
     return ok;
 }
 
+/*
+ * Checks that need a method's resolved parameters and the tensor's size, made
+ * here so that they fail before any data is read (mergekit fails mid-merge):
+ * ties/breadcrumbs keeping no element (2.7: mergekit asserts), della's
+ * density +- epsilon inside (0, 1) and its ranking along dim 1 of a 2-D tensor.
+ * breadcrumbs inputs whose int(gamma*numel) is 0 lose their whole delta, as in
+ * mergekit (7.3): counted for one warning.
+ */
+static bool method_checks(struct pb *pb, const struct ms_job *job)
+{
+    const struct ms_method *m = pb->m;
+    bool della = !strncmp(m->name, "della", 5), crumbs = !strncmp(m->name, "breadcrumbs", 11);
+    bool magnitude = !strcmp(m->name, "ties") || crumbs;
+    int pd = ms_method_param(m, "density"), pe = ms_method_param(m, "epsilon"),
+        pg = ms_method_param(m, "gamma");
+    if (pd < 0)
+        return true;
+    if (della && job->ndim > 2) {
+        pb_err(pb, MS_EUNSUPPORTED, NULL, "tensor '%s' has %u dimensions: della ranks along "
+               "dim 1 of a matrix (mergekit's rows), which this tensor does not have",
+               job->name, job->ndim);
+        return false;
+    }
+    bool ok = true;
+    for (uint32_t i = 0; i < job->s.ninputs; i++) {
+        if ((int)i == job->s.base)
+            continue;
+        double d = job->s.pv[i][pd];
+        const char *ref = model_ref(pb, job->in[i].model);
+        char key[160];
+        if (!(d < 1.0))
+            continue; /* no trimming */
+        uint64_t k = (uint64_t)(d * (double)job->s.numel);
+        if (magnitude && k == 0 && !crumbs) {
+            snprintf(key, sizeof key, "k0:%u", job->in[i].model);
+            pb_err(pb, MS_EPLAN, key, "density %g keeps no element of tensor '%s' (%" PRIu64
+                   " elements) of model '%s': int(density*numel) == 0 (mergekit fails here too)",
+                   d, job->name, job->s.numel, ref);
+            ok = false;
+        }
+        if (della && pe >= 0 && d > 0) {
+            double e = job->s.pv[i][pe];
+            if (!(d - e > 0 && d + e < 1)) {
+                snprintf(key, sizeof key, "della:%u", job->in[i].model);
+                pb_err(pb, MS_EPLAN, key, "della: density %g +- epsilon %g must lie inside (0, 1) "
+                       "for model '%s' tensor '%s' (set a smaller epsilon)", d, e, ref, job->name);
+                ok = false;
+            }
+        }
+        if (crumbs && pg >= 0 && (uint64_t)(job->s.pv[i][pg] * (double)job->s.numel) == 0) {
+            if (!pb->crumbs_zeroed++)
+                snprintf(pb->crumbs_first, sizeof pb->crumbs_first, "%s", job->name);
+        }
+    }
+    return ok;
+}
+
 /* Compute and output dtypes (0, 1.7, 2.1.4) and the copy decision. */
 static bool pick_dtypes(struct pb *pb, struct ms_job *job)
 {
@@ -956,7 +1015,8 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
         goto out;
     }
     job->s.row_len = job->ndim >= 2 ? (uint64_t)job->shape[job->ndim - 1] : job->s.numel;
-    if (!resolve_params(pb, sl, job, in_name, src_of, t) || !pick_dtypes(pb, job))
+    if (!resolve_params(pb, sl, job, in_name, src_of, t) || !pick_dtypes(pb, job) ||
+        !method_checks(pb, job))
         goto out;
     job->out_bytes = (job->s.numel * ms_dtype_bits(job->out_dtype) + 7) / 8;
 
@@ -999,6 +1059,11 @@ static void make_jobs(struct pb *pb)
     size_t npost = MS_MIN(last->nsrc, first->nsrc);
     for (size_t w = 0; w < a->nw[MS__W_POST] && !pb->oom; w++)
         job_make(pb, last, npost, MS__W_POST, w, 0, 0, 0.0);
+    if (pb->crumbs_zeroed)
+        ms_log_warn("%s: int(gamma*numel) == 0 for %zu model tensor%s (e.g. '%s'): as in mergekit, "
+                    "breadcrumbs zeroes their whole delta; raise gamma to keep them",
+                    pb->r->path, pb->crumbs_zeroed, pb->crumbs_zeroed == 1 ? "" : "s",
+                    pb->crumbs_first);
 }
 
 /* ------------------------------------------------------------------ phase 6: order, layout */

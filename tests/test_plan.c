@@ -662,6 +662,50 @@ Test(plan, ramplus_tl_result_is_float32)
     cr_assert_eq(job_ok("model.norm.weight")->out_dtype, MS_DT_BF16);
 }
 
+/* 2.7: int(density*numel) == 0 makes mergekit's magnitude assert; we say so before reading. */
+Test(plan, err_ties_density_keeps_nothing)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    /* hidden 8: the norm weights have 8 elements; 0.1 * 8 < 1 */
+    plan_fails("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n"
+               "    parameters: {weight: 1, density: 0.1}\n", MS_EPLAN,
+               "density 0.1 keeps no element of tensor", "(8 elements) of model 'b'", NULL);
+}
+
+/* 2.7: della needs density - epsilon > 0 and density + epsilon < 1. */
+Test(plan, err_della_density_epsilon)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    plan_fails("merge_method: della\nbase_model: a\nmodels:\n  - model: b\n"
+               "    parameters: {weight: 1, density: 0.1}\n", MS_EPLAN,
+               "della: density 0.1 +- epsilon 0.15 must lie inside (0, 1) for model 'b'", NULL);
+    ms_recipe_free(g_recipe);
+    g_recipe = NULL;
+    plan_ok("merge_method: della\nbase_model: a\nmodels:\n  - model: b\n"
+            "    parameters: {weight: 1, density: 0.1, epsilon: 0.05}\n");
+}
+
+/* 7.3: breadcrumbs zeroes a delta whose int(gamma*numel) is 0; the plan warns once. */
+Test(plan, breadcrumbs_zeroed_deltas_are_warned)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    const char *y = "merge_method: breadcrumbs\nbase_model: a\nmodels:\n  - model: b\n"
+                    "    parameters: {weight: 1, density: 0.5, gamma: 0.01}\n";
+    char *p = th_path(g_dir, "bc.yml");
+    cr_assert_eq(th_write(p, y, strlen(y)), 0);
+    char cmd[4200], *err = NULL;
+    snprintf(cmd, sizeof cmd, "cd '%s' && mergestream plan bc.yml", g_dir);
+    int rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 0, "%s", err);
+    cr_assert(strstr(err, "warning: bc.yml: int(gamma*numel) == 0 for") &&
+                  strstr(err, "breadcrumbs zeroes their whole delta"), "stderr: %s", err);
+    free(err);
+    free(p);
+}
+
 /* 2.8: model_stock needs the base and two other models for a required tensor. */
 Test(plan, err_model_stock_with_one_other_model)
 {
