@@ -15,64 +15,17 @@
 #include "ms_stage.h"
 #include "th_gta.h"
 
-#define MAXN 400
-
-static float store[MS_MAX_INPUTS * MAXN];
-
 static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
 
-/* Runs g at chunk sizes 1 (small tensors only), 7, 100 and numel, and with
- * the shuffled driver, and compares each output with want, bit for bit. */
-static void expect(const struct th_gta *g, const float *want, const char *what)
-{
-    static float got[MAXN];
-    uint64_t chunks[4] = { 1, 7, 100, g->numel };
-    for (int ci = 0; ci < 5; ci++) {
-        int rc;
-        if (ci < 4) {
-            if (chunks[ci] == 1 && g->numel > 48)
-                continue;
-            rc = th_gta_run(g, chunks[ci], got);
-        } else {
-            struct ms_stage_job job;
-            int64_t shape[2];
-            th_gta_job(g, &job, shape);
-            rc = th_stage_run_shuffled(&job, g->in, got, 7, g->numel * 31 + 5);
-        }
-        cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
-        long d = th_gta_first_diff(got, want, g->numel);
-        cr_assert_eq(d, -1, "%s: %s run %d: element %ld is %a, want %a", what,
-                     ms_dtype_name(g->dt), ci, d, d >= 0 ? got[d] : 0.0f,
-                     d >= 0 ? want[d] : 0.0f);
-    }
-}
-
-static void random_cases(const char *method, enum ms_dtype dt, uint64_t seed0, int count)
-{
-    static float want[MAXN];
-    for (int s = 0; s < count; s++) {
-        uint64_t seed = seed0 + (uint64_t)s, rs = seed * 0x9E3779B97F4A7C15ULL + 1;
-        struct th_gta g = { .method = method, .dt = dt };
-        th_gta_random(&g, store, s % 5 ? 48 : 250, &rs);
-        cr_assert_eq(th_gta_ref(&g, want), 0);
-        char what[200];
-        snprintf(what, sizeof what,
-                 "%s seed %llu (n %llu, %u inputs, base %d, normalize %d, rescale %d, lambda %g)",
-                 method, (unsigned long long)seed, (unsigned long long)g.numel, g.ninputs, g.base,
-                 g.normalize, g.rescale, g.lambda);
-        expect(&g, want, what);
-    }
-}
-
-Test(stage_breadcrumbs, random_bf16) { random_cases("breadcrumbs", MS_DT_BF16, 1000, 40); }
-Test(stage_breadcrumbs, random_f16) { random_cases("breadcrumbs", MS_DT_F16, 2000, 40); }
-Test(stage_breadcrumbs, random_f32) { random_cases("breadcrumbs", MS_DT_F32, 3000, 40); }
+Test(stage_breadcrumbs, random_bf16) { th_gta_random_cases("breadcrumbs", MS_DT_BF16, 1000, 40); }
+Test(stage_breadcrumbs, random_f16) { th_gta_random_cases("breadcrumbs", MS_DT_F16, 2000, 40); }
+Test(stage_breadcrumbs, random_f32) { th_gta_random_cases("breadcrumbs", MS_DT_F32, 3000, 40); }
 Test(stage_breadcrumbs, ties_random_bf16)
 {
-    random_cases("breadcrumbs_ties", MS_DT_BF16, 4000, 40);
+    th_gta_random_cases("breadcrumbs_ties", MS_DT_BF16, 4000, 40);
 }
-Test(stage_breadcrumbs, ties_random_f16) { random_cases("breadcrumbs_ties", MS_DT_F16, 5000, 40); }
-Test(stage_breadcrumbs, ties_random_f32) { random_cases("breadcrumbs_ties", MS_DT_F32, 6000, 40); }
+Test(stage_breadcrumbs, ties_random_f16) { th_gta_random_cases("breadcrumbs_ties", MS_DT_F16, 5000, 40); }
+Test(stage_breadcrumbs, ties_random_f32) { th_gta_random_cases("breadcrumbs_ties", MS_DT_F32, 6000, 40); }
 
 /* Stable ascending order of |d| (NaN last), written here again on purpose. */
 static const float *sort_d;
@@ -187,7 +140,7 @@ Test(stage_breadcrumbs, zero_n_top_zeroes_the_delta)
             g.density[2] = 1;
             g.gamma[2] = 0;
             cr_assert_eq(th_gta_ref(&g, want), 0);
-            expect(&g, want, "n_top == 0 with a second model");
+            th_gta_expect(&g, want, "n_top == 0 with a second model");
             for (int e = 0; e < 50; e++) {
                 float dy = y[e] - base[e];
                 float w = base[e] + dy / 2.0f; /* exact: dyadic data */
@@ -195,7 +148,7 @@ Test(stage_breadcrumbs, zero_n_top_zeroes_the_delta)
             }
             g.method = "breadcrumbs_ties";
             cr_assert_eq(th_gta_ref(&g, want), 0);
-            expect(&g, want, "n_top == 0, ties");
+            th_gta_expect(&g, want, "n_top == 0, ties");
         }
     }
 }

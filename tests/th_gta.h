@@ -63,4 +63,12 @@ long th_gta_first_diff(const float *a, const float *b, uint64_t n);
 /* xorshift64* */
 uint64_t th_gta_rand(uint64_t *s);
 
+/* Largest tensor th_gta_random_cases makes. */
+#define TH_GTA_MAXN 400
+/* Runs g at chunk sizes 1 (small tensors only), 7, 100 and numel, and with the
+ * shuffled driver, and asserts each output equals want bit for bit. */
+void th_gta_expect(const struct th_gta *g, const float *want, const char *what);
+/* count random cases of method in dt (seeds seed0...) against th_gta_ref. */
+void th_gta_random_cases(const char *method, enum ms_dtype dt, uint64_t seed0, int count);
+
 #endif
