@@ -95,7 +95,7 @@ $(BUILD)/obj/stages/%.o: stages/%.c | $(DEPS_STAMP)
 
 $(BUILD)/obj/tests/%.o: tests/%.c | $(DEPS_STAMP)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) $(CRIT_CFLAGS) -DMS_BUILD_DIR='"$(abspath $(BUILD))"' -c $< -o $@
+	$(CC) $(CFLAGS_ALL) $(CRIT_CFLAGS) -DMS_BUILD_DIR='"$(abspath $(BUILD))"' -DMS_SOURCE_DIR='"$(CURDIR)"' -c $< -o $@
 
 $(LIB): $(LIB_OBJS)
 	@rm -f $@
