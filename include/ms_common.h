@@ -98,6 +98,13 @@ long ms_alloc_count(void);
  * error; a caller compares this before and after to report MS_ENOMEM instead. */
 long ms_alloc_failures(void);
 
+/* I/O fault injection for tests: the n-th read or write the engine issues from
+ * now (1-based), and every later one, fail with EIO until reset with n = 0.
+ * ms__io_should_fail() is consulted where the engine issues a read or write
+ * (pipeline/engine.c); it counts every call, from any thread. */
+void ms_io_fail_after(long n);
+bool ms__io_should_fail(void);
+
 /* Parses a size with mergekit's suffixes (K/M/B = 1e3/1e6/1e9, any case) and our
  * binary ones (KiB/MiB/GiB, and k/m/g with --max-memory style "64M" meaning
  * mebibytes when binary is true). Integers only. Returns 0 or MS_EINVAL. */

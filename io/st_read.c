@@ -492,7 +492,9 @@ int ms_st_open(const char *path, struct ms_st_file **out)
             return rc;
         size = ms_zsrc_size(h.z);
     } else {
-        h.fd = open(path, O_RDONLY | O_CLOEXEC);
+        /* O_NONBLOCK: a FIFO in place of a shard must not block the open (it is
+         * then refused as not a regular file); regular files ignore the flag. */
+        h.fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
         if (h.fd < 0)
             return ms_error(-errno, "%s: %s", path, strerror(errno));
         if (fstat(h.fd, &st) < 0) {

@@ -544,7 +544,7 @@ int ms_read_file(const char *path, char **data, size_t *len)
 
     assert(path && data);
     *data = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0)
         return ms_error(-errno, "%s: %s", path, strerror(errno));
     sb_put(&sb, "", 0); /* an empty file still gets a buffer */

@@ -143,6 +143,21 @@ static bool alloc_should_fail(void)
     return false;
 }
 
+static atomic_long g_io_count;
+static atomic_long g_io_fail_at; /* 0: never fail; else fail when the count reaches it */
+
+void ms_io_fail_after(long n)
+{
+    atomic_store(&g_io_fail_at, n > 0 ? atomic_load(&g_io_count) + n : 0);
+}
+
+bool ms__io_should_fail(void)
+{
+    long c = atomic_fetch_add(&g_io_count, 1) + 1;
+    long f = atomic_load(&g_io_fail_at);
+    return f > 0 && c >= f;
+}
+
 void *ms_malloc(size_t n)
 {
     if (alloc_should_fail())

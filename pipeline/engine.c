@@ -459,8 +459,9 @@ static void read_issue(struct eng *e, struct slot *s, uint32_t i)
                              (unsigned)MS_MIN(s->raw_len[i] - s->raw_done[i], 1u << 30));
     s->rd[i].data = s;
     e->io_inflight++;
-    int rc = uv_fs_read(&e->loop, &s->rd[i], input_fd(e, &j->in[i]), &b, 1,
-                        (int64_t)(s->raw_off[i] + s->raw_done[i]), on_read);
+    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
+             : uv_fs_read(&e->loop, &s->rd[i], input_fd(e, &j->in[i]), &b, 1,
+                          (int64_t)(s->raw_off[i] + s->raw_done[i]), on_read);
     if (rc < 0) {
         e->io_inflight--;
         eng_fail(e, rc, "%s: read failed: %s", j->in[i].file, uv_strerror(rc));
@@ -735,7 +736,8 @@ static void write_issue(struct eng *e, struct slot *s)
     uv_buf_t b = uv_buf_init((char *)s->wbuf, (unsigned)MS_MIN(s->wlen, 1u << 30));
     s->wr.data = s;
     e->io_inflight++;
-    int rc = uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)s->woff, on_write);
+    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
+             : uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)s->woff, on_write);
     if (rc < 0) {
         e->io_inflight--;
         eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
@@ -919,7 +921,8 @@ static int shard_open(struct eng *e, uint32_t k)
                         ls->file_bytes, strerror(frc));
     uint64_t done = 0;
     while (done < ls->header_bytes) {
-        ssize_t w = pwrite(fd, ls->header + done, ls->header_bytes - done, (off_t)done);
+        ssize_t w = ms__io_should_fail() ? (errno = EIO, -1) /* test hook */
+                    : pwrite(fd, ls->header + done, ls->header_bytes - done, (off_t)done);
         if (w <= 0)
             return eng_fail(e, w < 0 ? -errno : MS_EIO, "%s: cannot write header: %s", sh->tmp,
                             w < 0 ? strerror(errno) : "no progress");

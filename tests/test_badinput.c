@@ -51,7 +51,7 @@ TestSuite(badinput, .init = setup, .fini = teardown, .timeout = 300);
 /* ------------------------------------------------------------------ case.txt */
 
 struct bcase {
-    char run[512], expect[512], output[256], also[512];
+    char run[512], expect[512], output[256], also[512], out_has[256];
     int exit_code;
 };
 
@@ -87,6 +87,7 @@ static void read_case(const char *dir, struct bcase *c)
         if (field(line, "exit", num, sizeof num))
             c->exit_code = atoi(num);
         else if (!field(line, "run", c->run, sizeof c->run) &&
+                 !field(line, "stdout", c->out_has, sizeof c->out_has) &&
                  !field(line, "expect", c->expect, sizeof c->expect) &&
                  !field(line, "output", c->output, sizeof c->output))
             field(line, "also", c->also, sizeof c->also);
@@ -160,6 +161,19 @@ static bool run_case(const char *name)
             cr_log_error("%s: message does not contain '%s':\n%s", name, c.expect, first);
             ok = false;
         }
+    }
+    if (ok && c.exit_code == 0 && c.out_has[0] && !strstr(out, c.out_has)) {
+        cr_log_error("%s: stdout does not contain '%s': %s", name, c.out_has, out);
+        ok = false;
+    }
+    if (ok && c.exit_code == 0 && !strncmp(c.run, "merge ", 6)) {
+        char *vout = NULL;
+        snprintf(cmd, sizeof cmd, "cd '%s' && mergestream verify out", dir);
+        if (th_run(cmd, NULL, &vout) != 0) {
+            cr_log_error("%s: the merged output does not verify: %s", name, vout);
+            ok = false;
+        }
+        free(vout);
     }
     if (c.output[0] && c.exit_code != 0) {
         char *o = th_path(dir, c.output);

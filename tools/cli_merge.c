@@ -273,6 +273,9 @@ int ms_cli_merge(int argc, char **argv)
         return usage_error("--resume needs a directory OUT (not '-' or --pipe)", NULL);
     /* A closed stdout or pipe is reported as EPIPE with the file's name, not a silent death. */
     signal(SIGPIPE, SIG_IGN);
+    /* Past RLIMIT_FSIZE a write fails with EFBIG (reported, temporaries removed)
+     * instead of the process dying of SIGXFSZ with a .partial file left behind. */
+    signal(SIGXFSZ, SIG_IGN);
     ms_log_set_quiet(eo.quiet);
     eo.progress = !eo.quiet && isatty(STDERR_FILENO);
 
