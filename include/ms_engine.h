@@ -52,7 +52,13 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
 int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned threads,
                        uint64_t *pool_bytes, uint64_t *chunk_elems);
 
-/* Asks a running ms_engine_run to stop (async-signal-safe). */
+/*
+ * Asks ms_engine_run to stop: async-signal-safe, usable directly as a SIGINT /
+ * SIGTERM handler. A request made before ms_engine_run starts stays pending and
+ * stops it at once (so a signal during planning still ends in a clean stop);
+ * ms_engine_cancel(0) clears it. While its loop runs the engine catches SIGINT
+ * and SIGTERM itself, and afterwards leaves this function installed for both.
+ */
 void ms_engine_cancel(int signo);
 /* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM), or 0. */
 int ms_engine_signal(void);

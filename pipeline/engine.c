@@ -1416,6 +1416,14 @@ static int run_loop(struct eng *e)
     }
     uv_run(&e->loop, UV_RUN_DEFAULT);
     uv_loop_close(&e->loop);
+    /* Closing the last uv_signal_t put SIGINT/SIGTERM back to SIG_DFL; keep them
+     * caught while the small files are written, so a stop is still clean. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = ms_engine_cancel;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     return e->err;
 }
 
@@ -1433,7 +1441,8 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     char tp[16];
     snprintf(tp, sizeof tp, "%u", threads + 2);
     setenv("UV_THREADPOOL_SIZE", tp, 1);
-    g_cancel_signo = 0;
+    /* A signal caught before the loop (by the caller's ms_engine_cancel handler)
+     * stays pending: the first pump stops the run. */
 
     struct sizing sz;
     int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL);
@@ -1449,6 +1458,10 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
         rc = run_loop(e);
         if (rc)
             ms_error(rc, "%s", e->errmsg);
+    }
+    if (!rc && g_cancel_signo) { /* between the loop and the small files */
+        e->signo = g_cancel_signo;
+        rc = ms_error(MS_ECANCELED, "interrupted");
     }
     if (!rc && (opts->part_count <= 1 || opts->part_index == 1))
         rc = ms_outdir_finish(plan, opts, e->sw.out);
