@@ -253,6 +253,19 @@ out:
 
 /* ------------------------------------------------------------------ public */
 
+/* A model stored as the one safetensors file at `file`. */
+static int model_open_single(struct ms_model *m, const char *file)
+{
+    m->shards = ms_calloc(1, sizeof *m->shards);
+    if (!m->shards)
+        return ms_error(MS_ENOMEM, "%s: out of memory", file);
+    int rc = ms_st_open(file, &m->shards[0]);
+    if (rc)
+        return rc;
+    m->nshards = 1;
+    return model_index_tensors(m, file);
+}
+
 int ms_model_open(const char *path, struct ms_model **out)
 {
     struct ms_model *m = NULL;
@@ -282,16 +295,11 @@ int ms_model_open(const char *path, struct ms_model **out)
         const char *slash = strrchr(path, '/');
         m->dir = slash ? ms_strndup(path, slash == path ? 1 : (size_t)(slash - path))
                        : ms_strdup(".");
-        m->shards = ms_calloc(1, sizeof *m->shards);
-        if (!m->dir || !m->shards) {
+        if (!m->dir) {
             rc = ms_error(MS_ENOMEM, "%s: out of memory", path);
             goto out;
         }
-        rc = ms_st_open(path, &m->shards[0]);
-        if (rc)
-            goto out;
-        m->nshards = 1;
-        rc = model_index_tensors(m, path);
+        rc = model_open_single(m, path);
         goto out;
     }
 
@@ -336,16 +344,7 @@ int ms_model_open(const char *path, struct ms_model **out)
     if (rc < 0)
         goto out;
     if (rc == 1) {
-        m->shards = ms_calloc(1, sizeof *m->shards);
-        if (!m->shards) {
-            rc = ms_error(MS_ENOMEM, "%s: out of memory", path);
-            goto out;
-        }
-        rc = ms_st_open(p, &m->shards[0]);
-        if (rc)
-            goto out;
-        m->nshards = 1;
-        rc = model_index_tensors(m, p);
+        rc = model_open_single(m, p);
         goto out;
     }
     static const char *const bins[] = {"pytorch_model.bin.index.json", "pytorch_model.bin"};
