@@ -21,42 +21,9 @@ static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
 
 /* Runs g at chunk sizes 1 (small tensors only), 7, 100 and numel and compares
  * each output with want, bit for bit. */
-static void expect(const struct th_gta *g, const float *want, const char *what)
-{
-    static float got[MAXN];
-    uint64_t chunks[4] = { 1, 7, 100, g->numel };
-    for (int ci = 0; ci < 4; ci++) {
-        if (chunks[ci] == 1 && g->numel > 48)
-            continue; /* a histogram partial per element makes chunk 1 slow */
-        int rc = th_gta_run(g, chunks[ci], got);
-        cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
-        long d = th_gta_first_diff(got, want, g->numel);
-        cr_assert_eq(d, -1, "%s: %s chunk %llu: element %ld is %a, want %a", what,
-                     ms_dtype_name(g->dt), (unsigned long long)chunks[ci], d,
-                     d >= 0 ? got[d] : 0.0f, d >= 0 ? want[d] : 0.0f);
-    }
-}
-
-static void random_cases(enum ms_dtype dt, uint64_t seed0, int count)
-{
-    static float want[MAXN];
-    for (int s = 0; s < count; s++) {
-        uint64_t seed = seed0 + (uint64_t)s, rs = seed * 0x9E3779B97F4A7C15ULL + 1;
-        struct th_gta g = { .method = "ties", .dt = dt };
-        th_gta_random(&g, store, s % 5 ? 48 : 250, &rs);
-        cr_assert_eq(th_gta_ref(&g, want), 0);
-        char what[160];
-        snprintf(what, sizeof what,
-                 "seed %llu (n %llu, %u inputs, base %d, normalize %d, rescale %d, lambda %g)",
-                 (unsigned long long)seed, (unsigned long long)g.numel, g.ninputs, g.base,
-                 g.normalize, g.rescale, g.lambda);
-        expect(&g, want, what);
-    }
-}
-
-Test(stage_ties, random_bf16) { random_cases(MS_DT_BF16, 1000, 30); }
-Test(stage_ties, random_f16) { random_cases(MS_DT_F16, 2000, 30); }
-Test(stage_ties, random_f32) { random_cases(MS_DT_F32, 3000, 30); }
+Test(stage_ties, random_bf16) { th_gta_random_cases("ties", MS_DT_BF16, 1000, 30); }
+Test(stage_ties, random_f16) { th_gta_random_cases("ties", MS_DT_F16, 2000, 30); }
+Test(stage_ties, random_f32) { th_gta_random_cases("ties", MS_DT_F32, 3000, 30); }
 
 /*
  * Hand-computed, exact in every dtype. Base 10 everywhere (input 1), density
@@ -81,7 +48,7 @@ Test(stage_ties, hand_computed)
         float ref[4];
         cr_assert_eq(th_gta_ref(&g, ref), 0);
         cr_assert_eq(th_gta_first_diff(ref, want, 4), -1, "reference disagrees with the hand result");
-        expect(&g, want, "hand-computed");
+        th_gta_expect(&g, want, "hand-computed");
     }
 }
 
@@ -146,7 +113,7 @@ Test(stage_ties, density_per_model_with_rescale)
                                 .weight = { 0, 0.6, 0.3, 0.45 }, .density = { 1, 0.2, 0.5, 0.8 },
                                 .normalize = true, .rescale = resc, .lambda = 0.9 };
             cr_assert_eq(th_gta_ref(&g, want), 0);
-            expect(&g, want, resc ? "densities, rescale" : "densities");
+            th_gta_expect(&g, want, resc ? "densities, rescale" : "densities");
         }
     }
 }
@@ -162,7 +129,7 @@ Test(stage_ties, normalize_off_and_lambda)
             g.normalize = s & 1;
             g.lambda = s & 2 ? 1.0 : 3.5;
             cr_assert_eq(th_gta_ref(&g, want), 0);
-            expect(&g, want, "normalize/lambda");
+            th_gta_expect(&g, want, "normalize/lambda");
         }
     }
 }
