@@ -5,7 +5,9 @@
 #   make check        run every test, plainly and under ASan+UBSan
 #   make test         run every test once (no sanitizers)
 #   make SANITIZE=address,undefined   sanitized build (into build/san)
+#   make check-layers check the folder dependency graph on the built objects
 #   make fuzz         build and briefly run the libFuzzer harnesses (clang)
+#   make fmt          clang-format the lines changed since the last commit
 #   make deps         install missing Debian packages (as root) or say which
 #
 # Missing libraries are installed with apt-get when make runs as root; otherwise
@@ -62,7 +64,7 @@ TEST_HELP_OBJS := $(TEST_HELP:%.c=$(BUILD)/obj/%.o)
 
 DEPS_STAMP := build/.deps-ok
 
-.PHONY: all deps demo test check check-san fuzz bench clean fmt
+.PHONY: all deps demo test check check-san check-layers fuzz bench clean fmt
 
 all: $(CLI) $(TOOLS)
 
@@ -118,11 +120,16 @@ demo: all
 test: all $(TESTS)
 	@sh tests/run.sh $(BUILD) $(TESTS)
 
+# Folder dependencies and method names (docs/ARCHITECTURE.md), checked on the objects.
+check-layers: all
+	@sh tools/check-layers.sh $(BUILD)
+
 check-san:
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined test
 
 check: deps
 	@$(MAKE) --no-print-directory test
+	@$(MAKE) --no-print-directory check-layers
 	@$(MAKE) --no-print-directory check-san
 
 fuzz: | $(DEPS_STAMP)
@@ -131,8 +138,9 @@ fuzz: | $(DEPS_STAMP)
 bench: all
 	@sh tools/bench.sh $(BUILD)
 
+# Formats only the lines changed since the last commit (.clang-format says why).
 fmt:
-	clang-format -i include/*.h io/*.c stages/*.c pipeline/*.c tools/*.c tests/*.c
+	git clang-format --style=file --extensions c,h
 
 clean:
 	rm -rf build
