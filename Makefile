@@ -43,7 +43,7 @@ ifneq ($(SANITIZE),)
   LDFLAGS    += -fsanitize=$(SANITIZE)
 endif
 
-LIB_SRCS  := $(wildcard io/*.c stages/*.c pipeline/*.c)
+LIB_SRCS  := $(wildcard base/*.c io/*.c stages/*.c pipeline/*.c)
 LIB_OBJS  := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
 LIB       := $(BUILD)/libmergestream.a
 
@@ -93,6 +93,10 @@ $(BUILD)/obj/stages/%.o: stages/%.c | $(DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -O3 -c $< -o $@
 
+$(BUILD)/obj/base/dtype.o: base/dtype.c | $(DEPS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -O3 -c $< -o $@
+
 $(BUILD)/obj/tests/%.o: tests/%.c | $(DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(CRIT_CFLAGS) -DMS_BUILD_DIR='"$(abspath $(BUILD))"' -DMS_SOURCE_DIR='"$(CURDIR)"' -c $< -o $@
@@ -132,7 +136,7 @@ bench: all
 	@sh tools/bench.sh $(BUILD)
 
 fmt:
-	clang-format -i include/*.h io/*.c stages/*.c pipeline/*.c tools/*.c tests/*.c
+	clang-format -i include/*.h base/*.c io/*.c stages/*.c pipeline/*.c tools/*.c tests/*.c
 
 clean:
 	rm -rf build
