@@ -1,16 +1,10 @@
 /*
- * base.c - diagnostics, logging, allocation hooks and small parsers shared by
- * every folder (declared in ms_common.h).
+ * err.c - diagnostics, error names and logging (declared in ms_common.h).
  */
 #include <errno.h>
-#include <inttypes.h>
 #include <stdatomic.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-
-#include <jansson.h>
-#include <uv.h>
 
 #include "ms_common.h"
 
@@ -46,6 +40,113 @@ int ms_error_prefix(int code, const char *fmt, ...)
 const char *ms_errmsg(void) { return tl_errmsg; }
 void ms_error_clear(void) { tl_errmsg[0] = 0; }
 
+/*
+ * The texts libuv's uv_strerror() gives for its UV_E* codes (libuv 1.44,
+ * UV_ERRNO_MAP), so that messages stay as they were when ms_strerror called it.
+ * On Linux a UV_E* code is the negated errno value; the codes libuv defines
+ * itself have their numbers.
+ */
+static const struct {
+    int code;
+    const char *text;
+} sys_errors[] = {
+    { -E2BIG, "argument list too long" },
+    { -EACCES, "permission denied" },
+    { -EADDRINUSE, "address already in use" },
+    { -EADDRNOTAVAIL, "address not available" },
+    { -EAFNOSUPPORT, "address family not supported" },
+    { -EAGAIN, "resource temporarily unavailable" },
+    { -EALREADY, "connection already in progress" },
+    { -EBADF, "bad file descriptor" },
+    { -EBUSY, "resource busy or locked" },
+    { -ECANCELED, "operation canceled" },
+    { -ECONNABORTED, "software caused connection abort" },
+    { -ECONNREFUSED, "connection refused" },
+    { -ECONNRESET, "connection reset by peer" },
+    { -EDESTADDRREQ, "destination address required" },
+    { -EEXIST, "file already exists" },
+    { -EFAULT, "bad address in system call argument" },
+    { -EFBIG, "file too large" },
+    { -EHOSTUNREACH, "host is unreachable" },
+    { -EINTR, "interrupted system call" },
+    { -EINVAL, "invalid argument" },
+    { -EIO, "i/o error" },
+    { -EISCONN, "socket is already connected" },
+    { -EISDIR, "illegal operation on a directory" },
+    { -ELOOP, "too many symbolic links encountered" },
+    { -EMFILE, "too many open files" },
+    { -EMSGSIZE, "message too long" },
+    { -ENAMETOOLONG, "name too long" },
+    { -ENETDOWN, "network is down" },
+    { -ENETUNREACH, "network is unreachable" },
+    { -ENFILE, "file table overflow" },
+    { -ENOBUFS, "no buffer space available" },
+    { -ENODEV, "no such device" },
+    { -ENOENT, "no such file or directory" },
+    { -ENOMEM, "not enough memory" },
+    { -ENONET, "machine is not on the network" },
+    { -ENOPROTOOPT, "protocol not available" },
+    { -ENOSPC, "no space left on device" },
+    { -ENOSYS, "function not implemented" },
+    { -ENOTCONN, "socket is not connected" },
+    { -ENOTDIR, "not a directory" },
+    { -ENOTEMPTY, "directory not empty" },
+    { -ENOTSOCK, "socket operation on non-socket" },
+    { -ENOTSUP, "operation not supported on socket" },
+    { -EOVERFLOW, "value too large for defined data type" },
+    { -EPERM, "operation not permitted" },
+    { -EPIPE, "broken pipe" },
+    { -EPROTO, "protocol error" },
+    { -EPROTONOSUPPORT, "protocol not supported" },
+    { -EPROTOTYPE, "protocol wrong type for socket" },
+    { -ERANGE, "result too large" },
+    { -EROFS, "read-only file system" },
+    { -ESHUTDOWN, "cannot send after transport endpoint shutdown" },
+    { -ESPIPE, "invalid seek" },
+    { -ESRCH, "no such process" },
+    { -ETIMEDOUT, "connection timed out" },
+    { -ETXTBSY, "text file is busy" },
+    { -EXDEV, "cross-device link not permitted" },
+    { -ENXIO, "no such device or address" },
+    { -EMLINK, "too many links" },
+    { -EHOSTDOWN, "host is down" },
+    { -EREMOTEIO, "remote I/O error" },
+    { -ENOTTY, "inappropriate ioctl for device" },
+    { -EILSEQ, "illegal byte sequence" },
+    { -ESOCKTNOSUPPORT, "socket type not supported" },
+    /* libuv's own codes */
+    { -3000, "address family not supported" }, /* UV_EAI_ADDRFAMILY */
+    { -3001, "temporary failure" }, /* UV_EAI_AGAIN */
+    { -3002, "bad ai_flags value" }, /* UV_EAI_BADFLAGS */
+    { -3013, "invalid value for hints" }, /* UV_EAI_BADHINTS */
+    { -3003, "request canceled" }, /* UV_EAI_CANCELED */
+    { -3004, "permanent failure" }, /* UV_EAI_FAIL */
+    { -3005, "ai_family not supported" }, /* UV_EAI_FAMILY */
+    { -3006, "out of memory" }, /* UV_EAI_MEMORY */
+    { -3007, "no address" }, /* UV_EAI_NODATA */
+    { -3008, "unknown node or service" }, /* UV_EAI_NONAME */
+    { -3009, "argument buffer overflow" }, /* UV_EAI_OVERFLOW */
+    { -3014, "resolved protocol is unknown" }, /* UV_EAI_PROTOCOL */
+    { -3010, "service not available for socket type" }, /* UV_EAI_SERVICE */
+    { -3011, "socket type not supported" }, /* UV_EAI_SOCKTYPE */
+    { -4080, "invalid Unicode character" }, /* UV_ECHARSET */
+    { -4094, "unknown error" }, /* UV_UNKNOWN */
+    { -4095, "end of file" }, /* UV_EOF */
+    { -4028, "inappropriate file type or format" }, /* UV_EFTYPE */
+};
+
+/* Per thread, for a code neither we nor libuv name (libuv's wording). */
+static _Thread_local char tl_unknown[40];
+
+static const char *sys_strerror(int code)
+{
+    for (size_t i = 0; i < MS_ARRAY_LEN(sys_errors); i++)
+        if (sys_errors[i].code == code)
+            return sys_errors[i].text;
+    snprintf(tl_unknown, sizeof tl_unknown, "Unknown system error %d", code);
+    return tl_unknown;
+}
+
 const char *ms_strerror(int code)
 {
     switch (code) {
@@ -77,7 +178,7 @@ const char *ms_strerror(int code)
     case MS_EST_INDEX: return "safetensors: index does not match shards";
     default:
         if (code < 0 && code > -4096)
-            return uv_strerror(code);
+            return sys_strerror(code);
         return "unknown error";
     }
 }
@@ -114,169 +215,4 @@ void ms_log_warn(const char *fmt, ...)
     va_start(ap, fmt);
     log_line("warning: ", fmt, ap);
     va_end(ap);
-}
-
-/* ------------------------------------------------------------------ memory */
-
-static atomic_long g_alloc_count;
-static atomic_long g_fail_at; /* 0: never fail; else fail when count reaches it */
-
-void ms_alloc_fail_after(long n)
-{
-    atomic_store(&g_fail_at, n > 0 ? atomic_load(&g_alloc_count) + n : 0);
-}
-
-long ms_alloc_count(void) { return atomic_load(&g_alloc_count); }
-
-static _Thread_local long tl_alloc_failures;
-
-long ms_alloc_failures(void) { return tl_alloc_failures; }
-
-static bool alloc_should_fail(void)
-{
-    long c = atomic_fetch_add(&g_alloc_count, 1) + 1;
-    long f = atomic_load(&g_fail_at);
-    if (f > 0 && c >= f) {
-        tl_alloc_failures++;
-        return true;
-    }
-    return false;
-}
-
-static atomic_long g_io_count;
-static atomic_long g_io_fail_at; /* 0: never fail; else fail when the count reaches it */
-
-void ms_io_fail_after(long n)
-{
-    atomic_store(&g_io_fail_at, n > 0 ? atomic_load(&g_io_count) + n : 0);
-}
-
-bool ms__io_should_fail(void)
-{
-    long c = atomic_fetch_add(&g_io_count, 1) + 1;
-    long f = atomic_load(&g_io_fail_at);
-    return f > 0 && c >= f;
-}
-
-void *ms_malloc(size_t n)
-{
-    if (alloc_should_fail())
-        return NULL;
-    return malloc(n ? n : 1);
-}
-
-void *ms_calloc(size_t count, size_t size)
-{
-    if (alloc_should_fail())
-        return NULL;
-    return calloc(count ? count : 1, size ? size : 1);
-}
-
-void *ms_realloc(void *p, size_t n)
-{
-    if (alloc_should_fail())
-        return NULL;
-    return realloc(p, n ? n : 1);
-}
-
-void ms_free(void *p) { free(p); }
-
-/* jansson allocates through ours, so allocation fault injection covers JSON too. */
-__attribute__((constructor)) static void route_json_allocations(void)
-{
-    json_set_alloc_funcs(ms_malloc, ms_free);
-}
-
-char *ms_strndup(const char *s, size_t n)
-{
-    char *d = ms_malloc(n + 1);
-    if (!d)
-        return NULL;
-    memcpy(d, s, n);
-    d[n] = 0;
-    return d;
-}
-
-char *ms_strdup(const char *s) { return ms_strndup(s, strlen(s)); }
-
-char *ms_asprintf(const char *fmt, ...)
-{
-    va_list ap, ap2;
-    va_start(ap, fmt);
-    va_copy(ap2, ap);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    char *s = n < 0 ? NULL : ms_malloc((size_t)n + 1);
-    if (s)
-        vsnprintf(s, (size_t)n + 1, fmt, ap2);
-    va_end(ap2);
-    return s;
-}
-
-void *ms_aligned_alloc(size_t n)
-{
-    if (alloc_should_fail())
-        return NULL;
-    void *p = NULL;
-    if (posix_memalign(&p, MS_ALIGN, n ? (n + MS_ALIGN - 1) / MS_ALIGN * MS_ALIGN : MS_ALIGN))
-        return NULL;
-    return p;
-}
-
-void ms_aligned_free(void *p) { free(p); }
-
-/* ------------------------------------------------------------------ parsing */
-
-int ms_parse_size(const char *s, bool binary, uint64_t *out)
-{
-    const char *p = s;
-    uint64_t v = 0;
-    if (!s || *p < '0' || *p > '9')
-        return ms_error(MS_EINVAL, "invalid size '%s'", s ? s : "");
-    for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > (UINT64_MAX - 9) / 10)
-            return ms_error(MS_EINVAL, "size '%s' is too large", s);
-        v = v * 10 + (uint64_t)(*p - '0');
-    }
-    uint64_t mul = 1;
-    char c = *p;
-    if (c) {
-        bool ibi = (p[1] == 'i' || p[1] == 'I') && (p[2] == 'b' || p[2] == 'B') && !p[3];
-        bool one = !p[1];
-        if (!ibi && !one)
-            return ms_error(MS_EINVAL, "invalid size suffix in '%s'", s);
-        uint64_t k = (binary || ibi) ? 1024 : 1000;
-        switch (c) {
-        case 'k': case 'K': mul = k; break;
-        case 'm': case 'M': mul = k * k; break;
-        case 'g': case 'G': mul = k * k * k; break;
-        case 'b': case 'B':
-            if (ibi)
-                return ms_error(MS_EINVAL, "invalid size suffix in '%s'", s);
-            mul = binary ? 1024ull * 1024 * 1024 : 1000000000ull; /* mergekit: B = billion */
-            break;
-        case 't': case 'T': mul = k * k * k * k; break;
-        default:
-            return ms_error(MS_EINVAL, "invalid size suffix in '%s'", s);
-        }
-    }
-    if (mul > 1 && v > UINT64_MAX / mul)
-        return ms_error(MS_EINVAL, "size '%s' is too large", s);
-    *out = v * mul;
-    return 0;
-}
-
-bool ms_shape_numel(const int64_t *shape, uint32_t ndim, uint64_t *out)
-{
-    uint64_t n = 1;
-    for (uint32_t i = 0; i < ndim; i++) {
-        if (shape[i] < 0)
-            return false;
-        uint64_t d = (uint64_t)shape[i];
-        if (d && n > UINT64_MAX / d)
-            return false;
-        n *= d;
-    }
-    *out = n;
-    return true;
 }

@@ -27,8 +27,8 @@ libs="$(pkg-config --libs $pkgs) -lm -lpthread"
 
 # Library sources each harness needs (compiled with clang here; the Makefile's
 # objects are gcc-built and not instrumented).
-st_srcs="io/st_read.c io/zsrc.c base/dtype.c base/err.c"
-recipe_srcs="pipeline/recipe.c base/err.c"
+st_srcs="io/st_read.c io/zsrc.c io/json_alloc.c base/*.c"
+recipe_srcs="pipeline/recipe.c base/*.c"
 
 build() { # name sources...
     name=$1; shift
