@@ -36,6 +36,7 @@
 
 #include "ms_common.h"
 #include "ms_out.h"
+#include "ms_str.h"
 
 extern char **environ;
 
@@ -484,19 +485,6 @@ static void tar_size_field(unsigned char f[12], uint64_t size)
     }
 }
 
-/* Length of the longest prefix of s, at most max bytes, that does not cut a
- * UTF-8 sequence. */
-static size_t utf8_prefix(const char *s, size_t max)
-{
-    size_t n = strlen(s);
-    if (n <= max)
-        return n;
-    n = max;
-    while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
-        n--;
-    return n;
-}
-
 /* Fills one 512-byte ustar header block (with its checksum). */
 static void tar_block(unsigned char h[TAR_BLOCK], const char *name, size_t name_len,
                       uint64_t size, uint64_t mtime, char type)
@@ -563,7 +551,7 @@ static int tar_header(struct ms_out *o)
         /* The extended header's own name is informational; keep it fixed
          * (no pid, unlike GNU tar) so that the archive is reproducible. */
         char xname[TAR_NAME_MAX + 1];
-        int xn = snprintf(xname, sizeof xname, "PaxHeaders/%.*s", (int)utf8_prefix(name, 89),
+        int xn = snprintf(xname, sizeof xname, "PaxHeaders/%.*s", (int)ms_utf8_prefix(name, 89),
                           name);
         tar_block(h, xname, (size_t)xn, plen, o->mtime, 'x');
         rc = put(o, h, TAR_BLOCK, false);
@@ -577,7 +565,7 @@ static int tar_header(struct ms_out *o)
         if (rc < 0)
             return rc;
     }
-    tar_block(h, name, utf8_prefix(name, TAR_NAME_MAX), o->size, o->mtime, '0');
+    tar_block(h, name, ms_utf8_prefix(name, TAR_NAME_MAX), o->size, o->mtime, '0');
     rc = put(o, h, TAR_BLOCK, false);
     if (rc == 0)
         o->tar_bytes += TAR_BLOCK;
