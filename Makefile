@@ -138,7 +138,7 @@ bench: all
 	@sh tools/bench.sh $(BUILD)
 
 fmt:
-	clang-format -i include/*.h base/*.c io/*.c stages/*.c pipeline/*.c tools/*.c tests/*.c
+	clang-format -i include/*.h io/*.c stages/*.c pipeline/*.c tools/*.c tests/*.c
 
 clean:
 	rm -rf build

@@ -35,6 +35,7 @@
 #include <zstd.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_out.h"
 #include "ms_str.h"
 
@@ -727,19 +728,20 @@ int ms_out_file_write(struct ms_out *o, const void *buf, size_t len)
     return 0;
 }
 
-/* DIR: fsync, close and rename the finished .partial. */
+/* DIR: fsync, close and rename the finished .partial (the directory is synced
+ * once, by ms_out_finish). */
 static int dir_file_end(struct ms_out *o)
 {
-    int rc = 0;
-    if (fsync(o->fd) < 0)
-        rc = fail(o, -errno, "%s: fsync failed: %s", o->tmp_path, strerror(errno));
-    if (close(o->fd) < 0 && rc == 0)
-        rc = fail(o, -errno, "%s: close failed: %s", o->tmp_path, strerror(errno));
+    enum ms_file_step step;
+    int rc = ms_file_commit(o->fd, o->tmp_path, o->final_path, NULL, &step);
     o->fd = -1;
-    if (rc == 0 && rename(o->tmp_path, o->final_path) < 0)
-        rc = fail(o, -errno, "%s: cannot rename to %s: %s", o->tmp_path, o->final_name,
-                  strerror(errno));
-    return rc;
+    if (rc == 0)
+        return 0;
+    if (step == MS_FILE_STEP_RENAME)
+        return fail(o, rc, "%s: cannot rename to %s: %s", o->tmp_path, o->final_name,
+                    strerror(-rc));
+    return fail(o, rc, "%s: %s failed: %s", o->tmp_path,
+                step == MS_FILE_STEP_FSYNC ? "fsync" : "close", strerror(-rc));
 }
 
 /* PIPE: close the command's stdin and wait for its exit status. */

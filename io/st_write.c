@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_safetensors.h"
 #include "ms_str.h"
 
@@ -388,46 +389,20 @@ static void atomic_abort(struct atomic_file *a)
  * gone under both names. */
 static int atomic_commit(struct atomic_file *a)
 {
-    int rc = 0;
-    if (fsync(a->fd) < 0) {
-        rc = ms_error(-errno, "%s: fsync failed: %s", a->path, strerror(errno));
-        goto fail;
-    }
-    int fd = a->fd;
-    a->fd = -1;
-    if (close(fd) < 0) {
-        rc = ms_error(-errno, "%s: close failed: %s", a->path, strerror(errno));
-        goto fail;
-    }
-    if (rename(a->tmp, a->path) < 0) {
-        rc = ms_error(-errno, "%s: rename failed: %s", a->path, strerror(errno));
-        goto fail;
-    }
     const char *slash = strrchr(a->path, '/');
     char *dir = slash ? ms_strndup(a->path, slash == a->path ? 1 : (size_t)(slash - a->path))
                       : ms_strdup(".");
+    int rc;
     if (!dir) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", a->path);
-    } else {
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        /* Some file systems cannot fsync a directory (EINVAL); the rename stands. */
-        if (dfd < 0 || (fsync(dfd) < 0 && errno != EINVAL))
-            rc = ms_error(-errno, "%s: cannot sync directory %s: %s", a->path, dir,
-                          strerror(errno));
-        if (dfd >= 0)
-            close(dfd);
-        ms_free(dir);
+        atomic_abort(a);
+        return rc;
     }
-    if (rc) {
-        unlink(a->path);
-        goto fail;
-    }
+    rc = ms_file_commit(a->fd, a->tmp, a->path, dir, NULL);
+    a->fd = -1;
+    ms_free(dir);
     ms_free(a->tmp);
     a->tmp = NULL;
-    return 0;
-
-fail:
-    atomic_abort(a);
     return rc;
 }
 

@@ -38,6 +38,7 @@
 
 #include "ms_common.h"
 #include "ms_dtype.h"
+#include "ms_file.h"
 #include "ms_safetensors.h"
 #include "ms_str.h"
 
@@ -836,13 +837,10 @@ static int write_shard(struct gen *g, size_t s)
         if (rc)
             ms_error_prefix(rc, "%s", g->t[sh->order[k]].name);
     }
-    if (!rc && fsync(fd) < 0)
-        rc = ms_error(-errno, "%s: fsync failed: %s", path, strerror(errno));
-    if (close(fd) < 0 && !rc)
-        rc = ms_error(-errno, "%s: close failed: %s", path, strerror(errno));
-    fd = -1;
-    if (!rc && rename(tmp, path) < 0)
-        rc = ms_error(-errno, "%s: rename failed: %s", path, strerror(errno));
+    if (rc)
+        close(fd);
+    else
+        rc = ms_file_commit(fd, tmp, path, NULL, NULL);
 
 out:
     if (rc && tmp)
