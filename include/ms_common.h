@@ -1,6 +1,6 @@
 /*
  * ms_common.h - error codes, diagnostics, allocation hooks and logging shared by
- * every folder of mergestream.
+ * every folder of mergestream (implemented in base/, which uses only libc).
  *
  * Error convention (libuv style): functions return int, 0 on success, a negative
  * code on failure. Our own codes live in the band -5000..-5999 so that libuv's
@@ -62,7 +62,9 @@ int ms_error_prefix(int code, const char *fmt, ...) __attribute__((format(printf
 const char *ms_errmsg(void);
 /* Clears the calling thread's diagnostic. */
 void ms_error_clear(void);
-/* Static name of an error code (ours or a UV_E* / -errno). */
+/* Name of an error code: ours, or a UV_E* / -errno code in libuv's wording. A static
+ * string, except for a system code libuv does not name ("Unknown system error N"):
+ * that text is per thread and valid until the calling thread's next call. */
 const char *ms_strerror(int code);
 
 /* Logging to stderr, prefixed "mergestream: " (and "warning: "). ms_log_quiet()

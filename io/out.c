@@ -35,7 +35,9 @@
 #include <zstd.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_out.h"
+#include "ms_str.h"
 
 extern char **environ;
 
@@ -484,19 +486,6 @@ static void tar_size_field(unsigned char f[12], uint64_t size)
     }
 }
 
-/* Length of the longest prefix of s, at most max bytes, that does not cut a
- * UTF-8 sequence. */
-static size_t utf8_prefix(const char *s, size_t max)
-{
-    size_t n = strlen(s);
-    if (n <= max)
-        return n;
-    n = max;
-    while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
-        n--;
-    return n;
-}
-
 /* Fills one 512-byte ustar header block (with its checksum). */
 static void tar_block(unsigned char h[TAR_BLOCK], const char *name, size_t name_len,
                       uint64_t size, uint64_t mtime, char type)
@@ -563,7 +552,7 @@ static int tar_header(struct ms_out *o)
         /* The extended header's own name is informational; keep it fixed
          * (no pid, unlike GNU tar) so that the archive is reproducible. */
         char xname[TAR_NAME_MAX + 1];
-        int xn = snprintf(xname, sizeof xname, "PaxHeaders/%.*s", (int)utf8_prefix(name, 89),
+        int xn = snprintf(xname, sizeof xname, "PaxHeaders/%.*s", (int)ms_utf8_prefix(name, 89),
                           name);
         tar_block(h, xname, (size_t)xn, plen, o->mtime, 'x');
         rc = put(o, h, TAR_BLOCK, false);
@@ -577,7 +566,7 @@ static int tar_header(struct ms_out *o)
         if (rc < 0)
             return rc;
     }
-    tar_block(h, name, utf8_prefix(name, TAR_NAME_MAX), o->size, o->mtime, '0');
+    tar_block(h, name, ms_utf8_prefix(name, TAR_NAME_MAX), o->size, o->mtime, '0');
     rc = put(o, h, TAR_BLOCK, false);
     if (rc == 0)
         o->tar_bytes += TAR_BLOCK;
@@ -739,19 +728,20 @@ int ms_out_file_write(struct ms_out *o, const void *buf, size_t len)
     return 0;
 }
 
-/* DIR: fsync, close and rename the finished .partial. */
+/* DIR: fsync, close and rename the finished .partial (the directory is synced
+ * once, by ms_out_finish). */
 static int dir_file_end(struct ms_out *o)
 {
-    int rc = 0;
-    if (fsync(o->fd) < 0)
-        rc = fail(o, -errno, "%s: fsync failed: %s", o->tmp_path, strerror(errno));
-    if (close(o->fd) < 0 && rc == 0)
-        rc = fail(o, -errno, "%s: close failed: %s", o->tmp_path, strerror(errno));
+    enum ms_file_step step;
+    int rc = ms_file_commit(o->fd, o->tmp_path, o->final_path, NULL, &step);
     o->fd = -1;
-    if (rc == 0 && rename(o->tmp_path, o->final_path) < 0)
-        rc = fail(o, -errno, "%s: cannot rename to %s: %s", o->tmp_path, o->final_name,
-                  strerror(errno));
-    return rc;
+    if (rc == 0)
+        return 0;
+    if (step == MS_FILE_STEP_RENAME)
+        return fail(o, rc, "%s: cannot rename to %s: %s", o->tmp_path, o->final_name,
+                    strerror(-rc));
+    return fail(o, rc, "%s: %s failed: %s", o->tmp_path,
+                step == MS_FILE_STEP_FSYNC ? "fsync" : "close", strerror(-rc));
 }
 
 /* PIPE: close the command's stdin and wait for its exit status. */

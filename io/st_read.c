@@ -21,8 +21,7 @@
 #include "ms_common.h"
 #include "ms_out.h"
 #include "ms_safetensors.h"
-
-#include "st_impl.h"
+#include "ms_str.h"
 
 #define PREFIX_BYTES 8u
 
@@ -34,62 +33,6 @@ static uint64_t le64(const unsigned char *p)
     for (int i = 7; i >= 0; i--)
         v = (v << 8) | p[i];
     return v;
-}
-
-size_t ms__utf8_decode(const unsigned char *s, size_t len, uint32_t *cp)
-{
-    assert(len > 0);
-    unsigned c = s[0];
-    if (c < 0x80) {
-        *cp = c;
-        return 1;
-    }
-    size_t n;
-    unsigned lo = 0x80, hi = 0xbf; /* allowed range of the second byte */
-    uint32_t v;
-    if (c >= 0xc2 && c <= 0xdf) {
-        n = 2;
-        v = c & 0x1f;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        n = 3;
-        v = c & 0x0f;
-        if (c == 0xe0)
-            lo = 0xa0; /* overlong */
-        else if (c == 0xed)
-            hi = 0x9f; /* surrogates */
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        n = 4;
-        v = c & 0x07;
-        if (c == 0xf0)
-            lo = 0x90; /* overlong */
-        else if (c == 0xf4)
-            hi = 0x8f; /* above U+10FFFF */
-    } else {
-        return 0;
-    }
-    if (len < n || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t k = 1; k < n; k++) {
-        if ((s[k] & 0xc0) != 0x80)
-            return 0;
-        v = (v << 6) | (s[k] & 0x3f);
-    }
-    *cp = v;
-    return n;
-}
-
-/* Offset of the first byte that is not valid UTF-8, or len if all of s is. */
-static size_t utf8_invalid_at(const unsigned char *s, size_t len)
-{
-    size_t i = 0;
-    while (i < len) {
-        uint32_t cp;
-        size_t k = ms__utf8_decode(s + i, len - i, &cp);
-        if (!k)
-            return i;
-        i += k;
-    }
-    return len;
 }
 
 /*
@@ -348,7 +291,7 @@ int ms_st_parse(const char *path, const void *buf, size_t buf_len, uint64_t file
                         buf_len, PREFIX_BYTES + n);
 
     const char *hdr = (const char *)b + PREFIX_BYTES;
-    size_t bad = utf8_invalid_at((const unsigned char *)hdr, (size_t)n);
+    size_t bad = ms_utf8_invalid_at(hdr, (size_t)n);
     if (bad < n)
         return ms_error(MS_EST_UTF8, "%s: header is not valid utf-8 (byte %zu of the file)", path,
                         bad + PREFIX_BYTES);

@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,133 +19,77 @@
 #include <unistd.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_safetensors.h"
-
-#include "st_impl.h"
+#include "ms_str.h"
 
 #define MERGEKIT_VERSION "0.1.4"
 
-/* ------------------------------------------------------------------ string buffer */
-
-/* A growable byte buffer; an allocation failure sticks in `oom`. */
-struct sbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
-
-static void sb_put(struct sbuf *sb, const void *s, size_t n)
-{
-    if (sb->oom)
-        return;
-    if (sb->len + n + 1 > sb->cap) {
-        size_t cap = sb->cap ? sb->cap : 256;
-        while (sb->len + n + 1 > cap)
-            cap *= 2;
-        char *p = ms_realloc(sb->p, cap);
-        if (!p) {
-            sb->oom = true;
-            return;
-        }
-        sb->p = p;
-        sb->cap = cap;
-    }
-    memcpy(sb->p + sb->len, s, n);
-    sb->len += n;
-    sb->p[sb->len] = 0;
-}
-
-static void sb_puts(struct sbuf *sb, const char *s) { sb_put(sb, s, strlen(s)); }
-
-static void sb_printf(struct sbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(struct sbuf *sb, const char *fmt, ...)
-{
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    assert(n >= 0 && (size_t)n < sizeof tmp); /* only used for numbers */
-    sb_put(sb, tmp, (size_t)n);
-}
+/* ------------------------------------------------------------------ JSON strings */
 
 /* A JSON string as serde_json writes it: escapes '"', '\\' and control
  * characters (short forms where JSON has them, else \u00xx); UTF-8 raw. */
-static void sb_json_serde(struct sbuf *sb, const char *s)
+static void sb_json_serde(struct ms_strbuf *sb, const char *s)
 {
-    sb_puts(sb, "\"");
+    ms_strbuf_addstr(sb, "\"");
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         unsigned c = *p;
         switch (c) {
-        case '"': sb_puts(sb, "\\\""); break;
-        case '\\': sb_puts(sb, "\\\\"); break;
-        case '\b': sb_puts(sb, "\\b"); break;
-        case '\f': sb_puts(sb, "\\f"); break;
-        case '\n': sb_puts(sb, "\\n"); break;
-        case '\r': sb_puts(sb, "\\r"); break;
-        case '\t': sb_puts(sb, "\\t"); break;
+        case '"': ms_strbuf_addstr(sb, "\\\""); break;
+        case '\\': ms_strbuf_addstr(sb, "\\\\"); break;
+        case '\b': ms_strbuf_addstr(sb, "\\b"); break;
+        case '\f': ms_strbuf_addstr(sb, "\\f"); break;
+        case '\n': ms_strbuf_addstr(sb, "\\n"); break;
+        case '\r': ms_strbuf_addstr(sb, "\\r"); break;
+        case '\t': ms_strbuf_addstr(sb, "\\t"); break;
         default:
             if (c < 0x20)
-                sb_printf(sb, "\\u%04x", c);
+                ms_strbuf_addf(sb, "\\u%04x", c);
             else
-                sb_put(sb, p, 1);
+                ms_strbuf_add(sb, p, 1);
         }
     }
-    sb_puts(sb, "\"");
+    ms_strbuf_addstr(sb, "\"");
 }
 
 /* A JSON string as Python's json.dump writes it with ensure_ascii: everything
  * outside printable ASCII as \uxxxx, with surrogate pairs above the BMP.
  * s must be valid UTF-8 (ms_layout_build checks). */
-static void sb_json_python(struct sbuf *sb, const char *s)
+static void sb_json_python(struct ms_strbuf *sb, const char *s)
 {
     const unsigned char *p = (const unsigned char *)s;
     size_t len = strlen(s);
-    sb_puts(sb, "\"");
+    ms_strbuf_addstr(sb, "\"");
     for (size_t i = 0; i < len;) {
         uint32_t c;
-        size_t k = ms__utf8_decode(p + i, len - i, &c);
+        size_t k = ms_utf8_decode(p + i, len - i, &c);
         assert(k > 0);
         i += k;
         switch (c) {
-        case '"': sb_puts(sb, "\\\""); break;
-        case '\\': sb_puts(sb, "\\\\"); break;
-        case '\b': sb_puts(sb, "\\b"); break;
-        case '\f': sb_puts(sb, "\\f"); break;
-        case '\n': sb_puts(sb, "\\n"); break;
-        case '\r': sb_puts(sb, "\\r"); break;
-        case '\t': sb_puts(sb, "\\t"); break;
+        case '"': ms_strbuf_addstr(sb, "\\\""); break;
+        case '\\': ms_strbuf_addstr(sb, "\\\\"); break;
+        case '\b': ms_strbuf_addstr(sb, "\\b"); break;
+        case '\f': ms_strbuf_addstr(sb, "\\f"); break;
+        case '\n': ms_strbuf_addstr(sb, "\\n"); break;
+        case '\r': ms_strbuf_addstr(sb, "\\r"); break;
+        case '\t': ms_strbuf_addstr(sb, "\\t"); break;
         default:
             if (c >= 0x20 && c < 0x7f) {
                 char ch = (char)c;
-                sb_put(sb, &ch, 1);
+                ms_strbuf_add(sb, &ch, 1);
             } else if (c < 0x10000) {
-                sb_printf(sb, "\\u%04x", (unsigned)c);
+                ms_strbuf_addf(sb, "\\u%04x", (unsigned)c);
             } else {
                 uint32_t v = c - 0x10000;
-                sb_printf(sb, "\\u%04x\\u%04x", (unsigned)(0xd800 | (v >> 10)),
+                ms_strbuf_addf(sb, "\\u%04x\\u%04x", (unsigned)(0xd800 | (v >> 10)),
                           (unsigned)(0xdc00 | (v & 0x3ff)));
             }
         }
     }
-    sb_puts(sb, "\"");
+    ms_strbuf_addstr(sb, "\"");
 }
 
 /* ------------------------------------------------------------------ layout */
-
-static bool utf8_valid(const char *s)
-{
-    const unsigned char *p = (const unsigned char *)s;
-    size_t len = strlen(s);
-    for (size_t i = 0; i < len;) {
-        uint32_t cp;
-        size_t k = ms__utf8_decode(p + i, len - i, &cp);
-        if (!k)
-            return false;
-        i += k;
-    }
-    return true;
-}
 
 static int name_ptr_cmp(const void *a, const void *b)
 {
@@ -171,7 +114,8 @@ static int check_tensor(const struct ms_out_tensor *t)
 {
     if (!t->name)
         return ms_error(MS_EINVAL, "output tensor without a name");
-    if (!strcmp(t->name, "__metadata__") || !utf8_valid(t->name))
+    size_t name_len = strlen(t->name);
+    if (!strcmp(t->name, "__metadata__") || ms_utf8_invalid_at(t->name, name_len) != name_len)
         return ms_error(MS_EINVAL, "output tensor '%s': invalid name", t->name);
     if ((int)t->dtype < 0 || t->dtype >= MS_DT_COUNT)
         return ms_error(MS_EINVAL, "output tensor '%s': invalid dtype %d", t->name, (int)t->dtype);
@@ -191,7 +135,7 @@ static int check_tensor(const struct ms_out_tensor *t)
 static int shard_build(struct ms_layout *l, uint32_t s, const struct ms_out_tensor **tmp)
 {
     struct ms_out_shard *sh = &l->shards[s];
-    struct sbuf sb = {0};
+    struct ms_strbuf sb = {0};
     int rc = 0;
 
     size_t k = 0;
@@ -207,26 +151,26 @@ static int shard_build(struct ms_layout *l, uint32_t s, const struct ms_out_tens
     }
 
     /* 8 placeholder bytes for the length, then the JSON. */
-    sb_put(&sb, "\0\0\0\0\0\0\0\0", 8);
-    sb_puts(&sb, "{\"__metadata__\":{\"format\":\"pt\"}");
+    ms_strbuf_add(&sb, "\0\0\0\0\0\0\0\0", 8);
+    ms_strbuf_addstr(&sb, "{\"__metadata__\":{\"format\":\"pt\"}");
     uint64_t off = 0;
     for (size_t i = 0; i < k; i++) {
         struct ms_out_tensor *t = (struct ms_out_tensor *)tmp[i];
         sh->order[i] = (size_t)(t - l->tensors);
         t->begin = off;
         off += t->nbytes;
-        sb_puts(&sb, ",");
+        ms_strbuf_addstr(&sb, ",");
         sb_json_serde(&sb, t->name);
-        sb_puts(&sb, ":{\"dtype\":\"");
-        sb_puts(&sb, ms_dtype_name(t->dtype));
-        sb_puts(&sb, "\",\"shape\":[");
+        ms_strbuf_addstr(&sb, ":{\"dtype\":\"");
+        ms_strbuf_addstr(&sb, ms_dtype_name(t->dtype));
+        ms_strbuf_addstr(&sb, "\",\"shape\":[");
         for (uint32_t d = 0; d < t->ndim; d++)
-            sb_printf(&sb, "%s%" PRId64, d ? "," : "", t->shape[d]);
-        sb_printf(&sb, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", t->begin, off);
+            ms_strbuf_addf(&sb, "%s%" PRId64, d ? "," : "", t->shape[d]);
+        ms_strbuf_addf(&sb, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", t->begin, off);
     }
-    sb_puts(&sb, "}");
+    ms_strbuf_addstr(&sb, "}");
     while (!sb.oom && (sb.len - 8) % 8)
-        sb_puts(&sb, " ");
+        ms_strbuf_addstr(&sb, " ");
     if (sb.oom) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", sh->file_name);
         goto out;
@@ -359,21 +303,22 @@ void ms_layout_free(struct ms_layout *l)
 
 int ms_layout_index_json(const struct ms_layout *l, char **json, size_t *len)
 {
-    struct sbuf sb = {0};
+    struct ms_strbuf sb = {0};
 
     assert(l && json);
     *json = NULL;
-    sb_puts(&sb, "{\n  \"metadata\": {\n");
-    sb_printf(&sb, "    \"total_size\": %" PRIu64 ",\n", l->total_bytes);
-    sb_puts(&sb, "    \"mergekit_version\": \"" MERGEKIT_VERSION "\"\n  },\n  \"weight_map\": {");
+    ms_strbuf_addstr(&sb, "{\n  \"metadata\": {\n");
+    ms_strbuf_addf(&sb, "    \"total_size\": %" PRIu64 ",\n", l->total_bytes);
+    ms_strbuf_addstr(&sb, "    \"mergekit_version\": \"" MERGEKIT_VERSION "\"\n  },\n"
+                          "  \"weight_map\": {");
     for (size_t i = 0; i < l->ntensors; i++) {
         const struct ms_out_tensor *t = &l->tensors[i];
-        sb_puts(&sb, i ? ",\n    " : "\n    ");
+        ms_strbuf_addstr(&sb, i ? ",\n    " : "\n    ");
         sb_json_python(&sb, t->name);
-        sb_puts(&sb, ": ");
+        ms_strbuf_addstr(&sb, ": ");
         sb_json_python(&sb, l->shards[t->shard].file_name);
     }
-    sb_puts(&sb, l->ntensors ? "\n  }\n}" : "}\n}");
+    ms_strbuf_addstr(&sb, l->ntensors ? "\n  }\n}" : "}\n}");
     if (sb.oom) {
         ms_free(sb.p);
         return ms_error(MS_ENOMEM, "out of memory rendering the index");
@@ -444,46 +389,20 @@ static void atomic_abort(struct atomic_file *a)
  * gone under both names. */
 static int atomic_commit(struct atomic_file *a)
 {
-    int rc = 0;
-    if (fsync(a->fd) < 0) {
-        rc = ms_error(-errno, "%s: fsync failed: %s", a->path, strerror(errno));
-        goto fail;
-    }
-    int fd = a->fd;
-    a->fd = -1;
-    if (close(fd) < 0) {
-        rc = ms_error(-errno, "%s: close failed: %s", a->path, strerror(errno));
-        goto fail;
-    }
-    if (rename(a->tmp, a->path) < 0) {
-        rc = ms_error(-errno, "%s: rename failed: %s", a->path, strerror(errno));
-        goto fail;
-    }
     const char *slash = strrchr(a->path, '/');
     char *dir = slash ? ms_strndup(a->path, slash == a->path ? 1 : (size_t)(slash - a->path))
                       : ms_strdup(".");
+    int rc;
     if (!dir) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", a->path);
-    } else {
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        /* Some file systems cannot fsync a directory (EINVAL); the rename stands. */
-        if (dfd < 0 || (fsync(dfd) < 0 && errno != EINVAL))
-            rc = ms_error(-errno, "%s: cannot sync directory %s: %s", a->path, dir,
-                          strerror(errno));
-        if (dfd >= 0)
-            close(dfd);
-        ms_free(dir);
+        atomic_abort(a);
+        return rc;
     }
-    if (rc) {
-        unlink(a->path);
-        goto fail;
-    }
+    rc = ms_file_commit(a->fd, a->tmp, a->path, dir, NULL);
+    a->fd = -1;
+    ms_free(dir);
     ms_free(a->tmp);
     a->tmp = NULL;
-    return 0;
-
-fail:
-    atomic_abort(a);
     return rc;
 }
 
@@ -538,7 +457,7 @@ int ms_write_file_atomic(const char *path, const void *data, size_t len)
 
 int ms_read_file(const char *path, char **data, size_t *len)
 {
-    struct sbuf sb = {0};
+    struct ms_strbuf sb = {0};
     char chunk[16384];
     int rc = 0;
 
@@ -547,7 +466,7 @@ int ms_read_file(const char *path, char **data, size_t *len)
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0)
         return ms_error(-errno, "%s: %s", path, strerror(errno));
-    sb_put(&sb, "", 0); /* an empty file still gets a buffer */
+    ms_strbuf_add(&sb, "", 0); /* an empty file still gets a buffer */
     for (;;) {
         ssize_t r = read(fd, chunk, sizeof chunk);
         if (r < 0) {
@@ -558,7 +477,7 @@ int ms_read_file(const char *path, char **data, size_t *len)
         }
         if (r == 0)
             break;
-        sb_put(&sb, chunk, (size_t)r);
+        ms_strbuf_add(&sb, chunk, (size_t)r);
     }
     if (sb.oom)
         rc = ms_error(MS_ENOMEM, "%s: out of memory", path);

@@ -42,6 +42,7 @@
 
 #include "ms_common.h"
 #include "ms_engine.h"
+#include "ms_str.h"
 #include "pipeline_impl.h"
 
 #define MAX_ACTIVE 64  /* jobs in flight at once */
@@ -1109,17 +1110,6 @@ static void pump(struct eng *e)
 
 /* ------------------------------------------------------------------ progress */
 
-static void fmt_bytes(char *buf, size_t n, double b)
-{
-    const char *u[] = { "B", "KB", "MB", "GB", "TB" };
-    int i = 0;
-    while (b >= 1000 && i < 4) {
-        b /= 1000;
-        i++;
-    }
-    snprintf(buf, n, i ? "%.2f %s" : "%.0f %s", b, u[i]);
-}
-
 static void progress_draw(struct eng *e, bool final)
 {
     double secs = (double)(uv_hrtime() - e->t_start) / 1e9;
@@ -1127,9 +1117,9 @@ static void progress_draw(struct eng *e, bool final)
     uint64_t done = e->bytes_in + e->bytes_out;
     double rate = secs > 0 ? (double)done / secs : 0;
     char a[32], b[32], r[32], eta[32] = "--:--";
-    fmt_bytes(a, sizeof a, (double)done);
-    fmt_bytes(b, sizeof b, (double)total);
-    fmt_bytes(r, sizeof r, rate);
+    ms_fmt_bytes(a, sizeof a, (double)done, MS_BYTES_PROGRESS);
+    ms_fmt_bytes(b, sizeof b, (double)total, MS_BYTES_PROGRESS);
+    ms_fmt_bytes(r, sizeof r, rate, MS_BYTES_PROGRESS);
     if (rate > 0 && total > done) {
         uint64_t left = (uint64_t)((double)(total - done) / rate);
         snprintf(eta, sizeof eta, "%" PRIu64 ":%02" PRIu64, left / 60, left % 60);

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "ms_common.h"
+#include "ms_str.h"
 #include "pipeline_impl.h"
 
 static int mkdir_p(const char *path)
@@ -160,90 +161,59 @@ static bool looks_like_hub_id(const char *ref)
     return access(ref, F_OK) != 0;
 }
 
-/* Appends to a growing string; returns false on allocation failure. */
-struct sbuf {
-    char *s;
-    size_t len, cap;
-    bool oom;
-};
-
-static void sb_add(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_add(struct sbuf *b, const char *fmt, ...)
-{
-    if (b->oom)
-        return;
-    va_list ap, ap2;
-    va_start(ap, fmt);
-    va_copy(ap2, ap);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (n < 0 || b->len + (size_t)n + 1 > b->cap) {
-        size_t cap = MS_MAX(b->cap * 2, b->len + (size_t)(n < 0 ? 0 : n) + 256);
-        char *s = ms_realloc(b->s, cap);
-        if (!s || n < 0) {
-            b->oom = true;
-            va_end(ap2);
-            return;
-        }
-        b->s = s;
-        b->cap = cap;
-    }
-    vsnprintf(b->s + b->len, b->cap - b->len, fmt, ap2);
-    va_end(ap2);
-    b->len += (size_t)n;
-}
-
 char *ms_outdir_card(const struct ms_plan *plan, const char *title)
 {
-    struct sbuf b = { 0 };
+    struct ms_strbuf b = { 0 };
     const char *mname = plan->method ? plan->method->name : "";
     const struct method_card *mc = NULL;
     for (size_t i = 0; i < MS_ARRAY_LEN(cards); i++)
         if (!strcmp(cards[i].name, mname))
             mc = &cards[i];
-    sb_add(&b, "---\n");
+    ms_strbuf_addf(&b, "---\n");
     bool any = false;
     for (size_t i = 0; i < plan->nmodels; i++) {
         if (!looks_like_hub_id(plan->models[i].ref))
             continue;
         if (!any)
-            sb_add(&b, "base_model:\n");
+            ms_strbuf_addf(&b, "base_model:\n");
         any = true;
-        sb_add(&b, "- %s\n", plan->models[i].ref);
+        ms_strbuf_addf(&b, "- %s\n", plan->models[i].ref);
     }
-    sb_add(&b, "library_name: transformers\ntags:\n- mergekit\n- merge\n\n---\n");
-    sb_add(&b, "# %s\n\n", title && *title ? title : "Untitled Model (1)");
-    sb_add(&b, "This is a merge of pre-trained language models created with mergestream, "
-               "from a [mergekit](https://github.com/arcee-ai/mergekit) recipe.\n\n");
-    sb_add(&b, "## Merge Details\n### Merge Method\n\n");
+    ms_strbuf_addf(&b, "library_name: transformers\ntags:\n- mergekit\n- merge\n\n---\n");
+    ms_strbuf_addf(&b, "# %s\n\n", title && *title ? title : "Untitled Model (1)");
+    ms_strbuf_addf(&b, "This is a merge of pre-trained language models created with mergestream, "
+                       "from a [mergekit](https://github.com/arcee-ai/mergekit) recipe.\n\n");
+    ms_strbuf_addf(&b, "## Merge Details\n### Merge Method\n\n");
     const char *pretty = mc ? mc->pretty : mname;
     if (mc && mc->url)
-        sb_add(&b, "This model was merged using the [%s](%s) merge method", pretty, mc->url);
+        ms_strbuf_addf(&b, "This model was merged using the [%s](%s) merge method", pretty,
+                       mc->url);
     else
-        sb_add(&b, "This model was merged using the %s merge method", pretty);
+        ms_strbuf_addf(&b, "This model was merged using the %s merge method", pretty);
     bool show_base = plan->base < plan->nmodels && strcmp(mname, "slerp") != 0;
     if (show_base)
-        sb_add(&b, " using %s as a base", plan->models[plan->base].ref);
-    sb_add(&b, ".\n\n### Models Merged\n\nThe following models were included in the merge:\n");
+        ms_strbuf_addf(&b, " using %s as a base", plan->models[plan->base].ref);
+    ms_strbuf_addf(&b, ".\n\n### Models Merged\n\nThe following models were included in the "
+                       "merge:\n");
     for (size_t i = 0; i < plan->nmodels; i++) {
         if (show_base && i == plan->base)
             continue;
-        sb_add(&b, "* %s\n", plan->models[i].ref);
+        ms_strbuf_addf(&b, "* %s\n", plan->models[i].ref);
     }
-    sb_add(&b, "\n### Configuration\n\nThe following YAML configuration was used to produce "
-               "this model:\n\n```yaml\n");
+    ms_strbuf_addf(&b, "\n### Configuration\n\nThe following YAML configuration was used to "
+                       "produce this model:\n\n```yaml\n");
     const struct ms_recipe *r = plan->recipe;
     if (r && r->text) {
-        sb_add(&b, "%.*s", (int)r->text_len, r->text);
+        ms_strbuf_addf(&b, "%.*s", (int)r->text_len, r->text);
         if (r->text_len && r->text[r->text_len - 1] != '\n')
-            sb_add(&b, "\n");
+            ms_strbuf_addf(&b, "\n");
     }
-    sb_add(&b, "```\n");
+    ms_strbuf_addf(&b, "```\n");
     if (b.oom) {
-        ms_free(b.s);
+        ms_strbuf_fini(&b);
         return NULL;
     }
-    return b.s;
+    return b.p;
 }
 
 static int sync_dir(const char *dir)

@@ -12,41 +12,8 @@
 #include "ms_common.h"
 #include "ms_engine.h"
 #include "ms_plan.h"
+#include "ms_str.h"
 #include "plan_impl.h"
-
-/* "1.23 GB" (decimal units, as --out-shard-size counts). */
-static const char *human(uint64_t b, char *buf, size_t n)
-{
-    static const char *const unit[] = { "B", "kB", "MB", "GB", "TB", "PB" };
-    double v = (double)b;
-    size_t u = 0;
-    while (v >= 1000 && u + 1 < MS_ARRAY_LEN(unit)) {
-        v /= 1000;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, n, "%" PRIu64 " B", b);
-    else
-        snprintf(buf, n, "%.2f %s", v, unit[u]);
-    return buf;
-}
-
-/* "512.0 MiB" (binary units, as --max-memory counts). */
-static const char *human_bin(uint64_t b, char *buf, size_t n)
-{
-    static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
-    double v = (double)b;
-    size_t u = 0;
-    while (v >= 1024 && u + 1 < MS_ARRAY_LEN(unit)) {
-        v /= 1024;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, n, "%" PRIu64 " B", b);
-    else
-        snprintf(buf, n, "%.1f %s", v, unit[u]);
-    return buf;
-}
 
 /*
  * Counts the merged (not copied) jobs by how the method runs them: asks each
@@ -230,11 +197,12 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
     fprintf(f, "\n");
     for (size_t s = 0; s < l->nshards; s++)
         fprintf(f, "  %-36s %10s  %zu tensors\n", l->shards[s].file_name,
-                human(l->shards[s].file_bytes, h1, sizeof h1), l->shards[s].ntensors);
-    fprintf(f, "read:         %s (%" PRIu64 " bytes)\n", human(p->bytes_read, h1, sizeof h1),
-            p->bytes_read);
-    fprintf(f, "write:        %s (%" PRIu64 " bytes)\n", human(p->bytes_written, h2, sizeof h2),
-            p->bytes_written);
+                ms_fmt_bytes(h1, sizeof h1, (double)l->shards[s].file_bytes, MS_BYTES_SI),
+                l->shards[s].ntensors);
+    fprintf(f, "read:         %s (%" PRIu64 " bytes)\n",
+            ms_fmt_bytes(h1, sizeof h1, (double)p->bytes_read, MS_BYTES_SI), p->bytes_read);
+    fprintf(f, "write:        %s (%" PRIu64 " bytes)\n",
+            ms_fmt_bytes(h2, sizeof h2, (double)p->bytes_written, MS_BYTES_SI), p->bytes_written);
     size_t single, multi;
     int rc = count_passes(p, &single, &multi);
     if (rc)
@@ -256,11 +224,12 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
         fprintf(f, "memory:       %s\n", ms_errmsg());
     else if (chunk)
         fprintf(f, "memory:       %s of buffers at --max-memory %s, chunks of up to %" PRIu64
-                " elements\n", human_bin(pool, h1, sizeof h1),
-                human_bin(max_memory, h2, sizeof h2), chunk);
+                " elements\n", ms_fmt_bytes(h1, sizeof h1, (double)pool, MS_BYTES_IEC),
+                ms_fmt_bytes(h2, sizeof h2, (double)max_memory, MS_BYTES_IEC), chunk);
     else
         fprintf(f, "memory:       %s of buffers at --max-memory %s\n",
-                human_bin(pool, h1, sizeof h1), human_bin(max_memory, h2, sizeof h2));
+                ms_fmt_bytes(h1, sizeof h1, (double)pool, MS_BYTES_IEC),
+                ms_fmt_bytes(h2, sizeof h2, (double)max_memory, MS_BYTES_IEC));
     return ferror(f) ? ms_error(MS_EIO, "cannot write the plan") : 0;
 }
 

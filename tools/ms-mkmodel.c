@@ -28,7 +28,6 @@
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,7 +38,9 @@
 
 #include "ms_common.h"
 #include "ms_dtype.h"
+#include "ms_file.h"
 #include "ms_safetensors.h"
+#include "ms_str.h"
 
 #define PROG "ms-mkmodel"
 #define CHUNK_ELEMS ((size_t)1 << 20) /* elements generated per step */
@@ -836,13 +837,10 @@ static int write_shard(struct gen *g, size_t s)
         if (rc)
             ms_error_prefix(rc, "%s", g->t[sh->order[k]].name);
     }
-    if (!rc && fsync(fd) < 0)
-        rc = ms_error(-errno, "%s: fsync failed: %s", path, strerror(errno));
-    if (close(fd) < 0 && !rc)
-        rc = ms_error(-errno, "%s: close failed: %s", path, strerror(errno));
-    fd = -1;
-    if (!rc && rename(tmp, path) < 0)
-        rc = ms_error(-errno, "%s: rename failed: %s", path, strerror(errno));
+    if (rc)
+        close(fd);
+    else
+        rc = ms_file_commit(fd, tmp, path, NULL, NULL);
 
 out:
     if (rc && tmp)
@@ -853,45 +851,6 @@ out:
 }
 
 /* ------------------------------------------------------------------ side files */
-
-/* A growable string for the small JSON files; allocation failure sticks. */
-struct strbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
-
-__attribute__((format(printf, 2, 3))) static void sb_printf(struct strbuf *b, const char *fmt,
-                                                            ...)
-{
-    va_list ap;
-    for (;;) {
-        if (b->oom)
-            return;
-        size_t room = b->cap - b->len;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p ? b->p + b->len : NULL, room, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = true;
-            return;
-        }
-        if ((size_t)n < room) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap <= b->len + (size_t)n)
-            cap *= 2;
-        char *p = ms_realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-}
 
 static const char *torch_dtype_name(enum ms_dtype dt)
 {
@@ -906,7 +865,7 @@ static const char *torch_dtype_name(enum ms_dtype dt)
  * WordLevel model with one token per embedding row). */
 static int write_side_files_fresh(const struct opts *o)
 {
-    struct strbuf b = { 0 };
+    struct ms_strbuf b = { 0 };
     char std_text[32];
     int rc = 0;
 
@@ -917,35 +876,36 @@ static int write_side_files_fresh(const struct opts *o)
             break;
     }
 
-    sb_printf(&b,
-              "{\n"
-              "  \"architectures\": [\n    \"LlamaForCausalLM\"\n  ],\n"
-              "  \"attention_bias\": false,\n"
-              "  \"attention_dropout\": 0.0,\n"
-              "  \"bos_token_id\": 1,\n"
-              "  \"eos_token_id\": 2,\n"
-              "  \"head_dim\": %" PRIu64 ",\n"
-              "  \"hidden_act\": \"silu\",\n"
-              "  \"hidden_size\": %" PRIu64 ",\n"
-              "  \"initializer_range\": %s,\n"
-              "  \"intermediate_size\": %" PRIu64 ",\n"
-              "  \"max_position_embeddings\": %" PRIu64 ",\n"
-              "  \"mlp_bias\": false,\n"
-              "  \"model_type\": \"llama\",\n"
-              "  \"num_attention_heads\": %" PRIu64 ",\n"
-              "  \"num_hidden_layers\": %" PRIu64 ",\n"
-              "  \"num_key_value_heads\": %" PRIu64 ",\n"
-              "  \"pretraining_tp\": 1,\n"
-              "  \"rms_norm_eps\": 1e-05,\n"
-              "  \"rope_scaling\": null,\n"
-              "  \"rope_theta\": 10000.0,\n"
-              "  \"tie_word_embeddings\": %s,\n"
-              "  \"torch_dtype\": \"%s\",\n"
-              "  \"use_cache\": true,\n"
-              "  \"vocab_size\": %" PRIu64 "\n"
-              "}\n",
-              o->hidden / o->heads, o->hidden, std_text, o->inter, o->max_pos, o->heads, o->layers,
-              o->kv_heads, o->tied ? "true" : "false", torch_dtype_name(o->dtype), o->vocab);
+    ms_strbuf_addf(&b,
+                   "{\n"
+                   "  \"architectures\": [\n    \"LlamaForCausalLM\"\n  ],\n"
+                   "  \"attention_bias\": false,\n"
+                   "  \"attention_dropout\": 0.0,\n"
+                   "  \"bos_token_id\": 1,\n"
+                   "  \"eos_token_id\": 2,\n"
+                   "  \"head_dim\": %" PRIu64 ",\n"
+                   "  \"hidden_act\": \"silu\",\n"
+                   "  \"hidden_size\": %" PRIu64 ",\n"
+                   "  \"initializer_range\": %s,\n"
+                   "  \"intermediate_size\": %" PRIu64 ",\n"
+                   "  \"max_position_embeddings\": %" PRIu64 ",\n"
+                   "  \"mlp_bias\": false,\n"
+                   "  \"model_type\": \"llama\",\n"
+                   "  \"num_attention_heads\": %" PRIu64 ",\n"
+                   "  \"num_hidden_layers\": %" PRIu64 ",\n"
+                   "  \"num_key_value_heads\": %" PRIu64 ",\n"
+                   "  \"pretraining_tp\": 1,\n"
+                   "  \"rms_norm_eps\": 1e-05,\n"
+                   "  \"rope_scaling\": null,\n"
+                   "  \"rope_theta\": 10000.0,\n"
+                   "  \"tie_word_embeddings\": %s,\n"
+                   "  \"torch_dtype\": \"%s\",\n"
+                   "  \"use_cache\": true,\n"
+                   "  \"vocab_size\": %" PRIu64 "\n"
+                   "}\n",
+                   o->hidden / o->heads, o->hidden, std_text, o->inter, o->max_pos, o->heads,
+                   o->layers, o->kv_heads, o->tied ? "true" : "false", torch_dtype_name(o->dtype),
+                   o->vocab);
     if (b.oom) {
         rc = ms_error(MS_ENOMEM, "out of memory");
         goto out;
@@ -963,20 +923,20 @@ static int write_side_files_fresh(const struct opts *o)
                         "  \"unk_token\": \"<unk>\"\n}\n");
     if (rc)
         goto out;
-    b.len = 0;
-    sb_printf(&b,
-              "{\n"
-              "  \"add_bos_token\": true,\n"
-              "  \"add_eos_token\": false,\n"
-              "  \"bos_token\": \"<s>\",\n"
-              "  \"clean_up_tokenization_spaces\": false,\n"
-              "  \"eos_token\": \"</s>\",\n"
-              "  \"model_max_length\": %" PRIu64 ",\n"
-              "  \"pad_token\": null,\n"
-              "  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n"
-              "  \"unk_token\": \"<unk>\"\n"
-              "}\n",
-              o->max_pos);
+    ms_strbuf_reset(&b);
+    ms_strbuf_addf(&b,
+                   "{\n"
+                   "  \"add_bos_token\": true,\n"
+                   "  \"add_eos_token\": false,\n"
+                   "  \"bos_token\": \"<s>\",\n"
+                   "  \"clean_up_tokenization_spaces\": false,\n"
+                   "  \"eos_token\": \"</s>\",\n"
+                   "  \"model_max_length\": %" PRIu64 ",\n"
+                   "  \"pad_token\": null,\n"
+                   "  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n"
+                   "  \"unk_token\": \"<unk>\"\n"
+                   "}\n",
+                   o->max_pos);
     if (b.oom) {
         rc = ms_error(MS_ENOMEM, "out of memory");
         goto out;
@@ -986,27 +946,27 @@ static int write_side_files_fresh(const struct opts *o)
         goto out;
 
     static const char *const special[3] = { "<unk>", "<s>", "</s>" };
-    b.len = 0;
-    sb_printf(&b, "{\n  \"version\": \"1.0\",\n  \"truncation\": null,\n  \"padding\": null,\n"
-                  "  \"added_tokens\": [");
+    ms_strbuf_reset(&b);
+    ms_strbuf_addf(&b, "{\n  \"version\": \"1.0\",\n  \"truncation\": null,\n  \"padding\": null,\n"
+                       "  \"added_tokens\": [");
     for (int i = 0; i < 3; i++)
-        sb_printf(&b,
-                  "%s\n    {\n      \"id\": %d,\n      \"content\": \"%s\",\n"
-                  "      \"single_word\": false,\n      \"lstrip\": false,\n"
-                  "      \"rstrip\": false,\n      \"normalized\": false,\n"
-                  "      \"special\": true\n    }",
-                  i ? "," : "", i, special[i]);
-    sb_printf(&b, "\n  ],\n  \"normalizer\": null,\n"
-                  "  \"pre_tokenizer\": {\n    \"type\": \"Whitespace\"\n  },\n"
-                  "  \"post_processor\": null,\n  \"decoder\": null,\n"
-                  "  \"model\": {\n    \"type\": \"WordLevel\",\n    \"vocab\": {");
+        ms_strbuf_addf(&b,
+                       "%s\n    {\n      \"id\": %d,\n      \"content\": \"%s\",\n"
+                       "      \"single_word\": false,\n      \"lstrip\": false,\n"
+                       "      \"rstrip\": false,\n      \"normalized\": false,\n"
+                       "      \"special\": true\n    }",
+                       i ? "," : "", i, special[i]);
+    ms_strbuf_addf(&b, "\n  ],\n  \"normalizer\": null,\n"
+                       "  \"pre_tokenizer\": {\n    \"type\": \"Whitespace\"\n  },\n"
+                       "  \"post_processor\": null,\n  \"decoder\": null,\n"
+                       "  \"model\": {\n    \"type\": \"WordLevel\",\n    \"vocab\": {");
     for (uint64_t i = 0; i < o->vocab; i++) {
         if (i < 3)
-            sb_printf(&b, "%s\n      \"%s\": %" PRIu64, i ? "," : "", special[i], i);
+            ms_strbuf_addf(&b, "%s\n      \"%s\": %" PRIu64, i ? "," : "", special[i], i);
         else
-            sb_printf(&b, ",\n      \"tok%" PRIu64 "\": %" PRIu64, i, i);
+            ms_strbuf_addf(&b, ",\n      \"tok%" PRIu64 "\": %" PRIu64, i, i);
     }
-    sb_printf(&b, "\n    },\n    \"unk_token\": \"<unk>\"\n  }\n}\n");
+    ms_strbuf_addf(&b, "\n    },\n    \"unk_token\": \"<unk>\"\n  }\n}\n");
     if (b.oom) {
         rc = ms_error(MS_ENOMEM, "out of memory");
         goto out;
@@ -1014,7 +974,7 @@ static int write_side_files_fresh(const struct opts *o)
     rc = write_text(o->out, "tokenizer.json", b.p);
 
 out:
-    ms_free(b.p);
+    ms_strbuf_fini(&b);
     return rc;
 }
 

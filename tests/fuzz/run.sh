@@ -19,25 +19,26 @@ mkdir -p "$out/artifacts"
 
 command -v "$CLANG" >/dev/null 2>&1 || { echo "fuzz: $CLANG not found (make deps installs clang)"; exit 1; }
 
-pkgs="libuv libzstd yaml-0.1 jansson"
-cflags="-std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -g -O1 -Iinclude -Iio
- -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
- $(pkg-config --cflags $pkgs)"
-libs="$(pkg-config --libs $pkgs) -lm -lpthread"
+cflags="-std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -g -O1 -Iinclude
+ -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
-# Library sources each harness needs (compiled with clang here; the Makefile's
-# objects are gcc-built and not instrumented).
-st_srcs="io/st_read.c io/zsrc.c stages/kern_dtype.c pipeline/base.c"
-recipe_srcs="pipeline/recipe.c pipeline/base.c"
+# Library sources and packages each harness needs (compiled with clang here; the
+# Makefile's objects are gcc-built and not instrumented). base/ depends on nothing
+# but libc, so a harness takes it whole plus the one folder it tests.
+st_srcs="io/st_read.c io/zsrc.c io/json_alloc.c base/*.c"
+st_pkgs="libzstd jansson"
+recipe_srcs="pipeline/recipe.c base/*.c"
+recipe_pkgs="yaml-0.1"
 
-build() { # name sources...
-    name=$1; shift
+build() { # name "packages" sources...
+    name=$1 pkgs=$2; shift 2
     echo "fuzz: building $out/$name"
     # shellcheck disable=SC2086
-    $CLANG $cflags -o "$out/$name" "tests/fuzz/$name.c" "$@" $libs
+    $CLANG $cflags $(pkg-config --cflags $pkgs) -o "$out/$name" "tests/fuzz/$name.c" "$@" \
+        $(pkg-config --libs $pkgs) -lm -lpthread
 }
-build fuzz_st_header $st_srcs
-build fuzz_recipe $recipe_srcs
+build fuzz_st_header "$st_pkgs" $st_srcs
+build fuzz_recipe "$recipe_pkgs" $recipe_srcs
 
 seeds=$(mktemp -d "${TMPDIR:-/tmp}/msfuzz.XXXXXX")
 trap 'rm -rf "$seeds"' EXIT INT TERM

@@ -1,5 +1,5 @@
 /*
- * kern_dtype.c - safetensors dtype names and sizes, and the float conversion
+ * dtype.c - safetensors dtype names and sizes, and the float conversion
  * kernels declared in ms_dtype.h.
  */
 #include <assert.h>
