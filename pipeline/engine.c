@@ -3,7 +3,7 @@
  *
  * Shape of the pipeline (DESIGN.md section 3):
  *
- *   slot FREE -> READING (one uv_fs_read per input, same element range)
+ *   slot FREE -> READING (one ms_src read per input, same element range)
  *             -> COMPUTE (uv_queue_work: decode, round to the compute dtype,
  *                         stage reduce or apply, encode to the output dtype)
  *             -> WRITING (uv_fs_write at the tensor's known offset) -> FREE
@@ -42,6 +42,7 @@
 
 #include "ms_common.h"
 #include "ms_engine.h"
+#include "ms_src.h"
 #include "pipeline_impl.h"
 
 #define MAX_ACTIVE 64  /* jobs in flight at once */
@@ -64,9 +65,8 @@ struct slot {
     void *partial;
     unsigned char *raw[MS_MAX_INPUTS]; /* read targets (same memory as ck.in[]) */
     uint64_t raw_len[MS_MAX_INPUTS];   /* bytes to read per input */
-    uint64_t raw_done[MS_MAX_INPUTS];
     uint64_t raw_off[MS_MAX_INPUTS];   /* absolute file offset of the first byte */
-    uv_fs_t rd[MS_MAX_INPUTS];
+    struct ms_src_read rd[MS_MAX_INPUTS];
     uint32_t reads_left;
     bool decoded;                 /* inputs already decoded (resident passes) */
     uv_work_t work;
@@ -121,38 +121,14 @@ struct seq_writer {
     char err[512];
 };
 
-/*
- * A compressed input shard (.safetensors.zst): reads are served by one work
- * item at a time, in the order they were issued, so that the decompressor only
- * moves forward within a pass (ms_zsrc restarts from the top on a backward read).
- */
-struct zreq {
-    struct slot *s;
-    uint32_t i;
-};
-
-struct zin {
-    struct ms_zsrc *z;
-    const char *path;
-    struct zreq *q;               /* ring of pending reads, capacity qcap */
-    uint32_t qcap, qhead, qlen;
-    bool busy;
-    struct zreq cur;
-    uv_work_t work;
-    int rc;
-    char err[512];
-    struct eng *e;
-};
-
 struct eng {
     uv_loop_t loop;
     const struct ms_plan *plan;
     const struct ms_engine_opts *opts;
 
-    uv_file *in_fd;               /* per (model, shard): in_fd[fd_base[model] + shard] */
-    struct zin **in_z;            /* same index: non-NULL for compressed shards */
-    size_t *fd_base;
-    size_t nfd;
+    struct ms_src **src;          /* per (model, shard): src[src_base[model] + shard], or NULL */
+    size_t *src_base;
+    size_t nsrc;
 
     struct out_shard *osh;
     size_t nsh;
@@ -210,7 +186,10 @@ void ms_engine_opts_init(struct ms_engine_opts *o)
 
 /* ------------------------------------------------------------------ errors */
 
-/* Records the first failure; later ones are dropped. Returns code. */
+/*
+ * Records the first failure; later ones are dropped. The first also tells the
+ * inputs to stop continuing reads in progress. Returns code.
+ */
 static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static int eng_fail(struct eng *e, int code, const char *fmt, ...)
@@ -222,6 +201,9 @@ static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(e->errmsg, sizeof e->errmsg, fmt, ap);
     va_end(ap);
+    for (size_t i = 0; e->src && i < e->nsrc; i++)
+        if (e->src[i])
+            ms_src_cancel(e->src[i]);
     return code;
 }
 
@@ -368,7 +350,7 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 /* ------------------------------------------------------------------ forward */
 
 static void pump(struct eng *e);
-static void on_read(uv_fs_t *req);
+static void on_read(struct ms_src_read *req, int status);
 static void on_write(uv_fs_t *req);
 static void work_cb(uv_work_t *w);
 static void after_work_cb(uv_work_t *w, int status);
@@ -410,7 +392,6 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
         s->partial = NULL;
         s->raw[0] = p;
         s->raw_len[0] = count;
-        s->raw_done[0] = 0;
         s->raw_off[0] = j->in[0].file_offset + first;
         s->reads_left = 1;
         return;
@@ -425,7 +406,6 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
         s->raw[i] = ib < 4 ? p + count * (4 - ib) : p;
         s->ck.in[i] = (const float *)(void *)p;
         s->raw_len[i] = count * ib;
-        s->raw_done[i] = 0;
         s->raw_off[i] = j->in[i].file_offset + first * ib;
         p += align_up(count * eb);
     }
@@ -437,34 +417,19 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
 
 /* ------------------------------------------------------------------ reads */
 
-static uv_file input_fd(struct eng *e, const struct ms_plan_input *in)
+static struct ms_src *input_src(struct eng *e, const struct ms_plan_input *in)
 {
-    return e->in_fd[e->fd_base[in->model] + in->shard];
+    return e->src[e->src_base[in->model] + in->shard];
 }
-
-static void zin_pump(struct zin *zi);
 
 static void read_issue(struct eng *e, struct slot *s, uint32_t i)
 {
-    const struct ms_job *j = s->jr->job;
-    struct zin *zi = e->in_z[e->fd_base[j->in[i].model] + j->in[i].shard];
-    if (zi) {
-        assert(zi->qlen < zi->qcap);
-        zi->q[(zi->qhead + zi->qlen++) % zi->qcap] = (struct zreq){ s, i };
-        e->io_inflight++;
-        zin_pump(zi);
-        return;
-    }
-    uv_buf_t b = uv_buf_init((char *)s->raw[i] + s->raw_done[i],
-                             (unsigned)MS_MIN(s->raw_len[i] - s->raw_done[i], 1u << 30));
+    const struct ms_plan_input *in = &s->jr->job->in[i];
     s->rd[i].data = s;
-    e->io_inflight++;
-    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
-             : uv_fs_read(&e->loop, &s->rd[i], input_fd(e, &j->in[i]), &b, 1,
-                          (int64_t)(s->raw_off[i] + s->raw_done[i]), on_read);
+    int rc = ms_src_read_start(&e->loop, input_src(e, in), &s->rd[i], s->raw[i],
+                               (size_t)s->raw_len[i], s->raw_off[i], in->name, on_read);
     if (rc < 0) {
-        e->io_inflight--;
-        eng_fail(e, rc, "%s: read failed: %s", j->in[i].file, uv_strerror(rc));
+        eng_fail(e, rc, "%s", ms_errmsg());
         s->reads_left--;
     }
 }
@@ -510,96 +475,19 @@ static void reads_done(struct eng *e, struct slot *s)
     }
 }
 
-static void read_done(struct eng *e, struct slot *s, uint32_t i, ssize_t r);
-
-static void on_read(uv_fs_t *req)
+/* Input i of slot s is in (status 0), or failed. */
+static void on_read(struct ms_src_read *req, int status)
 {
     struct slot *s = req->data;
     struct eng *e = s->e;
     uint32_t i = (uint32_t)(req - s->rd);
-    ssize_t r = req->result;
-    uv_fs_req_cleanup(req);
-    e->io_inflight--;
-    read_done(e, s, i, r);
-}
-
-/* A read of input i of slot s finished with r bytes (or a negative code). */
-static void read_done(struct eng *e, struct slot *s, uint32_t i, ssize_t r)
-{
-    const struct ms_plan_input *in = &s->jr->job->in[i];
-    if (r < 0) {
-        eng_fail(e, (int)r, "%s: read of tensor '%s' failed: %s", in->file, in->name,
-                 uv_strerror((int)r));
-    } else if (r == 0) {
-        eng_fail(e, MS_EIO, "%s: unexpected end of file reading tensor '%s' (file truncated "
-                 "after the plan was made?)", in->file, in->name);
-    } else {
-        s->raw_done[i] += (uint64_t)r;
-        e->bytes_in += (uint64_t)r;
-        if (s->raw_done[i] < s->raw_len[i] && !eng_stopping(e)) {
-            read_issue(e, s, i);
-            return;
-        }
-    }
+    if (status < 0)
+        eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file and the tensor */
+    else
+        e->bytes_in += s->raw_len[i];
     if (--s->reads_left == 0)
         reads_done(e, s);
     pump(e);
-}
-
-static void zin_work_cb(uv_work_t *w)
-{
-    struct zin *zi = w->data;
-    struct slot *s = zi->cur.s;
-    uint32_t i = zi->cur.i;
-    ms_error_clear();
-    zi->rc = ms_zsrc_pread(zi->z, s->raw[i] + s->raw_done[i], s->raw_len[i] - s->raw_done[i],
-                           s->raw_off[i] + s->raw_done[i]);
-    if (zi->rc)
-        snprintf(zi->err, sizeof zi->err, "%s", ms_errmsg());
-}
-
-static void zin_after_cb(uv_work_t *w, int status)
-{
-    struct zin *zi = w->data;
-    struct eng *e = zi->e;
-    struct slot *s = zi->cur.s;
-    uint32_t i = zi->cur.i;
-    zi->busy = false;
-    e->io_inflight--;
-    if (status < 0 || zi->rc) {
-        if (status < 0)
-            eng_fail(e, status, "%s: read canceled", zi->path);
-        else
-            eng_fail(e, zi->rc, "%s", zi->err);
-        read_done(e, s, i, status < 0 ? status : MS_EIO);
-    } else {
-        read_done(e, s, i, (ssize_t)(s->raw_len[i] - s->raw_done[i]));
-    }
-    zin_pump(zi);
-}
-
-static void zin_pump(struct zin *zi)
-{
-    struct eng *e = zi->e;
-    while (!zi->busy && zi->qlen) {
-        zi->cur = zi->q[zi->qhead];
-        zi->qhead = (zi->qhead + 1) % zi->qcap;
-        zi->qlen--;
-        if (eng_stopping(e)) { /* drop: the slot is released by read_done */
-            e->io_inflight--;
-            read_done(e, zi->cur.s, zi->cur.i, MS_ECANCELED);
-            continue;
-        }
-        zi->busy = true;
-        zi->work.data = zi;
-        int rc = uv_queue_work(&e->loop, &zi->work, zin_work_cb, zin_after_cb);
-        if (rc < 0) {
-            zi->busy = false;
-            eng_fail(e, rc, "%s: cannot queue read: %s", zi->path, uv_strerror(rc));
-            e->io_inflight--;
-            read_done(e, zi->cur.s, zi->cur.i, rc);
-        }
-    }
 }
 
 /* ------------------------------------------------------------------ compute */
@@ -1160,51 +1048,29 @@ static void on_signal(uv_signal_t *h, int signo)
 static int open_inputs(struct eng *e)
 {
     const struct ms_plan *p = e->plan;
-    e->fd_base = ms_calloc(p->nmodels + 1, sizeof *e->fd_base);
-    if (!e->fd_base)
+    e->src_base = ms_calloc(p->nmodels + 1, sizeof *e->src_base);
+    if (!e->src_base)
         return ms_error(MS_ENOMEM, "out of memory");
     size_t n = 0;
     for (size_t m = 0; m < p->nmodels; m++) {
-        e->fd_base[m] = n;
+        e->src_base[m] = n;
         n += p->models[m].model->nshards;
     }
-    e->nfd = n;
-    e->in_fd = ms_malloc((n ? n : 1) * sizeof *e->in_fd);
-    e->in_z = ms_calloc(n ? n : 1, sizeof *e->in_z);
-    if (!e->in_fd || !e->in_z)
+    e->nsrc = n;
+    e->src = ms_calloc(n ? n : 1, sizeof *e->src);
+    if (!e->src)
         return ms_error(MS_ENOMEM, "out of memory");
-    for (size_t i = 0; i < n; i++)
-        e->in_fd[i] = -1;
     /* Open only the shards some job reads. */
     for (size_t k = 0; k < p->njobs; k++) {
         const struct ms_job *j = &p->jobs[k];
         for (uint32_t i = 0; i < j->s.ninputs; i++) {
-            size_t slot = e->fd_base[j->in[i].model] + j->in[i].shard;
-            if (e->in_fd[slot] >= 0)
+            size_t slot = e->src_base[j->in[i].model] + j->in[i].shard;
+            if (e->src[slot])
                 continue;
             const struct ms_st_file *f = p->models[j->in[i].model].model->shards[j->in[i].shard];
-            if (f->compressed) {
-                if (e->in_z[slot])
-                    continue;
-                struct zin *zi = ms_calloc(1, sizeof *zi);
-                if (!zi)
-                    return ms_error(MS_ENOMEM, "out of memory");
-                e->in_z[slot] = zi;
-                zi->e = e;
-                zi->path = j->in[i].file;
-                zi->qcap = MAX_SLOTS * MS_MAX_INPUTS;
-                zi->q = ms_calloc(zi->qcap, sizeof *zi->q);
-                if (!zi->q)
-                    return ms_error(MS_ENOMEM, "out of memory");
-                int rc = ms_zsrc_open(j->in[i].file, &zi->z);
-                if (rc)
-                    return rc;
-                continue;
-            }
-            int fd = open(j->in[i].file, O_RDONLY | O_CLOEXEC);
-            if (fd < 0)
-                return ms_error(-errno, "%s: cannot open: %s", j->in[i].file, strerror(errno));
-            e->in_fd[slot] = fd;
+            int rc = ms_src_open(j->in[i].file, f->compressed, &e->src[slot]);
+            if (rc)
+                return rc;
         }
     }
     return 0;
@@ -1329,22 +1195,11 @@ static void eng_release(struct eng *e)
             ms_out_abort(e->sw.out);
         ms_out_free(e->sw.out);
     }
-    if (e->in_fd)
-        for (size_t i = 0; i < e->nfd; i++)
-            if (e->in_fd[i] >= 0)
-                close(e->in_fd[i]);
-    ms_free(e->in_fd);
-    if (e->in_z) {
-        for (size_t i = 0; i < e->nfd; i++) {
-            if (!e->in_z[i])
-                continue;
-            ms_zsrc_free(e->in_z[i]->z);
-            ms_free(e->in_z[i]->q);
-            ms_free(e->in_z[i]);
-        }
-    }
-    ms_free(e->in_z);
-    ms_free(e->fd_base);
+    if (e->src)
+        for (size_t i = 0; i < e->nsrc; i++)
+            ms_src_free(e->src[i]);
+    ms_free(e->src);
+    ms_free(e->src_base);
     if (e->osh) {
         for (size_t k = 0; k < e->nsh; k++) {
             struct out_shard *sh = &e->osh[k];
