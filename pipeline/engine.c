@@ -6,7 +6,8 @@
  *   slot FREE -> READING (one ms_src read per input, same element range)
  *             -> COMPUTE (uv_queue_work: decode, round to the compute dtype,
  *                         stage reduce or apply, encode to the output dtype)
- *             -> WRITING (uv_fs_write at the tensor's known offset) -> FREE
+ *             -> WRITING (ms_shard_write at the tensor's known offset, or in
+ *                         order through ms_out) -> FREE
  *
  * Memory: nslots slots of slot_bytes each plus nstates job states are
  * allocated once at start from --max-memory; a chunk is carved out of one slot
@@ -25,17 +26,17 @@
  *
  * Threads: everything here runs on the loop thread except work_cb, which only
  * touches its own slot (and reads the job's stage state, const during a pass).
+ * The bytes are io/'s: reads through ms_src (ms_src.h), positional shard files
+ * and sequential output through ms_shard_file and ms_out (ms_out.h); the
+ * engine only schedules them.
  */
 #include <assert.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <uv.h>
@@ -70,9 +71,9 @@ struct slot {
     uint32_t reads_left;
     bool decoded;                 /* inputs already decoded (resident passes) */
     uv_work_t work;
-    uv_fs_t wr;
+    struct ms_shard_write wr;     /* positional output */
     const unsigned char *wbuf;
-    uint64_t wlen, wdone, woff;
+    uint64_t wlen, woff;          /* bytes, and the offset in the output shard */
     struct slot *next_queued;     /* compute queue link */
 };
 
@@ -95,10 +96,8 @@ struct jrun {
 };
 
 struct out_shard {
-    uv_file fd;                   /* -1 when not open (positional mode) */
-    char *tmp, *final;
+    struct ms_shard_file file;    /* positional mode's file; names only otherwise (--resume) */
     size_t jobs_left;
-    bool finished;                /* complete under its final name */
     bool skip;                    /* not written by this run (--resume kept it, or --part) */
 };
 
@@ -155,7 +154,6 @@ struct eng {
     uint32_t compute_inflight, compute_max;
     uint32_t nresident;           /* slots holding a resident chunk between passes */
     uint32_t depth;               /* most slots in flight (not free, not resident) */
-    uint32_t io_inflight;
 
     uv_signal_t sigint, sigterm;
     uv_timer_t timer;
@@ -188,7 +186,8 @@ void ms_engine_opts_init(struct ms_engine_opts *o)
 
 /*
  * Records the first failure; later ones are dropped. The first also tells the
- * inputs to stop continuing reads in progress. Returns code.
+ * inputs and the shard files to stop continuing reads and writes in progress.
+ * Returns code.
  */
 static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -204,6 +203,8 @@ static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     for (size_t i = 0; e->src && i < e->nsrc; i++)
         if (e->src[i])
             ms_src_cancel(e->src[i]);
+    for (size_t k = 0; e->osh && k < e->nsh; k++)
+        ms_shard_file_cancel(&e->osh[k].file);
     return code;
 }
 
@@ -351,7 +352,7 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 
 static void pump(struct eng *e);
 static void on_read(struct ms_src_read *req, int status);
-static void on_write(uv_fs_t *req);
+static void on_write(struct ms_shard_write *req, int status);
 static void work_cb(uv_work_t *w);
 static void after_work_cb(uv_work_t *w, int status);
 
@@ -620,15 +621,11 @@ static void write_issue(struct eng *e, struct slot *s)
 {
     struct out_shard *sh = &e->osh[s->jr->job->shard];
     s->state = SLOT_WRITING;
-    s->wdone = 0;
-    uv_buf_t b = uv_buf_init((char *)s->wbuf, (unsigned)MS_MIN(s->wlen, 1u << 30));
     s->wr.data = s;
-    e->io_inflight++;
-    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
-             : uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)s->woff, on_write);
+    int rc = ms_shard_write_start(&e->loop, &sh->file, &s->wr, s->wbuf, (size_t)s->wlen, s->woff,
+                                  on_write);
     if (rc < 0) {
-        e->io_inflight--;
-        eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
+        eng_fail(e, rc, "%s", ms_errmsg());
         slot_put(e, s);
     }
 }
@@ -643,42 +640,22 @@ static void chunk_written(struct eng *e, struct slot *s)
         job_finish(e, jr);
 }
 
-static void on_write(uv_fs_t *req)
+static void on_write(struct ms_shard_write *req, int status)
 {
     struct slot *s = req->data;
     struct eng *e = s->e;
-    struct out_shard *sh = &e->osh[s->jr->job->shard];
-    ssize_t r = req->result;
-    uv_fs_req_cleanup(req);
-    e->io_inflight--;
-    if (r <= 0) {
-        int code = r < 0 ? (int)r : MS_EIO;
-        eng_fail(e, code, "%s: write failed: %s", sh->tmp,
-                 r < 0 ? uv_strerror((int)r) : "no progress");
+    if (status < 0) {
+        eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file */
         slot_put(e, s);
     } else {
-        s->wdone += (uint64_t)r;
-        e->bytes_out += (uint64_t)r;
-        if (s->wdone < s->wlen && !eng_stopping(e)) {
-            uv_buf_t b = uv_buf_init((char *)s->wbuf + s->wdone,
-                                     (unsigned)MS_MIN(s->wlen - s->wdone, 1u << 30));
-            e->io_inflight++;
-            int rc = uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)(s->woff + s->wdone),
-                                 on_write);
-            if (rc < 0) {
-                e->io_inflight--;
-                eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
-                slot_put(e, s);
-            }
-        } else if (eng_stopping(e)) {
+        e->bytes_out += s->wlen;
+        if (eng_stopping(e))
             slot_put(e, s);
-        } else {
+        else
             chunk_written(e, s);
-        }
     }
     pump(e);
 }
-
 
 /* ------------------------------------------------------------------ sequential output */
 
@@ -794,54 +771,24 @@ static void seq_pump(struct eng *e)
 
 static int shard_open(struct eng *e, uint32_t k)
 {
-    struct out_shard *sh = &e->osh[k];
     const struct ms_out_shard *ls = &e->plan->layout->shards[k];
-    uv_fs_t req;
-    int fd = uv_fs_open(NULL, &req, sh->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644, NULL);
-    uv_fs_req_cleanup(&req);
-    if (fd < 0)
-        return eng_fail(e, fd, "%s: cannot create: %s", sh->tmp, uv_strerror(fd));
-    sh->fd = fd;
-    /* Reserve the whole file now so that a full disk is reported before any work. */
-    int frc = posix_fallocate(fd, 0, (off_t)ls->file_bytes);
-    if (frc == ENOSPC || frc == EFBIG)
-        return eng_fail(e, -frc, "%s: cannot reserve %" PRIu64 " bytes: %s", sh->tmp,
-                        ls->file_bytes, strerror(frc));
-    uint64_t done = 0;
-    while (done < ls->header_bytes) {
-        ssize_t w = ms__io_should_fail() ? (errno = EIO, -1) /* test hook */
-                    : pwrite(fd, ls->header + done, ls->header_bytes - done, (off_t)done);
-        if (w <= 0)
-            return eng_fail(e, w < 0 ? -errno : MS_EIO, "%s: cannot write header: %s", sh->tmp,
-                            w < 0 ? strerror(errno) : "no progress");
-        done += (uint64_t)w;
-    }
+    int rc = ms_shard_file_open(&e->osh[k].file, ls->file_bytes, ls->header, ls->header_bytes);
+    if (rc)
+        return eng_fail(e, rc, "%s", ms_errmsg());
     e->bytes_out += ls->header_bytes;
     return 0;
 }
 
-/* Syncs, closes and renames a finished shard (synchronous: once per shard). */
+/* Ends a shard whose last job is done: synced, closed and renamed (blocking, once per shard). */
 static void shard_job_done(struct eng *e, uint32_t k)
 {
     struct out_shard *sh = &e->osh[k];
     assert(sh->jobs_left > 0);
     if (--sh->jobs_left || e->seq)
         return; /* sequential output ends files in seq_work_cb */
-    if (fsync(sh->fd) < 0) {
-        eng_fail(e, -errno, "%s: fsync failed: %s", sh->tmp, strerror(errno));
-        return;
-    }
-    if (close(sh->fd) < 0) {
-        sh->fd = -1;
-        eng_fail(e, -errno, "%s: close failed: %s", sh->tmp, strerror(errno));
-        return;
-    }
-    sh->fd = -1;
-    if (rename(sh->tmp, sh->final) < 0) {
-        eng_fail(e, -errno, "%s: cannot rename to %s: %s", sh->tmp, sh->final, strerror(errno));
-        return;
-    }
-    sh->finished = true;
+    int rc = ms_shard_file_finish(&sh->file);
+    if (rc)
+        eng_fail(e, rc, "%s", ms_errmsg());
 }
 
 /* ------------------------------------------------------------------ jobs */
@@ -902,7 +849,7 @@ static int job_activate(struct eng *e)
         memset(jr->state, 0, ssz);
     }
     struct out_shard *sh = &e->osh[j->shard];
-    if (!e->seq && sh->fd < 0 && !sh->finished) {
+    if (!e->seq && sh->file.fd < 0 && !sh->file.finished) {
         int rc = shard_open(e, j->shard);
         if (rc)
             return rc;
@@ -1110,39 +1057,6 @@ static int alloc_pool(struct eng *e, const struct sizing *sz)
     return 0;
 }
 
-/*
- * --resume: a shard already under its final name was synced before it was
- * renamed, so it is complete; it is kept when its size and header bytes are the
- * ones this plan would write (a different recipe or option gives a different
- * header and the shard is rewritten).
- */
-static bool shard_matches(struct eng *e, size_t k, const char *final)
-{
-    const struct ms_out_shard *ls = &e->plan->layout->shards[k];
-    bool ok = false;
-    unsigned char *hdr = ms_malloc(ls->header_bytes);
-    if (!hdr)
-        return false;
-    if (e->opts->zstd_level) {
-        struct ms_zsrc *z = NULL;
-        ok = ms_zsrc_open(final, &z) == 0 && ms_zsrc_size(z) == ls->file_bytes &&
-             ms_zsrc_pread(z, hdr, ls->header_bytes, 0) == 0 &&
-             !memcmp(hdr, ls->header, ls->header_bytes);
-        ms_zsrc_free(z);
-    } else {
-        int fd = open(final, O_RDONLY | O_CLOEXEC);
-        struct stat st;
-        ok = fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_size == ls->file_bytes &&
-             pread(fd, hdr, ls->header_bytes, 0) == (ssize_t)ls->header_bytes &&
-             !memcmp(hdr, ls->header, ls->header_bytes);
-        if (fd >= 0)
-            close(fd);
-    }
-    ms_free(hdr);
-    ms_error_clear();
-    return ok;
-}
-
 static int prepare_outputs(struct eng *e)
 {
     const struct ms_engine_opts *o = e->opts;
@@ -1154,21 +1068,21 @@ static int prepare_outputs(struct eng *e)
     const char *suffix = o->zstd_level ? ".zst" : "";
     for (size_t k = 0; k < e->nsh; k++) {
         struct out_shard *sh = &e->osh[k];
-        sh->fd = -1;
-        if (o->kind == MS_OUT_DIR) {
-            sh->final = ms_asprintf("%s/%s%s", o->out, l->shards[k].file_name, suffix);
-            sh->tmp = ms_asprintf("%s/%s.partial", o->out, l->shards[k].file_name);
-            if (!sh->final || !sh->tmp)
-                return ms_error(MS_ENOMEM, "out of memory");
-        }
+        const struct ms_out_shard *ls = &l->shards[k];
+        int rc = ms_shard_file_init(&sh->file, o->kind == MS_OUT_DIR ? o->out : NULL,
+                                    ls->file_name, suffix);
+        if (rc)
+            return rc;
         if (o->part_count > 1 && k % o->part_count != o->part_index - 1)
             sh->skip = true;
-        if (!sh->skip && o->resume && o->kind == MS_OUT_DIR && access(sh->final, F_OK) == 0) {
-            if (shard_matches(e, k, sh->final)) {
-                sh->skip = sh->finished = true;
-                ms_log_info("resume: keeping %s", sh->final);
+        if (!sh->skip && o->resume && o->kind == MS_OUT_DIR && ms_shard_file_exists(&sh->file)) {
+            if (ms_shard_file_keep(&sh->file, ls->file_bytes, ls->header, ls->header_bytes,
+                                   o->zstd_level != 0)) {
+                sh->skip = true;
+                ms_log_info("resume: keeping %s", sh->file.final_path);
             } else {
-                ms_log_warn("resume: %s does not match this merge; writing it again", sh->final);
+                ms_log_warn("resume: %s does not match this merge; writing it again",
+                            sh->file.final_path);
             }
         }
     }
@@ -1200,17 +1114,9 @@ static void eng_release(struct eng *e)
             ms_src_free(e->src[i]);
     ms_free(e->src);
     ms_free(e->src_base);
-    if (e->osh) {
-        for (size_t k = 0; k < e->nsh; k++) {
-            struct out_shard *sh = &e->osh[k];
-            if (sh->fd >= 0)
-                close(sh->fd);
-            if (!sh->finished && sh->tmp)
-                unlink(sh->tmp);
-            ms_free(sh->tmp);
-            ms_free(sh->final);
-        }
-    }
+    if (e->osh)
+        for (size_t k = 0; k < e->nsh; k++)
+            ms_shard_file_fini(&e->osh[k].file);
     ms_free(e->osh);
     if (e->slots)
         for (uint32_t i = 0; i < e->nslots; i++)
