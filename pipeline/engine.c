@@ -1061,13 +1061,12 @@ static int prepare_outputs(struct eng *e)
 {
     const struct ms_engine_opts *o = e->opts;
     const struct ms_layout *l = e->plan->layout;
-    e->nsh = l->nshards;
-    e->osh = ms_calloc(e->nsh ? e->nsh : 1, sizeof *e->osh);
+    e->osh = ms_calloc(l->nshards ? l->nshards : 1, sizeof *e->osh);
     if (!e->osh)
         return ms_error(MS_ENOMEM, "out of memory");
     const char *suffix = o->zstd_level ? ".zst" : "";
-    for (size_t k = 0; k < e->nsh; k++) {
-        struct out_shard *sh = &e->osh[k];
+    for (size_t k = 0; k < l->nshards; k++) {
+        struct out_shard *sh = &e->osh[e->nsh++]; /* released by eng_release even if init fails */
         const struct ms_out_shard *ls = &l->shards[k];
         int rc = ms_shard_file_init(&sh->file, o->kind == MS_OUT_DIR ? o->out : NULL,
                                     ls->file_name, suffix);
