@@ -102,8 +102,8 @@ long ms_alloc_failures(void);
 
 /* I/O fault injection for tests: the n-th read or write the engine issues from
  * now (1-based), and every later one, fail with EIO until reset with n = 0.
- * ms__io_should_fail() is consulted where the engine issues a read or write
- * (pipeline/engine.c); it counts every call, from any thread. */
+ * ms__io_should_fail() is consulted where io/ issues the engine's reads and
+ * writes (io/src.c, io/shard.c); it counts every call, from any thread. */
 void ms_io_fail_after(long n);
 bool ms__io_should_fail(void);
 

@@ -27,8 +27,9 @@
  * After an error every call but abort and free fails again with the same code
  * and message; the caller then calls ms_out_abort.
  *
- * The positional fast path (raw files in a directory, written at known offsets
- * in any order) does not go through ms_out; everything else does.
+ * The positional fast path (raw shard files in a directory, written at known
+ * offsets in any order) does not go through ms_out: it is struct ms_shard_file
+ * below. Every output path is declared here.
  */
 #ifndef MS_OUT_H
 #define MS_OUT_H
@@ -36,6 +37,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <uv.h>
 
 enum ms_out_kind {
     MS_OUT_DIR,                   /* files in a directory */
@@ -92,6 +95,102 @@ int ms_out_finish(struct ms_out *o);
 void ms_out_abort(struct ms_out *o);
 /* Frees the sink (aborting first if a file is open). ms_out_free(NULL) is a no-op. */
 void ms_out_free(struct ms_out *o);
+
+/*
+ * Positional shard files (io/shard.c): an uncompressed safetensors shard in a
+ * directory, created as "<name>.partial" with its whole size reserved and its
+ * header written, filled by writes at known offsets in any order on a libuv
+ * loop, then synced and renamed to its final name. A crash never leaves a file
+ * that looks complete under the final name.
+ *
+ * struct ms_shard_file is the caller's (the engine keeps one per output shard).
+ * fd and finished may be read; the other fields are private. Calls are on the
+ * loop thread that runs the writes; open and finish block (they run once per
+ * shard). Errors: 0 or negative (-errno / UV_E*, MS_EIO, MS_ENOMEM) with a
+ * diagnostic (ms_errmsg()) naming the file.
+ *
+ * Fault injection: each header write call of open and each ms_shard_write_start
+ * consult ms__io_should_fail() (ms_common.h) once; an injected failure is EIO.
+ * Continuations of a short write do not consult it.
+ */
+struct ms_shard_file {
+    int fd;                       /* the open .partial, or -1 */
+    bool finished;                /* complete under final_path (finish, or ms_shard_file_keep) */
+    bool canceled;                /* private */
+    char *tmp_path;               /* private: "<dir>/<name>.partial" (owned) */
+    char *final_path;             /* "<dir>/<name><suffix>" (owned); may be read */
+};
+
+struct ms_shard_write;
+/*
+ * Completion of a write, on the loop thread. status 0: all len bytes are in the
+ * file. Negative: the diagnostic, recorded for the loop thread just before the
+ * call, is "<tmp>: write failed: <reason>" (UV_E*, or MS_EIO "no progress"),
+ * or MS_ECANCELED after ms_shard_file_cancel. The callback may start writes.
+ */
+typedef void (*ms_shard_write_cb)(struct ms_shard_write *req, int status);
+
+/* One write in flight. Caller-owned; `data` is the caller's, the rest is private to io/shard.c. */
+struct ms_shard_write {
+    void *data;                   /* the caller's; io/ does not touch it */
+    /* private */
+    uv_fs_t fs;
+    uv_loop_t *loop;
+    struct ms_shard_file *file;
+    const unsigned char *buf;
+    uint64_t len, done, off;      /* bytes to write, bytes written, file offset of buf[0] */
+    ms_shard_write_cb cb;
+};
+
+/*
+ * Names shard `name` (a bare file name) in directory dir: the temporary
+ * "<dir>/<name>.partial" and the final "<dir>/<name><suffix>" (suffix "" or
+ * ".zst"); nothing is touched on disk. dir NULL: f names no file (output that is
+ * not a directory); only fini applies. f may be given to fini even when this
+ * fails. Returns 0 or MS_ENOMEM.
+ */
+int ms_shard_file_init(struct ms_shard_file *f, const char *dir, const char *name,
+                       const char *suffix);
+/* True when a file exists under the final name. */
+bool ms_shard_file_exists(const struct ms_shard_file *f);
+/*
+ * --resume: a file under the final name was synced before it was renamed, so
+ * it is complete; it is kept (f->finished set, true returned) when it holds
+ * `size` bytes (uncompressed; a zstd stream when compressed) that begin with
+ * header[0..header_bytes). Any failure to read it is "not kept"; the
+ * diagnostic is cleared.
+ */
+bool ms_shard_file_keep(struct ms_shard_file *f, uint64_t size, const void *header,
+                        size_t header_bytes, bool compressed);
+/*
+ * Creates the temporary (truncating a stale one), reserves size bytes so that a
+ * full disk is reported before any work (ENOSPC, EFBIG; other fallocate
+ * failures are ignored), and writes header_bytes of header at offset 0.
+ * Errors: "<tmp>: cannot create|cannot reserve N bytes|cannot write header: <reason>";
+ * f->fd stays set when it was created (fini closes it).
+ */
+int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *header,
+                       size_t header_bytes);
+/*
+ * Starts writing exactly len bytes (len > 0) of buf, which must stay valid
+ * until the callback, at offset off of the open file (positional: writes may
+ * run at once and in any order). Loop thread. Returns 0 when cb will be called
+ * exactly once; else a negative code, the diagnostic "<tmp>: write failed:
+ * <reason>" (UV_EIO from the fault hook) and no callback.
+ */
+int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_shard_write *req,
+                         const void *buf, size_t len, uint64_t off, ms_shard_write_cb cb);
+/* After the last write: fsync, close, rename to the final name, f->finished set.
+ * Errors: "<tmp>: fsync failed|close failed|cannot rename to <final>: <reason>". */
+int ms_shard_file_finish(struct ms_shard_file *f);
+/* Stops f's writes (the caller is giving up): a write that needs another call
+ * ends with MS_ECANCELED instead. A call in flight completes. Idempotent. */
+void ms_shard_file_cancel(struct ms_shard_file *f);
+/* Closes the temporary if open and removes it unless f is finished; the names
+ * stay. No write may be in flight. Idempotent. */
+void ms_shard_file_abort(struct ms_shard_file *f);
+/* Aborts (above) and frees the names. */
+void ms_shard_file_fini(struct ms_shard_file *f);
 
 /*
  * Compressed inputs: a reader over a .safetensors.zst file (one or more

@@ -3,10 +3,11 @@
  *
  * Shape of the pipeline (DESIGN.md section 3):
  *
- *   slot FREE -> READING (one uv_fs_read per input, same element range)
+ *   slot FREE -> READING (one ms_src read per input, same element range)
  *             -> COMPUTE (uv_queue_work: decode, round to the compute dtype,
  *                         stage reduce or apply, encode to the output dtype)
- *             -> WRITING (uv_fs_write at the tensor's known offset) -> FREE
+ *             -> WRITING (ms_shard_write at the tensor's known offset, or in
+ *                         order through ms_out) -> FREE
  *
  * Memory: nslots slots of slot_bytes each plus nstates job states are
  * allocated once at start from --max-memory; a chunk is carved out of one slot
@@ -25,23 +26,24 @@
  *
  * Threads: everything here runs on the loop thread except work_cb, which only
  * touches its own slot (and reads the job's stage state, const during a pass).
+ * The bytes are io/'s: reads through ms_src (ms_src.h), positional shard files
+ * and sequential output through ms_shard_file and ms_out (ms_out.h); the
+ * engine only schedules them.
  */
 #include <assert.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <uv.h>
 
 #include "ms_common.h"
 #include "ms_engine.h"
+#include "ms_src.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
 
@@ -65,15 +67,14 @@ struct slot {
     void *partial;
     unsigned char *raw[MS_MAX_INPUTS]; /* read targets (same memory as ck.in[]) */
     uint64_t raw_len[MS_MAX_INPUTS];   /* bytes to read per input */
-    uint64_t raw_done[MS_MAX_INPUTS];
     uint64_t raw_off[MS_MAX_INPUTS];   /* absolute file offset of the first byte */
-    uv_fs_t rd[MS_MAX_INPUTS];
+    struct ms_src_read rd[MS_MAX_INPUTS];
     uint32_t reads_left;
     bool decoded;                 /* inputs already decoded (resident passes) */
     uv_work_t work;
-    uv_fs_t wr;
+    struct ms_shard_write wr;     /* positional output */
     const unsigned char *wbuf;
-    uint64_t wlen, wdone, woff;
+    uint64_t wlen, woff;          /* bytes, and the offset in the output shard */
     struct slot *next_queued;     /* compute queue link */
 };
 
@@ -96,10 +97,8 @@ struct jrun {
 };
 
 struct out_shard {
-    uv_file fd;                   /* -1 when not open (positional mode) */
-    char *tmp, *final;
+    struct ms_shard_file file;    /* positional mode's file; names only otherwise (--resume) */
     size_t jobs_left;
-    bool finished;                /* complete under its final name */
     bool skip;                    /* not written by this run (--resume kept it, or --part) */
 };
 
@@ -122,38 +121,14 @@ struct seq_writer {
     char err[512];
 };
 
-/*
- * A compressed input shard (.safetensors.zst): reads are served by one work
- * item at a time, in the order they were issued, so that the decompressor only
- * moves forward within a pass (ms_zsrc restarts from the top on a backward read).
- */
-struct zreq {
-    struct slot *s;
-    uint32_t i;
-};
-
-struct zin {
-    struct ms_zsrc *z;
-    const char *path;
-    struct zreq *q;               /* ring of pending reads, capacity qcap */
-    uint32_t qcap, qhead, qlen;
-    bool busy;
-    struct zreq cur;
-    uv_work_t work;
-    int rc;
-    char err[512];
-    struct eng *e;
-};
-
 struct eng {
     uv_loop_t loop;
     const struct ms_plan *plan;
     const struct ms_engine_opts *opts;
 
-    uv_file *in_fd;               /* per (model, shard): in_fd[fd_base[model] + shard] */
-    struct zin **in_z;            /* same index: non-NULL for compressed shards */
-    size_t *fd_base;
-    size_t nfd;
+    struct ms_src **src;          /* per (model, shard): src[src_base[model] + shard], or NULL */
+    size_t *src_base;
+    size_t nsrc;
 
     struct out_shard *osh;
     size_t nsh;
@@ -180,7 +155,6 @@ struct eng {
     uint32_t compute_inflight, compute_max;
     uint32_t nresident;           /* slots holding a resident chunk between passes */
     uint32_t depth;               /* most slots in flight (not free, not resident) */
-    uint32_t io_inflight;
 
     uv_signal_t sigint, sigterm;
     uv_timer_t timer;
@@ -211,7 +185,11 @@ void ms_engine_opts_init(struct ms_engine_opts *o)
 
 /* ------------------------------------------------------------------ errors */
 
-/* Records the first failure; later ones are dropped. Returns code. */
+/*
+ * Records the first failure; later ones are dropped. The first also tells the
+ * inputs and the shard files to stop continuing reads and writes in progress.
+ * Returns code.
+ */
 static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static int eng_fail(struct eng *e, int code, const char *fmt, ...)
@@ -223,6 +201,11 @@ static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(e->errmsg, sizeof e->errmsg, fmt, ap);
     va_end(ap);
+    for (size_t i = 0; e->src && i < e->nsrc; i++)
+        if (e->src[i])
+            ms_src_cancel(e->src[i]);
+    for (size_t k = 0; e->osh && k < e->nsh; k++)
+        ms_shard_file_cancel(&e->osh[k].file);
     return code;
 }
 
@@ -369,8 +352,8 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 /* ------------------------------------------------------------------ forward */
 
 static void pump(struct eng *e);
-static void on_read(uv_fs_t *req);
-static void on_write(uv_fs_t *req);
+static void on_read(struct ms_src_read *req, int status);
+static void on_write(struct ms_shard_write *req, int status);
 static void work_cb(uv_work_t *w);
 static void after_work_cb(uv_work_t *w, int status);
 
@@ -411,7 +394,6 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
         s->partial = NULL;
         s->raw[0] = p;
         s->raw_len[0] = count;
-        s->raw_done[0] = 0;
         s->raw_off[0] = j->in[0].file_offset + first;
         s->reads_left = 1;
         return;
@@ -426,7 +408,6 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
         s->raw[i] = ib < 4 ? p + count * (4 - ib) : p;
         s->ck.in[i] = (const float *)(void *)p;
         s->raw_len[i] = count * ib;
-        s->raw_done[i] = 0;
         s->raw_off[i] = j->in[i].file_offset + first * ib;
         p += align_up(count * eb);
     }
@@ -438,34 +419,19 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
 
 /* ------------------------------------------------------------------ reads */
 
-static uv_file input_fd(struct eng *e, const struct ms_plan_input *in)
+static struct ms_src *input_src(struct eng *e, const struct ms_plan_input *in)
 {
-    return e->in_fd[e->fd_base[in->model] + in->shard];
+    return e->src[e->src_base[in->model] + in->shard];
 }
-
-static void zin_pump(struct zin *zi);
 
 static void read_issue(struct eng *e, struct slot *s, uint32_t i)
 {
-    const struct ms_job *j = s->jr->job;
-    struct zin *zi = e->in_z[e->fd_base[j->in[i].model] + j->in[i].shard];
-    if (zi) {
-        assert(zi->qlen < zi->qcap);
-        zi->q[(zi->qhead + zi->qlen++) % zi->qcap] = (struct zreq){ s, i };
-        e->io_inflight++;
-        zin_pump(zi);
-        return;
-    }
-    uv_buf_t b = uv_buf_init((char *)s->raw[i] + s->raw_done[i],
-                             (unsigned)MS_MIN(s->raw_len[i] - s->raw_done[i], 1u << 30));
+    const struct ms_plan_input *in = &s->jr->job->in[i];
     s->rd[i].data = s;
-    e->io_inflight++;
-    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
-             : uv_fs_read(&e->loop, &s->rd[i], input_fd(e, &j->in[i]), &b, 1,
-                          (int64_t)(s->raw_off[i] + s->raw_done[i]), on_read);
+    int rc = ms_src_read_start(&e->loop, input_src(e, in), &s->rd[i], s->raw[i],
+                               (size_t)s->raw_len[i], s->raw_off[i], in->name, on_read);
     if (rc < 0) {
-        e->io_inflight--;
-        eng_fail(e, rc, "%s: read failed: %s", j->in[i].file, uv_strerror(rc));
+        eng_fail(e, rc, "%s", ms_errmsg());
         s->reads_left--;
     }
 }
@@ -511,96 +477,19 @@ static void reads_done(struct eng *e, struct slot *s)
     }
 }
 
-static void read_done(struct eng *e, struct slot *s, uint32_t i, ssize_t r);
-
-static void on_read(uv_fs_t *req)
+/* Input i of slot s is in (status 0), or failed. */
+static void on_read(struct ms_src_read *req, int status)
 {
     struct slot *s = req->data;
     struct eng *e = s->e;
     uint32_t i = (uint32_t)(req - s->rd);
-    ssize_t r = req->result;
-    uv_fs_req_cleanup(req);
-    e->io_inflight--;
-    read_done(e, s, i, r);
-}
-
-/* A read of input i of slot s finished with r bytes (or a negative code). */
-static void read_done(struct eng *e, struct slot *s, uint32_t i, ssize_t r)
-{
-    const struct ms_plan_input *in = &s->jr->job->in[i];
-    if (r < 0) {
-        eng_fail(e, (int)r, "%s: read of tensor '%s' failed: %s", in->file, in->name,
-                 uv_strerror((int)r));
-    } else if (r == 0) {
-        eng_fail(e, MS_EIO, "%s: unexpected end of file reading tensor '%s' (file truncated "
-                 "after the plan was made?)", in->file, in->name);
-    } else {
-        s->raw_done[i] += (uint64_t)r;
-        e->bytes_in += (uint64_t)r;
-        if (s->raw_done[i] < s->raw_len[i] && !eng_stopping(e)) {
-            read_issue(e, s, i);
-            return;
-        }
-    }
+    if (status < 0)
+        eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file and the tensor */
+    else
+        e->bytes_in += s->raw_len[i];
     if (--s->reads_left == 0)
         reads_done(e, s);
     pump(e);
-}
-
-static void zin_work_cb(uv_work_t *w)
-{
-    struct zin *zi = w->data;
-    struct slot *s = zi->cur.s;
-    uint32_t i = zi->cur.i;
-    ms_error_clear();
-    zi->rc = ms_zsrc_pread(zi->z, s->raw[i] + s->raw_done[i], s->raw_len[i] - s->raw_done[i],
-                           s->raw_off[i] + s->raw_done[i]);
-    if (zi->rc)
-        snprintf(zi->err, sizeof zi->err, "%s", ms_errmsg());
-}
-
-static void zin_after_cb(uv_work_t *w, int status)
-{
-    struct zin *zi = w->data;
-    struct eng *e = zi->e;
-    struct slot *s = zi->cur.s;
-    uint32_t i = zi->cur.i;
-    zi->busy = false;
-    e->io_inflight--;
-    if (status < 0 || zi->rc) {
-        if (status < 0)
-            eng_fail(e, status, "%s: read canceled", zi->path);
-        else
-            eng_fail(e, zi->rc, "%s", zi->err);
-        read_done(e, s, i, status < 0 ? status : MS_EIO);
-    } else {
-        read_done(e, s, i, (ssize_t)(s->raw_len[i] - s->raw_done[i]));
-    }
-    zin_pump(zi);
-}
-
-static void zin_pump(struct zin *zi)
-{
-    struct eng *e = zi->e;
-    while (!zi->busy && zi->qlen) {
-        zi->cur = zi->q[zi->qhead];
-        zi->qhead = (zi->qhead + 1) % zi->qcap;
-        zi->qlen--;
-        if (eng_stopping(e)) { /* drop: the slot is released by read_done */
-            e->io_inflight--;
-            read_done(e, zi->cur.s, zi->cur.i, MS_ECANCELED);
-            continue;
-        }
-        zi->busy = true;
-        zi->work.data = zi;
-        int rc = uv_queue_work(&e->loop, &zi->work, zin_work_cb, zin_after_cb);
-        if (rc < 0) {
-            zi->busy = false;
-            eng_fail(e, rc, "%s: cannot queue read: %s", zi->path, uv_strerror(rc));
-            e->io_inflight--;
-            read_done(e, zi->cur.s, zi->cur.i, rc);
-        }
-    }
 }
 
 /* ------------------------------------------------------------------ compute */
@@ -733,15 +622,11 @@ static void write_issue(struct eng *e, struct slot *s)
 {
     struct out_shard *sh = &e->osh[s->jr->job->shard];
     s->state = SLOT_WRITING;
-    s->wdone = 0;
-    uv_buf_t b = uv_buf_init((char *)s->wbuf, (unsigned)MS_MIN(s->wlen, 1u << 30));
     s->wr.data = s;
-    e->io_inflight++;
-    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
-             : uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)s->woff, on_write);
+    int rc = ms_shard_write_start(&e->loop, &sh->file, &s->wr, s->wbuf, (size_t)s->wlen, s->woff,
+                                  on_write);
     if (rc < 0) {
-        e->io_inflight--;
-        eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
+        eng_fail(e, rc, "%s", ms_errmsg());
         slot_put(e, s);
     }
 }
@@ -756,42 +641,22 @@ static void chunk_written(struct eng *e, struct slot *s)
         job_finish(e, jr);
 }
 
-static void on_write(uv_fs_t *req)
+static void on_write(struct ms_shard_write *req, int status)
 {
     struct slot *s = req->data;
     struct eng *e = s->e;
-    struct out_shard *sh = &e->osh[s->jr->job->shard];
-    ssize_t r = req->result;
-    uv_fs_req_cleanup(req);
-    e->io_inflight--;
-    if (r <= 0) {
-        int code = r < 0 ? (int)r : MS_EIO;
-        eng_fail(e, code, "%s: write failed: %s", sh->tmp,
-                 r < 0 ? uv_strerror((int)r) : "no progress");
+    if (status < 0) {
+        eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file */
         slot_put(e, s);
     } else {
-        s->wdone += (uint64_t)r;
-        e->bytes_out += (uint64_t)r;
-        if (s->wdone < s->wlen && !eng_stopping(e)) {
-            uv_buf_t b = uv_buf_init((char *)s->wbuf + s->wdone,
-                                     (unsigned)MS_MIN(s->wlen - s->wdone, 1u << 30));
-            e->io_inflight++;
-            int rc = uv_fs_write(&e->loop, &s->wr, sh->fd, &b, 1, (int64_t)(s->woff + s->wdone),
-                                 on_write);
-            if (rc < 0) {
-                e->io_inflight--;
-                eng_fail(e, rc, "%s: write failed: %s", sh->tmp, uv_strerror(rc));
-                slot_put(e, s);
-            }
-        } else if (eng_stopping(e)) {
+        e->bytes_out += s->wlen;
+        if (eng_stopping(e))
             slot_put(e, s);
-        } else {
+        else
             chunk_written(e, s);
-        }
     }
     pump(e);
 }
-
 
 /* ------------------------------------------------------------------ sequential output */
 
@@ -907,54 +772,24 @@ static void seq_pump(struct eng *e)
 
 static int shard_open(struct eng *e, uint32_t k)
 {
-    struct out_shard *sh = &e->osh[k];
     const struct ms_out_shard *ls = &e->plan->layout->shards[k];
-    uv_fs_t req;
-    int fd = uv_fs_open(NULL, &req, sh->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644, NULL);
-    uv_fs_req_cleanup(&req);
-    if (fd < 0)
-        return eng_fail(e, fd, "%s: cannot create: %s", sh->tmp, uv_strerror(fd));
-    sh->fd = fd;
-    /* Reserve the whole file now so that a full disk is reported before any work. */
-    int frc = posix_fallocate(fd, 0, (off_t)ls->file_bytes);
-    if (frc == ENOSPC || frc == EFBIG)
-        return eng_fail(e, -frc, "%s: cannot reserve %" PRIu64 " bytes: %s", sh->tmp,
-                        ls->file_bytes, strerror(frc));
-    uint64_t done = 0;
-    while (done < ls->header_bytes) {
-        ssize_t w = ms__io_should_fail() ? (errno = EIO, -1) /* test hook */
-                    : pwrite(fd, ls->header + done, ls->header_bytes - done, (off_t)done);
-        if (w <= 0)
-            return eng_fail(e, w < 0 ? -errno : MS_EIO, "%s: cannot write header: %s", sh->tmp,
-                            w < 0 ? strerror(errno) : "no progress");
-        done += (uint64_t)w;
-    }
+    int rc = ms_shard_file_open(&e->osh[k].file, ls->file_bytes, ls->header, ls->header_bytes);
+    if (rc)
+        return eng_fail(e, rc, "%s", ms_errmsg());
     e->bytes_out += ls->header_bytes;
     return 0;
 }
 
-/* Syncs, closes and renames a finished shard (synchronous: once per shard). */
+/* Ends a shard whose last job is done: synced, closed and renamed (blocking, once per shard). */
 static void shard_job_done(struct eng *e, uint32_t k)
 {
     struct out_shard *sh = &e->osh[k];
     assert(sh->jobs_left > 0);
     if (--sh->jobs_left || e->seq)
         return; /* sequential output ends files in seq_work_cb */
-    if (fsync(sh->fd) < 0) {
-        eng_fail(e, -errno, "%s: fsync failed: %s", sh->tmp, strerror(errno));
-        return;
-    }
-    if (close(sh->fd) < 0) {
-        sh->fd = -1;
-        eng_fail(e, -errno, "%s: close failed: %s", sh->tmp, strerror(errno));
-        return;
-    }
-    sh->fd = -1;
-    if (rename(sh->tmp, sh->final) < 0) {
-        eng_fail(e, -errno, "%s: cannot rename to %s: %s", sh->tmp, sh->final, strerror(errno));
-        return;
-    }
-    sh->finished = true;
+    int rc = ms_shard_file_finish(&sh->file);
+    if (rc)
+        eng_fail(e, rc, "%s", ms_errmsg());
 }
 
 /* ------------------------------------------------------------------ jobs */
@@ -1015,7 +850,7 @@ static int job_activate(struct eng *e)
         memset(jr->state, 0, ssz);
     }
     struct out_shard *sh = &e->osh[j->shard];
-    if (!e->seq && sh->fd < 0 && !sh->finished) {
+    if (!e->seq && sh->file.fd < 0 && !sh->file.finished) {
         int rc = shard_open(e, j->shard);
         if (rc)
             return rc;
@@ -1150,51 +985,29 @@ static void on_signal(uv_signal_t *h, int signo)
 static int open_inputs(struct eng *e)
 {
     const struct ms_plan *p = e->plan;
-    e->fd_base = ms_calloc(p->nmodels + 1, sizeof *e->fd_base);
-    if (!e->fd_base)
+    e->src_base = ms_calloc(p->nmodels + 1, sizeof *e->src_base);
+    if (!e->src_base)
         return ms_error(MS_ENOMEM, "out of memory");
     size_t n = 0;
     for (size_t m = 0; m < p->nmodels; m++) {
-        e->fd_base[m] = n;
+        e->src_base[m] = n;
         n += p->models[m].model->nshards;
     }
-    e->nfd = n;
-    e->in_fd = ms_malloc((n ? n : 1) * sizeof *e->in_fd);
-    e->in_z = ms_calloc(n ? n : 1, sizeof *e->in_z);
-    if (!e->in_fd || !e->in_z)
+    e->nsrc = n;
+    e->src = ms_calloc(n ? n : 1, sizeof *e->src);
+    if (!e->src)
         return ms_error(MS_ENOMEM, "out of memory");
-    for (size_t i = 0; i < n; i++)
-        e->in_fd[i] = -1;
     /* Open only the shards some job reads. */
     for (size_t k = 0; k < p->njobs; k++) {
         const struct ms_job *j = &p->jobs[k];
         for (uint32_t i = 0; i < j->s.ninputs; i++) {
-            size_t slot = e->fd_base[j->in[i].model] + j->in[i].shard;
-            if (e->in_fd[slot] >= 0)
+            size_t slot = e->src_base[j->in[i].model] + j->in[i].shard;
+            if (e->src[slot])
                 continue;
             const struct ms_st_file *f = p->models[j->in[i].model].model->shards[j->in[i].shard];
-            if (f->compressed) {
-                if (e->in_z[slot])
-                    continue;
-                struct zin *zi = ms_calloc(1, sizeof *zi);
-                if (!zi)
-                    return ms_error(MS_ENOMEM, "out of memory");
-                e->in_z[slot] = zi;
-                zi->e = e;
-                zi->path = j->in[i].file;
-                zi->qcap = MAX_SLOTS * MS_MAX_INPUTS;
-                zi->q = ms_calloc(zi->qcap, sizeof *zi->q);
-                if (!zi->q)
-                    return ms_error(MS_ENOMEM, "out of memory");
-                int rc = ms_zsrc_open(j->in[i].file, &zi->z);
-                if (rc)
-                    return rc;
-                continue;
-            }
-            int fd = open(j->in[i].file, O_RDONLY | O_CLOEXEC);
-            if (fd < 0)
-                return ms_error(-errno, "%s: cannot open: %s", j->in[i].file, strerror(errno));
-            e->in_fd[slot] = fd;
+            int rc = ms_src_open(j->in[i].file, f->compressed, &e->src[slot]);
+            if (rc)
+                return rc;
         }
     }
     return 0;
@@ -1234,65 +1047,31 @@ static int alloc_pool(struct eng *e, const struct sizing *sz)
     return 0;
 }
 
-/*
- * --resume: a shard already under its final name was synced before it was
- * renamed, so it is complete; it is kept when its size and header bytes are the
- * ones this plan would write (a different recipe or option gives a different
- * header and the shard is rewritten).
- */
-static bool shard_matches(struct eng *e, size_t k, const char *final)
-{
-    const struct ms_out_shard *ls = &e->plan->layout->shards[k];
-    bool ok = false;
-    unsigned char *hdr = ms_malloc(ls->header_bytes);
-    if (!hdr)
-        return false;
-    if (e->opts->zstd_level) {
-        struct ms_zsrc *z = NULL;
-        ok = ms_zsrc_open(final, &z) == 0 && ms_zsrc_size(z) == ls->file_bytes &&
-             ms_zsrc_pread(z, hdr, ls->header_bytes, 0) == 0 &&
-             !memcmp(hdr, ls->header, ls->header_bytes);
-        ms_zsrc_free(z);
-    } else {
-        int fd = open(final, O_RDONLY | O_CLOEXEC);
-        struct stat st;
-        ok = fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_size == ls->file_bytes &&
-             pread(fd, hdr, ls->header_bytes, 0) == (ssize_t)ls->header_bytes &&
-             !memcmp(hdr, ls->header, ls->header_bytes);
-        if (fd >= 0)
-            close(fd);
-    }
-    ms_free(hdr);
-    ms_error_clear();
-    return ok;
-}
-
 static int prepare_outputs(struct eng *e)
 {
     const struct ms_engine_opts *o = e->opts;
     const struct ms_layout *l = e->plan->layout;
-    e->nsh = l->nshards;
-    e->osh = ms_calloc(e->nsh ? e->nsh : 1, sizeof *e->osh);
+    e->osh = ms_calloc(l->nshards ? l->nshards : 1, sizeof *e->osh);
     if (!e->osh)
         return ms_error(MS_ENOMEM, "out of memory");
     const char *suffix = o->zstd_level ? ".zst" : "";
-    for (size_t k = 0; k < e->nsh; k++) {
-        struct out_shard *sh = &e->osh[k];
-        sh->fd = -1;
-        if (o->kind == MS_OUT_DIR) {
-            sh->final = ms_asprintf("%s/%s%s", o->out, l->shards[k].file_name, suffix);
-            sh->tmp = ms_asprintf("%s/%s.partial", o->out, l->shards[k].file_name);
-            if (!sh->final || !sh->tmp)
-                return ms_error(MS_ENOMEM, "out of memory");
-        }
+    for (size_t k = 0; k < l->nshards; k++) {
+        struct out_shard *sh = &e->osh[e->nsh++]; /* released by eng_release even if init fails */
+        const struct ms_out_shard *ls = &l->shards[k];
+        int rc = ms_shard_file_init(&sh->file, o->kind == MS_OUT_DIR ? o->out : NULL,
+                                    ls->file_name, suffix);
+        if (rc)
+            return rc;
         if (o->part_count > 1 && k % o->part_count != o->part_index - 1)
             sh->skip = true;
-        if (!sh->skip && o->resume && o->kind == MS_OUT_DIR && access(sh->final, F_OK) == 0) {
-            if (shard_matches(e, k, sh->final)) {
-                sh->skip = sh->finished = true;
-                ms_log_info("resume: keeping %s", sh->final);
+        if (!sh->skip && o->resume && o->kind == MS_OUT_DIR && ms_shard_file_exists(&sh->file)) {
+            if (ms_shard_file_keep(&sh->file, ls->file_bytes, ls->header, ls->header_bytes,
+                                   o->zstd_level != 0)) {
+                sh->skip = true;
+                ms_log_info("resume: keeping %s", sh->file.final_path);
             } else {
-                ms_log_warn("resume: %s does not match this merge; writing it again", sh->final);
+                ms_log_warn("resume: %s does not match this merge; writing it again",
+                            sh->file.final_path);
             }
         }
     }
@@ -1319,33 +1098,14 @@ static void eng_release(struct eng *e)
             ms_out_abort(e->sw.out);
         ms_out_free(e->sw.out);
     }
-    if (e->in_fd)
-        for (size_t i = 0; i < e->nfd; i++)
-            if (e->in_fd[i] >= 0)
-                close(e->in_fd[i]);
-    ms_free(e->in_fd);
-    if (e->in_z) {
-        for (size_t i = 0; i < e->nfd; i++) {
-            if (!e->in_z[i])
-                continue;
-            ms_zsrc_free(e->in_z[i]->z);
-            ms_free(e->in_z[i]->q);
-            ms_free(e->in_z[i]);
-        }
-    }
-    ms_free(e->in_z);
-    ms_free(e->fd_base);
-    if (e->osh) {
-        for (size_t k = 0; k < e->nsh; k++) {
-            struct out_shard *sh = &e->osh[k];
-            if (sh->fd >= 0)
-                close(sh->fd);
-            if (!sh->finished && sh->tmp)
-                unlink(sh->tmp);
-            ms_free(sh->tmp);
-            ms_free(sh->final);
-        }
-    }
+    if (e->src)
+        for (size_t i = 0; i < e->nsrc; i++)
+            ms_src_free(e->src[i]);
+    ms_free(e->src);
+    ms_free(e->src_base);
+    if (e->osh)
+        for (size_t k = 0; k < e->nsh; k++)
+            ms_shard_file_fini(&e->osh[k].file);
     ms_free(e->osh);
     if (e->slots)
         for (uint32_t i = 0; i < e->nslots; i++)

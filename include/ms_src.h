@@ -1,0 +1,95 @@
+/*
+ * ms_src.h - input sources: the bytes of one input shard, read at absolute
+ * offsets on a libuv loop (io/src.c). The engine reads every chunk through it.
+ *
+ * A header of its own, not ms_out.h: that one is the output side of io/, this is the input side.
+ *
+ * A source is a plain file (positional uv_fs_read calls of at most 1 GiB each,
+ * continued after a short read) or a zstd-compressed file (.safetensors.zst)
+ * read through ms_zsrc (ms_out.h) at uncompressed offsets. A compressed source
+ * serves one read at a time on the thread pool, in the order the reads were
+ * started, so that the decompressor moves forward within a pass (a read behind
+ * its cursor decompresses again from the top of the file).
+ *
+ * Requests are the caller's (libuv style): a struct ms_src_read lives in the
+ * caller's memory from ms_src_read_start until its callback, which runs exactly
+ * once, on the loop thread, and never from inside ms_src_read_start. Nothing is
+ * allocated per read.
+ *
+ * Fault injection: every uv_fs_read call on a plain file (the first and each
+ * continuation) first consults ms__io_should_fail() (ms_common.h); an injected
+ * failure is UV_EIO. Compressed reads do not consult it.
+ */
+#ifndef MS_SRC_H
+#define MS_SRC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+struct ms_src;
+struct ms_src_read;
+
+/*
+ * Completion of a read, on the loop thread. status 0: all len bytes are in buf.
+ * Negative: the read failed and the diagnostic has been recorded for the loop
+ * thread just before the call (ms_errmsg()), naming the file:
+ *   UV_E*        "<path>: read of tensor '<tensor>' failed: <reason>" (from the system),
+ *                or "<path>: read failed: <reason>" when a continuation could not be issued
+ *                (UV_EIO from the fault hook);
+ *   MS_EIO       "<path>: unexpected end of file reading tensor '<tensor>' (file truncated
+ *                after the plan was made?)";
+ *   ms_zsrc's code and diagnostic for a compressed source;
+ *   MS_ECANCELED after ms_src_cancel.
+ * buf's contents are unspecified after an error. The callback may start reads.
+ */
+typedef void (*ms_src_read_cb)(struct ms_src_read *req, int status);
+
+/* One read in flight. Caller-owned; `data` is the caller's, the rest is private to io/src.c. */
+struct ms_src_read {
+    void *data;                   /* the caller's; io/ does not touch it */
+    /* private */
+    union {
+        uv_fs_t fs;               /* plain file: the uv_fs_read in flight */
+        uv_work_t work;           /* compressed: the ms_zsrc_pread on the thread pool */
+    } u;
+    uv_loop_t *loop;
+    struct ms_src *src;
+    unsigned char *buf;
+    uint64_t len, done, off;      /* bytes wanted, bytes delivered, file offset of buf[0] */
+    const char *tensor;           /* for diagnostics; borrowed until the callback */
+    ms_src_read_cb cb;
+    struct ms_src_read *next;     /* compressed: the queue of reads not yet served */
+};
+
+/*
+ * Opens path for reading: a plain file, or a zstd stream when compressed (the
+ * caller knows which from the model: ms_st_file.compressed). path is copied.
+ * Any thread. Returns 0 and *out, or a negative code with a diagnostic naming
+ * the file (-errno "<path>: cannot open: <reason>", ms_zsrc_open's codes,
+ * MS_ENOMEM); *out is NULL on error.
+ */
+int ms_src_open(const char *path, bool compressed, struct ms_src **out);
+/*
+ * Starts reading exactly len bytes (len > 0) at offset off into buf, which must
+ * stay valid until the callback. tensor names what is read, for diagnostics.
+ * Loop thread (the loop the source's other reads use). Returns 0 when cb will
+ * be called exactly once; else a negative code, a recorded diagnostic and no
+ * callback: UV_E* "<path>: read failed: <reason>" (UV_EIO from the fault hook),
+ * "<path>: cannot queue read: <reason>" (compressed), MS_ECANCELED after ms_src_cancel.
+ */
+int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *req, void *buf,
+                      size_t len, uint64_t off, const char *tensor, ms_src_read_cb cb);
+/*
+ * Stops the source (the caller is giving up): a read that needs another call
+ * ends with MS_ECANCELED instead, compressed reads not yet served end with
+ * MS_ECANCELED, and later starts fail. A call already in flight completes as
+ * it would have. Loop thread; idempotent.
+ */
+void ms_src_cancel(struct ms_src *src);
+/* Closes the file and frees. No read may be in flight. Any thread; NULL is a no-op. */
+void ms_src_free(struct ms_src *src);
+
+#endif

@@ -1,0 +1,190 @@
+/*
+ * shard.c - positional shard files (ms_out.h, ms_shard_file_*): the raw
+ * safetensors shards of a directory output, written at known offsets in any
+ * order with uv_fs_write, then synced and renamed.
+ *
+ * Threads: the loop thread only (libuv runs the writes on its pool).
+ */
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "ms_common.h"
+#include "ms_out.h"
+
+#define MAX_CALL (1u << 30) /* bytes per uv_fs_write call */
+
+int ms_shard_file_init(struct ms_shard_file *f, const char *dir, const char *name,
+                       const char *suffix)
+{
+    memset(f, 0, sizeof *f);
+    f->fd = -1;
+    if (!dir)
+        return 0;
+    f->final_path = ms_asprintf("%s/%s%s", dir, name, suffix);
+    f->tmp_path = ms_asprintf("%s/%s.partial", dir, name);
+    if (!f->final_path || !f->tmp_path)
+        return ms_error(MS_ENOMEM, "out of memory");
+    return 0;
+}
+
+bool ms_shard_file_exists(const struct ms_shard_file *f)
+{
+    return f->final_path && access(f->final_path, F_OK) == 0;
+}
+
+bool ms_shard_file_keep(struct ms_shard_file *f, uint64_t size, const void *header,
+                        size_t header_bytes, bool compressed)
+{
+    bool ok = false;
+    unsigned char *hdr = ms_malloc(header_bytes);
+    if (!hdr)
+        return false;
+    if (compressed) {
+        struct ms_zsrc *z = NULL;
+        ok = ms_zsrc_open(f->final_path, &z) == 0 && ms_zsrc_size(z) == size &&
+             ms_zsrc_pread(z, hdr, header_bytes, 0) == 0 && !memcmp(hdr, header, header_bytes);
+        ms_zsrc_free(z);
+    } else {
+        int fd = open(f->final_path, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        ok = fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_size == size &&
+             pread(fd, hdr, header_bytes, 0) == (ssize_t)header_bytes &&
+             !memcmp(hdr, header, header_bytes);
+        if (fd >= 0)
+            close(fd);
+    }
+    ms_free(hdr);
+    ms_error_clear();
+    if (ok)
+        f->finished = true;
+    return ok;
+}
+
+int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *header,
+                       size_t header_bytes)
+{
+    assert(f->fd < 0 && !f->finished && f->tmp_path);
+    uv_fs_t req;
+    int fd = uv_fs_open(NULL, &req, f->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644,
+                        NULL);
+    uv_fs_req_cleanup(&req);
+    if (fd < 0)
+        return ms_error(fd, "%s: cannot create: %s", f->tmp_path, uv_strerror(fd));
+    f->fd = fd;
+    int frc = posix_fallocate(fd, 0, (off_t)size);
+    if (frc == ENOSPC || frc == EFBIG)
+        return ms_error(-frc, "%s: cannot reserve %" PRIu64 " bytes: %s", f->tmp_path, size,
+                        strerror(frc));
+    const unsigned char *h = header;
+    size_t done = 0;
+    while (done < header_bytes) {
+        ssize_t w = ms__io_should_fail() ? (errno = EIO, -1) /* test hook */
+                    : pwrite(fd, h + done, header_bytes - done, (off_t)done);
+        if (w <= 0)
+            return ms_error(w < 0 ? -errno : MS_EIO, "%s: cannot write header: %s", f->tmp_path,
+                            w < 0 ? strerror(errno) : "no progress");
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ writes */
+
+static void on_fs_write(uv_fs_t *fs);
+
+/* Issues one uv_fs_write for the rest of req (at most MAX_CALL bytes). */
+static int fs_issue(struct ms_shard_write *req)
+{
+    struct ms_shard_file *f = req->file;
+    uv_buf_t b = uv_buf_init((char *)req->buf + req->done,
+                             (unsigned)MS_MIN(req->len - req->done, MAX_CALL));
+    req->fs.data = req;
+    int rc = uv_fs_write(req->loop, &req->fs, f->fd, &b, 1, (int64_t)(req->off + req->done),
+                         on_fs_write);
+    if (rc < 0)
+        return ms_error(rc, "%s: write failed: %s", f->tmp_path, uv_strerror(rc));
+    return 0;
+}
+
+static void on_fs_write(uv_fs_t *fs)
+{
+    struct ms_shard_write *req = fs->data;
+    struct ms_shard_file *f = req->file;
+    ssize_t r = fs->result;
+    uv_fs_req_cleanup(fs);
+    if (r <= 0) {
+        req->cb(req, ms_error(r < 0 ? (int)r : MS_EIO, "%s: write failed: %s", f->tmp_path,
+                              r < 0 ? uv_strerror((int)r) : "no progress"));
+        return;
+    }
+    req->done += (uint64_t)r;
+    if (req->done == req->len) {
+        req->cb(req, 0);
+        return;
+    }
+    int rc = f->canceled ? ms_error(MS_ECANCELED, "%s: write canceled", f->tmp_path)
+                         : fs_issue(req);
+    if (rc < 0)
+        req->cb(req, rc);
+}
+
+int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_shard_write *req,
+                         const void *buf, size_t len, uint64_t off, ms_shard_write_cb cb)
+{
+    assert(loop && f && req && buf && len > 0 && cb && f->fd >= 0);
+    req->loop = loop;
+    req->file = f;
+    req->buf = buf;
+    req->len = len;
+    req->done = 0;
+    req->off = off;
+    req->cb = cb;
+    if (ms__io_should_fail()) /* test hook */
+        return ms_error(UV_EIO, "%s: write failed: %s", f->tmp_path, uv_strerror(UV_EIO));
+    return fs_issue(req);
+}
+
+/* ------------------------------------------------------------------ end */
+
+int ms_shard_file_finish(struct ms_shard_file *f)
+{
+    if (fsync(f->fd) < 0)
+        return ms_error(-errno, "%s: fsync failed: %s", f->tmp_path, strerror(errno));
+    if (close(f->fd) < 0) {
+        f->fd = -1;
+        return ms_error(-errno, "%s: close failed: %s", f->tmp_path, strerror(errno));
+    }
+    f->fd = -1;
+    if (rename(f->tmp_path, f->final_path) < 0)
+        return ms_error(-errno, "%s: cannot rename to %s: %s", f->tmp_path, f->final_path,
+                        strerror(errno));
+    f->finished = true;
+    return 0;
+}
+
+void ms_shard_file_cancel(struct ms_shard_file *f) { f->canceled = true; }
+
+void ms_shard_file_abort(struct ms_shard_file *f)
+{
+    if (f->fd >= 0)
+        close(f->fd);
+    f->fd = -1;
+    if (!f->finished && f->tmp_path)
+        unlink(f->tmp_path);
+}
+
+void ms_shard_file_fini(struct ms_shard_file *f)
+{
+    ms_shard_file_abort(f);
+    ms_free(f->tmp_path);
+    ms_free(f->final_path);
+    f->tmp_path = f->final_path = NULL;
+}

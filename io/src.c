@@ -1,0 +1,216 @@
+/*
+ * src.c - input sources (ms_src.h): positional reads of a plain file with
+ * uv_fs_read, or of a .safetensors.zst through ms_zsrc on the thread pool.
+ *
+ * Threads: everything runs on the loop thread except zsrc_work_cb, which
+ * touches only the source's decoder, its zrc/zerr and the request's buffer;
+ * the source serves one compressed read at a time, so nothing else does.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "ms_common.h"
+#include "ms_out.h"
+#include "ms_src.h"
+
+#define MAX_CALL (1u << 30) /* bytes per uv_fs_read call */
+
+struct ms_src {
+    char *path;                   /* owned copy, for diagnostics */
+    uv_file fd;                   /* plain file, else -1 */
+    struct ms_zsrc *z;            /* compressed, else NULL */
+    bool canceled;
+    /* Compressed: reads wait here, oldest first, while one is served. */
+    struct ms_src_read *qhead, *qtail;
+    bool busy;                    /* a read is on the thread pool */
+    int zrc;                      /* its result, written by the worker */
+    char zerr[512];               /* its diagnostic (the worker's is thread-local) */
+};
+
+/* ------------------------------------------------------------------ plain files */
+
+static void on_fs_read(uv_fs_t *fs);
+
+/* Issues one uv_fs_read for the rest of req (at most MAX_CALL bytes). */
+static int fs_issue(struct ms_src_read *req)
+{
+    struct ms_src *src = req->src;
+    uv_buf_t b = uv_buf_init((char *)req->buf + req->done,
+                             (unsigned)MS_MIN(req->len - req->done, MAX_CALL));
+    req->u.fs.data = req;
+    int rc = ms__io_should_fail() ? UV_EIO /* test hook */
+             : uv_fs_read(req->loop, &req->u.fs, src->fd, &b, 1, (int64_t)(req->off + req->done),
+                          on_fs_read);
+    if (rc < 0)
+        return ms_error(rc, "%s: read failed: %s", src->path, uv_strerror(rc));
+    return 0;
+}
+
+static void on_fs_read(uv_fs_t *fs)
+{
+    struct ms_src_read *req = fs->data;
+    struct ms_src *src = req->src;
+    ssize_t r = fs->result;
+    uv_fs_req_cleanup(fs);
+    if (r < 0) {
+        req->cb(req, ms_error((int)r, "%s: read of tensor '%s' failed: %s", src->path,
+                              req->tensor, uv_strerror((int)r)));
+        return;
+    }
+    if (r == 0) {
+        req->cb(req, ms_error(MS_EIO, "%s: unexpected end of file reading tensor '%s' (file "
+                              "truncated after the plan was made?)", src->path, req->tensor));
+        return;
+    }
+    req->done += (uint64_t)r;
+    if (req->done == req->len) {
+        req->cb(req, 0);
+        return;
+    }
+    int rc = src->canceled ? ms_error(MS_ECANCELED, "%s: read canceled", src->path)
+                           : fs_issue(req);
+    if (rc < 0)
+        req->cb(req, rc);
+}
+
+/* ------------------------------------------------------------------ compressed files */
+
+static void zsrc_pump(struct ms_src *src);
+
+/* Worker thread: serves the one read in progress. */
+static void zsrc_work_cb(uv_work_t *w)
+{
+    struct ms_src_read *req = w->data;
+    struct ms_src *src = req->src;
+    ms_error_clear();
+    src->zrc = ms_zsrc_pread(src->z, req->buf, (size_t)req->len, req->off);
+    if (src->zrc)
+        snprintf(src->zerr, sizeof src->zerr, "%s", ms_errmsg());
+}
+
+static void zsrc_after_cb(uv_work_t *w, int status)
+{
+    struct ms_src_read *req = w->data;
+    struct ms_src *src = req->src;
+    src->busy = false;
+    if (status < 0) {
+        req->cb(req, ms_error(status, "%s: read canceled", src->path));
+    } else if (src->zrc) {
+        req->cb(req, ms_error(src->zrc, "%s", src->zerr));
+    } else {
+        req->done = req->len;
+        req->cb(req, 0);
+    }
+    zsrc_pump(src);
+}
+
+/* Puts req on the thread pool; the source is idle. */
+static int zsrc_serve(struct ms_src_read *req)
+{
+    struct ms_src *src = req->src;
+    assert(!src->busy);
+    src->busy = true;
+    req->u.work.data = req;
+    int rc = uv_queue_work(req->loop, &req->u.work, zsrc_work_cb, zsrc_after_cb);
+    if (rc < 0) {
+        src->busy = false;
+        return ms_error(rc, "%s: cannot queue read: %s", src->path, uv_strerror(rc));
+    }
+    return 0;
+}
+
+/* Serves queued reads while the source is idle; drops them once canceled. */
+static void zsrc_pump(struct ms_src *src)
+{
+    while (!src->busy && src->qhead) {
+        struct ms_src_read *req = src->qhead;
+        src->qhead = req->next;
+        if (!src->qhead)
+            src->qtail = NULL;
+        req->next = NULL;
+        int rc = src->canceled ? ms_error(MS_ECANCELED, "%s: read canceled", src->path)
+                               : zsrc_serve(req);
+        if (rc < 0)
+            req->cb(req, rc);
+    }
+}
+
+/* ------------------------------------------------------------------ interface */
+
+int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *req, void *buf,
+                      size_t len, uint64_t off, const char *tensor, ms_src_read_cb cb)
+{
+    assert(loop && src && req && buf && len > 0 && tensor && cb);
+    if (src->canceled)
+        return ms_error(MS_ECANCELED, "%s: read canceled", src->path);
+    req->loop = loop;
+    req->src = src;
+    req->buf = buf;
+    req->len = len;
+    req->done = 0;
+    req->off = off;
+    req->tensor = tensor;
+    req->cb = cb;
+    req->next = NULL;
+    if (!src->z)
+        return fs_issue(req);
+    if (!src->busy) {
+        assert(!src->qhead);
+        return zsrc_serve(req);
+    }
+    if (src->qtail)
+        src->qtail->next = req;
+    else
+        src->qhead = req;
+    src->qtail = req;
+    return 0;
+}
+
+void ms_src_cancel(struct ms_src *src) { src->canceled = true; }
+
+int ms_src_open(const char *path, bool compressed, struct ms_src **out)
+{
+    *out = NULL;
+    int rc = 0;
+    struct ms_src *src = ms_calloc(1, sizeof *src);
+    if (!src)
+        return ms_error(MS_ENOMEM, "out of memory");
+    src->fd = -1;
+    src->path = ms_strdup(path);
+    if (!src->path) {
+        rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (compressed) {
+        rc = ms_zsrc_open(path, &src->z);
+        goto out;
+    }
+    src->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (src->fd < 0)
+        rc = ms_error(-errno, "%s: cannot open: %s", path, strerror(errno));
+
+out:
+    if (rc)
+        ms_src_free(src);
+    else
+        *out = src;
+    return rc;
+}
+
+void ms_src_free(struct ms_src *src)
+{
+    if (!src)
+        return;
+    assert(!src->busy && !src->qhead);
+    if (src->fd >= 0)
+        close(src->fd);
+    ms_zsrc_free(src->z);
+    ms_free(src->path);
+    ms_free(src);
+}
