@@ -180,7 +180,8 @@ int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *heade
  */
 int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_shard_write *req,
                          const void *buf, size_t len, uint64_t off, ms_shard_write_cb cb);
-/* After the last write: fsync, close, rename to the final name, f->finished set.
+/* After the last write: fsync, close, rename to the final name (ms_file_commit),
+ * f->finished set. On failure the file is closed and the temporary removed.
  * Errors: "<tmp>: fsync failed|close failed|cannot rename to <final>: <reason>". */
 int ms_shard_file_finish(struct ms_shard_file *f);
 /* Stops f's writes (the caller is giving up): a write that needs another call

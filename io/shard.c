@@ -17,6 +17,7 @@
 #include <uv.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_out.h"
 
 #define MAX_CALL (1u << 30) /* bytes per uv_fs_write call */
@@ -156,18 +157,19 @@ int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_sha
 
 int ms_shard_file_finish(struct ms_shard_file *f)
 {
-    if (fsync(f->fd) < 0)
-        return ms_error(-errno, "%s: fsync failed: %s", f->tmp_path, strerror(errno));
-    if (close(f->fd) < 0) {
-        f->fd = -1;
-        return ms_error(-errno, "%s: close failed: %s", f->tmp_path, strerror(errno));
+    enum ms_file_step step;
+    int fd = f->fd;
+    f->fd = -1; /* ms_file_commit closes it whatever happens */
+    int rc = ms_file_commit(fd, f->tmp_path, f->final_path, NULL, &step);
+    if (rc == 0) {
+        f->finished = true;
+        return 0;
     }
-    f->fd = -1;
-    if (rename(f->tmp_path, f->final_path) < 0)
-        return ms_error(-errno, "%s: cannot rename to %s: %s", f->tmp_path, f->final_path,
-                        strerror(errno));
-    f->finished = true;
-    return 0;
+    if (step == MS_FILE_STEP_RENAME)
+        return ms_error(rc, "%s: cannot rename to %s: %s", f->tmp_path, f->final_path,
+                        strerror(-rc));
+    return ms_error(rc, "%s: %s failed: %s", f->tmp_path,
+                    step == MS_FILE_STEP_FSYNC ? "fsync" : "close", strerror(-rc));
 }
 
 void ms_shard_file_cancel(struct ms_shard_file *f) { f->canceled = true; }
