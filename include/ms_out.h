@@ -193,23 +193,4 @@ void ms_shard_file_abort(struct ms_shard_file *f);
 /* Aborts (above) and frees the names. */
 void ms_shard_file_fini(struct ms_shard_file *f);
 
-/*
- * Compressed inputs: a reader over a .safetensors.zst file (one or more
- * concatenated zstd frames; skippable frames are skipped) that serves reads at
- * increasing offsets by decompressing forward; a gap is decompressed and
- * dropped; a read before the cursor restarts from the file's start (documented
- * cost: a pass that reads again decompresses again). Thread: one at a time.
- * Open walks the frame and block headers, so a truncated file fails there
- * (MS_EIO naming the file) before any data is decompressed. Frames needing a
- * window over 128 MiB (zstd --long=28 and up) are MS_EUNSUPPORTED.
- */
-struct ms_zsrc;
-int ms_zsrc_open(const char *path, struct ms_zsrc **out);
-/* Uncompressed size (the frame headers' sum, else counted by decompressing once at open). */
-uint64_t ms_zsrc_size(const struct ms_zsrc *z);
-/* Reads exactly len bytes at uncompressed offset off; short input is MS_EIO naming the file. */
-int ms_zsrc_pread(struct ms_zsrc *z, void *buf, size_t len, uint64_t off);
-/* Closes the file and frees; NULL is a no-op. */
-void ms_zsrc_free(struct ms_zsrc *z);
-
 #endif

@@ -6,7 +6,7 @@
  *
  * A source is a plain file (positional uv_fs_read calls of at most 1 GiB each,
  * continued after a short read) or a zstd-compressed file (.safetensors.zst)
- * read through ms_zsrc (ms_out.h) at uncompressed offsets. A compressed source
+ * read through ms_zsrc (ms_zsrc.h) at uncompressed offsets. A compressed source
  * serves one read at a time on the thread pool, in the order the reads were
  * started, so that the decompressor moves forward within a pass (a read behind
  * its cursor decompresses again from the top of the file).

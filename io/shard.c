@@ -19,6 +19,7 @@
 #include "ms_common.h"
 #include "ms_file.h"
 #include "ms_out.h"
+#include "ms_zsrc.h"
 
 #define MAX_CALL (1u << 30) /* bytes per uv_fs_write call */
 

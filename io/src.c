@@ -16,7 +16,7 @@
 #include <uv.h>
 
 #include "ms_common.h"
-#include "ms_out.h"
+#include "ms_zsrc.h"
 #include "ms_src.h"
 
 #define MAX_CALL (1u << 30) /* bytes per uv_fs_read call */

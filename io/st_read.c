@@ -19,7 +19,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
-#include "ms_out.h"
+#include "ms_zsrc.h"
 #include "ms_safetensors.h"
 #include "ms_str.h"
 

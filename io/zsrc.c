@@ -1,6 +1,6 @@
 /*
  * zsrc.c - reads a zstd-compressed file (.safetensors.zst) at uncompressed
- * offsets (ms_out.h, ms_zsrc_*).
+ * offsets (ms_zsrc.h).
  *
  * The file is one or more concatenated zstd frames (skippable frames allowed).
  * ms_zsrc_open walks the frame and block headers, which gives the exact
@@ -23,7 +23,7 @@
 #include <zstd_errors.h>
 
 #include "ms_common.h"
-#include "ms_out.h"
+#include "ms_zsrc.h"
 
 #define ZSTD_MAGIC 0xFD2FB528u
 #define SKIP_MAGIC_MASK 0xFFFFFFF0u

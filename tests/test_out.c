@@ -25,6 +25,7 @@
 
 #include "ms_common.h"
 #include "ms_out.h"
+#include "ms_zsrc.h"
 #include "th.h"
 
 
