@@ -118,7 +118,6 @@ struct ms_param_decl {
                                      base's count (an input with fewer rows is an error); without
                                      this flag the shape is the first input's and embedding rows
                                      are cut to the smallest count */
-#define MS_M_RESULT_F32 0x10u     /* the result is float32 whatever the inputs (ramplus_tl) */
 
 /* The model card's wording for a method (pipeline/outdir.c). */
 struct ms_method_card {
