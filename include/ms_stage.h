@@ -2,8 +2,9 @@
  * ms_stage.h - merge methods as chunk-local compute stages (stages/).
  *
  * A method is described by a const struct ms_method: its name, the parameters
- * it declares (per-model or global, defaults, ranges), its input rules, and its
- * stage operations. Stages are pure compute: they never see files, libuv or the
+ * it declares (per-model or global, defaults, ranges), its input rules, its
+ * plan-time rules (ms_plan_ops), its model-card wording and its stage
+ * operations. Stages are pure compute: they never see files, libuv or the
  * memory pool. The engine (pipeline/) hands them chunks: the same element range
  * [first, first+count) of every input of one output tensor, decoded to float
  * holding values exactly representable in the compute dtype.
@@ -112,19 +113,119 @@ struct ms_param_decl {
 #define MS_M_BASE_INPUT 0x2u      /* the base is an input of the method (vs ignored) */
 #define MS_M_BASE_PARAMS 0x4u     /* the base's per-model parameters are used (linear weights it);
                                      otherwise a base needs none of its required ones */
-#define MS_M_RESULT_F32 0x8u      /* the result is float32 whatever the inputs (ramplus_tl) */
+#define MS_M_BASE_SHAPE 0x8u      /* the output has the base's shape (GTA family): every input
+                                     must match it, except embedding rows, which are cut to the
+                                     base's count (an input with fewer rows is an error); without
+                                     this flag the shape is the first input's and embedding rows
+                                     are cut to the smallest count */
 
-struct ms_method {
-    const char *name;
-    const char *summary;          /* one line for --help */
-    uint32_t flags;
-    uint32_t min_inputs, max_inputs; /* counted with the base when it is an input; 0 = any */
-    uint32_t nparams;
-    struct ms_param_decl params[MS_MAX_PARAMS];
-    const struct ms_stage_ops *ops; /* NULL when not supported */
+/* The model card's wording for a method (pipeline/outdir.c). */
+struct ms_method_card {
+    const char *pretty;           /* "Task Arithmetic"; NULL: the card uses the method's name */
+    const char *url;              /* (optional) link on the pretty name: paper or article */
+    bool hide_base;               /* the card lists the base among the merged models instead of
+                                     naming it as the base (slerp, as mergekit's card does) */
 };
 
-/* Registry: every mergekit method name; ms_method_find returns NULL for an unknown name. */
+/*
+ * What the planner (pipeline/plan.c) hands a method's plan-time hooks about the
+ * output tensor being planned. Filled by the planner; valid only during the call.
+ * Planning thread only. Problems are collected and printed when the plan is
+ * done, in the order they were recorded, one line each.
+ */
+struct ms_plan_ctx {
+    const char *where;            /* "recipe.yml:L:C" of merge_method (the file name when its
+                                     position is unknown), for messages about the method */
+    const char *slice_base;       /* reference of this slice's base model, or NULL when none */
+    bool optional;                /* the architecture marks the tensor optional: mergekit leaves
+                                     it out rather than failing */
+    /* Records a problem; returns code (negative). key NULL: always a line of its own;
+     * otherwise a later problem with an equal key only counts toward "(and N more
+     * tensors)" on the first one's line. The message is cut at 1023 bytes. */
+    int (*problem)(const struct ms_plan_ctx *ctx, int code, const char *key, const char *fmt,
+                   ...) __attribute__((format(printf, 4, 5)));
+    /* Input i's model: its reference as written in the recipe (borrowed from the plan),
+     * and its index among the plan's models (the same model gives the same id in every
+     * tensor: a dedup key names a model by it). */
+    const char *(*model_ref)(const struct ms_plan_ctx *ctx, uint32_t input);
+    uint32_t (*model_id)(const struct ms_plan_ctx *ctx, uint32_t input);
+    /* Counts one model tensor toward the method's end-of-plan warning (see
+     * ms_plan_ops.tally_warn); the first tensor counted is the warning's example. */
+    void (*tally)(const struct ms_plan_ctx *ctx, const char *tensor);
+};
+
+/* ms_plan_ops.inputs: plan the tensor; leave it out without a problem. Errors are < 0. */
+enum { MS_PLAN_KEEP = 0, MS_PLAN_SKIP = 1 };
+
+/*
+ * A method's plan-time rules beyond its flags, input counts and parameter ranges.
+ * Every member is optional (NULL: no such rule, or the default named). All run on
+ * the planning thread, for one output tensor at a time, in this order, and never
+ * see tensor data. `job` is the tensor's stage job as far as it is known at that
+ * point (below); hooks read it and never keep it.
+ */
+struct ms_plan_ops {
+    /*
+     * Input rules, once the inputs are known and the generic count, base and shape
+     * checks passed: job->name, method, ninputs, base, ndim and shape are set;
+     * parameters, numel and compute are not yet. Returns MS_PLAN_KEEP, MS_PLAN_SKIP
+     * (the tensor is not produced; nothing is reported), or a negative code after
+     * ctx->problem (the tensor is not produced).
+     */
+    int (*inputs)(const struct ms_plan_ctx *ctx, const struct ms_stage_job *job);
+    /*
+     * True when the result is input 0 unchanged, bit for bit (passthrough without
+     * scale): the plan may then copy the stored bytes, and a non-float tensor is
+     * accepted. Parameters are resolved; compute is not set yet. NULL: never.
+     */
+    bool (*copies_input)(const struct ms_stage_job *job);
+    /*
+     * The compute dtype and the result's dtype, from load[i], the dtype input i is
+     * loaded as (job->ninputs entries), and job->base. On entry both hold the
+     * default: the promotion of every load dtype (equal: that one; bfloat16 with
+     * float16, or either with float32: float32; with float64: float64). A recipe's
+     * out_dtype later overrides *out. NULL: the default.
+     */
+    void (*dtypes)(const struct ms_stage_job *job, const enum ms_dtype *load,
+                   enum ms_dtype *compute, enum ms_dtype *out);
+    /*
+     * Checks that need the resolved parameters and the tensor's size, made before
+     * any data is read: every field of job is set except key and seed. Returns 0, or
+     * a negative code after one or more ctx->problem (the tensor is not produced).
+     * May call ctx->tally.
+     */
+    int (*check)(const struct ms_plan_ctx *ctx, const struct ms_stage_job *job);
+    /*
+     * Once, after every tensor was planned, when check tallied `count` > 0 model
+     * tensors (`first`: the first one's name): warns about them (ms_log_warn).
+     * `recipe` is the recipe's path. Required when check calls ctx->tally.
+     */
+    void (*tally_warn)(const char *recipe, size_t count, const char *first);
+};
+
+/*
+ * A merge method: one const descriptor per method, defined in its own file
+ * (stages/<method>.c; the GTA family's share gta.c) and listed in
+ * stages/methods.def. Nothing outside that file tells methods apart by name:
+ * the planner, the card writer and the engine read only these fields.
+ */
+struct ms_method {
+    const char *name;             /* mergekit's merge_method value */
+    const char *summary;          /* one line for --help */
+    uint32_t flags;               /* MS_M_* */
+    uint32_t min_inputs, max_inputs; /* counted with the base when it is an input; 0 = any.
+                                        min == max == 1 reads "takes exactly one input" */
+    uint32_t nparams;
+    struct ms_param_decl params[MS_MAX_PARAMS];
+    struct ms_method_card card;
+    const struct ms_plan_ops *plan; /* (optional) NULL: no rules beyond the fields above */
+    const struct ms_stage_ops *ops; /* NULL when not supported */
+    const void *impl;             /* (optional) private to the method's file: what its ops and
+                                     hooks read to tell members of one family apart */
+};
+
+/* Registry: every method of stages/methods.def, in that order (the order of --help);
+ * ms_method_find returns NULL for an unknown name. Any thread. */
 const struct ms_method *ms_method_find(const char *name);
 const struct ms_method *ms_method_at(size_t i); /* NULL past the end */
 /* Index of a declared parameter, or -1. */

@@ -122,33 +122,6 @@ static int copy_tokenizer(const struct ms_plan *plan, const struct emit *out)
     return 0;
 }
 
-struct method_card {
-    const char *name, *pretty, *url;
-};
-
-static const struct method_card cards[] = {
-    { "linear", "Linear", "https://arxiv.org/abs/2203.05482" },
-    { "slerp", "SLERP", "https://en.wikipedia.org/wiki/Slerp" },
-    { "nuslerp", "NuSLERP", NULL },
-    { "multislerp", "Multi-SLERP", NULL },
-    { "karcher", "Karcher Mean", "https://en.wikipedia.org/wiki/Karcher_mean" },
-    { "task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089" },
-    { "ties", "TIES", "https://arxiv.org/abs/2306.01708" },
-    { "dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099" },
-    { "dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099" },
-    { "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795" },
-    { "breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795" },
-    { "della", "DELLA", "https://arxiv.org/abs/2406.11617" },
-    { "della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617" },
-    { "model_stock", "Model Stock", "https://arxiv.org/abs/2403.19522" },
-    { "sce", "SCE", "https://arxiv.org/abs/2408.07990" },
-    { "ram", "RAM", NULL },
-    { "ramplus_tl", "RAM+", NULL },
-    { "nearswap", "NearSwap", NULL },
-    { "arcee_fusion", "Arcee Fusion", NULL },
-    { "passthrough", "Passthrough", NULL },
-};
-
 /* A reference counts as a hub repo id when it is not an absolute or home path,
  * has at most one '/', and is not a local path (we never ask the network). */
 static bool looks_like_hub_id(const char *ref)
@@ -165,10 +138,8 @@ char *ms_outdir_card(const struct ms_plan *plan, const char *title)
 {
     struct ms_strbuf b = { 0 };
     const char *mname = plan->method ? plan->method->name : "";
-    const struct method_card *mc = NULL;
-    for (size_t i = 0; i < MS_ARRAY_LEN(cards); i++)
-        if (!strcmp(cards[i].name, mname))
-            mc = &cards[i];
+    const struct ms_method_card *mc =
+        plan->method && plan->method->card.pretty ? &plan->method->card : NULL;
     ms_strbuf_addf(&b, "---\n");
     bool any = false;
     for (size_t i = 0; i < plan->nmodels; i++) {
@@ -190,7 +161,8 @@ char *ms_outdir_card(const struct ms_plan *plan, const char *title)
                        mc->url);
     else
         ms_strbuf_addf(&b, "This model was merged using the %s merge method", pretty);
-    bool show_base = plan->base < plan->nmodels && strcmp(mname, "slerp") != 0;
+    bool show_base = plan->base < plan->nmodels &&
+                     !(plan->method && plan->method->card.hide_base);
     if (show_base)
         ms_strbuf_addf(&b, " using %s as a base", plan->models[plan->base].ref);
     ms_strbuf_addf(&b, ".\n\n### Models Merged\n\nThe following models were included in the "

@@ -64,9 +64,9 @@ struct pb {
     const struct ms_plan_opts *opts;
     struct ms_plan *p;
     const struct ms_method *m;    /* NULL when unknown or not supported */
-    bool gta, slerp, passthrough; /* method families with their own dtype and shape rules */
-    size_t crumbs_zeroed;         /* breadcrumbs inputs whose int(gamma*numel) == 0 */
-    char crumbs_first[256];       /* the first such tensor, for the warning */
+    size_t tally;                 /* model tensors the method's check tallied (ms_plan_ctx) */
+    char tally_first[256];        /* the first such tensor, for the method's warning */
+    char mwhere[600];             /* "recipe.yml:L:C" of merge_method, for ms_plan_ctx.where */
     struct ms__arch *arch;
     const struct ms_modelref **refs; /* per plan model: its first reference in the recipe */
     size_t cap_models;
@@ -77,11 +77,6 @@ struct pb {
     size_t nerr, cap_err;
     struct perr *err;
     bool oom;
-};
-
-static const char *const gta_methods[] = {
-    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear",
 };
 
 /* ------------------------------------------------------------------ problems */
@@ -223,11 +218,6 @@ static void check_recipe(struct pb *pb)
         } else {
             pb->m = m;
             pb->p->method = m;
-            for (size_t i = 0; i < MS_ARRAY_LEN(gta_methods); i++)
-                if (!strcmp(m->name, gta_methods[i]))
-                    pb->gta = true;
-            pb->slerp = !strcmp(m->name, "slerp");
-            pb->passthrough = !strcmp(m->name, "passthrough");
         }
     }
     if (r->has_modules)
@@ -656,6 +646,48 @@ static bool job_push(struct pb *pb, const struct ms_job *job)
     return true;
 }
 
+/* What a method's plan-time hooks (ms_plan_ops) see of the job being planned. */
+struct hook_ctx {
+    struct ms_plan_ctx pub;       /* first member: the hooks' ctx points here */
+    struct pb *pb;
+    const struct ms_job *job;
+};
+
+static int hook_problem(const struct ms_plan_ctx *ctx, int code, const char *key,
+                        const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int hook_problem(const struct ms_plan_ctx *ctx, int code, const char *key,
+                        const char *fmt, ...)
+{
+    const struct hook_ctx *hc = (const struct hook_ctx *)ctx;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return pb_verr(hc->pb, code, key, (struct ms_pos){ 0, 0 }, msg);
+}
+
+static const char *hook_model_ref(const struct ms_plan_ctx *ctx, uint32_t input)
+{
+    const struct hook_ctx *hc = (const struct hook_ctx *)ctx;
+    assert(input < hc->job->s.ninputs);
+    return model_ref(hc->pb, hc->job->in[input].model);
+}
+
+static uint32_t hook_model_id(const struct ms_plan_ctx *ctx, uint32_t input)
+{
+    const struct hook_ctx *hc = (const struct hook_ctx *)ctx;
+    assert(input < hc->job->s.ninputs);
+    return hc->job->in[input].model;
+}
+
+static void hook_tally(const struct ms_plan_ctx *ctx, const char *tensor)
+{
+    const struct hook_ctx *hc = (const struct hook_ctx *)ctx;
+    if (!hc->pb->tally++)
+        snprintf(hc->pb->tally_first, sizeof hc->pb->tally_first, "%s", tensor);
+}
+
 /* Input-count and base rules of the method for one tensor; false when broken. */
 static bool check_inputs(struct pb *pb, const struct pslice *sl, const struct ms_job *job,
                          const char *tname)
@@ -664,9 +696,9 @@ static bool check_inputs(struct pb *pb, const struct pslice *sl, const struct ms
     uint32_t n = job->s.ninputs;
     char wbuf[600];
     if (n < m->min_inputs || (m->max_inputs && n > m->max_inputs)) {
-        if (pb->passthrough)
-            pb_err(pb, MS_EPLAN, "count", "%s: merge method 'passthrough' takes exactly one "
-                   "input, got %u for tensor '%s'", WHERE(pb->r->merge_method_pos), n, tname);
+        if (m->min_inputs == 1 && m->max_inputs == 1)
+            pb_err(pb, MS_EPLAN, "count", "%s: merge method '%s' takes exactly one input, got "
+                   "%u for tensor '%s'", WHERE(pb->r->merge_method_pos), m->name, n, tname);
         else if (m->max_inputs == 2 && (m->flags & MS_M_BASE_REQUIRED))
             pb_err(pb, MS_EPLAN, "count", "%s: merge method '%s' takes the base model and one "
                    "other model, got %u inputs for tensor '%s'",
@@ -704,7 +736,8 @@ static bool check_shapes(struct pb *pb, struct ms_job *job, const struct ms_st_t
                          const struct ms__weight *wd, const char *tname)
 {
     uint32_t n = job->s.ninputs;
-    uint32_t ref = (pb->gta && job->s.base >= 0) ? (uint32_t)job->s.base : 0;
+    bool to_base = pb->m->flags & MS_M_BASE_SHAPE;
+    uint32_t ref = (to_base && job->s.base >= 0) ? (uint32_t)job->s.base : 0;
     const struct ms_st_tensor *R = tt[ref];
     job->ndim = R->ndim;
     memcpy(job->shape, R->shape, sizeof job->shape);
@@ -718,7 +751,7 @@ static bool check_shapes(struct pb *pb, struct ms_job *job, const struct ms_st_t
         shape_str(R->shape, R->ndim, s1, sizeof s1);
         shape_str(T->shape, T->ndim, s2, sizeof s2);
         if (wd->is_embed && T->ndim == 2 && R->ndim == 2 && T->shape[1] == R->shape[1]) {
-            if (!pb->gta) {
+            if (!to_base) {
                 job->shape[0] = MS_MIN(job->shape[0], T->shape[0]);
                 continue;
             }
@@ -792,85 +825,25 @@ static bool resolve_params(struct pb *pb, const struct pslice *sl, struct ms_job
     return ok;
 }
 
-/*
- * Checks that need a method's resolved parameters and the tensor's size, made
- * here so that they fail before any data is read (mergekit fails mid-merge):
- * ties/breadcrumbs keeping no element (2.7: mergekit asserts), della's
- * density +- epsilon inside (0, 1) and its ranking along dim 1 of a 2-D tensor.
- * breadcrumbs inputs whose int(gamma*numel) is 0 lose their whole delta, as in
- * mergekit (7.3): counted for one warning.
- */
-static bool method_checks(struct pb *pb, const struct ms_job *job)
-{
-    const struct ms_method *m = pb->m;
-    bool della = !strncmp(m->name, "della", 5), crumbs = !strncmp(m->name, "breadcrumbs", 11);
-    bool magnitude = !strcmp(m->name, "ties") || crumbs;
-    int pd = ms_method_param(m, "density"), pe = ms_method_param(m, "epsilon"),
-        pg = ms_method_param(m, "gamma");
-    if (pd < 0)
-        return true;
-    if (della && job->ndim > 2) {
-        pb_err(pb, MS_EUNSUPPORTED, NULL, "tensor '%s' has %u dimensions: della ranks along "
-               "dim 1 of a matrix (mergekit's rows), which this tensor does not have",
-               job->name, job->ndim);
-        return false;
-    }
-    bool ok = true;
-    for (uint32_t i = 0; i < job->s.ninputs; i++) {
-        if ((int)i == job->s.base)
-            continue;
-        double d = job->s.pv[i][pd];
-        const char *ref = model_ref(pb, job->in[i].model);
-        char key[160];
-        if (!(d < 1.0))
-            continue; /* no trimming */
-        uint64_t k = (uint64_t)(d * (double)job->s.numel);
-        if (magnitude && k == 0 && !crumbs) {
-            snprintf(key, sizeof key, "k0:%u", job->in[i].model);
-            pb_err(pb, MS_EPLAN, key, "density %g keeps no element of tensor '%s' (%" PRIu64
-                   " elements) of model '%s': int(density*numel) == 0 (mergekit fails here too)",
-                   d, job->name, job->s.numel, ref);
-            ok = false;
-        }
-        if (della && pe >= 0 && d > 0) {
-            double e = job->s.pv[i][pe];
-            if (!(d - e > 0 && d + e < 1)) {
-                snprintf(key, sizeof key, "della:%u", job->in[i].model);
-                pb_err(pb, MS_EPLAN, key, "della: density %g +- epsilon %g must lie inside (0, 1) "
-                       "for model '%s' tensor '%s' (set a smaller epsilon)", d, e, ref, job->name);
-                ok = false;
-            }
-        }
-        if (crumbs && pg >= 0 && (uint64_t)(job->s.pv[i][pg] * (double)job->s.numel) == 0) {
-            if (!pb->crumbs_zeroed++)
-                snprintf(pb->crumbs_first, sizeof pb->crumbs_first, "%s", job->name);
-        }
-    }
-    return ok;
-}
-
 /* Compute and output dtypes (0, 1.7, 2.1.4) and the copy decision. */
 static bool pick_dtypes(struct pb *pb, struct ms_job *job)
 {
     struct ms_plan *p = pb->p;
+    const struct ms_plan_ops *po = pb->m->plan;
     uint32_t n = job->s.ninputs;
     bool nonfloat = false;
+    enum ms_dtype load[MS_MAX_INPUTS];
     for (uint32_t i = 0; i < n; i++) {
         struct ms_plan_input *in = &job->in[i];
         bool fl = ms_dtype_is_float(in->dtype);
         nonfloat |= !fl;
         in->load = (fl && p->dtype != MS_DT_NONE) ? p->dtype : in->dtype;
+        load[i] = in->load;
     }
-    double scale = NAN;
-    if (pb->passthrough && n == 1) {
-        int si = ms_method_param(pb->m, "scale");
-        if (si >= 0)
-            scale = job->s.pv[0][si];
-    }
+    bool same = po && po->copies_input && po->copies_input(&job->s); /* result == input 0 */
     if (nonfloat) {
         const struct ms_plan_input *in = &job->in[0];
-        if (pb->passthrough && n == 1 && isnan(scale) &&
-            (p->out_dtype == MS_DT_NONE || p->out_dtype == in->dtype)) {
+        if (same && (p->out_dtype == MS_DT_NONE || p->out_dtype == in->dtype)) {
             job->copy = true;
             job->s.compute = MS_DT_F32;
             job->out_dtype = in->dtype;
@@ -884,26 +857,16 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
                ms_dtype_name(in->dtype), model_ref(pb, in->model));
         return false;
     }
-    enum ms_dtype D, out;
-    int b = job->s.base;
-    if (pb->slerp) {
-        D = MS_DT_F32;
-        out = job->in[b >= 0 ? b : 0].load;
-    } else if (pb->gta) {
-        D = out = job->in[b >= 0 ? b : 0].load;
-    } else {
-        D = job->in[0].load;
-        for (uint32_t i = 1; i < n; i++)
-            D = promote(D, job->in[i].load);
-        out = D;
-    }
-    if (pb->m->flags & MS_M_RESULT_F32)
-        out = MS_DT_F32; /* ramplus_tl: promoted by its float32 factors (2.14, 7.10) */
+    enum ms_dtype D = load[0], out;
+    for (uint32_t i = 1; i < n; i++)
+        D = promote(D, load[i]);
+    out = D;
+    if (po && po->dtypes)
+        po->dtypes(&job->s, load, &D, &out);
     if (p->out_dtype != MS_DT_NONE)
         out = p->out_dtype;
     job->out_dtype = out;
-    job->copy = pb->passthrough && n == 1 && isnan(scale) && job->in[0].dtype == job->in[0].load &&
-                job->in[0].load == out;
+    job->copy = same && job->in[0].dtype == job->in[0].load && job->in[0].load == out;
     if (job->copy) {
         job->s.compute = ms_dtype_is_compute(D) ? D : MS_DT_F32;
         return true;
@@ -931,6 +894,7 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
     const struct ms_st_tensor *tt[MS_MAX_INPUTS];
     size_t src_of[MS_MAX_INPUTS];
     struct ms_job *job = ms_calloc(1, sizeof *job);
+    struct hook_ctx hc;
     bool bad = false, direct = false;
     assert(nsrc <= MS_MAX_INPUTS);
     if (!job)
@@ -996,27 +960,28 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
             job->s.base = (int)i;
     if (!check_inputs(pb, sl, job, job->name) || !check_shapes(pb, job, tt, wd, job->name))
         goto out;
-    char wbuf[600];
-    if (!strcmp(pb->m->name, "model_stock") && n == 2) {
-        /* 2.8: the base and one other model: mergekit drops an optional tensor. */
-        if (!wd->optional)
-            pb_err(pb, MS_EPLAN, "stock2", "%s: merge method 'model_stock' needs the base and at "
-                   "least two other models; tensor '%s' has only one other",
-                   WHERE(pb->r->merge_method_pos), job->name);
+    job->s.name = job->name;
+    job->s.ndim = job->ndim;
+    job->s.shape = job->shape;
+    job->s.method = pb->m;
+    const struct ms_plan_ops *po = pb->m->plan;
+    hc = (struct hook_ctx){
+        .pub = { .where = pb->mwhere, .optional = wd->optional, .problem = hook_problem,
+                 .model_ref = hook_model_ref, .model_id = hook_model_id, .tally = hook_tally },
+        .pb = pb,
+        .job = job,
+    };
+    if (sl->base != SIZE_MAX)
+        hc.pub.slice_base = model_ref(pb, sl->base);
+    if (po && po->inputs && po->inputs(&hc.pub, &job->s) != MS_PLAN_KEEP)
         goto out;
-    }
-    if (!strcmp(pb->m->name, "nuslerp") && sl->base != SIZE_MAX && job->s.base < 0 && n > 1) {
-        pb_err(pb, MS_EPLAN, "nuslerpbase", "tensor '%s' is missing from the base model '%s' "
-               "(nuslerp with a base needs it)", job->name, model_ref(pb, sl->base));
-        goto out;
-    }
     if (!ms_shape_numel(job->shape, job->ndim, &job->s.numel)) {
         pb_err(pb, MS_EPLAN, NULL, "tensor '%s': shape overflows", job->name);
         goto out;
     }
     job->s.row_len = job->ndim >= 2 ? (uint64_t)job->shape[job->ndim - 1] : job->s.numel;
     if (!resolve_params(pb, sl, job, in_name, src_of, t) || !pick_dtypes(pb, job) ||
-        !method_checks(pb, job))
+        (po && po->check && po->check(&hc.pub, &job->s) != 0))
         goto out;
     job->out_bytes = (job->s.numel * ms_dtype_bits(job->out_dtype) + 7) / 8;
 
@@ -1025,7 +990,7 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
         if (strcmp(job->in[i].name, label) > 0)
             label = job->in[i].name;
     job->label = ms_strdup(label);
-    job->s.method = pb->m;
+    job->s.shape = NULL; /* points into this temporary: layout_jobs sets it */
     if (!job->label || !job_push(pb, job))
         pb_oom(pb);
     else
@@ -1043,6 +1008,7 @@ static void make_jobs(struct pb *pb)
 {
     const struct ms__arch *a = pb->arch;
     const struct pslice *first = &pb->sl[0], *last = &pb->sl[pb->nsl - 1];
+    where(pb, pb->r->merge_method_pos, pb->mwhere, sizeof pb->mwhere);
     for (size_t w = 0; w < a->nw[MS__W_PRE] && !pb->oom; w++)
         job_make(pb, first, first->nsrc, MS__W_PRE, w, 0, 0, 0.0);
     uint64_t out_layer = 0;
@@ -1059,11 +1025,10 @@ static void make_jobs(struct pb *pb)
     size_t npost = MS_MIN(last->nsrc, first->nsrc);
     for (size_t w = 0; w < a->nw[MS__W_POST] && !pb->oom; w++)
         job_make(pb, last, npost, MS__W_POST, w, 0, 0, 0.0);
-    if (pb->crumbs_zeroed)
-        ms_log_warn("%s: int(gamma*numel) == 0 for %zu model tensor%s (e.g. '%s'): as in mergekit, "
-                    "breadcrumbs zeroes their whole delta; raise gamma to keep them",
-                    pb->r->path, pb->crumbs_zeroed, pb->crumbs_zeroed == 1 ? "" : "s",
-                    pb->crumbs_first);
+    if (pb->tally) {
+        assert(pb->m->plan && pb->m->plan->tally_warn);
+        pb->m->plan->tally_warn(pb->r->path, pb->tally, pb->tally_first);
+    }
 }
 
 /* ------------------------------------------------------------------ phase 6: order, layout */

@@ -270,7 +270,7 @@ static void af_apply(const void *state, const struct ms_stage_job *job, const st
     }
 }
 
-const struct ms_stage_ops ms_stage_arcee_fusion_ops = {
+static const struct ms_stage_ops af_ops = {
     .flags = MS_STAGE_ROWWISE,
     .state_size = af_state_size,
     .partial_size = af_partial_size,
@@ -279,4 +279,15 @@ const struct ms_stage_ops ms_stage_arcee_fusion_ops = {
     .fold = af_fold,
     .end_pass = af_end_pass,
     .apply = af_apply,
+};
+
+const struct ms_method ms_method_arcee_fusion = {
+    .name = "arcee_fusion",
+    .summary = "importance-thresholded fusion of two models",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .max_inputs = 2,
+    .nparams = 0,
+    .card = { "Arcee Fusion", NULL },
+    .ops = &af_ops,
 };

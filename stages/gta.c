@@ -48,8 +48,11 @@
  *   - della ranks along dim 1; for 2-D tensors that is the row. Tensors of 3 or
  *     more dimensions are refused (MS_EUNSUPPORTED) rather than ranked
  *     differently from mergekit.
- *   - della's density +- epsilon outside (0, 1) is an error from begin naming
- *     the tensor (mergekit raises ValueError), for density in (0, 1).
+ *   - della's density +- epsilon outside (0, 1) is an error (mergekit raises
+ *     ValueError), for density in (0, 1).
+ * The plan reports these refusals and ties' k == 0 before any data is read
+ * (gta_check); begin refuses them too, for callers without a plan. Both use
+ * the same rules (gta_topk, della_ranks, della_window_ok).
  *
  * Passes (the deltas are recomputed from the inputs in every pass):
  *   SELECT   magnitude and outliers, models with density < 1: histogram passes
@@ -67,7 +70,9 @@
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
 #include <assert.h>
+#include <inttypes.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "stage_impl.h"
@@ -105,6 +110,31 @@ static uint32_t kind_nsel(const struct gta_kind *kind)
     if (kind->sparse == GTA_SPARSE_MAGNITUDE)
         return 1;
     return kind->sparse == GTA_SPARSE_OUTLIERS ? 2u : 0u;
+}
+
+/* The family member of the job's method: its descriptor's impl. */
+static const struct gta_kind *gta_kind_of(const struct ms_stage_job *job)
+{
+    assert(job->method && job->method->impl);
+    return job->method->impl;
+}
+
+/* Rules the plan (gta_check) and begin share. */
+
+/* ties: mergekit's k = int(density * numel), computed in double. */
+static uint64_t gta_topk(double density, uint64_t numel)
+{
+    return (uint64_t)(density * (double)numel);
+}
+
+/* della ranks along dim 1: a 1-D tensor is one row, a 2-D one has rows; more
+ * dimensions would rank differently from mergekit. */
+static bool della_ranks(const struct ms_stage_job *job) { return job->ndim <= 2; }
+
+/* della: density +- epsilon strictly inside (0, 1), for density in (0, 1). */
+static bool della_window_ok(double density, double eps)
+{
+    return density - eps > 0.0 && density + eps < 1.0;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -180,14 +210,16 @@ static uint32_t gta_nslots(const struct ms_stage_job *job, const struct gta_kind
     return n * kind_nsel(kind);
 }
 
-static size_t gta_state_size(const struct ms_stage_job *job, const struct gta_kind *kind)
+static size_t gta_state_size(const struct ms_stage_job *job)
 {
+    const struct gta_kind *kind = gta_kind_of(job);
     size_t len = kind_nsel(kind) ? ms__sel_hist_len(job->compute) : 0;
     return sizeof(struct gta_state) + (size_t)gta_nslots(job, kind) * len * sizeof(uint64_t);
 }
 
-static size_t gta_partial_size(const struct ms_stage_job *job, const struct gta_kind *kind)
+static size_t gta_partial_size(const struct ms_stage_job *job)
 {
+    const struct gta_kind *kind = gta_kind_of(job);
     if (kind->sparse == GTA_SPARSE_NONE)
         return 0;
     uint32_t ns = gta_nslots(job, kind);
@@ -507,9 +539,10 @@ static uint32_t index_bits(uint64_t n)
     return b;
 }
 
-static int gta_begin(void *state, const struct ms_stage_job *job, const struct gta_kind *kind)
+static int gta_begin(void *state, const struct ms_stage_job *job)
 {
     struct gta_state *st = state;
+    const struct gta_kind *kind = gta_kind_of(job);
     const char *name = job->name ? job->name : "?";
     const char *mname = job->method ? job->method->name : "?";
     enum ms_dtype dt = job->compute;
@@ -545,7 +578,7 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
     st->seed = job->seed;
     st->key = job->key;
     st->hist_len = kind_nsel(kind) ? ms__sel_hist_len(dt) : 0;
-    st->psize = gta_partial_size(job, kind);
+    st->psize = gta_partial_size(job);
     const uint64_t n = job->numel;
 
     bool select = false;
@@ -564,7 +597,7 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
         switch (kind->sparse) {
         case GTA_SPARSE_MAGNITUDE: {
             /* mergekit: k = int(density * numel) in double, asserted > 0. */
-            uint64_t k = (uint64_t)(density * (double)n);
+            uint64_t k = gta_topk(density, n);
             if (k == 0 && n > 0)
                 return ms_error(MS_EPLAN,
                                 "tensor '%s': density %g keeps no element of %llu "
@@ -607,7 +640,7 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
                 break;
             }
             double eps = job->pv[i][ieps];
-            if (density + eps >= 1.0 || density - eps <= 0.0)
+            if (!della_window_ok(density, eps))
                 return ms_error(MS_EPLAN,
                                 "tensor '%s': %s density %g +/- epsilon %g must lie "
                                 "strictly inside (0, 1)",
@@ -637,7 +670,7 @@ static int gta_begin(void *state, const struct ms_stage_job *job, const struct g
     }
     if (st->nbits > 0) {
         /* della ranks along dim 1 (a 1-D tensor is one row). */
-        if (job->ndim > 2)
+        if (!della_ranks(job))
             return ms_error(MS_EUNSUPPORTED,
                             "tensor '%s': %s on a %u-D tensor (mergekit ranks along dim 1; "
                             "only 1-D and 2-D tensors are supported)",
@@ -913,37 +946,205 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
 }
 
 /* ------------------------------------------------------------------------ */
-/* Ops tables                                                                */
+/* Plan-time rules                                                           */
 
-#define GTA_OPS(method, kind, fl)                                                                  \
-    static size_t method##_state_size(const struct ms_stage_job *job)                             \
-    {                                                                                              \
-        return gta_state_size(job, &kind);                                                         \
-    }                                                                                              \
-    static size_t method##_partial_size(const struct ms_stage_job *job)                           \
-    {                                                                                              \
-        return gta_partial_size(job, &kind);                                                       \
-    }                                                                                              \
-    static int method##_begin(void *state, const struct ms_stage_job *job)                        \
-    {                                                                                              \
-        return gta_begin(state, job, &kind);                                                       \
-    }                                                                                              \
-    const struct ms_stage_ops ms_stage_##method##_ops = {                                          \
-        .flags = (fl),                                                                             \
-        .state_size = method##_state_size,                                                         \
-        .partial_size = method##_partial_size,                                                     \
-        .begin = method##_begin,                                                                   \
-        .reduce = gta_reduce,                                                                      \
-        .fold = gta_fold,                                                                          \
-        .end_pass = gta_end_pass,                                                                  \
-        .apply = gta_apply,                                                                        \
+/* The family computes in the base's dtype and returns it (mergekit-spec.md 2.1.4). */
+static void gta_dtypes(const struct ms_stage_job *job, const enum ms_dtype *load,
+                       enum ms_dtype *compute, enum ms_dtype *out)
+{
+    *compute = *out = load[job->base >= 0 ? job->base : 0];
+}
+
+/*
+ * Checks made before any data is read (mergekit fails mid-merge): ties keeping
+ * no element (2.7: mergekit asserts), della's density +- epsilon inside (0, 1)
+ * and its ranking along dim 1 of a 2-D tensor. breadcrumbs inputs whose
+ * int(gamma*numel) is 0 lose their whole delta, as in mergekit (7.3): tallied
+ * for one warning (crumbs_tally_warn).
+ */
+static int gta_check(const struct ms_plan_ctx *ctx, const struct ms_stage_job *job)
+{
+    const struct gta_kind *kind = gta_kind_of(job);
+    bool della = kind->sparse == GTA_SPARSE_DELLA, crumbs = kind->sparse == GTA_SPARSE_OUTLIERS;
+    int pd = param_index(job, "density"), pe = param_index(job, "epsilon"),
+        pg = param_index(job, "gamma");
+    if (pd < 0)
+        return 0;
+    if (della && !della_ranks(job))
+        return ctx->problem(ctx, MS_EUNSUPPORTED, NULL, "tensor '%s' has %u dimensions: della "
+                            "ranks along dim 1 of a matrix (mergekit's rows), which this tensor "
+                            "does not have", job->name, job->ndim);
+    int rc = 0;
+    for (uint32_t i = 0; i < job->ninputs; i++) {
+        if ((int)i == job->base)
+            continue;
+        double d = job->pv[i][pd];
+        char key[160];
+        if (!(d < 1.0))
+            continue; /* no trimming */
+        if (kind->sparse == GTA_SPARSE_MAGNITUDE && gta_topk(d, job->numel) == 0) {
+            snprintf(key, sizeof key, "k0:%u", ctx->model_id(ctx, i));
+            rc = ctx->problem(ctx, MS_EPLAN, key, "density %g keeps no element of tensor '%s' (%"
+                              PRIu64 " elements) of model '%s': int(density*numel) == 0 "
+                              "(mergekit fails here too)", d, job->name, job->numel,
+                              ctx->model_ref(ctx, i));
+        }
+        if (della && pe >= 0 && d > 0 && !della_window_ok(d, job->pv[i][pe])) {
+            snprintf(key, sizeof key, "della:%u", ctx->model_id(ctx, i));
+            rc = ctx->problem(ctx, MS_EPLAN, key, "della: density %g +- epsilon %g must lie "
+                              "inside (0, 1) for model '%s' tensor '%s' (set a smaller epsilon)",
+                              d, job->pv[i][pe], ctx->model_ref(ctx, i), job->name);
+        }
+        if (crumbs && pg >= 0 && (uint64_t)(job->pv[i][pg] * (double)job->numel) == 0)
+            ctx->tally(ctx, job->name);
     }
+    return rc;
+}
 
-GTA_OPS(task_arithmetic, kind_task_arithmetic, 0);
-GTA_OPS(ties, kind_ties, 0);
-GTA_OPS(dare_linear, kind_dare_linear, 0);
-GTA_OPS(dare_ties, kind_dare_ties, 0);
-GTA_OPS(breadcrumbs, kind_breadcrumbs, 0);
-GTA_OPS(breadcrumbs_ties, kind_breadcrumbs_ties, 0);
-GTA_OPS(della, kind_della, MS_STAGE_ROWWISE);
-GTA_OPS(della_linear, kind_della_linear, MS_STAGE_ROWWISE);
+static void crumbs_tally_warn(const char *recipe, size_t count, const char *first)
+{
+    ms_log_warn("%s: int(gamma*numel) == 0 for %zu model tensor%s (e.g. '%s'): as in mergekit, "
+                "breadcrumbs zeroes their whole delta; raise gamma to keep them",
+                recipe, count, count == 1 ? "" : "s", first);
+}
+
+static const struct ms_plan_ops gta_plan = {
+    .dtypes = gta_dtypes,
+    .check = gta_check,
+    .tally_warn = crumbs_tally_warn,
+};
+
+/* ------------------------------------------------------------------------ */
+/* Ops tables and the family's methods                                       */
+
+static const struct ms_stage_ops gta_ops = {
+    .state_size = gta_state_size,
+    .partial_size = gta_partial_size,
+    .begin = gta_begin,
+    .reduce = gta_reduce,
+    .fold = gta_fold,
+    .end_pass = gta_end_pass,
+    .apply = gta_apply,
+};
+
+/* della ranks whole rows. */
+static const struct ms_stage_ops gta_rowwise_ops = {
+    .flags = MS_STAGE_ROWWISE,
+    .state_size = gta_state_size,
+    .partial_size = gta_partial_size,
+    .begin = gta_begin,
+    .reduce = gta_reduce,
+    .fold = gta_fold,
+    .end_pass = gta_end_pass,
+    .apply = gta_apply,
+};
+
+#define GTA_FLAGS (MS_M_BASE_REQUIRED | MS_M_BASE_INPUT | MS_M_BASE_SHAPE)
+#define GTA_WEIGHT_DENSITY MS__PM_REQ("weight"), MS__PM("density", 1.0, 0, MS__INF, true)
+#define GTA_GLOBALS(norm, resc)                                                                    \
+    MS__G_BOOL("normalize", norm), MS__G_BOOL("rescale", resc),                                    \
+        MS__G("lambda", 1.0, -MS__INF, MS__INF), MS__G_BOOL("int8_mask", 0)
+
+const struct ms_method ms_method_task_arithmetic = {
+    .name = "task_arithmetic",
+    .summary = "base + weighted sum of task vectors",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 6,
+    .params = { GTA_WEIGHT_DENSITY, GTA_GLOBALS(0, 0) },
+    .card = { "Task Arithmetic", "https://arxiv.org/abs/2212.04089" },
+    .plan = &gta_plan,
+    .ops = &gta_ops,
+    .impl = &kind_task_arithmetic,
+};
+
+const struct ms_method ms_method_ties = {
+    .name = "ties",
+    .summary = "TIES: trim by magnitude, elect signs, disjoint mean",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 6,
+    .params = { GTA_WEIGHT_DENSITY, GTA_GLOBALS(1, 0) },
+    .card = { "TIES", "https://arxiv.org/abs/2306.01708" },
+    .plan = &gta_plan,
+    .ops = &gta_ops,
+    .impl = &kind_ties,
+};
+
+const struct ms_method ms_method_dare_ties = {
+    .name = "dare_ties",
+    .summary = "DARE random drop with TIES sign election",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 6,
+    .params = { GTA_WEIGHT_DENSITY, GTA_GLOBALS(0, 1) },
+    .card = { "DARE TIES", "https://arxiv.org/abs/2311.03099" },
+    .plan = &gta_plan,
+    .ops = &gta_ops,
+    .impl = &kind_dare_ties,
+};
+
+const struct ms_method ms_method_dare_linear = {
+    .name = "dare_linear",
+    .summary = "DARE random drop, linear combination",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 6,
+    .params = { GTA_WEIGHT_DENSITY, GTA_GLOBALS(0, 1) },
+    .card = { "Linear DARE", "https://arxiv.org/abs/2311.03099" },
+    .plan = &gta_plan,
+    .ops = &gta_ops,
+    .impl = &kind_dare_linear,
+};
+
+const struct ms_method ms_method_breadcrumbs = {
+    .name = "breadcrumbs",
+    .summary = "drop the largest and smallest deltas",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 7,
+    .params = { GTA_WEIGHT_DENSITY, MS__PM("gamma", 0.01, 0, 1, false), GTA_GLOBALS(0, 0) },
+    .card = { "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795" },
+    .plan = &gta_plan,
+    .ops = &gta_ops,
+    .impl = &kind_breadcrumbs,
+};
+
+const struct ms_method ms_method_breadcrumbs_ties = {
+    .name = "breadcrumbs_ties",
+    .summary = "breadcrumbs with TIES sign election",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 7,
+    .params = { GTA_WEIGHT_DENSITY, MS__PM("gamma", 0.01, 0, 1, false), GTA_GLOBALS(0, 0) },
+    .card = { "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795" },
+    .plan = &gta_plan,
+    .ops = &gta_ops,
+    .impl = &kind_breadcrumbs_ties,
+};
+
+const struct ms_method ms_method_della = {
+    .name = "della",
+    .summary = "DELLA magnitude-ranked drop with sign election",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 7,
+    .params = { GTA_WEIGHT_DENSITY, MS__PM("epsilon", 0.15, 0, 1, false), GTA_GLOBALS(1, 1) },
+    .card = { "DELLA", "https://arxiv.org/abs/2406.11617" },
+    .plan = &gta_plan,
+    .ops = &gta_rowwise_ops,
+    .impl = &kind_della,
+};
+
+const struct ms_method ms_method_della_linear = {
+    .name = "della_linear",
+    .summary = "DELLA magnitude-ranked drop, linear combination",
+    .flags = GTA_FLAGS,
+    .min_inputs = 1,
+    .nparams = 7,
+    .params = { GTA_WEIGHT_DENSITY, MS__PM("epsilon", 0.15, 0, 1, false), GTA_GLOBALS(0, 1) },
+    .card = { "Linear DELLA", "https://arxiv.org/abs/2406.11617" },
+    .plan = &gta_plan,
+    .ops = &gta_rowwise_ops,
+    .impl = &kind_della_linear,
+};

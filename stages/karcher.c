@@ -248,7 +248,7 @@ static void karcher_apply(const void *state, const struct ms_stage_job *job,
     }
 }
 
-const struct ms_stage_ops ms_stage_karcher_ops = {
+static const struct ms_stage_ops karcher_ops = {
     .state_size = karcher_state_size,
     .partial_size = karcher_partial_size,
     .begin = karcher_begin,
@@ -256,4 +256,15 @@ const struct ms_stage_ops ms_stage_karcher_ops = {
     .fold = karcher_fold,
     .end_pass = karcher_end_pass,
     .apply = karcher_apply,
+};
+
+const struct ms_method ms_method_karcher = {
+    .name = "karcher",
+    .summary = "Riemannian (Karcher) mean of the models",
+    .flags = MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .nparams = 2,
+    .params = { MS__G("max_iter", 10, 0, 100000), MS__G("tol", 1e-5, 0, MS__INF) },
+    .card = { "Karcher Mean", "https://en.wikipedia.org/wiki/Karcher_mean" },
+    .ops = &karcher_ops,
 };

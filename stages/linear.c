@@ -100,8 +100,19 @@ static void linear_apply(const void *state, const struct ms_stage_job *job, cons
     }
 }
 
-const struct ms_stage_ops ms_stage_linear_ops = {
+static const struct ms_stage_ops linear_ops = {
     .state_size = linear_state_size,
     .begin = linear_begin,
     .apply = linear_apply,
+};
+
+const struct ms_method ms_method_linear = {
+    .name = "linear",
+    .summary = "weighted average of the models",
+    .flags = MS_M_BASE_INPUT | MS_M_BASE_PARAMS,
+    .min_inputs = 1,
+    .nparams = 2,
+    .params = { MS__PM_REQ("weight"), MS__G_BOOL("normalize", 1) },
+    .card = { "Linear", "https://arxiv.org/abs/2203.05482" },
+    .ops = &linear_ops,
 };

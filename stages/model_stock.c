@@ -220,7 +220,7 @@ static void mstock_apply(const void *state, const struct ms_stage_job *job,
     }
 }
 
-const struct ms_stage_ops ms_stage_model_stock_ops = {
+static const struct ms_stage_ops mstock_ops = {
     .flags = MS_STAGE_ROWWISE,
     .state_size = mstock_state_size,
     .partial_size = mstock_partial_size,
@@ -229,4 +229,33 @@ const struct ms_stage_ops ms_stage_model_stock_ops = {
     .fold = mstock_fold,
     .end_pass = mstock_end_pass,
     .apply = mstock_apply,
+};
+
+/* 2.8: the base and one other model: mergekit leaves an optional tensor out and
+ * fails on any other. */
+static int mstock_plan_inputs(const struct ms_plan_ctx *ctx, const struct ms_stage_job *job)
+{
+    if (job->ninputs != 2)
+        return MS_PLAN_KEEP;
+    if (ctx->optional)
+        return MS_PLAN_SKIP;
+    return ctx->problem(ctx, MS_EPLAN, "stock2", "%s: merge method 'model_stock' needs the base "
+                        "and at least two other models; tensor '%s' has only one other",
+                        ctx->where, job->name);
+}
+
+static const struct ms_plan_ops mstock_plan = {
+    .inputs = mstock_plan_inputs,
+};
+
+const struct ms_method ms_method_model_stock = {
+    .name = "model_stock",
+    .summary = "Model Stock: interpolate toward the base by cosine",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .nparams = 1,
+    .params = { MS__G_BOOL("filter_wise", 0) },
+    .card = { "Model Stock", "https://arxiv.org/abs/2403.19522" },
+    .plan = &mstock_plan,
+    .ops = &mstock_ops,
 };

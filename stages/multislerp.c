@@ -272,7 +272,7 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
     }
 }
 
-const struct ms_stage_ops ms_stage_multislerp_ops = {
+static const struct ms_stage_ops mslerp_ops = {
     .state_size = mslerp_state_size,
     .partial_size = mslerp_partial_size,
     .begin = mslerp_begin,
@@ -280,4 +280,16 @@ const struct ms_stage_ops ms_stage_multislerp_ops = {
     .fold = mslerp_fold,
     .end_pass = mslerp_end_pass,
     .apply = mslerp_apply,
+};
+
+const struct ms_method ms_method_multislerp = {
+    .name = "multislerp",
+    .summary = "barycentric slerp of several models",
+    .flags = MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .nparams = 3,
+    .params = { MS__PM_REQ("weight"), MS__G_BOOL("normalize_weights", 1),
+                MS__G("eps", 1e-8, 0, MS__INF) },
+    .card = { "Multi-SLERP", NULL },
+    .ops = &mslerp_ops,
 };

@@ -96,8 +96,20 @@ static void nearswap_apply(const void *state, const struct ms_stage_job *job,
     }
 }
 
-const struct ms_stage_ops ms_stage_nearswap_ops = {
+static const struct ms_stage_ops nearswap_ops = {
     .state_size = nearswap_state_size,
     .begin = nearswap_begin,
     .apply = nearswap_apply,
+};
+
+const struct ms_method ms_method_nearswap = {
+    .name = "nearswap",
+    .summary = "take the other model where it is near the base",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .max_inputs = 2,
+    .nparams = 1,
+    .params = { MS__G_REQ("t") },
+    .card = { "NearSwap", NULL },
+    .ops = &nearswap_ops,
 };

@@ -483,7 +483,7 @@ static void nus_apply(const void *state, const struct ms_stage_job *job, const s
     }
 }
 
-const struct ms_stage_ops ms_stage_nuslerp_ops = {
+static const struct ms_stage_ops nus_ops = {
     .flags = MS_STAGE_ROWWISE,
     .state_size = nus_state_size,
     .partial_size = nus_partial_size,
@@ -492,4 +492,32 @@ const struct ms_stage_ops ms_stage_nuslerp_ops = {
     .fold = nus_fold,
     .end_pass = nus_end_pass,
     .apply = nus_apply,
+};
+
+/* With a base_model, the base's tensor is needed whenever there is anything to merge. */
+static int nus_plan_inputs(const struct ms_plan_ctx *ctx, const struct ms_stage_job *job)
+{
+    if (ctx->slice_base && job->base < 0 && job->ninputs > 1)
+        return ctx->problem(ctx, MS_EPLAN, "nuslerpbase", "tensor '%s' is missing from the base "
+                            "model '%s' (nuslerp with a base needs it)", job->name,
+                            ctx->slice_base);
+    return MS_PLAN_KEEP;
+}
+
+static const struct ms_plan_ops nus_plan = {
+    .inputs = nus_plan_inputs,
+};
+
+const struct ms_method ms_method_nuslerp = {
+    .name = "nuslerp",
+    .summary = "slerp of task vectors or of two models, flattened or per row",
+    .flags = MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .max_inputs = 3,
+    .nparams = 3,
+    .params = { MS__PM_REQ("weight"), MS__G_BOOL("nuslerp_flatten", 1),
+                MS__G_BOOL("nuslerp_row_wise", 0) },
+    .card = { "NuSLERP", NULL },
+    .plan = &nus_plan,
+    .ops = &nus_ops,
 };

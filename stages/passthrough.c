@@ -54,7 +54,31 @@ static void passthrough_apply(const void *state, const struct ms_stage_job *job,
     }
 }
 
-const struct ms_stage_ops ms_stage_passthrough_ops = {
+static const struct ms_stage_ops passthrough_ops = {
     .begin = passthrough_begin,
     .apply = passthrough_apply,
+};
+
+/* Without scale the one input is the result: its bytes can be copied. */
+static bool passthrough_copies_input(const struct ms_stage_job *job)
+{
+    int ps = ms_method_param(job->method, "scale");
+    return job->ninputs == 1 && (ps < 0 || isnan(job->pv[0][ps]));
+}
+
+static const struct ms_plan_ops passthrough_plan = {
+    .copies_input = passthrough_copies_input,
+};
+
+const struct ms_method ms_method_passthrough = {
+    .name = "passthrough",
+    .summary = "copy the one input tensor (optionally scaled)",
+    .flags = MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .max_inputs = 1,
+    .nparams = 1,
+    .params = { MS__PM("scale", NAN, -MS__INF, MS__INF, false) },
+    .card = { "Passthrough", NULL },
+    .plan = &passthrough_plan,
+    .ops = &passthrough_ops,
 };

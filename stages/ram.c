@@ -19,8 +19,8 @@
  *   out    = B + (0 + term_0 + term_1 ...)                                 (float32)
  * lam is a dimensioned float32 tensor, so torch promotes the unique term, the
  * model sum and the final addition to float32: ramplus_tl's values are float32
- * whatever D is, and apply does not round them to D (spec 2.1.4, 7.10); the
- * plan decides the output dtype.
+ * whatever D is, and apply does not round them to D (spec 2.1.4, 7.10): its
+ * plan-time dtypes rule makes the result float32 unless out_dtype is set.
  *
  * ram is elementwise (apply only) and bit-exact. ramplus_tl counts sh_i and un_i
  * in one reduce pass (integers: order-free), then applies; it is bit-exact too.
@@ -54,12 +54,12 @@ struct ram_state {
 static size_t ram_state_size(const struct ms_stage_job *job) { return sizeof(struct ram_state); }
 static size_t ram_partial_size(const struct ms_stage_job *job) { return sizeof(struct ram_counts); }
 
-static int ram_begin(void *state, const struct ms_stage_job *job)
+/* begin of both methods; plus: ramplus_tl. */
+static int ram_start(struct ram_state *s, const struct ms_stage_job *job, bool plus)
 {
-    struct ram_state *s = state;
     int pe = ms_method_param(job->method, "epsilon");
     assert(pe >= 0 && job->ninputs <= MS_MAX_INPUTS);
-    s->plus = !strcmp(job->method->name, "ramplus_tl");
+    s->plus = plus;
     if (job->base < 0 || (uint32_t)job->base >= job->ninputs)
         return ms_error(MS_EPLAN, "%s: %s needs the base model's tensor", job->name,
                         job->method->name);
@@ -73,6 +73,16 @@ static int ram_begin(void *state, const struct ms_stage_job *job)
     }
     s->eps = ms_rnd_param(job->compute, job->gv[pe]);
     return s->plus ? MS_STAGE_REDUCE : MS_STAGE_APPLY;
+}
+
+static int ram_begin(void *state, const struct ms_stage_job *job)
+{
+    return ram_start(state, job, false);
+}
+
+static int ramplus_begin(void *state, const struct ms_stage_job *job)
+{
+    return ram_start(state, job, true);
 }
 
 /* The masks of one element: bit i of the result is nz of task i; *cnt their number. */
@@ -194,18 +204,53 @@ static void ram_apply(const void *state, const struct ms_stage_job *job, const s
     }
 }
 
-const struct ms_stage_ops ms_stage_ram_ops = {
+static const struct ms_stage_ops ram_ops = {
     .state_size = ram_state_size,
     .begin = ram_begin,
     .apply = ram_apply,
 };
 
-const struct ms_stage_ops ms_stage_ramplus_tl_ops = {
+static const struct ms_stage_ops ramplus_ops = {
     .state_size = ram_state_size,
     .partial_size = ram_partial_size,
-    .begin = ram_begin,
+    .begin = ramplus_begin,
     .reduce = ram_reduce,
     .fold = ram_fold,
     .end_pass = ram_end_pass,
     .apply = ram_apply,
+};
+
+/* ramplus_tl's values are float32 whatever the inputs (see the top of the file). */
+static void ramplus_dtypes(const struct ms_stage_job *job, const enum ms_dtype *load,
+                           enum ms_dtype *compute, enum ms_dtype *out)
+{
+    *out = MS_DT_F32;
+}
+
+static const struct ms_plan_ops ramplus_plan = {
+    .dtypes = ramplus_dtypes,
+};
+
+const struct ms_method ms_method_ram = {
+    .name = "ram",
+    .summary = "reinforced agent merging",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .nparams = 1,
+    .params = { MS__G("epsilon", 1e-5, 0, MS__INF) },
+    .card = { "RAM", NULL },
+    .ops = &ram_ops,
+};
+
+const struct ms_method ms_method_ramplus_tl = {
+    .name = "ramplus_tl",
+    .summary = "RAM+ with overlap-scaled unique deltas",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .nparams = 3,
+    .params = { MS__G("r", 0.1, -MS__INF, MS__INF), MS__G("alpha", 0.2, -MS__INF, MS__INF),
+                MS__G("epsilon", 1e-5, 0, MS__INF) },
+    .card = { "RAM+", NULL },
+    .plan = &ramplus_plan,
+    .ops = &ramplus_ops,
 };

@@ -319,7 +319,7 @@ static void sce_apply(const void *state, const struct ms_stage_job *job, const s
     }
 }
 
-const struct ms_stage_ops ms_stage_sce_ops = {
+static const struct ms_stage_ops sce_ops = {
     .state_size = sce_state_size,
     .partial_size = sce_partial_size,
     .begin = sce_begin,
@@ -327,4 +327,15 @@ const struct ms_stage_ops ms_stage_sce_ops = {
     .fold = sce_fold,
     .end_pass = sce_end_pass,
     .apply = sce_apply,
+};
+
+const struct ms_method ms_method_sce = {
+    .name = "sce",
+    .summary = "select by variance, calculate weights, erase minority signs",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .nparams = 2,
+    .params = { MS__G("select_topk", 1.0, 0, 1), MS__G_BOOL("int8_mask", 0) },
+    .card = { "SCE", "https://arxiv.org/abs/2408.07990" },
+    .ops = &sce_ops,
 };

@@ -141,7 +141,7 @@ static void slerp_apply(const void *state, const struct ms_stage_job *job, const
         slerp_mix(c->out, c->in[s->ia], c->in[s->ib], s->c0, s->c1, n);
 }
 
-const struct ms_stage_ops ms_stage_slerp_ops = {
+static const struct ms_stage_ops slerp_ops = {
     .state_size = slerp_state_size,
     .partial_size = slerp_partial_size,
     .begin = slerp_begin,
@@ -149,4 +149,29 @@ const struct ms_stage_ops ms_stage_slerp_ops = {
     .fold = slerp_fold,
     .end_pass = slerp_end_pass,
     .apply = slerp_apply,
+};
+
+/* mergekit computes in float32 and casts the result to the base's dtype. */
+static void slerp_dtypes(const struct ms_stage_job *job, const enum ms_dtype *load,
+                         enum ms_dtype *compute, enum ms_dtype *out)
+{
+    *compute = MS_DT_F32;
+    *out = load[job->base >= 0 ? job->base : 0];
+}
+
+static const struct ms_plan_ops slerp_plan = {
+    .dtypes = slerp_dtypes,
+};
+
+const struct ms_method ms_method_slerp = {
+    .name = "slerp",
+    .summary = "spherical interpolation between the base and one model",
+    .flags = MS_M_BASE_REQUIRED | MS_M_BASE_INPUT,
+    .min_inputs = 1,
+    .max_inputs = 2,
+    .nparams = 1,
+    .params = { MS__G_REQ("t") },
+    .card = { "SLERP", "https://en.wikipedia.org/wiki/Slerp", .hide_base = true },
+    .plan = &slerp_plan,
+    .ops = &slerp_ops,
 };

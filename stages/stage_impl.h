@@ -1,66 +1,31 @@
 /*
- * stage_impl.h - private to stages/: the ops tables the registry points at.
+ * stage_impl.h - private to stages/: the method descriptors the registry lists,
+ * shorthands for declaring parameters, and the exact top-k selection (select.c).
  * A method is "supported" exactly when its ops pointer is non-NULL.
  */
 #ifndef MS_STAGE_IMPL_H
 #define MS_STAGE_IMPL_H
 
+#include <math.h>
+
 #include "ms_common.h"
 #include "ms_stage.h"
 
-/* Each method's file defines its ops table and replaces NULL here with
- * &ms_stage_<method>_ops when it lands. */
-#define MS_STAGE_OPS_LINEAR (&ms_stage_linear_ops)
-#define MS_STAGE_OPS_PASSTHROUGH (&ms_stage_passthrough_ops)
-#define MS_STAGE_OPS_SLERP (&ms_stage_slerp_ops)
-#define MS_STAGE_OPS_TASK_ARITHMETIC (&ms_stage_task_arithmetic_ops)
-#define MS_STAGE_OPS_TIES (&ms_stage_ties_ops)
-#define MS_STAGE_OPS_NEARSWAP (&ms_stage_nearswap_ops)
-#define MS_STAGE_OPS_RAM (&ms_stage_ram_ops)
-#define MS_STAGE_OPS_RAMPLUS_TL (&ms_stage_ramplus_tl_ops)
-#define MS_STAGE_OPS_MODEL_STOCK (&ms_stage_model_stock_ops)
-#define MS_STAGE_OPS_KARCHER (&ms_stage_karcher_ops)
-#define MS_STAGE_OPS_MULTISLERP (&ms_stage_multislerp_ops)
-#define MS_STAGE_OPS_NUSLERP (&ms_stage_nuslerp_ops)
+/* Every method's descriptor, defined in its own file: ms_method_<name>. */
+#define MS_METHOD(name) extern const struct ms_method ms_method_##name;
+#include "methods.def"
+#undef MS_METHOD
 
-/* linear.c, passthrough.c, slerp.c (mergekit-spec.md 2.2, 2.12, 2.3) */
-extern const struct ms_stage_ops ms_stage_linear_ops;
-extern const struct ms_stage_ops ms_stage_passthrough_ops;
-extern const struct ms_stage_ops ms_stage_slerp_ops;
-
-/* nuslerp.c, multislerp.c, karcher.c, model_stock.c, nearswap.c, ram.c
- * (ram and ramplus_tl) (mergekit-spec.md 2.4, 2.5, 2.9, 2.8, 2.10, 2.14) */
-extern const struct ms_stage_ops ms_stage_nearswap_ops;
-extern const struct ms_stage_ops ms_stage_ram_ops;
-extern const struct ms_stage_ops ms_stage_ramplus_tl_ops;
-extern const struct ms_stage_ops ms_stage_model_stock_ops;
-extern const struct ms_stage_ops ms_stage_karcher_ops;
-extern const struct ms_stage_ops ms_stage_multislerp_ops;
-extern const struct ms_stage_ops ms_stage_nuslerp_ops;
-
-/* ======================================================================== */
-/* gta.c - the generalized task arithmetic family (mergekit-spec.md 2.6)     */
-/* ======================================================================== */
-extern const struct ms_stage_ops ms_stage_task_arithmetic_ops;
-extern const struct ms_stage_ops ms_stage_ties_ops;
-extern const struct ms_stage_ops ms_stage_dare_linear_ops;
-extern const struct ms_stage_ops ms_stage_dare_ties_ops;
-extern const struct ms_stage_ops ms_stage_breadcrumbs_ops;
-extern const struct ms_stage_ops ms_stage_breadcrumbs_ties_ops;
-extern const struct ms_stage_ops ms_stage_della_ops;
-extern const struct ms_stage_ops ms_stage_della_linear_ops;
-#define MS_STAGE_OPS_DARE_LINEAR (&ms_stage_dare_linear_ops)
-#define MS_STAGE_OPS_DARE_TIES (&ms_stage_dare_ties_ops)
-#define MS_STAGE_OPS_BREADCRUMBS (&ms_stage_breadcrumbs_ops)
-#define MS_STAGE_OPS_BREADCRUMBS_TIES (&ms_stage_breadcrumbs_ties_ops)
-#define MS_STAGE_OPS_DELLA (&ms_stage_della_ops)
-#define MS_STAGE_OPS_DELLA_LINEAR (&ms_stage_della_linear_ops)
-
-/* sce.c, arcee_fusion.c (mergekit-spec.md 2.13, 2.11) */
-extern const struct ms_stage_ops ms_stage_sce_ops;
-extern const struct ms_stage_ops ms_stage_arcee_fusion_ops;
-#define MS_STAGE_OPS_SCE (&ms_stage_sce_ops)
-#define MS_STAGE_OPS_ARCEE_FUSION (&ms_stage_arcee_fusion_ops)
+/* Parameter declarations (struct ms_param_decl): per-model (PM) or global (G);
+ * REQ: required, no default; lo_open: the range excludes lo. */
+#define MS__INF HUGE_VAL
+#define MS__PM_REQ(n) \
+    { .name = n, .per_model = true, .required = true, .def = NAN, .lo = -MS__INF, .hi = MS__INF }
+#define MS__PM(n, d, l, h, lo_o) \
+    { .name = n, .per_model = true, .def = d, .lo = l, .hi = h, .lo_open = lo_o }
+#define MS__G_REQ(n) { .name = n, .required = true, .def = NAN, .lo = -MS__INF, .hi = MS__INF }
+#define MS__G(n, d, l, h) { .name = n, .def = d, .lo = l, .hi = h }
+#define MS__G_BOOL(n, d) { .name = n, .is_bool = true, .def = d, .lo = 0, .hi = 1 }
 
 /* ======================================================================== */
 /* select.c - exact top-k by magnitude over a stream (GTA family)            */
