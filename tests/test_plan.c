@@ -181,9 +181,19 @@ static void mk_raw(const char *dir, const char *config, const struct tspec *ts, 
 
 /* ------------------------------------------------------------------ helpers */
 
+/* Frees the previous plan and recipe, so that a test may plan more than once. */
+static void plan_reset(void)
+{
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+}
+
 /* Writes r.yml and builds its plan into g_plan; returns the build's code. */
 static int plan(const char *yaml)
 {
+    plan_reset();
     cr_assert_eq(th_write("r.yml", yaml, strlen(yaml)), 0);
     int rc = ms_recipe_load("r.yml", &g_recipe);
     cr_assert_eq(rc, 0, "recipe: %s", ms_errmsg());
@@ -193,6 +203,7 @@ static int plan(const char *yaml)
 
 static int plan_opts(const char *yaml, const struct ms_plan_opts *o)
 {
+    plan_reset();
     cr_assert_eq(th_write("r.yml", yaml, strlen(yaml)), 0);
     cr_assert_eq(ms_recipe_load("r.yml", &g_recipe), 0, "recipe: %s", ms_errmsg());
     return ms_plan_build(g_recipe, o, &g_plan);
