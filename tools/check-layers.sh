@@ -19,8 +19,15 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/mslayers.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT INT TERM
 bad=0
 
+objects() { # folder -> its objects whose source still exists (a stale build may hold others)
+    for o in "$obj/$1"/*.o; do
+        [ -f "$1/$(basename "$o" .o).c" ] && echo "$o"
+    done
+    return 0
+}
 defined() { # folder -> global symbols its objects define
-    nm --defined-only "$obj/$1"/*.o 2>/dev/null | awk '$2 ~ /^[TDBRVWC]$/ { print $3 }' | sort -u
+    objects "$1" | xargs -r nm --defined-only 2>/dev/null | awk '$2 ~ /^[TDBRVWC]$/ { print $3 }' |
+        sort -u
 }
 for d in base io stages pipeline; do defined $d > "$tmp/def.$d"; done
 
@@ -28,7 +35,7 @@ for d in base io stages pipeline; do defined $d > "$tmp/def.$d"; done
 forbidden() {
     d=$1; shift
     regex=$1; shift
-    for o in "$obj/$d"/*.o; do
+    for o in $(objects "$d"); do
         nm -u "$o" | awk '{ print $2 }' | sort -u > "$tmp/und"
         for up in "$@"; do
             comm -12 "$tmp/und" "$tmp/def.$up" | while read -r sym; do
