@@ -846,7 +846,7 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
         if (same && (p->out_dtype == MS_DT_NONE || p->out_dtype == in->dtype)) {
             job->copy = true;
             job->s.compute = MS_DT_F32;
-            job->out_dtype = in->dtype;
+            job->out_dtype = job->result = in->dtype;
             return true;
         }
         for (uint32_t i = 0; i < n; i++)
@@ -863,6 +863,7 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
     out = D;
     if (po && po->dtypes)
         po->dtypes(&job->s, load, &D, &out);
+    job->result = out;
     if (p->out_dtype != MS_DT_NONE)
         out = p->out_dtype;
     job->out_dtype = out;

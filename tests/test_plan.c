@@ -1181,3 +1181,23 @@ Test(plan, examples_plan_after_demo_models, .timeout = 120)
     free(out);
     free(err);
 }
+
+/* mergekit's arcee_fusion blends with a `.float()` mask, so its result is float32
+ * whatever the compute dtype (merge_methods/arcee_fusion.py, mergekit issue #604).
+ * out_dtype still decides. */
+Test(plan, arcee_fusion_result_is_float32)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    plan_ok("merge_method: arcee_fusion\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n");
+    const struct ms_job *j = job_ok(LAYER(0, "mlp.up_proj.weight"));
+    cr_assert_eq(j->s.compute, MS_DT_BF16);
+    cr_assert_eq(j->out_dtype, MS_DT_F32);
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+    plan_ok("merge_method: arcee_fusion\nbase_model: a\nout_dtype: bfloat16\nmodels:\n"
+            "  - model: a\n  - model: b\n");
+    cr_assert_eq(job_ok(LAYER(0, "mlp.up_proj.weight"))->out_dtype, MS_DT_BF16);
+}
