@@ -1201,3 +1201,47 @@ Test(plan, arcee_fusion_result_is_float32)
             "  - model: a\n  - model: b\n");
     cr_assert_eq(job_ok(LAYER(0, "mlp.up_proj.weight"))->out_dtype, MS_DT_BF16);
 }
+
+/*
+ * A model listed twice is one input (mergekit gathers dict(zip(models, ...)));
+ * config.py's parameter() reads, per parameter, the first entry of that model
+ * that sets it, then the slice's and the global parameters.
+ */
+Test(plan, model_listed_twice_is_one_input)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    mk((struct mspec){ .dir = "c" });
+    plan_ok("merge_method: ties\nbase_model: a\nparameters: {density: 0.9}\nmodels:\n"
+            "  - model: b\n    parameters: {weight: 1}\n"
+            "  - model: c\n    parameters: {weight: 2}\n"
+            "  - model: b\n    parameters: {weight: 5, density: 0.5}\n");
+    const char *t = LAYER(1, "mlp.up_proj.weight");
+    const struct ms_job *j = job_ok(t);
+    cr_assert_eq(j->s.ninputs, 3, "b, c and the base a");
+    cr_assert_eq(input_of(j, "b"), 0);
+    cr_assert_eq(input_of(j, "c"), 1);
+    cr_assert_eq(pv(t, "b", "weight"), 1.0, "the first entry's weight");
+    cr_assert_eq(pv(t, "b", "density"), 0.5, "density from the second entry, before the global");
+    cr_assert_eq(pv(t, "c", "density"), 0.9);
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+    plan_ok("merge_method: linear\nslices:\n  - sources:\n"
+            "      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: 1}\n"
+            "      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: 3}\n"
+            "      - model: b\n        layer_range: [0, 2]\n        parameters: {weight: 2}\n");
+    j = job_ok(LAYER(1, "mlp.up_proj.weight"));
+    cr_assert_eq(j->s.ninputs, 2);
+    cr_assert_eq(pv(LAYER(1, "mlp.up_proj.weight"), "a", "weight"), 1.0);
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+    plan_fails("merge_method: linear\nslices:\n  - sources:\n"
+               "      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: 1}\n"
+               "      - model: a\n        layer_range: [2, 4]\n        parameters: {weight: 1}\n",
+               MS_EPLAN, "r.yml:7:9", "model 'a' is listed twice in one slice with different "
+               "layer ranges", NULL);
+}
