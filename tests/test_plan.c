@@ -769,8 +769,33 @@ Test(plan, err_density_out_of_range)
     mk((struct mspec){ .dir = "a" });
     mk((struct mspec){ .dir = "b" });
     plan_fails("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n"
-               "    parameters: {weight: 1, density: 0}\n",
-               MS_EPLAN, "r.yml:5:", "density 0 is out of range (0,", "model 'b'", NULL);
+               "    parameters: {weight: 1, density: -0.5}\n",
+               MS_EPLAN, "r.yml:5:", "density -0.5 is out of range [0,", "model 'b'", NULL);
+}
+
+/* density 0 is a value for mergekit's sparsifiers except magnitude (ties), which
+ * asserts k > 0 (sparsify.py); the stage tests check what each one keeps. */
+Test(plan, density_zero_follows_mergekit_per_method)
+{
+    static const char *const ok[] = { "task_arithmetic", "dare_ties", "dare_linear",
+                                      "breadcrumbs", "breadcrumbs_ties", "della",
+                                      "della_linear" };
+    char y[512];
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    for (size_t i = 0; i < MS_ARRAY_LEN(ok); i++) {
+        snprintf(y, sizeof y, "merge_method: %s\nbase_model: a\nmodels:\n  - model: b\n"
+                 "    parameters: {weight: 1, density: 0}\n", ok[i]);
+        plan_ok(y);
+        cr_assert_eq(pv("model.norm.weight", "b", "density"), 0.0, "%s", ok[i]);
+        ms_plan_free(g_plan);
+        ms_recipe_free(g_recipe);
+        g_plan = NULL;
+        g_recipe = NULL;
+    }
+    plan_fails("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n"
+               "    parameters: {weight: 1, density: 0}\n", MS_EPLAN,
+               "density 0 keeps no element of tensor", NULL);
 }
 
 Test(plan, density_above_one_follows_the_registry)
