@@ -63,6 +63,8 @@ struct ms_plan_opts {
     uint64_t out_shard_size;      /* bytes; 0 = no splitting; default 5,000,000,000 */
     uint64_t seed;                /* --random-seed */
     bool allow_crimes;
+    bool strict;                  /* a parameter name the method does not declare is an error
+                                     (otherwise a warning; mergekit ignores it) */
 };
 
 struct ms_plan {

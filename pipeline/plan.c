@@ -28,6 +28,7 @@
 #include "ms_common.h"
 #include "ms_dtype.h"
 #include "ms_plan.h"
+#include "ms_str.h"
 #include "plan_impl.h"
 
 #define DEFAULT_SHARD_SIZE 5000000000ull
@@ -200,6 +201,41 @@ static const char *model_ref(const struct pb *pb, size_t m) { return pb->p->mode
 
 /* ------------------------------------------------------------------ phase 1: recipe */
 
+/*
+ * Names under `parameters:` that the method does not declare. mergekit ignores
+ * them, but a misspelt one (densty, normalise) silently changes the merge: a
+ * warning, or a problem with opts->strict, names it and the closest declared name.
+ */
+static void check_param_names(struct pb *pb, const struct ms_params *ps)
+{
+    const struct ms_method *m = pb->m;
+    const char *names[MS_MAX_PARAMS];
+    char wbuf[600], hint[400];
+    for (uint32_t j = 0; j < m->nparams; j++)
+        names[j] = m->params[j].name;
+    for (size_t i = 0; i < ps->n; i++) {
+        const struct ms_param *q = &ps->v[i];
+        if (ms_method_param(m, q->name) >= 0)
+            continue;
+        const char *near = ms_str_closest(q->name, names, m->nparams);
+        if (near) {
+            snprintf(hint, sizeof hint, "did you mean '%s'?", near);
+        } else if (!m->nparams) {
+            snprintf(hint, sizeof hint, "it takes no parameters");
+        } else {
+            size_t o = (size_t)snprintf(hint, sizeof hint, "known:");
+            for (uint32_t j = 0; j < m->nparams && o < sizeof hint; j++)
+                o += (size_t)snprintf(hint + o, sizeof hint - o, "%s %s", j ? "," : "", names[j]);
+        }
+        if (pb->opts->strict)
+            pb_at(pb, MS_ERECIPE, NULL, q->pos, "unknown parameter '%s' for merge method '%s' "
+                  "(%s)", q->name, m->name, hint);
+        else
+            ms_log_warn("%s: unknown parameter '%s' for merge method '%s' (%s); ignored, as "
+                        "mergekit does", WHERE(q->pos), q->name, m->name, hint);
+    }
+}
+
 static void check_recipe(struct pb *pb)
 {
     const struct ms_recipe *r = pb->r;
@@ -256,6 +292,16 @@ static void check_recipe(struct pb *pb)
                   "float16 or float32)", dt[i].key, dt[i].val);
         else
             *dt[i].dst = d;
+    }
+    if (pb->m) {
+        check_param_names(pb, &r->params);
+        for (size_t i = 0; i < r->nmodels; i++)
+            check_param_names(pb, &r->models[i].params);
+        for (size_t k = 0; k < r->nslices; k++) {
+            check_param_names(pb, &r->slices[k].params);
+            for (size_t i = 0; i < r->slices[k].nsources; i++)
+                check_param_names(pb, &r->slices[k].sources[i].params);
+        }
     }
     /* Report recipe problems in file order. */
     pb_sort(pb, 0);

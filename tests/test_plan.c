@@ -1270,3 +1270,63 @@ Test(plan, model_listed_twice_is_one_input)
                MS_EPLAN, "r.yml:7:9", "model 'a' is listed twice in one slice with different "
                "layer ranges", NULL);
 }
+
+/*
+ * Names under parameters: that the method does not declare are ignored by mergekit
+ * (and by us), but a misspelt one changes the merge: a warning with file:line:col
+ * and the closest declared name; --strict makes it (and an unknown recipe key) an
+ * error.
+ */
+Test(plan, misspelt_parameter_names_warn_and_strict_refuses)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    const char *y = "merge_method: ties\nbase_model: a\nparameters:\n  normalise: false\n"
+                    "models:\n  - model: b\n    parameters: {weight: 1, densty: 0.5}\n"
+                    "slices_extra_ok: 1\n";
+    cr_assert_eq(th_write("r.yml", y, strlen(y)), 0);
+    const char *y2 = "merge_method: linear\nparameters: {nomalize: true, bogus: 1}\n"
+                     "models:\n  - model: a\n    parameters: {weight: 1}\n";
+    cr_assert_eq(th_write("r2.yml", y2, strlen(y2)), 0);
+    char cmd[1024], *err = NULL;
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan r.yml > /dev/null", g_dir);
+    int rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 0, "%s", err);
+    cr_assert(strstr(err, "r.yml:4:3: unknown parameter 'normalise' for merge method 'ties' "
+                          "(did you mean 'normalize'?)"), "%s", err);
+    cr_assert(strstr(err, "r.yml:7:29: unknown parameter 'densty' for merge method 'ties' "
+                          "(did you mean 'density'?)"), "%s", err);
+    cr_assert(strstr(err, "r.yml:8:1: unknown key 'slices_extra_ok'"), "%s", err);
+    free(err);
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan r2.yml > /dev/null", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 0, "%s", err);
+    cr_assert(strstr(err, "r2.yml:2:14: unknown parameter 'nomalize' for merge method 'linear' "
+                          "(did you mean 'normalize'?)"), "%s", err);
+    cr_assert(strstr(err, "r2.yml:2:30: unknown parameter 'bogus' for merge method 'linear' "
+                          "(known: weight, normalize)"), "%s", err);
+    free(err);
+    /* --strict: each is an error; an unknown recipe key stops the parse first. */
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan --strict r2.yml", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 1, "%s", err);
+    cr_assert(strstr(err, "mergestream: r2.yml:2:14: unknown parameter 'nomalize'"), "%s", err);
+    cr_assert(strstr(err, "mergestream: r2.yml:2:30: unknown parameter 'bogus'"), "%s", err);
+    free(err);
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream merge --strict r.yml out", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 1, "%s", err);
+    cr_assert(strstr(err, "r.yml:8:1: unknown key 'slices_extra_ok'"), "%s", err);
+    free(err);
+    cr_assert_neq(access("out", F_OK), 0, "no output after a strict refusal");
+    /* Near misses of top-level keys are named too. */
+    const char *y3 = "merge_method: linear\nparamters: {weight: 1}\nmodels:\n  - model: a\n"
+                     "    parameters: {weight: 1}\n";
+    cr_assert_eq(th_write("r3.yml", y3, strlen(y3)), 0);
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan --strict r3.yml", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 1, "%s", err);
+    cr_assert(strstr(err, "r3.yml:2:1: unknown key 'paramters' (did you mean 'parameters'?)"),
+              "%s", err);
+    free(err);
+}
