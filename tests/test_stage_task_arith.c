@@ -179,3 +179,30 @@ Test(stage_task_arith, density_zero_per_method)
         }
     }
 }
+
+/*
+ * Which torch (NUMERICS.md): `mixed_delta *= self.lambda_` multiplies a bf16/f16
+ * tensor by a Python float. Current PyTorch's mul_kernel (aten/src/ATen/native/cpu/
+ * BinaryOpsKernel.cpp, reduced-float branch) reads the scalar as
+ * original_scalar_value<float>: 3 * 0.3f, rounded once. Hand values:
+ *   bf16: 3 * 0.3f = 0.90000004 -> 230/256 = 0.8984375 (torch 1.x narrowed the scalar
+ *         to bf16(0.3) = 0.30078125 first: 0.90234375 -> 231/256)
+ *   f16:  3 * 0.3f -> 1843/2048 (narrowed: 3 * 1229/4096 = 1843.5/2048 -> 1844/2048)
+ */
+Test(stage_task_arith, python_scalar_is_float32_in_mul)
+{
+    static const float b[2] = { 0.0f, 0.0f }, x[2] = { 3.0f, -3.0f };
+    static const struct { enum ms_dtype dt; float want; } c[] = {
+        { MS_DT_BF16, 230.0f / 256.0f }, { MS_DT_F16, 1843.0f / 2048.0f },
+        { MS_DT_F32, 0.90000004f },
+    };
+    for (size_t k = 0; k < MS_ARRAY_LEN(c); k++) {
+        struct th_gta g = { .method = "task_arithmetic", .dt = c[k].dt, .numel = 2,
+                            .ninputs = 2, .base = 0, .in = { b, x }, .weight = { 0, 1 },
+                            .density = { 1, 1 }, .lambda = 0.3 };
+        float got[2];
+        cr_assert_eq(th_gta_run(&g, 1, got), 0, "%s", ms_errmsg());
+        cr_assert_eq(got[0], c[k].want, "%s: got %a", ms_dtype_name(c[k].dt), got[0]);
+        cr_assert_eq(got[1], -c[k].want, "%s: got %a", ms_dtype_name(c[k].dt), got[1]);
+    }
+}
