@@ -914,6 +914,7 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
         nonfloat |= !fl;
         in->load = (fl && p->dtype != MS_DT_NONE) ? p->dtype : in->dtype;
         load[i] = in->load;
+        job->s.in_dt[i] = in->load;
     }
     bool same = po && po->copies_input && po->copies_input(&job->s); /* result == input 0 */
     if (nonfloat) {
