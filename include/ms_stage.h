@@ -191,8 +191,10 @@ struct ms_plan_ops {
      * The compute dtype and the result's dtype, from load[i], the dtype input i is
      * loaded as (job->ninputs entries), and job->base. On entry both hold the
      * default: the promotion of every load dtype (equal: that one; bfloat16 with
-     * float16, or either with float32: float32; with float64: float64). A recipe's
-     * out_dtype later overrides *out. NULL: the default.
+     * float16, or either with float32: float32; with float64: float64). *out is
+     * mergekit's result dtype: a recipe's out_dtype overrides the stored dtype, and
+     * the engine then rounds the result to *out before out_dtype, as mergekit's
+     * writer casts the method's tensor. NULL: the default.
      */
     void (*dtypes)(const struct ms_stage_job *job, const enum ms_dtype *load,
                    enum ms_dtype *compute, enum ms_dtype *out);
