@@ -614,6 +614,8 @@ Test(plan, dtype_rules)
     const struct ms_job *j = job_ok(LAYER(0, "mlp.up_proj.weight"));
     cr_assert_eq(j->s.compute, MS_DT_F32, "bf16 with f16 promotes to f32");
     cr_assert_eq(j->out_dtype, MS_DT_F32);
+    cr_assert_eq(j->s.in_dt[input_of(j, "h")], MS_DT_F16, "each input keeps its own dtype");
+    cr_assert_eq(j->s.in_dt[input_of(j, "b")], MS_DT_BF16);
     ms_plan_free(g_plan);
     ms_recipe_free(g_recipe);
     g_plan = NULL;
