@@ -244,3 +244,45 @@ bool ms_shape_numel(const int64_t *shape, uint32_t ndim, uint64_t *out)
     *out = n;
     return true;
 }
+
+/* Optimal string alignment distance (edits: insert, delete, substitute, swap of
+ * two neighbours), capped: returns cap + 1 as soon as it must exceed cap. */
+static size_t osa_distance(const char *a, const char *b, size_t cap)
+{
+    enum { W = 64 };
+    size_t la = strlen(a), lb = strlen(b);
+    if (la >= W || lb >= W)
+        return cap + 1;
+    if ((la > lb ? la - lb : lb - la) > cap)
+        return cap + 1;
+    size_t d[W][W];
+    for (size_t i = 0; i <= la; i++)
+        d[i][0] = i;
+    for (size_t j = 0; j <= lb; j++)
+        d[0][j] = j;
+    for (size_t i = 1; i <= la; i++) {
+        for (size_t j = 1; j <= lb; j++) {
+            size_t cost = a[i - 1] != b[j - 1];
+            size_t v = MS_MIN(d[i - 1][j] + 1, d[i][j - 1] + 1);
+            v = MS_MIN(v, d[i - 1][j - 1] + cost);
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+                v = MS_MIN(v, d[i - 2][j - 2] + 1);
+            d[i][j] = v;
+        }
+    }
+    return MS_MIN(d[la][lb], cap + 1);
+}
+
+const char *ms_str_closest(const char *s, const char *const *cand, size_t n)
+{
+    size_t len = strlen(s), cap = len < 4 ? 1 : len < 8 ? 2 : 3, best = cap + 1;
+    const char *found = NULL;
+    for (size_t i = 0; i < n; i++) {
+        size_t dist = osa_distance(s, cand[i], cap);
+        if (dist < best) {
+            best = dist;
+            found = cand[i];
+        }
+    }
+    return found;
+}

@@ -48,6 +48,9 @@ struct ms_job {
     uint32_t ndim;
     int64_t shape[MS_MAX_DIMS];
     enum ms_dtype out_dtype;      /* stored dtype of the result */
+    enum ms_dtype result;         /* dtype of the method's result before out_dtype (mergekit
+                                     casts to it, then to out_dtype): when it differs from
+                                     out_dtype the engine rounds to it before encoding */
     uint64_t out_bytes;
     uint32_t shard;               /* output shard index */
     uint64_t out_offset;          /* absolute offset in the output shard file */
@@ -60,6 +63,8 @@ struct ms_plan_opts {
     uint64_t out_shard_size;      /* bytes; 0 = no splitting; default 5,000,000,000 */
     uint64_t seed;                /* --random-seed */
     bool allow_crimes;
+    bool strict;                  /* a parameter name the method does not declare is an error
+                                     (otherwise a warning; mergekit ignores it) */
 };
 
 struct ms_plan {

@@ -133,6 +133,16 @@ struct ms_recipe {
 int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_recipe **out);
 /* Reads the file and parses it; a file that cannot be read gives -errno. */
 int ms_recipe_load(const char *path, struct ms_recipe **out);
+/*
+ * The same with flags: MS_RECIPE_STRICT makes an unknown key an error
+ * (MS_ERECIPE, "r.yml:3:1: unknown key 'paramters' (did you mean 'parameters'?)")
+ * instead of a warning. The warning and the error name the closest known key
+ * when one is near (ms_str_closest).
+ */
+#define MS_RECIPE_STRICT 0x1u
+int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe **out);
+int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out);
 /* Releases the recipe and everything in it; NULL is a no-op. */
 void ms_recipe_free(struct ms_recipe *r);
 

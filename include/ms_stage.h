@@ -50,6 +50,14 @@ struct ms_stage_job {
     uint64_t numel;               /* elements */
     uint64_t row_len;             /* elements per row: shape[ndim-1], or numel for ndim <= 1 */
     enum ms_dtype compute;        /* F32, F16 or BF16: rounding after each op */
+    /* Input i's own dtype as mergekit holds it: the recipe's dtype:, else the stored
+     * dtype. Under the default dtype rule (ms_plan_ops.dtypes NULL) compute is the
+     * promotion of every in_dt and input i's values are exact in in_dt[i]; they
+     * differ only for inputs of mixed dtypes without dtype: (compute is then F32).
+     * A stage that reproduces torch's per-op promotion for mixed inputs reads it
+     * with ms_stage_in_dt; others ignore it. Unset (0, as in a job a test builds)
+     * means compute. */
+    enum ms_dtype in_dt[MS_MAX_INPUTS];
     uint32_t ninputs;             /* inputs present for this tensor, in recipe order */
     int base;                     /* index of the base model among inputs, or -1 */
     const struct ms_method *method;
@@ -183,8 +191,10 @@ struct ms_plan_ops {
      * The compute dtype and the result's dtype, from load[i], the dtype input i is
      * loaded as (job->ninputs entries), and job->base. On entry both hold the
      * default: the promotion of every load dtype (equal: that one; bfloat16 with
-     * float16, or either with float32: float32; with float64: float64). A recipe's
-     * out_dtype later overrides *out. NULL: the default.
+     * float16, or either with float32: float32; with float64: float64). *out is
+     * mergekit's result dtype: a recipe's out_dtype overrides the stored dtype, and
+     * the engine then rounds the result to *out before out_dtype, as mergekit's
+     * writer casts the method's tensor. NULL: the default.
      */
     void (*dtypes)(const struct ms_stage_job *job, const enum ms_dtype *load,
                    enum ms_dtype *compute, enum ms_dtype *out);
@@ -278,6 +288,23 @@ void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n);
 uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element);
 /* 64-bit FNV-1a of a NUL-terminated string (the job key). */
 uint64_t ms_hash_str(const char *s);
+
+/* Input i's dtype (ms_stage_job.in_dt), compute when unset. */
+static inline enum ms_dtype ms_stage_in_dt(const struct ms_stage_job *job, uint32_t i)
+{
+    enum ms_dtype d = job->in_dt[i];
+    return d == MS_DT_F32 || d == MS_DT_F16 || d == MS_DT_BF16 ? d : job->compute;
+}
+
+/* torch's result dtype of an op on two float tensors of dtypes a and b (both
+ * dimensioned): equal gives that one; bfloat16 with float16, or either with
+ * float32, gives float32; with float64, float64. */
+static inline enum ms_dtype ms_dt_promote(enum ms_dtype a, enum ms_dtype b)
+{
+    if (a == b)
+        return a;
+    return a == MS_DT_F64 || b == MS_DT_F64 ? MS_DT_F64 : MS_DT_F32;
+}
 
 /* Rounds x to the compute dtype (F32, F16, BF16). */
 static inline float ms_rnd(enum ms_dtype d, float x)

@@ -74,4 +74,12 @@ enum ms_bytes_style {
  * says, truncating to fit, and returns buf. */
 const char *ms_fmt_bytes(char *buf, size_t n, double bytes, enum ms_bytes_style style);
 
+/* ------------------------------------------------------------------ names */
+
+/* The candidate closest to s (of n in cand) by edit distance (insertions,
+ * deletions, substitutions, swaps of neighbours), or NULL when none is within
+ * 1 edit (s shorter than 4 bytes), 2 (shorter than 8) or 3. The first of equals
+ * wins. For "did you mean" hints on misspelt keys. Borrowed pointers. */
+const char *ms_str_closest(const char *s, const char *const *cand, size_t n);
+
 #endif

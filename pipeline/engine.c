@@ -526,6 +526,10 @@ static void work_cb(uv_work_t *w)
         jr->ops->reduce(jr->state, &j->s, &s->ck, s->partial);
     } else {
         jr->ops->apply(jr->state, &j->s, &s->ck);
+        /* mergekit casts the method's result to its own dtype, then to out_dtype
+         * (slerp: float32 math, the base's dtype, then out_dtype). */
+        if (j->result != j->out_dtype && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
+            ms_dtype_round(j->result, s->ck.out, n);
         ms_dtype_encode(j->out_dtype, s->ck.out, s->ck.out, n);
     }
 }

@@ -28,6 +28,7 @@
 #include "ms_common.h"
 #include "ms_dtype.h"
 #include "ms_plan.h"
+#include "ms_str.h"
 #include "plan_impl.h"
 
 #define DEFAULT_SHARD_SIZE 5000000000ull
@@ -53,7 +54,11 @@ struct psrc {
 
 struct pslice {
     size_t nsrc;
-    struct psrc *src;
+    struct psrc *src;             /* one entry per model (mergekit's model set) */
+    size_t ndup;
+    struct psrc *dup;             /* later entries of a model already in src, in recipe order:
+                                     not inputs, but param_eval reads their parameters after
+                                     the first entry's, as mergekit's parameter lookup does */
     size_t base;                  /* model index of the slice's base model, or SIZE_MAX */
     const struct ms_params *params; /* NULL in the models form */
     struct ms_pos pos;
@@ -196,6 +201,41 @@ static const char *model_ref(const struct pb *pb, size_t m) { return pb->p->mode
 
 /* ------------------------------------------------------------------ phase 1: recipe */
 
+/*
+ * Names under `parameters:` that the method does not declare. mergekit ignores
+ * them, but a misspelt one (densty, normalise) silently changes the merge: a
+ * warning, or a problem with opts->strict, names it and the closest declared name.
+ */
+static void check_param_names(struct pb *pb, const struct ms_params *ps)
+{
+    const struct ms_method *m = pb->m;
+    const char *names[MS_MAX_PARAMS];
+    char wbuf[600], hint[400];
+    for (uint32_t j = 0; j < m->nparams; j++)
+        names[j] = m->params[j].name;
+    for (size_t i = 0; i < ps->n; i++) {
+        const struct ms_param *q = &ps->v[i];
+        if (ms_method_param(m, q->name) >= 0)
+            continue;
+        const char *near = ms_str_closest(q->name, names, m->nparams);
+        if (near) {
+            snprintf(hint, sizeof hint, "did you mean '%s'?", near);
+        } else if (!m->nparams) {
+            snprintf(hint, sizeof hint, "it takes no parameters");
+        } else {
+            size_t o = (size_t)snprintf(hint, sizeof hint, "known:");
+            for (uint32_t j = 0; j < m->nparams && o < sizeof hint; j++)
+                o += (size_t)snprintf(hint + o, sizeof hint - o, "%s %s", j ? "," : "", names[j]);
+        }
+        if (pb->opts->strict)
+            pb_at(pb, MS_ERECIPE, NULL, q->pos, "unknown parameter '%s' for merge method '%s' "
+                  "(%s)", q->name, m->name, hint);
+        else
+            ms_log_warn("%s: unknown parameter '%s' for merge method '%s' (%s); ignored, as "
+                        "mergekit does", WHERE(q->pos), q->name, m->name, hint);
+    }
+}
+
 static void check_recipe(struct pb *pb)
 {
     const struct ms_recipe *r = pb->r;
@@ -253,6 +293,16 @@ static void check_recipe(struct pb *pb)
         else
             *dt[i].dst = d;
     }
+    if (pb->m) {
+        check_param_names(pb, &r->params);
+        for (size_t i = 0; i < r->nmodels; i++)
+            check_param_names(pb, &r->models[i].params);
+        for (size_t k = 0; k < r->nslices; k++) {
+            check_param_names(pb, &r->slices[k].params);
+            for (size_t i = 0; i < r->slices[k].nsources; i++)
+                check_param_names(pb, &r->slices[k].sources[i].params);
+        }
+    }
     /* Report recipe problems in file order. */
     pb_sort(pb, 0);
 }
@@ -292,12 +342,24 @@ static size_t model_add(struct pb *pb, const struct ms_modelref *ref)
     return p->nmodels++;
 }
 
-static bool slice_has_model(const struct pslice *s, size_t m)
+static const struct psrc *slice_find_model(const struct pslice *s, size_t m)
 {
     for (size_t i = 0; i < s->nsrc; i++)
         if (s->src[i].model == m)
-            return true;
-    return false;
+            return &s->src[i];
+    return NULL;
+}
+
+static bool slice_has_model(const struct pslice *s, size_t m) { return slice_find_model(s, m); }
+
+/* mergekit gathers a model's tensor once however often it is listed (a dict keyed
+ * by model) and reads each parameter from its first entry that sets it. */
+static void dup_warn(struct pb *pb, struct ms_pos pos, size_t m)
+{
+    char wbuf[600];
+    ms_log_warn("%s: model '%s' is listed twice: it is merged as one input, each parameter "
+                "from its first entry that sets it (as mergekit does)", WHERE(pos),
+                model_ref(pb, m));
 }
 
 /* Normalises the models or slices form into pb->sl (mergekit-spec.md 1.3). */
@@ -317,18 +379,22 @@ static void normalize(struct pb *pb)
     if (r->nmodels) {
         struct pslice *s = &pb->sl[0];
         s->src = ms_calloc(r->nmodels + 1, sizeof *s->src);
-        if (!s->src)
+        s->dup = ms_calloc(r->nmodels, sizeof *s->dup);
+        if (!s->src || !s->dup)
             return pb_oom(pb);
         s->pos = r->models[0].pos;
         for (size_t i = 0; i < r->nmodels; i++) {
             size_t m = model_add(pb, &r->models[i].model);
             if (m == SIZE_MAX)
                 return;
-            if (slice_has_model(s, m))
-                pb_err(pb, MS_EPLAN, NULL, "%s: model '%s' is listed twice",
-                       WHERE(r->models[i].pos), model_ref(pb, m));
-            s->src[s->nsrc++] = (struct psrc){ .model = m, .params = &r->models[i].params,
-                                               .pos = r->models[i].pos };
+            struct psrc e = { .model = m, .params = &r->models[i].params,
+                              .pos = r->models[i].pos };
+            if (slice_has_model(s, m)) {
+                dup_warn(pb, e.pos, m);
+                s->dup[s->ndup++] = e;
+            } else {
+                s->src[s->nsrc++] = e;
+            }
         }
         p->base = SIZE_MAX;
         if (r->base_model.path) {
@@ -348,20 +414,28 @@ static void normalize(struct pb *pb)
             s->pos = rs->pos;
             s->params = &rs->params;
             s->src = ms_calloc(rs->nsources ? rs->nsources : 1, sizeof *s->src);
-            if (!s->src)
+            s->dup = ms_calloc(rs->nsources ? rs->nsources : 1, sizeof *s->dup);
+            if (!s->src || !s->dup)
                 return pb_oom(pb);
             for (size_t i = 0; i < rs->nsources; i++) {
                 const struct ms_source *src = &rs->sources[i];
                 size_t m = model_add(pb, &src->model);
                 if (m == SIZE_MAX)
                     return;
-                if (slice_has_model(s, m))
-                    pb_err(pb, MS_EPLAN, NULL, "%s: model '%s' is listed twice in one slice",
-                           WHERE(src->pos), model_ref(pb, m));
-                s->src[s->nsrc++] = (struct psrc){ .model = m, .start = src->layer_range[0],
-                                                   .end = src->layer_range[1],
-                                                   .has_range = src->has_range,
-                                                   .params = &src->params, .pos = src->pos };
+                struct psrc e = { .model = m, .start = src->layer_range[0],
+                                  .end = src->layer_range[1], .has_range = src->has_range,
+                                  .params = &src->params, .pos = src->pos };
+                const struct psrc *first = slice_find_model(s, m);
+                if (first && (first->has_range != e.has_range ||
+                              (e.has_range && (first->start != e.start || first->end != e.end)))) {
+                    pb_err(pb, MS_EPLAN, NULL, "%s: model '%s' is listed twice in one slice "
+                           "with different layer ranges", WHERE(src->pos), model_ref(pb, m));
+                } else if (first) {
+                    dup_warn(pb, e.pos, m);
+                    s->dup[s->ndup++] = e;
+                } else {
+                    s->src[s->nsrc++] = e;
+                }
             }
             if (!rs->nsources)
                 pb_err(pb, MS_ERECIPE, NULL, "%s: slice has no sources", WHERE(rs->pos));
@@ -563,10 +637,11 @@ static bool param_eval(const struct pb *pb, const struct pslice *sl,
 {
     const struct ms_setting *s;
     if (d->per_model) {
-        for (size_t i = 0; i < sl->nsrc; i++) {
-            if (sl->src[i].model != model)
+        for (size_t i = 0; i < sl->nsrc + sl->ndup; i++) {
+            const struct psrc *e = i < sl->nsrc ? &sl->src[i] : &sl->dup[i - sl->nsrc];
+            if (e->model != model)
                 continue;
-            s = param_get(sl->src[i].params, d->name);
+            s = param_get(e->params, d->name);
             if (s && ms_setting_eval(s, name, t, v)) {
                 *pos = s->pos;
                 return true;
@@ -839,6 +914,7 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
         nonfloat |= !fl;
         in->load = (fl && p->dtype != MS_DT_NONE) ? p->dtype : in->dtype;
         load[i] = in->load;
+        job->s.in_dt[i] = in->load;
     }
     bool same = po && po->copies_input && po->copies_input(&job->s); /* result == input 0 */
     if (nonfloat) {
@@ -846,7 +922,7 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
         if (same && (p->out_dtype == MS_DT_NONE || p->out_dtype == in->dtype)) {
             job->copy = true;
             job->s.compute = MS_DT_F32;
-            job->out_dtype = in->dtype;
+            job->out_dtype = job->result = in->dtype;
             return true;
         }
         for (uint32_t i = 0; i < n; i++)
@@ -863,6 +939,7 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
     out = D;
     if (po && po->dtypes)
         po->dtypes(&job->s, load, &D, &out);
+    job->result = out;
     if (p->out_dtype != MS_DT_NONE)
         out = p->out_dtype;
     job->out_dtype = out;
@@ -1243,8 +1320,10 @@ int ms_plan_build(const struct ms_recipe *r, const struct ms_plan_opts *opts,
         ms_free(pb.err[i].key);
     }
     ms_free(pb.err);
-    for (size_t k = 0; k < pb.nsl; k++)
+    for (size_t k = 0; k < pb.nsl; k++) {
         ms_free(pb.sl[k].src);
+        ms_free(pb.sl[k].dup);
+    }
     ms_free(pb.sl);
     ms_free(pb.refs);
     ms__arch_free(pb.arch);

@@ -25,6 +25,7 @@
 
 #include "ms_common.h"
 #include "ms_recipe.h"
+#include "ms_str.h"
 
 /* Recipes are a few kilobytes; this only stops a wrong path from eating memory. */
 #define RECIPE_MAX_BYTES (16u << 20)
@@ -32,6 +33,7 @@
 struct rctx {
     const char *name;             /* file name for messages */
     yaml_document_t *doc;
+    bool strict;                  /* MS_RECIPE_STRICT: an unknown key is an error */
 };
 
 /* ------------------------------------------------------------------ diagnostics */
@@ -523,7 +525,15 @@ static int map_check(const struct rctx *c, const yaml_node_t *map, const char *w
             ok = !strcmp(*kn, ks);
         if (!ok) {
             struct ms_pos p = node_pos(k);
-            ms_log_warn("%s:%d:%d: unknown key '%s'", c->name, p.line, p.col, ks);
+            size_t nk = 0;
+            while (known[nk])
+                nk++;
+            const char *near = ms_str_closest(ks, known, nk);
+            if (c->strict)
+                return rerr(c, p, "unknown key '%s'%s%s%s", ks, near ? " (did you mean '" : "",
+                            near ? near : "", near ? "'?)" : "");
+            ms_log_warn("%s:%d:%d: unknown key '%s'%s%s%s", c->name, p.line, p.col, ks,
+                        near ? " (did you mean '" : "", near ? near : "", near ? "'?)" : "");
         }
     }
     return 0;
@@ -1051,10 +1061,16 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
 
 int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_recipe **out)
 {
+    return ms_recipe_parse_opts(name, text, len, 0, out);
+}
+
+int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe **out)
+{
     yaml_parser_t parser;
     yaml_document_t doc, extra;
     yaml_node_t *root;
-    struct rctx c = {name, &doc};
+    struct rctx c = {name, &doc, (flags & MS_RECIPE_STRICT) != 0};
     bool parser_ok = false, doc_ok = false, extra_ok = false;
     struct ms_recipe *r = NULL;
     int rc = 0;
@@ -1117,6 +1133,11 @@ out:
 
 int ms_recipe_load(const char *path, struct ms_recipe **out)
 {
+    return ms_recipe_load_opts(path, 0, out);
+}
+
+int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out)
+{
     FILE *f = NULL;
     char *buf = NULL;
     size_t len = 0, cap = 0;
@@ -1156,7 +1177,7 @@ int ms_recipe_load(const char *path, struct ms_recipe **out)
             break;
         }
     }
-    rc = ms_recipe_parse(path, buf, len, out);
+    rc = ms_recipe_parse_opts(path, buf, len, flags, out);
 
 out:
     if (f)

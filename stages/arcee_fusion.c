@@ -24,7 +24,8 @@
  *     above; torch's vectorised kernels may differ by an ulp before rounding.
  *   - mergekit's mask is float32, so the last two operations promote to
  *     float32 and its result is float32 whatever D (mergekit issue #604); we
- *     return those float32 values: the output dtype decides the final rounding.
+ *     return those float32 values, and the result dtype is float32 (plan hook
+ *     af_dtypes) unless out_dtype says otherwise.
  *
  * Passes: NEG (count imp < 0), then QUANT (histogram passes of three order
  * statistics advancing together), then apply. ROWWISE: every chunk holds
@@ -270,6 +271,21 @@ static void af_apply(const void *state, const struct ms_stage_job *job, const st
     }
 }
 
+/* mergekit's mask is `.float()`: with two inputs the blend promotes to float32
+ * whatever D (mergekit issue #604); only the base present, the base as it is. */
+static void af_dtypes(const struct ms_stage_job *job, const enum ms_dtype *load,
+                      enum ms_dtype *compute, enum ms_dtype *out)
+{
+    (void)load;
+    (void)compute;
+    if (job->ninputs == 2)
+        *out = MS_DT_F32;
+}
+
+static const struct ms_plan_ops af_plan = {
+    .dtypes = af_dtypes,
+};
+
 static const struct ms_stage_ops af_ops = {
     .flags = MS_STAGE_ROWWISE,
     .state_size = af_state_size,
@@ -289,5 +305,6 @@ const struct ms_method ms_method_arcee_fusion = {
     .max_inputs = 2,
     .nparams = 0,
     .card = { "Arcee Fusion", NULL },
+    .plan = &af_plan,
     .ops = &af_ops,
 };

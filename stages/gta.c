@@ -1040,7 +1040,7 @@ static const struct ms_stage_ops gta_rowwise_ops = {
 };
 
 #define GTA_FLAGS (MS_M_BASE_REQUIRED | MS_M_BASE_INPUT | MS_M_BASE_SHAPE)
-#define GTA_WEIGHT_DENSITY MS__PM_REQ("weight"), MS__PM("density", 1.0, 0, MS__INF, true)
+#define GTA_WEIGHT_DENSITY MS__PM_REQ("weight"), MS__PM("density", 1.0, 0, MS__INF, false)
 #define GTA_GLOBALS(norm, resc)                                                                    \
     MS__G_BOOL("normalize", norm), MS__G_BOOL("rescale", resc),                                    \
         MS__G("lambda", 1.0, -MS__INF, MS__INF), MS__G_BOOL("int8_mask", 0)

@@ -25,6 +25,15 @@
  * stage is ROWWISE and apply computes each row's t from the row alone (no
  * reduce). Both are independent of chunking.
  *
+ * Mixed input dtypes (no dtype:, e.g. a bf16 base and a float16 model): torch
+ * promotes op by op, so every step above rounds to the promotion of its own
+ * operands' dtypes (struct mstock_dt): o_i to P(dt_i, dt_0); a pair's products,
+ * dot, norm product and cosine to P of the two offsets' dtypes; the stacked
+ * cosines, their mean and t to P of all pairs'; the running sum 0 + w_1 + ...
+ * to P of the models added so far, and avg to its last; t*avg, (1-t)*w0 and
+ * their sum to the promotions of their operands. The plan computes in float32
+ * then (every value is exact there) and the stage rounds as above.
+ *
  * Inputs: the base alone is returned unchanged. Otherwise the base and at least
  * two others are needed: fewer is an error here (mergekit omits an optional
  * weight in that case; that is the plan's decision), as is a missing base.
@@ -45,8 +54,19 @@ struct mstock_sums {
     struct ms_xacc a[MS_NMAX + MS_PMAX];
 };
 
+/* Mixed input dtypes: the dtype of each step (file comment). */
+struct mstock_dt {
+    enum ms_dtype od[MS_NMAX];    /* o_i */
+    enum ms_dtype pd[MS_PMAX];    /* pair (i < j, row-major): product, dot, norms' product, cos */
+    enum ms_dtype cd;             /* stacked cosines, their mean, t, 1 - t */
+    enum ms_dtype sd[MS_NMAX];    /* running sum after adding w_i */
+    enum ms_dtype m1, m2, outd;   /* t*avg, (1-t)*w0, their sum */
+};
+
 struct mstock_state {
     uint32_t ib;                  /* input index of the base */
+    bool mixed;                   /* inputs of different dtypes: dt applies */
+    struct mstock_dt dt;
     uint32_t n;                   /* other models N */
     uint32_t it[MS_NMAX];         /* their input indices, in input order */
     bool copy;                    /* the base alone */
@@ -87,6 +107,26 @@ static int mstock_begin(void *state, const struct ms_stage_job *job)
         if (i != s->ib)
             s->it[s->n++] = i;
     s->filter_wise = job->gv[pf] != 0;
+    enum ms_dtype d0 = ms_stage_in_dt(job, s->ib);
+    for (uint32_t i = 0; i < s->n; i++)
+        s->mixed |= ms_stage_in_dt(job, s->it[i]) != d0;
+    if (s->mixed) {
+        struct mstock_dt *t = &s->dt;
+        size_t k = 0;
+        for (uint32_t i = 0; i < s->n; i++) {
+            enum ms_dtype di = ms_stage_in_dt(job, s->it[i]);
+            t->od[i] = ms_dt_promote(di, d0);
+            t->sd[i] = i ? ms_dt_promote(t->sd[i - 1], di) : di;
+        }
+        for (uint32_t i = 0; i < s->n; i++)
+            for (uint32_t l = i + 1; l < s->n; l++, k++) {
+                t->pd[k] = ms_dt_promote(t->od[i], t->od[l]);
+                t->cd = k ? ms_dt_promote(t->cd, t->pd[k]) : t->pd[k];
+            }
+        t->m1 = ms_dt_promote(t->cd, t->sd[s->n - 1]);
+        t->m2 = ms_dt_promote(t->cd, d0);
+        t->outd = ms_dt_promote(t->m1, t->m2);
+    }
     if (s->filter_wise)
         return MS_STAGE_APPLY;
     for (size_t k = 0; k < mstock_nsums(s->n); k++)
@@ -108,6 +148,64 @@ static inline void mstock_add(enum ms_dtype d, const struct mstock_state *s,
     for (uint32_t i = 0; i < s->n; i++)
         for (uint32_t l = i + 1; l < s->n; l++)
             ms_xacc_add(&a[k++], (double)ms_rnd(d, o[i] * o[l]));
+}
+
+/* mstock_add for mixed input dtypes. */
+static void mstock_add_mx(const struct mstock_state *s, const struct ms_chunk *c, size_t j,
+                          struct ms_xacc *a)
+{
+    const struct mstock_dt *t = &s->dt;
+    float o[MS_NMAX];
+    const float w0 = c->in[s->ib][j];
+    for (uint32_t i = 0; i < s->n; i++) {
+        o[i] = ms_rnd(t->od[i], c->in[s->it[i]][j] - w0);
+        ms_xacc_add(&a[i], (double)o[i] * o[i]);
+    }
+    size_t k = s->n, p = 0;
+    for (uint32_t i = 0; i < s->n; i++)
+        for (uint32_t l = i + 1; l < s->n; l++)
+            ms_xacc_add(&a[k++], (double)ms_rnd(t->pd[p++], o[i] * o[l]));
+}
+
+/* mstock_t for mixed input dtypes. */
+static float mstock_t_mx(const struct mstock_dt *t, uint32_t n, const struct ms_xacc *a)
+{
+    float nrm[MS_NMAX];
+    for (uint32_t i = 0; i < n; i++)
+        nrm[i] = ms_rnd(t->od[i], sqrtf((float)ms_xacc_value(&a[i])));
+    float acc = 0.0f;
+    size_t k = n, p = 0;
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t l = i + 1; l < n; l++, p++) {
+            enum ms_dtype d = t->pd[p];
+            const float lo = ms_rnd_param(d, 1e-6);
+            float np = ms_rnd(d, nrm[i] * nrm[l]);
+            np = np < lo ? lo : np;
+            float cs = ms_rnd(d, ms_rnd(d, (float)ms_xacc_value(&a[k++])) / np);
+            cs = cs < -1.0f ? -1.0f : cs;
+            cs = cs > 1.0f ? 1.0f : cs;
+            acc += cs;
+        }
+    enum ms_dtype d = t->cd;
+    float c = ms_rnd(d, acc / (float)p);
+    float fn = (float)n;
+    return ms_rnd(d, ms_rnd(d, fn * c) / ms_rnd(d, 1.0f + ms_rnd(d, (fn - 1.0f) * c)));
+}
+
+/* mstock_mix for mixed input dtypes. */
+static void mstock_mix_mx(const struct mstock_state *s, const struct ms_chunk *c, size_t j0,
+                          size_t j1, float tv, float omt)
+{
+    const struct mstock_dt *t = &s->dt;
+    const float *w0 = c->in[s->ib];
+    const float fn = (float)s->n;
+    for (size_t j = j0; j < j1; j++) {
+        float sum = 0.0f;
+        for (uint32_t i = 0; i < s->n; i++)
+            sum = ms_rnd(t->sd[i], sum + c->in[s->it[i]][j]);
+        float avg = ms_rnd(t->sd[s->n - 1], sum / fn);
+        c->out[j] = ms_rnd(t->outd, ms_rnd(t->m1, tv * avg) + ms_rnd(t->m2, omt * w0[j]));
+    }
 }
 
 /* t from one vector's sums, all in D as the file comment says. */
@@ -140,8 +238,12 @@ static void mstock_reduce(const void *state, const struct ms_stage_job *job,
     struct ms_xacc *a = partial;
     for (size_t k = 0; k < mstock_nsums(s->n); k++)
         ms_xacc_init(&a[k]);
-    for (size_t j = 0; j < (size_t)c->count; j++)
-        mstock_add(job->compute, s, c, j, a);
+    for (size_t j = 0; j < (size_t)c->count; j++) {
+        if (s->mixed)
+            mstock_add_mx(s, c, j, a);
+        else
+            mstock_add(job->compute, s, c, j, a);
+    }
 }
 
 static void mstock_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -156,8 +258,13 @@ static void mstock_fold(void *state, const struct ms_stage_job *job, const struc
 static int mstock_end_pass(void *state, const struct ms_stage_job *job)
 {
     struct mstock_state *s = state;
-    s->t = mstock_t(job->compute, s->n, s->sums.a);
-    s->omt = ms_rnd(job->compute, 1.0f - s->t);
+    if (s->mixed) {
+        s->t = mstock_t_mx(&s->dt, s->n, s->sums.a);
+        s->omt = ms_rnd(s->dt.cd, 1.0f - s->t);
+    } else {
+        s->t = mstock_t(job->compute, s->n, s->sums.a);
+        s->omt = ms_rnd(job->compute, 1.0f - s->t);
+    }
     return MS_STAGE_APPLY;
 }
 
@@ -198,12 +305,38 @@ static inline void mstock_chunk(enum ms_dtype d, const struct mstock_state *s,
     }
 }
 
+/* mstock_chunk for mixed input dtypes. */
+static void mstock_chunk_mx(const struct mstock_state *s, const struct ms_stage_job *job,
+                            const struct ms_chunk *c)
+{
+    size_t n = (size_t)c->count;
+    if (!s->filter_wise) {
+        mstock_mix_mx(s, c, 0, n, s->t, s->omt);
+        return;
+    }
+    size_t row = (size_t)MS_MAX(job->row_len, 1);
+    assert(n % row == 0);
+    struct mstock_sums a;
+    for (size_t r0 = 0; r0 < n; r0 += row) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&a.a[k]);
+        for (size_t j = r0; j < r0 + row; j++)
+            mstock_add_mx(s, c, j, a.a);
+        float t = mstock_t_mx(&s->dt, s->n, a.a);
+        mstock_mix_mx(s, c, r0, r0 + row, t, ms_rnd(s->dt.cd, 1.0f - t));
+    }
+}
+
 static void mstock_apply(const void *state, const struct ms_stage_job *job,
                          const struct ms_chunk *c)
 {
     const struct mstock_state *s = state;
     if (s->copy) {
         memcpy(c->out, c->in[s->ib], (size_t)c->count * sizeof(float));
+        return;
+    }
+    if (s->mixed) {
+        mstock_chunk_mx(s, job, c);
         return;
     }
     switch (job->compute) {

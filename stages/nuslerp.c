@@ -21,6 +21,12 @@
  * (torch casts the bound of a clamp or comparison with a Python scalar to D;
  * a Python scalar times a D tensor is a float32 product rounded to D.)
  *
+ * Mixed input dtypes (no dtype:; compute is then F32): torch promotes op by op
+ * (struct nus_dt). v_k, its norm, the clamp bound and u_k are in d_k = P(x_k,
+ * base) (x_k's own dtype without a base); u_0*u_1, the cosine, th, the sines
+ * and the mix in P(d_0, d_1), except the colinear (1-t)*v_0 and t*v_1, in d_0
+ * and d_1; base + r in the promotion of all three.
+ *
  * Modes ("vectors"), all independent of chunking:
  * - nuslerp_flatten (default): the whole tensor is one vector. Two reduce
  *   passes: the sums of squares, then the sum of rounded u_0*u_1 (it needs
@@ -89,12 +95,22 @@ struct nus_sums {
     struct ms_xacc s0, s1, sc;
 };
 
+/* The dtype of each step (file comment, "mixed input dtypes"); all D when the
+ * inputs share one dtype. */
+struct nus_dt {
+    enum ms_dtype v[2];           /* v_k, its norm and u_k; the colinear (1-t)*v_0, t*v_1 */
+    enum ms_dtype p;              /* u_0*u_1 and everything after it */
+    enum ms_dtype out;            /* base + r */
+};
+
 struct nus_state {
     enum nus_mode mode;
+    bool mixed;                   /* inputs of different dtypes: dt applies */
+    struct nus_dt dt;
     uint32_t i0, i1;              /* input index of x0, x1 (NUS_COPY: i0) */
     int ib;                       /* input index of the base, or -1 */
     float c0, c1;                 /* float32(1 - t), float32(t) */
-    float lo7, lo8;               /* rnd(1e-7), rnd(1e-8) */
+    float lo7[2], lo8;            /* rnd(1e-7) in each v_k's dtype, rnd(1e-8) in dt.p */
     uint32_t pass;                /* reduce pass under way */
     /* NUS_FLAT */
     struct nus_sums sums;
@@ -163,8 +179,25 @@ static int nus_begin(void *state, const struct ms_stage_job *job)
     double t = fabs(sum) < 1e-6 ? 0.5 : w1 / sum;
     s->c0 = (float)(1.0 - t);
     s->c1 = (float)t;
-    s->lo7 = ms_rnd_param(job->compute, 1e-7);
-    s->lo8 = ms_rnd_param(job->compute, 1e-8);
+    /* Mixed input dtypes: torch promotes op by op (file comment). */
+    enum ms_dtype d0 = ms_stage_in_dt(job, s->i0), d1 = ms_stage_in_dt(job, s->i1);
+    if (s->ib >= 0) {
+        enum ms_dtype db = ms_stage_in_dt(job, (uint32_t)s->ib);
+        d0 = ms_dt_promote(d0, db);
+        d1 = ms_dt_promote(d1, db);
+        s->dt.out = ms_dt_promote(ms_dt_promote(d0, d1), db);
+    } else {
+        s->dt.out = ms_dt_promote(d0, d1);
+    }
+    s->dt.v[0] = d0;
+    s->dt.v[1] = d1;
+    s->dt.p = ms_dt_promote(d0, d1);
+    s->mixed = d0 != job->compute || d1 != job->compute || s->dt.out != job->compute;
+    if (!s->mixed)
+        s->dt = (struct nus_dt){ { job->compute, job->compute }, job->compute, job->compute };
+    s->lo7[0] = ms_rnd_param(s->dt.v[0], 1e-7);
+    s->lo7[1] = ms_rnd_param(s->dt.v[1], 1e-7);
+    s->lo8 = ms_rnd_param(s->dt.p, 1e-8);
     s->pass = 0;
     if (job->gv[pf] != 0 || job->ndim == 0) {
         s->mode = NUS_FLAT;
@@ -191,23 +224,24 @@ static int nus_begin(void *state, const struct ms_stage_job *job)
 /* ------------------------------------------------------------------------ */
 /* Per-vector scalars and per-element kernels.                               */
 
-static inline float nus_v(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+static inline float nus_v(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
                           uint32_t k, size_t j)
 {
     float x = c->in[k ? s->i1 : s->i0][j];
-    return s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
+    return s->ib >= 0 ? ms_rnd(d.v[k], x - c->in[s->ib][j]) : x;
 }
 
 /* The clamped norm from a sum of squares. */
-static inline float nus_norm(enum ms_dtype d, const struct nus_state *s, double ss)
+static inline float nus_norm(struct nus_dt d, const struct nus_state *s, uint32_t k, double ss)
 {
-    float n = ms_rnd(d, sqrtf((float)ss));
-    return n < s->lo7 ? s->lo7 : n; /* NaN stays NaN */
+    float n = ms_rnd(d.v[k], sqrtf((float)ss));
+    return n < s->lo7[k] ? s->lo7[k] : n; /* NaN stays NaN */
 }
 
 /* The scalars from the sum of rounded u_0*u_1. */
-static struct nus_coef nus_coef_of(enum ms_dtype d, const struct nus_state *s, double sum)
+static struct nus_coef nus_coef_of(struct nus_dt dt, const struct nus_state *s, double sum)
 {
+    const enum ms_dtype d = dt.p;
     struct nus_coef cf;
     float c = ms_rnd(d, (float)sum);
     c = c < -1.0f ? -1.0f : c > 1.0f ? 1.0f : c;
@@ -219,34 +253,36 @@ static struct nus_coef nus_coef_of(enum ms_dtype d, const struct nus_state *s, d
     return cf;
 }
 
-static inline float nus_mix(enum ms_dtype d, const struct nus_state *s, const struct nus_coef *cf,
+static inline float nus_mix(struct nus_dt dt, const struct nus_state *s, const struct nus_coef *cf,
                             float v0, float v1)
 {
+    const enum ms_dtype d = dt.p;
     if (cf->colinear)
-        return ms_rnd(d, ms_rnd(d, s->c0 * v0) + ms_rnd(d, s->c1 * v1));
+        return ms_rnd(d, ms_rnd(dt.v[0], s->c0 * v0) + ms_rnd(dt.v[1], s->c1 * v1));
     return ms_rnd(d, ms_rnd(d, ms_rnd(d, cf->a * v0) + ms_rnd(d, cf->b * v1)) / cf->s);
 }
 
 /* out[j] for element j with the scalars of its vector. */
-static inline float nus_out(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+static inline float nus_out(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
                             const struct nus_coef *cf, size_t j)
 {
     float r = nus_mix(d, s, cf, nus_v(d, s, c, 0, j), nus_v(d, s, c, 1, j));
-    return s->ib >= 0 ? ms_rnd(d, c->in[s->ib][j] + r) : r;
+    return s->ib >= 0 ? ms_rnd(d.out, c->in[s->ib][j] + r) : r;
 }
 
 /* sum rnd(u_0*u_1) terms of elements [j0, j1) into a. */
-static inline void nus_add_cos(enum ms_dtype d, const struct nus_state *s,
+static inline void nus_add_cos(struct nus_dt d, const struct nus_state *s,
                                const struct ms_chunk *c, size_t j0, size_t j1, float n0, float n1,
                                struct ms_xacc *a)
 {
     for (size_t j = j0; j < j1; j++) {
-        float u0 = ms_rnd(d, nus_v(d, s, c, 0, j) / n0), u1 = ms_rnd(d, nus_v(d, s, c, 1, j) / n1);
-        ms_xacc_add(a, (double)ms_rnd(d, u0 * u1));
+        float u0 = ms_rnd(d.v[0], nus_v(d, s, c, 0, j) / n0);
+        float u1 = ms_rnd(d.v[1], nus_v(d, s, c, 1, j) / n1);
+        ms_xacc_add(a, (double)ms_rnd(d.p, u0 * u1));
     }
 }
 
-static inline void nus_add_sq(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+static inline void nus_add_sq(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
                               size_t j0, size_t j1, struct ms_xacc *a0, struct ms_xacc *a1)
 {
     for (size_t j = j0; j < j1; j++) {
@@ -277,7 +313,7 @@ static int32_t nus_scale(const struct nus_state *s, uint32_t key)
 /* A finite double term scaled by 2^k, truncated to an integer (|result| < 2^126). */
 static inline __int128 nus_fix(double v, int32_t k) { return (__int128)ldexp(v, k); }
 
-static void nus_cols_reduce(enum ms_dtype d, const struct nus_state *s, const struct ms_chunk *c,
+static void nus_cols_reduce(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
                             union nus_pcol *p)
 {
     size_t n = (size_t)c->count;
@@ -299,8 +335,8 @@ static void nus_cols_reduce(enum ms_dtype d, const struct nus_state *s, const st
                 pc->sq.s1 += nus_fix((double)v1 * v1, sc->k1);
             break;
         default: {
-            float u0 = ms_rnd(d, v0 / sc->n0), u1 = ms_rnd(d, v1 / sc->n1);
-            float pr = ms_rnd(d, u0 * u1);
+            float u0 = ms_rnd(d.v[0], v0 / sc->n0), u1 = ms_rnd(d.v[1], v1 / sc->n1);
+            float pr = ms_rnd(d.p, u0 * u1);
             if (isfinite(pr))
                 pc->cs.sc += nus_fix(pr, 124 - (int32_t)s->lbits);
             else
@@ -343,7 +379,7 @@ static double nus_cols_ss(uint32_t key, __int128 sum, int32_t k)
     return ldexp((double)sum, -k);
 }
 
-static int nus_cols_end(enum ms_dtype d, struct nus_state *s)
+static int nus_cols_end(struct nus_dt d, struct nus_state *s)
 {
     for (uint64_t k = 0; k < s->cols; k++) {
         struct nus_col *sc = &s->col[k];
@@ -353,8 +389,8 @@ static int nus_cols_end(enum ms_dtype d, struct nus_state *s)
             sc->k1 = sc->key1 && sc->key1 < 0x7f800000u ? nus_scale(s, sc->key1) : 0;
             break;
         case 1:
-            sc->n0 = nus_norm(d, s, nus_cols_ss(sc->key0, sc->s0, sc->k0));
-            sc->n1 = nus_norm(d, s, nus_cols_ss(sc->key1, sc->s1, sc->k1));
+            sc->n0 = nus_norm(d, s, 0, nus_cols_ss(sc->key0, sc->s0, sc->k0));
+            sc->n1 = nus_norm(d, s, 1, nus_cols_ss(sc->key1, sc->s1, sc->k1));
             break;
         default: {
             double sum = ldexp((double)sc->sc, -(124 - (int32_t)s->lbits));
@@ -375,7 +411,7 @@ static void nus_reduce(const void *state, const struct ms_stage_job *job, const 
                        void *partial)
 {
     const struct nus_state *s = state;
-    const enum ms_dtype d = job->compute;
+    const struct nus_dt d = s->dt;
     size_t n = (size_t)c->count;
     if (s->mode == NUS_COLS) {
         nus_cols_reduce(d, s, c, partial);
@@ -412,12 +448,12 @@ static void nus_fold(void *state, const struct ms_stage_job *job, const struct m
 static int nus_end_pass(void *state, const struct ms_stage_job *job)
 {
     struct nus_state *s = state;
-    const enum ms_dtype d = job->compute;
+    const struct nus_dt d = s->dt;
     if (s->mode == NUS_COLS)
         return nus_cols_end(d, s);
     if (s->pass == 0) {
-        s->n0 = nus_norm(d, s, ms_xacc_value(&s->sums.s0));
-        s->n1 = nus_norm(d, s, ms_xacc_value(&s->sums.s1));
+        s->n0 = nus_norm(d, s, 0, ms_xacc_value(&s->sums.s0));
+        s->n1 = nus_norm(d, s, 1, ms_xacc_value(&s->sums.s1));
         ms_xacc_init(&s->sums.sc);
         s->pass = 1;
         return MS_STAGE_REDUCE;
@@ -426,7 +462,7 @@ static int nus_end_pass(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
-static inline void nus_chunk(enum ms_dtype d, const struct nus_state *s,
+static inline void nus_chunk(struct nus_dt d, const struct nus_state *s,
                              const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     size_t n = (size_t)c->count;
@@ -444,7 +480,8 @@ static inline void nus_chunk(enum ms_dtype d, const struct nus_state *s,
             ms_xacc_init(&a1);
             ms_xacc_init(&ac);
             nus_add_sq(d, s, c, r0, r0 + row, &a0, &a1);
-            float n0 = nus_norm(d, s, ms_xacc_value(&a0)), n1 = nus_norm(d, s, ms_xacc_value(&a1));
+            float n0 = nus_norm(d, s, 0, ms_xacc_value(&a0));
+            float n1 = nus_norm(d, s, 1, ms_xacc_value(&a1));
             nus_add_cos(d, s, c, r0, r0 + row, n0, n1, &ac);
             struct nus_coef cf = nus_coef_of(d, s, ms_xacc_value(&ac));
             for (size_t j = r0; j < r0 + row; j++)
@@ -469,18 +506,24 @@ static void nus_apply(const void *state, const struct ms_stage_job *job, const s
         memcpy(c->out, c->in[s->i0], (size_t)c->count * sizeof(float));
         return;
     }
-    switch (job->compute) {
+#define NUS_DT(x) ((struct nus_dt){ { (x), (x) }, (x), (x) })
+    if (s->mixed) {
+        nus_chunk(s->dt, s, job, c);
+        return;
+    }
+    switch (job->compute) { /* constant dtypes: the compiler specialises each */
     case MS_DT_BF16:
-        nus_chunk(MS_DT_BF16, s, job, c);
+        nus_chunk(NUS_DT(MS_DT_BF16), s, job, c);
         break;
     case MS_DT_F16:
-        nus_chunk(MS_DT_F16, s, job, c);
+        nus_chunk(NUS_DT(MS_DT_F16), s, job, c);
         break;
     default:
         assert(job->compute == MS_DT_F32);
-        nus_chunk(MS_DT_F32, s, job, c);
+        nus_chunk(NUS_DT(MS_DT_F32), s, job, c);
         break;
     }
+#undef NUS_DT
 }
 
 static const struct ms_stage_ops nus_ops = {

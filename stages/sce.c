@@ -11,7 +11,8 @@
  *     t_i  = t_i * mask, mask = the k positions of largest |var| (k == 0: none)
  *   S    = rnd(sum t_i), maj = S >= 0 ? +1 : -1, m_i = sign(t_i) == maj
  *   mu_i = rnd(sum rnd(t_i^2) / numel)                (after the variance mask)
- *   w_i  = mu_i / sum mu (double), or 1/N when |sum mu| < 1e-6;  W_i = rnd(w_i)
+ *   ws   = rnd(sum mu) (float32 sum in model order: torch.sum(weights).item())
+ *   W_i  = rnd(mu_i / ws), or rnd(1 / N) when |ws| < 1e-6 (float32 division)
  *   ew_i = W_i * m_i
  *   out  = rnd(B + rnd(rnd(sum rnd(t_i*ew_i)) / max(rnd(sum ew_i), rnd(1e-6))))
  * Sums over models accumulate in float32 from +0 in model order and round once.
@@ -264,16 +265,18 @@ static int sce_end_pass(void *state, const struct ms_stage_job *job)
             ms__sel_end_ties(&st->sel);
         return ms__sel_phase(&st->sel) != MS__SEL_DONE ? MS_STAGE_REDUCE : sce_after_select(st);
     case SCE_MU: {
-        /* mu_i = mean(rnd(t_i^2)) in D; the weights are Python doubles. */
-        double mu[MS_MAX_INPUTS], sum = 0.0;
+        /* mu_i = mean(rnd(t_i^2)) in D; mergekit's weight_sum is
+         * torch.sum(weights).item(): a float32 sum rounded to D, and
+         * weights / weight_sum divides by it as a float32 scalar. */
+        float mu[MS_MAX_INPUTS], sum = 0.0f;
         for (uint32_t j = 0; j < st->nm; j++) {
             mu[j] = ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
             sum += mu[j];
         }
-        for (uint32_t j = 0; j < st->nm; j++) {
-            double w = fabs(sum) < 1e-6 ? 1.0 / st->nm : mu[j] / sum;
-            st->w[j] = ms_rnd_param(st->dt, w);
-        }
+        sum = ms_rnd(st->dt, sum);
+        for (uint32_t j = 0; j < st->nm; j++)
+            st->w[j] = fabsf(sum) < 1e-6 ? ms_rnd(st->dt, 1.0f / (float)st->nm)
+                                         : ms_rnd(st->dt, mu[j] / sum);
         st->phase = SCE_APPLY;
         return MS_STAGE_APPLY;
     }

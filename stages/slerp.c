@@ -12,8 +12,9 @@
  *                     s0 = sinf(th - tt)/sinf(th), s1 = sinf(tt)/sinf(th),
  *                     res = s0*a + s1*b
  * Every product and sum is a float32 operation (no FMA: -ffp-contract=off).
- * apply writes res as float32; the engine encodes it in the output dtype (the
- * base tensor's), which is the spec's final cast.
+ * apply writes res as float32; the result dtype is the base tensor's (slerp_dtypes):
+ * the engine rounds to it and then, when a recipe sets out_dtype, to that, as
+ * mergekit's .to(base.dtype) followed by its writer's cast.
  *
  * dot: NumPy computes sum(a/na * b/nb) with a pairwise float32 sum, whose order
  * depends on the array layout and SIMD width. We compute the exact a.b divided

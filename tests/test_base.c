@@ -414,3 +414,19 @@ Test(base, file_commit_fsync_failure_closes_and_removes)
     free(final);
     free(tmp);
 }
+
+/* Edit distances counted by hand: normalise -> normalize (1 substitution),
+ * nomalize (1 insertion), densty (1 insertion), desnity (1 swap), wieght (1 swap). */
+Test(base, str_closest_names_the_nearest_candidate)
+{
+    static const char *const c[] = { "weight", "density", "normalize", "rescale", "t" };
+    cr_assert_str_eq(ms_str_closest("normalise", c, 5), "normalize");
+    cr_assert_str_eq(ms_str_closest("nomalize", c, 5), "normalize");
+    cr_assert_str_eq(ms_str_closest("densty", c, 5), "density");
+    cr_assert_str_eq(ms_str_closest("desnity", c, 5), "density");
+    cr_assert_str_eq(ms_str_closest("wieght", c, 5), "weight");
+    cr_assert_str_eq(ms_str_closest("T", c, 5), "t");
+    cr_assert_null(ms_str_closest("bogus", c, 5), "5 letters: at most 2 edits");
+    cr_assert_null(ms_str_closest("xy", c, 5), "2 letters: at most 1 edit (t needs 2)");
+    cr_assert_null(ms_str_closest("density", c, 0));
+}

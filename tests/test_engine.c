@@ -293,3 +293,48 @@ Test(engine, peak_rss_under_budget_with_tensor_larger_than_budget, .timeout = 30
 #endif
     free(err);
 }
+
+/*
+ * mergekit's slerp returns `slerp(...).to(base.dtype)` and the writer then casts
+ * to out_dtype (merge_methods/slerp.py): a bf16 merge written as float32 or
+ * float16 holds the bf16 result widened or rounded again, never slerp's float32
+ * values. The bf16 run (no out_dtype) is the reference for the rule.
+ */
+Test(engine, slerp_rounds_to_the_base_dtype_before_out_dtype)
+{
+    static const char body[] = "merge_method: slerp\nbase_model: base\nmodels:\n"
+                               "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n";
+    const char *outs[] = { "float32", "float16" };
+    write_recipe("s.yml", body);
+    run_ok("cd %s && rm -rf s && mergestream merge s.yml s -q", g_dir);
+    for (size_t v = 0; v < MS_ARRAY_LEN(outs); v++) {
+        char text[512];
+        snprintf(text, sizeof text, "out_dtype: %s\n%s", outs[v], body);
+        write_recipe("s2.yml", text);
+        run_ok("cd %s && rm -rf s2 && mergestream merge s2.yml s2 -q", g_dir);
+        struct ms_model *ref = open_model("s"), *got = open_model("s2");
+        uint64_t checked = 0;
+        for (size_t k = 0; k < ref->ntensors; k++) {
+            uint32_t sh;
+            const struct ms_st_tensor *t = ms_model_tensor_at(ref, k, &sh);
+            uint64_t n, n2;
+            enum ms_dtype dt, dt2;
+            float *r = read_tensor(ref, t->name, &n, &dt);
+            float *o = read_tensor(got, t->name, &n2, &dt2);
+            cr_assert_eq(dt, MS_DT_BF16);
+            cr_assert_eq(dt2, v == 0 ? MS_DT_F32 : MS_DT_F16, "%s: out_dtype", t->name);
+            cr_assert_eq(n, n2);
+            for (uint64_t e = 0; e < n; e++) {
+                float want = v == 0 ? r[e] : ms_round_f16_1(r[e]);
+                cr_assert(ms_f32_bits(o[e]) == ms_f32_bits(want), "%s %s[%llu]: got %a want %a",
+                          outs[v], t->name, (unsigned long long)e, o[e], want);
+            }
+            checked += n;
+            free(r);
+            free(o);
+        }
+        cr_assert_gt(checked, 100000);
+        ms_model_free(ref);
+        ms_model_free(got);
+    }
+}

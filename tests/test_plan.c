@@ -614,6 +614,8 @@ Test(plan, dtype_rules)
     const struct ms_job *j = job_ok(LAYER(0, "mlp.up_proj.weight"));
     cr_assert_eq(j->s.compute, MS_DT_F32, "bf16 with f16 promotes to f32");
     cr_assert_eq(j->out_dtype, MS_DT_F32);
+    cr_assert_eq(j->s.in_dt[input_of(j, "h")], MS_DT_F16, "each input keeps its own dtype");
+    cr_assert_eq(j->s.in_dt[input_of(j, "b")], MS_DT_BF16);
     ms_plan_free(g_plan);
     ms_recipe_free(g_recipe);
     g_plan = NULL;
@@ -769,8 +771,33 @@ Test(plan, err_density_out_of_range)
     mk((struct mspec){ .dir = "a" });
     mk((struct mspec){ .dir = "b" });
     plan_fails("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n"
-               "    parameters: {weight: 1, density: 0}\n",
-               MS_EPLAN, "r.yml:5:", "density 0 is out of range (0,", "model 'b'", NULL);
+               "    parameters: {weight: 1, density: -0.5}\n",
+               MS_EPLAN, "r.yml:5:", "density -0.5 is out of range [0,", "model 'b'", NULL);
+}
+
+/* density 0 is a value for mergekit's sparsifiers except magnitude (ties), which
+ * asserts k > 0 (sparsify.py); the stage tests check what each one keeps. */
+Test(plan, density_zero_follows_mergekit_per_method)
+{
+    static const char *const ok[] = { "task_arithmetic", "dare_ties", "dare_linear",
+                                      "breadcrumbs", "breadcrumbs_ties", "della",
+                                      "della_linear" };
+    char y[512];
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    for (size_t i = 0; i < MS_ARRAY_LEN(ok); i++) {
+        snprintf(y, sizeof y, "merge_method: %s\nbase_model: a\nmodels:\n  - model: b\n"
+                 "    parameters: {weight: 1, density: 0}\n", ok[i]);
+        plan_ok(y);
+        cr_assert_eq(pv("model.norm.weight", "b", "density"), 0.0, "%s", ok[i]);
+        ms_plan_free(g_plan);
+        ms_recipe_free(g_recipe);
+        g_plan = NULL;
+        g_recipe = NULL;
+    }
+    plan_fails("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n"
+               "    parameters: {weight: 1, density: 0}\n", MS_EPLAN,
+               "density 0 keeps no element of tensor", NULL);
 }
 
 Test(plan, density_above_one_follows_the_registry)
@@ -1179,5 +1206,129 @@ Test(plan, examples_plan_after_demo_models, .timeout = 120)
     cr_assert_eq(rc, 0, "%s\n%s", out, err);
     cr_assert_geq(atoi(out), 5, "%s", out);
     free(out);
+    free(err);
+}
+
+/* mergekit's arcee_fusion blends with a `.float()` mask, so its result is float32
+ * whatever the compute dtype (merge_methods/arcee_fusion.py, mergekit issue #604).
+ * out_dtype still decides. */
+Test(plan, arcee_fusion_result_is_float32)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    plan_ok("merge_method: arcee_fusion\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n");
+    const struct ms_job *j = job_ok(LAYER(0, "mlp.up_proj.weight"));
+    cr_assert_eq(j->s.compute, MS_DT_BF16);
+    cr_assert_eq(j->out_dtype, MS_DT_F32);
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+    plan_ok("merge_method: arcee_fusion\nbase_model: a\nout_dtype: bfloat16\nmodels:\n"
+            "  - model: a\n  - model: b\n");
+    cr_assert_eq(job_ok(LAYER(0, "mlp.up_proj.weight"))->out_dtype, MS_DT_BF16);
+}
+
+/*
+ * A model listed twice is one input (mergekit gathers dict(zip(models, ...)));
+ * config.py's parameter() reads, per parameter, the first entry of that model
+ * that sets it, then the slice's and the global parameters.
+ */
+Test(plan, model_listed_twice_is_one_input)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    mk((struct mspec){ .dir = "c" });
+    plan_ok("merge_method: ties\nbase_model: a\nparameters: {density: 0.9}\nmodels:\n"
+            "  - model: b\n    parameters: {weight: 1}\n"
+            "  - model: c\n    parameters: {weight: 2}\n"
+            "  - model: b\n    parameters: {weight: 5, density: 0.5}\n");
+    const char *t = LAYER(1, "mlp.up_proj.weight");
+    const struct ms_job *j = job_ok(t);
+    cr_assert_eq(j->s.ninputs, 3, "b, c and the base a");
+    cr_assert_eq(input_of(j, "b"), 0);
+    cr_assert_eq(input_of(j, "c"), 1);
+    cr_assert_eq(pv(t, "b", "weight"), 1.0, "the first entry's weight");
+    cr_assert_eq(pv(t, "b", "density"), 0.5, "density from the second entry, before the global");
+    cr_assert_eq(pv(t, "c", "density"), 0.9);
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+    plan_ok("merge_method: linear\nslices:\n  - sources:\n"
+            "      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: 1}\n"
+            "      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: 3}\n"
+            "      - model: b\n        layer_range: [0, 2]\n        parameters: {weight: 2}\n");
+    j = job_ok(LAYER(1, "mlp.up_proj.weight"));
+    cr_assert_eq(j->s.ninputs, 2);
+    cr_assert_eq(pv(LAYER(1, "mlp.up_proj.weight"), "a", "weight"), 1.0);
+    ms_plan_free(g_plan);
+    ms_recipe_free(g_recipe);
+    g_plan = NULL;
+    g_recipe = NULL;
+    plan_fails("merge_method: linear\nslices:\n  - sources:\n"
+               "      - model: a\n        layer_range: [0, 2]\n        parameters: {weight: 1}\n"
+               "      - model: a\n        layer_range: [2, 4]\n        parameters: {weight: 1}\n",
+               MS_EPLAN, "r.yml:7:9", "model 'a' is listed twice in one slice with different "
+               "layer ranges", NULL);
+}
+
+/*
+ * Names under parameters: that the method does not declare are ignored by mergekit
+ * (and by us), but a misspelt one changes the merge: a warning with file:line:col
+ * and the closest declared name; --strict makes it (and an unknown recipe key) an
+ * error.
+ */
+Test(plan, misspelt_parameter_names_warn_and_strict_refuses)
+{
+    mk((struct mspec){ .dir = "a" });
+    mk((struct mspec){ .dir = "b" });
+    const char *y = "merge_method: ties\nbase_model: a\nparameters:\n  normalise: false\n"
+                    "models:\n  - model: b\n    parameters: {weight: 1, densty: 0.5}\n"
+                    "slices_extra_ok: 1\n";
+    cr_assert_eq(th_write("r.yml", y, strlen(y)), 0);
+    const char *y2 = "merge_method: linear\nparameters: {nomalize: true, bogus: 1}\n"
+                     "models:\n  - model: a\n    parameters: {weight: 1}\n";
+    cr_assert_eq(th_write("r2.yml", y2, strlen(y2)), 0);
+    char cmd[1024], *err = NULL;
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan r.yml > /dev/null", g_dir);
+    int rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 0, "%s", err);
+    cr_assert(strstr(err, "r.yml:4:3: unknown parameter 'normalise' for merge method 'ties' "
+                          "(did you mean 'normalize'?)"), "%s", err);
+    cr_assert(strstr(err, "r.yml:7:29: unknown parameter 'densty' for merge method 'ties' "
+                          "(did you mean 'density'?)"), "%s", err);
+    cr_assert(strstr(err, "r.yml:8:1: unknown key 'slices_extra_ok'"), "%s", err);
+    free(err);
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan r2.yml > /dev/null", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 0, "%s", err);
+    cr_assert(strstr(err, "r2.yml:2:14: unknown parameter 'nomalize' for merge method 'linear' "
+                          "(did you mean 'normalize'?)"), "%s", err);
+    cr_assert(strstr(err, "r2.yml:2:30: unknown parameter 'bogus' for merge method 'linear' "
+                          "(known: weight, normalize)"), "%s", err);
+    free(err);
+    /* --strict: each is an error; an unknown recipe key stops the parse first. */
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan --strict r2.yml", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 1, "%s", err);
+    cr_assert(strstr(err, "mergestream: r2.yml:2:14: unknown parameter 'nomalize'"), "%s", err);
+    cr_assert(strstr(err, "mergestream: r2.yml:2:30: unknown parameter 'bogus'"), "%s", err);
+    free(err);
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream merge --strict r.yml out", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 1, "%s", err);
+    cr_assert(strstr(err, "r.yml:8:1: unknown key 'slices_extra_ok'"), "%s", err);
+    free(err);
+    cr_assert_neq(access("out", F_OK), 0, "no output after a strict refusal");
+    /* Near misses of top-level keys are named too. */
+    const char *y3 = "merge_method: linear\nparamters: {weight: 1}\nmodels:\n  - model: a\n"
+                     "    parameters: {weight: 1}\n";
+    cr_assert_eq(th_write("r3.yml", y3, strlen(y3)), 0);
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan --strict r3.yml", g_dir);
+    rc = th_run(cmd, NULL, &err);
+    cr_assert_eq(rc, 1, "%s", err);
+    cr_assert(strstr(err, "r3.yml:2:1: unknown key 'paramters' (did you mean 'parameters'?)"),
+              "%s", err);
     free(err);
 }

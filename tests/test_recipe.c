@@ -893,9 +893,24 @@ Test(recipe_warnings, unknown_keys, .init = cr_redirect_stderr)
     cr_assert_eq(param(&r->models[0].params, "weight")->scalar, 0.5);
     ms_recipe_free(r);
     fflush(stderr);
-    cr_assert_stderr_eq_str("mergestream: warning: r.yml:9:1: unknown key 'merge_methd'\n"
-                            "mergestream: warning: r.yml:3:5: unknown key 'paramters'\n"
+    cr_assert_stderr_eq_str("mergestream: warning: r.yml:9:1: unknown key 'merge_methd' "
+                            "(did you mean 'merge_method'?)\n"
+                            "mergestream: warning: r.yml:3:5: unknown key 'paramters' "
+                            "(did you mean 'parameters'?)\n"
                             "mergestream: warning: r.yml:7:35: unknown key 'note'\n");
+}
+
+/* MS_RECIPE_STRICT (--strict): the first unknown key is an error naming it. */
+Test(recipe_warnings, strict_makes_unknown_keys_errors)
+{
+    static const char y[] = "merge_method: linear\nmodels:\n  - model: a\n    paramters: {}\n";
+    struct ms_recipe *r = NULL;
+    cr_assert_eq(ms_recipe_parse_opts("r.yml", y, strlen(y), MS_RECIPE_STRICT, &r), MS_ERECIPE);
+    cr_assert_null(r);
+    cr_assert_str_eq(ms_errmsg(), "r.yml:4:5: unknown key 'paramters' (did you mean "
+                                  "'parameters'?)");
+    cr_assert_eq(ms_recipe_parse_opts("r.yml", y, strlen(y), 0, &r), 0);
+    ms_recipe_free(r);
 }
 
 /* ------------------------------------------------------------------ loading */

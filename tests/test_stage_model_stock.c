@@ -162,3 +162,146 @@ Test(model_stock, random_vs_reference_bit_exact)
                                   j, out[j], want[j]);
                 }
 }
+
+/*
+ * Mixed input dtypes (no dtype:): a reference that follows mergekit's Python line
+ * by line with values that carry their torch dtype (struct tv). Every binary op
+ * returns the promotion of its operands' dtypes (equal: that one; bf16 with f16 or
+ * anything with f32: f32) and rounds to it; a Python int or float operand takes
+ * the tensor's dtype; torch.stack promotes to the common dtype; a mean or a vector
+ * sum is a float32 sum rounded once to the tensor's dtype. Nothing is precomputed
+ * per step, so the stage's table of step dtypes is checked, not copied.
+ */
+struct tv {
+    float v;
+    enum ms_dtype d;
+};
+
+static enum ms_dtype tv_pro(enum ms_dtype a, enum ms_dtype b)
+{
+    return a == b ? a : MS_DT_F32;
+}
+
+static struct tv tv_mk(enum ms_dtype d, float v) { return (struct tv){ th_stage_round(d, v), d }; }
+static struct tv tv_sub(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v - b.v); }
+static struct tv tv_add(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v + b.v); }
+static struct tv tv_mul(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v * b.v); }
+static struct tv tv_div(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v / b.v); }
+/* tensor op Python number: the number in the tensor's dtype's op math (float32) */
+static struct tv tv_muls(struct tv a, float s) { return tv_mk(a.d, a.v * s); }
+static struct tv tv_divs(struct tv a, float s) { return tv_mk(a.d, a.v / s); }
+static struct tv tv_radds(float s, struct tv a) { return tv_mk(a.d, s + a.v); }
+static struct tv tv_rsubs(float s, struct tv a) { return tv_mk(a.d, s - a.v); }
+
+enum { MX_N = 40 };
+
+/* mergekit model_stock over one flattened vector of MX_N elements. */
+static void ref_mixed(const float *const *in, const enum ms_dtype *dt, uint32_t n, int base,
+                      float *out, enum ms_dtype *out_dt)
+{
+    struct tv w0[MX_N], ws[MS_MAX_INPUTS][MX_N], off[MS_MAX_INPUTS][MX_N];
+    uint32_t N = 0;
+    for (int j = 0; j < MX_N; j++)
+        w0[j] = tv_mk(dt[base], in[base][j]);
+    for (uint32_t i = 0; i < n; i++) {
+        if ((int)i == base)
+            continue;
+        for (int j = 0; j < MX_N; j++) {
+            ws[N][j] = tv_mk(dt[i], in[i][j]);
+            off[N][j] = tv_sub(ws[N][j], w0[j]); /* offsets = [w - w_0 for w in ws] */
+        }
+        N++;
+    }
+    struct tv cos[MS_MAX_INPUTS * MS_MAX_INPUTS];
+    uint32_t K = 0;
+    for (uint32_t a = 0; a < N; a++)
+        for (uint32_t b = a + 1; b < N; b++) {
+            long double sa = 0, sb = 0, sp = 0;
+            enum ms_dtype pd = tv_pro(off[a][0].d, off[b][0].d);
+            for (int j = 0; j < MX_N; j++) {
+                sa += (long double)off[a][j].v * off[a][j].v;
+                sb += (long double)off[b][j].v * off[b][j].v;
+                sp += tv_mul(off[a][j], off[b][j]).v;
+            }
+            struct tv na = tv_mk(off[a][0].d, sqrtf((float)sa)); /* torch.norm */
+            struct tv nb = tv_mk(off[b][0].d, sqrtf((float)sb));
+            struct tv np = tv_mul(na, nb);
+            struct tv lo = tv_mk(np.d, 1e-6f);                  /* .clamp(min=1e-6) */
+            if (np.v < lo.v)
+                np = lo;
+            struct tv c = tv_div(tv_mk(pd, (float)sp), np);     /* (.. * ..).sum() / .. */
+            c.v = fminf(fmaxf(c.v, -1.0f), 1.0f);
+            cos[K++] = c;
+        }
+    enum ms_dtype cd = cos[0].d;                                /* torch.stack promotes */
+    for (uint32_t k = 1; k < K; k++)
+        cd = tv_pro(cd, cos[k].d);
+    float acc = 0;
+    for (uint32_t k = 0; k < K; k++)
+        acc += cos[k].v;
+    struct tv c = tv_mk(cd, acc / (float)K);                    /* .mean(dim=0) */
+    struct tv t = tv_div(tv_muls(c, (float)N), tv_radds(1.0f, tv_muls(c, (float)(N - 1))));
+    for (int j = 0; j < MX_N; j++) {
+        struct tv s = ws[0][j];                                 /* sum(ws): 0 + w_1 is w_1 */
+        for (uint32_t i = 1; i < N; i++)
+            s = tv_add(s, ws[i][j]);
+        struct tv avg = tv_divs(s, (float)N);
+        struct tv r = tv_add(tv_mul(t, avg), tv_mul(tv_rsubs(1.0f, t), w0[j]));
+        out[j] = r.v;
+        *out_dt = r.d;
+    }
+}
+
+Test(model_stock, mixed_input_dtypes_promote_op_by_op)
+{
+    static const enum ms_dtype combos[][4] = {
+        { MS_DT_BF16, MS_DT_F16, MS_DT_F16, MS_DT_F16 },
+        { MS_DT_F16, MS_DT_BF16, MS_DT_F16, MS_DT_BF16 },
+        { MS_DT_BF16, MS_DT_BF16, MS_DT_F16, MS_DT_BF16 },
+        { MS_DT_F32, MS_DT_BF16, MS_DT_BF16, MS_DT_BF16 },
+        { MS_DT_BF16, MS_DT_BF16, MS_DT_BF16, MS_DT_F32 },
+    };
+    static float store[4][MX_N], out[MX_N], want[MX_N], same[MX_N];
+    static const int64_t shape[1] = { MX_N };
+    int differs = 0;
+    for (size_t k = 0; k < MS_ARRAY_LEN(combos); k++) {
+        for (uint32_t n = 3; n <= 4; n++) {
+            uint64_t s = 9100 + k * 10 + n;
+            float dir[MX_N];
+            for (int j = 0; j < MX_N; j++) {
+                store[0][j] = th_stage_value(MS_DT_F32, &s, 0.05f);
+                dir[j] = th_stage_value(MS_DT_F32, &s, 0.01f);
+            }
+            const float *in[4];
+            for (uint32_t i = 0; i < n; i++) {
+                for (int j = 0; j < MX_N; j++)
+                    store[i][j] = th_stage_round(combos[k][i],
+                                                 i ? store[0][j] + dir[j] +
+                                                         th_stage_value(MS_DT_F32, &s, 0.01f)
+                                                   : store[0][j]);
+                in[i] = store[i];
+            }
+            enum ms_dtype od;
+            ref_mixed(in, combos[k], n, 0, want, &od);
+            struct ms_stage_job job;
+            enum ms_dtype D = combos[k][0];
+            for (uint32_t i = 1; i < n; i++)
+                D = tv_pro(D, combos[k][i]);
+            th_stage_job(&job, "model_stock", shape, 1, D, n); /* the plan's promotion */
+            job.base = 0;
+            for (uint32_t i = 0; i < n; i++)
+                job.in_dt[i] = combos[k][i];
+            static const uint64_t sizes[] = { 0, 1, 7 };
+            th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+            for (int j = 0; j < MX_N; j++)
+                cr_assert(ms_f32_bits(out[j]) == ms_f32_bits(want[j]),
+                          "combo %zu n %u elt %d: %a vs %a", k, n, j, out[j], want[j]);
+            cr_assert_eq(od, D, "the result is the promotion of all inputs");
+            /* promoting everything to float32 up front (the old rule) gives other bytes */
+            memset(job.in_dt, 0, sizeof job.in_dt);
+            cr_assert_eq(ms_stage_run_mem(&job, in, same, 0), 0);
+            differs += memcmp(same, want, sizeof want) != 0;
+        }
+    }
+    cr_assert_gt(differs, 0, "no case tells op-by-op promotion from float32 up front");
+}

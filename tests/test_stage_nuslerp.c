@@ -198,3 +198,118 @@ Test(nuslerp, random_vs_reference_bit_exact)
                                       dts[d], sh, mode, job.base, near, j, out[j], want[j]);
                     }
 }
+
+/*
+ * Mixed input dtypes (no dtype:): mergekit's nuslerp() line by line over one
+ * flattened vector, with values that carry their torch dtype (struct tv): a binary
+ * op on two tensors returns the promotion of their dtypes (equal: that one; else
+ * float32 here) rounded to it; a Python float operand takes the tensor's dtype
+ * (float32 op math); a vector sum or norm is a float32 sum rounded once to the
+ * tensor's dtype. No step dtype is precomputed.
+ */
+struct tv {
+    float v;
+    enum ms_dtype d;
+};
+static enum ms_dtype tv_pro(enum ms_dtype a, enum ms_dtype b) { return a == b ? a : MS_DT_F32; }
+static struct tv tv_mk(enum ms_dtype d, float v) { return (struct tv){ th_stage_round(d, v), d }; }
+static struct tv tv_sub(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v - b.v); }
+static struct tv tv_add(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v + b.v); }
+static struct tv tv_mul(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v * b.v); }
+static struct tv tv_div(struct tv a, struct tv b) { return tv_mk(tv_pro(a.d, b.d), a.v / b.v); }
+static struct tv tv_smul(float s, struct tv a) { return tv_mk(a.d, s * a.v); }
+static struct tv tv_fn(float (*f)(float), struct tv a) { return tv_mk(a.d, f(a.v)); }
+
+enum { MXN = 60 };
+
+static void ref_mixed(const float *x0, const float *x1, const float *b, const enum ms_dtype *dt,
+                      double t, float *out, enum ms_dtype *out_dt)
+{
+    struct tv v0[MXN], v1[MXN];
+    for (int j = 0; j < MXN; j++) {
+        struct tv a = tv_mk(dt[0], x0[j]), c = tv_mk(dt[1], x1[j]);
+        v0[j] = b ? tv_sub(a, tv_mk(dt[2], b[j])) : a; /* tensors[k] - base_tensor */
+        v1[j] = b ? tv_sub(c, tv_mk(dt[2], b[j])) : c;
+    }
+    /* _normalize: x / torch.norm(x).clamp(min=1e-7) */
+    long double s0 = 0, s1 = 0;
+    for (int j = 0; j < MXN; j++) {
+        s0 += (long double)v0[j].v * v0[j].v;
+        s1 += (long double)v1[j].v * v1[j].v;
+    }
+    struct tv n0 = tv_mk(v0[0].d, sqrtf((float)s0)), n1 = tv_mk(v1[0].d, sqrtf((float)s1));
+    struct tv l0 = tv_mk(n0.d, 1e-7f), l1 = tv_mk(n1.d, 1e-7f);
+    n0 = n0.v < l0.v ? l0 : n0;
+    n1 = n1.v < l1.v ? l1 : n1;
+    long double sc = 0;
+    enum ms_dtype pd = tv_pro(v0[0].d, v1[0].d);
+    for (int j = 0; j < MXN; j++)
+        sc += tv_mul(tv_div(v0[j], n0), tv_div(v1[j], n1)).v;  /* torch.sum(v0_u * v1_u) */
+    struct tv cos = tv_mk(pd, (float)sc);
+    cos.v = fminf(fmaxf(cos.v, -1.0f), 1.0f);
+    struct tv th = tv_fn(acosf, cos), sth = tv_fn(sinf, th);
+    bool colinear = fabsf(sth.v) < tv_mk(sth.d, 1e-8f).v;
+    float c0 = (float)(1 - t), c1 = (float)t;
+    for (int j = 0; j < MXN; j++) {
+        struct tv r = colinear ? tv_add(tv_smul(c0, v0[j]), tv_smul(c1, v1[j]))
+                               : tv_div(tv_add(tv_mul(tv_fn(sinf, tv_smul(c0, th)), v0[j]),
+                                               tv_mul(tv_fn(sinf, tv_smul(c1, th)), v1[j])),
+                                        sth);
+        if (colinear) /* res[colinear] = ...: stored into res, of the main branch's dtype */
+            r = tv_mk(tv_pro(tv_pro(pd, v0[j].d), v1[j].d), r.v);
+        if (b)
+            r = tv_add(tv_mk(dt[2], b[j]), r);
+        out[j] = r.v;
+        *out_dt = r.d;
+    }
+}
+
+Test(nuslerp, mixed_input_dtypes_promote_op_by_op)
+{
+    /* dtypes of x0, x1 and the base (BOOL: no base) */
+    static const enum ms_dtype combos[][3] = {
+        { MS_DT_BF16, MS_DT_F16, MS_DT_BOOL }, { MS_DT_F16, MS_DT_BF16, MS_DT_BOOL },
+        { MS_DT_BF16, MS_DT_F16, MS_DT_BF16 }, { MS_DT_BF16, MS_DT_BF16, MS_DT_F16 },
+        { MS_DT_F32, MS_DT_BF16, MS_DT_BF16 }, { MS_DT_F16, MS_DT_F16, MS_DT_BF16 },
+    };
+    static float x0[MXN], x1[MXN], bb[MXN], out[MXN], want[MXN], old[MXN];
+    static const int64_t shape[1] = { MXN };
+    int differs = 0;
+    for (size_t k = 0; k < MS_ARRAY_LEN(combos); k++)
+        for (int colin = 0; colin < 2; colin++) {
+            uint64_t s = 12400 + k * 10 + (uint64_t)colin;
+            bool hb = combos[k][2] != MS_DT_BOOL;
+            for (int j = 0; j < MXN; j++) {
+                float base = th_stage_value(MS_DT_F32, &s, 0.05f);
+                float e0 = th_stage_value(MS_DT_F32, &s, 0.02f);
+                float e1 = th_stage_value(MS_DT_F32, &s, 0.02f);
+                bb[j] = hb ? th_stage_round(combos[k][2], base) : 0;
+                x0[j] = th_stage_round(combos[k][0], bb[j] + e0);
+                /* colin: x1 - base = 2 (x0 - base) exactly, in every dtype here */
+                x1[j] = colin ? bb[j] + 2 * (x0[j] - bb[j])
+                              : th_stage_round(combos[k][1], bb[j] + e1);
+                if (colin && th_stage_round(combos[k][1], x1[j]) != x1[j])
+                    x0[j] = x1[j] = bb[j] = 0; /* not representable: zero keeps it colinear */
+            }
+            enum ms_dtype od, D = tv_pro(combos[k][0], combos[k][1]);
+            if (hb)
+                D = tv_pro(D, combos[k][2]);
+            ref_mixed(x0, x1, hb ? bb : NULL, combos[k], 0.3 / 1.3, want, &od);
+            cr_assert_eq(od, D, "combo %zu: the result is the promotion of the inputs", k);
+            struct ms_stage_job job = mk(shape, 1, D, hb ? 3 : 2, hb ? 2 : -1, 1.0, 0.3, FLAT);
+            job.in_dt[0] = combos[k][0];
+            job.in_dt[1] = combos[k][1];
+            if (hb)
+                job.in_dt[2] = combos[k][2];
+            const float *in[3] = { x0, x1, bb };
+            uint64_t sizes[] = { 0, 1, 7 };
+            th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+            for (int j = 0; j < MXN; j++)
+                cr_assert(ms_f32_bits(out[j]) == ms_f32_bits(want[j]),
+                          "combo %zu colin %d elt %d: %a vs %a", k, colin, j, out[j], want[j]);
+            memset(job.in_dt, 0, sizeof job.in_dt); /* the old rule: float32 up front */
+            run(&job, in, old);
+            differs += memcmp(old, want, sizeof want) != 0;
+        }
+    cr_assert_gt(differs, 0, "no case tells op-by-op promotion from float32 up front");
+}

@@ -34,6 +34,8 @@ static int by_var_desc(const void *pa, const void *pb)
 }
 
 /* The reference merge; in[] are the inputs, base their base index. */
+static bool g_exact_wsum;
+
 static void sce_ref(enum ms_dtype D, uint64_t n, uint32_t ninputs, int base,
                     const float *const *in, double topk, float *out)
 {
@@ -81,17 +83,28 @@ static void sce_ref(enum ms_dtype D, uint64_t n, uint32_t ninputs, int base,
         free(idx);
         free(mask);
     }
+    /* sce_weight: weights = mean(tvs**2) in D; weight_sum = torch.sum(weights).item()
+     * (float32 accumulation, one rounding to D); weights / weight_sum (a float32
+     * scalar). g_exact_wsum: the exact double sum instead (what we did before),
+     * to show that the cases below can tell the two apart. */
     double mu[MS_MAX_INPUTS], sum = 0;
+    float fsum = 0;
     for (uint32_t j = 0; j < N; j++) {
         double s = 0;
         for (uint64_t e = 0; e < n; e++)
             s += R(D, t[j][e] * t[j][e]);
         mu[j] = R(D, (float)(s / (double)n));
         sum += mu[j];
+        fsum += (float)mu[j];
     }
     float W[MS_MAX_INPUTS];
-    for (uint32_t j = 0; j < N; j++)
-        W[j] = R(D, (float)(fabs(sum) < 1e-6 ? 1.0 / N : mu[j] / sum));
+    fsum = R(D, fsum);
+    for (uint32_t j = 0; j < N; j++) {
+        if (g_exact_wsum)
+            W[j] = R(D, (float)(fabs(sum) < 1e-6 ? 1.0 / N : mu[j] / sum));
+        else
+            W[j] = fabs((double)fsum) < 1e-6 ? R(D, 1.0f / (float)N) : R(D, (float)mu[j] / fsum);
+    }
     float cmin = R(D, (float)1e-6);
     for (uint64_t e = 0; e < n; e++) {
         float S = 0;
@@ -214,3 +227,26 @@ Test(stage_sce, one_model)
 }
 
 Test(stage_sce, registered) { cr_assert_not_null(ms_method_find("sce")->ops); }
+
+/* mergekit divides by the weight sum rounded to D (sce_weight: torch.sum(...).item()).
+ * The random cases above follow that rule; here, over the same kind of data, the
+ * rule with an exact sum gives other bytes in some cases, so they can see it. */
+Test(stage_sce, weight_sum_is_rounded_to_the_compute_dtype)
+{
+    static float want_exact[4096], want[4096];
+    int seen = 0;
+    for (int s = 0; s < 200 && !seen; s++) {
+        uint64_t rs = (uint64_t)(900 + s) * 0x9E3779B97F4A7C15ULL + 1;
+        struct th_gta g = { .method = "task_arithmetic", .dt = MS_DT_BF16 };
+        th_gta_random(&g, store, 48, &rs);
+        g_exact_wsum = true;
+        sce_ref(MS_DT_BF16, g.numel, g.ninputs, g.base, g.in, 1.0, want_exact);
+        g_exact_wsum = false;
+        sce_ref(MS_DT_BF16, g.numel, g.ninputs, g.base, g.in, 1.0, want);
+        if (th_gta_first_diff(want, want_exact, g.numel) < 0)
+            continue;
+        seen++;
+        check(MS_DT_BF16, g.numel, g.ninputs, g.base, g.in, 1.0, "rounded weight sum");
+    }
+    cr_assert_gt(seen, 0, "no case where the rounded weight sum matters");
+}

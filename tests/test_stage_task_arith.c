@@ -140,3 +140,69 @@ Test(stage_task_arith, base_only_is_copied)
     cr_assert_eq(th_gta_run(&g, 3, out), 0, "%s", ms_errmsg());
     cr_assert_eq(th_gta_first_diff(out, base, 4), -1);
 }
+
+/*
+ * density 0 (mergekit's sparsify.py): task_arithmetic ignores density; bernoulli
+ * (dare_*) draws an all-zero mask and rescaled_masked_tensor returns it as is
+ * (after < eps); magnitude_outliers (breadcrumbs*) keeps indices[n_bot:-n_top],
+ * an empty slice when target is 0; della_magprune returns zeros for density <= 0.
+ * So the merge is x for task_arithmetic and the base for the others (hand
+ * values: deltas in quarters, weight 1, so every operation is exact). ties'
+ * magnitude() asserts k > 0 (the plan refuses it: test_plan).
+ */
+Test(stage_task_arith, density_zero_per_method)
+{
+    static const char *const methods[] = { "task_arithmetic", "dare_ties", "dare_linear",
+                                           "breadcrumbs", "breadcrumbs_ties", "della",
+                                           "della_linear" };
+    static float b[40], x[40], got[40];
+    for (int e = 0; e < 40; e++) {
+        b[e] = (float)e / 8.0f;
+        x[e] = b[e] + (float)((e % 5) - 2) / 4.0f;
+    }
+    for (size_t k = 0; k < MS_ARRAY_LEN(methods); k++) {
+        for (int d = 0; d < 3; d++) {
+            struct th_gta g = { .method = methods[k], .dt = dts[d], .numel = 40, .ninputs = 2,
+                                .base = 0, .in = { b, x }, .weight = { 0, 1 },
+                                .density = { 1, 0 }, .gamma = { 0, 0.1 },
+                                .epsilon = { 0, 0.15 }, .lambda = 1.0, .row_len = 8 };
+            g.rescale = strncmp(methods[k], "dare", 4) == 0 || strncmp(methods[k], "della", 5) == 0;
+            g.normalize = !strcmp(methods[k], "della");
+            bool ta = !strcmp(methods[k], "task_arithmetic");
+            for (uint64_t c = 1; c <= 40; c += 13) {
+                cr_assert_eq(th_gta_run(&g, c, got), 0, "%s: %s", methods[k], ms_errmsg());
+                long i = th_gta_first_diff(got, ta ? x : b, 40);
+                cr_assert_eq(i, -1, "%s %s chunk %llu: element %ld is %a, want %a", methods[k],
+                             ms_dtype_name(dts[d]), (unsigned long long)c, i, i >= 0 ? got[i] : 0,
+                             i >= 0 ? (ta ? x : b)[i] : 0);
+            }
+        }
+    }
+}
+
+/*
+ * Which torch (NUMERICS.md): `mixed_delta *= self.lambda_` multiplies a bf16/f16
+ * tensor by a Python float. Current PyTorch's mul_kernel (aten/src/ATen/native/cpu/
+ * BinaryOpsKernel.cpp, reduced-float branch) reads the scalar as
+ * original_scalar_value<float>: 3 * 0.3f, rounded once. Hand values:
+ *   bf16: 3 * 0.3f = 0.90000004 -> 230/256 = 0.8984375 (torch 1.x narrowed the scalar
+ *         to bf16(0.3) = 0.30078125 first: 0.90234375 -> 231/256)
+ *   f16:  3 * 0.3f -> 1843/2048 (narrowed: 3 * 1229/4096 = 1843.5/2048 -> 1844/2048)
+ */
+Test(stage_task_arith, python_scalar_is_float32_in_mul)
+{
+    static const float b[2] = { 0.0f, 0.0f }, x[2] = { 3.0f, -3.0f };
+    static const struct { enum ms_dtype dt; float want; } c[] = {
+        { MS_DT_BF16, 230.0f / 256.0f }, { MS_DT_F16, 1843.0f / 2048.0f },
+        { MS_DT_F32, 0.90000004f },
+    };
+    for (size_t k = 0; k < MS_ARRAY_LEN(c); k++) {
+        struct th_gta g = { .method = "task_arithmetic", .dt = c[k].dt, .numel = 2,
+                            .ninputs = 2, .base = 0, .in = { b, x }, .weight = { 0, 1 },
+                            .density = { 1, 1 }, .lambda = 0.3 };
+        float got[2];
+        cr_assert_eq(th_gta_run(&g, 1, got), 0, "%s", ms_errmsg());
+        cr_assert_eq(got[0], c[k].want, "%s: got %a", ms_dtype_name(c[k].dt), got[0]);
+        cr_assert_eq(got[1], -c[k].want, "%s: got %a", ms_dtype_name(c[k].dt), got[1]);
+    }
+}

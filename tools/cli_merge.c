@@ -33,6 +33,8 @@ static const char merge_usage[] =
     "  --out-shard-size SIZE    maximum shard size in bytes (default 5B; K/M/B = 1e3/1e6/1e9)\n"
     "  --random-seed N          seed for methods with random masks (default 0)\n"
     "  --allow-crimes           allow models whose architectures differ\n"
+    "  --strict                 unknown recipe keys and parameter names are errors, not\n"
+    "                           warnings (mergekit ignores them)\n"
     "  --copy-tokenizer / --no-copy-tokenizer\n"
     "                           copy the donor's tokenizer files (default on)\n"
     "  --write-model-card / --no-write-model-card\n"
@@ -65,8 +67,8 @@ static const char merge_usage[] =
     "exit status: 0 success, 1 failure, 2 usage, 130/143 interrupted by SIGINT/SIGTERM.\n";
 
 enum {
-    OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
-    OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
+    OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_STRICT, OPT_COPYTOK, OPT_NOCOPYTOK,
+    OPT_CARD, OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
     OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME,
 };
 
@@ -76,6 +78,7 @@ static const struct option merge_opts[] = {
     { "out-shard-size", required_argument, NULL, OPT_SHARD },
     { "random-seed", required_argument, NULL, OPT_SEED },
     { "allow-crimes", no_argument, NULL, OPT_CRIMES },
+    { "strict", no_argument, NULL, OPT_STRICT },
     { "copy-tokenizer", no_argument, NULL, OPT_COPYTOK },
     { "no-copy-tokenizer", no_argument, NULL, OPT_NOCOPYTOK },
     { "write-model-card", no_argument, NULL, OPT_CARD },
@@ -198,6 +201,7 @@ int ms_cli_merge(int argc, char **argv)
                 return usage_error("invalid --random-seed", optarg);
             break;
         case OPT_CRIMES: po.allow_crimes = true; break;
+        case OPT_STRICT: po.strict = true; break;
         case OPT_COPYTOK: eo.copy_tokenizer = true; break;
         case OPT_NOCOPYTOK: eo.copy_tokenizer = false; break;
         case OPT_CARD: eo.write_card = true; break;
@@ -289,7 +293,7 @@ int ms_cli_merge(int argc, char **argv)
 
     struct ms_recipe *r = NULL;
     struct ms_plan *p = NULL;
-    int rc = ms_recipe_load(recipe_path, &r);
+    int rc = ms_recipe_load_opts(recipe_path, po.strict ? MS_RECIPE_STRICT : 0, &r);
     if (rc) {
         ms_cli_report(rc, NULL);
         return 1;

@@ -30,12 +30,14 @@ static const char plan_usage[] =
     "  --max-memory SIZE        memory budget the estimate assumes (default 512M)\n"
     "  --random-seed N          seed for methods with random masks (default 0)\n"
     "  --allow-crimes           allow models whose architectures differ\n"
+    "  --strict                 unknown recipe keys and parameter names are errors, not\n"
+    "                           warnings (mergekit ignores them)\n"
     "  -q, --quiet              print nothing on success (exit status only)\n"
     "  -h, --help               this text\n"
     "\n"
     "exit status: 0 the plan is valid, 1 problems found, 2 usage.\n";
 
-enum { OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES };
+enum { OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES, OPT_STRICT };
 
 static const struct option plan_opts[] = {
     { "json", no_argument, NULL, OPT_JSON },
@@ -43,6 +45,7 @@ static const struct option plan_opts[] = {
     { "max-memory", required_argument, NULL, OPT_MAXMEM },
     { "random-seed", required_argument, NULL, OPT_SEED },
     { "allow-crimes", no_argument, NULL, OPT_CRIMES },
+    { "strict", no_argument, NULL, OPT_STRICT },
     { "quiet", no_argument, NULL, 'q' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
@@ -84,6 +87,7 @@ int ms_cli_plan(int argc, char **argv)
             break;
         }
         case OPT_CRIMES: po.allow_crimes = true; break;
+        case OPT_STRICT: po.strict = true; break;
         case 'q': quiet = true; break;
         case 'h': fputs(plan_usage, stdout); return 0;
         case ':': return plan_usage_error("missing value for", argv[optind - 1]);
@@ -98,7 +102,7 @@ int ms_cli_plan(int argc, char **argv)
 
     struct ms_recipe *r = NULL;
     struct ms_plan *p = NULL;
-    int rc = ms_recipe_load(argv[optind], &r);
+    int rc = ms_recipe_load_opts(argv[optind], po.strict ? MS_RECIPE_STRICT : 0, &r);
     if (rc) {
         ms_cli_report(rc, NULL);
         return 1;
