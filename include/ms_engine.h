@@ -54,13 +54,13 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 
 /*
  * Asks ms_engine_run to stop: async-signal-safe, usable directly as a SIGINT /
- * SIGTERM handler. A request made before ms_engine_run starts stays pending and
+ * SIGTERM / SIGHUP handler. A request made before ms_engine_run starts stays pending and
  * stops it at once (so a signal during planning still ends in a clean stop);
- * ms_engine_cancel(0) clears it. While its loop runs the engine catches SIGINT
- * and SIGTERM itself, and afterwards leaves this function installed for both.
+ * ms_engine_cancel(0) clears it. While its loop runs the engine catches SIGINT,
+ * SIGTERM and SIGHUP itself, and afterwards leaves this function installed for all three.
  */
 void ms_engine_cancel(int signo);
-/* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM), or 0. */
+/* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM, SIGHUP), or 0. */
 int ms_engine_signal(void);
 
 #endif

@@ -156,7 +156,7 @@ struct eng {
     uint32_t nresident;           /* slots holding a resident chunk between passes */
     uint32_t depth;               /* most slots in flight (not free, not resident) */
 
-    uv_signal_t sigint, sigterm;
+    uv_signal_t sigint, sigterm, sighup;
     uv_timer_t timer;
     bool have_signals, have_timer;
     uint64_t t_start;
@@ -1128,12 +1128,15 @@ static int run_loop(struct eng *e)
     if (rc)
         return ms_error(rc, "cannot start the event loop: %s", uv_strerror(rc));
     e->loop.data = e;
-    if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0) {
-        e->sigint.data = e->sigterm.data = e;
+    if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0 &&
+        uv_signal_init(&e->loop, &e->sighup) == 0) {
+        e->sigint.data = e->sigterm.data = e->sighup.data = e;
         uv_signal_start(&e->sigint, on_signal, SIGINT);
         uv_signal_start(&e->sigterm, on_signal, SIGTERM);
+        uv_signal_start(&e->sighup, on_signal, SIGHUP);
         uv_unref((uv_handle_t *)&e->sigint);
         uv_unref((uv_handle_t *)&e->sigterm);
+        uv_unref((uv_handle_t *)&e->sighup);
         e->have_signals = true;
     }
     e->t_start = uv_hrtime();
@@ -1163,10 +1166,11 @@ static int run_loop(struct eng *e)
     if (e->have_signals) {
         uv_close((uv_handle_t *)&e->sigint, close_cb);
         uv_close((uv_handle_t *)&e->sigterm, close_cb);
+        uv_close((uv_handle_t *)&e->sighup, close_cb);
     }
     uv_run(&e->loop, UV_RUN_DEFAULT);
     uv_loop_close(&e->loop);
-    /* Closing the last uv_signal_t put SIGINT/SIGTERM back to SIG_DFL; keep them
+    /* Closing the last uv_signal_t put SIGINT/SIGTERM/SIGHUP back to SIG_DFL; keep them
      * caught while the small files are written, so a stop is still clean. */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -1174,6 +1178,7 @@ static int run_loop(struct eng *e)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
     return e->err;
 }
 

@@ -273,14 +273,15 @@ int ms_cli_merge(int argc, char **argv)
         return usage_error("--resume needs a directory OUT (not '-' or --pipe)", NULL);
     /* A closed stdout or pipe is reported as EPIPE with the file's name, not a silent death. */
     signal(SIGPIPE, SIG_IGN);
-    /* SIGINT/SIGTERM while the recipe and plan load: remembered, and the engine
-     * then stops cleanly at once (exit 130/143, temporaries removed). */
+    /* SIGINT/SIGTERM/SIGHUP while the recipe and plan load: remembered, and the engine
+     * then stops cleanly at once (exit 130/143/129, temporaries removed). */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = ms_engine_cancel;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
     /* Past RLIMIT_FSIZE a write fails with EFBIG (reported, temporaries removed)
      * instead of the process dying of SIGXFSZ with a .partial file left behind. */
     signal(SIGXFSZ, SIG_IGN);
