@@ -46,11 +46,12 @@ void ms_engine_opts_init(struct ms_engine_opts *opts);
  */
 int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts);
 
-/* Memory figures for `plan`: the bytes the pool will take at max_memory and the
- * element count of the largest chunk. Returns MS_EINVAL if the budget is too small
- * (the message says the minimum). */
+/* Memory figures for `plan`: the bytes the pool reserves at max_memory, the bytes of
+ * it the plan's chunks touch at most (every slot holding the largest chunk, plus the
+ * method states), and the element count of the largest chunk. Any output may be NULL.
+ * Returns MS_EINVAL if the budget is too small (the message says the minimum). */
 int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned threads,
-                       uint64_t *pool_bytes, uint64_t *chunk_elems);
+                       uint64_t *pool_bytes, uint64_t *used_bytes, uint64_t *chunk_elems);
 
 /*
  * Asks ms_engine_run to stop: async-signal-safe, usable directly as a SIGINT /
