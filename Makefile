@@ -1,17 +1,23 @@
 # mergestream - one plain Makefile (DESIGN.md section 5).
 #
-#   make              build build/mergestream and the helper tools
+#   make              build build/mergestream, its man page and completions, the helper tools
+#   make install      install them under $(DESTDIR)$(PREFIX) (PREFIX=/usr/local); make uninstall
 #   make demo         generate the bundled example models and merge them
 #   make check        run every test, plainly and under ASan+UBSan
 #   make test         run every test once (no sanitizers)
 #   make SANITIZE=address,undefined   sanitized build (into build/san)
 #   make check-layers check the folder dependency graph on the built objects
+#   make check-deb    build the Debian package from a copy of the tree, install it, run it
 #   make fuzz         build and briefly run the libFuzzer harnesses (clang)
 #   make fmt          clang-format the lines changed since the last commit
 #   make deps         install missing Debian packages (as root) or say which
 #
-# Missing libraries are installed with apt-get when make runs as root; otherwise
-# make prints the apt-get line and stops.
+# Plain `make` needs only a C compiler, pkg-config and the four libraries (libuv, zstd,
+# libyaml, jansson), found through pkg-config on any system. When pkg-config cannot find
+# them, make installs the Debian packages with apt-get if it runs as root on Debian, and
+# otherwise says what is missing and stops. The test toolchain (Criterion, zstd, tar,
+# rclone, clang, libclang-rt, debhelper, zsh) is needed only by the test, fuzz and
+# package targets, which install or ask for it the same way.
 
 CC      ?= cc
 BUILD   ?= build
@@ -24,7 +30,8 @@ ifneq ($(SANITIZE),)
 endif
 
 PKGS      := libuv libzstd yaml-0.1 jansson
-DEB_PKGS  := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcriterion-dev pkg-config zstd tar rclone clang libclang-rt-14-dev
+DEB_BUILD_PKGS := libuv1-dev libzstd-dev libyaml-dev libjansson-dev pkg-config
+DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh
 # Recursive (=) so pkg-config runs after the deps step has installed things.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -38,7 +45,7 @@ ifeq ($(CI),true)
 endif
 OPT    ?= -O2 -g
 CFLAGS_ALL = -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(OPT) $(WARN) \
-             -ffp-contract=off -fno-strict-aliasing -Iinclude -MMD -MP $(PKG_CFLAGS) $(CFLAGS)
+             -ffp-contract=off -fno-strict-aliasing -Iinclude -MMD -MP $(PKG_CFLAGS) $(CPPFLAGS) $(CFLAGS)
 # io/json_alloc.c routes jansson's allocations through ms_malloc from a constructor,
 # which nothing calls: name it so that the linker takes it out of the archive.
 LDLIBS_ALL = -Wl,--require-defined=ms__json_alloc_hook $(PKG_LIBS) -lm -lpthread $(LDLIBS)
@@ -64,18 +71,35 @@ TESTS     := $(TEST_SRCS:tests/%.c=$(BUILD)/tests/%)
 TEST_HELP := $(wildcard tests/th_*.c)
 TEST_HELP_OBJS := $(TEST_HELP:%.c=$(BUILD)/obj/%.o)
 
-DEPS_STAMP := build/.deps-ok
+# The man page and shell completions, generated from the built binary's --help.
+DOCS      := $(BUILD)/mergestream.1 $(BUILD)/completions/mergestream.bash \
+             $(BUILD)/completions/_mergestream
 
-.PHONY: all deps demo test check check-san check-layers fuzz bench clean fmt
+BUILD_DEPS_STAMP := build/.build-deps-ok
+TEST_DEPS_STAMP  := build/.test-deps-ok
 
-all: $(CLI) $(TOOLS)
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
+INSTALL    ?= install
+
+.PHONY: all deps build-deps test-deps install uninstall demo test check check-san check-layers \
+        check-deb fuzz bench clean fmt
+
+all: $(CLI) $(TOOLS) $(DOCS)
 
 # ---------------------------------------------------------------- dependencies
-deps: $(DEPS_STAMP)
-$(DEPS_STAMP):
+# apt_install WHAT PACKAGES: installs the missing ones as root with apt-get, or says
+# which to install and stops.
+define apt_install
 	@mkdir -p build
 	@missing=""; \
-	for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if ! command -v dpkg >/dev/null 2>&1; then \
+	  echo "make: $(1) missing and this is not Debian; install: $(2)"; exit 1; \
+	fi; \
+	for p in $(2); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "make: installing$$missing"; \
@@ -85,23 +109,43 @@ $(DEPS_STAMP):
 	    echo "make: missing packages; run: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
 	fi
+endef
+
+deps: build-deps test-deps
+build-deps: $(BUILD_DEPS_STAMP)
+test-deps: $(TEST_DEPS_STAMP)
+
+# Found through pkg-config, Debian or not; apt-get only when they are not.
+$(BUILD_DEPS_STAMP):
+	@if ! pkg-config --exists $(PKGS) 2>/dev/null; then \
+	  $(MAKE) --no-print-directory apt-build-deps || exit 1; \
+	  pkg-config --exists $(PKGS) || { echo "make: pkg-config cannot find: $(PKGS)"; exit 1; }; \
+	fi
+	@mkdir -p build && touch $@
+
+.PHONY: apt-build-deps
+apt-build-deps:
+	$(call apt_install,the build libraries ($(PKGS)),$(DEB_BUILD_PKGS))
+
+$(TEST_DEPS_STAMP): | $(BUILD_DEPS_STAMP)
+	$(call apt_install,the test toolchain,$(DEB_TEST_PKGS))
 	@touch $@
 
 # ---------------------------------------------------------------- build
-$(BUILD)/obj/%.o: %.c | $(DEPS_STAMP)
+$(BUILD)/obj/%.o: %.c | $(BUILD_DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -c $< -o $@
 
 # Compute kernels: -O3 lets gcc vectorise loops whose trip count is not known.
-$(BUILD)/obj/stages/%.o: stages/%.c | $(DEPS_STAMP)
+$(BUILD)/obj/stages/%.o: stages/%.c | $(BUILD_DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -O3 -c $< -o $@
 
-$(BUILD)/obj/base/dtype.o: base/dtype.c | $(DEPS_STAMP)
+$(BUILD)/obj/base/dtype.o: base/dtype.c | $(BUILD_DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -O3 -c $< -o $@
 
-$(BUILD)/obj/tests/%.o: tests/%.c | $(DEPS_STAMP)
+$(BUILD)/obj/tests/%.o: tests/%.c | $(TEST_DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(CRIT_CFLAGS) -DMS_BUILD_DIR='"$(abspath $(BUILD))"' -DMS_SOURCE_DIR='"$(CURDIR)"' -c $< -o $@
 
@@ -118,6 +162,24 @@ $(BUILD)/ms-%: $(BUILD)/obj/tools/ms-%.o $(LIB)
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_HELP_OBJS) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $< $(TEST_HELP_OBJS) $(LIB) $(CRIT_LIBS) $(LDLIBS_ALL)
+
+# One run of the generator writes all three (a grouped target would need make 4.3).
+$(BUILD)/mergestream.1: $(CLI) docs/mergestream.1.in tools/gen-docs.sh
+	sh tools/gen-docs.sh $(BUILD)
+$(BUILD)/completions/mergestream.bash $(BUILD)/completions/_mergestream: $(BUILD)/mergestream.1
+
+# ---------------------------------------------------------------- install
+install: $(CLI) $(DOCS)
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(BASHCOMPDIR) \
+	  $(DESTDIR)$(ZSHCOMPDIR)
+	$(INSTALL) -m 755 $(CLI) $(DESTDIR)$(BINDIR)/mergestream
+	$(INSTALL) -m 644 $(BUILD)/mergestream.1 $(DESTDIR)$(MANDIR)/man1/mergestream.1
+	$(INSTALL) -m 644 $(BUILD)/completions/mergestream.bash $(DESTDIR)$(BASHCOMPDIR)/mergestream
+	$(INSTALL) -m 644 $(BUILD)/completions/_mergestream $(DESTDIR)$(ZSHCOMPDIR)/_mergestream
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/mergestream $(DESTDIR)$(MANDIR)/man1/mergestream.1 \
+	  $(DESTDIR)$(BASHCOMPDIR)/mergestream $(DESTDIR)$(ZSHCOMPDIR)/_mergestream
 
 # ---------------------------------------------------------------- run
 demo: all
@@ -138,7 +200,12 @@ check: deps
 	@$(MAKE) --no-print-directory check-layers
 	@$(MAKE) --no-print-directory check-san
 
-fuzz: | $(DEPS_STAMP)
+# Builds the .deb from a copy of the tree (this tree and its build/ stay untouched),
+# installs it with dpkg -i, runs the installed mergestream, then removes the package.
+check-deb: | $(TEST_DEPS_STAMP)
+	@sh tools/check-deb.sh
+
+fuzz: | $(TEST_DEPS_STAMP)
 	@sh tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 bench: all

@@ -46,21 +46,22 @@ void ms_engine_opts_init(struct ms_engine_opts *opts);
  */
 int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts);
 
-/* Memory figures for `plan`: the bytes the pool will take at max_memory and the
- * element count of the largest chunk. Returns MS_EINVAL if the budget is too small
- * (the message says the minimum). */
+/* Memory figures for `plan`: the bytes the pool reserves at max_memory, the bytes of
+ * it the plan's chunks touch at most (every slot holding the largest chunk, plus the
+ * method states), and the element count of the largest chunk. Any output may be NULL.
+ * Returns MS_EINVAL if the budget is too small (the message says the minimum). */
 int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned threads,
-                       uint64_t *pool_bytes, uint64_t *chunk_elems);
+                       uint64_t *pool_bytes, uint64_t *used_bytes, uint64_t *chunk_elems);
 
 /*
  * Asks ms_engine_run to stop: async-signal-safe, usable directly as a SIGINT /
- * SIGTERM handler. A request made before ms_engine_run starts stays pending and
+ * SIGTERM / SIGHUP handler. A request made before ms_engine_run starts stays pending and
  * stops it at once (so a signal during planning still ends in a clean stop);
- * ms_engine_cancel(0) clears it. While its loop runs the engine catches SIGINT
- * and SIGTERM itself, and afterwards leaves this function installed for both.
+ * ms_engine_cancel(0) clears it. While its loop runs the engine catches SIGINT,
+ * SIGTERM and SIGHUP itself, and afterwards leaves this function installed for all three.
  */
 void ms_engine_cancel(int signo);
-/* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM), or 0. */
+/* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM, SIGHUP), or 0. */
 int ms_engine_signal(void);
 
 #endif

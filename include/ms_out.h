@@ -56,7 +56,7 @@ struct ms_out_opts {
                                      and stderr are ours. Copied by ms_out_open. */
     int zstd_level;               /* 0 = no compression; 1..ZSTD_maxCLevel() (22) = zstd level */
     unsigned zstd_workers;        /* ZSTD_c_nbWorkers (0 = single-threaded) */
-    uint64_t mtime;               /* tar entry mtime (seconds); fixed for reproducible output */
+    uint64_t mtime;               /* tar entry mtime (seconds since the epoch), the same for all */
 };
 
 struct ms_out;

@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <time.h>
 
 #include <uv.h>
 
@@ -156,7 +157,7 @@ struct eng {
     uint32_t nresident;           /* slots holding a resident chunk between passes */
     uint32_t depth;               /* most slots in flight (not free, not resident) */
 
-    uv_signal_t sigint, sigterm;
+    uv_signal_t sigint, sigterm, sighup;
     uv_timer_t timer;
     bool have_signals, have_timer;
     uint64_t t_start;
@@ -284,8 +285,17 @@ struct sizing {
     size_t slot_bytes, state_bytes;
 };
 
+/* Bytes of a slot that chunk c (elements; bytes for a copy) of job j touches. */
+static uint64_t job_slot_use(const struct ms_job *j, uint64_t c)
+{
+    if (j->copy)
+        return c;
+    uint64_t per = (uint64_t)j->s.ninputs * input_elem_bytes(j) + 4;
+    return align_up(job_partial_size(j)) + (uint64_t)MS_ALIGN * (j->s.ninputs + 2) + c * per;
+}
+
 static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned threads,
-                          uint64_t cap, struct sizing *sz, uint64_t *max_chunk)
+                          uint64_t cap, struct sizing *sz, uint64_t *max_chunk, uint64_t *max_use)
 {
     if (!max_memory)
         max_memory = MS_DEFAULT_MAX_MEMORY;
@@ -311,12 +321,13 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
         return ms_error(MS_EINVAL, "--max-memory %" PRIu64 " is too small: the method's per-tensor "
                         "state alone needs %" PRIu64 " bytes", max_memory, for_states);
     sz->slot_bytes = (size_t)((max_memory - for_states) / sz->nslots / MS_ALIGN * MS_ALIGN);
-    uint64_t mc = 0;
+    uint64_t mc = 0, mu = 0;
     for (size_t i = 0; i < p->njobs; i++) {
         const struct ms_job *j = &p->jobs[i];
         if (!j->copy && j->s.numel == 0)
             continue;
         uint64_t c = job_chunk(j, sz->slot_bytes, cap);
+        mu = MS_MAX(mu, MS_MIN(job_slot_use(j, c), (uint64_t)sz->slot_bytes));
         if (!c) {
             uint64_t need = align_up(job_partial_size(j)) + (uint64_t)MS_ALIGN * (j->s.ninputs + 2) +
                             (uint64_t)MS_MAX(j->s.row_len, 16) *
@@ -331,19 +342,23 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
     }
     if (max_chunk)
         *max_chunk = mc;
+    if (max_use)
+        *max_use = mu;
     return 0;
 }
 
 int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned threads,
-                       uint64_t *pool_bytes, uint64_t *chunk_elems)
+                       uint64_t *pool_bytes, uint64_t *used_bytes, uint64_t *chunk_elems)
 {
     struct sizing sz;
-    uint64_t mc = 0;
-    int rc = compute_sizing(plan, max_memory, threads, 0, &sz, &mc);
+    uint64_t mc = 0, mu = 0;
+    int rc = compute_sizing(plan, max_memory, threads, 0, &sz, &mc, &mu);
     if (rc)
         return rc;
     if (pool_bytes)
         *pool_bytes = (uint64_t)sz.nslots * sz.slot_bytes + (uint64_t)sz.nstates * sz.state_bytes;
+    if (used_bytes)
+        *used_bytes = (uint64_t)sz.nslots * mu + (uint64_t)sz.nstates * sz.state_bytes;
     if (chunk_elems)
         *chunk_elems = mc;
     return 0;
@@ -965,7 +980,7 @@ static void progress_draw(struct eng *e, bool final)
     } else if (total <= done) {
         snprintf(eta, sizeof eta, "0:00");
     }
-    fprintf(stderr, "\r\033[K[%zu/%zu tensors] %s / %s  %s/s  ETA %s%s", e->jobs_done,
+    fprintf(stderr, "\r\033[K[%zu/%zu tensors] %s / %s read+written  %s/s  ETA %s%s", e->jobs_done,
             e->plan->njobs, a, b, r, eta, final ? "\n" : "");
     fflush(stderr);
 }
@@ -1051,6 +1066,21 @@ static int alloc_pool(struct eng *e, const struct sizing *sz)
     return 0;
 }
 
+/* Tar members carry the time of the merge, as tar itself would give them;
+ * $SOURCE_DATE_EPOCH (reproducible-builds.org) fixes it for byte-identical streams. */
+static uint64_t tar_mtime(void)
+{
+    const char *v = getenv("SOURCE_DATE_EPOCH");
+    char *end;
+    if (v && *v) {
+        unsigned long long t = strtoull(v, &end, 10);
+        if (!*end && *v != '-')
+            return t;
+    }
+    time_t now = time(NULL);
+    return now > 0 ? (uint64_t)now : 0;
+}
+
 static int prepare_outputs(struct eng *e)
 {
     const struct ms_engine_opts *o = e->opts;
@@ -1087,6 +1117,7 @@ static int prepare_outputs(struct eng *e)
         struct ms_out_opts oo = {
             .kind = o->kind, .dir = o->out, .fd = o->out_fd, .pipe_cmd = o->pipe_cmd,
             .zstd_level = o->zstd_level, .zstd_workers = o->threads ? o->threads : default_threads(),
+            .mtime = tar_mtime(),
         };
         int rc = ms_out_open(&oo, &e->sw.out);
         if (rc)
@@ -1132,12 +1163,15 @@ static int run_loop(struct eng *e)
     if (rc)
         return ms_error(rc, "cannot start the event loop: %s", uv_strerror(rc));
     e->loop.data = e;
-    if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0) {
-        e->sigint.data = e->sigterm.data = e;
+    if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0 &&
+        uv_signal_init(&e->loop, &e->sighup) == 0) {
+        e->sigint.data = e->sigterm.data = e->sighup.data = e;
         uv_signal_start(&e->sigint, on_signal, SIGINT);
         uv_signal_start(&e->sigterm, on_signal, SIGTERM);
+        uv_signal_start(&e->sighup, on_signal, SIGHUP);
         uv_unref((uv_handle_t *)&e->sigint);
         uv_unref((uv_handle_t *)&e->sigterm);
+        uv_unref((uv_handle_t *)&e->sighup);
         e->have_signals = true;
     }
     e->t_start = uv_hrtime();
@@ -1167,10 +1201,11 @@ static int run_loop(struct eng *e)
     if (e->have_signals) {
         uv_close((uv_handle_t *)&e->sigint, close_cb);
         uv_close((uv_handle_t *)&e->sigterm, close_cb);
+        uv_close((uv_handle_t *)&e->sighup, close_cb);
     }
     uv_run(&e->loop, UV_RUN_DEFAULT);
     uv_loop_close(&e->loop);
-    /* Closing the last uv_signal_t put SIGINT/SIGTERM back to SIG_DFL; keep them
+    /* Closing the last uv_signal_t put SIGINT/SIGTERM/SIGHUP back to SIG_DFL; keep them
      * caught while the small files are written, so a stop is still clean. */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -1178,6 +1213,7 @@ static int run_loop(struct eng *e)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
     return e->err;
 }
 
@@ -1199,7 +1235,7 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
      * stays pending: the first pump stops the run. */
 
     struct sizing sz;
-    int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL);
+    int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL, NULL);
     if (!rc && opts->kind == MS_OUT_DIR)
         rc = ms_outdir_prepare(plan, opts);
     if (!rc)

@@ -134,6 +134,15 @@ static bool looks_like_hub_id(const char *ref)
     return access(ref, F_OK) != 0;
 }
 
+/* A model as mergekit's card names it: a hub id links to its Hub page. */
+static void add_model_md(struct ms_strbuf *b, const char *ref)
+{
+    if (looks_like_hub_id(ref))
+        ms_strbuf_addf(b, "[%s](https://huggingface.co/%s)", ref, ref);
+    else
+        ms_strbuf_addf(b, "%s", ref);
+}
+
 char *ms_outdir_card(const struct ms_plan *plan, const char *title)
 {
     struct ms_strbuf b = { 0 };
@@ -163,14 +172,19 @@ char *ms_outdir_card(const struct ms_plan *plan, const char *title)
         ms_strbuf_addf(&b, "This model was merged using the %s merge method", pretty);
     bool show_base = plan->base < plan->nmodels &&
                      !(plan->method && plan->method->card.hide_base);
-    if (show_base)
-        ms_strbuf_addf(&b, " using %s as a base", plan->models[plan->base].ref);
+    if (show_base) {
+        ms_strbuf_addf(&b, " using ");
+        add_model_md(&b, plan->models[plan->base].ref);
+        ms_strbuf_addf(&b, " as a base");
+    }
     ms_strbuf_addf(&b, ".\n\n### Models Merged\n\nThe following models were included in the "
                        "merge:\n");
     for (size_t i = 0; i < plan->nmodels; i++) {
         if (show_base && i == plan->base)
             continue;
-        ms_strbuf_addf(&b, "* %s\n", plan->models[i].ref);
+        ms_strbuf_addf(&b, "* ");
+        add_model_md(&b, plan->models[i].ref);
+        ms_strbuf_addf(&b, "\n");
     }
     ms_strbuf_addf(&b, "\n### Configuration\n\nThe following YAML configuration was used to "
                        "produce this model:\n\n```yaml\n");

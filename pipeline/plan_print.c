@@ -105,6 +105,10 @@ static void print_params(const struct ms_plan *p, FILE *f)
     char a[64], b[64];
     if (!m->nparams)
         return;
+    /* The model column is as wide as the longest reference (28 at least). */
+    int w = 28;
+    for (size_t mi = 0; mi < p->nmodels; mi++)
+        w = MS_MAX(w, (int)MS_MIN(strlen(p->models[mi].ref), 200));
     fprintf(f, "parameters (resolved over all tensors):\n");
     for (uint32_t j = 0; j < m->nparams; j++) {
         const struct ms_param_decl *d = &m->params[j];
@@ -132,12 +136,12 @@ static void print_params(const struct ms_plan *p, FILE *f)
             value_str(d, lo, a, sizeof a);
             value_str(d, hi, b, sizeof b);
             if (!any)
-                fprintf(f, "  %-12s %-28s none\n", d->name, p->models[mi].ref);
+                fprintf(f, "  %-12s %-*s none\n", d->name, w, p->models[mi].ref);
             else if (lo == hi)
-                fprintf(f, "  %-12s %-28s %s%s\n", d->name, p->models[mi].ref, a,
+                fprintf(f, "  %-12s %-*s %s%s\n", d->name, w, p->models[mi].ref, a,
                         unset ? " (some tensors none)" : "");
             else
-                fprintf(f, "  %-12s %-28s %s .. %s%s\n", d->name, p->models[mi].ref, a, b,
+                fprintf(f, "  %-12s %-*s %s .. %s%s\n", d->name, w, p->models[mi].ref, a, b,
                         unset ? " (some tensors none)" : "");
         }
     }
@@ -195,8 +199,11 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
     if (p->ndropped)
         fprintf(f, "; %zu input tensors not in the architecture are dropped", p->ndropped);
     fprintf(f, "\n");
+    int sw = 36;
     for (size_t s = 0; s < l->nshards; s++)
-        fprintf(f, "  %-36s %10s  %zu tensors\n", l->shards[s].file_name,
+        sw = MS_MAX(sw, (int)MS_MIN(strlen(l->shards[s].file_name), 200));
+    for (size_t s = 0; s < l->nshards; s++)
+        fprintf(f, "  %-*s %10s  %zu tensors\n", sw, l->shards[s].file_name,
                 ms_fmt_bytes(h1, sizeof h1, (double)l->shards[s].file_bytes, MS_BYTES_SI),
                 l->shards[s].ntensors);
     fprintf(f, "read:         %s (%" PRIu64 " bytes)\n",
@@ -218,18 +225,21 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
     fprintf(f, "\n");
     if (!max_memory)
         max_memory = MS_DEFAULT_MAX_MEMORY;
-    uint64_t pool, chunk;
-    rc = ms_engine_estimate(p, max_memory, 0, &pool, &chunk);
-    if (rc)
+    uint64_t pool, used, chunk;
+    char h3[32];
+    rc = ms_engine_estimate(p, max_memory, 0, &pool, &used, &chunk);
+    if (rc) {
         fprintf(f, "memory:       %s\n", ms_errmsg());
-    else if (chunk)
-        fprintf(f, "memory:       %s of buffers at --max-memory %s, chunks of up to %" PRIu64
-                " elements\n", ms_fmt_bytes(h1, sizeof h1, (double)pool, MS_BYTES_IEC),
-                ms_fmt_bytes(h2, sizeof h2, (double)max_memory, MS_BYTES_IEC), chunk);
-    else
-        fprintf(f, "memory:       %s of buffers at --max-memory %s\n",
-                ms_fmt_bytes(h1, sizeof h1, (double)pool, MS_BYTES_IEC),
-                ms_fmt_bytes(h2, sizeof h2, (double)max_memory, MS_BYTES_IEC));
+    } else {
+        /* Buffers are reserved at the budget; pages a chunk never touches stay unused. */
+        fprintf(f, "memory:       at most %s in use (buffers of %s reserved at --max-memory %s)",
+                ms_fmt_bytes(h1, sizeof h1, (double)used, MS_BYTES_IEC),
+                ms_fmt_bytes(h2, sizeof h2, (double)pool, MS_BYTES_IEC),
+                ms_fmt_bytes(h3, sizeof h3, (double)max_memory, MS_BYTES_IEC));
+        if (chunk)
+            fprintf(f, ", chunks of up to %" PRIu64 " elements", chunk);
+        fprintf(f, "\n");
+    }
     return ferror(f) ? ms_error(MS_EIO, "cannot write the plan") : 0;
 }
 
@@ -351,11 +361,12 @@ static int print_json(const struct ms_plan *p, uint64_t max_memory, FILE *f)
         json_array_append_new(shards, o);
     }
     json_object_set_new(root, "shards", shards);
-    uint64_t mm = max_memory ? max_memory : MS_DEFAULT_MAX_MEMORY, pool, chunk;
-    if (!ms_engine_estimate(p, mm, 0, &pool, &chunk)) {
+    uint64_t mm = max_memory ? max_memory : MS_DEFAULT_MAX_MEMORY, pool, used, chunk;
+    if (!ms_engine_estimate(p, mm, 0, &pool, &used, &chunk)) {
         json_t *o = json_object();
         json_object_set_new(o, "max_memory", json_integer((json_int_t)mm));
         json_object_set_new(o, "pool_bytes", json_integer((json_int_t)pool));
+        json_object_set_new(o, "used_bytes", json_integer((json_int_t)used));
         json_object_set_new(o, "chunk_elems", json_integer((json_int_t)chunk));
         json_object_set_new(root, "memory", o);
     }

@@ -1,7 +1,7 @@
 /*
  * test_faults.c - failures outside the inputs: a full disk (a 2 MiB tmpfs),
  * RLIMIT_FSIZE, inputs that cannot be read, a --pipe consumer that quits,
- * SIGINT/SIGTERM and SIGKILL during a merge (then --resume), and injected
+ * SIGINT/SIGTERM/SIGHUP and SIGKILL during a merge (then --resume), and injected
  * allocation and I/O failures in-process (ms_alloc_fail_after,
  * ms_io_fail_after). Every failure must give a non-zero status, one line on
  * stderr naming the file, no crash, no temporaries, and nothing incomplete
@@ -223,6 +223,7 @@ static pid_t spawn_bg(const char *cmd, const char *err_path)
         setenv("PATH", path, 1);
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
+        signal(SIGHUP, SIG_DFL);
         int dn = open("/dev/null", O_RDWR);
         int fe = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (chdir(g_dir) < 0 || dn < 0 || fe < 0)
@@ -410,7 +411,8 @@ static void interrupt_once(int sig, int want)
             continue;
         }
         char what[64];
-        snprintf(what, sizeof what, "%s during a merge", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        snprintf(what, sizeof what, "%s during a merge",
+                 sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP");
         cr_assert_eq(rc, want, "%s: status %d, want %d: %s", what, rc, want, err);
         char first[2048];
         cr_assert_eq(error_lines(err, first, sizeof first), 1, "%s: %s", what, err);
@@ -436,6 +438,12 @@ Test(faults, sigint_during_merge)
 Test(faults, sigterm_during_merge)
 {
     interrupt_once(SIGTERM, 143);
+}
+
+/* Closing the terminal: as clean a stop as SIGINT's, exit 128 + SIGHUP. */
+Test(faults, sighup_during_merge)
+{
+    interrupt_once(SIGHUP, 129);
 }
 
 /*

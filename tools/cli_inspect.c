@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_plan.h"
 #include "ms_safetensors.h"
 
 #include "cli.h"
@@ -23,11 +24,12 @@ static const char inspect_help[] =
     "\n"
     "Lists the tensors of a model directory (model.safetensors.index.json or\n"
     "model.safetensors) or of one .safetensors file: name, dtype, shape, bytes and\n"
-    "the file that holds it, then a totals line. Only headers are read.\n"
+    "the file that holds it, then a totals line. Only headers are read. MODEL may be\n"
+    "a hub id (org/name) in the Hugging Face cache, as in a recipe.\n"
     "\n"
     "options:\n"
-    "  --json       print a JSON object instead of the table\n"
-    "  -h, --help   show this help\n";
+    "  --json / --no-json  print a JSON object instead of the table\n"
+    "  -h, --help          show this help\n";
 
 static const char verify_usage[] = "usage: mergestream verify MODEL|FILE...\n";
 static const char verify_help[] =
@@ -35,7 +37,8 @@ static const char verify_help[] =
     "Checks each safetensors file against the rules the official reader enforces\n"
     "(header length, UTF-8, JSON schema, dtypes, contiguous offsets, sizes, no\n"
     "trailing or missing bytes). For a directory, checks every *.safetensors file\n"
-    "in it and cross-checks model.safetensors.index.json against the shards.\n"
+    "in it and cross-checks model.safetensors.index.json against the shards. MODEL\n"
+    "may be a hub id (org/name) in the Hugging Face cache, as in a recipe.\n"
     "Prints \"ok: PATH (N tensors, B bytes)\" per valid path (B: tensor data bytes);\n"
     "otherwise one diagnostic line per invalid path and exit status 1.\n"
     "\n"
@@ -64,6 +67,22 @@ static void shape_str(char *buf, size_t cap, const struct ms_st_tensor *t)
         n += (size_t)snprintf(buf + n, cap - n, "%s%" PRId64, i ? ", " : "", t->shape[i]);
     if (n < cap)
         snprintf(buf + n, cap - n, "]");
+}
+
+/*
+ * The path to open for MODEL|FILE: a hub id "org/name" that is not a local path
+ * but is in the Hugging Face cache gives its snapshot directory (ms_model_resolve,
+ * as a recipe's model); anything else is opened as given, so that a missing path is
+ * reported as before. Returns a copy to ms_free, or NULL when out of memory.
+ */
+static char *local_path(const char *ref)
+{
+    struct stat st;
+    char *dir = NULL;
+    if (stat(ref, &st) < 0 && errno == ENOENT && ms_model_resolve(ref, NULL, &dir) == 0)
+        return dir;
+    ms_error_clear();
+    return ms_strdup(ref);
 }
 
 /* ------------------------------------------------------------------ inspect */
@@ -163,6 +182,8 @@ int ms_cli_inspect(int argc, char **argv)
         }
         if (!strcmp(a, "--json"))
             as_json = true;
+        else if (!strcmp(a, "--no-json"))
+            as_json = false;
         else if (a[0] == '-' && a[1])
             return usage_error(inspect_usage, "inspect", "unknown option", a);
         else if (path)
@@ -175,7 +196,9 @@ int ms_cli_inspect(int argc, char **argv)
 
     struct ms_model *m = NULL;
     ms_error_clear();
-    int rc = ms_model_open(path, &m);
+    char *dir = local_path(path);
+    int rc = dir ? ms_model_open(dir, &m) : ms_error(MS_ENOMEM, "out of memory");
+    ms_free(dir);
     if (rc) {
         ms_cli_report(rc, NULL);
         return 1;
@@ -319,7 +342,12 @@ int ms_cli_verify(int argc, char **argv)
         struct stat st;
         int rc;
         ms_error_clear();
-        if (stat(p, &st) < 0)
+        /* A hub id in the cache is checked as its snapshot directory. */
+        char *hub = local_path(p);
+        p = hub ? hub : p;
+        if (!hub)
+            rc = ms_error(MS_ENOMEM, "out of memory");
+        else if (stat(p, &st) < 0)
             rc = ms_error(-errno, "%s: %s", p, strerror(errno));
         else if (S_ISDIR(st.st_mode))
             rc = verify_dir(p, &ntensors, &bytes);
@@ -329,8 +357,9 @@ int ms_cli_verify(int argc, char **argv)
             ms_cli_report(rc, NULL);
             status = 1;
         } else {
-            printf("ok: %s (%zu tensors, %" PRIu64 " bytes)\n", p, ntensors, bytes);
+            printf("ok: %s (%zu tensors, %" PRIu64 " bytes)\n", paths[i], ntensors, bytes);
         }
+        ms_free(hub);
     }
     if (fflush(stdout) != 0) {
         fprintf(stderr, "mergestream: verify: cannot write output: %s\n", strerror(errno));

@@ -26,20 +26,23 @@ static const char merge_usage[] =
     "model into directory OUT: safetensors shards (and their index), config.json, the\n"
     "donor's tokenizer files, README.md and mergekit_config.yml.\n"
     "\n"
-    "options:\n"
+    "options (every on/off option also takes its --no- form, as in mergekit):\n"
     "  --max-memory SIZE        memory for all buffers together (default 512M; K/M/G are\n"
     "                           binary here); tensors larger than this merge chunk by chunk\n"
     "  -j, --threads N          compute threads (default: number of cores)\n"
     "  --out-shard-size SIZE    maximum shard size in bytes (default 5B; K/M/B = 1e3/1e6/1e9)\n"
     "  --random-seed N          seed for methods with random masks (default 0)\n"
-    "  --allow-crimes           allow models whose architectures differ\n"
-    "  --strict                 unknown recipe keys and parameter names are errors, not\n"
-    "                           warnings (mergekit ignores them)\n"
+    "  --allow-crimes / --no-allow-crimes\n"
+    "                           allow models whose architectures differ (default off)\n"
+    "  --strict / --no-strict   unknown recipe keys and parameter names are errors, not\n"
+    "                           warnings (mergekit ignores them; default off)\n"
     "  --copy-tokenizer / --no-copy-tokenizer\n"
     "                           copy the donor's tokenizer files (default on)\n"
     "  --write-model-card / --no-write-model-card\n"
     "                           write README.md and mergekit_config.yml (default on)\n"
-    "  -q, --quiet              no progress line\n"
+    "  --transformers-cache DIR the Hugging Face hub cache to find hub-id models in\n"
+    "                           (instead of $HF_HUB_CACHE; nothing is downloaded)\n"
+    "  -q, --quiet / --no-quiet no progress line\n"
     "  -h, --help               this text\n"
     "\n"
     "streaming outputs:\n"
@@ -49,27 +52,31 @@ static const char merge_usage[] =
     "  --pipe CMD               stream each output file into the stdin of its own `sh -c CMD`;\n"
     "                           {} in CMD (and $MERGESTREAM_FILE) is the file name, e.g.\n"
     "                           --pipe 'aws s3 cp - s3://bucket/merged/{}'\n"
-    "  --resume                 keep the shards an interrupted run already finished in OUT\n"
-    "  --part I/N               write only shards k with k %% N == I-1 (1-based I), for one\n"
+    "  --resume / --no-resume   keep the shards an interrupted run already finished in OUT\n"
+    "  --part I/N               write only shards k with k mod N = I-1 (1-based I), for one\n"
     "                           merge spread over N machines; part 1 also writes the other files\n"
     "\n"
     "not supported: --no-safe-serialization (PyTorch .bin output).\n"
     "\n"
-    "accepted for mergekit compatibility, with no effect here: --cuda, --device,\n"
-    "--low-cpu-memory, --lazy-unpickle, --read-to-gpu, --multi-gpu, --gpu-rich,\n"
-    "--async-write, --write-threads N, --num-threads N (use --threads), --clone-tensors,\n"
-    "--trust-remote-code, --transformers-cache DIR, --lora-merge-cache DIR,\n"
-    "--safe-serialization, -v.\n"
+    "accepted for mergekit compatibility, with no effect here: --cuda/--no-cuda,\n"
+    "--device DEV, --low-cpu-memory/--no-low-cpu-memory, --lazy-unpickle/--no-lazy-unpickle,\n"
+    "--read-to-gpu/--no-read-to-gpu, --multi-gpu/--no-multi-gpu, --gpu-rich/--no-gpu-rich,\n"
+    "--async-write/--no-async-write, --write-threads N, --num-threads N (taken as --threads),\n"
+    "--clone-tensors/--no-clone-tensors, --trust-remote-code/--no-trust-remote-code,\n"
+    "--lora-merge-cache DIR, --lora-merge-dtype DTYPE, --safe-serialization, -v, --verbose.\n"
     "\n"
-    "testing knobs: --chunk-elems N caps elements per chunk; --reread makes multi-pass\n"
-    "methods read their inputs again in every pass instead of keeping them in memory.\n"
+    "testing knobs: --chunk-elems N caps elements per chunk; --reread (--no-reread) makes\n"
+    "multi-pass methods read their inputs again in every pass instead of keeping them in memory.\n"
     "\n"
-    "exit status: 0 success, 1 failure, 2 usage, 130/143 interrupted by SIGINT/SIGTERM.\n";
+    "exit status: 0 success, 1 failure, 2 usage, 129/130/143 interrupted by\n"
+    "SIGHUP/SIGINT/SIGTERM.\n";
 
 enum {
-    OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_STRICT, OPT_COPYTOK, OPT_NOCOPYTOK,
-    OPT_CARD, OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
-    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME,
+    OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
+    OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
+    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_NOCRIMES, OPT_NOQUIET,
+    OPT_NOREREAD, OPT_NORESUME, OPT_HFCACHE, OPT_STRICT,
+    OPT_NOSTRICT,
 };
 
 static const struct option merge_opts[] = {
@@ -78,19 +85,25 @@ static const struct option merge_opts[] = {
     { "out-shard-size", required_argument, NULL, OPT_SHARD },
     { "random-seed", required_argument, NULL, OPT_SEED },
     { "allow-crimes", no_argument, NULL, OPT_CRIMES },
+    { "no-allow-crimes", no_argument, NULL, OPT_NOCRIMES },
     { "strict", no_argument, NULL, OPT_STRICT },
+    { "no-strict", no_argument, NULL, OPT_NOSTRICT },
     { "copy-tokenizer", no_argument, NULL, OPT_COPYTOK },
     { "no-copy-tokenizer", no_argument, NULL, OPT_NOCOPYTOK },
     { "write-model-card", no_argument, NULL, OPT_CARD },
     { "no-write-model-card", no_argument, NULL, OPT_NOCARD },
     { "quiet", no_argument, NULL, 'q' },
+    { "no-quiet", no_argument, NULL, OPT_NOQUIET },
     { "help", no_argument, NULL, 'h' },
     { "chunk-elems", required_argument, NULL, OPT_CHUNK },
     { "reread", no_argument, NULL, OPT_REREAD },
+    { "no-reread", no_argument, NULL, OPT_NOREREAD },
     { "compress", required_argument, NULL, OPT_COMPRESS },
     { "pipe", required_argument, NULL, OPT_PIPE },
     { "part", required_argument, NULL, OPT_PART },
     { "resume", no_argument, NULL, OPT_RESUME },
+    { "no-resume", no_argument, NULL, OPT_NORESUME },
+    { "transformers-cache", required_argument, NULL, OPT_HFCACHE },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -105,6 +118,7 @@ static const struct option merge_opts[] = {
     { "multi-gpu", no_argument, NULL, OPT_NOOP },
     { "no-multi-gpu", no_argument, NULL, OPT_NOOP },
     { "gpu-rich", no_argument, NULL, OPT_NOOP },
+    { "no-gpu-rich", no_argument, NULL, OPT_NOOP },
     { "async-write", no_argument, NULL, OPT_NOOP },
     { "no-async-write", no_argument, NULL, OPT_NOOP },
     { "clone-tensors", no_argument, NULL, OPT_NOOP },
@@ -114,20 +128,21 @@ static const struct option merge_opts[] = {
     { "safe-serialization", no_argument, NULL, OPT_NOOP },
     { "device", required_argument, NULL, OPT_NOOP_ARG },
     { "write-threads", required_argument, NULL, OPT_NOOP_ARG },
-    { "transformers-cache", required_argument, NULL, OPT_NOOP_ARG },
     { "lora-merge-cache", required_argument, NULL, OPT_NOOP_ARG },
     { "lora-merge-dtype", required_argument, NULL, OPT_NOOP_ARG },
     { "verbose", no_argument, NULL, 'v' },
     { NULL, 0, NULL, 0 },
 };
 
-/* The method registry: every method with its parameters and defaults. */
-static void print_methods(FILE *f)
+void ms_cli_print_methods(FILE *f, const char *only)
 {
-    fprintf(f, "\nmerge methods (parameters: per-model ones are set under each model; "
-               "'required' has no default):\n");
+    if (!only)
+        fprintf(f, "\nmerge methods (parameters: per-model ones are set under each model; "
+                   "'required' has no default):\n");
     const struct ms_method *m;
     for (size_t i = 0; (m = ms_method_at(i)); i++) {
+        if (only && strcmp(only, m->name))
+            continue;
         const char *base = (m->flags & MS_M_BASE_REQUIRED) ? "base_model required"
                            : (m->flags & MS_M_BASE_PARAMS) ? "base_model optional (weighted)"
                                                             : "base_model optional";
@@ -174,11 +189,13 @@ int ms_cli_merge(int argc, char **argv)
     struct ms_plan_opts po = { .out_shard_size = 5000000000ull };
     ms_engine_opts_init(&eo);
     uint64_t v;
-    int c;
+    int c, li;
+    bool noted_v = false;
     optind = 1;
     opterr = 0;
-    while ((c = getopt_long(argc, argv, ":j:qhv", merge_opts, NULL)) != -1) {
-        const char *name = optind > 0 && optind <= argc ? argv[optind - 1] : "";
+    while ((li = -1, c = getopt_long(argc, argv, ":j:qhv", merge_opts, &li)) != -1) {
+        /* The option as spelled in the table (li is -1 for a short option). */
+        const char *name = li >= 0 ? merge_opts[li].name : NULL;
         switch (c) {
         case OPT_MAXMEM:
             if (ms_parse_size(optarg, true, &eo.max_memory) || !eo.max_memory)
@@ -201,21 +218,25 @@ int ms_cli_merge(int argc, char **argv)
                 return usage_error("invalid --random-seed", optarg);
             break;
         case OPT_CRIMES: po.allow_crimes = true; break;
+        case OPT_NOCRIMES: po.allow_crimes = false; break;
         case OPT_STRICT: po.strict = true; break;
+        case OPT_NOSTRICT: po.strict = false; break;
         case OPT_COPYTOK: eo.copy_tokenizer = true; break;
         case OPT_NOCOPYTOK: eo.copy_tokenizer = false; break;
         case OPT_CARD: eo.write_card = true; break;
         case OPT_NOCARD: eo.write_card = false; break;
         case 'q': eo.quiet = true; break;
+        case OPT_NOQUIET: eo.quiet = false; break;
         case 'h':
             fputs(merge_usage, stdout);
-            print_methods(stdout);
+            ms_cli_print_methods(stdout, NULL);
             return 0;
         case OPT_CHUNK:
             if (parse_u64(optarg, &eo.chunk_elems) || !eo.chunk_elems)
                 return usage_error("invalid --chunk-elems", optarg);
             break;
         case OPT_REREAD: eo.in_memory = false; break;
+        case OPT_NOREREAD: eo.in_memory = true; break;
         case OPT_COMPRESS: {
             long lvl = 3;
             if (strncmp(optarg, "zstd", 4) || (optarg[4] && optarg[4] != ':'))
@@ -245,14 +266,24 @@ int ms_cli_merge(int argc, char **argv)
             break;
         }
         case OPT_RESUME: eo.resume = true; break;
+        case OPT_NORESUME: eo.resume = false; break;
+        case OPT_HFCACHE:
+            /* mergekit hands it to huggingface_hub as cache_dir: the hub cache layout. */
+            if (!*optarg || setenv("HF_HUB_CACHE", optarg, 1))
+                return usage_error("invalid --transformers-cache", optarg);
+            break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:
-            fprintf(stderr, "mergestream: %s is not supported yet (see README: Status)\n", name);
+            fprintf(stderr, "mergestream: --%s is not supported yet (see README: Status)\n", name);
             return 1;
         case 'v':
+            if (!noted_v)
+                ms_log_info("note: -v has no effect in mergestream (see --quiet)");
+            noted_v = true;
+            break;
         case OPT_NOOP:
         case OPT_NOOP_ARG:
-            ms_log_info("note: %s has no effect in mergestream (CPU, out of core)", name);
+            ms_log_info("note: --%s has no effect in mergestream (CPU, out of core)", name);
             break;
         case ':': return usage_error("missing value for", argv[optind - 1]);
         default: return usage_error("unknown option", argv[optind - 1]);
@@ -277,14 +308,15 @@ int ms_cli_merge(int argc, char **argv)
         return usage_error("--resume needs a directory OUT (not '-' or --pipe)", NULL);
     /* A closed stdout or pipe is reported as EPIPE with the file's name, not a silent death. */
     signal(SIGPIPE, SIG_IGN);
-    /* SIGINT/SIGTERM while the recipe and plan load: remembered, and the engine
-     * then stops cleanly at once (exit 130/143, temporaries removed). */
+    /* SIGINT/SIGTERM/SIGHUP while the recipe and plan load: remembered, and the engine
+     * then stops cleanly at once (exit 130/143/129, temporaries removed). */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = ms_engine_cancel;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
     /* Past RLIMIT_FSIZE a write fails with EFBIG (reported, temporaries removed)
      * instead of the process dying of SIGXFSZ with a .partial file left behind. */
     signal(SIGXFSZ, SIG_IGN);

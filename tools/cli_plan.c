@@ -23,30 +23,41 @@ static const char plan_usage[] =
     "shards, the bytes to read and write, and the memory the merge will use. Reads only\n"
     "config.json files and safetensors headers. Every problem found is reported.\n"
     "\n"
-    "options:\n"
-    "  --json                   print the whole plan as JSON (every tensor: shape, dtypes,\n"
+    "options (every on/off option also takes its --no- form):\n"
+    "  --json / --no-json       print the whole plan as JSON (every tensor: shape, dtypes,\n"
     "                           resolved parameters, inputs with file and offset, shard)\n"
     "  --out-shard-size SIZE    maximum shard size in bytes (default 5B; K/M/B = 1e3/1e6/1e9)\n"
     "  --max-memory SIZE        memory budget the estimate assumes (default 512M)\n"
     "  --random-seed N          seed for methods with random masks (default 0)\n"
-    "  --allow-crimes           allow models whose architectures differ\n"
-    "  --strict                 unknown recipe keys and parameter names are errors, not\n"
-    "                           warnings (mergekit ignores them)\n"
-    "  -q, --quiet              print nothing on success (exit status only)\n"
+    "  --allow-crimes / --no-allow-crimes\n"
+    "                           allow models whose architectures differ (default off)\n"
+    "  --transformers-cache DIR the Hugging Face hub cache to find hub-id models in\n"
+    "                           (instead of $HF_HUB_CACHE; nothing is downloaded)\n"
+    "  --strict / --no-strict   unknown recipe keys and parameter names are errors, not\n"
+    "                           warnings (mergekit ignores them; default off)\n"
+    "  -q, --quiet / --no-quiet print nothing on success (exit status only)\n"
     "  -h, --help               this text\n"
     "\n"
     "exit status: 0 the plan is valid, 1 problems found, 2 usage.\n";
 
-enum { OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES, OPT_STRICT };
+enum {
+    OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES, OPT_NOJSON, OPT_NOCRIMES,
+    OPT_NOQUIET, OPT_HFCACHE, OPT_STRICT, OPT_NOSTRICT,
+};
 
 static const struct option plan_opts[] = {
     { "json", no_argument, NULL, OPT_JSON },
+    { "no-json", no_argument, NULL, OPT_NOJSON },
     { "out-shard-size", required_argument, NULL, OPT_SHARD },
     { "max-memory", required_argument, NULL, OPT_MAXMEM },
     { "random-seed", required_argument, NULL, OPT_SEED },
     { "allow-crimes", no_argument, NULL, OPT_CRIMES },
+    { "no-allow-crimes", no_argument, NULL, OPT_NOCRIMES },
+    { "transformers-cache", required_argument, NULL, OPT_HFCACHE },
     { "strict", no_argument, NULL, OPT_STRICT },
+    { "no-strict", no_argument, NULL, OPT_NOSTRICT },
     { "quiet", no_argument, NULL, 'q' },
+    { "no-quiet", no_argument, NULL, OPT_NOQUIET },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
 };
@@ -69,6 +80,7 @@ int ms_cli_plan(int argc, char **argv)
     while ((c = getopt_long(argc, argv, ":qh", plan_opts, NULL)) != -1) {
         switch (c) {
         case OPT_JSON: json = true; break;
+        case OPT_NOJSON: json = false; break;
         case OPT_SHARD:
             if (ms_parse_size(optarg, false, &po.out_shard_size))
                 return plan_usage_error("invalid --out-shard-size", optarg);
@@ -87,8 +99,15 @@ int ms_cli_plan(int argc, char **argv)
             break;
         }
         case OPT_CRIMES: po.allow_crimes = true; break;
+        case OPT_NOCRIMES: po.allow_crimes = false; break;
+        case OPT_HFCACHE:
+            if (!*optarg || setenv("HF_HUB_CACHE", optarg, 1))
+                return plan_usage_error("invalid --transformers-cache", optarg);
+            break;
         case OPT_STRICT: po.strict = true; break;
+        case OPT_NOSTRICT: po.strict = false; break;
         case 'q': quiet = true; break;
+        case OPT_NOQUIET: quiet = false; break;
         case 'h': fputs(plan_usage, stdout); return 0;
         case ':': return plan_usage_error("missing value for", argv[optind - 1]);
         default: return plan_usage_error("unknown option", argv[optind - 1]);

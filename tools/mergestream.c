@@ -18,6 +18,7 @@ static const char usage[] =
     "  plan RECIPE.yml        validate the recipe and models; print the plan (reads no tensor data)\n"
     "  inspect MODEL|FILE     list tensors: name, dtype, shape, bytes, shard\n"
     "  verify MODEL|FILE      check safetensors files against the format rules\n"
+    "  methods [NAME]         the merge methods, their parameters and defaults\n"
     "\n"
     "  mergestream <command> --help   options of one command\n"
     "  mergestream --version\n";
@@ -53,6 +54,8 @@ int main(int argc, char **argv)
         return ms_cli_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "verify"))
         return ms_cli_verify(argc - 1, argv + 1);
+    if (!strcmp(cmd, "methods"))
+        return ms_cli_methods(argc - 1, argv + 1);
     fprintf(stderr, "mergestream: unknown command '%s'\n\n%s", cmd, usage);
     return 2;
 }
