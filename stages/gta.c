@@ -144,6 +144,7 @@ enum gta_phase { GTA_SELECT, GTA_RESCALE, GTA_APPLY };
 
 struct gta_model {
     uint32_t input;       /* index of this model's tensor in ms_chunk.in; RNG model id */
+    uint64_t stream;      /* random, della: ms_rng_stream(seed, key, input) */
     int32_t slot;         /* first of kind_nsel histogram / partial slots, -1 when none */
     int32_t bit;          /* della: keep bit among the trimmed models, -1 when none */
     float w;              /* W = rnd(weight) */
@@ -370,13 +371,13 @@ static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensu
 /* Masks                                                                     */
 
 /* random: keep[i] = u < p for the elements first..first+n-1 of one model. */
-static void keep_random(uint64_t seed, uint64_t key, uint32_t model, float p, uint64_t first,
-                        float *restrict keep, size_t n)
+static void keep_random(uint64_t stream, float p, uint64_t first, float *restrict keep, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t r = ms_rng_u32(seed, key, model, first + i);
-        keep[i] = (float)(r & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
-    }
+    uint32_t u[GTA_BLOCK];
+    assert(n <= GTA_BLOCK);
+    ms_rng_fill(stream, first, u, n);
+    for (size_t i = 0; i < n; i++)
+        keep[i] = (float)(u[i] & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
 }
 
 /*
@@ -405,7 +406,7 @@ static void gta_keep(const struct gta_state *st, const struct gta_model *m, uint
             keep[i] = top[i] != 0.0f ? 0.0f : keep[i];
         break;
     case GTA_SPARSE_RANDOM:
-        keep_random(st->seed, st->key, m->input, m->p, first, keep, n);
+        keep_random(m->stream, m->p, first, keep, n);
         break;
     default:
         assert(!"della masks come from the row scratch");
@@ -504,8 +505,99 @@ static void row_rank(const struct della_row *r, uint64_t n)
 static inline bool della_keep(const struct gta_state *st, const struct gta_model *m,
                               uint64_t element, uint64_t rank)
 {
-    uint32_t u = ms_rng_u32(st->seed, st->key, m->input, element);
+    uint32_t u;
+    ms_rng_fill(m->stream, element, &u, 1);
     return (float)(u & 0xffffffu) * 0x1p-24f < della_p(st, m, rank);
+}
+
+/*
+ * della with 16-bit keys (bf16, f16: ms__sel_key < 2^15): the ranks of a row by
+ * counting, in index order, without sorting. rank(i) = 1 + #{j: key_j < key_i}
+ * + #{j < i: key_j == key_i}: the position of i in the stable ascending sort
+ * of row_rank, so the masks are the same. One pass counts keys (fine) and
+ * their top 8 bits (coarse); the second pass turns a coarse bucket's 128 fine
+ * counts into start positions the first time one of its keys is met, then
+ * ranks by a post-increment. Cost O(L + 128 * buckets met + 256) per row.
+ * The tables live per thread and are left zero after each row.
+ */
+#define DELLA_KEYS 32768u
+#define DELLA_COARSE 256u
+#define DELLA_FINE (DELLA_KEYS / DELLA_COARSE)
+
+struct della_count {
+    uint32_t fine[DELLA_KEYS];
+    uint32_t coarse[DELLA_COARSE];
+    unsigned char open[DELLA_COARSE]; /* bucket's fine entries are start positions */
+};
+
+static _Thread_local struct della_count della_tls;
+
+/* Rows long enough that counting beats the heap sort (same ranks either way). */
+static bool della_counts(const struct gta_state *st)
+{
+    return st->dt != MS_DT_F32 && st->row >= 512;
+}
+
+/*
+ * The keep decisions of model m on the row of L elements x, b (elements
+ * first..first+L-1 of the tensor), in index order: with words, ORs bit into
+ * words[i] of kept elements; with after, adds their |d| to after.
+ */
+static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
+                              const float *restrict x, const float *restrict b, uint64_t first,
+                              uint64_t L, unsigned char *words, uint32_t bit,
+                              struct ms_xacc *after)
+{
+    struct della_count *t = &della_tls;
+    const enum ms_dtype dt = st->dt;
+    for (uint64_t i = 0; i < L; i++) {
+        uint32_t k = ms__sel_key(dt, ms_rnd(dt, x[i] - b[i]));
+        assert(k < DELLA_KEYS);
+        t->fine[k]++;
+        t->coarse[k / DELLA_FINE]++;
+    }
+    uint32_t acc = 0;
+    for (uint32_t c = 0; c < DELLA_COARSE; c++) {
+        uint32_t v = t->coarse[c];
+        t->coarse[c] = acc;
+        acc += v;
+    }
+    uint32_t u[GTA_BLOCK];
+    float kept[GTA_BLOCK];
+    for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        ms_rng_fill(m->stream, first + i0, u, n);
+        for (size_t j = 0; j < n; j++) {
+            float d = ms_rnd(dt, x[i0 + j] - b[i0 + j]);
+            uint32_t k = ms__sel_key(dt, d), c = k / DELLA_FINE;
+            if (!t->open[c]) {
+                uint32_t pos = t->coarse[c];
+                for (uint32_t f = c * DELLA_FINE; f < (c + 1) * DELLA_FINE; f++) {
+                    uint32_t v = t->fine[f];
+                    t->fine[f] = pos;
+                    pos += v;
+                }
+                t->open[c] = 1;
+            }
+            uint64_t rank = ++t->fine[k];
+            bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < della_p(st, m, rank);
+            if (words) {
+                if (keep)
+                    word_put(words, i0 + j, word_get(words, i0 + j) | bit);
+            } else {
+                kept[j] = keep ? fabsf(d) : 0.0f; /* a zero term leaves the sum as it is */
+            }
+        }
+        if (!words)
+            ms_xacc_sumabs(after, kept, n);
+    }
+    for (uint32_t c = 0; c < DELLA_COARSE; c++) {
+        if (t->open[c])
+            memset(&t->fine[c * DELLA_FINE], 0, DELLA_FINE * sizeof(t->fine[0]));
+        t->open[c] = 0;
+        t->coarse[c] = 0;
+    }
+    /* buckets met in the first pass were all opened in the second */
 }
 
 /* ------------------------------------------------------------------------ */
@@ -587,6 +679,7 @@ static int gta_begin(void *state, const struct ms_stage_job *job)
             continue;
         struct gta_model *m = &st->m[st->nm++];
         m->input = i;
+        m->stream = ms_rng_stream(job->seed, job->key, i);
         m->w = ms_rnd_param(dt, job->pv[i][iw]);
         m->slot = -1;
         m->bit = -1;
@@ -709,6 +802,10 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
         ms_xacc_sumabs(before, d, n);
     }
     for (uint64_t r0 = 0; r0 < c->count; r0 += L) {
+        if (della_counts(st)) {
+            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, after);
+            continue;
+        }
         struct della_row r = { .dt = st->dt, .x = x + r0, .b = b + r0, .words = words,
                                .mask = UINT32_MAX };
         row_rank(&r, L);
@@ -873,10 +970,15 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
         const struct gta_model *m = &st->m[j];
         if (m->bit < 0)
             continue;
+        uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
+        if (della_counts(st)) {
+            della_row_counted(st, m, c->in[m->input] + r0, c->in[st->base] + r0, c->first + r0,
+                              L, words, bit, NULL);
+            continue;
+        }
         struct della_row r = { .dt = st->dt, .x = c->in[m->input] + r0,
                                .b = c->in[st->base] + r0, .words = words, .mask = mask };
         row_rank(&r, L);
-        uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
         for (uint64_t pos = 0; pos < L; pos++) {
             uint32_t idx = row_idx(&r, pos);
             if (della_keep(st, m, c->first + r0 + idx, pos + 1))
