@@ -144,7 +144,6 @@ enum gta_phase { GTA_SELECT, GTA_RESCALE, GTA_APPLY };
 
 struct gta_model {
     uint32_t input;       /* index of this model's tensor in ms_chunk.in; RNG model id */
-    uint64_t stream;      /* random, della: ms_rng_stream(seed, key, input) */
     int32_t slot;         /* first of kind_nsel histogram / partial slots, -1 when none */
     int32_t bit;          /* della: keep bit among the trimmed models, -1 when none */
     float w;              /* W = rnd(weight) */
@@ -406,7 +405,7 @@ static void gta_keep(const struct gta_state *st, const struct gta_model *m, uint
             keep[i] = top[i] != 0.0f ? 0.0f : keep[i];
         break;
     case GTA_SPARSE_RANDOM:
-        keep_random(m->stream, m->p, first, keep, n);
+        keep_random(ms_rng_stream(st->seed, st->key, m->input), m->p, first, keep, n);
         break;
     default:
         assert(!"della masks come from the row scratch");
@@ -505,8 +504,7 @@ static void row_rank(const struct della_row *r, uint64_t n)
 static inline bool della_keep(const struct gta_state *st, const struct gta_model *m,
                               uint64_t element, uint64_t rank)
 {
-    uint32_t u;
-    ms_rng_fill(m->stream, element, &u, 1);
+    uint32_t u = ms_rng_u32(st->seed, st->key, m->input, element);
     return (float)(u & 0xffffffu) * 0x1p-24f < della_p(st, m, rank);
 }
 
@@ -550,6 +548,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
 {
     struct della_count *t = &della_tls;
     const enum ms_dtype dt = st->dt;
+    const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     for (uint64_t i = 0; i < L; i++) {
         uint32_t k = ms__sel_key(dt, ms_rnd(dt, x[i] - b[i]));
         assert(k < DELLA_KEYS);
@@ -566,7 +565,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     float kept[GTA_BLOCK];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
-        ms_rng_fill(m->stream, first + i0, u, n);
+        ms_rng_fill(stream, first + i0, u, n);
         for (size_t j = 0; j < n; j++) {
             float d = ms_rnd(dt, x[i0 + j] - b[i0 + j]);
             uint32_t k = ms__sel_key(dt, d), c = k / DELLA_FINE;
@@ -679,7 +678,6 @@ static int gta_begin(void *state, const struct ms_stage_job *job)
             continue;
         struct gta_model *m = &st->m[st->nm++];
         m->input = i;
-        m->stream = ms_rng_stream(job->seed, job->key, i);
         m->w = ms_rnd_param(dt, job->pv[i][iw]);
         m->slot = -1;
         m->bit = -1;
