@@ -530,6 +530,41 @@ struct della_count {
 
 static _Thread_local struct della_count della_tls;
 
+/* della_p by rank for rows of up to DELLA_PTAB elements, cached per thread for
+ * a few (dtype, row, rank_den, lo, eps) at once (apply alternates models row by
+ * row). Each entry is della_p's own value: the table changes no bit. */
+#define DELLA_PTAB 16384u
+#define DELLA_PCACHE 4u
+
+struct della_ptab {
+    bool valid;
+    enum ms_dtype wdt;
+    uint64_t row;
+    float den, lo, eps, p;
+    float v[DELLA_PTAB];
+};
+
+static _Thread_local struct della_ptab della_ptabs[DELLA_PCACHE];
+static _Thread_local uint32_t della_pnext;
+
+static const float *della_ptab_get(const struct gta_state *st, const struct gta_model *m)
+{
+    if (st->row > DELLA_PTAB)
+        return NULL;
+    for (uint32_t i = 0; i < DELLA_PCACHE; i++) {
+        const struct della_ptab *t = &della_ptabs[i];
+        if (t->valid && t->wdt == st->wdt && t->row == st->row && t->den == st->rank_den &&
+            t->lo == m->lo && t->eps == m->eps && t->p == m->p)
+            return t->v;
+    }
+    struct della_ptab *t = &della_ptabs[della_pnext++ % DELLA_PCACHE];
+    *t = (struct della_ptab){ .valid = true, .wdt = st->wdt, .row = st->row,
+                              .den = st->rank_den, .lo = m->lo, .eps = m->eps, .p = m->p };
+    for (uint64_t r = 1; r <= st->row; r++)
+        t->v[r - 1] = della_p(st, m, r);
+    return t->v;
+}
+
 /* Rows long enough that counting beats the heap sort (same ranks either way). */
 static bool della_counts(const struct gta_state *st)
 {
@@ -549,6 +584,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     struct della_count *t = &della_tls;
     const enum ms_dtype dt = st->dt;
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
+    const float *ptab = della_ptab_get(st, m);
     for (uint64_t i = 0; i < L; i++) {
         uint32_t k = ms__sel_key(dt, ms_rnd(dt, x[i] - b[i]));
         assert(k < DELLA_KEYS);
@@ -579,7 +615,8 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
                 t->open[c] = 1;
             }
             uint64_t rank = ++t->fine[k];
-            bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < della_p(st, m, rank);
+            float p = ptab ? ptab[rank - 1] : della_p(st, m, rank);
+            bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < p;
             if (words) {
                 if (keep)
                     word_put(words, i0 + j, word_get(words, i0 + j) | bit);
