@@ -160,14 +160,15 @@ struct xacc_bins {
 
 static _Thread_local struct xacc_bins xacc_tls = { .lo = XB_N, .hi = 0 };
 
-static inline void xb_term(int64_t *restrict bin, struct xacc_bins *restrict w, double v)
+static inline void xb_term(int64_t *restrict bin, uint32_t *restrict nf, uint32_t *restrict lo,
+                           uint32_t *restrict hi, double v)
 {
     uint64_t u;
     memcpy(&u, &v, sizeof(u));
     uint64_t bexp = (u >> 52) & 0x7ffu;
     uint64_t frac = u & ((UINT64_C(1) << 52) - 1);
     uint64_t neg = u >> 63;
-    w->nf |= (uint32_t)((bexp == 0x7ffu) << (frac ? 2 : neg));
+    *nf |= (uint32_t)((bexp == 0x7ffu) << (frac ? 2 : neg));
     /* zero, Inf and NaN fall outside the bins: they add 0 to bin 0 */
     uint64_t k = bexp - XB_LO;
     uint64_t valid = k < XB_N;
@@ -175,8 +176,8 @@ static inline void xb_term(int64_t *restrict bin, struct xacc_bins *restrict w, 
     int64_t m = (int64_t)(((frac | (UINT64_C(1) << 52)) >> 5) & -valid);
     bin[k] += (m ^ -(int64_t)neg) + (int64_t)neg;
     uint32_t k32 = (uint32_t)k;
-    w->lo = valid && k32 < w->lo ? k32 : w->lo;
-    w->hi = valid && k32 > w->hi ? k32 : w->hi;
+    *lo = valid && k32 < *lo ? k32 : *lo;
+    *hi = valid && k32 > *hi ? k32 : *hi;
 }
 
 static void xb_flush(struct ms_xacc *a, struct xacc_bins *w)
@@ -201,12 +202,17 @@ static void xb_flush(struct ms_xacc *a, struct xacc_bins *w)
     struct xacc_bins *w = &xacc_tls;                                             \
     for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {                            \
         size_t i1 = MS_MIN(n, i0 + 2 * XB_BLOCK), i = i0;                        \
+        int64_t *restrict b0 = w->b[0], *restrict b1 = w->b[1];                  \
+        uint32_t nf = 0, lo = w->lo, hi = w->hi;                                 \
         for (; i + 2 <= i1; i += 2) {                                            \
-            xb_term(w->b[0], w, TERM(i));                                        \
-            xb_term(w->b[1], w, TERM(i + 1));                                    \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                 \
+            xb_term(b1, &nf, &lo, &hi, TERM(i + 1));                             \
         }                                                                        \
         if (i < i1)                                                              \
-            xb_term(w->b[0], w, TERM(i));                                        \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                 \
+        w->nf |= nf;                                                             \
+        w->lo = lo;                                                              \
+        w->hi = hi;                                                              \
         xb_flush(a, w);                                                          \
     }
 
