@@ -78,6 +78,7 @@
 #include "stage_impl.h"
 
 #define GTA_BLOCK 256 /* elements per inner block: bounds the stack scratch */
+#define GTA_RBLOCK 4096 /* elements per exact-sum call in the rescale pass */
 
 /* ------------------------------------------------------------------------ */
 /* Family members                                                            */
@@ -830,9 +831,9 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const float *x = c->in[m->input], *b = c->in[st->base];
     const uint64_t L = st->row;
     assert(c->count % L == 0);
-    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+    float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
         gta_delta(st->dt, d, x + off, b + off, n);
         ms_xacc_sumabs(before, d, n);
     }
@@ -858,6 +859,7 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
     const struct gta_state *st = state;
     float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     const float *b = c->in[st->base];
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     memset(partial, 0, st->psize);
@@ -906,13 +908,18 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         }
         const float *x = c->in[m->input];
         uint64_t run[2] = { 0, 0 };
-        for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-            size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
-            gta_delta(st->dt, d, x + off, b + off, n);
-            ms_xacc_sumabs(before, d, n);
-            gta_keep(st, m, c->first, c->first + off, run, d, keep, n);
-            gta_mask(st->dt, d, keep, false, 1.0f, n);
-            ms_xacc_sumabs(after, d, n);
+        /* Sums over GTA_RBLOCK elements per call (the sums are exact: any split
+         * gives the same limbs), masks in GTA_BLOCK pieces. */
+        for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
+            size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
+            gta_delta(st->dt, rd, x + off, b + off, n);
+            ms_xacc_sumabs(before, rd, n);
+            for (size_t o = 0; o < n; o += GTA_BLOCK) {
+                size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
+                gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
+                gta_mask(st->dt, rd + o, keep, false, 1.0f, k);
+            }
+            ms_xacc_sumabs(after, rd, n);
         }
     }
 }
