@@ -65,7 +65,9 @@
  * words hold the row index being sorted (low ib bits) and one keep bit per
  * trimmed model (above it) until the row's outputs overwrite them. So
  * ib + trimmed models <= 32: rows up to 2^17 elements with 15 trimmed models,
- * 2^28 with 4; longer rows are refused by begin.
+ * 2^28 with 4; longer rows are refused by begin. bf16/f16 rows of 512 elements
+ * or more are ranked by counting keys instead (della_row_counted: the same
+ * ranks, in index order, per-thread tables), which leaves the index field unused.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64) per
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
