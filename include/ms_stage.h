@@ -286,6 +286,11 @@ void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n);
 
 /* Counter-based RNG: a 32-bit value that depends only on its arguments. */
 uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element);
+/* The stream word of (seed, key, model), and a run of its values: after
+ * s = ms_rng_stream(seed, key, model), ms_rng_fill(s, first, out, n) sets
+ * out[i] = ms_rng_u32(seed, key, model, first + i) for i < n. Pure, any thread. */
+uint64_t ms_rng_stream(uint64_t seed, uint64_t key, uint32_t model);
+void ms_rng_fill(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n);
 /* 64-bit FNV-1a of a NUL-terminated string (the job key). */
 uint64_t ms_hash_str(const char *s);
 

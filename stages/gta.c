@@ -65,7 +65,9 @@
  * words hold the row index being sorted (low ib bits) and one keep bit per
  * trimmed model (above it) until the row's outputs overwrite them. So
  * ib + trimmed models <= 32: rows up to 2^17 elements with 15 trimmed models,
- * 2^28 with 4; longer rows are refused by begin.
+ * 2^28 with 4; longer rows are refused by begin. bf16/f16 rows of 512 elements
+ * or more are ranked by counting keys instead (della_row_counted: the same
+ * ranks, in index order, per-thread tables), which leaves the index field unused.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64) per
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
@@ -78,6 +80,7 @@
 #include "stage_impl.h"
 
 #define GTA_BLOCK 256 /* elements per inner block: bounds the stack scratch */
+#define GTA_RBLOCK 4096 /* elements per exact-sum call in the rescale pass */
 
 /* ------------------------------------------------------------------------ */
 /* Family members                                                            */
@@ -370,13 +373,13 @@ static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensu
 /* Masks                                                                     */
 
 /* random: keep[i] = u < p for the elements first..first+n-1 of one model. */
-static void keep_random(uint64_t seed, uint64_t key, uint32_t model, float p, uint64_t first,
-                        float *restrict keep, size_t n)
+static void keep_random(uint64_t stream, float p, uint64_t first, float *restrict keep, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t r = ms_rng_u32(seed, key, model, first + i);
-        keep[i] = (float)(r & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
-    }
+    uint32_t u[GTA_BLOCK];
+    assert(n <= GTA_BLOCK);
+    ms_rng_fill(stream, first, u, n);
+    for (size_t i = 0; i < n; i++)
+        keep[i] = (float)(u[i] & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
 }
 
 /*
@@ -405,7 +408,7 @@ static void gta_keep(const struct gta_state *st, const struct gta_model *m, uint
             keep[i] = top[i] != 0.0f ? 0.0f : keep[i];
         break;
     case GTA_SPARSE_RANDOM:
-        keep_random(st->seed, st->key, m->input, m->p, first, keep, n);
+        keep_random(ms_rng_stream(st->seed, st->key, m->input), m->p, first, keep, n);
         break;
     default:
         assert(!"della masks come from the row scratch");
@@ -506,6 +509,134 @@ static inline bool della_keep(const struct gta_state *st, const struct gta_model
 {
     uint32_t u = ms_rng_u32(st->seed, st->key, m->input, element);
     return (float)(u & 0xffffffu) * 0x1p-24f < della_p(st, m, rank);
+}
+
+/*
+ * della with 16-bit keys (bf16, f16: ms__sel_key < 2^15): the ranks of a row by
+ * counting, in index order, without sorting. rank(i) = 1 + #{j: key_j < key_i}
+ * + #{j < i: key_j == key_i}: the position of i in the stable ascending sort
+ * of row_rank, so the masks are the same. One pass counts keys (fine) and
+ * their top 8 bits (coarse); the second pass turns a coarse bucket's 128 fine
+ * counts into start positions the first time one of its keys is met, then
+ * ranks by a post-increment. Cost O(L + 128 * buckets met + 256) per row.
+ * The tables live per thread and are left zero after each row.
+ */
+#define DELLA_KEYS 32768u
+#define DELLA_COARSE 256u
+#define DELLA_FINE (DELLA_KEYS / DELLA_COARSE)
+
+struct della_count {
+    uint32_t fine[DELLA_KEYS];
+    uint32_t coarse[DELLA_COARSE];
+    unsigned char open[DELLA_COARSE]; /* bucket's fine entries are start positions */
+};
+
+static _Thread_local struct della_count della_tls;
+
+/* della_p by rank for rows of up to DELLA_PTAB elements, cached per thread for
+ * a few (dtype, row, rank_den, lo, eps) at once (apply alternates models row by
+ * row). Each entry is della_p's own value: the table changes no bit. */
+#define DELLA_PTAB 16384u
+#define DELLA_PCACHE 4u
+
+struct della_ptab {
+    bool valid;
+    enum ms_dtype wdt;
+    uint64_t row;
+    float den, lo, eps, p;
+    float v[DELLA_PTAB];
+};
+
+static _Thread_local struct della_ptab della_ptabs[DELLA_PCACHE];
+static _Thread_local uint32_t della_pnext;
+
+static const float *della_ptab_get(const struct gta_state *st, const struct gta_model *m)
+{
+    if (st->row > DELLA_PTAB)
+        return NULL;
+    for (uint32_t i = 0; i < DELLA_PCACHE; i++) {
+        const struct della_ptab *t = &della_ptabs[i];
+        if (t->valid && t->wdt == st->wdt && t->row == st->row && t->den == st->rank_den &&
+            t->lo == m->lo && t->eps == m->eps && t->p == m->p)
+            return t->v;
+    }
+    struct della_ptab *t = &della_ptabs[della_pnext++ % DELLA_PCACHE];
+    *t = (struct della_ptab){ .valid = true, .wdt = st->wdt, .row = st->row,
+                              .den = st->rank_den, .lo = m->lo, .eps = m->eps, .p = m->p };
+    for (uint64_t r = 1; r <= st->row; r++)
+        t->v[r - 1] = della_p(st, m, r);
+    return t->v;
+}
+
+/* Rows long enough that counting beats the heap sort (same ranks either way). */
+static bool della_counts(const struct gta_state *st)
+{
+    return st->dt != MS_DT_F32 && st->row >= 512;
+}
+
+/*
+ * The keep decisions of model m on the row of L elements x, b (elements
+ * first..first+L-1 of the tensor), in index order: with words, ORs bit into
+ * words[i] of kept elements; with after, adds their |d| to after.
+ */
+static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
+                              const float *restrict x, const float *restrict b, uint64_t first,
+                              uint64_t L, unsigned char *words, uint32_t bit,
+                              struct ms_xacc *after)
+{
+    struct della_count *t = &della_tls;
+    const enum ms_dtype dt = st->dt;
+    const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
+    const float *ptab = della_ptab_get(st, m);
+    for (uint64_t i = 0; i < L; i++) {
+        uint32_t k = ms__sel_key(dt, ms_rnd(dt, x[i] - b[i]));
+        assert(k < DELLA_KEYS);
+        t->fine[k]++;
+        t->coarse[k / DELLA_FINE]++;
+    }
+    uint32_t acc = 0;
+    for (uint32_t c = 0; c < DELLA_COARSE; c++) {
+        uint32_t v = t->coarse[c];
+        t->coarse[c] = acc;
+        acc += v;
+    }
+    uint32_t u[GTA_BLOCK];
+    float kept[GTA_BLOCK];
+    for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        ms_rng_fill(stream, first + i0, u, n);
+        for (size_t j = 0; j < n; j++) {
+            float d = ms_rnd(dt, x[i0 + j] - b[i0 + j]);
+            uint32_t k = ms__sel_key(dt, d), c = k / DELLA_FINE;
+            if (!t->open[c]) {
+                uint32_t pos = t->coarse[c];
+                for (uint32_t f = c * DELLA_FINE; f < (c + 1) * DELLA_FINE; f++) {
+                    uint32_t v = t->fine[f];
+                    t->fine[f] = pos;
+                    pos += v;
+                }
+                t->open[c] = 1;
+            }
+            uint64_t rank = ++t->fine[k];
+            float p = ptab ? ptab[rank - 1] : della_p(st, m, rank);
+            bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < p;
+            if (words) {
+                if (keep)
+                    word_put(words, i0 + j, word_get(words, i0 + j) | bit);
+            } else {
+                kept[j] = keep ? fabsf(d) : 0.0f; /* a zero term leaves the sum as it is */
+            }
+        }
+        if (!words)
+            ms_xacc_sumabs(after, kept, n);
+    }
+    for (uint32_t c = 0; c < DELLA_COARSE; c++) {
+        if (t->open[c])
+            memset(&t->fine[c * DELLA_FINE], 0, DELLA_FINE * sizeof(t->fine[0]));
+        t->open[c] = 0;
+        t->coarse[c] = 0;
+    }
+    /* buckets met in the first pass were all opened in the second */
 }
 
 /* ------------------------------------------------------------------------ */
@@ -702,13 +833,17 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const float *x = c->in[m->input], *b = c->in[st->base];
     const uint64_t L = st->row;
     assert(c->count % L == 0);
-    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+    float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
         gta_delta(st->dt, d, x + off, b + off, n);
         ms_xacc_sumabs(before, d, n);
     }
     for (uint64_t r0 = 0; r0 < c->count; r0 += L) {
+        if (della_counts(st)) {
+            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, after);
+            continue;
+        }
         struct della_row r = { .dt = st->dt, .x = x + r0, .b = b + r0, .words = words,
                                .mask = UINT32_MAX };
         row_rank(&r, L);
@@ -726,6 +861,7 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
     const struct gta_state *st = state;
     float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     const float *b = c->in[st->base];
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     memset(partial, 0, st->psize);
@@ -774,13 +910,18 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         }
         const float *x = c->in[m->input];
         uint64_t run[2] = { 0, 0 };
-        for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-            size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
-            gta_delta(st->dt, d, x + off, b + off, n);
-            ms_xacc_sumabs(before, d, n);
-            gta_keep(st, m, c->first, c->first + off, run, d, keep, n);
-            gta_mask(st->dt, d, keep, false, 1.0f, n);
-            ms_xacc_sumabs(after, d, n);
+        /* Sums over GTA_RBLOCK elements per call (the sums are exact: any split
+         * gives the same limbs), masks in GTA_BLOCK pieces. */
+        for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
+            size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
+            gta_delta(st->dt, rd, x + off, b + off, n);
+            ms_xacc_sumabs(before, rd, n);
+            for (size_t o = 0; o < n; o += GTA_BLOCK) {
+                size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
+                gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
+                gta_mask(st->dt, rd + o, keep, false, 1.0f, k);
+            }
+            ms_xacc_sumabs(after, rd, n);
         }
     }
 }
@@ -873,10 +1014,15 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
         const struct gta_model *m = &st->m[j];
         if (m->bit < 0)
             continue;
+        uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
+        if (della_counts(st)) {
+            della_row_counted(st, m, c->in[m->input] + r0, c->in[st->base] + r0, c->first + r0,
+                              L, words, bit, NULL);
+            continue;
+        }
         struct della_row r = { .dt = st->dt, .x = c->in[m->input] + r0,
                                .b = c->in[st->base] + r0, .words = words, .mask = mask };
         row_rank(&r, L);
-        uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
         for (uint64_t pos = 0; pos < L; pos++) {
             uint32_t idx = row_idx(&r, pos);
             if (della_keep(st, m, c->first + r0 + idx, pos + 1))

@@ -11,6 +11,10 @@
  * The finaliser is a bijection of 64-bit words with full avalanche, so distinct
  * elements of one stream give distinct 64-bit outputs.
  *
+ * The stream word depends only on (seed, key, model): ms_rng_stream computes it
+ * once per tensor and model, and ms_rng_fill draws a run of consecutive
+ * elements from it with one finaliser each (the same values as ms_rng_u32).
+ *
  * The exact values are part of the output format of random methods (DARE, DELLA):
  * changing this function changes merged bytes. tests/test_xacc.c pins them.
  */
@@ -25,12 +29,26 @@ static inline uint64_t rng_mix(uint64_t z)
     return z ^ (z >> 31);
 }
 
-uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element)
+uint64_t ms_rng_stream(uint64_t seed, uint64_t key, uint32_t model)
 {
     uint64_t s = rng_mix(seed + RNG_GOLDEN);
     s = rng_mix(s ^ key);
-    s = rng_mix(s ^ (((uint64_t)model + 1) * UINT64_C(0xd1b54a32d192ed03)));
-    return (uint32_t)(rng_mix(s + (element + 1) * RNG_GOLDEN) >> 32);
+    return rng_mix(s ^ (((uint64_t)model + 1) * UINT64_C(0xd1b54a32d192ed03)));
+}
+
+uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element)
+{
+    return (uint32_t)(rng_mix(ms_rng_stream(seed, key, model) + (element + 1) * RNG_GOLDEN) >> 32);
+}
+
+/* The leaf kernel of the masks: one finaliser per element, no loop-carried
+ * state (the counter is the element index), so the compiler can vectorise it
+ * where 64-bit multiplies are available. */
+void ms_rng_fill(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n)
+{
+    uint64_t z = stream + (first + 1) * RNG_GOLDEN;
+    for (size_t i = 0; i < n; i++)
+        out[i] = (uint32_t)(rng_mix(z + (uint64_t)i * RNG_GOLDEN) >> 32);
 }
 
 uint64_t ms_hash_str(const char *s)

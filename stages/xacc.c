@@ -135,24 +135,33 @@ double ms_xacc_value(const struct ms_xacc *a)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Kernels. A term is first added, as its signed 53-bit mantissa, into an int64 */
-/* bin per biased double exponent (one add, no shifts), and the bins are       */
-/* flushed into the limbs every XB_BLOCK terms per bin, before an int64 could   */
-/* overflow (2^10 terms * 2^53 < 2^63). Bin k holds terms of biased exponent   */
-/* k + 723, i.e. shifted exponent e' = k: exactly the limb position of         */
-/* xacc_term, so the limbs get the same integers. Two bin tables (even and odd  */
-/* elements) break the load-add-store chain when neighbours share an exponent. */
+/* Kernels. A term is first added, as its signed mantissa shifted right by 5,  */
+/* into an int64 bin per biased double exponent (one add, no shifts). Every    */
+/* term of a kernel is a float or the product of two floats: its integer       */
+/* mantissa has at most 48 significant bits, so the 53-bit double mantissa     */
+/* ends in at least 5 zero bits and the shift is exact; a bin takes 2^14 terms */
+/* (2^14 * 2^48 = 2^62) before it is flushed into the limbs as v << 5 at the   */
+/* term's position. Bin k holds terms of biased exponent k + 723, i.e. shifted */
+/* exponent e' = k: exactly the limb position of xacc_term, so the limbs get   */
+/* the same integers. Two bin tables (even and odd elements) break the         */
+/* load-add-store chain when neighbours share an exponent. The tables are per  */
+/* thread and left zero after each call; a flush visits only the bins between */
+/* the lowest and highest exponent met, so a call costs O(n + that range).     */
 
 #define XB_LO 723                 /* biased exponent of bin 0 (= 1075 - XACC_BIAS) */
 #define XB_N 560                  /* bins: biased exponents 723..1282 */
-#define XB_BLOCK 1024             /* terms per bin table between flushes */
+#define XB_BLOCK 16384            /* terms per bin table between flushes */
 
 struct xacc_bins {
     int64_t b[2][XB_N];
     uint32_t nf;
+    uint32_t lo, hi;              /* bins met since the last flush: [lo, hi] */
 };
 
-static inline void xb_term(int64_t *restrict bin, uint32_t *restrict nf, double v)
+static _Thread_local struct xacc_bins xacc_tls = { .lo = XB_N, .hi = 0 };
+
+static inline void xb_term(int64_t *restrict bin, uint32_t *restrict nf, uint32_t *restrict lo,
+                           uint32_t *restrict hi, double v)
 {
     uint64_t u;
     memcpy(&u, &v, sizeof(u));
@@ -164,37 +173,47 @@ static inline void xb_term(int64_t *restrict bin, uint32_t *restrict nf, double 
     uint64_t k = bexp - XB_LO;
     uint64_t valid = k < XB_N;
     k = valid ? k : 0;
-    int64_t m = (int64_t)((frac | (UINT64_C(1) << 52)) & -valid);
+    int64_t m = (int64_t)(((frac | (UINT64_C(1) << 52)) >> 5) & -valid);
     bin[k] += (m ^ -(int64_t)neg) + (int64_t)neg;
+    uint32_t k32 = (uint32_t)k;
+    *lo = valid && k32 < *lo ? k32 : *lo;
+    *hi = valid && k32 > *hi ? k32 : *hi;
 }
 
 static void xb_flush(struct ms_xacc *a, struct xacc_bins *w)
 {
     for (int t = 0; t < 2; t++)
-        for (int k = 0; k < XB_N; k++) {
+        for (uint32_t k = w->lo; k <= w->hi && k < XB_N; k++) {
             int64_t v = w->b[t][k];
             if (!v)
                 continue;
             w->b[t][k] = 0;
-            a->limb[k >> 5] += (__int128)((unsigned __int128)(__int128)v << (k & 31));
+            unsigned __int128 wide = (unsigned __int128)(__int128)v << 5;
+            a->limb[k >> 5] += (__int128)(wide << (k & 31));
         }
     a->nonfinite |= w->nf;
     w->nf = 0;
+    w->lo = XB_N;
+    w->hi = 0;
 }
 
 /* The kernels share one shape: TERM(i) is the exact double of element i. */
 #define XACC_KERNEL(TERM)                                                        \
-    struct xacc_bins w;                                                          \
-    memset(&w, 0, sizeof(w));                                                    \
+    struct xacc_bins *w = &xacc_tls;                                             \
     for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {                            \
         size_t i1 = MS_MIN(n, i0 + 2 * XB_BLOCK), i = i0;                        \
+        int64_t *restrict b0 = w->b[0], *restrict b1 = w->b[1];                  \
+        uint32_t nf = 0, lo = w->lo, hi = w->hi;                                 \
         for (; i + 2 <= i1; i += 2) {                                            \
-            xb_term(w.b[0], &w.nf, TERM(i));                                     \
-            xb_term(w.b[1], &w.nf, TERM(i + 1));                                 \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                 \
+            xb_term(b1, &nf, &lo, &hi, TERM(i + 1));                             \
         }                                                                        \
         if (i < i1)                                                              \
-            xb_term(w.b[0], &w.nf, TERM(i));                                     \
-        xb_flush(a, &w);                                                         \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                 \
+        w->nf |= nf;                                                             \
+        w->lo = lo;                                                              \
+        w->hi = hi;                                                              \
+        xb_flush(a, w);                                                          \
     }
 
 /* The scalar reference of each kernel is ms_xacc_add of its terms one by one

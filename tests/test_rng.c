@@ -103,3 +103,27 @@ Test(rng, streams_uncorrelated)
     cr_assert(fabs(corr) < 6 / sqrt((double)N), "corr %f", corr);
     cr_assert(fabs((double)same_bit / N - 0.5) < 6 * 0.5 / sqrt((double)N));
 }
+
+/* The run kernel draws the same values as the per-element function, for any
+ * start and length (masks use both: runs in dare, single elements in della). */
+Test(rng, fill_matches_u32)
+{
+    static const struct { uint64_t seed, key; uint32_t model; uint64_t first; } s[] = {
+        { 0, 0, 0, 0 }, { 42, UINT64_C(0xcbf29ce484222325), 1, 1000 },
+        { UINT64_MAX, UINT64_C(0x1234567890abcdef), 15, UINT64_C(1099511627775) },
+        { 7, 9, 3, UINT64_MAX - 40 }, /* the counter wraps as in ms_rng_u32 */
+    };
+    uint32_t out[301];
+    for (size_t k = 0; k < sizeof(s) / sizeof(s[0]); k++) {
+        uint64_t st = ms_rng_stream(s[k].seed, s[k].key, s[k].model);
+        for (size_t n = 0; n <= 301; n += 37) {
+            memset(out, 0xa5, sizeof(out));
+            ms_rng_fill(st, s[k].first, out, n);
+            for (size_t i = 0; i < n; i++)
+                cr_assert_eq(out[i], ms_rng_u32(s[k].seed, s[k].key, s[k].model, s[k].first + i),
+                             "stream %zu n %zu i %zu", k, n, i);
+            if (n < 301)
+                cr_assert_eq(out[n], 0xa5a5a5a5u, "wrote past n");
+        }
+    }
+}

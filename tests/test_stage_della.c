@@ -69,6 +69,54 @@ Test(stage_della, ranks_are_rounded_to_bf16)
     free(exact);
 }
 
+/* Rows of 512 elements and more in bf16/f16 are ranked by counting keys
+ * (stages/gta.c), shorter ones and float32 by the heap sort: long rows with
+ * many ties, zeros, both signs, Inf and NaN match the reference sort in every
+ * chunking, with and without the rescale pass. */
+static void della_long_rows(enum ms_dtype dt, uint64_t L)
+{
+    const uint64_t n = 3 * L;
+    float *x[3], *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
+    uint64_t rs = L + dt;
+    for (int i = 0; i < 3; i++) {
+        x[i] = malloc(n * sizeof(float));
+        for (uint64_t e = 0; e < n; e++) {
+            float v = (float)((int64_t)th_gta_rand(&rs) >> 52) * 0x1p-8f; /* few values: ties */
+            if (i > 0 && e % 97 == 5)
+                v = e % 2 ? INFINITY : -INFINITY;
+            if (i > 0 && e % 131 == 7)
+                v = NAN;
+            if (i > 0 && e % 13 == 0)
+                v = x[0][e]; /* zero delta */
+            x[i][e] = dt == MS_DT_BF16 ? ms_round_bf16_1(v) : ms_rnd(MS_DT_F16, v);
+        }
+    }
+    for (int resc = 0; resc < 2; resc++) {
+        struct th_gta g = { .method = resc ? "della" : "della_linear", .dt = dt, .numel = n,
+                            .row_len = L, .ninputs = 3, .base = 0, .in = { x[0], x[1], x[2] },
+                            .weight = { 0, 0.7, 0.5 }, .density = { 1, 0.5, 0.3 },
+                            .epsilon = { 0, 0.2, 0.1 }, .normalize = true, .rescale = resc,
+                            .lambda = 1, .seed = 11 };
+        cr_assert_eq(th_gta_ref(&g, want), 0);
+        const uint64_t chunks[] = { L, 2 * L + 1, n };
+        for (int c = 0; c < 3; c++) {
+            cr_assert_eq(th_gta_run(&g, chunks[c], got), 0, "%s", ms_errmsg());
+            long d = th_gta_first_diff(got, want, n);
+            cr_assert_eq(d, -1, "L %llu chunk %llu: element %ld is %a, want %a",
+                         (unsigned long long)L, (unsigned long long)chunks[c], d,
+                         d >= 0 ? got[d] : 0, d >= 0 ? want[d] : 0);
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        free(x[i]);
+    free(got);
+    free(want);
+}
+
+Test(stage_della, counted_ranks_bf16) { della_long_rows(MS_DT_BF16, 512); della_long_rows(MS_DT_BF16, 2051); }
+Test(stage_della, counted_ranks_f16) { della_long_rows(MS_DT_F16, 777); }
+Test(stage_della, long_rows_f32) { della_long_rows(MS_DT_F32, 600); }
+
 /* A one-element row has rank norm 0/0 in mergekit. Our rule: p = density, so
  * della on an [n, 1] tensor is dare_ties (della_linear is dare_linear). */
 Test(stage_della, one_element_rows_are_dare)

@@ -359,3 +359,45 @@ Test(xacc, capacity_many_large_terms)
             ms_xacc_add(&b, -bb);
     ASSERT_SAME_DOUBLE(ms_xacc_value(&b), 1.0);
 }
+
+/* The binned kernels against their scalar reference (ms_xacc_add of each exact
+ * term): identical limbs for long runs that cross the bin flush (2 * 2^14
+ * terms) with the largest mantissas piled into one bin, wide random values,
+ * subnormals, zeros of both signs, and calls of odd lengths one after another. */
+Test(xacc, kernels_match_term_by_term_reference)
+{
+    t_seed(99, "kernels");
+    enum { N = 100003 };
+    static float x[N], y[N];
+    for (size_t i = 0; i < N; i++) {
+        switch (i % 5) {
+        case 0: x[i] = -0x1.fffffep+3f; y[i] = 0x1.fffffep-1f; break; /* one bin, full mantissa */
+        case 1: x[i] = 0x1.fffffep+3f; y[i] = 0x1.fffffep+3f; break;
+        case 2: x[i] = rand_float_wide(); y[i] = rand_float_wide(); break;
+        case 3: x[i] = (i & 8) ? 0x1p-149f * (float)(i % 1000) : -0.0f; y[i] = 0x1.8p-140f; break;
+        default: x[i] = rand_float_wide(); y[i] = -x[i]; break;
+        }
+    }
+    static const size_t cuts[] = { 0, 1, 7, 32768, 32771, 65536 + 13, N };
+    for (int kind = 0; kind < 3; kind++) {
+        struct ms_xacc got, want;
+        ms_xacc_init(&got);
+        ms_xacc_init(&want);
+        for (size_t c = 0; c + 1 < sizeof(cuts) / sizeof(cuts[0]); c++) {
+            size_t a = cuts[c], n = cuts[c + 1] - cuts[c];
+            if (kind == 0)
+                ms_xacc_dot(&got, x + a, y + a, n);
+            else if (kind == 1)
+                ms_xacc_sumsq(&got, x + a, n);
+            else
+                ms_xacc_sumabs(&got, x + a, n);
+        }
+        for (size_t i = 0; i < N; i++)
+            ms_xacc_add(&want, kind == 0   ? (double)x[i] * (double)y[i]
+                               : kind == 1 ? (double)x[i] * (double)x[i]
+                                           : fabs((double)x[i]));
+        cr_assert(!memcmp(got.limb, want.limb, sizeof(want.limb)), "kernel %d limbs", kind);
+        cr_assert_eq(got.nonfinite, want.nonfinite);
+        ASSERT_SAME_DOUBLE(ms_xacc_value(&got), ms_xacc_value(&want));
+    }
+}

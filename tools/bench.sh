@@ -13,6 +13,10 @@
 #   bigtensor      a model with a 512 MiB embedding tensor, --max-memory 64M
 #   flat           linear3 at 0.5G, 1G, 2G and 4G per model (throughput vs size)
 #   ties3          three models, ties (density 0.5), default budget
+#   methods        every method family on the same three models (BENCH_SIZE, default 0.6G),
+#                  output and floor on tmpfs (BENCH_OUT, default /dev/shm/ms-bench-$USER), then
+#                  dare_ties at 1 and 2 threads (thread scaling of a multi-pass method);
+#                  BENCH_METHODS restricts the list
 #   zstd           linear3 written with --compress zstd:3, against `zstd -T0 -3` compressing
 #                  the raw merge output (the same bytes) on the same machine
 # Environment: BENCH_DIR (default BUILD/bench), BENCH_SIZE, BENCH_MEM (default 512M),
@@ -59,6 +63,16 @@ models:
     parameters: {weight: 0.2}
 R
     ;;
+    linear|ties) ;;
+    slerp) printf 'merge_method: slerp\ndtype: bfloat16\nbase_model: %s/base\nmodels:\n  - model: %s/base\n  - model: %s/ft1\nparameters: {t: 0.4}\n' "$3" "$3" "$3" > "$1" ;;
+    nuslerp) printf 'merge_method: nuslerp\ndtype: bfloat16\nmodels:\n  - model: %s/ft1\n    parameters: {weight: 1.0}\n  - model: %s/ft2\n    parameters: {weight: 0.5}\n' "$3" "$3" > "$1" ;;
+    multislerp|karcher) printf 'merge_method: %s\ndtype: bfloat16\nmodels:\n  - model: %s/base\n    parameters: {weight: 0.5}\n  - model: %s/ft1\n    parameters: {weight: 0.3}\n  - model: %s/ft2\n    parameters: {weight: 0.2}\n' "$2" "$3" "$3" "$3" > "$1" ;;
+    model_stock) printf 'merge_method: model_stock\ndtype: bfloat16\nbase_model: %s/base\nmodels:\n  - model: %s/ft1\n  - model: %s/ft2\n' "$3" "$3" "$3" > "$1" ;;
+    *) # the GTA family and sce: base + two fine-tunes with weight and density
+        printf 'merge_method: %s\ndtype: bfloat16\nbase_model: %s/base\nmodels:\n  - model: %s/ft1\n    parameters: {weight: 0.5, density: 0.5}\n  - model: %s/ft2\n    parameters: {weight: 0.5, density: 0.5}\n' "$2" "$3" "$3" "$3" > "$1"
+        case $2 in della*) printf 'parameters: {epsilon: 0.1}\n' >> "$1" ;; sce) printf 'parameters: {select_topk: 0.5}\n' >> "$1" ;; esac ;;
+    esac
+    case $2 in
     ties) cat > "$1" <<R
 merge_method: ties
 dtype: bfloat16
@@ -73,18 +87,18 @@ R
     esac
 }
 
-measure() { # measure LABEL METHOD DIR MEM
-    label=$1; method=$2; d=$3; m=$4
-    r=$d/$method.yml; out=$d/out-$method
+measure() { # measure LABEL METHOD DIR MEM [OUTDIR [THREADS]]
+    label=$1; method=$2; d=$3; m=$4; od=${5:-$d}; th=${6:-$threads}
+    r=$d/$method.yml; out=$od/out-$method
     recipe "$r" "$method" "$d"
     inputs=$(ls "$d"/base/*.safetensors "$d"/ft1/*.safetensors "$d"/ft2/*.safetensors)
     in_bytes=$(cat $inputs | wc -c)
     out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%d", s }')
     cat $inputs > /dev/null  # warm cache
-    floor=$("$bin/ms-iofloor" "$d/floor.bin" "$out_bytes" $inputs | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+    floor=$("$bin/ms-iofloor" "$od/floor.bin" "$out_bytes" $inputs | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
     rm -rf "$out"
     t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$r" "$out" -q --max-memory "$m" \
-            --threads "$threads" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:' )
+            --threads "$th" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:' )
     wall=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
     rss=$(echo "$t" | sed -n 's/.*maxrss_kib=\([0-9]*\).*/\1/p')
     st=$(echo "$t" | sed -n 's/.*status=\([0-9]*\).*/\1/p')
@@ -93,7 +107,7 @@ measure() { # measure LABEL METHOD DIR MEM
         -v w="$wall" -v f="$floor" -v io="$in_bytes" -v ob="$out_bytes" -v rss="$rss" -v m="$m" \
         'BEGIN { printf "%-12s %6.2f GB  wall %7.2f s  floor %7.2f s  ratio %5.2f  %7.0f MB/s  peak RSS %6.1f MiB  budget %s\n",
                  l, sz, w, f, w / f, (io + ob) / w / 1e6, rss / 1024, m }'
-    rm -rf "$out"
+    rm -rf "$out" "$od/floor.bin"
 }
 
 echo "bench: $(nproc) cores, threads $threads, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -107,6 +121,19 @@ for s in "$@"; do
         b=$(size_bytes "${BENCH_SIZE:-1.5G}")
         gen3 linear3 "$b"
         measure ties3 ties "$dir/linear3" "$mem" ;;
+    methods)
+        b=$(size_bytes "${BENCH_SIZE:-0.6G}")
+        gen3 methods "$b"
+        od=${BENCH_OUT:-/dev/shm/ms-bench-$(id -un)}
+        mkdir -p "$od"
+        for me in ${BENCH_METHODS:-linear task_arithmetic slerp nuslerp multislerp karcher \
+                  model_stock ties breadcrumbs_ties dare_ties dare_linear della sce}; do
+            measure "$me" "$me" "$dir/methods" "$mem" "$od"
+        done
+        for th in 1 2; do
+            measure "dare_ties/t$th" dare_ties "$dir/methods" "$mem" "$od" "$th"
+        done
+        rmdir "$od" 2>/dev/null || true ;;
     zstd)
         b=$(size_bytes "${BENCH_SIZE:-1.5G}")
         gen3 linear3 "$b"
