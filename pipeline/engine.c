@@ -543,7 +543,7 @@ static void start_compute(struct eng *e)
         int rc = uv_queue_work(&e->loop, &s->work, work_cb, after_work_cb);
         if (rc < 0) {
             e->compute_inflight--;
-            eng_fail(e, rc, "cannot queue work: %s", uv_strerror(rc));
+            eng_fail(e, rc, "cannot queue work: %s", ms_strerror(rc));
             slot_put(e, s);
         }
     }
@@ -597,7 +597,7 @@ static void after_work_cb(uv_work_t *w, int status)
     e->compute_inflight--;
     if (status < 0 || eng_stopping(e)) {
         if (status < 0)
-            eng_fail(e, status, "compute canceled: %s", uv_strerror(status));
+            eng_fail(e, status, "compute canceled: %s", ms_strerror(status));
         slot_put(e, s);
         pump(e);
         return;
@@ -701,7 +701,7 @@ static void seq_after_cb(uv_work_t *w, int status)
     sw->ws = NULL;
     if (status < 0 || sw->rc) {
         if (status < 0)
-            eng_fail(e, status, "output write canceled: %s", uv_strerror(status));
+            eng_fail(e, status, "output write canceled: %s", ms_strerror(status));
         else
             eng_fail(e, sw->rc, "%s", sw->err);
         slot_put(e, s);
@@ -761,7 +761,7 @@ static void seq_pump(struct eng *e)
         int rc = uv_queue_work(&e->loop, &sw->work, seq_work_cb, seq_after_cb);
         if (rc < 0) {
             sw->busy = false;
-            eng_fail(e, rc, "cannot queue output write: %s", uv_strerror(rc));
+            eng_fail(e, rc, "cannot queue output write: %s", ms_strerror(rc));
             slot_put(e, s);
         }
         return;
@@ -1126,7 +1126,7 @@ static int run_loop(struct eng *e)
 {
     int rc = uv_loop_init(&e->loop);
     if (rc)
-        return ms_error(rc, "cannot start the event loop: %s", uv_strerror(rc));
+        return ms_error(rc, "cannot start the event loop: %s", ms_strerror(rc));
     e->loop.data = e;
     if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0) {
         e->sigint.data = e->sigterm.data = e;
