@@ -223,43 +223,53 @@ static void kill_proc(struct ms_out *o)
     close_proc(o);
 }
 
-/* Appends the shell-quoted form of s ('...' with ' written as '\'') to dst,
- * which has room. Returns the new end. */
-static char *quote_into(char *dst, const char *s)
+/* Appends s to dst, which has room, quoted for where it lands in the template:
+ * outside quotes as '...' (with ' written as '\''), inside '...' with ' written
+ * as '\'', inside "..." with $ ` " \ backslash-escaped. Returns the new end. */
+static char *quote_into(char *dst, const char *s, char ctx)
 {
-    *dst++ = '\'';
+    if (!ctx)
+        *dst++ = '\'';
     for (; *s; s++) {
-        if (*s == '\'') {
+        if (ctx != '"' && *s == '\'') {
             memcpy(dst, "'\\''", 4);
             dst += 4;
+        } else if (ctx == '"' && strchr("$`\"\\", *s)) {
+            *dst++ = '\\';
+            *dst++ = *s;
         } else {
             *dst++ = *s;
         }
     }
-    *dst++ = '\'';
+    if (!ctx)
+        *dst++ = '\'';
     return dst;
 }
 
 /* The command line for one file: the template with every "{}" replaced by the
- * quoted name. Returns ms_malloc'd storage or NULL. */
+ * name, quoted for the shell context the "{}" is in (so that "out/{}" and
+ * 'out/{}' work as well as out/{}). Returns ms_malloc'd storage or NULL. */
 static char *expand_cmd(const char *tmpl, const char *name)
 {
-    size_t nq = 2, nb = 0;
-    for (const char *s = name; *s; s++)
-        nq += *s == '\'' ? 4 : 1;
+    size_t nq = 2 + 4 * strlen(name), nb = 0;
     for (const char *s = tmpl; (s = strstr(s, "{}")) != NULL; s += 2)
         nb++;
     char *out = ms_malloc(strlen(tmpl) + nb * nq + 1);
     if (!out)
         return NULL;
-    char *d = out;
+    char *d = out, ctx = 0; /* 0, '\'' or '"': the quotes the scan is inside */
     for (const char *s = tmpl; *s;) {
         if (s[0] == '{' && s[1] == '}') {
-            d = quote_into(d, name);
+            d = quote_into(d, name, ctx);
             s += 2;
-        } else {
-            *d++ = *s++;
+            continue;
         }
+        if (*s == '\\' && ctx != '\'' && s[1]) {
+            *d++ = *s++; /* the escaped character is copied as it is */
+        } else if (*s == '\'' || *s == '"') {
+            ctx = !ctx ? *s : ctx == *s ? 0 : ctx;
+        }
+        *d++ = *s++;
     }
     *d = 0;
     return out;
@@ -309,7 +319,7 @@ static int spawn_cmd(struct ms_out *o)
     rc = uv_pipe(fds, 0, 0);
     if (rc < 0) {
         rc = fail(o, rc, "pipe command for '%s': cannot create a pipe: %s", o->final_name,
-                  uv_strerror(rc));
+                  ms_strerror(rc));
         goto out;
     }
 
@@ -337,7 +347,7 @@ static int spawn_cmd(struct ms_out *o)
     if (rc < 0) {
         close_proc(o);
         rc = fail(o, MS_ECHILD, "pipe command for '%s' could not be started (%s): %s",
-                  o->final_name, uv_strerror(rc), o->cmd);
+                  o->final_name, ms_strerror(rc), o->cmd);
         goto out;
     }
     o->fd = fds[1];
@@ -377,19 +387,19 @@ static int emit(struct ms_out *o, const void *buf, size_t len)
     const char *cur = o->in_file ? o->name : "(end of archive)";
     switch (o->kind) {
     case MS_OUT_DIR:
-        return fail(o, rc, "%s: write failed: %s", o->tmp_path, uv_strerror(rc));
+        return fail(o, rc, "%s: write failed: %s", o->tmp_path, ms_strerror(rc));
     case MS_OUT_TAR:
         if (rc == UV_EPIPE)
             return fail(o, rc, "tar output: output stream closed (broken pipe) while writing '%s'",
                         cur);
         return fail(o, rc, "tar output: write failed while writing '%s': %s", cur,
-                    uv_strerror(rc));
+                    ms_strerror(rc));
     case MS_OUT_PIPE:
         break;
     }
     if (rc != UV_EPIPE)
         return fail(o, rc, "pipe command for '%s': write failed: %s (%s)", o->final_name,
-                    uv_strerror(rc), o->cmd);
+                    ms_strerror(rc), o->cmd);
     /* The command closed its stdin before the end of the file: most likely it
      * has exited; learn how, without waiting long for one that lingers. */
     close(o->fd);
@@ -628,7 +638,7 @@ int ms_out_open(const struct ms_out_opts *opts, struct ms_out **out)
     if (opts->kind == MS_OUT_PIPE) {
         rc = uv_loop_init(&o->loop);
         if (rc < 0) {
-            rc = ms_error(rc, "--pipe: cannot create an event loop: %s", uv_strerror(rc));
+            rc = ms_error(rc, "--pipe: cannot create an event loop: %s", ms_strerror(rc));
             goto out;
         }
         o->loop_ok = true;
