@@ -2,6 +2,7 @@
  * cli_merge.c - `mergestream merge RECIPE.yml OUT [options]`: recipe -> plan ->
  * engine. Option names follow mergekit-yaml where they apply.
  */
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
@@ -156,10 +157,11 @@ static int usage_error(const char *msg, const char *arg)
 static int parse_u64(const char *s, uint64_t *out)
 {
     char *end;
-    if (!s || !*s || *s == '-')
+    if (!s || *s < '0' || *s > '9')
         return -1;
+    errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
-    if (*end)
+    if (*end || errno == ERANGE)
         return -1;
     *out = v;
     return 0;
@@ -232,12 +234,18 @@ int ms_cli_merge(int argc, char **argv)
             eo.pipe_cmd = optarg;
             break;
         case OPT_PART: {
-            unsigned a, b;
-            char tail;
-            if (sscanf(optarg, "%u/%u%c", &a, &b, &tail) != 2 || b == 0 || a == 0 || a > b)
+            /* Digits only: sscanf's %u would take "-1" as 4294967295. */
+            uint64_t a, b;
+            char *slash = strchr(optarg, '/');
+            if (slash)
+                *slash = 0;
+            bool bad = !slash || parse_u64(optarg, &a) || parse_u64(slash + 1, &b);
+            if (slash)
+                *slash = '/';
+            if (bad || b == 0 || a == 0 || a > b || b > UINT32_MAX)
                 return usage_error("--part takes I/N with 1 <= I <= N, not", optarg);
-            eo.part_index = a;
-            eo.part_count = b;
+            eo.part_index = (unsigned)a;
+            eo.part_count = (unsigned)b;
             break;
         }
         case OPT_RESUME: eo.resume = true; break;
