@@ -259,3 +259,21 @@ Test(limits, zero_weight_sum_warns)
     cr_assert(!err || !strstr(err, "sum to zero"), "stderr: %s", err);
     free(err);
 }
+
+/* Item 12: small files are read only when regular and at most MS_SMALL_FILE_MAX
+ * bytes: a tokenizer.json or an index that is /dev/zero, and a 300 MB (sparse)
+ * tokenizer.json, are one-line errors, at once (they grew memory without end). */
+Test(limits, small_files_bounded)
+{
+    RUN_OK("printf 'merge_method: linear\\nmodels:\\n  - model: t\\n"
+           "    parameters: {weight: 1}\\n' >r.yml && cp -r base t && "
+           "ln -sf /dev/zero t/tokenizer.json");
+    expect_fail(1, "t/tokenizer.json: not a regular file", "timeout 60 mergestream merge r.yml o");
+    RUN_OK("test ! -e o/tokenizer.json && rm t/tokenizer.json && truncate -s 300M t/tokenizer.json");
+    expect_fail(1, "t/tokenizer.json: 314572800 bytes, over the 256 MiB limit",
+                "timeout 60 mergestream merge r.yml o2");
+    RUN_OK("test ! -e o2/tokenizer.json && cp base/tokenizer.json t/ && "
+           "ln -s /dev/zero t/model.safetensors.index.json");
+    expect_fail(1, "model.safetensors.index.json: not a regular file",
+                "timeout 60 mergestream plan r.yml >/dev/null");
+}
