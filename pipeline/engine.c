@@ -34,6 +34,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,9 +171,14 @@ struct eng {
     int signo;
 };
 
-static volatile sig_atomic_t g_cancel_signo;
+/* Atomic: set by the signal handler and the loop, read by the output writer
+ * on a pool thread (a lock-free atomic int is async-signal-safe). */
+static atomic_int g_cancel_signo;
 
 void ms_engine_cancel(int signo) { g_cancel_signo = signo; }
+
+/* ms_out_opts.stop: a signal asked the merge to stop. */
+static int out_stop(void) { return g_cancel_signo != 0; }
 
 void ms_engine_opts_init(struct ms_engine_opts *o)
 {
@@ -1083,6 +1089,7 @@ static int prepare_outputs(struct eng *e)
         struct ms_out_opts oo = {
             .kind = o->kind, .dir = o->out, .fd = o->out_fd, .pipe_cmd = o->pipe_cmd,
             .zstd_level = o->zstd_level, .zstd_workers = o->threads ? o->threads : default_threads(),
+            .stop = out_stop, .stall_seconds = o->stall_seconds,
         };
         int rc = ms_out_open(&oo, &e->sw.out);
         if (rc)

@@ -277,3 +277,40 @@ Test(limits, small_files_bounded)
     expect_fail(1, "model.safetensors.index.json: not a regular file",
                 "timeout 60 mergestream plan r.yml >/dev/null");
 }
+
+/* Item 11: a merge whose reader stopped reading still stops on SIGINT/SIGTERM
+ * (within the 200 ms poll, here under 20 s even in the sanitized build), kills the
+ * --pipe command and what it started, and --stall-timeout fails with a message. */
+Test(limits, stoppable_when_the_reader_stalls)
+{
+    RUN_OK("printf 'merge_method: linear\\nmodels:\\n  - model: base\\n"
+           "    parameters: {weight: 1}\\n' >r.yml");
+    /* The shell runs "sleep 41.25" as its child: the child must go too. */
+    char *out = NULL;
+    int rc = run(&out, NULL,
+                 "(timeout 60 mergestream merge -q r.yml x --pipe 'sleep 41.25; true' & p=$!; "
+                 "sleep 2; kill -INT $p; wait $p; echo \"rc=$?\"); sleep 0.5; "
+                 "if pgrep -f '^sleep 41[.]25$' >/dev/null; then echo orphan; fi");
+    cr_assert_eq(rc, 0);
+    cr_assert(out && strstr(out, "rc=130"), "%s", out);
+    cr_assert(!strstr(out, "orphan"), "the pipe command's child survived: %s", out);
+    free(out);
+    out = NULL;
+    /* tar on a FIFO whose reader never reads (the model is over the 64 KiB pipe buffer) */
+    rc = run(&out, NULL,
+             "mkfifo fifo && (sleep 30 <fifo &) && "
+             "(timeout 60 mergestream merge -q r.yml - >fifo & p=$!; sleep 2; kill -TERM $p; "
+             "wait $p; echo \"rc=$?\")");
+    cr_assert_eq(rc, 0);
+    cr_assert(out && strstr(out, "rc=143"), "%s", out);
+    free(out);
+    char *err = NULL;
+    rc = run(NULL, &err, "timeout 60 mergestream merge -q r.yml x --pipe 'sleep 42.25' "
+                         "--stall-timeout 1");
+    cr_assert_eq(rc, 1, "exit %d: %s", rc, err);
+    cr_assert(err && strstr(err, "sleep 42.25: the reader took no bytes for 1 s while "
+                                 "'model.safetensors' was written (--stall-timeout)"), "%s", err);
+    cr_assert_eq(lines(err), 1, "%s", err);
+    free(err);
+    expect_fail(2, "--stall-timeout", "mergestream merge r.yml x --stall-timeout -1");
+}

@@ -51,6 +51,8 @@ static const char merge_usage[] =
     "  --resume                 keep the shards an interrupted run already finished in OUT\n"
     "  --part I/N               write only shards k with k %% N == I-1 (1-based I), for one\n"
     "                           merge spread over N machines; part 1 also writes the other files\n"
+    "  --stall-timeout SECONDS  fail when the tar reader or a --pipe command takes no bytes\n"
+    "                           for this long (default 0: wait as long as it takes)\n"
     "\n"
     "not supported: --no-safe-serialization (PyTorch .bin output).\n"
     "\n"
@@ -68,7 +70,7 @@ static const char merge_usage[] =
 enum {
     OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
     OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
-    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME,
+    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_STALL,
 };
 
 static const struct option merge_opts[] = {
@@ -89,6 +91,7 @@ static const struct option merge_opts[] = {
     { "pipe", required_argument, NULL, OPT_PIPE },
     { "part", required_argument, NULL, OPT_PART },
     { "resume", no_argument, NULL, OPT_RESUME },
+    { "stall-timeout", required_argument, NULL, OPT_STALL },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -249,6 +252,12 @@ int ms_cli_merge(int argc, char **argv)
             break;
         }
         case OPT_RESUME: eo.resume = true; break;
+        case OPT_STALL:
+            if (parse_u64(optarg, &v) || v > 1000000)
+                return usage_error("--stall-timeout takes whole seconds (0 to 1000000), not",
+                                   optarg);
+            eo.stall_seconds = (unsigned)v;
+            break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:
             fprintf(stderr, "mergestream: %s is not supported yet (see README: Status)\n", name);
