@@ -2,7 +2,8 @@
 #
 #   make              build build/mergestream and the helper tools
 #   make demo         generate the bundled example models and merge them
-#   make check        run every test, plainly and under ASan+UBSan
+#   make check        run every test, plainly and under ASan+UBSan; the engine and
+#                     outputs under TSan (check-tsan)
 #   make test         run every test once (no sanitizers)
 #   make SANITIZE=address,undefined   sanitized build (into build/san)
 #   make check-layers check the folder dependency graph on the built objects
@@ -19,7 +20,11 @@ SANITIZE ?=
 
 ifneq ($(SANITIZE),)
   ifeq ($(BUILD),build)
-    BUILD := build/san
+    ifeq ($(SANITIZE),thread)
+      BUILD := build/tsan
+    else
+      BUILD := build/san
+    endif
   endif
 endif
 
@@ -66,7 +71,7 @@ TEST_HELP_OBJS := $(TEST_HELP:%.c=$(BUILD)/obj/%.o)
 
 DEPS_STAMP := build/.deps-ok
 
-.PHONY: all deps demo test check check-san check-layers fuzz bench clean fmt
+.PHONY: all deps demo test check check-san check-tsan check-layers fuzz bench clean fmt
 
 all: $(CLI) $(TOOLS)
 
@@ -133,10 +138,17 @@ check-layers: all
 check-san:
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined test
 
+# ThreadSanitizer: Criterion's runner crashes under TSan, so tests/tsan.sh runs the
+# engine and the output sinks through the CLI of a SANITIZE=thread build.
+check-tsan:
+	@$(MAKE) --no-print-directory SANITIZE=thread all
+	@sh tests/tsan.sh build/tsan
+
 check: deps
 	@$(MAKE) --no-print-directory test
 	@$(MAKE) --no-print-directory check-layers
 	@$(MAKE) --no-print-directory check-san
+	@$(MAKE) --no-print-directory check-tsan
 
 fuzz: | $(DEPS_STAMP)
 	@sh tests/fuzz/run.sh $(FUZZ_SECONDS)
