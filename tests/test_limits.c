@@ -314,3 +314,51 @@ Test(limits, stoppable_when_the_reader_stalls)
     free(err);
     expect_fail(2, "--stall-timeout", "mergestream merge r.yml x --stall-timeout -1");
 }
+
+/* Item 14: a 40,000-shard index (one 4-byte tensor per shard) is opened in time
+ * linear in the shards: the shard de-duplication and the model-wide tensor
+ * index (ms_model_tensor_at) are hash and binary-search lookups now (it was
+ * 7.6 s and more, quadratic). The test checks the result; the suite's timeout
+ * bounds the time. */
+Test(limits, many_shards)
+{
+    enum { N = 40000 };
+    char *dir = th_path(g_dir, "shards");
+    cr_assert_eq(mkdir(dir, 0755), 0);
+    size_t cap = (size_t)N * 64 + 64, n = 0;
+    char *idx = malloc(cap);
+    n += (size_t)snprintf(idx + n, cap - n, "{\"weight_map\": {");
+    for (int i = 0; i < N; i++) {
+        char name[64], hdr[128], path[4096];
+        snprintf(name, sizeof name, "s%05d.safetensors", i);
+        int hl = snprintf(hdr, sizeof hdr,
+                          "{\"t%05d\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", i);
+        while (hl % 8)
+            hdr[hl++] = ' ';
+        unsigned char buf[8 + 128 + 4] = { 0 };
+        for (int b = 0; b < 8; b++)
+            buf[b] = (unsigned char)((uint64_t)hl >> (8 * b));
+        memcpy(buf + 8, hdr, (size_t)hl);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        cr_assert_eq(th_write(path, buf, 8 + (size_t)hl + 4), 0);
+        n += (size_t)snprintf(idx + n, cap - n, "%s\"t%05d\": \"%s\"", i ? ", " : "", i, name);
+    }
+    n += (size_t)snprintf(idx + n, cap - n, "}}\n");
+    char *ip = th_path(dir, "model.safetensors.index.json");
+    cr_assert_eq(th_write(ip, idx, n), 0);
+    char *out = NULL;
+    char *err = NULL;
+    int rc = run(&out, &err, "mergestream inspect shards | tail -1");
+    cr_assert_eq(rc, 0);
+    cr_assert(out && strstr(out, "total: 40000 tensors, 160000 bytes, 40000 files"), "%s %s", out,
+              err);
+    free(err);
+    free(out);
+    out = NULL;
+    rc = run(&out, NULL, "mergestream inspect shards | grep -c '^t[0-9]'");
+    cr_assert(out && atoi(out) == N, "%s", out);
+    free(out);
+    free(ip);
+    free(idx);
+    free(dir);
+}
