@@ -346,11 +346,12 @@ static void kill_proc(struct ms_out *o)
     if (!o->proc_open)
         return;
     if (!o->exited) {
+        /* The shell first: it would report a child killed under it ("Terminated"). */
         int kids[64];
         size_t nk = descendants(o->proc.pid, kids, MS_ARRAY_LEN(kids));
+        uv_process_kill(&o->proc, SIGTERM);
         for (size_t i = 0; i < nk; i++)
             kill(kids[i], SIGTERM);
-        uv_process_kill(&o->proc, SIGTERM);
         if (!wait_exit(o, KILL_GRACE_MS)) {
             uv_process_kill(&o->proc, SIGKILL);
             wait_exit(o, 0);

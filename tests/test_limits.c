@@ -310,7 +310,8 @@ Test(limits, stoppable_when_the_reader_stalls)
     cr_assert_eq(rc, 1, "exit %d: %s", rc, err);
     cr_assert(err && strstr(err, "sleep 42.25: the reader took no bytes for 1 s while "
                                  "'model.safetensors' was written (--stall-timeout)"), "%s", err);
-    cr_assert_eq(lines(err), 1, "%s", err);
+    /* One line of ours; the killed command's shell may add its own ("Terminated"). */
+    cr_assert(!strstr(strstr(err, "mergestream:") + 1, "mergestream:"), "%s", err);
     free(err);
     expect_fail(2, "--stall-timeout", "mergestream merge r.yml x --stall-timeout -1");
 }
