@@ -3,7 +3,8 @@
 #   make              build build/mergestream, its man page and completions, the helper tools
 #   make install      install them under $(DESTDIR)$(PREFIX) (PREFIX=/usr/local); make uninstall
 #   make demo         generate the bundled example models and merge them
-#   make check        run every test, plainly and under ASan+UBSan
+#   make check        run every test, plainly and under ASan+UBSan; the engine and
+#                     outputs under TSan (check-tsan)
 #   make test         run every test once (no sanitizers)
 #   make SANITIZE=address,undefined   sanitized build (into build/san)
 #   make check-layers check the folder dependency graph on the built objects
@@ -25,7 +26,11 @@ SANITIZE ?=
 
 ifneq ($(SANITIZE),)
   ifeq ($(BUILD),build)
-    BUILD := build/san
+    ifeq ($(SANITIZE),thread)
+      BUILD := build/tsan
+    else
+      BUILD := build/san
+    endif
   endif
 endif
 
@@ -85,7 +90,7 @@ BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 INSTALL    ?= install
 
-.PHONY: all deps build-deps test-deps install uninstall demo test check check-san check-layers \
+.PHONY: all deps build-deps test-deps install uninstall demo test check check-san check-tsan check-layers \
         check-deb fuzz bench clean fmt
 
 all: $(CLI) $(TOOLS) $(DOCS)
@@ -195,10 +200,17 @@ check-layers: all
 check-san:
 	@$(MAKE) --no-print-directory SANITIZE=address,undefined test
 
+# ThreadSanitizer: Criterion's runner crashes under TSan, so tests/tsan.sh runs the
+# engine and the output sinks through the CLI of a SANITIZE=thread build.
+check-tsan:
+	@$(MAKE) --no-print-directory SANITIZE=thread all
+	@sh tests/tsan.sh build/tsan
+
 check: deps
 	@$(MAKE) --no-print-directory test
 	@$(MAKE) --no-print-directory check-layers
 	@$(MAKE) --no-print-directory check-san
+	@$(MAKE) --no-print-directory check-tsan
 
 # Builds the .deb from a copy of the tree (this tree and its build/ stay untouched),
 # installs it with dpkg -i, runs the installed mergestream, then removes the package.

@@ -34,6 +34,8 @@ struct ms_engine_opts {
     int out_fd;                   /* MS_OUT_TAR: stream destination (default 1) */
     int zstd_level;               /* 0 = raw; else shards (DIR, PIPE) or the whole stream (TAR) */
     unsigned part_index, part_count; /* --part I/N: write only shard k with k % N == I - 1 */
+    unsigned stall_seconds;       /* --stall-timeout: fail when a tar reader or --pipe command
+                                     takes no bytes for this long (0 = wait for ever) */
 };
 
 /* Fills opts with defaults. */

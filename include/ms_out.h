@@ -8,8 +8,9 @@
  * (the engine runs them one after another on its thread pool); successive calls
  * may come from different threads. Call from a worker thread, not from a loop
  * callback: writes block on the destination (a pipe's reader gives
- * backpressure) and PIPE's file_end waits, with no time limit, for the command
- * to exit. PIPE runs a private uv loop inside these calls, in the calling thread.
+ * backpressure) and PIPE's file_end waits for the command to exit; both look at
+ * opts.stop every 200 ms and give up when it says so (and writes after
+ * opts.stall_seconds without progress). PIPE runs a private uv loop inside these calls, in the calling thread.
  * Nothing here buffers a whole file: memory is zstd's window and workspace plus
  * fixed buffers (ZSTD_CStreamOutSize).
  *
@@ -51,12 +52,20 @@ struct ms_out_opts {
     const char *dir;              /* MS_OUT_DIR: the output directory (must exist) */
     int fd;                       /* MS_OUT_TAR: where the stream goes (e.g. 1); not closed */
     const char *pipe_cmd;         /* MS_OUT_PIPE: each "{}" is replaced by the file name,
-                                     single-quoted for the shell (write {} unquoted); the name
+                                     quoted for the shell where it stands (bare, or inside
+                                     double or single quotes); the name
                                      is also in $MERGESTREAM_FILE; run with /bin/sh -c; stdout
                                      and stderr are ours. Copied by ms_out_open. */
     int zstd_level;               /* 0 = no compression; 1..ZSTD_maxCLevel() (22) = zstd level */
     unsigned zstd_workers;        /* ZSTD_c_nbWorkers (0 = single-threaded) */
     uint64_t mtime;               /* tar entry mtime (seconds since the epoch), the same for all */
+    /* (optional) Polled every 200 ms while a write waits on a reader (tar on a pipe or
+     * socket, a --pipe command) and while file_end waits for a command: nonzero makes
+     * the call fail with MS_ECANCELED ("stopped"). Called on the writing thread. */
+    int (*stop)(void);
+    /* 0: no limit; else a write that gets no byte accepted for this many seconds fails
+     * with UV_ETIMEDOUT, naming the reader. */
+    unsigned stall_seconds;
 };
 
 struct ms_out;

@@ -56,7 +56,7 @@ struct ms_job {
     uint64_t out_offset;          /* absolute offset in the output shard file */
     bool copy;                    /* raw byte copy of in[0] (passthrough of a non-float, or
                                      a single input whose dtype equals out_dtype and compute) */
-    struct ms_plan_input in[MS_MAX_INPUTS]; /* s.ninputs entries, recipe order */
+    struct ms_plan_input *in;     /* s.ninputs entries, recipe order; owned by the plan */
 };
 
 struct ms_plan_opts {

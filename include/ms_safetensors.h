@@ -149,7 +149,11 @@ int ms_st_write_file(const char *path, const struct ms_out_tensor *t, const void
 
 /* Writes a whole small file atomically (tmp, fsync, rename, dir fsync). */
 int ms_write_file_atomic(const char *path, const void *data, size_t len);
-/* Reads a whole small file (config.json, index) into a NUL-terminated buffer (ms_free). */
+/* Bytes ms_read_file accepts: a tokenizer.json is tens of MB at most. */
+#define MS_SMALL_FILE_MAX (256u << 20)
+/* Reads a whole small file (config.json, index, tokenizer files) into a NUL-terminated
+ * buffer (ms_free). Only regular files of at most MS_SMALL_FILE_MAX bytes (symlinks are
+ * followed): anything else is MS_EIO with a message naming the file. */
 int ms_read_file(const char *path, char **data, size_t *len);
 
 #endif

@@ -37,7 +37,9 @@
 
 #include "ms_dtype.h"
 
-#define MS_MAX_INPUTS 16          /* models feeding one output tensor */
+/* Models feeding one output tensor: the stages keep per-input values in arrays of
+ * this size; the planner refuses more with a one-line error. */
+#define MS_MAX_INPUTS 32
 #define MS_MAX_PARAMS 8           /* parameters one method declares */
 
 /* ------------------------------------------------------------------------ */

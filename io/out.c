@@ -19,14 +19,18 @@
  * calling thread.
  */
 #include <assert.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -47,6 +51,15 @@ extern char **environ;
 #define TAR_NAME_MAX 100u
 #define KILL_GRACE_MS 5000                   /* SIGTERM, then SIGKILL after this */
 #define EPIPE_REAP_MS 2000                   /* wait for a command that closed its stdin */
+#define POLL_MS 200                          /* how often a blocked write or wait looks at stop */
+
+/* How write_all may write to a descriptor without blocking past POLL_MS. */
+enum {
+    WR_FILE,                      /* regular file: plain writes (they do not wait on a reader) */
+    WR_NONBLOCK,                  /* O_NONBLOCK: any size, EAGAIN then poll */
+    WR_SMALL,                     /* blocking pipe or socket: after POLLOUT, at most PIPE_BUF
+                                     bytes, which Linux takes without blocking */
+};
 
 struct ms_out {
     enum ms_out_kind kind;
@@ -68,6 +81,11 @@ struct ms_out {
     uint64_t size;                /* declared uncompressed size */
     uint64_t done;                /* uncompressed bytes received so far */
     uint64_t tar_bytes;           /* TAR: uncompressed stream length so far */
+
+    /* Stopping (ms_out_opts): writes and waits poll these every POLL_MS. */
+    int (*stop)(void);
+    unsigned stall_s;
+    int tar_mode;                 /* TAR: WR_FILE, WR_NONBLOCK or WR_SMALL (below) */
 
     /* Sticky state: after an error only abort and free do anything. */
     int err;
@@ -118,13 +136,35 @@ static int check_usable(struct ms_out *o, const char *what)
 /* ------------------------------------------------------------ raw writes */
 
 /*
- * Writes all len bytes to fd. Returns 0 or -errno (UV_EPIPE when the reader
- * has gone). SIGPIPE is blocked in the calling thread for the duration, and a
- * SIGPIPE raised by our own write is discarded, so a closed pipe is an error
- * code here even if the process has not ignored SIGPIPE. A non-blocking fd
- * (stdout may be one) is waited on with poll().
+ * How much a blocking pipe takes at once without blocking once poll said POLLOUT:
+ * PIPE_BUF, or on Linux the pipe's free pages but one (its size from F_GETPIPE_SZ
+ * minus the bytes queued, FIONREAD, which may be spread over one more page).
  */
-static int write_all(int fd, const void *buf, size_t len)
+static size_t small_room(int fd)
+{
+    size_t room = PIPE_BUF;
+#if defined(__linux__)
+    int size = fcntl(fd, 1032 /* F_GETPIPE_SZ */), queued = 0;
+    if (size > 0 && ioctl(fd, FIONREAD, &queued) == 0 && queued >= 0) {
+        long pages = (long)size / 4096 - ((long)queued + 4095) / 4096 - 1;
+        if (pages * 4096 > (long)room)
+            room = (size_t)pages * 4096;
+    }
+#endif
+    return room;
+}
+
+/*
+ * Writes all len bytes to fd. Returns 0 or -errno (UV_EPIPE when the reader
+ * has gone), MS_ECANCELED when o->stop() asks to stop, UV_ETIMEDOUT when the
+ * reader took nothing for o->stall_s seconds (0: no limit). SIGPIPE is blocked
+ * in the calling thread for the duration, and a SIGPIPE raised by our own write
+ * is discarded, so a closed pipe is an error code here even if the process has
+ * not ignored SIGPIPE. Unless mode is WR_FILE the descriptor is polled with a
+ * POLL_MS timeout, so that a reader that stopped reading never blocks us for
+ * longer than that between two looks at stop and the stall clock.
+ */
+static int write_all(const struct ms_out *o, int fd, int mode, const void *buf, size_t len)
 {
     const unsigned char *p = buf;
     sigset_t pipeset, old, pending;
@@ -136,21 +176,40 @@ static int write_all(int fd, const void *buf, size_t len)
     pthread_sigmask(SIG_BLOCK, &pipeset, &old);
 
     int rc = 0;
+    uint64_t last = uv_hrtime();
     while (len > 0) {
-        ssize_t n = write(fd, p, len);
+        if (mode != WR_FILE) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            int pr = poll(&pfd, 1, POLL_MS);
+            if (pr < 0 && errno != EINTR) {
+                rc = -errno;
+                break;
+            }
+            if (o->stop && o->stop()) {
+                rc = MS_ECANCELED;
+                break;
+            }
+            if (pr <= 0) {
+                if (o->stall_s && uv_hrtime() - last >= (uint64_t)o->stall_s * 1000000000u) {
+                    rc = UV_ETIMEDOUT;
+                    break;
+                }
+                continue;
+            }
+        }
+        size_t n_try = mode == WR_SMALL ? MS_MIN(len, small_room(fd)) : len;
+        ssize_t n = write(fd, p, n_try);
         if (n > 0) {
             p += n;
             len -= (size_t)n;
+            last = uv_hrtime();
             continue;
         }
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-            if (poll(&pfd, 1, -1) < 0 && errno != EINTR) {
-                rc = -errno;
-                break;
-            }
+            if (mode == WR_FILE)
+                mode = WR_NONBLOCK; /* a non-blocking descriptor after all */
             continue;
         }
         rc = n < 0 ? -errno : UV_EIO;
@@ -164,6 +223,16 @@ static int write_all(int fd, const void *buf, size_t len)
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return rc;
+}
+
+/* The write mode for a descriptor we did not open (the tar stream's). */
+static int fd_mode(int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode) || S_ISCHR(st.st_mode)))
+        return WR_FILE; /* no reader to wait on (a terminal is refused by the CLI) */
+    int fl = fcntl(fd, F_GETFL);
+    return fl >= 0 && (fl & O_NONBLOCK) ? WR_NONBLOCK : WR_SMALL;
 }
 
 /* --------------------------------------------------------- pipe commands */
@@ -196,6 +265,17 @@ static bool wait_exit(struct ms_out *o, uint64_t timeout_ms)
     return o->exited;
 }
 
+/* wait_exit with no time limit, but false as soon as o->stop() asks to stop. */
+static bool wait_exit_or_stop(struct ms_out *o)
+{
+    if (!o->stop)
+        return wait_exit(o, 0);
+    while (!wait_exit(o, POLL_MS))
+        if (o->stop())
+            return false;
+    return true;
+}
+
 /* Closes the process handle of a command that has exited (or that we give
  * up on), so that proc can be spawned again. */
 static void close_proc(struct ms_out *o)
@@ -207,59 +287,128 @@ static void close_proc(struct ms_out *o)
     o->proc_open = false;
 }
 
-/* Kills a running command: SIGTERM, and SIGKILL if it is still there after
- * KILL_GRACE_MS; then reaps it. */
+/* The descendants of pid (children of children...), read from /proc: at most
+ * cap of them into out. Returns how many. Linux; elsewhere none are found. */
+static size_t descendants(int pid, int *out, size_t cap)
+{
+    size_t n = 0, cap_all = 0, nall = 0;
+    int(*all)[2] = NULL; /* (pid, ppid) */
+    DIR *d = opendir("/proc");
+    struct dirent *de;
+    while (d && (de = readdir(d)) != NULL) {
+        int p = atoi(de->d_name), pp = 0;
+        if (p <= 0)
+            continue;
+        char path[64], buf[512];
+        snprintf(path, sizeof path, "/proc/%d/stat", p);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t r = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        buf[r > 0 ? r : 0] = 0;
+        const char *rp = strrchr(buf, ')'); /* "pid (comm) state ppid ..." */
+        if (!rp || sscanf(rp + 1, " %*c %d", &pp) != 1)
+            continue;
+        if (nall == cap_all) {
+            size_t nc = cap_all ? 2 * cap_all : 256;
+            void *na = ms_realloc(all, nc * sizeof *all);
+            if (!na)
+                break;
+            all = na;
+            cap_all = nc;
+        }
+        all[nall][0] = p;
+        all[nall][1] = pp;
+        nall++;
+    }
+    if (d)
+        closedir(d);
+    /* Breadth first: out[] doubles as the queue. */
+    for (size_t head = 0, parent = (size_t)-1;; head++) {
+        int want = parent == (size_t)-1 ? pid : out[parent];
+        for (size_t i = 0; i < nall && n < cap; i++)
+            if (all[i][1] == want)
+                out[n++] = all[i][0];
+        parent = head;
+        if (head >= n)
+            break;
+    }
+    ms_free(all);
+    return n;
+}
+
+/* Kills a running command and whatever it started (sh -c runs the command as its
+ * child): SIGTERM to all, and SIGKILL after KILL_GRACE_MS to those still there;
+ * then reaps the shell. */
 static void kill_proc(struct ms_out *o)
 {
     if (!o->proc_open)
         return;
     if (!o->exited) {
+        /* The shell first: it would report a child killed under it ("Terminated"). */
+        int kids[64];
+        size_t nk = descendants(o->proc.pid, kids, MS_ARRAY_LEN(kids));
         uv_process_kill(&o->proc, SIGTERM);
+        for (size_t i = 0; i < nk; i++)
+            kill(kids[i], SIGTERM);
         if (!wait_exit(o, KILL_GRACE_MS)) {
             uv_process_kill(&o->proc, SIGKILL);
             wait_exit(o, 0);
         }
+        for (size_t i = 0; i < nk; i++)
+            kill(kids[i], SIGKILL); /* ESRCH for those that have gone */
     }
     close_proc(o);
 }
 
-/* Appends the shell-quoted form of s ('...' with ' written as '\'') to dst,
- * which has room. Returns the new end. */
-static char *quote_into(char *dst, const char *s)
+/* Appends s to dst, which has room, quoted for where it lands in the template:
+ * outside quotes as '...' (with ' written as '\''), inside '...' with ' written
+ * as '\'', inside "..." with $ ` " \ backslash-escaped. Returns the new end. */
+static char *quote_into(char *dst, const char *s, char ctx)
 {
-    *dst++ = '\'';
+    if (!ctx)
+        *dst++ = '\'';
     for (; *s; s++) {
-        if (*s == '\'') {
+        if (ctx != '"' && *s == '\'') {
             memcpy(dst, "'\\''", 4);
             dst += 4;
+        } else if (ctx == '"' && strchr("$`\"\\", *s)) {
+            *dst++ = '\\';
+            *dst++ = *s;
         } else {
             *dst++ = *s;
         }
     }
-    *dst++ = '\'';
+    if (!ctx)
+        *dst++ = '\'';
     return dst;
 }
 
 /* The command line for one file: the template with every "{}" replaced by the
- * quoted name. Returns ms_malloc'd storage or NULL. */
+ * name, quoted for the shell context the "{}" is in (so that "out/{}" and
+ * 'out/{}' work as well as out/{}). Returns ms_malloc'd storage or NULL. */
 static char *expand_cmd(const char *tmpl, const char *name)
 {
-    size_t nq = 2, nb = 0;
-    for (const char *s = name; *s; s++)
-        nq += *s == '\'' ? 4 : 1;
+    size_t nq = 2 + 4 * strlen(name), nb = 0;
     for (const char *s = tmpl; (s = strstr(s, "{}")) != NULL; s += 2)
         nb++;
     char *out = ms_malloc(strlen(tmpl) + nb * nq + 1);
     if (!out)
         return NULL;
-    char *d = out;
+    char *d = out, ctx = 0; /* 0, '\'' or '"': the quotes the scan is inside */
     for (const char *s = tmpl; *s;) {
         if (s[0] == '{' && s[1] == '}') {
-            d = quote_into(d, name);
+            d = quote_into(d, name, ctx);
             s += 2;
-        } else {
-            *d++ = *s++;
+            continue;
         }
+        if (*s == '\\' && ctx != '\'' && s[1]) {
+            *d++ = *s++; /* the escaped character is copied as it is */
+        } else if (*s == '\'' || *s == '"') {
+            ctx = !ctx ? *s : ctx == *s ? 0 : ctx;
+        }
+        *d++ = *s++;
     }
     *d = 0;
     return out;
@@ -309,7 +458,7 @@ static int spawn_cmd(struct ms_out *o)
     rc = uv_pipe(fds, 0, 0);
     if (rc < 0) {
         rc = fail(o, rc, "pipe command for '%s': cannot create a pipe: %s", o->final_name,
-                  uv_strerror(rc));
+                  ms_strerror(rc));
         goto out;
     }
 
@@ -337,7 +486,13 @@ static int spawn_cmd(struct ms_out *o)
     if (rc < 0) {
         close_proc(o);
         rc = fail(o, MS_ECHILD, "pipe command for '%s' could not be started (%s): %s",
-                  o->final_name, uv_strerror(rc), o->cmd);
+                  o->final_name, ms_strerror(rc), o->cmd);
+        goto out;
+    }
+    /* Non-blocking: write_all polls it, so a command that stops reading cannot
+     * hold us past a stop request. The read end (the child's) stays blocking. */
+    if (fcntl(fds[1], F_SETFL, fcntl(fds[1], F_GETFL) | O_NONBLOCK) < 0) {
+        rc = fail(o, -errno, "pipe command for '%s': %s", o->final_name, strerror(errno));
         goto out;
     }
     o->fd = fds[1];
@@ -371,25 +526,32 @@ static int emit(struct ms_out *o, const void *buf, size_t len)
     if (len == 0)
         return 0;
     int fd = o->kind == MS_OUT_TAR ? o->tar_fd : o->fd;
-    int rc = write_all(fd, buf, len);
+    int rc = write_all(o, fd, o->kind == MS_OUT_TAR ? o->tar_mode
+                              : o->kind == MS_OUT_PIPE ? WR_NONBLOCK : WR_FILE, buf, len);
     if (rc == 0)
         return 0;
     const char *cur = o->in_file ? o->name : "(end of archive)";
+    if (rc == MS_ECANCELED)
+        return fail(o, rc, "output: stopped while writing '%s'", cur);
+    if (rc == UV_ETIMEDOUT)
+        return fail(o, rc, "%s: the reader took no bytes for %u s while '%s' was written "
+                    "(--stall-timeout)", o->kind == MS_OUT_TAR ? "tar output"
+                    : o->kind == MS_OUT_PIPE ? o->cmd : "output", o->stall_s, cur);
     switch (o->kind) {
     case MS_OUT_DIR:
-        return fail(o, rc, "%s: write failed: %s", o->tmp_path, uv_strerror(rc));
+        return fail(o, rc, "%s: write failed: %s", o->tmp_path, ms_strerror(rc));
     case MS_OUT_TAR:
         if (rc == UV_EPIPE)
             return fail(o, rc, "tar output: output stream closed (broken pipe) while writing '%s'",
                         cur);
         return fail(o, rc, "tar output: write failed while writing '%s': %s", cur,
-                    uv_strerror(rc));
+                    ms_strerror(rc));
     case MS_OUT_PIPE:
         break;
     }
     if (rc != UV_EPIPE)
         return fail(o, rc, "pipe command for '%s': write failed: %s (%s)", o->final_name,
-                    uv_strerror(rc), o->cmd);
+                    ms_strerror(rc), o->cmd);
     /* The command closed its stdin before the end of the file: most likely it
      * has exited; learn how, without waiting long for one that lingers. */
     close(o->fd);
@@ -597,6 +759,10 @@ int ms_out_open(const struct ms_out_opts *opts, struct ms_out **out)
         return ms_error(MS_ENOMEM, "output: out of memory");
     o->kind = opts->kind;
     o->tar_fd = opts->fd;
+    o->stop = opts->stop;
+    o->stall_s = opts->stall_seconds;
+    if (o->kind == MS_OUT_TAR)
+        o->tar_mode = fd_mode(o->tar_fd);
     o->mtime = opts->mtime;
     o->fd = -1;
     if ((opts->kind == MS_OUT_DIR && !(o->dir = ms_strdup(opts->dir))) ||
@@ -628,7 +794,7 @@ int ms_out_open(const struct ms_out_opts *opts, struct ms_out **out)
     if (opts->kind == MS_OUT_PIPE) {
         rc = uv_loop_init(&o->loop);
         if (rc < 0) {
-            rc = ms_error(rc, "--pipe: cannot create an event loop: %s", uv_strerror(rc));
+            rc = ms_error(rc, "--pipe: cannot create an event loop: %s", ms_strerror(rc));
             goto out;
         }
         o->loop_ok = true;
@@ -749,7 +915,9 @@ static int pipe_file_end(struct ms_out *o)
 {
     close(o->fd);
     o->fd = -1;
-    wait_exit(o, 0);
+    if (!wait_exit_or_stop(o))
+        return fail(o, MS_ECANCELED, "output: stopped while waiting for the pipe command for "
+                    "'%s' to exit", o->final_name); /* ms_out_abort kills it */
     close_proc(o);
     if (o->exit_status != 0 || o->term_signal != 0) {
         char how[64];

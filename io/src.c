@@ -48,7 +48,7 @@ static int fs_issue(struct ms_src_read *req)
              : uv_fs_read(req->loop, &req->u.fs, src->fd, &b, 1, (int64_t)(req->off + req->done),
                           on_fs_read);
     if (rc < 0)
-        return ms_error(rc, "%s: read failed: %s", src->path, uv_strerror(rc));
+        return ms_error(rc, "%s: read failed: %s", src->path, ms_strerror(rc));
     return 0;
 }
 
@@ -60,7 +60,7 @@ static void on_fs_read(uv_fs_t *fs)
     uv_fs_req_cleanup(fs);
     if (r < 0) {
         req->cb(req, ms_error((int)r, "%s: read of tensor '%s' failed: %s", src->path,
-                              req->tensor, uv_strerror((int)r)));
+                              req->tensor, ms_strerror((int)r)));
         return;
     }
     if (r == 0) {
@@ -120,7 +120,7 @@ static int zsrc_serve(struct ms_src_read *req)
     int rc = uv_queue_work(req->loop, &req->u.work, zsrc_work_cb, zsrc_after_cb);
     if (rc < 0) {
         src->busy = false;
-        return ms_error(rc, "%s: cannot queue read: %s", src->path, uv_strerror(rc));
+        return ms_error(rc, "%s: cannot queue read: %s", src->path, ms_strerror(rc));
     }
     return 0;
 }

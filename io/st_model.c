@@ -31,6 +31,7 @@ struct slot {
 struct table {
     size_t mask; /* capacity - 1; capacity is a power of two at least twice the count */
     struct slot *slots;
+    size_t *first; /* nshards + 1 entries: model-wide index of each shard's first tensor */
 };
 
 /* FNV-1a, 64-bit. */
@@ -64,6 +65,7 @@ static void table_free(struct table *t)
     if (!t)
         return;
     ms_free(t->slots);
+    ms_free(t->first);
     ms_free(t);
 }
 
@@ -117,6 +119,12 @@ static int model_index_tensors(struct ms_model *m, const char *where)
         return ms_error(MS_ENOMEM, "%s: out of memory", m->path);
     m->lookup = t;
     m->ntensors = total;
+    t->first = ms_malloc((m->nshards + 1) * sizeof *t->first);
+    if (!t->first)
+        return ms_error(MS_ENOMEM, "%s: out of memory", m->path);
+    t->first[0] = 0;
+    for (size_t s = 0; s < m->nshards; s++)
+        t->first[s + 1] = t->first[s] + m->shards[s]->ntensors;
     for (size_t s = 0; s < m->nshards; s++) {
         const struct ms_st_file *f = m->shards[s];
         for (size_t i = 0; i < f->ntensors; i++) {
@@ -140,13 +148,15 @@ static int model_load_index(struct ms_model *m, const char *ipath)
 {
     char *text = NULL, *spath = NULL;
     size_t len = 0;
-    json_t *root = NULL;
+    json_t *root = NULL, *seen = json_object(); /* shard paths opened so far */
     json_error_t jerr;
     int rc;
 
+    if (!seen)
+        return ms_error(MS_ENOMEM, "%s: out of memory", ipath);
     rc = ms_read_file(ipath, &text, &len);
     if (rc)
-        return rc;
+        goto out;
     long fails0 = ms_alloc_failures();
     root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root && (json_error_code(&jerr) == json_error_out_of_memory || !jerr.text[0] ||
@@ -185,11 +195,12 @@ static int model_load_index(struct ms_model *m, const char *ipath)
             rc = ms_error(MS_ENOMEM, "%s: out of memory", ipath);
             goto out;
         }
-        bool seen = false;
-        for (size_t s = 0; s < m->nshards && !seen; s++)
-            seen = !strcmp(m->shards[s]->path, spath);
-        if (seen)
+        if (json_object_get(seen, spath)) /* a hash lookup: 40,000 shards stay linear */
             continue;
+        if (json_object_set_new(seen, spath, json_true())) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", ipath);
+            goto out;
+        }
         rc = exists(spath);
         if (rc == 0) {
             rc = ms_error(MS_EST_INDEX, "%s: tensor '%s': shard %s does not exist", ipath, key,
@@ -245,6 +256,7 @@ static int model_load_index(struct ms_model *m, const char *ipath)
     }
 
 out:
+    json_decref(seen);
     json_decref(root);
     ms_free(text);
     ms_free(spath);
@@ -405,14 +417,19 @@ const struct ms_st_tensor *ms_model_find(const struct ms_model *m, const char *n
 
 const struct ms_st_tensor *ms_model_tensor_at(const struct ms_model *m, size_t i, uint32_t *shard)
 {
-    assert(m);
-    for (size_t s = 0; s < m->nshards; s++) {
-        if (i < m->shards[s]->ntensors) {
-            if (shard)
-                *shard = (uint32_t)s;
-            return &m->shards[s]->tensors[i];
-        }
-        i -= m->shards[s]->ntensors;
+    assert(m && m->lookup);
+    const size_t *first = ((const struct table *)m->lookup)->first;
+    if (i >= m->ntensors)
+        return NULL;
+    size_t lo = 0, hi = m->nshards; /* binary search: first[lo] <= i < first[hi] */
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (first[mid] <= i)
+            lo = mid;
+        else
+            hi = mid;
     }
-    return NULL;
+    if (shard)
+        *shard = (uint32_t)lo;
+    return &m->shards[lo]->tensors[i - first[lo]];
 }

@@ -466,8 +466,30 @@ int ms_read_file(const char *path, char **data, size_t *len)
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0)
         return ms_error(-errno, "%s: %s", path, strerror(errno));
+    /* Regular files only, and bounded: a symlink to /dev/zero or a FIFO would
+     * grow the buffer without end. */
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        rc = ms_error(-errno, "%s: %s", path, strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = ms_error(MS_EIO, "%s: not a regular file", path);
+        goto out;
+    }
+    if ((uint64_t)st.st_size > MS_SMALL_FILE_MAX) {
+        rc = ms_error(MS_EIO, "%s: %" PRIu64 " bytes, over the %u MiB limit for the small files "
+                      "mergestream reads (config, index, tokenizer)", path, (uint64_t)st.st_size,
+                      MS_SMALL_FILE_MAX >> 20);
+        goto out;
+    }
     ms_strbuf_add(&sb, "", 0); /* an empty file still gets a buffer */
     for (;;) {
+        if (sb.len > MS_SMALL_FILE_MAX) { /* grew while read */
+            rc = ms_error(MS_EIO, "%s: over the %u MiB limit for the small files mergestream "
+                          "reads (config, index, tokenizer)", path, MS_SMALL_FILE_MAX >> 20);
+            goto out;
+        }
         ssize_t r = read(fd, chunk, sizeof chunk);
         if (r < 0) {
             if (errno == EINTR)

@@ -264,10 +264,16 @@ int ms_zsrc_open(const char *path, struct ms_zsrc **out)
         rc = ms_error(MS_ENOMEM, "%s: out of memory", path);
         goto out;
     }
-    z->fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO under a .zst name must not block the open (it is then
+     * refused as not a regular file); regular files ignore the flag. */
+    z->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     struct stat st;
     if (z->fd < 0 || fstat(z->fd, &st) < 0) {
         rc = ms_error(-errno, "%s: cannot open: %s", path, strerror(errno));
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = ms_error(MS_EIO, "%s: not a regular file", path);
         goto out;
     }
     z->csize = (uint64_t)st.st_size;

@@ -145,8 +145,11 @@ int ms__arch_name(const char *config_json, const char *ref, char **name)
     json_t *root = json_loads(config_json, 0, &jerr);
     int rc = 0;
     if (!root || !json_is_object(root)) {
-        rc = ms_error(MS_EMODEL, "model '%s': config.json is not a JSON object (line %d: %s)", ref,
-                      jerr.line, root ? "not an object" : jerr.text);
+        if (root)
+            rc = ms_error(MS_EMODEL, "model '%s': config.json is not a JSON object", ref);
+        else
+            rc = ms_error(MS_EMODEL, "model '%s': config.json is not a JSON object (line %d: %s)",
+                          ref, jerr.line, jerr.text);
         goto out;
     }
     json_t *arr = json_object_get(root, "architectures");
@@ -373,8 +376,16 @@ int ms__arch_layers(const struct ms__arch *a, const char *config_json, const str
         const struct ms_st_tensor *t = ms_model_tensor_at(m, i, NULL);
         size_t plen, rest;
         uint64_t layer;
-        if (ms__layer_split(t->name, &plen, &layer, &rest) && plen == want &&
-            !memcmp(t->name, a->layer_prefix, plen) && layer + 1 > tensors)
+        if (!ms__layer_split(t->name, &plen, &layer, &rest) || plen != want ||
+            memcmp(t->name, a->layer_prefix, plen))
+            continue;
+        /* Every layer has a tensor: an index past the tensor count is no layer of this
+         * model (and would make the plan loop over that many layers). */
+        if (layer >= m->ntensors)
+            return ms_error(MS_EMODEL, "model '%s': tensor '%s' has layer index %" PRIu64
+                            " but the model has only %zu tensors", ref, t->name, layer,
+                            m->ntensors);
+        if (layer + 1 > tensors)
             tensors = layer + 1;
     }
     *nlayers = tensors;

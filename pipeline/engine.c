@@ -34,6 +34,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -171,9 +172,14 @@ struct eng {
     int signo;
 };
 
-static volatile sig_atomic_t g_cancel_signo;
+/* Atomic: set by the signal handler and the loop, read by the output writer
+ * on a pool thread (a lock-free atomic int is async-signal-safe). */
+static atomic_int g_cancel_signo;
 
 void ms_engine_cancel(int signo) { g_cancel_signo = signo; }
+
+/* ms_out_opts.stop: a signal asked the merge to stop. */
+static int out_stop(void) { return g_cancel_signo != 0; }
 
 void ms_engine_opts_init(struct ms_engine_opts *o)
 {
@@ -562,7 +568,7 @@ static void start_compute(struct eng *e)
         int rc = uv_queue_work(&e->loop, &s->work, work_cb, after_work_cb);
         if (rc < 0) {
             e->compute_inflight--;
-            eng_fail(e, rc, "cannot queue work: %s", uv_strerror(rc));
+            eng_fail(e, rc, "cannot queue work: %s", ms_strerror(rc));
             slot_put(e, s);
         }
     }
@@ -616,7 +622,7 @@ static void after_work_cb(uv_work_t *w, int status)
     e->compute_inflight--;
     if (status < 0 || eng_stopping(e)) {
         if (status < 0)
-            eng_fail(e, status, "compute canceled: %s", uv_strerror(status));
+            eng_fail(e, status, "compute canceled: %s", ms_strerror(status));
         slot_put(e, s);
         pump(e);
         return;
@@ -720,7 +726,7 @@ static void seq_after_cb(uv_work_t *w, int status)
     sw->ws = NULL;
     if (status < 0 || sw->rc) {
         if (status < 0)
-            eng_fail(e, status, "output write canceled: %s", uv_strerror(status));
+            eng_fail(e, status, "output write canceled: %s", ms_strerror(status));
         else
             eng_fail(e, sw->rc, "%s", sw->err);
         slot_put(e, s);
@@ -780,7 +786,7 @@ static void seq_pump(struct eng *e)
         int rc = uv_queue_work(&e->loop, &sw->work, seq_work_cb, seq_after_cb);
         if (rc < 0) {
             sw->busy = false;
-            eng_fail(e, rc, "cannot queue output write: %s", uv_strerror(rc));
+            eng_fail(e, rc, "cannot queue output write: %s", ms_strerror(rc));
             slot_put(e, s);
         }
         return;
@@ -1118,6 +1124,7 @@ static int prepare_outputs(struct eng *e)
             .kind = o->kind, .dir = o->out, .fd = o->out_fd, .pipe_cmd = o->pipe_cmd,
             .zstd_level = o->zstd_level, .zstd_workers = o->threads ? o->threads : default_threads(),
             .mtime = tar_mtime(),
+            .stop = out_stop, .stall_seconds = o->stall_seconds,
         };
         int rc = ms_out_open(&oo, &e->sw.out);
         if (rc)
@@ -1161,7 +1168,7 @@ static int run_loop(struct eng *e)
 {
     int rc = uv_loop_init(&e->loop);
     if (rc)
-        return ms_error(rc, "cannot start the event loop: %s", uv_strerror(rc));
+        return ms_error(rc, "cannot start the event loop: %s", ms_strerror(rc));
     e->loop.data = e;
     if (uv_signal_init(&e->loop, &e->sigint) == 0 && uv_signal_init(&e->loop, &e->sigterm) == 0 &&
         uv_signal_init(&e->loop, &e->sighup) == 0) {

@@ -17,6 +17,8 @@
 
 static int mkdir_p(const char *path)
 {
+    if (!path[0])
+        return ms_error(MS_EINVAL, "output directory: empty name");
     char *p = ms_strdup(path);
     if (!p)
         return ms_error(MS_ENOMEM, "out of memory");
@@ -45,6 +47,9 @@ int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *o
     if (rc)
         return rc;
     struct stat st;
+    if (stat(opts->out, &st) < 0 && lstat(opts->out, &st) == 0 && S_ISLNK(st.st_mode))
+        return ms_error(MS_EINVAL, "%s: output path is a symbolic link to a missing target",
+                        opts->out);
     if (stat(opts->out, &st) < 0 || !S_ISDIR(st.st_mode))
         return ms_error(MS_EINVAL, "%s: output path exists and is not a directory", opts->out);
     if (access(opts->out, W_OK) < 0)

@@ -970,12 +970,19 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
     char *in_name[MS_MAX_INPUTS] = { 0 };
     const struct ms_st_tensor *tt[MS_MAX_INPUTS];
     size_t src_of[MS_MAX_INPUTS];
-    struct ms_job *job = ms_calloc(1, sizeof *job);
+    struct ms_job *job;
     struct hook_ctx hc;
     bool bad = false, direct = false;
-    assert(nsrc <= MS_MAX_INPUTS);
+    if (nsrc > MS_MAX_INPUTS)
+        return; /* normalize() reported it */
+    job = ms_calloc(1, sizeof *job);
     if (!job)
         return pb_oom(pb);
+    job->in = ms_calloc(MS_MAX(nsrc, 1), sizeof *job->in);
+    if (!job->in) {
+        pb_oom(pb);
+        goto out;
+    }
     job->name = ms__arch_tensor_name(pb->arch, k, w, out_layer);
     if (!job->name) {
         pb_oom(pb);
@@ -1068,13 +1075,16 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
             label = job->in[i].name;
     job->label = ms_strdup(label);
     job->s.shape = NULL; /* points into this temporary: layout_jobs sets it */
-    if (!job->label || !job_push(pb, job))
+    if (!job->label || !job_push(pb, job)) {
         pb_oom(pb);
-    else
+    } else {
         job->name = job->label = NULL; /* owned by the plan now */
+        job->in = NULL;
+    }
 out:
     for (size_t s = 0; s < nsrc; s++)
         ms_free(in_name[s]);
+    ms_free(job->in);
     ms_free(job->name);
     ms_free(job->label);
     ms_free(job);
@@ -1217,9 +1227,11 @@ static int make_config(struct pb *pb)
     if (!donor->config_json)
         return 0;
     json_t *root = json_loads(donor->config_json, 0, NULL);
-    if (!root)
-        return ms_error(MS_EMODEL, "model '%s': config.json is not valid JSON", donor->ref);
     int rc = 0;
+    if (!json_is_object(root)) {
+        rc = ms_error(MS_EMODEL, "model '%s': config.json is not a JSON object", donor->ref);
+        goto out;
+    }
     if (pb->r->nslices && pb->layers_key &&
         json_set_path(root, pb->layers_key, json_integer((json_int_t)p->out_layers))) {
         rc = ms_error(MS_ENOMEM, "out of memory");
@@ -1257,6 +1269,7 @@ void ms_plan_free(struct ms_plan *p)
     for (size_t i = 0; i < p->njobs; i++) {
         ms_free(p->jobs[i].name);
         ms_free(p->jobs[i].label);
+        ms_free(p->jobs[i].in);
     }
     ms_free(p->jobs);
     ms_layout_free(p->layout);

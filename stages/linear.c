@@ -106,6 +106,34 @@ static const struct ms_stage_ops linear_ops = {
     .apply = linear_apply,
 };
 
+/* Weights that sum to zero under normalize: true divide by zero: every element is
+ * NaN or infinite. mergekit does the same (no zero guard), so it is a warning. */
+static int linear_check(const struct ms_plan_ctx *ctx, const struct ms_stage_job *job)
+{
+    int pw = ms_method_param(job->method, "weight");
+    int pn = ms_method_param(job->method, "normalize");
+    if (job->gv[pn] == 0)
+        return 0;
+    float acc = 0.0f;
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        acc += ms_rnd_param(job->compute, job->pv[i][pw]);
+    if (ms_rnd(job->compute, acc) == 0.0f)
+        ctx->tally(ctx, job->name);
+    return 0;
+}
+
+static void linear_tally_warn(const char *recipe, size_t count, const char *first)
+{
+    ms_log_warn("%s: the weights sum to zero for %zu tensor%s (e.g. '%s') with normalize: true; "
+                "as in mergekit, dividing by the sum makes them NaN or infinite (set other "
+                "weights or normalize: false)", recipe, count, count == 1 ? "" : "s", first);
+}
+
+static const struct ms_plan_ops linear_plan = {
+    .check = linear_check,
+    .tally_warn = linear_tally_warn,
+};
+
 const struct ms_method ms_method_linear = {
     .name = "linear",
     .summary = "weighted average of the models",
@@ -114,5 +142,6 @@ const struct ms_method ms_method_linear = {
     .nparams = 2,
     .params = { MS__PM_REQ("weight"), MS__G_BOOL("normalize", 1) },
     .card = { "Linear", "https://arxiv.org/abs/2203.05482" },
+    .plan = &linear_plan,
     .ops = &linear_ops,
 };

@@ -2,6 +2,7 @@
  * cli_merge.c - `mergestream merge RECIPE.yml OUT [options]`: recipe -> plan ->
  * engine. Option names follow mergekit-yaml where they apply.
  */
+#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
@@ -55,6 +56,8 @@ static const char merge_usage[] =
     "  --resume / --no-resume   keep the shards an interrupted run already finished in OUT\n"
     "  --part I/N               write only shards k with k mod N = I-1 (1-based I), for one\n"
     "                           merge spread over N machines; part 1 also writes the other files\n"
+    "  --stall-timeout SECONDS  fail when the tar reader or a --pipe command takes no bytes\n"
+    "                           for this long (default 0: wait as long as it takes)\n"
     "\n"
     "not supported: --no-safe-serialization (PyTorch .bin output).\n"
     "\n"
@@ -76,7 +79,7 @@ enum {
     OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
     OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_NOCRIMES, OPT_NOQUIET,
     OPT_NOREREAD, OPT_NORESUME, OPT_HFCACHE, OPT_STRICT,
-    OPT_NOSTRICT,
+    OPT_NOSTRICT, OPT_STALL,
 };
 
 static const struct option merge_opts[] = {
@@ -104,6 +107,7 @@ static const struct option merge_opts[] = {
     { "resume", no_argument, NULL, OPT_RESUME },
     { "no-resume", no_argument, NULL, OPT_NORESUME },
     { "transformers-cache", required_argument, NULL, OPT_HFCACHE },
+    { "stall-timeout", required_argument, NULL, OPT_STALL },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -174,10 +178,11 @@ static int usage_error(const char *msg, const char *arg)
 static int parse_u64(const char *s, uint64_t *out)
 {
     char *end;
-    if (!s || !*s || *s == '-')
+    if (!s || *s < '0' || *s > '9')
         return -1;
+    errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
-    if (*end)
+    if (*end || errno == ERANGE)
         return -1;
     *out = v;
     return 0;
@@ -257,12 +262,18 @@ int ms_cli_merge(int argc, char **argv)
             eo.pipe_cmd = optarg;
             break;
         case OPT_PART: {
-            unsigned a, b;
-            char tail;
-            if (sscanf(optarg, "%u/%u%c", &a, &b, &tail) != 2 || b == 0 || a == 0 || a > b)
+            /* Digits only: sscanf's %u would take "-1" as 4294967295. */
+            uint64_t a, b;
+            char *slash = strchr(optarg, '/');
+            if (slash)
+                *slash = 0;
+            bool bad = !slash || parse_u64(optarg, &a) || parse_u64(slash + 1, &b);
+            if (slash)
+                *slash = '/';
+            if (bad || b == 0 || a == 0 || a > b || b > UINT32_MAX)
                 return usage_error("--part takes I/N with 1 <= I <= N, not", optarg);
-            eo.part_index = a;
-            eo.part_count = b;
+            eo.part_index = (unsigned)a;
+            eo.part_count = (unsigned)b;
             break;
         }
         case OPT_RESUME: eo.resume = true; break;
@@ -271,6 +282,12 @@ int ms_cli_merge(int argc, char **argv)
             /* mergekit hands it to huggingface_hub as cache_dir: the hub cache layout. */
             if (!*optarg || setenv("HF_HUB_CACHE", optarg, 1))
                 return usage_error("invalid --transformers-cache", optarg);
+            break;
+        case OPT_STALL:
+            if (parse_u64(optarg, &v) || v > 1000000)
+                return usage_error("--stall-timeout takes whole seconds (0 to 1000000), not",
+                                   optarg);
+            eo.stall_seconds = (unsigned)v;
             break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:

@@ -3,6 +3,7 @@
  * against its models (headers and config.json only; no tensor data is read) and
  * prints the plan.
  */
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,10 +92,11 @@ int ms_cli_plan(int argc, char **argv)
             break;
         case OPT_SEED: {
             char *end;
-            if (!*optarg || *optarg == '-')
+            if (*optarg < '0' || *optarg > '9')
                 return plan_usage_error("invalid --random-seed", optarg);
+            errno = 0;
             po.seed = strtoull(optarg, &end, 10);
-            if (*end)
+            if (*end || errno == ERANGE)
                 return plan_usage_error("invalid --random-seed", optarg);
             break;
         }
