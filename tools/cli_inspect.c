@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_str.h"
 #include "ms_safetensors.h"
 
 #include "cli.h"
@@ -66,6 +67,15 @@ static void shape_str(char *buf, size_t cap, const struct ms_st_tensor *t)
         snprintf(buf + n, cap - n, "]");
 }
 
+/* s with control characters escaped (ms_str_escape), in b (reset first); "?" without memory. */
+static const char *esc(struct ms_strbuf *b, const char *s)
+{
+    ms_strbuf_reset(b);
+    ms_str_escape(b, s);
+    ms_strbuf_addstr(b, "");
+    return b->oom ? "?" : b->p;
+}
+
 /* ------------------------------------------------------------------ inspect */
 
 static uint64_t model_data_bytes(const struct ms_model *m)
@@ -80,13 +90,14 @@ static uint64_t model_data_bytes(const struct ms_model *m)
 static int inspect_table(const struct ms_model *m)
 {
     char sb[256];
+    struct ms_strbuf en = { 0 }, ef = { 0 };
     int wn = 4, wd = 5, ws = 5, wb = 5;
     for (size_t i = 0; i < m->ntensors; i++) {
         const struct ms_st_tensor *t = ms_model_tensor_at(m, i, NULL);
         char nb[32];
         shape_str(sb, sizeof sb, t);
         snprintf(nb, sizeof nb, "%" PRIu64, t->end - t->begin);
-        wn = MS_MAX(wn, (int)strlen(t->name));
+        wn = MS_MAX(wn, (int)strlen(esc(&en, t->name)));
         wd = MS_MAX(wd, (int)strlen(ms_dtype_name(t->dtype)));
         ws = MS_MAX(ws, (int)strlen(sb));
         wb = MS_MAX(wb, (int)strlen(nb));
@@ -96,9 +107,12 @@ static int inspect_table(const struct ms_model *m)
         uint32_t s;
         const struct ms_st_tensor *t = ms_model_tensor_at(m, i, &s);
         shape_str(sb, sizeof sb, t);
-        printf("%-*s  %-*s  %-*s  %*" PRIu64 "  %s\n", wn, t->name, wd, ms_dtype_name(t->dtype),
-               ws, sb, wb, t->end - t->begin, base_name(m->shards[s]->path));
+        printf("%-*s  %-*s  %-*s  %*" PRIu64 "  %s\n", wn, esc(&en, t->name), wd,
+               ms_dtype_name(t->dtype), ws, sb, wb, t->end - t->begin,
+               esc(&ef, base_name(m->shards[s]->path)));
     }
+    ms_strbuf_fini(&en);
+    ms_strbuf_fini(&ef);
     printf("total: %zu tensors, %" PRIu64 " bytes, %zu file%s\n", m->ntensors,
            model_data_bytes(m), m->nshards, m->nshards == 1 ? "" : "s");
     return 0;
@@ -329,7 +343,9 @@ int ms_cli_verify(int argc, char **argv)
             ms_cli_report(rc, NULL);
             status = 1;
         } else {
-            printf("ok: %s (%zu tensors, %" PRIu64 " bytes)\n", p, ntensors, bytes);
+            struct ms_strbuf ep = { 0 };
+            printf("ok: %s (%zu tensors, %" PRIu64 " bytes)\n", esc(&ep, p), ntensors, bytes);
+            ms_strbuf_fini(&ep);
         }
     }
     if (fflush(stdout) != 0) {
