@@ -29,6 +29,7 @@ struct ms_engine_opts {
     bool copy_tokenizer;          /* copy the donor's tokenizer files (default on) */
     bool write_card;              /* README.md and mergekit_config.yml (default on) */
     bool resume;                  /* keep finished shards already in out (directory output) */
+    bool force;                   /* write into a non-empty directory mergestream did not write */
     enum ms_out_kind kind;        /* MS_OUT_DIR (default), MS_OUT_TAR (to stdout), MS_OUT_PIPE */
     const char *pipe_cmd;         /* MS_OUT_PIPE: command per output file */
     int out_fd;                   /* MS_OUT_TAR: stream destination (default 1) */

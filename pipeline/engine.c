@@ -1195,9 +1195,10 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
      * stays pending: the first pump stops the run. */
 
     struct sizing sz;
+    struct ms_outdir od = { .lock_fd = -1 };
     int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL);
-    if (!rc && opts->kind == MS_OUT_DIR)
-        rc = ms_outdir_prepare(plan, opts);
+    if (!rc)
+        rc = ms_outdir_prepare(plan, opts, &od);
     if (!rc)
         rc = open_inputs(e);
     if (!rc)
@@ -1214,12 +1215,21 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
         rc = ms_error(MS_ECANCELED, "interrupted");
     }
     if (!rc && (opts->part_count <= 1 || opts->part_index == 1))
-        rc = ms_outdir_finish(plan, opts, e->sw.out);
+        rc = ms_outdir_finish(plan, opts, e->sw.out, &od);
     else if (!rc && e->sw.out)
         rc = ms_out_finish(e->sw.out);
     if (rc && !e->err)
         e->err = rc;
     eng_release(e);
+    if (od.lock_fd >= 0) {
+        char *msg = rc ? ms_strdup(ms_errmsg()) : NULL; /* release may not replace the error */
+        int lrc = ms_outdir_release(plan, opts, &od, rc == 0);
+        if (rc && msg)
+            ms_error(rc, "%s", msg);
+        ms_free(msg);
+        if (!rc)
+            rc = lrc;
+    }
     if (rc == MS_ECANCELED && e->signo)
         ms_error(rc, "interrupted by %s; temporary files removed",
                  e->signo == SIGINT ? "SIGINT" : e->signo == SIGTERM ? "SIGTERM" : "a signal");

@@ -48,6 +48,8 @@ static const char merge_usage[] =
     "                           {} in CMD (and $MERGESTREAM_FILE) is the file name, e.g.\n"
     "                           --pipe 'aws s3 cp - s3://bucket/merged/{}'\n"
     "  --resume                 keep the shards an interrupted run already finished in OUT\n"
+    "  --force                  write into a non-empty OUT that holds no earlier mergestream\n"
+    "                           output (its other files are left alone)\n"
     "  --part I/N               write only shards k with k %% N == I-1 (1-based I), for one\n"
     "                           merge spread over N machines; part 1 also writes the other files\n"
     "\n"
@@ -67,7 +69,7 @@ static const char merge_usage[] =
 enum {
     OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
     OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
-    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME,
+    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_FORCE,
 };
 
 static const struct option merge_opts[] = {
@@ -88,6 +90,7 @@ static const struct option merge_opts[] = {
     { "pipe", required_argument, NULL, OPT_PIPE },
     { "part", required_argument, NULL, OPT_PART },
     { "resume", no_argument, NULL, OPT_RESUME },
+    { "force", no_argument, NULL, OPT_FORCE },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -241,6 +244,7 @@ int ms_cli_merge(int argc, char **argv)
             break;
         }
         case OPT_RESUME: eo.resume = true; break;
+        case OPT_FORCE: eo.force = true; break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:
             fprintf(stderr, "mergestream: %s is not supported yet (see README: Status)\n", name);
