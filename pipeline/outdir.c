@@ -598,7 +598,8 @@ static bool shard_name(const char *name)
     return strlen(name) == strlen("model-00001-of-00001.safetensors");
 }
 
-/* Whether name (".zst" and ".partial"/".tmp" taken off) is one mergestream writes. */
+/* Whether name (".zst" and ".partial"/".tmp" taken off) is one mergestream writes
+ * (run-state files, ".mergestream*", are handled apart). */
 static bool our_name(const char *name)
 {
     char buf[256];
@@ -691,30 +692,34 @@ int ms_outdir_release(const struct ms_plan *plan, const struct ms_engine_opts *o
         rc = remove_stale(plan, opts, od);
     /* A failed run keeps its lock file beside what it finished (the next run
      * then knows OUT as ours), but leaves an otherwise empty OUT empty. */
-    if (!ok) {
-        char *path = lock_path(opts);
-        DIR *d = path ? opendir(opts->out) : NULL;
+    char *path = lock_path(opts);
+    char *run = ms_run_path(opts->out, opts->part_index, opts->part_count);
+    if (!path || !run) {
+        rc = rc ? rc : ms_error(MS_ENOMEM, "out of memory");
+    } else if (!ok) {
+        DIR *d = opendir(opts->out);
         bool others = false;
         struct dirent *e;
         while (d && (e = readdir(d)))
             others |= strcmp(e->d_name, ".") && strcmp(e->d_name, "..") &&
-                      strcmp(e->d_name, strrchr(path, '/') + 1);
-        if (d && !others)
+                      strcmp(e->d_name, strrchr(path, '/') + 1) &&
+                      strcmp(e->d_name, strrchr(run, '/') + 1);
+        if (d && !others) {
+            unlink(run);
             unlink(path);
+        }
         if (d)
             closedir(d);
-        ms_free(path);
-    }
-    if (ok && !rc) {
-        char *path = lock_path(opts);
-        if (!path)
-            rc = ms_error(MS_ENOMEM, "out of memory");
+    } else if (!rc) {
+        if (unlink(run) < 0 && errno != ENOENT)
+            rc = ms_error(-errno, "%s: cannot remove: %s", run, strerror(errno));
         else if (unlink(path) < 0 && errno != ENOENT)
             rc = ms_error(-errno, "%s: cannot remove: %s", path, strerror(errno));
-        ms_free(path);
         if (!rc)
             rc = sync_dir(opts->out);
     }
+    ms_free(path);
+    ms_free(run);
     close(od->lock_fd); /* after the unlink: no other run takes the lock in between */
     od->lock_fd = -1;
     return rc;

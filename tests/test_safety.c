@@ -271,3 +271,60 @@ Test(safety, foreign_non_empty_out_needs_force)
     RUN_OK("mergestream merge r.yml o -q --force && test \"$(cat o/notes.txt)\" = mine && "
            "cmp o/config.json ref/m/config.json && cmp o/model.safetensors ref/m/model.safetensors");
 }
+
+/* ---------------------------------------------------------------- 7: resume fingerprints */
+
+/*
+ * Larger models (34 output shards of 2 MB, about 4 s with -j1 and small chunks)
+ * and a merge into k/ killed (SIGKILL) once its run file lists two finished
+ * shards; kref/ is the uninterrupted merge of `recipe_file`.
+ */
+#define SLOW "-q --out-shard-size 2M -j1 --chunk-elems 4096"
+static void killed_run(const char *recipe_file)
+{
+    RUN_OK("ms-mkmodel --layers 8 --hidden 512 --intermediate 1024 --vocab 1024 --seed 3 B "
+           ">/dev/null && ms-mkmodel --base B --noise 0.01 --seed 4 F >/dev/null && "
+           "sed 's/model: base/model: B/; s/model: ft1/model: F/' r.yml > big.yml && "
+           "sed 's/weight: 0.6/weight: 0.7/' big.yml > big2.yml && "
+           "mergestream merge %s kref " SLOW, recipe_file);
+    RUN_OK("true; mergestream merge big.yml k " SLOW " & pid=$!; "
+           "while kill -0 $pid 2>/dev/null && "
+           "! grep -q model-00002 k/.mergestream-run.json 2>/dev/null; do sleep 0.01; done; "
+           "kill -9 $pid; wait $pid; test $? = 137 && grep -q model-00002 k/.mergestream-run.json");
+}
+
+Test(safety, resume_keeps_only_shards_whose_checksum_verifies, .timeout = 300)
+{
+    killed_run("big.yml");
+    RUN_OK("mergestream verify --deep k | grep -q 'checksums match'");
+    /* Same size, same header, one data byte changed: only the checksum can tell. */
+    RUN_OK("f=k/model-00002-of-00034.safetensors && n=$(stat -c %%s $f) && "
+           "printf '\\377' | dd of=$f bs=1 seek=$((n - 3)) conv=notrunc status=none && "
+           "! cmp -s $f kref/model-00002-of-00034.safetensors");
+    RUN_FAILS("model-00002-of-00034.safetensors: checksum", "mergestream verify --deep k");
+    char *o = NULL, *e = NULL;
+    cr_assert_eq(run(&o, &e, "mergestream merge big.yml k " SLOW " --resume"), 0, "%s", e);
+    cr_assert(strstr(e, "model-00002-of-00034.safetensors does not match this merge"), "%s", e);
+    cr_assert(!strstr(e, "model-00001-of-00034.safetensors does not match"), "%s", e);
+    free(o);
+    free(e);
+    RUN_OK("diff -r -x README.md kref k && test ! -e k/.mergestream-run.json && "
+           "test ! -e k/.mergestream.lock");
+}
+
+Test(safety, resume_with_another_recipe_keeps_nothing, .timeout = 300)
+{
+    /* big2.yml changes one weight: same tensors, shapes and headers. */
+    killed_run("big2.yml");
+    char *o = NULL, *e = NULL;
+    cr_assert_eq(run(&o, &e, "mergestream merge big2.yml k " SLOW " --resume"), 0, "%s", e);
+    cr_assert(strstr(e, "is from a different recipe, options or inputs"), "%s", e);
+    free(o);
+    free(e);
+    RUN_OK("diff -r -x README.md kref k");
+}
+
+Test(safety, verify_deep_needs_a_run_file)
+{
+    RUN_FAILS("no run file", "mergestream verify --deep ref/m");
+}

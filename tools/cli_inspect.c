@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_engine.h"
 #include "ms_str.h"
 #include "ms_safetensors.h"
 
@@ -30,7 +31,7 @@ static const char inspect_help[] =
     "  --json       print a JSON object instead of the table\n"
     "  -h, --help   show this help\n";
 
-static const char verify_usage[] = "usage: mergestream verify MODEL|FILE...\n";
+static const char verify_usage[] = "usage: mergestream verify [--deep] MODEL|FILE...\n";
 static const char verify_help[] =
     "\n"
     "Checks each safetensors file against the rules the official reader enforces\n"
@@ -41,6 +42,10 @@ static const char verify_help[] =
     "otherwise one diagnostic line per invalid path and exit status 1.\n"
     "\n"
     "options:\n"
+    "  --deep       also check data: for a directory a merge is writing or was\n"
+    "               stopped in, recompute each finished shard's checksum and compare\n"
+    "               it with the one its run file (.mergestream-run.json) recorded\n"
+    "               (a completed merge removes that file: nothing to compare)\n"
     "  -h, --help   show this help\n";
 
 /* Prints "mergestream: <cmd>: <what>" and the usage line; returns exit status 2. */
@@ -300,7 +305,7 @@ int ms_cli_verify(int argc, char **argv)
 {
     const char **paths = ms_calloc((size_t)argc, sizeof *paths);
     size_t np = 0;
-    bool opts = true;
+    bool opts = true, deep = false;
     int status = 0;
 
     if (!paths) {
@@ -314,6 +319,8 @@ int ms_cli_verify(int argc, char **argv)
         } else if (opts && (!strcmp(a, "-h") || !strcmp(a, "--help"))) {
             printf("%s%s", verify_usage, verify_help);
             goto out;
+        } else if (opts && !strcmp(a, "--deep")) {
+            deep = true;
         } else if (opts && a[0] == '-' && a[1]) {
             status = usage_error(verify_usage, "verify", "unknown option", a);
             goto out;
@@ -339,12 +346,20 @@ int ms_cli_verify(int argc, char **argv)
             rc = verify_dir(p, &ntensors, &bytes);
         else
             rc = verify_file(p, &ntensors, &bytes);
+        size_t nsum = 0;
+        if (!rc && deep && S_ISDIR(st.st_mode))
+            rc = ms_engine_verify_checksums(p, &nsum);
+        if (!rc && deep && !S_ISDIR(st.st_mode))
+            rc = ms_error(MS_EINVAL, "%s: --deep checks a merge's output directory", p);
         if (rc) {
             ms_cli_report(rc, NULL);
             status = 1;
         } else {
             struct ms_strbuf ep = { 0 };
-            printf("ok: %s (%zu tensors, %" PRIu64 " bytes)\n", esc(&ep, p), ntensors, bytes);
+            printf("ok: %s (%zu tensors, %" PRIu64 " bytes", esc(&ep, p), ntensors, bytes);
+            if (deep)
+                printf("; %zu shard checksum%s", nsum, nsum == 1 ? " matches" : "s match");
+            printf(")\n");
             ms_strbuf_fini(&ep);
         }
     }

@@ -262,6 +262,7 @@ int ms_cli_merge(int argc, char **argv)
         return usage_error("expected RECIPE.yml and OUT", NULL);
     const char *recipe_path = argv[optind];
     eo.out = argv[optind + 1];
+    eo.seed = po.seed;
     if (!strcmp(eo.out, "-")) {
         if (eo.kind == MS_OUT_PIPE)
             return usage_error("OUT '-' and --pipe exclude each other", NULL);
