@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "ms_common.h"
+#include "ms_str.h"
 
 /* ------------------------------------------------------------------ errors */
 
@@ -189,6 +190,28 @@ static atomic_bool g_quiet;
 
 void ms_log_set_quiet(bool quiet) { atomic_store(&g_quiet, quiet); }
 
+/* Prints line and a newline to stderr in one call (lines from threads do not
+ * interleave), control characters escaped; without memory, replaced by '?'. */
+static void print_escaped(const char *line)
+{
+    if (!ms_str_needs_escape(line)) {
+        fprintf(stderr, "%s\n", line);
+        return;
+    }
+    struct ms_strbuf b = { 0 };
+    ms_str_escape(&b, line);
+    if (!b.oom) {
+        fprintf(stderr, "%s\n", b.p);
+    } else {
+        flockfile(stderr);
+        for (const unsigned char *p = (const unsigned char *)line; *p; p++)
+            putc_unlocked(*p < 0x20 || *p >= 0x7f ? '?' : *p, stderr);
+        putc_unlocked('\n', stderr);
+        funlockfile(stderr);
+    }
+    ms_strbuf_fini(&b);
+}
+
 static void log_line(const char *kind, const char *fmt, va_list ap)
 {
     char buf[2048];
@@ -196,7 +219,21 @@ static void log_line(const char *kind, const char *fmt, va_list ap)
     if (n < 0)
         return;
     vsnprintf(buf + n, sizeof buf - (size_t)n, fmt, ap);
-    fprintf(stderr, "%s\n", buf); /* one call: lines from threads do not interleave */
+    print_escaped(buf);
+}
+
+void ms_log_error(const char *msg)
+{
+    struct ms_strbuf b = { 0 };
+    ms_strbuf_addstr(&b, "mergestream: ");
+    ms_strbuf_addstr(&b, msg);
+    if (b.oom) {
+        ms_strbuf_fini(&b);
+        print_escaped("mergestream: out of memory");
+        return;
+    }
+    print_escaped(b.p);
+    ms_strbuf_fini(&b);
 }
 
 void ms_log_info(const char *fmt, ...)

@@ -286,3 +286,171 @@ const char *ms_str_closest(const char *s, const char *const *cand, size_t n)
     }
     return found;
 }
+
+/* ------------------------------------------------------------------ escaping */
+
+/* Length of the escape-free run at s (0: s starts with something to escape). */
+static size_t plain_run(const unsigned char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        if (s[i] < 0x20 || s[i] == 0x7f)
+            break;
+        if (s[i] < 0x80) {
+            i++;
+            continue;
+        }
+        uint32_t cp;
+        size_t n = ms_utf8_decode(s + i, len - i, &cp);
+        if (n == 0 || (cp >= 0x80 && cp <= 0x9f))
+            break;
+        i += n;
+    }
+    return i;
+}
+
+bool ms_str_needs_escape(const char *s)
+{
+    size_t len = strlen(s);
+    return plain_run((const unsigned char *)s, len) != len;
+}
+
+void ms_str_escape(struct ms_strbuf *b, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t len = strlen(s);
+    while (len) {
+        size_t n = plain_run(p, len);
+        ms_strbuf_add(b, p, n);
+        p += n;
+        len -= n;
+        if (!len)
+            break;
+        uint32_t cp;
+        size_t k = *p >= 0x80 ? ms_utf8_decode(p, len, &cp) : 1;
+        if (k == 0)
+            k = 1; /* an invalid byte: escape it alone */
+        for (size_t j = 0; j < k; j++) {
+            if (p[j] == '\n')
+                ms_strbuf_addstr(b, "\\n");
+            else if (p[j] == '\r')
+                ms_strbuf_addstr(b, "\\r");
+            else if (p[j] == '\t')
+                ms_strbuf_addstr(b, "\\t");
+            else
+                ms_strbuf_addf(b, "\\x%02X", p[j]);
+        }
+        p += k;
+        len -= k;
+    }
+}
+
+/* ------------------------------------------------------------------ XXH64 */
+
+#define XP1 0x9E3779B185EBCA87ull
+#define XP2 0xC2B2AE3D27D4EB4Full
+#define XP3 0x165667B19E3779F9ull
+#define XP4 0x85EBCA77C2B2AE63ull
+#define XP5 0x27D4EB2F165667C5ull
+
+static uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static uint64_t rd64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static uint32_t rd32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t xround(uint64_t acc, uint64_t in)
+{
+    acc += in * XP2;
+    acc = rotl64(acc, 31);
+    return acc * XP1;
+}
+
+static uint64_t xmerge(uint64_t acc, uint64_t v)
+{
+    acc ^= xround(0, v);
+    return acc * XP1 + XP4;
+}
+
+void ms_xxh64_init(struct ms_xxh64 *h)
+{
+    memset(h, 0, sizeof *h);
+    h->v[0] = XP1 + XP2;
+    h->v[1] = XP2;
+    h->v[2] = 0;
+    h->v[3] = (uint64_t)0 - XP1;
+}
+
+static void xstripe(uint64_t v[4], const unsigned char *p)
+{
+    v[0] = xround(v[0], rd64(p));
+    v[1] = xround(v[1], rd64(p + 8));
+    v[2] = xround(v[2], rd64(p + 16));
+    v[3] = xround(v[3], rd64(p + 24));
+}
+
+void ms_xxh64_update(struct ms_xxh64 *h, const void *data, size_t len)
+{
+    const unsigned char *p = data;
+    h->total += len;
+    if (h->nbuf) {
+        size_t take = MS_MIN(len, 32 - h->nbuf);
+        memcpy(h->buf + h->nbuf, p, take);
+        h->nbuf += take;
+        p += take;
+        len -= take;
+        if (h->nbuf < 32)
+            return;
+        xstripe(h->v, h->buf);
+        h->nbuf = 0;
+    }
+    for (; len >= 32; p += 32, len -= 32)
+        xstripe(h->v, p);
+    memcpy(h->buf, p, len);
+    h->nbuf = len;
+}
+
+uint64_t ms_xxh64_digest(const struct ms_xxh64 *h)
+{
+    uint64_t acc;
+    if (h->total >= 32) {
+        const uint64_t *v = h->v;
+        acc = rotl64(v[0], 1) + rotl64(v[1], 7) + rotl64(v[2], 12) + rotl64(v[3], 18);
+        for (int i = 0; i < 4; i++)
+            acc = xmerge(acc, v[i]);
+    } else {
+        acc = h->v[2] + XP5; /* the seed (0) + PRIME5 */
+    }
+    acc += h->total;
+    const unsigned char *p = h->buf;
+    size_t n = h->nbuf;
+    for (; n >= 8; p += 8, n -= 8) {
+        acc ^= xround(0, rd64(p));
+        acc = rotl64(acc, 27) * XP1 + XP4;
+    }
+    if (n >= 4) {
+        acc ^= (uint64_t)rd32(p) * XP1;
+        acc = rotl64(acc, 23) * XP2 + XP3;
+        p += 4;
+        n -= 4;
+    }
+    for (; n; p++, n--) {
+        acc ^= *p * XP5;
+        acc = rotl64(acc, 11) * XP1;
+    }
+    acc ^= acc >> 33;
+    acc *= XP2;
+    acc ^= acc >> 29;
+    acc *= XP3;
+    acc ^= acc >> 32;
+    return acc;
+}

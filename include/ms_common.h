@@ -72,6 +72,10 @@ const char *ms_strerror(int code);
 void ms_log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void ms_log_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void ms_log_set_quiet(bool quiet);
+/* Prints "mergestream: <msg>\n" to stderr (whatever ms_log_set_quiet says), with
+ * control characters in msg escaped as ms_str_escape does: the one way an error
+ * message, which may hold names and paths from files, reaches the terminal. */
+void ms_log_error(const char *msg);
 
 /*
  * Allocation. Every allocation in the project goes through these so that tests

@@ -29,6 +29,8 @@ struct ms_engine_opts {
     bool copy_tokenizer;          /* copy the donor's tokenizer files (default on) */
     bool write_card;              /* README.md and mergekit_config.yml (default on) */
     bool resume;                  /* keep finished shards already in out (directory output) */
+    bool force;                   /* write into a non-empty directory mergestream did not write */
+    uint64_t seed;                /* --random-seed as given to the plan (in the run fingerprint) */
     enum ms_out_kind kind;        /* MS_OUT_DIR (default), MS_OUT_TAR (to stdout), MS_OUT_PIPE */
     const char *pipe_cmd;         /* MS_OUT_PIPE: command per output file */
     int out_fd;                   /* MS_OUT_TAR: stream destination (default 1) */
@@ -63,6 +65,17 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
  * SIGTERM and SIGHUP itself, and afterwards leaves this function installed for all three.
  */
 void ms_engine_cancel(int signo);
+/*
+ * `verify --deep`: recomputes the XXH64 of every shard that dir's run files
+ * (".mergestream-run.json", and ".mergestream-part-I-of-N-run.json" of --part
+ * runs) list, as written when each shard was finished, and compares. A run file
+ * exists while a merge runs and after it was stopped (--resume reads it); a
+ * completed merge removes it. Returns 0 with *nchecked shards matching, or the
+ * first mismatch (MS_EDATA naming the file), missing file, or the absence of
+ * any run file (MS_EINVAL). Main thread; blocks while it reads.
+ */
+int ms_engine_verify_checksums(const char *dir, size_t *nchecked);
+
 /* The signal that stopped the last ms_engine_run (SIGINT, SIGTERM, SIGHUP), or 0. */
 int ms_engine_signal(void);
 

@@ -85,6 +85,10 @@ int ms_out_open(const struct ms_out_opts *opts, struct ms_out **out);
  * ustar field. name must be a bare file name (no '/', not "." or "..").
  */
 int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const char **final_name);
+/* Permission bits for the next file begun (the DIR file's mode before the umask,
+ * the TAR header's mode): 0644 unless set; ms_out_file_begin resets it to 0644.
+ * For files copied from a model, whose mode must not widen. */
+void ms_out_file_mode(struct ms_out *o, unsigned mode);
 /* Appends len bytes to the current file. Errors name the file (and the command).
  * TAR: -EPIPE "output stream closed (broken pipe)". PIPE: a command that closed
  * its stdin early is MS_ECHILD with its exit status when it has exited. */

@@ -149,6 +149,9 @@ int ms_st_write_file(const char *path, const struct ms_out_tensor *t, const void
 
 /* Writes a whole small file atomically (tmp, fsync, rename, dir fsync). */
 int ms_write_file_atomic(const char *path, const void *data, size_t len);
+/* The same with the new file's permission bits (0644 for ms_write_file_atomic;
+ * the umask applies). */
+int ms_write_file_atomic_mode(const char *path, const void *data, size_t len, unsigned mode);
 /* Bytes ms_read_file accepts: a tokenizer.json is tens of MB at most. */
 #define MS_SMALL_FILE_MAX (256u << 20)
 /* Reads a whole small file (config.json, index, tokenizer files) into a NUL-terminated

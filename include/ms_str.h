@@ -41,6 +41,35 @@ void ms_strbuf_reset(struct ms_strbuf *b);
 /* Frees p and resets *b to { 0 }. */
 void ms_strbuf_fini(struct ms_strbuf *b);
 
+/*
+ * Appends s with what could act on a terminal made inert: '\n', '\r' and '\t'
+ * as those two-character escapes, every other C0 control, DEL, the C1 controls
+ * (U+0080..U+009F, as their two UTF-8 bytes) and bytes that are not valid UTF-8
+ * as "\xNN". Everything else (printable ASCII, valid UTF-8) is copied as is.
+ * For names and paths that come from files and reach the terminal.
+ */
+void ms_str_escape(struct ms_strbuf *b, const char *s);
+/* True when ms_str_escape would change s. */
+bool ms_str_needs_escape(const char *s);
+
+/* ------------------------------------------------------------------ checksum */
+/*
+ * XXH64 (xxHash, 64-bit, seed 0) computed incrementally: start from
+ * ms_xxh64_init, add bytes in order with ms_xxh64_update, read the digest with
+ * ms_xxh64_digest (which leaves the state usable). The digest of a whole byte
+ * string does not depend on how it was split. Used for the checksums of
+ * finished shards (--resume, verify --deep).
+ */
+struct ms_xxh64 {
+    uint64_t v[4];
+    uint64_t total;
+    unsigned char buf[32];
+    size_t nbuf;
+};
+void ms_xxh64_init(struct ms_xxh64 *h);
+void ms_xxh64_update(struct ms_xxh64 *h, const void *data, size_t len);
+uint64_t ms_xxh64_digest(const struct ms_xxh64 *h);
+
 /* ------------------------------------------------------------------ UTF-8 */
 
 /*

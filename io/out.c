@@ -73,6 +73,8 @@ struct ms_out {
     size_t zcap;
 
     /* The current file; valid between file_begin and file_end. */
+    unsigned mode;                /* its permission bits */
+    unsigned next_mode;           /* ms_out_file_mode's bits | 0x10000, or 0 (0644) */
     bool in_file;
     char *name;                   /* as given to file_begin */
     char *final_name;             /* name or name.zst */
@@ -650,11 +652,11 @@ static void tar_size_field(unsigned char f[12], uint64_t size)
 
 /* Fills one 512-byte ustar header block (with its checksum). */
 static void tar_block(unsigned char h[TAR_BLOCK], const char *name, size_t name_len,
-                      uint64_t size, uint64_t mtime, char type)
+                      uint64_t size, uint64_t mtime, char type, unsigned mode)
 {
     memset(h, 0, TAR_BLOCK);
     memcpy(h, name, name_len);           /* name[100]; NUL-terminated unless full */
-    tar_octal(h + 100, 8, 0644);         /* mode */
+    tar_octal(h + 100, 8, mode);         /* mode */
     tar_octal(h + 108, 8, 0);            /* uid */
     tar_octal(h + 116, 8, 0);            /* gid */
     tar_size_field(h + 124, size);       /* size[12] */
@@ -716,7 +718,7 @@ static int tar_header(struct ms_out *o)
         char xname[TAR_NAME_MAX + 1];
         int xn = snprintf(xname, sizeof xname, "PaxHeaders/%.*s", (int)ms_utf8_prefix(name, 89),
                           name);
-        tar_block(h, xname, (size_t)xn, plen, o->mtime, 'x');
+        tar_block(h, xname, (size_t)xn, plen, o->mtime, 'x', 0644);
         rc = put(o, h, TAR_BLOCK, false);
         if (rc == 0)
             rc = put(o, pax, plen, false);
@@ -728,7 +730,7 @@ static int tar_header(struct ms_out *o)
         if (rc < 0)
             return rc;
     }
-    tar_block(h, name, ms_utf8_prefix(name, TAR_NAME_MAX), o->size, o->mtime, '0');
+    tar_block(h, name, ms_utf8_prefix(name, TAR_NAME_MAX), o->size, o->mtime, '0', o->mode);
     rc = put(o, h, TAR_BLOCK, false);
     if (rc == 0)
         o->tar_bytes += TAR_BLOCK;
@@ -825,6 +827,8 @@ static void clear_file(struct ms_out *o)
     o->in_file = false;
 }
 
+void ms_out_file_mode(struct ms_out *o, unsigned mode) { o->next_mode = (mode & 07777) | 0x10000u; }
+
 int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const char **final_name)
 {
     int rc = check_usable(o, "file_begin");
@@ -849,6 +853,8 @@ int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const c
     o->size = size;
     o->done = 0;
     o->in_file = true;
+    o->mode = o->next_mode ? o->next_mode & 07777 : 0644;
+    o->next_mode = 0;
     if (per_file_zstd) {
         size_t zr = ZSTD_CCtx_reset(o->cctx, ZSTD_reset_session_only);
         if (!ZSTD_isError(zr))
@@ -863,9 +869,12 @@ int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const c
         o->tmp_path = ms_asprintf("%s/%s.partial", o->dir, o->final_name);
         if (!o->final_path || !o->tmp_path)
             return fail(o, MS_ENOMEM, "output: '%s': out of memory", name);
-        o->fd = open(o->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (o->fd < 0)
-            return fail(o, -errno, "%s: cannot create: %s", o->tmp_path, strerror(errno));
+        o->fd = ms_file_create(o->tmp_path, o->mode);
+        if (o->fd < 0) {
+            int e = o->fd;
+            o->fd = -1;
+            return fail(o, e, "%s: cannot create: %s", o->tmp_path, strerror(-e));
+        }
         return 0;
     case MS_OUT_TAR:
         return tar_header(o);

@@ -74,12 +74,9 @@ int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *heade
                        size_t header_bytes)
 {
     assert(f->fd < 0 && !f->finished && f->tmp_path);
-    uv_fs_t req;
-    int fd = uv_fs_open(NULL, &req, f->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644,
-                        NULL);
-    uv_fs_req_cleanup(&req);
+    int fd = ms_file_create(f->tmp_path, 0644);
     if (fd < 0)
-        return ms_error(fd, "%s: cannot create: %s", f->tmp_path, uv_strerror(fd));
+        return ms_error(fd, "%s: cannot create: %s", f->tmp_path, ms_strerror(fd));
     f->fd = fd;
     int frc = posix_fallocate(fd, 0, (off_t)size);
     if (frc == ENOSPC || frc == EFBIG)

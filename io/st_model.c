@@ -15,6 +15,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_safetensors.h"
 
 #define INDEX_NAME "model.safetensors.index.json"
@@ -146,7 +147,7 @@ static int model_index_tensors(struct ms_model *m, const char *where)
  */
 static int model_load_index(struct ms_model *m, const char *ipath)
 {
-    char *text = NULL, *spath = NULL;
+    char *text = NULL, *spath = NULL, *mroot = NULL;
     size_t len = 0;
     json_t *root = NULL, *seen = json_object(); /* shard paths opened so far */
     json_error_t jerr;
@@ -209,6 +210,18 @@ static int model_load_index(struct ms_model *m, const char *ipath)
         }
         if (rc < 0)
             goto out;
+        /* The name passed shard_name_ok as text; resolved, it must stay inside too
+         * (a HF cache snapshot's symlinks into its repository's blobs/ do). */
+        if (!mroot && (rc = ms_path_model_root(m->dir, &mroot)) < 0)
+            goto out;
+        rc = ms_path_inside(mroot, spath, NULL);
+        if (rc <= 0) {
+            rc = rc < 0 ? ms_error(rc, "%s: tensor '%s': shard %s: %s", ipath, key, spath,
+                                   strerror(-rc))
+                        : ms_error(MS_EST_INDEX, "%s: tensor '%s': shard %s resolves outside the "
+                                   "model folder %s", ipath, key, spath, mroot);
+            goto out;
+        }
         rc = ms_st_open(spath, &m->shards[m->nshards]);
         if (rc)
             goto out;
@@ -260,6 +273,7 @@ out:
     json_decref(root);
     ms_free(text);
     ms_free(spath);
+    ms_free(mroot);
     return rc;
 }
 

@@ -338,16 +338,17 @@ struct atomic_file {
     int fd;
 };
 
-static int atomic_begin(struct atomic_file *a, const char *path)
+static int atomic_begin(struct atomic_file *a, const char *path, unsigned mode)
 {
     a->path = path;
     a->fd = -1;
     a->tmp = ms_asprintf("%s.tmp", path);
     if (!a->tmp)
         return ms_error(MS_ENOMEM, "%s: out of memory", path);
-    a->fd = open(a->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    a->fd = ms_file_create(a->tmp, mode);
     if (a->fd < 0) {
-        int e = errno;
+        int e = -a->fd;
+        a->fd = -1;
         ms_free(a->tmp);
         a->tmp = NULL;
         return ms_error(-e, "%s: cannot create: %s", path, strerror(e));
@@ -421,7 +422,7 @@ int ms_st_write_file(const char *path, const struct ms_out_tensor *t, const void
     }
     assert(l->nshards == 1);
     const struct ms_out_shard *sh = &l->shards[0];
-    rc = atomic_begin(&a, path);
+    rc = atomic_begin(&a, path, 0644);
     if (rc)
         goto out;
     rc = atomic_write(&a, sh->header, (size_t)sh->header_bytes);
@@ -443,8 +444,13 @@ out:
 
 int ms_write_file_atomic(const char *path, const void *data, size_t len)
 {
+    return ms_write_file_atomic_mode(path, data, len, 0644);
+}
+
+int ms_write_file_atomic_mode(const char *path, const void *data, size_t len, unsigned mode)
+{
     struct atomic_file a = {.fd = -1};
-    int rc = atomic_begin(&a, path);
+    int rc = atomic_begin(&a, path, mode);
     if (rc)
         return rc;
     rc = atomic_write(&a, data, len);

@@ -167,6 +167,24 @@ struct eng {
     bool seq;                     /* output goes through ms_out (not positional files) */
     struct seq_writer sw;
 
+    /* The run file (directory output): fingerprint, and each finished shard's
+     * checksum, computed from the file on a pool thread one shard at a time. */
+    char *run_path;               /* NULL: no run file (tar, pipe) */
+    uint64_t fp;
+    uint64_t *sums;               /* per shard */
+    bool *have;                   /* sums[k] is known */
+    const char **names;           /* per shard: the final file's bare name (borrowed) */
+    uint32_t *hq;                 /* shards waiting for their checksum */
+    size_t hq_head, hq_tail;
+    bool hbusy;
+    uv_work_t hwork;
+    uint32_t hcur;
+    void *hbuf;                   /* HASH_BUF bytes */
+    atomic_int hstop;
+    int hrc;
+    uint64_t hsum;
+    char herr[512];
+
     int err;
     char errmsg[1024];
     int signo;
@@ -211,6 +229,7 @@ static int eng_fail(struct eng *e, int code, const char *fmt, ...)
     for (size_t i = 0; e->src && i < e->nsrc; i++)
         if (e->src[i])
             ms_src_cancel(e->src[i]);
+    atomic_store(&e->hstop, 1);
     for (size_t k = 0; e->osh && k < e->nsh; k++)
         ms_shard_file_cancel(&e->osh[k].file);
     return code;
@@ -685,6 +704,8 @@ static void on_write(struct ms_shard_write *req, int status)
 
 /* ------------------------------------------------------------------ sequential output */
 
+static void shard_final(struct eng *e, uint32_t k);
+
 static struct jrun *active_run_of(struct eng *e, size_t job_index)
 {
     const struct ms_job *j = &e->plan->jobs[job_index];
@@ -735,6 +756,8 @@ static void seq_after_cb(uv_work_t *w, int status)
     }
     if (sw->begin_shard >= 0) {
         e->bytes_out += e->plan->layout->shards[sw->begin_shard].header_bytes;
+        if (sw->cur_shard >= 0) /* seq_work_cb ended it */
+            shard_final(e, (uint32_t)sw->cur_shard);
         sw->cur_shard = sw->begin_shard;
     }
     e->bytes_out += s->wlen;
@@ -793,6 +816,69 @@ static void seq_pump(struct eng *e)
     }
 }
 
+/* ------------------------------------------------------------------ checksums */
+
+#define HASH_BUF (1u << 20)
+
+static void hash_pump(struct eng *e);
+
+static void hash_work_cb(uv_work_t *w)
+{
+    struct eng *e = w->data;
+    ms_error_clear();
+    e->hrc = ms_run_hash_file(e->osh[e->hcur].file.final_path, e->hbuf, HASH_BUF, &e->hstop,
+                              &e->hsum);
+    if (e->hrc)
+        snprintf(e->herr, sizeof e->herr, "%s", ms_errmsg());
+}
+
+/* Records the checksum in the run file, then starts the next. */
+static void hash_after_cb(uv_work_t *w, int status)
+{
+    struct eng *e = w->data;
+    e->hbusy = false;
+    if (e->err)
+        return;
+    if (status < 0 || e->hrc) {
+        if (status < 0)
+            eng_fail(e, status, "checksum canceled: %s", uv_strerror(status));
+        else
+            eng_fail(e, e->hrc, "%s", e->herr);
+        return;
+    }
+    e->sums[e->hcur] = e->hsum;
+    e->have[e->hcur] = true;
+    int rc = ms_run_save(e->run_path, e->fp, e->names, e->sums, e->have, e->nsh);
+    if (rc) {
+        eng_fail(e, rc, "%s", ms_errmsg());
+        return;
+    }
+    hash_pump(e);
+}
+
+static void hash_pump(struct eng *e)
+{
+    if (e->hbusy || e->err || e->hq_head == e->hq_tail)
+        return;
+    e->hcur = e->hq[e->hq_head++];
+    e->hbusy = true;
+    e->hwork.data = e;
+    int rc = uv_queue_work(&e->loop, &e->hwork, hash_work_cb, hash_after_cb);
+    if (rc < 0) {
+        e->hbusy = false;
+        eng_fail(e, rc, "cannot queue a checksum: %s", uv_strerror(rc));
+    }
+}
+
+/* Shard k is complete under its final name: its checksum goes into the run file. */
+static void shard_final(struct eng *e, uint32_t k)
+{
+    if (!e->run_path)
+        return;
+    e->hq[e->hq_tail++] = k;
+    hash_pump(e);
+}
+
 /* ------------------------------------------------------------------ shards */
 
 static int shard_open(struct eng *e, uint32_t k)
@@ -815,6 +901,8 @@ static void shard_job_done(struct eng *e, uint32_t k)
     int rc = ms_shard_file_finish(&sh->file);
     if (rc)
         eng_fail(e, rc, "%s", ms_errmsg());
+    else
+        shard_final(e, k);
 }
 
 /* ------------------------------------------------------------------ jobs */
@@ -1095,25 +1183,76 @@ static int prepare_outputs(struct eng *e)
     if (!e->osh)
         return ms_error(MS_ENOMEM, "out of memory");
     const char *suffix = o->zstd_level ? ".zst" : "";
+    struct ms_run old = { 0 };
+    bool old_ok = false;
+    if (o->kind == MS_OUT_DIR) {
+        e->run_path = ms_run_path(o->out, o->part_index, o->part_count);
+        size_t n = l->nshards ? l->nshards : 1;
+        e->sums = ms_calloc(n, sizeof *e->sums);
+        e->have = ms_calloc(n, sizeof *e->have);
+        e->names = ms_calloc(n, sizeof *e->names);
+        e->hq = ms_calloc(n, sizeof *e->hq);
+        e->hbuf = ms_malloc(HASH_BUF);
+        if (!e->run_path || !e->sums || !e->have || !e->names || !e->hq || !e->hbuf)
+            return ms_error(MS_ENOMEM, "out of memory");
+        int rc = ms_run_fingerprint(e->plan, o, &e->fp);
+        if (rc)
+            return rc;
+        if (o->resume) {
+            old_ok = ms_run_load(e->run_path, &old) == 0;
+            if (old_ok && old.fingerprint != e->fp) {
+                ms_run_fini(&old);
+                old_ok = false;
+                ms_log_warn("resume: %s is from a different recipe, options or inputs; "
+                            "every shard is written again", e->run_path);
+            } else if (!old_ok) {
+                ms_log_warn("resume: %s; every shard is written again", ms_errmsg());
+            }
+            ms_error_clear();
+        }
+    }
     for (size_t k = 0; k < l->nshards; k++) {
         struct out_shard *sh = &e->osh[e->nsh++]; /* released by eng_release even if init fails */
         const struct ms_out_shard *ls = &l->shards[k];
         int rc = ms_shard_file_init(&sh->file, o->kind == MS_OUT_DIR ? o->out : NULL,
                                     ls->file_name, suffix);
-        if (rc)
+        if (rc) {
+            if (old_ok)
+                ms_run_fini(&old);
             return rc;
+        }
+        if (e->run_path)
+            e->names[k] = strrchr(sh->file.final_path, '/') + 1;
         if (o->part_count > 1 && k % o->part_count != o->part_index - 1)
             sh->skip = true;
-        if (!sh->skip && o->resume && o->kind == MS_OUT_DIR && ms_shard_file_exists(&sh->file)) {
-            if (ms_shard_file_keep(&sh->file, ls->file_bytes, ls->header, ls->header_bytes,
-                                   o->zstd_level != 0)) {
+        if (!sh->skip && old_ok && ms_shard_file_exists(&sh->file)) {
+            /* Kept only when the run matches and the file has its recorded checksum. */
+            uint64_t want, got;
+            bool recorded = ms_run_checksum(&old, e->names[k], &want) == 0;
+            if (recorded &&
+                ms_shard_file_keep(&sh->file, ls->file_bytes, ls->header, ls->header_bytes,
+                                   o->zstd_level != 0) &&
+                ms_run_hash_file(sh->file.final_path, e->hbuf, HASH_BUF, NULL, &got) == 0 &&
+                got == want) {
                 sh->skip = true;
+                e->sums[k] = got;
+                e->have[k] = true;
                 ms_log_info("resume: keeping %s", sh->file.final_path);
             } else {
-                ms_log_warn("resume: %s does not match this merge; writing it again",
+                sh->file.finished = false;
+                ms_error_clear();
+                ms_log_warn(recorded ? "resume: %s does not match this merge; writing it again"
+                                     : "resume: %s has no recorded checksum; writing it again",
                             sh->file.final_path);
             }
         }
+    }
+    if (old_ok)
+        ms_run_fini(&old);
+    if (e->run_path) { /* before any shard is written: the fingerprint, and what was kept */
+        int rc = ms_run_save(e->run_path, e->fp, e->names, e->sums, e->have, l->nshards);
+        if (rc)
+            return rc;
     }
     for (size_t i = 0; i < e->plan->njobs; i++)
         e->osh[e->plan->jobs[i].shard].jobs_left++;
@@ -1149,6 +1288,12 @@ static void eng_release(struct eng *e)
         for (size_t k = 0; k < e->nsh; k++)
             ms_shard_file_fini(&e->osh[k].file);
     ms_free(e->osh);
+    ms_free(e->run_path);
+    ms_free(e->sums);
+    ms_free(e->have);
+    ms_free(e->names);
+    ms_free(e->hq);
+    ms_free(e->hbuf);
     if (e->slots)
         for (uint32_t i = 0; i < e->nslots; i++)
             ms_aligned_free(e->slots[i].mem);
@@ -1194,6 +1339,9 @@ static int run_loop(struct eng *e)
         int erc = ms_out_file_end(e->sw.out);
         if (erc)
             eng_fail(e, erc, "%s", ms_errmsg());
+        else
+            shard_final(e, (uint32_t)e->sw.cur_shard);
+        uv_run(&e->loop, UV_RUN_DEFAULT); /* its checksum */
     }
     if (!e->err && e->jobs_done != e->plan->njobs)
         eng_fail(e, MS_EIO, "internal error: the pipeline stalled after %zu of %zu tensors",
@@ -1242,9 +1390,10 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
      * stays pending: the first pump stops the run. */
 
     struct sizing sz;
+    struct ms_outdir od = { .lock_fd = -1 };
     int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL, NULL);
-    if (!rc && opts->kind == MS_OUT_DIR)
-        rc = ms_outdir_prepare(plan, opts);
+    if (!rc)
+        rc = ms_outdir_prepare(plan, opts, &od);
     if (!rc)
         rc = open_inputs(e);
     if (!rc)
@@ -1261,12 +1410,21 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
         rc = ms_error(MS_ECANCELED, "interrupted");
     }
     if (!rc && (opts->part_count <= 1 || opts->part_index == 1))
-        rc = ms_outdir_finish(plan, opts, e->sw.out);
+        rc = ms_outdir_finish(plan, opts, e->sw.out, &od);
     else if (!rc && e->sw.out)
         rc = ms_out_finish(e->sw.out);
     if (rc && !e->err)
         e->err = rc;
     eng_release(e);
+    if (od.lock_fd >= 0) {
+        char *msg = rc ? ms_strdup(ms_errmsg()) : NULL; /* release may not replace the error */
+        int lrc = ms_outdir_release(plan, opts, &od, rc == 0);
+        if (rc && msg)
+            ms_error(rc, "%s", msg);
+        ms_free(msg);
+        if (!rc)
+            rc = lrc;
+    }
     if (rc == MS_ECANCELED && e->signo)
         ms_error(rc, "interrupted by %s; temporary files removed",
                  e->signo == SIGINT ? "SIGINT" : e->signo == SIGTERM ? "SIGTERM" : "a signal");

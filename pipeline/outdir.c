@@ -4,16 +4,24 @@
  * files copied from the donor model (mergekit-spec.md 4.2, 4.4-4.7).
  * Runs on the main thread, synchronously, after the loop has finished.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
+
+#define LOCK_NAME ".mergestream.lock"
+/* What the model card says, and how an earlier run's card is recognised. */
+#define CARD_MARK "created with mergestream"
 
 static int mkdir_p(const char *path)
 {
@@ -40,22 +48,249 @@ static int mkdir_p(const char *path)
     return rc;
 }
 
-int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *opts)
+/* ------------------------------------------------------------------ before the run */
+
+/* path resolved as far as it exists, the rest appended as written: where OUT
+ * will be once created. NULL without memory (or if nothing resolves). */
+static char *resolve_prefix(const char *path)
 {
-    (void)plan;
-    int rc = mkdir_p(opts->out);
+    char *p = ms_strdup(path);
+    if (!p)
+        return NULL;
+    size_t n = strlen(p);
+    char *r = NULL;
+    for (;;) {
+        char *real = realpath(n ? p : ".", NULL);
+        if (real) {
+            const char *rest = path + n;
+            while (*rest == '/')
+                rest++;
+            size_t rl = strlen(rest);
+            while (rl && rest[rl - 1] == '/')
+                rl--;
+            bool root = !strcmp(real, "/");
+            r = rl ? ms_asprintf("%s%s%.*s", root ? "" : real, "/", (int)rl, rest)
+                   : ms_strdup(real);
+            free(real);
+            break;
+        }
+        if (!n)
+            break;
+        while (n && p[n - 1] == '/') /* drop the last component */
+            n--;
+        while (n && p[n - 1] != '/')
+            n--;
+        p[n] = 0;
+    }
+    ms_free(p);
+    return r;
+}
+
+/* 1 when a and b name the same folder or one lies inside the other (both resolved). */
+static int nested(const char *a, const char *b, bool *a_in_b)
+{
+    size_t na = strlen(a), nb = strlen(b);
+    size_t n = na < nb ? na : nb;
+    if (strncmp(a, b, n))
+        return 0;
+    const char *longer = na >= nb ? a : b;
+    if (longer[n] != 0 && longer[n] != '/' && !(n == 1 && longer[0] == '/'))
+        return 0;
+    *a_in_b = na >= nb;
+    return 1;
+}
+
+/* Item: OUT must neither be, lie inside, nor contain an input model's folder. */
+static int check_not_input(const struct ms_plan *plan, const char *out)
+{
+    char *ro = resolve_prefix(out);
+    if (!ro)
+        return ms_error(MS_ENOMEM, "out of memory");
+    int rc = 0;
+    struct stat so;
+    bool have_so = stat(out, &so) == 0;
+    for (size_t i = 0; i < plan->nmodels && !rc; i++) {
+        const char *mp = plan->models[i].path;
+        struct stat sm;
+        char *dir = NULL, *root = NULL;
+        if (stat(mp, &sm) == 0 && !S_ISDIR(sm.st_mode)) { /* a single-file model: its folder */
+            const char *slash = strrchr(mp, '/');
+            dir = slash ? ms_strndup(mp, slash == mp ? 1 : (size_t)(slash - mp)) : ms_strdup(".");
+        } else {
+            dir = ms_strdup(mp);
+        }
+        if (!dir) {
+            rc = ms_error(MS_ENOMEM, "out of memory");
+            break;
+        }
+        struct stat sd;
+        bool same = have_so && stat(dir, &sd) == 0 && sd.st_dev == so.st_dev &&
+                    sd.st_ino == so.st_ino;
+        bool out_in = false;
+        if (ms_path_model_root(dir, &root) == 0) {
+            if (same || nested(ro, root, &out_in))
+                rc = ms_error(MS_EINVAL, "%s: output directory %s input model %s (%s); "
+                              "choose another output directory", out,
+                              same ? "is" : out_in ? "is inside" : "contains",
+                              plan->models[i].ref, root);
+        } else {
+            ms_error_clear();
+        }
+        ms_free(root);
+        ms_free(dir);
+    }
+    ms_free(ro);
+    return rc;
+}
+
+/* Whether the file at dir/name starts with our model card. */
+static bool card_is_ours(int dfd, const char *name)
+{
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    char buf[4096];
+    ssize_t r = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (r <= 0)
+        return false;
+    buf[r] = 0;
+    return strstr(buf, CARD_MARK) != NULL;
+}
+
+static bool our_name(const char *name);
+
+/* What an existing OUT holds: anything at all, and signs of an earlier run of
+ * ours (our lock file, or our model card); *only_our_names: every entry has a
+ * name mergestream writes. */
+static int scan_out(const char *out, bool *nonempty, bool *ours, bool *only_our_names)
+{
+    *only_our_names = true;
+    *nonempty = *ours = false;
+    DIR *d = opendir(out);
+    if (!d)
+        return ms_error(-errno, "%s: cannot read directory: %s", out, strerror(errno));
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        *nonempty = true;
+        if (!our_name(e->d_name) && strncmp(e->d_name, ".mergestream", 12))
+            *only_our_names = false;
+        if (!strncmp(e->d_name, ".mergestream", 12) ||
+            (!strcmp(e->d_name, "README.md") && card_is_ours(dirfd(d), e->d_name)))
+            *ours = true;
+    }
+    closedir(d);
+    return 0;
+}
+
+/* OUT/.mergestream.lock; parts of one merge, which may run at once into one
+ * (shared) directory, each take their own: .mergestream-part-I-of-N.lock. */
+static char *lock_path(const struct ms_engine_opts *opts)
+{
+    if (opts->part_count > 1)
+        return ms_asprintf("%s/.mergestream-part-%u-of-%u.lock", opts->out, opts->part_index,
+                           opts->part_count);
+    return ms_asprintf("%s/" LOCK_NAME, opts->out);
+}
+
+/* Takes OUT's lock file: created if missing, flock'ed without waiting, our pid
+ * written into it. A file unlinked by its holder between our open and flock is
+ * not the lock any more: opened again. */
+static int take_lock(const char *out, const struct ms_engine_opts *opts, int *lock_fd)
+{
+    char *path = lock_path(opts);
+    if (!path)
+        return ms_error(MS_ENOMEM, "out of memory");
+    int rc = 0, fd = -1;
+    for (int tries = 0; tries < 100; tries++) {
+        fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            rc = ms_error(-errno, "%s: cannot create lock file: %s", path, strerror(errno));
+            goto out;
+        }
+        if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+            if (errno != EWOULDBLOCK) {
+                rc = ms_error(-errno, "%s: cannot lock: %s", path, strerror(errno));
+                goto out;
+            }
+            char buf[32] = "";
+            ssize_t r = pread(fd, buf, sizeof buf - 1, 0);
+            buf[r > 0 ? r : 0] = 0;
+            buf[strcspn(buf, "\n")] = 0;
+            rc = ms_error(MS_EINVAL, "%s: another mergestream run (pid %s) is writing into this "
+                          "directory", out, buf[0] ? buf : "unknown");
+            goto out;
+        }
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && lstat(path, &b) == 0 && a.st_dev == b.st_dev &&
+            a.st_ino == b.st_ino && S_ISREG(a.st_mode))
+            break;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0) {
+        rc = ms_error(MS_EINVAL, "%s: cannot take the lock file", path);
+        goto out;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, (size_t)n, 0) != n) {
+        rc = ms_error(-errno, "%s: cannot write lock file: %s", path, strerror(errno));
+        goto out;
+    }
+    *lock_fd = fd;
+    fd = -1;
+out:
+    if (fd >= 0)
+        close(fd);
+    ms_free(path);
+    return rc;
+}
+
+static int check_tokenizer(const struct ms_plan *plan);
+
+int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *opts,
+                      struct ms_outdir *od)
+{
+    od->lock_fd = -1;
+    od->was_ours = false;
+    bool small_files = opts->part_count <= 1 || opts->part_index == 1;
+    if (opts->copy_tokenizer && small_files) {
+        int rc = check_tokenizer(plan);
+        if (rc)
+            return rc;
+    }
+    if (opts->kind != MS_OUT_DIR)
+        return 0;
+    const char *out = opts->out;
+    int rc = check_not_input(plan, out);
+    if (rc)
+        return rc;
+    rc = mkdir_p(out);
     if (rc)
         return rc;
     struct stat st;
-    if (stat(opts->out, &st) < 0 && lstat(opts->out, &st) == 0 && S_ISLNK(st.st_mode))
-        return ms_error(MS_EINVAL, "%s: output path is a symbolic link to a missing target",
-                        opts->out);
-    if (stat(opts->out, &st) < 0 || !S_ISDIR(st.st_mode))
-        return ms_error(MS_EINVAL, "%s: output path exists and is not a directory", opts->out);
-    if (access(opts->out, W_OK) < 0)
-        return ms_error(-errno, "%s: output directory is not writable: %s", opts->out,
+    if (stat(out, &st) < 0 && lstat(out, &st) == 0 && S_ISLNK(st.st_mode))
+        return ms_error(MS_EINVAL, "%s: output path is a symbolic link to a missing target", out);
+    if (stat(out, &st) < 0 || !S_ISDIR(st.st_mode))
+        return ms_error(MS_EINVAL, "%s: output path exists and is not a directory", out);
+    if (access(out, W_OK) < 0)
+        return ms_error(-errno, "%s: output directory is not writable: %s", out,
                         strerror(errno));
-    return 0;
+    bool nonempty, ours, only_ours;
+    rc = scan_out(out, &nonempty, &ours, &only_ours);
+    if (rc)
+        return rc;
+    /* Parts of one merge share OUT: another part's shards (no card) are ours. */
+    if (opts->part_count > 1 && only_ours)
+        ours = true;
+    if (nonempty && !ours && !opts->resume && !opts->force)
+        return ms_error(MS_EINVAL, "%s: directory is not empty and holds no earlier mergestream "
+                        "output; choose an empty one, or use --force to write into it", out);
+    od->was_ours = ours;
+    return take_lock(out, opts, &od->lock_fd);
 }
 
 /* Where finish() sends small files: a directory, or an ms_out stream. */
@@ -64,9 +299,11 @@ struct emit {
     struct ms_out *out;
 };
 
-static int write_in(const struct emit *em, const char *name, const void *data, size_t len)
+static int write_in(const struct emit *em, const char *name, const void *data, size_t len,
+                    unsigned mode)
 {
     if (em->out) {
+        ms_out_file_mode(em->out, mode);
         int rc = ms_out_file_begin(em->out, name, len, NULL);
         if (!rc)
             rc = ms_out_file_write(em->out, data, len);
@@ -77,7 +314,7 @@ static int write_in(const struct emit *em, const char *name, const void *data, s
     char *path = ms_asprintf("%s/%s", em->dir, name);
     if (!path)
         return ms_error(MS_ENOMEM, "out of memory");
-    int rc = ms_write_file_atomic(path, data, len);
+    int rc = ms_write_file_atomic_mode(path, data, len, mode);
     ms_free(path);
     return rc;
 }
@@ -96,35 +333,106 @@ static const char *const tokenizer_files[] = {
     "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "generation_config.json", "video_preprocessor_config.json",
 };
+_Static_assert(MS_ARRAY_LEN(tokenizer_files) <= MS_ARRAY_LEN(((struct ms_outdir *)0)->copied),
+               "struct ms_outdir's copied[] holds one flag per tokenizer file");
 
-static int copy_tokenizer(const struct ms_plan *plan, const struct emit *out)
+/*
+ * Donor file `name` for copying: it must resolve (symlinks followed) to a
+ * regular file inside the donor's folder (for a Hugging Face cache snapshot, the
+ * repository folder, whose blobs/ its symlinks point into). Returns 1 with
+ * *real (ms_free) and *mode (the file's bits, narrowed to 0644) when it may be
+ * copied, 0 when it is absent, or a negative error naming it.
+ */
+static int tokenizer_source(const char *dir, const char *root, const char *name, char **real,
+                            unsigned *mode)
+{
+    *real = NULL;
+    char *src = ms_asprintf("%s/%s", dir, name);
+    if (!src)
+        return ms_error(MS_ENOMEM, "out of memory");
+    struct stat st;
+    int rc = 0;
+    if (lstat(src, &st) < 0) {
+        rc = errno == ENOENT ? 0 : ms_error(-errno, "%s: %s", src, strerror(errno));
+        goto out;
+    }
+    rc = ms_path_inside(root, src, real);
+    if (rc == -ENOENT) {
+        rc = ms_error(MS_EMODEL, "%s: a dangling symbolic link; not copied", src);
+        goto out;
+    }
+    if (rc < 0) {
+        rc = ms_error(rc, "%s: cannot resolve: %s", src, strerror(-rc));
+        goto out;
+    }
+    if (rc == 0) {
+        rc = ms_error(MS_EMODEL, "%s: resolves to %s, outside the model folder %s; "
+                      "not copied", src, *real, root);
+        goto out;
+    }
+    if (stat(*real, &st) < 0 || !S_ISREG(st.st_mode)) {
+        rc = ms_error(MS_EMODEL, "%s: not a regular file; not copied", src);
+        goto out;
+    }
+    *mode = (unsigned)st.st_mode & 0644;
+    rc = 1;
+out:
+    if (rc <= 0) {
+        ms_free(*real);
+        *real = NULL;
+    }
+    ms_free(src);
+    return rc;
+}
+
+/* Calls fn for every donor tokenizer file that will be copied; 0 or an error. */
+static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bool warn,
+                          bool *copied)
 {
     if (plan->donor >= plan->nmodels)
         return 0;
     const char *dir = plan->models[plan->donor].path;
     if (!file_exists(dir, "tokenizer_config.json") ||
         !(file_exists(dir, "tokenizer.json") || file_exists(dir, "tokenizer.model"))) {
-        ms_log_warn("%s: no tokenizer_config.json with tokenizer.json or tokenizer.model; "
-                    "tokenizer not copied", dir);
+        if (warn)
+            ms_log_warn("%s: no tokenizer_config.json with tokenizer.json or tokenizer.model; "
+                        "tokenizer not copied", dir);
         return 0;
     }
-    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++) {
-        if (!file_exists(dir, tokenizer_files[i]))
+    char *root = NULL;
+    int rc = ms_path_model_root(dir, &root);
+    for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++) {
+        char *real = NULL;
+        unsigned mode = 0644;
+        rc = tokenizer_source(dir, root, tokenizer_files[i], &real, &mode);
+        if (rc <= 0)
             continue;
-        char *src = ms_asprintf("%s/%s", dir, tokenizer_files[i]);
-        if (!src)
-            return ms_error(MS_ENOMEM, "out of memory");
-        char *data = NULL;
-        size_t len = 0;
-        int rc = ms_read_file(src, &data, &len);
-        ms_free(src);
-        if (!rc)
-            rc = write_in(out, tokenizer_files[i], data, len);
-        ms_free(data);
-        if (rc)
-            return rc;
+        rc = 0;
+        if (out) {
+            char *data = NULL;
+            size_t len = 0;
+            rc = ms_read_file(real, &data, &len);
+            if (!rc)
+                rc = write_in(out, tokenizer_files[i], data, len, mode);
+            ms_free(data);
+            if (!rc && copied)
+                copied[i] = true;
+        }
+        ms_free(real);
     }
-    return 0;
+    ms_free(root);
+    return rc;
+}
+
+/* Before anything is written: every donor file to copy is one we may copy. */
+static int check_tokenizer(const struct ms_plan *plan)
+{
+    return each_tokenizer(plan, NULL, false, NULL);
+}
+
+static int copy_tokenizer(const struct ms_plan *plan, const struct emit *out, bool *copied)
+{
+    return each_tokenizer(plan, out, true, copied);
 }
 
 /* A reference counts as a hub repo id when it is not an absolute or home path,
@@ -246,7 +554,7 @@ static int index_json(const struct ms_plan *plan, bool zst, char **text, size_t 
 }
 
 int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *opts,
-                     struct ms_out *stream)
+                     struct ms_out *stream, struct ms_outdir *od)
 {
     const char *out = opts->out;
     struct emit em = { .dir = out, .out = opts->kind == MS_OUT_DIR ? NULL : stream };
@@ -256,14 +564,15 @@ int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *op
     if (plan->layout->nshards > 1) {
         rc = index_json(plan, opts->zstd_level && opts->kind != MS_OUT_TAR, &text, &len);
         if (!rc)
-            rc = write_in(&em, "model.safetensors.index.json", text, len);
+            rc = write_in(&em, "model.safetensors.index.json", text, len, 0644);
         ms_free(text);
         text = NULL;
         if (rc)
             return rc;
     }
     if (plan->out_config_json) {
-        rc = write_in(&em, "config.json", plan->out_config_json, strlen(plan->out_config_json));
+        rc = write_in(&em, "config.json", plan->out_config_json, strlen(plan->out_config_json),
+                      0644);
         if (rc)
             return rc;
     }
@@ -277,19 +586,159 @@ int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *op
         text = ms_outdir_card(plan, title);
         if (!text)
             return ms_error(MS_ENOMEM, "out of memory writing the model card");
-        rc = write_in(&em, "README.md", text, strlen(text));
+        rc = write_in(&em, "README.md", text, strlen(text), 0644);
         ms_free(text);
         if (!rc && plan->recipe && plan->recipe->text)
-            rc = write_in(&em, "mergekit_config.yml", plan->recipe->text, plan->recipe->text_len);
+            rc = write_in(&em, "mergekit_config.yml", plan->recipe->text, plan->recipe->text_len,
+                          0644);
         if (rc)
             return rc;
     }
     if (opts->copy_tokenizer) {
-        rc = copy_tokenizer(plan, &em);
+        rc = copy_tokenizer(plan, &em, od->copied);
         if (rc)
             return rc;
     }
     if (stream)
         return ms_out_finish(stream);
     return sync_dir(out);
+}
+
+/* ------------------------------------------------------------------ after the run */
+
+/* Whether name is "model-NNNNN-of-NNNNN.safetensors", as mergestream names shards. */
+static bool shard_name(const char *name)
+{
+    unsigned a, b;
+    int end = 0;
+    if (sscanf(name, "model-%5u-of-%5u.safetensors%n", &a, &b, &end) != 2 || name[end])
+        return false;
+    return strlen(name) == strlen("model-00001-of-00001.safetensors");
+}
+
+/* Whether name (".zst" and ".partial"/".tmp" taken off) is one mergestream writes
+ * (run-state files, ".mergestream*", are handled apart). */
+static bool our_name(const char *name)
+{
+    char buf[256];
+    size_t n = strlen(name);
+    if (n >= sizeof buf)
+        return false;
+    memcpy(buf, name, n + 1);
+    if (n > 8 && !strcmp(buf + n - 8, ".partial"))
+        buf[n -= 8] = 0;
+    else if (n > 4 && !strcmp(buf + n - 4, ".tmp"))
+        buf[n -= 4] = 0;
+    if (n > 4 && !strcmp(buf + n - 4, ".zst"))
+        buf[n -= 4] = 0;
+    static const char *const small[] = {
+        "model.safetensors", "model.safetensors.index.json", "config.json", "README.md",
+        "mergekit_config.yml",
+    };
+    for (size_t i = 0; i < MS_ARRAY_LEN(small); i++)
+        if (!strcmp(buf, small[i]))
+            return true;
+    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++)
+        if (!strcmp(buf, tokenizer_files[i]))
+            return true;
+    return shard_name(buf);
+}
+
+/* Whether this run's complete output has a file called name. */
+static bool in_new_output(const struct ms_plan *plan, const struct ms_engine_opts *opts,
+                          const struct ms_outdir *od, const char *name)
+{
+    const struct ms_layout *l = plan->layout;
+    for (size_t k = 0; k < l->nshards; k++) {
+        size_t n = strlen(l->shards[k].file_name);
+        if (!strncmp(name, l->shards[k].file_name, n) &&
+            !strcmp(name + n, opts->zstd_level ? ".zst" : ""))
+            return true;
+    }
+    if (l->nshards > 1 && !strcmp(name, "model.safetensors.index.json"))
+        return true;
+    if (plan->out_config_json && !strcmp(name, "config.json"))
+        return true;
+    if (opts->write_card && (!strcmp(name, "README.md") ||
+                             (plan->recipe && plan->recipe->text &&
+                              !strcmp(name, "mergekit_config.yml"))))
+        return true;
+    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++)
+        if (od->copied[i] && !strcmp(name, tokenizer_files[i]))
+            return true;
+    return false;
+}
+
+/* Removes what an earlier run of ours left in OUT that this output does not
+ * have: only names mergestream writes, and only regular files and symlinks. */
+static int remove_stale(const struct ms_plan *plan, const struct ms_engine_opts *opts,
+                        const struct ms_outdir *od)
+{
+    DIR *d = opendir(opts->out);
+    if (!d)
+        return ms_error(-errno, "%s: cannot read directory: %s", opts->out, strerror(errno));
+    int rc = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!our_name(e->d_name) || in_new_output(plan, opts, od, e->d_name))
+            continue;
+        struct stat st;
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+            !(S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)))
+            continue;
+        /* An old README.md that is not our card is the user's: kept. */
+        if (!strcmp(e->d_name, "README.md") && !card_is_ours(dirfd(d), e->d_name))
+            continue;
+        if (unlinkat(dirfd(d), e->d_name, 0) < 0) {
+            rc = ms_error(-errno, "%s/%s: cannot remove the earlier run's file: %s", opts->out,
+                          e->d_name, strerror(errno));
+            break;
+        }
+        ms_log_info("removed %s/%s (left by an earlier run)", opts->out, e->d_name);
+    }
+    closedir(d);
+    return rc;
+}
+
+int ms_outdir_release(const struct ms_plan *plan, const struct ms_engine_opts *opts,
+                      struct ms_outdir *od, bool ok)
+{
+    int rc = 0;
+    if (od->lock_fd < 0)
+        return 0;
+    if (ok && od->was_ours && !opts->resume && opts->part_count <= 1)
+        rc = remove_stale(plan, opts, od);
+    /* A failed run keeps its lock file beside what it finished (the next run
+     * then knows OUT as ours), but leaves an otherwise empty OUT empty. */
+    char *path = lock_path(opts);
+    char *run = ms_run_path(opts->out, opts->part_index, opts->part_count);
+    if (!path || !run) {
+        rc = rc ? rc : ms_error(MS_ENOMEM, "out of memory");
+    } else if (!ok) {
+        DIR *d = opendir(opts->out);
+        bool others = false;
+        struct dirent *e;
+        while (d && (e = readdir(d)))
+            others |= strcmp(e->d_name, ".") && strcmp(e->d_name, "..") &&
+                      strcmp(e->d_name, strrchr(path, '/') + 1) &&
+                      strcmp(e->d_name, strrchr(run, '/') + 1);
+        if (d && !others) {
+            unlink(run);
+            unlink(path);
+        }
+        if (d)
+            closedir(d);
+    } else if (!rc) {
+        if (unlink(run) < 0 && errno != ENOENT)
+            rc = ms_error(-errno, "%s: cannot remove: %s", run, strerror(errno));
+        else if (unlink(path) < 0 && errno != ENOENT)
+            rc = ms_error(-errno, "%s: cannot remove: %s", path, strerror(errno));
+        if (!rc)
+            rc = sync_dir(opts->out);
+    }
+    ms_free(path);
+    ms_free(run);
+    close(od->lock_fd); /* after the unlink: no other run takes the lock in between */
+    od->lock_fd = -1;
+    return rc;
 }

@@ -1317,16 +1317,16 @@ int ms_plan_build(const struct ms_recipe *r, const struct ms_plan_opts *opts,
     if (pb.nerr) {
         for (size_t i = 0; i < pb.nerr; i++) {
             const struct perr *e = &pb.err[i];
-            if (e->more)
-                fprintf(stderr, "mergestream: %s (and %zu more tensors)\n", e->msg, e->more);
-            else
-                fprintf(stderr, "mergestream: %s\n", e->msg);
+            char *line = e->more ? ms_asprintf("%s (and %zu more tensors)", e->msg, e->more)
+                                 : NULL;
+            ms_log_error(line ? line : e->msg);
+            ms_free(line);
         }
         const struct perr *e = &pb.err[0];
         rc = e->more ? ms_error(e->code, "%s (and %zu more tensors)", e->msg, e->more)
                      : ms_error(e->code, "%s", e->msg);
     } else if (rc) {
-        fprintf(stderr, "mergestream: %s\n", ms_errmsg());
+        ms_log_error(ms_errmsg());
     }
     for (size_t i = 0; i < pb.nerr; i++) {
         ms_free(pb.err[i].msg);

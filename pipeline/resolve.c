@@ -4,11 +4,13 @@
  * Nothing is downloaded.
  */
 #include <ctype.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "ms_common.h"
+#include "ms_file.h"
 #include "ms_plan.h"
 #include "ms_safetensors.h"
 
@@ -37,6 +39,22 @@ static bool is_hub_id(const char *ref)
     if ((n1 == 1 && ref[0] == '.') || (n1 == 2 && !strncmp(ref, "..", 2)))
         return false;
     return strcmp(slash + 1, ".") && strcmp(slash + 1, "..");
+}
+
+/* A revision names a file under refs/: no empty, "." or ".." component, not absolute. */
+static bool rev_name_ok(const char *rev)
+{
+    if (!*rev || rev[0] == '/')
+        return false;
+    for (const char *p = rev;;) {
+        const char *e = strchr(p, '/');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        if (n == 0 || (n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.'))
+            return false;
+        if (!e)
+            return true;
+        p = e + 1;
+    }
 }
 
 static bool is_commit_hash(const char *s)
@@ -92,6 +110,11 @@ int ms_model_resolve(const char *ref, const char *revision, char **out)
         goto out;
     }
     const char *rev = revision ? revision : "main";
+    if (!rev_name_ok(rev)) {
+        rc = ms_error(MS_EMODEL, "model '%s': revision '%s' is not a branch, tag or commit name",
+                      ref, rev);
+        goto out;
+    }
     if (is_commit_hash(rev)) {
         hash = ms_strdup(rev);
     } else {
@@ -111,6 +134,11 @@ int ms_model_resolve(const char *ref, const char *revision, char **out)
         size_t n = strlen(hash);
         while (n && isspace((unsigned char)hash[n - 1]))
             hash[--n] = 0;
+        /* Used as a path component below: only a commit hash will do. */
+        if (!is_commit_hash(hash)) {
+            rc = ms_error(MS_EMODEL, "model '%s': %s does not hold a commit hash", ref, refs);
+            goto out;
+        }
     }
     if (!hash) {
         rc = ms_error(MS_ENOMEM, "out of memory");
@@ -124,6 +152,15 @@ int ms_model_resolve(const char *ref, const char *revision, char **out)
     if (!is_dir(snap)) {
         rc = ms_error(MS_EMODEL, "model '%s': snapshot %s of revision '%s' is missing from the "
                       "Hugging Face cache (%s); download it first", ref, hash, rev, snap);
+        goto out;
+    }
+    /* The snapshot (a folder, possibly a symlink) must resolve inside the repository's. */
+    char *rrepo = realpath(repo, NULL);
+    int in = rrepo ? ms_path_inside(rrepo, snap, NULL) : -errno;
+    free(rrepo);
+    if (in <= 0) {
+        rc = ms_error(MS_EMODEL, "model '%s': snapshot %s resolves outside the repository "
+                      "folder %s", ref, snap, repo);
         goto out;
     }
     *out = snap;

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <uv.h>
+#include <zstd.h>
 
 #include "ms_common.h"
 #include "ms_file.h"
@@ -429,4 +430,92 @@ Test(base, str_closest_names_the_nearest_candidate)
     cr_assert_null(ms_str_closest("bogus", c, 5), "5 letters: at most 2 edits");
     cr_assert_null(ms_str_closest("xy", c, 5), "2 letters: at most 1 edit (t needs 2)");
     cr_assert_null(ms_str_closest("density", c, 0));
+}
+
+/* ms_str_escape: expected strings written out by hand from its contract. */
+static void check_escape(const char *in, const char *want)
+{
+    struct ms_strbuf b = { 0 };
+    ms_str_escape(&b, in);
+    ms_strbuf_addstr(&b, "");
+    cr_assert(!b.oom);
+    cr_assert_str_eq(b.p, want);
+    cr_assert_eq(ms_str_needs_escape(in), strcmp(in, want) != 0, "%s", want);
+    ms_strbuf_fini(&b);
+}
+
+Test(base, str_escape_makes_controls_inert)
+{
+    check_escape("", "");
+    check_escape("model.layers.0.weight", "model.layers.0.weight");
+    check_escape("a\nmergestream: x", "a\\nmergestream: x");
+    check_escape("\r\t", "\\r\\t");
+    check_escape("\x1b[31m", "\\x1B[31m");
+    check_escape("\x01\x1f\x7f", "\\x01\\x1F\\x7F");
+    check_escape("caf\xc3\xa9 \xe2\x82\xac", "caf\xc3\xa9 \xe2\x82\xac"); /* é, €: kept */
+    check_escape("\xc2\x9b" "2J", "\\xC2\\x9B2J");                      /* U+009B (CSI) */
+    check_escape("\xff" "a\xc3", "\\xFFa\\xC3");                        /* not UTF-8 */
+}
+
+/* ms_file_create: a planted symlink is replaced, its target untouched. */
+Test(base, file_create_does_not_follow_a_symlink)
+{
+    char *dir = th_tmpdir();
+    char *victim = th_path(dir, "victim"), *tmp = th_path(dir, "x.tmp");
+    cr_assert_eq(th_write(victim, "keep", 4), 0);
+    cr_assert_eq(symlink(victim, tmp), 0);
+    int fd = ms_file_create(tmp, 0644);
+    cr_assert(fd >= 0, "%s", strerror(-fd));
+    cr_assert_eq(write(fd, "new", 3), 3);
+    close(fd);
+    size_t len = 0;
+    char *v = th_read(victim, &len);
+    cr_assert(v && len == 4 && !memcmp(v, "keep", 4));
+    free(v);
+    v = th_read(tmp, &len);
+    cr_assert(v && len == 3 && !memcmp(v, "new", 3));
+    free(v);
+    th_rmtree(dir);
+    free(tmp);
+    free(victim);
+    free(dir);
+}
+
+static uint64_t xxh(const void *p, size_t n)
+{
+    struct ms_xxh64 h;
+    ms_xxh64_init(&h);
+    ms_xxh64_update(&h, p, n);
+    return ms_xxh64_digest(&h);
+}
+
+/* XXH64: the published vectors for "" and "abc" (xxHash's README / test suite),
+ * and, for lengths around every path of the algorithm, the low 32 bits zstd
+ * stores as a frame's content checksum (its format spec: XXH64, seed 0). */
+Test(base, xxh64_matches_published_vectors_and_zstd)
+{
+    cr_assert_eq(xxh("", 0), 0xEF46DB3751D8E999ull);
+    cr_assert_eq(xxh("abc", 3), 0x44BC2CF5AD770999ull);
+    static unsigned char data[1000];
+    for (size_t i = 0; i < sizeof data; i++)
+        data[i] = (unsigned char)(i * 131 + 7);
+    static const size_t lens[] = { 1, 3, 4, 7, 8, 15, 31, 32, 33, 63, 64, 100, 999, 1000 };
+    for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+        size_t n = lens[k];
+        unsigned char z[2048];
+        ZSTD_CCtx *c = ZSTD_createCCtx();
+        ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 1);
+        size_t zn = ZSTD_compress2(c, z, sizeof z, data, n);
+        ZSTD_freeCCtx(c);
+        cr_assert(!ZSTD_isError(zn) && zn > 4);
+        uint32_t want = (uint32_t)z[zn - 4] | (uint32_t)z[zn - 3] << 8 |
+                        (uint32_t)z[zn - 2] << 16 | (uint32_t)z[zn - 1] << 24;
+        cr_assert_eq((uint32_t)xxh(data, n), want, "length %zu", n);
+        /* Split anywhere: the same digest. */
+        struct ms_xxh64 h;
+        ms_xxh64_init(&h);
+        for (size_t i = 0; i < n; i += 5)
+            ms_xxh64_update(&h, data + i, MS_MIN(5, n - i));
+        cr_assert_eq(ms_xxh64_digest(&h), xxh(data, n), "length %zu split", n);
+    }
 }

@@ -170,8 +170,11 @@ static char *entries(const char *sub)
         return s;
     size_t n = 0;
     struct dirent *e;
+    /* Run-state files (.mergestream.lock, .mergestream-run.json) are not output:
+     * a failed or killed run may leave them beside finished shards for the next run. */
     while ((e = readdir(d)) && n < 8000)
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..") &&
+            strncmp(e->d_name, ".mergestream", 12))
             n += (size_t)snprintf(s + n, 8192 - n, "%s ", e->d_name);
     closedir(d);
     return s;

@@ -4,9 +4,11 @@
  * safetensors writes read back through ms_st_open.
  */
 #include <criterion/criterion.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -343,22 +345,50 @@ Test(st_write, failure_leaves_nothing)
 
 Test(st_write, short_write_reports_file)
 {
-    /* /dev/full fails every write with ENOSPC; the tmp name cannot be created
-     * there, so write through a symlink named <path>.tmp pointing at it. */
-    if (access("/dev/full", W_OK) != 0)
-        cr_skip_test("no /dev/full");
+    /* A file size limit below the file's size fails the write with EFBIG (the
+     * temporary is created afresh, so a planted symlink cannot stand in for a
+     * failing device any more: see planted_symlink_is_not_followed). */
     char *path = th_path(g_dir, "full.safetensors");
     char *tmp = th_path(g_dir, "full.safetensors.tmp");
-    cr_assert_eq(symlink("/dev/full", tmp), 0);
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit rl = { .rlim_cur = 16, .rlim_max = RLIM_INFINITY };
+    struct rlimit old;
+    cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    rl.rlim_max = old.rlim_max;
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
     struct ms_out_tensor t = u8("a", 4);
     const void *data[] = {"abcd"};
     int rc = ms_st_write_file(path, &t, data, 1);
+    setrlimit(RLIMIT_FSIZE, &old);
     cr_assert(rc < 0);
     cr_assert(strstr(ms_errmsg(), path), "%s", ms_errmsg());
     cr_assert(strstr(ms_errmsg(), "write failed"), "%s", ms_errmsg());
     cr_assert_neq(access(path, F_OK), 0);
     struct stat st;
     cr_assert_neq(lstat(tmp, &st), 0, "temporary name left behind");
+    free(tmp);
+    free(path);
+}
+
+Test(st_write, planted_symlink_is_not_followed)
+{
+    /* A symlink planted under the temporary's name points at a victim file: the
+     * write must go into a new file of ours, the victim stay as it was. */
+    char *path = th_path(g_dir, "config.json");
+    char *tmp = th_path(g_dir, "config.json.tmp");
+    char *victim = th_path(g_dir, "victim");
+    cr_assert_eq(th_write(victim, "keep", 4), 0);
+    cr_assert_eq(symlink(victim, tmp), 0);
+    cr_assert_eq(ms_write_file_atomic(path, "{\"a\":1}", 7), 0, "%s", ms_errmsg());
+    size_t len = 0;
+    char *v = th_read(victim, &len);
+    cr_assert(v && len == 4 && !memcmp(v, "keep", 4), "the victim was written through the symlink");
+    struct stat st;
+    cr_assert_eq(lstat(path, &st), 0);
+    cr_assert(S_ISREG(st.st_mode), "the final name is not a regular file");
+    cr_assert_neq(lstat(tmp, &st), 0, "temporary name left behind");
+    free(v);
+    free(victim);
     free(tmp);
     free(path);
 }

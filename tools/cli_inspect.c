@@ -15,6 +15,8 @@
 
 #include "ms_common.h"
 #include "ms_plan.h"
+#include "ms_engine.h"
+#include "ms_str.h"
 #include "ms_safetensors.h"
 
 #include "cli.h"
@@ -31,7 +33,7 @@ static const char inspect_help[] =
     "  --json / --no-json  print a JSON object instead of the table\n"
     "  -h, --help          show this help\n";
 
-static const char verify_usage[] = "usage: mergestream verify MODEL|FILE...\n";
+static const char verify_usage[] = "usage: mergestream verify [--deep] MODEL|FILE...\n";
 static const char verify_help[] =
     "\n"
     "Checks each safetensors file against the rules the official reader enforces\n"
@@ -43,6 +45,10 @@ static const char verify_help[] =
     "otherwise one diagnostic line per invalid path and exit status 1.\n"
     "\n"
     "options:\n"
+    "  --deep       also check data: for a directory a merge is writing or was\n"
+    "               stopped in, recompute each finished shard's checksum and compare\n"
+    "               it with the one its run file (.mergestream-run.json) recorded\n"
+    "               (a completed merge removes that file: nothing to compare)\n"
     "  -h, --help   show this help\n";
 
 /* Prints "mergestream: <cmd>: <what>" and the usage line; returns exit status 2. */
@@ -85,6 +91,15 @@ static char *local_path(const char *ref)
     return ms_strdup(ref);
 }
 
+/* s with control characters escaped (ms_str_escape), in b (reset first); "?" without memory. */
+static const char *esc(struct ms_strbuf *b, const char *s)
+{
+    ms_strbuf_reset(b);
+    ms_str_escape(b, s);
+    ms_strbuf_addstr(b, "");
+    return b->oom ? "?" : b->p;
+}
+
 /* ------------------------------------------------------------------ inspect */
 
 static uint64_t model_data_bytes(const struct ms_model *m)
@@ -99,13 +114,14 @@ static uint64_t model_data_bytes(const struct ms_model *m)
 static int inspect_table(const struct ms_model *m)
 {
     char sb[256];
+    struct ms_strbuf en = { 0 }, ef = { 0 };
     int wn = 4, wd = 5, ws = 5, wb = 5;
     for (size_t i = 0; i < m->ntensors; i++) {
         const struct ms_st_tensor *t = ms_model_tensor_at(m, i, NULL);
         char nb[32];
         shape_str(sb, sizeof sb, t);
         snprintf(nb, sizeof nb, "%" PRIu64, t->end - t->begin);
-        wn = MS_MAX(wn, (int)strlen(t->name));
+        wn = MS_MAX(wn, (int)strlen(esc(&en, t->name)));
         wd = MS_MAX(wd, (int)strlen(ms_dtype_name(t->dtype)));
         ws = MS_MAX(ws, (int)strlen(sb));
         wb = MS_MAX(wb, (int)strlen(nb));
@@ -115,9 +131,12 @@ static int inspect_table(const struct ms_model *m)
         uint32_t s;
         const struct ms_st_tensor *t = ms_model_tensor_at(m, i, &s);
         shape_str(sb, sizeof sb, t);
-        printf("%-*s  %-*s  %-*s  %*" PRIu64 "  %s\n", wn, t->name, wd, ms_dtype_name(t->dtype),
-               ws, sb, wb, t->end - t->begin, base_name(m->shards[s]->path));
+        printf("%-*s  %-*s  %-*s  %*" PRIu64 "  %s\n", wn, esc(&en, t->name), wd,
+               ms_dtype_name(t->dtype), ws, sb, wb, t->end - t->begin,
+               esc(&ef, base_name(m->shards[s]->path)));
     }
+    ms_strbuf_fini(&en);
+    ms_strbuf_fini(&ef);
     printf("total: %zu tensors, %" PRIu64 " bytes, %zu file%s\n", m->ntensors,
            model_data_bytes(m), m->nshards, m->nshards == 1 ? "" : "s");
     return 0;
@@ -309,7 +328,7 @@ int ms_cli_verify(int argc, char **argv)
 {
     const char **paths = ms_calloc((size_t)argc, sizeof *paths);
     size_t np = 0;
-    bool opts = true;
+    bool opts = true, deep = false;
     int status = 0;
 
     if (!paths) {
@@ -323,6 +342,8 @@ int ms_cli_verify(int argc, char **argv)
         } else if (opts && (!strcmp(a, "-h") || !strcmp(a, "--help"))) {
             printf("%s%s", verify_usage, verify_help);
             goto out;
+        } else if (opts && !strcmp(a, "--deep")) {
+            deep = true;
         } else if (opts && a[0] == '-' && a[1]) {
             status = usage_error(verify_usage, "verify", "unknown option", a);
             goto out;
@@ -353,11 +374,21 @@ int ms_cli_verify(int argc, char **argv)
             rc = verify_dir(p, &ntensors, &bytes);
         else
             rc = verify_file(p, &ntensors, &bytes);
+        size_t nsum = 0;
+        if (!rc && deep && S_ISDIR(st.st_mode))
+            rc = ms_engine_verify_checksums(p, &nsum);
+        if (!rc && deep && !S_ISDIR(st.st_mode))
+            rc = ms_error(MS_EINVAL, "%s: --deep checks a merge's output directory", p);
         if (rc) {
             ms_cli_report(rc, NULL);
             status = 1;
         } else {
-            printf("ok: %s (%zu tensors, %" PRIu64 " bytes)\n", paths[i], ntensors, bytes);
+            struct ms_strbuf ep = { 0 };
+            printf("ok: %s (%zu tensors, %" PRIu64 " bytes", esc(&ep, paths[i]), ntensors, bytes);
+            if (deep)
+                printf("; %zu shard checksum%s", nsum, nsum == 1 ? " matches" : "s match");
+            printf(")\n");
+            ms_strbuf_fini(&ep);
         }
         ms_free(hub);
     }

@@ -54,6 +54,8 @@ static const char merge_usage[] =
     "                           {} in CMD (and $MERGESTREAM_FILE) is the file name, e.g.\n"
     "                           --pipe 'aws s3 cp - s3://bucket/merged/{}'\n"
     "  --resume / --no-resume   keep the shards an interrupted run already finished in OUT\n"
+    "  --force / --no-force     write into a non-empty OUT that holds no earlier mergestream\n"
+    "                           output (its other files are left alone; default off)\n"
     "  --part I/N               write only shards k with k mod N = I-1 (1-based I), for one\n"
     "                           merge spread over N machines; part 1 also writes the other files\n"
     "  --stall-timeout SECONDS  fail when the tar reader or a --pipe command takes no bytes\n"
@@ -79,7 +81,8 @@ enum {
     OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
     OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_NOCRIMES, OPT_NOQUIET,
     OPT_NOREREAD, OPT_NORESUME, OPT_HFCACHE, OPT_STRICT,
-    OPT_NOSTRICT, OPT_STALL,
+    OPT_NOSTRICT, OPT_STALL, OPT_FORCE,
+    OPT_NOFORCE,
 };
 
 static const struct option merge_opts[] = {
@@ -108,6 +111,8 @@ static const struct option merge_opts[] = {
     { "no-resume", no_argument, NULL, OPT_NORESUME },
     { "transformers-cache", required_argument, NULL, OPT_HFCACHE },
     { "stall-timeout", required_argument, NULL, OPT_STALL },
+    { "force", no_argument, NULL, OPT_FORCE },
+    { "no-force", no_argument, NULL, OPT_NOFORCE },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -289,6 +294,8 @@ int ms_cli_merge(int argc, char **argv)
                                    optarg);
             eo.stall_seconds = (unsigned)v;
             break;
+        case OPT_FORCE: eo.force = true; break;
+        case OPT_NOFORCE: eo.force = false; break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:
             fprintf(stderr, "mergestream: --%s is not supported yet (see README: Status)\n", name);
@@ -310,6 +317,7 @@ int ms_cli_merge(int argc, char **argv)
         return usage_error("expected RECIPE.yml and OUT", NULL);
     const char *recipe_path = argv[optind];
     eo.out = argv[optind + 1];
+    eo.seed = po.seed;
     if (!strcmp(eo.out, "-")) {
         if (eo.kind == MS_OUT_PIPE)
             return usage_error("OUT '-' and --pipe exclude each other", NULL);

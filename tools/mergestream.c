@@ -28,7 +28,7 @@ void ms_cli_report(int rc, const char *fallback)
     const char *m = ms_errmsg();
     if (!m[0])
         m = fallback ? fallback : ms_strerror(rc);
-    fprintf(stderr, "mergestream: %s\n", m);
+    ms_log_error(m);
 }
 
 int main(int argc, char **argv)

@@ -826,9 +826,9 @@ static int write_shard(struct gen *g, size_t s)
         rc = ms_error(MS_ENOMEM, "out of memory");
         goto out;
     }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = ms_file_create(tmp, 0644);
     if (fd < 0) {
-        rc = ms_error(-errno, "%s: cannot create: %s", tmp, strerror(errno));
+        rc = ms_error(fd, "%s: cannot create: %s", tmp, strerror(-fd));
         goto out;
     }
     rc = write_all(fd, sh->header, (size_t)sh->header_bytes, path);
