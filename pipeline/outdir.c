@@ -265,6 +265,8 @@ int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *o
     if (opts->kind != MS_OUT_DIR)
         return 0;
     const char *out = opts->out;
+    if (!out[0])
+        return ms_error(MS_EINVAL, "output directory: empty name");
     int rc = check_not_input(plan, out);
     if (rc)
         return rc;
