@@ -19,26 +19,9 @@
 
 static char *g_dir;
 
-static int run(char **out, char **err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int run(char **out, char **err, const char *fmt, ...)
-{
-    char cmd[16384], full[16640];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    snprintf(full, sizeof full, "cd '%s' && %s", g_dir, cmd);
-    return th_run(full, out, err);
-}
+#define run(out, err, ...) th_run_in(g_dir, out, err, __VA_ARGS__)
 
-#define RUN_OK(...)                                                                     \
-    do {                                                                                \
-        char *o_ = NULL, *e_ = NULL;                                                    \
-        int rc_ = run(&o_, &e_, __VA_ARGS__);                                           \
-        cr_assert_eq(rc_, 0, "exit %d\nstdout: %s\nstderr: %s", rc_, o_, e_);            \
-        free(o_);                                                                       \
-        free(e_);                                                                       \
-    } while (0)
+#define RUN_OK(...) TH_RUN_OK(g_dir, __VA_ARGS__)
 
 static size_t lines(const char *s)
 {

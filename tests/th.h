@@ -26,6 +26,19 @@ char *th_read(const char *path, size_t *len);
  * NULL if not wanted). Returns the exit status, or 128+signal.
  */
 int th_run(const char *cmd, char **out, char **err);
+/* th_run of the printf-formatted command, run from directory dir (cd 'dir' && cmd);
+ * the command may be up to 8 KiB long. */
+int th_run_in(const char *dir, char **out, char **err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Asserts that the th_run_in command (from dir) exits 0, printing its output if not. */
+#define TH_RUN_OK(dir, ...)                                                             \
+    do {                                                                                \
+        char *o_ = NULL, *e_ = NULL;                                                    \
+        int rc_ = th_run_in(dir, &o_, &e_, __VA_ARGS__);                                \
+        cr_assert_eq(rc_, 0, "exit %d\nstdout: %s\nstderr: %s", rc_, o_, e_);            \
+        free(o_);                                                                       \
+        free(e_);                                                                       \
+    } while (0)
 /* Byte-compares two files; 0 if equal. */
 int th_cmp_files(const char *a, const char *b);
 

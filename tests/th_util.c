@@ -1,6 +1,7 @@
 /*
  * th_util.c - test helpers (see th.h).
  */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,4 +137,15 @@ int th_cmp_files(const char *a, const char *b)
     free(x);
     free(y);
     return rc;
+}
+
+int th_run_in(const char *dir, char **out, char **err, const char *fmt, ...)
+{
+    char cmd[8192], full[8400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "cd '%s' && %s", dir, cmd);
+    return th_run(full, out, err);
 }
