@@ -212,7 +212,7 @@ static void ref_mixed(const float *const *in, const enum ms_dtype *dt, uint32_t 
         }
         N++;
     }
-    struct tv cos[MS_MAX_INPUTS * MS_MAX_INPUTS];
+    struct tv cos[MS_MAX_INPUTS * MS_MAX_INPUTS] = { { 0 } };
     uint32_t K = 0;
     for (uint32_t a = 0; a < N; a++)
         for (uint32_t b = a + 1; b < N; b++) {
