@@ -27,6 +27,21 @@
 
 /* ------------------------------------------------------------------ JSON strings */
 
+/* The two-character JSON escape of c, if it has one (both serializers use them). */
+static const char *json_short_escape(uint32_t c)
+{
+    switch (c) {
+    case '"': return "\\\"";
+    case '\\': return "\\\\";
+    case '\b': return "\\b";
+    case '\f': return "\\f";
+    case '\n': return "\\n";
+    case '\r': return "\\r";
+    case '\t': return "\\t";
+    default: return NULL;
+    }
+}
+
 /* A JSON string as serde_json writes it: escapes '"', '\\' and control
  * characters (short forms where JSON has them, else \u00xx); UTF-8 raw. */
 static void sb_json_serde(struct ms_strbuf *sb, const char *s)
@@ -34,20 +49,13 @@ static void sb_json_serde(struct ms_strbuf *sb, const char *s)
     ms_strbuf_addstr(sb, "\"");
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         unsigned c = *p;
-        switch (c) {
-        case '"': ms_strbuf_addstr(sb, "\\\""); break;
-        case '\\': ms_strbuf_addstr(sb, "\\\\"); break;
-        case '\b': ms_strbuf_addstr(sb, "\\b"); break;
-        case '\f': ms_strbuf_addstr(sb, "\\f"); break;
-        case '\n': ms_strbuf_addstr(sb, "\\n"); break;
-        case '\r': ms_strbuf_addstr(sb, "\\r"); break;
-        case '\t': ms_strbuf_addstr(sb, "\\t"); break;
-        default:
-            if (c < 0x20)
-                ms_strbuf_addf(sb, "\\u%04x", c);
-            else
-                ms_strbuf_add(sb, p, 1);
-        }
+        const char *e = json_short_escape(c);
+        if (e)
+            ms_strbuf_addstr(sb, e);
+        else if (c < 0x20)
+            ms_strbuf_addf(sb, "\\u%04x", c);
+        else
+            ms_strbuf_add(sb, p, 1);
     }
     ms_strbuf_addstr(sb, "\"");
 }
@@ -65,25 +73,18 @@ static void sb_json_python(struct ms_strbuf *sb, const char *s)
         size_t k = ms_utf8_decode(p + i, len - i, &c);
         assert(k > 0);
         i += k;
-        switch (c) {
-        case '"': ms_strbuf_addstr(sb, "\\\""); break;
-        case '\\': ms_strbuf_addstr(sb, "\\\\"); break;
-        case '\b': ms_strbuf_addstr(sb, "\\b"); break;
-        case '\f': ms_strbuf_addstr(sb, "\\f"); break;
-        case '\n': ms_strbuf_addstr(sb, "\\n"); break;
-        case '\r': ms_strbuf_addstr(sb, "\\r"); break;
-        case '\t': ms_strbuf_addstr(sb, "\\t"); break;
-        default:
-            if (c >= 0x20 && c < 0x7f) {
-                char ch = (char)c;
-                ms_strbuf_add(sb, &ch, 1);
-            } else if (c < 0x10000) {
-                ms_strbuf_addf(sb, "\\u%04x", (unsigned)c);
-            } else {
-                uint32_t v = c - 0x10000;
-                ms_strbuf_addf(sb, "\\u%04x\\u%04x", (unsigned)(0xd800 | (v >> 10)),
-                          (unsigned)(0xdc00 | (v & 0x3ff)));
-            }
+        const char *e = json_short_escape(c);
+        if (e) {
+            ms_strbuf_addstr(sb, e);
+        } else if (c >= 0x20 && c < 0x7f) {
+            char ch = (char)c;
+            ms_strbuf_add(sb, &ch, 1);
+        } else if (c < 0x10000) {
+            ms_strbuf_addf(sb, "\\u%04x", (unsigned)c);
+        } else {
+            uint32_t v = c - 0x10000;
+            ms_strbuf_addf(sb, "\\u%04x\\u%04x", (unsigned)(0xd800 | (v >> 10)),
+                           (unsigned)(0xdc00 | (v & 0x3ff)));
         }
     }
     ms_strbuf_addstr(sb, "\"");
