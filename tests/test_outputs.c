@@ -256,3 +256,58 @@ Test(outputs, parts_together_make_the_whole)
            "test ! -e pt/m/config.json && test ! -e pt/m/%s", shards[0]);
     RUN_OK("mergestream merge r.yml pt/m -q --out-shard-size 70K --part 1/2 && diff -r pt/m ref/m");
 }
+
+/* docs/DISTRIBUTED.md's recipe: one merge as N parts started by a scheduler, each part
+ * taking its index from the scheduler's variables (--part auto) and streaming its files to
+ * one shared destination through --pipe, all parts at once; then `verify` on the
+ * destination. The parts together must equal the one-process merge. */
+#define PART_CMD "mergestream merge r.yml m -q --out-shard-size 70K --pipe 'cat > %s/{}' "
+
+Test(outputs, slurm_array_parts_make_the_whole)
+{
+    /* sbatch --array=0-4:2: tasks 0, 2, 4. */
+    RUN_OK("mkdir -p sl && for id in 0 2 4; do SLURM_ARRAY_TASK_ID=$id SLURM_ARRAY_TASK_MIN=0 "
+           "SLURM_ARRAY_TASK_MAX=4 SLURM_ARRAY_TASK_STEP=2 SLURM_ARRAY_TASK_COUNT=3 " PART_CMD
+           "--part auto & done; wait", "sl");
+    RUN_OK("diff -r sl ref/m && mergestream verify sl >/dev/null");
+}
+
+Test(outputs, kubernetes_indexed_job_parts_make_the_whole)
+{
+    RUN_OK("mkdir -p k8 && for i in 0 1 2; do JOB_COMPLETION_INDEX=$i " PART_CMD
+           "--part auto/3 & done; wait", "k8");
+    RUN_OK("diff -r k8 ref/m && mergestream verify k8 >/dev/null");
+    /* A part that never ran leaves a destination that verify refuses. */
+    RUN_OK("mkdir -p k2 && for i in 0 2; do JOB_COMPLETION_INDEX=$i " PART_CMD
+           "--part auto/3 & done; wait", "k2");
+    RUN_OK("! mergestream verify k2 2>err && grep -q 'model-00002-of-00003.safetensors does not "
+           "exist' err");
+}
+
+Test(outputs, part_auto_refuses_what_it_cannot_map)
+{
+    static const struct { const char *env, *arg, *msg; } cases[] = {
+        { "", "auto", "neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set" },
+        { "SLURM_ARRAY_TASK_ID=1 JOB_COMPLETION_INDEX=0", "auto", "both" },
+        { "JOB_COMPLETION_INDEX=1", "auto", "write --part auto/N" },
+        { "JOB_COMPLETION_INDEX=3", "auto/3", "JOB_COMPLETION_INDEX 3 is not below 3" },
+        { "JOB_COMPLETION_INDEX=-1", "auto/3", "is '-1', not a number" },
+        /* sbatch --array=1,3,7 is not a range */
+        { "SLURM_ARRAY_TASK_ID=3 SLURM_ARRAY_TASK_MIN=1 SLURM_ARRAY_TASK_MAX=7 "
+          "SLURM_ARRAY_TASK_COUNT=3", "auto", "not an evenly spaced range" },
+        { "SLURM_ARRAY_TASK_ID=2 SLURM_ARRAY_TASK_MIN=1 SLURM_ARRAY_TASK_MAX=3 "
+          "SLURM_ARRAY_TASK_COUNT=3", "auto/4", "the Slurm array has 3 tasks, not 4" },
+        { "SLURM_ARRAY_TASK_ID=2", "auto", "not SLURM_ARRAY_TASK_MIN, _MAX and _COUNT" },
+        { "", "auto3", "takes I/N or auto[/N]" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *err = NULL;
+        int rc = run(NULL, &err,
+                     "env -u SLURM_ARRAY_TASK_ID -u JOB_COMPLETION_INDEX %s mergestream merge "
+                     "r.yml m -q --part %s --pipe 'cat >/dev/null'", cases[i].env, cases[i].arg);
+        cr_expect_eq(rc, 2, "%s --part %s: exit %d: %s", cases[i].env, cases[i].arg, rc, err);
+        cr_expect(err && strstr(err, cases[i].msg), "%s --part %s: %s", cases[i].env,
+                  cases[i].arg, err);
+        free(err);
+    }
+}

@@ -58,6 +58,8 @@ static const char merge_usage[] =
     "                           output (its other files are left alone; default off)\n"
     "  --part I/N               write only shards k with k mod N = I-1 (1-based I), for one\n"
     "                           merge spread over N machines; part 1 also writes the other files\n"
+    "  --part auto[/N]          I (and N) from a Slurm array job (SLURM_ARRAY_TASK_*) or a\n"
+    "                           Kubernetes Indexed Job (JOB_COMPLETION_INDEX; N required)\n"
     "  --stall-timeout SECONDS  fail when the tar reader or a --pipe command takes no bytes\n"
     "                           for this long (default 0: wait as long as it takes)\n"
     "\n"
@@ -193,6 +195,105 @@ static int parse_u64(const char *s, uint64_t *out)
     return 0;
 }
 
+/* An environment variable holding a decimal number; -1 if unset, -2 if not a number. */
+static int env_u64(const char *name, uint64_t *out)
+{
+    const char *s = getenv(name);
+    if (!s || !*s)
+        return -1;
+    if (parse_u64(s, out)) {
+        fprintf(stderr, "mergestream merge: --part auto: %s is '%s', not a number\n", name, s);
+        return -2;
+    }
+    return 0;
+}
+
+/*
+ * --part I/N, or --part auto[/N]: the index from a scheduler's array job. Slurm
+ * (SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT, _STEP: any evenly spaced --array range)
+ * gives I and N; a Kubernetes Indexed Job gives only JOB_COMPLETION_INDEX (0-based),
+ * so N must be written. Prints the error and returns nonzero on a bad value.
+ */
+static int parse_part(const char *arg, unsigned *index, unsigned *count)
+{
+    uint64_t a = 0, b = 0;
+    const char *slash = strchr(arg, '/');
+    bool has_n = slash != NULL;
+    if (has_n && parse_u64(slash + 1, &b))
+        return usage_error("--part takes I/N or auto[/N] with 1 <= I <= N, not", arg);
+    if (strncmp(arg, "auto", 4) || (arg[4] && arg[4] != '/')) {
+        /* Digits only: sscanf's %u would take "-1" as 4294967295. */
+        char ibuf[24];
+        size_t il = has_n ? (size_t)(slash - arg) : 0;
+        if (!has_n || il == 0 || il >= sizeof ibuf)
+            return usage_error("--part takes I/N or auto[/N] with 1 <= I <= N, not", arg);
+        memcpy(ibuf, arg, il);
+        ibuf[il] = 0;
+        if (parse_u64(ibuf, &a) || b == 0 || a == 0 || a > b || b > UINT32_MAX)
+            return usage_error("--part takes I/N or auto[/N] with 1 <= I <= N, not", arg);
+        goto done;
+    }
+
+    uint64_t id, mn, mx, cnt, step = 1, k8s;
+    int slurm = env_u64("SLURM_ARRAY_TASK_ID", &id);
+    int kube = env_u64("JOB_COMPLETION_INDEX", &k8s);
+    if (slurm == -2 || kube == -2)
+        return 2;
+    if (slurm == 0 && kube == 0) {
+        fprintf(stderr, "mergestream merge: --part auto: both SLURM_ARRAY_TASK_ID and "
+                        "JOB_COMPLETION_INDEX are set; write --part I/N\n");
+        return 2;
+    }
+    if (slurm == 0) {
+        int r1 = env_u64("SLURM_ARRAY_TASK_MIN", &mn), r2 = env_u64("SLURM_ARRAY_TASK_MAX", &mx);
+        int r3 = env_u64("SLURM_ARRAY_TASK_COUNT", &cnt), r4 = env_u64("SLURM_ARRAY_TASK_STEP", &step);
+        if (r1 == -2 || r2 == -2 || r3 == -2 || r4 == -2)
+            return 2;
+        if (r1 || r2 || r3) {
+            fprintf(stderr, "mergestream merge: --part auto: SLURM_ARRAY_TASK_ID is set but not "
+                            "SLURM_ARRAY_TASK_MIN, _MAX and _COUNT\n");
+            return 2;
+        }
+        if (r4)
+            step = 1;
+        /* Only a range min-max:step maps onto 1..N; a list such as --array=1,2,7 does not. */
+        if (step == 0 || cnt == 0 || cnt > UINT32_MAX || mn > id || id > mx ||
+            (id - mn) % step || (mx - mn) / step + 1 != cnt || (mx - mn) % step) {
+            fprintf(stderr, "mergestream merge: --part auto: the Slurm array (task %" PRIu64
+                            " of %" PRIu64 "-%" PRIu64 ":%" PRIu64 ", %" PRIu64 " tasks) is not an "
+                            "evenly spaced range; write --part I/N\n", id, mn, mx, step, cnt);
+            return 2;
+        }
+        a = (id - mn) / step + 1;
+        if (has_n && b != cnt) {
+            fprintf(stderr, "mergestream merge: --part %s: the Slurm array has %" PRIu64
+                            " tasks, not %" PRIu64 "\n", arg, cnt, b);
+            return 2;
+        }
+        b = cnt;
+    } else if (kube == 0) {
+        if (!has_n) {
+            fprintf(stderr, "mergestream merge: --part auto: JOB_COMPLETION_INDEX gives the index "
+                            "only; write --part auto/N with N the Job's completions\n");
+            return 2;
+        }
+        if (b == 0 || b > UINT32_MAX || k8s >= b) {
+            fprintf(stderr, "mergestream merge: --part %s: JOB_COMPLETION_INDEX %" PRIu64
+                            " is not below %" PRIu64 "\n", arg, k8s, b);
+            return 2;
+        }
+        a = k8s + 1;
+    } else {
+        fprintf(stderr, "mergestream merge: --part auto: neither SLURM_ARRAY_TASK_ID nor "
+                        "JOB_COMPLETION_INDEX is set\n");
+        return 2;
+    }
+done:
+    *index = (unsigned)a;
+    *count = (unsigned)b;
+    return 0;
+}
+
 int ms_cli_merge(int argc, char **argv)
 {
     struct ms_engine_opts eo;
@@ -266,21 +367,10 @@ int ms_cli_merge(int argc, char **argv)
             eo.kind = MS_OUT_PIPE;
             eo.pipe_cmd = optarg;
             break;
-        case OPT_PART: {
-            /* Digits only: sscanf's %u would take "-1" as 4294967295. */
-            uint64_t a, b;
-            char *slash = strchr(optarg, '/');
-            if (slash)
-                *slash = 0;
-            bool bad = !slash || parse_u64(optarg, &a) || parse_u64(slash + 1, &b);
-            if (slash)
-                *slash = '/';
-            if (bad || b == 0 || a == 0 || a > b || b > UINT32_MAX)
-                return usage_error("--part takes I/N with 1 <= I <= N, not", optarg);
-            eo.part_index = (unsigned)a;
-            eo.part_count = (unsigned)b;
+        case OPT_PART:
+            if (parse_part(optarg, &eo.part_index, &eo.part_count))
+                return 2;
             break;
-        }
         case OPT_RESUME: eo.resume = true; break;
         case OPT_NORESUME: eo.resume = false; break;
         case OPT_HFCACHE:
