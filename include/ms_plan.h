@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "ms_lora.h"
 #include "ms_recipe.h"
 #include "ms_safetensors.h"
 #include "ms_stage.h"
@@ -25,6 +26,8 @@ struct ms_plan_model {
     struct ms_model *model;       /* opened headers */
     char *config_json;            /* config.json text, or NULL if absent */
     uint64_t num_layers;          /* from config.json (num_hidden_layers or similar); 0 unknown */
+    char *lora_path;              /* `model+lora`: the adapter's resolved directory, else NULL */
+    struct ms_lora_adapter *lora; /* its opened adapter (pipeline/lora.c), else NULL */
 };
 
 /* One input of an output tensor: where its bytes are. */
@@ -39,6 +42,10 @@ struct ms_plan_input {
                                      engine rounds to s.compute); equals dtype for copy jobs */
     uint64_t file_offset;         /* absolute file offset of element 0 */
     uint64_t numel;               /* elements stored (may exceed the job's when rows are cut) */
+    /* LoRA reference: folded into the decoded values before anything else (ms_lora.h), or
+     * NULL. Owned by the plan. With it, `dtype` above is still the stored one, and the
+     * dtype rules (load, copy) see lora->dtype instead. */
+    const struct ms_lora_fold *lora;
 };
 
 struct ms_job {
@@ -65,6 +72,8 @@ struct ms_plan_opts {
     bool allow_crimes;
     bool strict;                  /* a parameter name the method does not declare is an error
                                      (otherwise a warning; mergekit ignores it) */
+    enum ms_dtype lora_dtype;     /* --lora-merge-dtype when a compute dtype (F32, F16, BF16);
+                                     anything else (a zeroed struct) means the model's own */
 };
 
 struct ms_plan {
