@@ -28,6 +28,8 @@ struct ms_plan_model {
     uint64_t num_layers;          /* from config.json (num_hidden_layers or similar); 0 unknown */
     char *lora_path;              /* `model+lora`: the adapter's resolved directory, else NULL */
     struct ms_lora_adapter *lora; /* its opened adapter (pipeline/lora.c), else NULL */
+    char *lora_cache;             /* --lora-merge-cache folder still to write, else NULL */
+    bool lora_cached;             /* read from its complete --lora-merge-cache folder (path) */
 };
 
 /* One input of an output tensor: where its bytes are. */
@@ -74,6 +76,9 @@ struct ms_plan_opts {
                                      (otherwise a warning; mergekit ignores it) */
     enum ms_dtype lora_dtype;     /* --lora-merge-dtype when a compute dtype (F32, F16, BF16);
                                      anything else (a zeroed struct) means the model's own */
+    const char *lora_cache;       /* --lora-merge-cache DIR, or NULL: a complete folded copy
+                                     there is read instead of folding; else the plan model's
+                                     lora_cache names the folder to write */
 };
 
 struct ms_plan {
@@ -112,6 +117,15 @@ void ms_plan_free(struct ms_plan *p);
  * revision). *out is owned by the caller (ms_free).
  */
 int ms_model_resolve(const char *ref, const char *revision, char **out);
+
+/*
+ * --lora-merge-cache: writes the folded model of every plan model with a
+ * lora_cache folder (pipeline/lora_cache.c), `lora_dtype` being the plan's
+ * opts.lora_dtype. Reads each such model once and writes a normal model
+ * directory (temporaries renamed when complete; a marker file last). Blocking,
+ * main thread. Returns 0 or an error naming the file.
+ */
+int ms_plan_lora_cache_fill(const struct ms_plan *p, enum ms_dtype lora_dtype);
 
 /* Writes the human-readable summary (`mergestream plan`) or the JSON plan (--json). */
 int ms_plan_print(const struct ms_plan *p, uint64_t max_memory, bool json, FILE *f);

@@ -30,6 +30,13 @@ void ms__lora_free(struct ms_lora_adapter *l);
 const struct ms_lora_fold *ms__lora_find(const struct ms_lora_adapter *l,
                                          const struct ms_st_tensor *w);
 
+/* --lora-merge-cache (pipeline/lora_cache.c): the folder of ref's folded model under
+ * cache, named as mergekit names it (ms_free; NULL when out of memory), and whether
+ * it is complete and was made with --lora-merge-dtype d (MS_DT_NONE: none given). */
+struct ms_modelref;
+char *ms__lora_cache_path(const char *cache, const struct ms_modelref *ref);
+bool ms__lora_cache_ready(const char *path, enum ms_dtype d);
+
 /* One line for `plan`: "adapter DIR: N modules, r R, alpha A, scale S[, rsLoRA][, dtype D]". */
 int ms__lora_describe(const struct ms_lora_adapter *l, char *buf, size_t len);
 

@@ -491,7 +491,20 @@ static void open_models(struct pb *pb)
     for (size_t i = 0; i < p->nmodels; i++) {
         struct ms_plan_model *pm = &p->models[i];
         const struct ms_modelref *ref = pb->refs[i];
-        int rc = ms_model_resolve(ref->path, ref->revision, &pm->path);
+        int rc = 0;
+        if (ref->lora && pb->opts->lora_cache) { /* a complete folded copy replaces the fold */
+            char *cp = ms__lora_cache_path(pb->opts->lora_cache, ref);
+            if (!cp)
+                return pb_oom(pb);
+            if (ms__lora_cache_ready(cp, pb->opts->lora_dtype)) {
+                pm->path = cp;
+                pm->lora_cached = true;
+            } else {
+                pm->lora_cache = cp;
+            }
+        }
+        if (!pm->path)
+            rc = ms_model_resolve(ref->path, ref->revision, &pm->path);
         if (rc) {
             pb_err(pb, rc, NULL, "%s", ms_errmsg());
             continue;
@@ -514,7 +527,7 @@ static void open_models(struct pb *pb)
             }
         }
         ms_free(cfg);
-        if (ref->lora)
+        if (ref->lora && !pm->lora_cached)
             open_lora(pb, pm, ref);
     }
 }
@@ -1283,6 +1296,7 @@ void ms_plan_free(struct ms_plan *p)
         ms_model_free(p->models[i].model);
         ms_free(p->models[i].config_json);
         ms_free(p->models[i].lora_path);
+        ms_free(p->models[i].lora_cache);
         ms__lora_free(p->models[i].lora);
     }
     ms_free(p->models);

@@ -171,6 +171,10 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
             ms__lora_describe(pm->lora, d, sizeof d);
             fprintf(f, "    LoRA folded in as read: adapter %s\n", d);
         }
+        if (pm->lora_cache)
+            fprintf(f, "    LoRA: the folded model is written to %s first\n", pm->lora_cache);
+        if (pm->lora_cached)
+            fprintf(f, "    LoRA: folded model read from --lora-merge-cache\n");
     }
     print_params(p, f);
 

@@ -329,6 +329,46 @@ Test(lora, hub_cache_adapter)
     assert_same("out_fold", "out_hand");
 }
 
+Test(lora, merge_cache_creates_and_reuses)
+{
+    TH_RUN_OK(g_dir, "ms-mklora --model base --r 4 --alpha 16 --seed 23 "
+                     "--targets q_proj,v_proj,embed_tokens lora");
+    struct adapter ad = { .r = 4, .alpha = 16 };
+    hand_fold("base", "lora", &ad, MS_DT_BF16, "folded");
+    write_recipe("fold.yml", linear_fold);
+    write_recipe("hand.yml", linear_hand);
+    TH_RUN_OK(g_dir, "mergestream merge hand.yml out_hand -q && "
+                     "mergestream merge fold.yml out1 -q --lora-merge-cache lmc");
+    assert_same("out1", "out_hand");
+    /* mergekit's folder name: basename_crc32(path) for model and adapter (crc32 values
+     * from Python's binascii.crc32(b"base") and (b"lora")) */
+    const char *cdir = "lmc/base_3233087073_lora_881021184";
+    assert_same(cdir, "folded"); /* the cached copy is the hand-folded model, byte for byte */
+    TH_RUN_OK(g_dir, "test -f %s/.mergestream-lora-complete && test -f %s/config.json && "
+                     "test -f %s/tokenizer.json", cdir, cdir, cdir);
+    /* reused: the adapter is not needed any more */
+    TH_RUN_OK(g_dir, "mv lora lora.away && mergestream merge fold.yml out2 -q "
+                     "--lora-merge-cache lmc");
+    assert_same("out2", "out_hand");
+    char *err = NULL;
+    cr_assert_neq(th_run_in(g_dir, NULL, &err, "mergestream merge fold.yml out3 -q"), 0,
+                  "without the cache the adapter is needed");
+    free(err);
+    /* made with another --lora-merge-dtype: not reused */
+    cr_assert_neq(th_run_in(g_dir, NULL, &err, "mergestream merge fold.yml out4 -q "
+                                             "--lora-merge-cache lmc --lora-merge-dtype float32"),
+                  0);
+    free(err);
+    /* incomplete (no marker, a cut shard): written again */
+    TH_RUN_OK(g_dir, "mv lora.away lora && rm %s/.mergestream-lora-complete && "
+                     "truncate -s 100 %s/model.safetensors && mergestream merge fold.yml out5 -q "
+                     "--lora-merge-cache lmc", cdir, cdir);
+    assert_same("out5", "out_hand");
+    assert_same(cdir, "folded");
+    TH_RUN_OK(g_dir, "test -f %s/.mergestream-lora-complete && ! ls %s | grep -q partial", cdir,
+              cdir);
+}
+
 /* Runs the merge of fold.yml, expecting failure with every needle on one line of stderr
  * and no output directory. */
 static void expect_error(const char *setup_cmd, const char *n1, const char *n2)
