@@ -13,6 +13,7 @@
  *     (r x vocab) and ".lora_embedding_B" (dim x r) for embeddings, folded into
  *     the model tensor "<module>.weight". Any other tensor is refused by name.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +23,7 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_str.h"
 #include "lora_impl.h"
 
 #define PREFIX "base_model.model."
@@ -379,4 +381,23 @@ int ms__lora_describe(const struct ms_lora_adapter *l, char *buf, size_t len)
                     l->fan_in_fan_out ? ", fan_in_fan_out" : "",
                     l->dtype != MS_DT_NONE ? ", folded in " : "",
                     l->dtype != MS_DT_NONE ? ms_dtype_name(l->dtype) : "");
+}
+
+int ms__lora_fingerprint(const struct ms_lora_adapter *l, struct ms_xxh64 *h)
+{
+    static const char *const files[] = { "adapter_config.json", "adapter_model.safetensors" };
+    for (int i = 0; i < 2; i++) {
+        char path[4096];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", l->dir, files[i]);
+        if (stat(path, &st) < 0)
+            return ms_error(-errno, "%s: %s", path, strerror(errno));
+        uint64_t v[3] = { (uint64_t)st.st_size, (uint64_t)st.st_mtim.tv_sec,
+                          (uint64_t)st.st_mtim.tv_nsec };
+        ms_xxh64_update(h, path, strlen(path) + 1);
+        ms_xxh64_update(h, v, sizeof v);
+    }
+    int32_t d = (int32_t)l->dtype;
+    ms_xxh64_update(h, &d, sizeof d);
+    return 0;
 }

@@ -37,6 +37,11 @@ struct ms_modelref;
 char *ms__lora_cache_path(const char *cache, const struct ms_modelref *ref);
 bool ms__lora_cache_ready(const char *path, enum ms_dtype d);
 
+/* Adds to h what makes the adapter's folds (for the --resume fingerprint): its two files'
+ * paths, sizes and modification times, and D. Returns 0 or -errno naming the file. */
+struct ms_xxh64;
+int ms__lora_fingerprint(const struct ms_lora_adapter *l, struct ms_xxh64 *h);
+
 /* One line for `plan`: "adapter DIR: N modules, r R, alpha A, scale S[, rsLoRA][, dtype D]". */
 int ms__lora_describe(const struct ms_lora_adapter *l, char *buf, size_t len);
 

@@ -369,6 +369,36 @@ Test(lora, merge_cache_creates_and_reuses)
               cdir);
 }
 
+/* A merge stopped (SIGKILL) after two shards and resumed with another adapter in the same
+ * folder keeps nothing: the adapter's files and the fold dtype are in the run fingerprint. */
+Test(lora, resume_with_another_adapter_keeps_nothing, .timeout = 300)
+{
+#define SLOW "-q --out-shard-size 2M -j1 --chunk-elems 4096"
+    TH_RUN_OK(g_dir, "ms-mkmodel --layers 8 --hidden 512 --intermediate 1024 --vocab 1024 --seed 3 "
+                     "B >/dev/null && ms-mkmodel --base B --noise 0.01 --seed 4 F >/dev/null && "
+                     "ms-mklora --model B --r 4 --seed 1 --targets q_proj,up_proj L && "
+                     "ms-mklora --model B --r 4 --seed 2 --targets q_proj,up_proj L2");
+    write_recipe("big.yml", "merge_method: linear\n"
+                            "models:\n"
+                            "  - model: B+L\n"
+                            "    parameters: {weight: 0.6}\n"
+                            "  - model: F\n"
+                            "    parameters: {weight: 0.4}\n");
+    TH_RUN_OK(g_dir, "true; mergestream merge big.yml k " SLOW " & pid=$!; "
+                     "while kill -0 $pid 2>/dev/null && "
+                     "! grep -q model-00002 k/.mergestream-run.json 2>/dev/null; do sleep 0.01; "
+                     "done; kill -9 $pid; wait $pid; test $? = 137 && "
+                     "grep -q model-00002 k/.mergestream-run.json");
+    TH_RUN_OK(g_dir, "rm -rf L && mv L2 L && mergestream merge big.yml kref " SLOW);
+    char *err = NULL;
+    cr_assert_eq(th_run_in(g_dir, NULL, &err, "mergestream merge big.yml k " SLOW " --resume"), 0,
+                 "%s", err);
+    cr_assert(strstr(err, "is from a different recipe, options or inputs"), "%s", err);
+    free(err);
+    TH_RUN_OK(g_dir, "diff -r -x README.md kref k");
+#undef SLOW
+}
+
 /* Runs the merge of fold.yml, expecting failure with every needle on one line of stderr
  * and no output directory. */
 static void expect_error(const char *setup_cmd, const char *n1, const char *n2)
