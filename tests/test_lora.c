@@ -248,6 +248,40 @@ Test(lora, rslora_and_fan_in_fan_out)
     assert_same("out_fold", "out_hand");
 }
 
+Test(lora, rank_pattern_and_target_modules)
+{
+    /* rank_pattern set: each module's rank is its matrices' (4 here, config r says 8), and
+     * the scale alpha / 4. A target_modules list without v_proj: its tensors are ignored,
+     * as PEFT ignores weights of modules it did not wrap. The values depend on the tensor
+     * name and seed only, so lora_q holds exactly lora's q_proj matrices. */
+    TH_RUN_OK(g_dir, "ms-mklora --model base --r 4 --alpha 12 --seed 29 --targets q_proj,v_proj "
+                     "lora && ms-mklora --model base --r 4 --alpha 12 --seed 29 --targets q_proj "
+                     "lora_q && sed -i 's/\"r\": 4/\"r\": 8/; "
+                     "s/\"rank_pattern\": {}/\"rank_pattern\": {\"q_proj\": 4, \"v_proj\": 4}/; "
+                     "s/\"target_modules\": .*/\"target_modules\": [\"q_proj\"]/' "
+                     "lora/adapter_config.json");
+    struct adapter ad = { .r = 4, .alpha = 12 };
+    cr_assert_eq(hand_fold("base", "lora_q", &ad, MS_DT_BF16, "folded"), 2);
+    write_recipe("fold.yml", linear_fold);
+    write_recipe("hand.yml", linear_hand);
+    char *err = NULL;
+    TH_RUN_OK(g_dir, "mergestream merge hand.yml out_hand -q");
+    cr_assert_eq(th_run_in(g_dir, NULL, &err, "mergestream merge fold.yml out_fold"), 0, "%s",
+                 err);
+    cr_assert(strstr(err, "4 adapter tensors (e.g. "
+                          "'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight') are "
+                          "for modules not in target_modules"), "%s", err);
+    free(err);
+    assert_same("out_fold", "out_hand");
+    /* without rank_pattern, r must match the matrices */
+    TH_RUN_OK(g_dir, "sed -i 's/\"rank_pattern\": {.*}/\"rank_pattern\": {}/' "
+                     "lora/adapter_config.json");
+    cr_assert_neq(th_run_in(g_dir, NULL, &err, "mergestream merge fold.yml out2 -q"), 0);
+    cr_assert(strstr(err, "q_proj.lora_A.weight' has rank 4 but adapter_config.json says r = 8"),
+              "%s", err);
+    free(err);
+}
+
 Test(lora, base_model_with_lora)
 {
     TH_RUN_OK(g_dir, "ms-mklora --model base --r 2 --alpha 4 --dtype BF16 --seed 11 "
@@ -447,6 +481,13 @@ Test(lora, bad_adapters_fail_with_one_line)
     expect_error("ms-mklora --model base --targets q_proj lora && "
                  "sed -i 's/\"use_dora\": false/\"use_dora\": true/' lora/adapter_config.json",
                  "use_dora (DoRA) is not supported", "adapter_config.json");
+    expect_error("ms-mklora --model base --targets q_proj lora && "
+                 "sed -i 's/\"alpha_pattern\": {}/\"alpha_pattern\": {\"q_proj\": 2}/' "
+                 "lora/adapter_config.json",
+                 "alpha_pattern is not supported", "lora/adapter_config.json");
+    expect_error("ms-mklora --model base --targets q_proj lora && "
+                 "rm lora/adapter_model.safetensors",
+                 "lora/adapter_model.safetensors is missing", "base+lora");
 }
 
 /* Peak RSS of a LoRA merge whose tensors (31 MiB bf16 embeddings; the adapter's A is
