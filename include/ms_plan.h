@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "ms_lora.h"
 #include "ms_recipe.h"
 #include "ms_safetensors.h"
 #include "ms_stage.h"
@@ -25,6 +26,10 @@ struct ms_plan_model {
     struct ms_model *model;       /* opened headers */
     char *config_json;            /* config.json text, or NULL if absent */
     uint64_t num_layers;          /* from config.json (num_hidden_layers or similar); 0 unknown */
+    char *lora_path;              /* `model+lora`: the adapter's resolved directory, else NULL */
+    struct ms_lora_adapter *lora; /* its opened adapter (pipeline/lora.c), else NULL */
+    char *lora_cache;             /* --lora-merge-cache folder still to write, else NULL */
+    bool lora_cached;             /* read from its complete --lora-merge-cache folder (path) */
 };
 
 /* One input of an output tensor: where its bytes are. */
@@ -39,6 +44,10 @@ struct ms_plan_input {
                                      engine rounds to s.compute); equals dtype for copy jobs */
     uint64_t file_offset;         /* absolute file offset of element 0 */
     uint64_t numel;               /* elements stored (may exceed the job's when rows are cut) */
+    /* LoRA reference: folded into the decoded values before anything else (ms_lora.h), or
+     * NULL. Owned by the plan. With it, `dtype` above is still the stored one, and the
+     * dtype rules (load, copy) see lora->dtype instead. */
+    const struct ms_lora_fold *lora;
 };
 
 struct ms_job {
@@ -65,6 +74,11 @@ struct ms_plan_opts {
     bool allow_crimes;
     bool strict;                  /* a parameter name the method does not declare is an error
                                      (otherwise a warning; mergekit ignores it) */
+    enum ms_dtype lora_dtype;     /* --lora-merge-dtype when a compute dtype (F32, F16, BF16);
+                                     anything else (a zeroed struct) means the model's own */
+    const char *lora_cache;       /* --lora-merge-cache DIR, or NULL: a complete folded copy
+                                     there is read instead of folding; else the plan model's
+                                     lora_cache names the folder to write */
 };
 
 struct ms_plan {
@@ -103,6 +117,15 @@ void ms_plan_free(struct ms_plan *p);
  * revision). *out is owned by the caller (ms_free).
  */
 int ms_model_resolve(const char *ref, const char *revision, char **out);
+
+/*
+ * --lora-merge-cache: writes the folded model of every plan model with a
+ * lora_cache folder (pipeline/lora_cache.c), `lora_dtype` being the plan's
+ * opts.lora_dtype. Reads each such model once and writes a normal model
+ * directory (temporaries renamed when complete; a marker file last). Blocking,
+ * main thread. Returns 0 or an error naming the file.
+ */
+int ms_plan_lora_cache_fill(const struct ms_plan *p, enum ms_dtype lora_dtype);
 
 /* Writes the human-readable summary (`mergestream plan`) or the JSON plan (--json). */
 int ms_plan_print(const struct ms_plan *p, uint64_t max_memory, bool json, FILE *f);

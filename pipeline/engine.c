@@ -45,6 +45,7 @@
 
 #include "ms_common.h"
 #include "ms_engine.h"
+#include "ms_lora.h"
 #include "ms_src.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
@@ -86,6 +87,8 @@ struct jrun {
     const struct ms_stage_ops *ops;
     void *state;
     int state_idx;                /* index into e->states, or -1 */
+    int lora_idx;                 /* index into e->loras (the job folds a LoRA), or -1 */
+    const float *lora_at[MS_MAX_INPUTS], *lora_b[MS_MAX_INPUTS]; /* input i's A^T and B */
     bool copy;                    /* raw byte copy: units are bytes, not elements */
     uint64_t total;               /* elements (or bytes for copy jobs) */
     uint64_t chunk;               /* elements (or bytes) per chunk */
@@ -146,6 +149,12 @@ struct eng {
     size_t state_bytes;
     void **states;
     bool *state_used;
+
+    /* LoRA folds (ms_lora.h): A and B of every input of one job, loaded when it starts. */
+    uint32_t nloras;
+    size_t lora_bytes;
+    float **loras;
+    bool *lora_used;
 
     struct jrun jr[MAX_ACTIVE];
     uint32_t order[MAX_ACTIVE];   /* active jobs, oldest first (indices into jr) */
@@ -306,9 +315,19 @@ static uint64_t job_chunk(const struct ms_job *j, size_t slot_bytes, uint64_t ca
 }
 
 struct sizing {
-    uint32_t nslots, nstates;
-    size_t slot_bytes, state_bytes;
+    uint32_t nslots, nstates, nloras;
+    size_t slot_bytes, state_bytes, lora_bytes;
 };
+
+/* Bytes one job's LoRA matrices take (0: it folds none). */
+static size_t job_lora_bytes(const struct ms_job *j)
+{
+    size_t b = 0;
+    for (uint32_t i = 0; !j->copy && i < j->s.ninputs; i++)
+        if (j->in[i].lora)
+            b += align_up((size_t)ms_lora_floats(j->in[i].lora) * sizeof(float));
+    return b;
+}
 
 /* Bytes of a slot that chunk c (elements; bytes for a copy) of job j touches. */
 static uint64_t job_slot_use(const struct ms_job *j, uint64_t c)
@@ -335,7 +354,14 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
     }
     sz->nstates = stateful ? 2 : 0;
     sz->state_bytes = align_up(state_max);
-    uint64_t for_states = (uint64_t)sz->nstates * sz->state_bytes;
+    /* LoRA matrices count against the budget like method states: two jobs' worth. */
+    size_t lora_max = 0;
+    for (size_t i = 0; i < p->njobs; i++)
+        lora_max = MS_MAX(lora_max, job_lora_bytes(&p->jobs[i]));
+    sz->nloras = lora_max ? 2 : 0;
+    sz->lora_bytes = lora_max;
+    uint64_t for_states =
+        (uint64_t)sz->nstates * sz->state_bytes + (uint64_t)sz->nloras * sz->lora_bytes;
     /* Enough slots to overlap reads, compute and writes; beyond that, more slots
      * of about SLOT_TARGET bytes rather than fewer huge ones, so that multi-pass
      * tensors can stay resident and a small working set stays warm in cache. */
@@ -343,8 +369,12 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
     sz->nslots = (uint32_t)MS_MIN(MS_MAX(by_size, (uint64_t)MS_MAX(2 * threads + 2, MIN_SLOTS)),
                                   (uint64_t)MAX_SLOTS);
     if (max_memory <= for_states)
-        return ms_error(MS_EINVAL, "--max-memory %" PRIu64 " is too small: the method's per-tensor "
-                        "state alone needs %" PRIu64 " bytes", max_memory, for_states);
+        return ms_error(MS_EINVAL,
+                        "--max-memory %" PRIu64 " is too small: the method's per-tensor "
+                        "state%s %" PRIu64 " bytes",
+                        max_memory,
+                        sz->nloras ? " and the LoRA matrices alone need" : " alone needs",
+                        for_states);
     sz->slot_bytes = (size_t)((max_memory - for_states) / sz->nslots / MS_ALIGN * MS_ALIGN);
     uint64_t mc = 0, mu = 0;
     for (size_t i = 0; i < p->njobs; i++) {
@@ -381,9 +411,11 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
     if (rc)
         return rc;
     if (pool_bytes)
-        *pool_bytes = (uint64_t)sz.nslots * sz.slot_bytes + (uint64_t)sz.nstates * sz.state_bytes;
+        *pool_bytes = (uint64_t)sz.nslots * sz.slot_bytes + (uint64_t)sz.nstates * sz.state_bytes +
+                      (uint64_t)sz.nloras * sz.lora_bytes;
     if (used_bytes)
-        *used_bytes = (uint64_t)sz.nslots * mu + (uint64_t)sz.nstates * sz.state_bytes;
+        *used_bytes = (uint64_t)sz.nslots * mu + (uint64_t)sz.nstates * sz.state_bytes +
+                      (uint64_t)sz.nloras * sz.lora_bytes;
     if (chunk_elems)
         *chunk_elems = mc;
     return 0;
@@ -548,9 +580,13 @@ static void work_cb(uv_work_t *w)
                 ms_dtype_decode_up(dt, s->raw[i], x, n);
             else
                 ms_dtype_decode(dt, s->raw[i], x, n);
+            enum ms_dtype have = dt; /* every decoded value is exact in `have` */
+            if (j->in[i].lora) {     /* model+lora: the folded model, as mergekit stores it */
+                ms_lora_fold_chunk(j->in[i].lora, jr->lora_at[i], jr->lora_b[i], s->ck.first, x, n);
+                have = j->in[i].lora->dtype;
+            }
             /* mergekit converts to the recipe dtype when it loads, then computes
              * (slerp computes in float32 whatever that dtype is). */
-            enum ms_dtype have = dt; /* every decoded value is exact in `have` */
             if (ms_dtype_is_compute(j->in[i].load) && j->in[i].load != have &&
                 j->in[i].load != j->s.compute) {
                 ms_dtype_round(j->in[i].load, x, n);
@@ -912,6 +948,8 @@ static void job_finish(struct eng *e, struct jrun *jr)
     const struct ms_job *j = jr->job;
     if (jr->state_idx >= 0)
         e->state_used[jr->state_idx] = false;
+    if (jr->lora_idx >= 0)
+        e->lora_used[jr->lora_idx] = false;
     uint32_t idx = (uint32_t)(jr - e->jr);
     for (uint32_t i = 0; i < e->nactive; i++) {
         if (e->order[i] == idx) {
@@ -931,6 +969,38 @@ static bool job_fully_issued(const struct jrun *jr)
     return jr->phase == MS_STAGE_APPLY && jr->issued == jr->nchunks;
 }
 
+/* Takes a LoRA buffer for jr and reads its inputs' A and B into it (blocking, small).
+ * Returns 1 to wait for a buffer (jr's state buffer is given back), 0, or an error. */
+static int job_lora_load(struct eng *e, struct jrun *jr)
+{
+    const struct ms_job *j = jr->job;
+    uint32_t k = 0;
+    while (k < e->nloras && e->lora_used[k])
+        k++;
+    if (k == e->nloras) {
+        if (jr->state_idx >= 0)
+            e->state_used[jr->state_idx] = false;
+        return 1;
+    }
+    jr->lora_idx = (int)k;
+    e->lora_used[k] = true;
+    unsigned char *p = (unsigned char *)e->loras[k];
+    for (uint32_t i = 0; i < j->s.ninputs; i++) {
+        const struct ms_lora_fold *f = j->in[i].lora;
+        if (!f || !f->r)
+            continue;
+        uint64_t na = f->transpose ? f->rows : f->cols;
+        float *at = (float *)(void *)p, *b = at + na * f->r;
+        p += align_up((size_t)ms_lora_floats(f) * sizeof(float));
+        int rc = ms_lora_read(f, at, b);
+        if (rc < 0)
+            return eng_fail(e, rc, "%s", ms_errmsg()); /* names the file and tensor */
+        jr->lora_at[i] = at;
+        jr->lora_b[i] = b;
+    }
+    return 0;
+}
+
 static int job_activate(struct eng *e)
 {
     const struct ms_job *j = &e->plan->jobs[e->next_job];
@@ -948,6 +1018,7 @@ static int job_activate(struct eng *e)
     memset(jr->ring, 0, e->nslots * sizeof jr->ring[0]);
     jr->job = j;
     jr->state_idx = -1;
+    jr->lora_idx = -1;
     jr->copy = j->copy;
     jr->phase = MS_STAGE_APPLY;
     size_t ssz = job_state_size(j);
@@ -961,6 +1032,11 @@ static int job_activate(struct eng *e)
         e->state_used[k] = true;
         jr->state = e->states[k];
         memset(jr->state, 0, ssz);
+    }
+    if (job_lora_bytes(j)) {
+        int rc = job_lora_load(e, jr);
+        if (rc)
+            return rc;
     }
     struct out_shard *sh = &e->osh[j->shard];
     if (!e->seq && sh->file.fd < 0 && !sh->file.finished) {
@@ -1042,7 +1118,7 @@ static void pump(struct eng *e)
                (e->nactive == 0 || job_fully_issued(&e->jr[e->order[e->nactive - 1]]))) {
             int rc = job_activate(e);
             if (rc > 0)
-                break; /* waiting for a state buffer */
+                break; /* waiting for a state or LoRA buffer */
             if (rc < 0)
                 break;
             if (e->nactive) {
@@ -1143,6 +1219,19 @@ static int alloc_pool(struct eng *e, const struct sizing *sz)
             return ms_error(MS_ENOMEM, "out of memory allocating %zu-byte buffers (--max-memory)",
                             e->slot_bytes);
         e->free_slots[e->nfree++] = s;
+    }
+    e->nloras = sz->nloras;
+    e->lora_bytes = sz->lora_bytes;
+    if (e->nloras) {
+        e->loras = ms_calloc(e->nloras, sizeof *e->loras);
+        e->lora_used = ms_calloc(e->nloras, sizeof *e->lora_used);
+        if (!e->loras || !e->lora_used)
+            return ms_error(MS_ENOMEM, "out of memory");
+        for (uint32_t i = 0; i < e->nloras; i++) {
+            e->loras[i] = ms_aligned_alloc(e->lora_bytes);
+            if (!e->loras[i])
+                return ms_error(MS_ENOMEM, "out of memory allocating LoRA matrices");
+        }
     }
     e->nstates = sz->nstates;
     e->state_bytes = sz->state_bytes;
@@ -1305,6 +1394,11 @@ static void eng_release(struct eng *e)
             ms_aligned_free(e->states[i]);
     ms_free(e->states);
     ms_free(e->state_used);
+    if (e->loras)
+        for (uint32_t i = 0; i < e->nloras; i++)
+            ms_aligned_free(e->loras[i]);
+    ms_free(e->loras);
+    ms_free(e->lora_used);
 }
 
 static void close_cb(uv_handle_t *h) { (void)h; }

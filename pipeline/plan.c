@@ -30,6 +30,7 @@
 #include "ms_plan.h"
 #include "ms_str.h"
 #include "plan_impl.h"
+#include "lora_impl.h"
 
 #define DEFAULT_SHARD_SIZE 5000000000ull
 
@@ -313,13 +314,9 @@ static void check_recipe(struct pb *pb)
 static size_t model_add(struct pb *pb, const struct ms_modelref *ref)
 {
     struct ms_plan *p = pb->p;
-    char wbuf[600];
     for (size_t i = 0; i < p->nmodels; i++)
         if (ms_modelref_eq(pb->refs[i], ref))
             return i;
-    if (ref->lora)
-        pb_err(pb, MS_EUNSUPPORTED, NULL, "%s: LoRA model references ('%s+%s') are not "
-               "supported yet", WHERE(ref->pos), ref->path, ref->lora);
     if (p->nmodels == pb->cap_models) {
         size_t nc = MS_MAX(4, pb->cap_models * 2);
         struct ms_plan_model *mm = ms_realloc(p->models, nc * sizeof *mm);
@@ -334,8 +331,10 @@ static size_t model_add(struct pb *pb, const struct ms_modelref *ref)
     }
     struct ms_plan_model *pm = &p->models[p->nmodels];
     memset(pm, 0, sizeof *pm);
-    pm->ref = ref->revision ? ms_asprintf("%s@%s", ref->path, ref->revision)
-                            : ms_strdup(ref->path);
+    pm->ref = ms_asprintf("%s%s%s%s%s%s%s", ref->path, ref->revision ? "@" : "",
+                          ref->revision ? ref->revision : "", ref->lora ? "+" : "",
+                          ref->lora ? ref->lora : "", ref->lora_revision ? "@" : "",
+                          ref->lora_revision ? ref->lora_revision : "");
     if (!pm->ref)
         return pb_oom(pb), SIZE_MAX;
     pb->refs[p->nmodels] = ref;
@@ -472,13 +471,40 @@ static bool file_exists(const char *path)
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+/* `model+lora`: the adapter, checked against the model (pipeline/lora.c). */
+static void open_lora(struct pb *pb, struct ms_plan_model *pm, const struct ms_modelref *ref)
+{
+    enum ms_dtype d = ms_dtype_is_compute(pb->opts->lora_dtype) ? pb->opts->lora_dtype : MS_DT_NONE;
+    int rc = ms_model_resolve(ref->lora, ref->lora_revision, &pm->lora_path);
+    if (rc) {
+        pb_err(pb, rc, NULL, "model '%s': %s", pm->ref, ms_errmsg());
+        return;
+    }
+    rc = ms__lora_open(pm->lora_path, pm->ref, pm->model, pm->config_json, d, &pm->lora);
+    if (rc)
+        pb_err(pb, rc, NULL, "%s", ms_errmsg()); /* names the reference, file and tensor */
+}
+
 static void open_models(struct pb *pb)
 {
     struct ms_plan *p = pb->p;
     for (size_t i = 0; i < p->nmodels; i++) {
         struct ms_plan_model *pm = &p->models[i];
         const struct ms_modelref *ref = pb->refs[i];
-        int rc = ms_model_resolve(ref->path, ref->revision, &pm->path);
+        int rc = 0;
+        if (ref->lora && pb->opts->lora_cache) { /* a complete folded copy replaces the fold */
+            char *cp = ms__lora_cache_path(pb->opts->lora_cache, ref);
+            if (!cp)
+                return pb_oom(pb);
+            if (ms__lora_cache_ready(cp, pb->opts->lora_dtype)) {
+                pm->path = cp;
+                pm->lora_cached = true;
+            } else {
+                pm->lora_cache = cp;
+            }
+        }
+        if (!pm->path)
+            rc = ms_model_resolve(ref->path, ref->revision, &pm->path);
         if (rc) {
             pb_err(pb, rc, NULL, "%s", ms_errmsg());
             continue;
@@ -501,6 +527,8 @@ static void open_models(struct pb *pb)
             }
         }
         ms_free(cfg);
+        if (ref->lora && !pm->lora_cached)
+            open_lora(pb, pm, ref);
     }
 }
 
@@ -910,9 +938,10 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
     enum ms_dtype load[MS_MAX_INPUTS];
     for (uint32_t i = 0; i < n; i++) {
         struct ms_plan_input *in = &job->in[i];
-        bool fl = ms_dtype_is_float(in->dtype);
+        enum ms_dtype sd = in->lora ? in->lora->dtype : in->dtype; /* as mergekit reads it */
+        bool fl = ms_dtype_is_float(sd);
         nonfloat |= !fl;
-        in->load = (fl && p->dtype != MS_DT_NONE) ? p->dtype : in->dtype;
+        in->load = (fl && p->dtype != MS_DT_NONE) ? p->dtype : sd;
         load[i] = in->load;
         job->s.in_dt[i] = in->load;
     }
@@ -943,7 +972,8 @@ static bool pick_dtypes(struct pb *pb, struct ms_job *job)
     if (p->out_dtype != MS_DT_NONE)
         out = p->out_dtype;
     job->out_dtype = out;
-    job->copy = same && job->in[0].dtype == job->in[0].load && job->in[0].load == out;
+    job->copy =
+        same && !job->in[0].lora && job->in[0].dtype == job->in[0].load && job->in[0].load == out;
     if (job->copy) {
         job->s.compute = ms_dtype_is_compute(D) ? D : MS_DT_F32;
         return true;
@@ -1028,6 +1058,7 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
         in->load = ti->dtype;
         in->file_offset = f->data_start + ti->begin;
         in->numel = ti->numel;
+        in->lora = pm->lora ? ms__lora_find(pm->lora, ti) : NULL;
         tt[n] = ti;
         src_of[n] = s;
         n++;
@@ -1264,6 +1295,9 @@ void ms_plan_free(struct ms_plan *p)
         ms_free(p->models[i].path);
         ms_model_free(p->models[i].model);
         ms_free(p->models[i].config_json);
+        ms_free(p->models[i].lora_path);
+        ms_free(p->models[i].lora_cache);
+        ms__lora_free(p->models[i].lora);
     }
     ms_free(p->models);
     for (size_t i = 0; i < p->njobs; i++) {

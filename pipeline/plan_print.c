@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 
+#include "lora_impl.h"
 #include "ms_common.h"
 #include "ms_engine.h"
 #include "ms_plan.h"
@@ -165,6 +166,15 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
         if (i == p->donor)
             fprintf(f, ", config donor");
         fprintf(f, ")\n");
+        if (pm->lora) {
+            char d[1200];
+            ms__lora_describe(pm->lora, d, sizeof d);
+            fprintf(f, "    LoRA folded in as read: adapter %s\n", d);
+        }
+        if (pm->lora_cache)
+            fprintf(f, "    LoRA: the folded model is written to %s first\n", pm->lora_cache);
+        if (pm->lora_cached)
+            fprintf(f, "    LoRA: folded model read from --lora-merge-cache\n");
     }
     print_params(p, f);
 
@@ -343,6 +353,11 @@ static int print_json(const struct ms_plan *p, uint64_t max_memory, FILE *f)
         json_object_set_new(o, "tensors", json_integer((json_int_t)pm->model->ntensors));
         json_object_set_new(o, "base", json_boolean(i == p->base));
         json_object_set_new(o, "donor", json_boolean(i == p->donor));
+        if (pm->lora) {
+            char d[1200];
+            ms__lora_describe(pm->lora, d, sizeof d);
+            json_object_set_new(o, "lora", json_string(d));
+        }
         json_array_append_new(models, o);
     }
     json_object_set_new(root, "models", models);

@@ -20,6 +20,7 @@
 #include "ms_common.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
+#include "lora_impl.h"
 
 #define RUN_FORMAT "mergestream-run 1"
 
@@ -70,6 +71,10 @@ int ms_run_fingerprint(const struct ms_plan *plan, const struct ms_engine_opts *
             add_u64(&h, (uint64_t)st.st_mtim.tv_sec);
             add_u64(&h, (uint64_t)st.st_mtim.tv_nsec);
         }
+        /* model+lora: the adapter's files and fold dtype (nothing for other models) */
+        int rc = plan->models[i].lora ? ms__lora_fingerprint(plan->models[i].lora, &h) : 0;
+        if (rc < 0)
+            return rc;
     }
     /* The output layout: every shard's name and header (names, dtypes, shapes, offsets). */
     const struct ms_layout *l = plan->layout;

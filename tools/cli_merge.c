@@ -43,6 +43,11 @@ static const char merge_usage[] =
     "                           write README.md and mergekit_config.yml (default on)\n"
     "  --transformers-cache DIR the Hugging Face hub cache to find hub-id models in\n"
     "                           (instead of $HF_HUB_CACHE; nothing is downloaded)\n"
+    "  --lora-merge-dtype DTYPE dtype a `model+lora` reference's adapter is folded in, as\n"
+    "                           mergekit stores the merged model (bfloat16, float16, float32;\n"
+    "                           default: the model's own)\n"
+    "  --lora-merge-cache DIR   also write each folded `model+lora` model into DIR (mergekit's\n"
+    "                           folder names) and read it from there in later runs\n"
     "  -q, --quiet / --no-quiet no progress line\n"
     "  -h, --help               this text\n"
     "\n"
@@ -70,7 +75,7 @@ static const char merge_usage[] =
     "--read-to-gpu/--no-read-to-gpu, --multi-gpu/--no-multi-gpu, --gpu-rich/--no-gpu-rich,\n"
     "--async-write/--no-async-write, --write-threads N, --num-threads N (taken as --threads),\n"
     "--clone-tensors/--no-clone-tensors, --trust-remote-code/--no-trust-remote-code,\n"
-    "--lora-merge-cache DIR, --lora-merge-dtype DTYPE, --safe-serialization, -v, --verbose.\n"
+    "--safe-serialization, -v, --verbose.\n"
     "\n"
     "testing knobs: --chunk-elems N caps elements per chunk; --reread (--no-reread) makes\n"
     "multi-pass methods read their inputs again in every pass instead of keeping them in memory.\n"
@@ -84,7 +89,7 @@ enum {
     OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_NOCRIMES, OPT_NOQUIET,
     OPT_NOREREAD, OPT_NORESUME, OPT_HFCACHE, OPT_STRICT,
     OPT_NOSTRICT, OPT_STALL, OPT_FORCE,
-    OPT_NOFORCE,
+    OPT_NOFORCE, OPT_LORADT, OPT_LORACACHE,
 };
 
 static const struct option merge_opts[] = {
@@ -139,8 +144,8 @@ static const struct option merge_opts[] = {
     { "safe-serialization", no_argument, NULL, OPT_NOOP },
     { "device", required_argument, NULL, OPT_NOOP_ARG },
     { "write-threads", required_argument, NULL, OPT_NOOP_ARG },
-    { "lora-merge-cache", required_argument, NULL, OPT_NOOP_ARG },
-    { "lora-merge-dtype", required_argument, NULL, OPT_NOOP_ARG },
+    { "lora-merge-cache", required_argument, NULL, OPT_LORACACHE },
+    { "lora-merge-dtype", required_argument, NULL, OPT_LORADT },
     { "verbose", no_argument, NULL, 'v' },
     { NULL, 0, NULL, 0 },
 };
@@ -385,6 +390,17 @@ int ms_cli_merge(int argc, char **argv)
             eo.stall_seconds = (unsigned)v;
             break;
         case OPT_FORCE: eo.force = true; break;
+        case OPT_LORACACHE:
+            if (!*optarg)
+                return usage_error("invalid --lora-merge-cache", optarg);
+            po.lora_cache = optarg;
+            break;
+        case OPT_LORADT:
+            po.lora_dtype = ms_dtype_from_recipe(optarg);
+            if (!ms_dtype_is_compute(po.lora_dtype))
+                return usage_error("invalid --lora-merge-dtype (bfloat16, float16 or float32)",
+                                   optarg);
+            break;
         case OPT_NOFORCE: eo.force = false; break;
         case OPT_UNSUP:
         case OPT_UNSUP_ARG:
@@ -448,6 +464,12 @@ int ms_cli_merge(int argc, char **argv)
     rc = ms_plan_build(r, &po, &p);
     if (rc) {
         /* ms_plan_build has printed every problem. */
+        ms_recipe_free(r);
+        return 1;
+    }
+    if (po.lora_cache && (rc = ms_plan_lora_cache_fill(p, po.lora_dtype)) < 0) {
+        ms_cli_report(rc, NULL);
+        ms_plan_free(p);
         ms_recipe_free(r);
         return 1;
     }

@@ -36,6 +36,7 @@ static const char plan_usage[] =
     "                           (instead of $HF_HUB_CACHE; nothing is downloaded)\n"
     "  --strict / --no-strict   unknown recipe keys and parameter names are errors, not\n"
     "                           warnings (mergekit ignores them; default off)\n"
+    "  --lora-merge-dtype DTYPE dtype `model+lora` adapters are folded in (as merge)\n"
     "  -q, --quiet / --no-quiet print nothing on success (exit status only)\n"
     "  -h, --help               this text\n"
     "\n"
@@ -43,7 +44,7 @@ static const char plan_usage[] =
 
 enum {
     OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES, OPT_NOJSON, OPT_NOCRIMES,
-    OPT_NOQUIET, OPT_HFCACHE, OPT_STRICT, OPT_NOSTRICT,
+    OPT_NOQUIET, OPT_HFCACHE, OPT_STRICT, OPT_NOSTRICT, OPT_LORADT,
 };
 
 static const struct option plan_opts[] = {
@@ -57,6 +58,7 @@ static const struct option plan_opts[] = {
     { "transformers-cache", required_argument, NULL, OPT_HFCACHE },
     { "strict", no_argument, NULL, OPT_STRICT },
     { "no-strict", no_argument, NULL, OPT_NOSTRICT },
+    { "lora-merge-dtype", required_argument, NULL, OPT_LORADT },
     { "quiet", no_argument, NULL, 'q' },
     { "no-quiet", no_argument, NULL, OPT_NOQUIET },
     { "help", no_argument, NULL, 'h' },
@@ -108,6 +110,12 @@ int ms_cli_plan(int argc, char **argv)
             break;
         case OPT_STRICT: po.strict = true; break;
         case OPT_NOSTRICT: po.strict = false; break;
+        case OPT_LORADT:
+            po.lora_dtype = ms_dtype_from_recipe(optarg);
+            if (!ms_dtype_is_compute(po.lora_dtype))
+                return plan_usage_error("invalid --lora-merge-dtype (bfloat16, float16 or "
+                                        "float32)", optarg);
+            break;
         case 'q': quiet = true; break;
         case OPT_NOQUIET: quiet = false; break;
         case 'h': fputs(plan_usage, stdout); return 0;
