@@ -240,14 +240,22 @@ static int tree_strip(const char *ref, json_t *tj, int64_t vs)
     size_t i;
     if (!unused)
         return ms_error(MS_ENOMEM, "out of memory");
-    json_object_foreach(mv, k, v) if (json_integer_value(v) >= vs)
-        json_object_set_new(unused, k, json_true());
-    json_array_foreach(added, i, v) if (json_integer_value(json_object_get(v, "id")) >= vs)
-        json_object_set_new(unused, json_string_value(json_object_get(v, "content")), json_true());
     int rc = 0;
-    if (!json_object_size(unused))
+    json_object_foreach(mv, k, v) {
+        if (json_integer_value(v) >= vs && json_object_set_new(unused, k, json_true()))
+            rc = ms_error(MS_ENOMEM, "out of memory");
+    }
+    json_array_foreach(added, i, v) {
+        const char *c = json_string_value(json_object_get(v, "content"));
+        if (json_integer_value(json_object_get(v, "id")) >= vs && c &&
+            json_object_set_new(unused, c, json_true()))
+            rc = ms_error(MS_ENOMEM, "out of memory");
+    }
+    if (rc || !json_object_size(unused))
         goto out;
-    json_object_foreach_safe(unused, tmp, k, v) json_object_del(mv, k);
+    json_object_foreach_safe(unused, tmp, k, v) {
+        json_object_del(mv, k);
+    }
     for (i = json_array_size(added); i-- > 0;)
         if (json_integer_value(json_object_get(json_array_get(added, i), "id")) >= vs)
             json_array_remove(added, i);
@@ -272,8 +280,9 @@ static int tree_strip(const char *ref, json_t *tj, int64_t vs)
         } else if (json_is_array(m)) {
             size_t j;
             json_t *e;
-            json_array_foreach(m, j, e) drop |=
-                json_is_string(e) && json_object_get(unused, json_string_value(e));
+            json_array_foreach(m, j, e) {
+                drop |= json_is_string(e) && json_object_get(unused, json_string_value(e));
+            }
         } else {
             rc = ms_error(MS_EMODEL, "model '%s': tokenizer.json: unexpected merge format", ref);
             goto out;
@@ -316,8 +325,7 @@ static int tokmodel_load(const char *ref, const char *dir, const char *config_js
         return ms_error(MS_EMODEL, "%s: model.vocab is missing or not an object", path);
     const char *k;
     json_t *v;
-    json_object_foreach(vocab, k, v)
-    {
+    json_object_foreach(vocab, k, v) {
         if (!json_is_integer(v) || json_integer_value(v) < 0)
             return ms_error(MS_EMODEL, "%s: model.vocab entry '%s' is not a token id", path, k);
         if ((rc = vocab_put(&t->vocab, k, json_integer_value(v), NULL)))
@@ -328,8 +336,7 @@ static int tokmodel_load(const char *ref, const char *dir, const char *config_js
         return ms_error(MS_EMODEL, "%s: added_tokens is not a list", path);
     t->added = added ? json_incref(added) : json_array();
     size_t i;
-    json_array_foreach(added, i, v)
-    {
+    json_array_foreach(added, i, v) {
         json_t *id = json_object_get(v, "id");
         const char *content = json_string_value(json_object_get(v, "content"));
         if (!json_is_integer(id) || json_integer_value(id) < 0 || !content)
@@ -460,17 +467,17 @@ static int build_union(struct ms_tokmerge *tm, const struct ms_plan *p, size_t b
         }
         json_t *v;
         size_t i;
-        json_array_foreach(t->added, i, v)
-        {
+        json_array_foreach(t->added, i, v) {
             const char *c = json_string_value(json_object_get(v, "content"));
-            if (json_integer_value(json_object_get(v, "id")) >= t->vs ||
+            if (rc || json_integer_value(json_object_get(v, "id")) >= t->vs ||
                 json_object_get(out_added, c))
                 continue;
             json_t *info = json_deep_copy(v);
             json_object_del(info, "id");
             json_object_del(info, "content");
-            json_object_set_new(out_added, c, info);
-            json_array_append_new(added_order, json_string(c));
+            if (json_object_set_new(out_added, c, info) ||
+                json_array_append_new(added_order, json_string(c)))
+                rc = ms_error(MS_ENOMEM, "out of memory");
         }
         ms_free(a);
     }
@@ -482,8 +489,7 @@ static int build_union(struct ms_tokmerge *tm, const struct ms_plan *p, size_t b
     }
     json_t *v;
     size_t i;
-    json_array_foreach(added_order, i, v)
-    {
+    json_array_foreach(added_order, i, v) {
         if (rc)
             break;
         const char *c = json_string_value(v);
@@ -508,8 +514,7 @@ static int out_from_origin(struct ms_tokmerge *tm, const struct tokmodel *o)
     ms_free(a);
     json_t *v;
     size_t i;
-    json_array_foreach(o->added, i, v)
-    {
+    json_array_foreach(o->added, i, v) {
         if (rc)
             break;
         json_t *info = json_deep_copy(v);
@@ -1063,8 +1068,10 @@ static json_t *added_list(const struct ms_tokmerge *tm)
         const char *keys[] = { "single_word", "lstrip", "rstrip", "normalized", "special" };
         for (size_t k = 0; e && k < MS_ARRAY_LEN(keys); k++) {
             json_t *v = json_object_get(tm->tok[i].added, keys[k]);
-            if (v)
-                json_object_set(e, keys[k], v);
+            if (v && json_object_set(e, keys[k], v)) {
+                json_decref(e);
+                e = NULL;
+            }
         }
         if (!e || json_array_append_new(a, e)) {
             json_decref(a);
@@ -1109,14 +1116,18 @@ json_t *ms_tokmerge_tokenizer_config(const struct ms_tokmerge *tm)
         const char *keys[] = { "lstrip", "normalized", "rstrip", "single_word", "special" };
         for (size_t k = 0; e && k < MS_ARRAY_LEN(keys); k++) {
             json_t *v = json_object_get(tm->tok[i].added, keys[k]);
-            if (v)
-                json_object_set(e, keys[k], v);
+            if (v && json_object_set(e, keys[k], v)) {
+                json_decref(e);
+                e = NULL;
+            }
         }
         if (!e || json_object_set_new(dec, id, e))
             goto fail;
     }
-    if (!root || !dec || json_object_set_new(root, "added_tokens_decoder", dec)) {
-        dec = NULL;
+    if (!root || !dec)
+        goto fail;
+    if (json_object_set_new(root, "added_tokens_decoder", dec)) {
+        dec = NULL; /* taken even on failure */
         goto fail;
     }
     return root;
