@@ -369,6 +369,12 @@ Test(tokmerge, pad_to_multiple_of_rows_hold_the_mean)
         check_rows("out", union_vocab, 13, 16, k, NULL, 0);
     }
     check_loader("out", union_vocab, 13, 16);
+    char *out = NULL, cmd[4096];
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream plan r.yml", g_dir);
+    cr_assert_eq(th_run(cmd, &out, NULL), 0);
+    cr_assert(strstr(out, "tokenizer:    union, 13 tokens, 16 rows; 2 tensors gathered"), "%s",
+              out);
+    free(out);
 }
 
 Test(tokmerge, base_source_with_token_overrides)
