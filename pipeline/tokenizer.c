@@ -687,9 +687,10 @@ int ms_tokmerge_build(const struct ms_plan *p, const struct ms_modelref *const *
         if (!rc && is_union)
             rc = build_union(tm, p, base);
     }
+    /* tokenizer_out.add_tokens(tok) for each tokens: key: a new token gets the next id, a
+     * plain one becomes an added token (tokenizers compares added tokens by content) */
     for (size_t k = 0; !rc && tm->cfg && k < tm->cfg->ntokens; k++)
-        if (vocab_get(&tm->out_ids, tm->cfg->tokens[k].token) < 0)
-            rc = out_add(tm, tm->cfg->tokens[k].token, tm->normal);
+        rc = out_add(tm, tm->cfg->tokens[k].token, tm->normal);
     if (rc)
         goto out;
     tm->nrows = tm->nvocab;
@@ -800,6 +801,19 @@ static void row_copy(float *restrict dst, const float *restrict src, uint64_t n)
         memcpy(dst, src, n * sizeof *dst);
 }
 
+/* d += x, element by element (the mean's additions; the caller rounds). */
+static void row_add(float *restrict d, const float *restrict x, uint64_t n)
+{
+    for (uint64_t c = 0; c < n; c++)
+        d[c] += x[c];
+}
+
+static void row_div(float *restrict d, float q, uint64_t n)
+{
+    for (uint64_t c = 0; c < n; c++)
+        d[c] /= q;
+}
+
 /* The input whose model is m, or -1. */
 static int input_of(const struct ms_job *j, size_t m)
 {
@@ -865,13 +879,10 @@ void ms_tokmerge_fill(const struct ms_job *j, uint64_t row0, uint64_t nrows, flo
             for (uint32_t i = 0; i < n; i++) {
                 if (j->in[i].rowmap[r] < 0)
                     continue;
-                const float *x = in[i] + k * L;
-                for (uint64_t c = 0; c < L; c++)
-                    d[c] += x[c];
+                row_add(d, in[i] + k * L, L);
                 ms_dtype_round(dt, d, (size_t)L);
             }
-            for (uint64_t c = 0; c < L; c++)
-                d[c] /= (float)present;
+            row_div(d, (float)present, L);
             ms_dtype_round(dt, d, (size_t)L);
             src = d;
         } else if (src) {

@@ -177,6 +177,10 @@ struct ovr {
  * `vocab`, padded to `rows`) computed from the three input tensors x[]. base is
  * the base model's index.
  */
+static bool g_bf16; /* the merges run in bfloat16: the mean rounds after every step */
+
+static float rnd(float v) { return g_bf16 ? ms_round_bf16_1(v) : v; }
+
 static float *expected(const char *const *vocab, long nvocab, long rows, int k, float *const *x,
                        int base, const struct ovr *ov, size_t nov)
 {
@@ -216,8 +220,8 @@ static float *expected(const char *const *vocab, long nvocab, long rows, int k, 
                 float s = 0.0f;
                 for (int m = 0; m < 3; m++)
                     if (id[m] >= 0)
-                        s += x[m][id[m] * H + c];
-                d[c] = s / (float)present;
+                        s = rnd(s + x[m][id[m] * H + c]);
+                d[c] = rnd(s / (float)present);
             }
         }
     }
@@ -226,7 +230,7 @@ static float *expected(const char *const *vocab, long nvocab, long rows, int k, 
             double s = 0;
             for (long q = 0; q < nvocab; q++)
                 s += e[q * H + c];
-            e[r * H + c] = (float)(s / (double)nvocab);
+            e[r * H + c] = rnd((float)(s / (double)nvocab));
         }
     return e;
 }
@@ -237,11 +241,11 @@ static void merge_onehot(const char *out, int k, const char *tok)
 {
     char text[4096];
     snprintf(text, sizeof text,
-             "merge_method: linear\ndtype: float32\nbase_model: A\n%s\nmodels:\n"
+             "merge_method: linear\ndtype: %s\nbase_model: A\n%s\nmodels:\n"
              "  - model: A\n    parameters: {weight: %d}\n"
              "  - model: B\n    parameters: {weight: %d}\n"
              "  - model: C\n    parameters: {weight: %d}\n",
-             tok, k == 0, k == 1, k == 2);
+             g_bf16 ? "bfloat16" : "float32", tok, k == 0, k == 1, k == 2);
     write_file("r.yml", text);
     run_ok("cd %s && rm -rf %s && mergestream merge r.yml %s -q", g_dir, out, out);
 }
@@ -361,6 +365,16 @@ Test(tokmerge, union_of_three_every_row_follows_its_rule)
     json_decref(tj);
 }
 
+/* In bfloat16 the mean of e (B's and C's rows, for A) rounds after each addition and after
+ * the division, as torch does in the tensors' dtype; a one-hot linear merge in bf16 still
+ * returns the model's rows exactly. */
+Test(tokmerge, union_in_bfloat16_rounds_the_mean_as_torch)
+{
+    g_bf16 = true;
+    merge_onehot("out", 0, "tokenizer: {source: union, pad_to_multiple_of: 8}");
+    check_rows("out", union_vocab, 13, 16, 0, NULL, 0);
+}
+
 Test(tokmerge, pad_to_multiple_of_rows_hold_the_mean)
 {
     const char *tok = "tokenizer:\n  source: union\n  pad_to_multiple_of: 8";
@@ -397,6 +411,20 @@ Test(tokmerge, base_source_with_token_overrides)
         check_rows("out", vocab, 10, 10, k, ov, MS_ARRAY_LEN(ov));
     }
     check_loader("out", vocab, 10, 10);
+    /* add_tokens(str) on the tokens: keys: a and c (plain in A) become normal added
+     * tokens with their ids; <new> and <id> are new */
+    json_t *tj = load_json("out", "tokenizer.json");
+    json_t *added = json_object_get(tj, "added_tokens");
+    cr_assert_eq(json_array_size(added), 6);
+    static const char *const want[] = { "<s>", "</s>", "a", "c", "<new>", "<id>" };
+    static const int want_id[] = { 0, 1, 2, 4, 8, 9 };
+    for (size_t i = 0; i < 6; i++) {
+        json_t *e = json_array_get(added, i);
+        cr_assert_str_eq(json_string_value(json_object_get(e, "content")), want[i]);
+        cr_assert_eq(json_integer_value(json_object_get(e, "id")), want_id[i]);
+        cr_assert(json_equal(json_object_get(e, "special"), json_boolean(i < 2)));
+    }
+    json_decref(tj);
 }
 
 Test(tokmerge, named_model_source)
