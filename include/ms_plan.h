@@ -48,6 +48,9 @@ struct ms_plan_input {
      * NULL. Owned by the plan. With it, `dtype` above is still the stored one, and the
      * dtype rules (load, copy) see lora->dtype instead. */
     const struct ms_lora_fold *lora;
+    const int64_t *rowmap;        /* tokenizer merging (ms_tokmerge.h), vocabulary-sized jobs:
+                                     per output row, the row of this input to read, or -1 (a
+                                     default row, filled by ms_tokmerge_fill); NULL: plain */
 };
 
 struct ms_job {
@@ -66,6 +69,9 @@ struct ms_job {
     bool copy;                    /* raw byte copy of in[0] (passthrough of a non-float, or
                                      a single input whose dtype equals out_dtype and compute) */
     struct ms_plan_input *in;     /* s.ninputs entries, recipe order; owned by the plan */
+    struct ms_tokrows *tok;       /* vocabulary-sized job of a tokenizer merge (rows gathered
+                                     through in[].rowmap, chunks row-aligned), or NULL; owned
+                                     by plan->tok */
 };
 
 struct ms_plan_opts {
@@ -99,6 +105,7 @@ struct ms_plan {
     size_t ndropped;              /* input tensors the architecture does not list (dropped) */
     enum ms_dtype dtype;          /* recipe dtype:, or MS_DT_NONE */
     enum ms_dtype out_dtype;      /* recipe out_dtype:, or MS_DT_NONE */
+    struct ms_tokmerge *tok;      /* tokenizer merge (ms_tokmerge.h), or NULL */
 };
 
 /*

@@ -69,6 +69,33 @@ struct ms_modelref {
     struct ms_pos pos;            /* of the reference's value node */
 };
 
+/* A `tokenizer.tokens` entry (mergekit's TokenEmbeddingConfig). */
+enum ms_tokemb_kind {
+    MS_TOKEMB_NONE,        /* no source: only `force` given */
+    MS_TOKEMB_MODEL,       /* source: a model: that model's row for the token */
+    MS_TOKEMB_MODEL_TOKEN, /* {kind: model_token, model, token | token_id} */
+    MS_TOKEMB_ZERO,        /* {kind: zero} */
+};
+struct ms_tokemb {
+    char *token; /* the key: the token's text */
+    enum ms_tokemb_kind kind;
+    struct ms_modelref model; /* MODEL and MODEL_TOKEN */
+    char *src_token;          /* MODEL_TOKEN by text, or NULL */
+    int64_t src_token_id;     /* MODEL_TOKEN by id, or -1 */
+    bool force;               /* replace the row even in models that have the token */
+    struct ms_pos pos;        /* of the key */
+};
+/* The `tokenizer:` mapping (mergekit's TokenizerConfig). */
+struct ms_tokcfg {
+    char *source;                  /* "union" (the default), "base", or the model's path */
+    struct ms_modelref source_ref; /* path set when source names a model */
+    struct ms_pos source_pos;
+    size_t ntokens;
+    struct ms_tokemb *tokens;   /* in recipe order */
+    int64_t pad_to_multiple_of; /* 0 when not set */
+    struct ms_pos pad_pos;
+};
+
 struct ms_source {
     struct ms_modelref model;
     bool has_range;
@@ -107,8 +134,9 @@ struct ms_recipe {
                                      for the mapping form, the model's path */
     struct ms_pos tokenizer_source_pos;
     struct ms_modelref tokenizer_source_ref; /* path set when tokenizer_source names a model */
-    bool has_tokenizer;           /* the `tokenizer:` mapping form (not parsed further) */
+    bool has_tokenizer;                      /* the `tokenizer:` mapping form */
     struct ms_pos tokenizer_pos;  /* of the `tokenizer` key */
+    struct ms_tokcfg tok;         /* the `tokenizer:` mapping's contents (has_tokenizer) */
     char *chat_template;
     struct ms_pos chat_template_pos;
 };

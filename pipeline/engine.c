@@ -48,6 +48,7 @@
 #include "ms_lora.h"
 #include "ms_src.h"
 #include "ms_str.h"
+#include "ms_tokmerge.h"
 #include "pipeline_impl.h"
 
 #define MAX_ACTIVE 64  /* jobs in flight at once */
@@ -73,6 +74,7 @@ struct slot {
     uint64_t raw_off[MS_MAX_INPUTS];   /* absolute file offset of the first byte */
     struct ms_src_read rd[MS_MAX_INPUTS];
     uint32_t reads_left;
+    uint64_t gnext[MS_MAX_INPUTS]; /* row-gathered inputs: next chunk row to read */
     bool decoded;                 /* inputs already decoded (resident passes) */
     uv_work_t work;
     struct ms_shard_write wr;     /* positional output */
@@ -303,7 +305,7 @@ static uint64_t job_chunk(const struct ms_job *j, size_t slot_bytes, uint64_t ca
         c = cap;
     uint64_t numel = MS_MAX(j->s.numel, 1);
     const struct ms_stage_ops *ops = j->s.method->ops;
-    if (ops->flags & MS_STAGE_ROWWISE) {
+    if ((ops->flags & MS_STAGE_ROWWISE) || j->tok) { /* gathered rows: whole rows */
         uint64_t row = MS_MAX(j->s.row_len, 1);
         if (c < row)
             return cap ? row : 0; /* a test cap never splits rows */
@@ -425,6 +427,7 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 
 static void pump(struct eng *e);
 static void on_read(struct ms_src_read *req, int status);
+static void reads_done(struct eng *e, struct slot *s);
 static void on_write(struct ms_shard_write *req, int status);
 static void work_cb(uv_work_t *w);
 static void after_work_cb(uv_work_t *w, int status);
@@ -481,6 +484,7 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
         s->ck.in[i] = (const float *)(void *)p;
         s->raw_len[i] = count * ib;
         s->raw_off[i] = j->in[i].file_offset + first * ib;
+        s->gnext[i] = 0;
         p += align_up(count * eb);
     }
     s->ck.out = (float *)(void *)p;
@@ -496,10 +500,48 @@ static struct ms_src *input_src(struct eng *e, const struct ms_plan_input *in)
     return e->src[e->src_base[in->model] + in->shard];
 }
 
+/* ---- tokenizer merge: row gather (ms_tokmerge.h). An input with a row map is read
+ * run by run (consecutive source rows are one read) into its rows' places in the
+ * chunk; rows it lacks are left for ms_tokmerge_fill in work_cb. */
+
+/* Starts the next run of input i of slot s: 1 when a read was started, 0 when the
+ * chunk's rows are all read, negative (diagnostic recorded) when the start failed. */
+static int gather_next(struct eng *e, struct slot *s, uint32_t i)
+{
+    const struct ms_job *j = s->jr->job;
+    const struct ms_plan_input *in = &j->in[i];
+    uint64_t L = j->s.row_len, row0 = s->ck.first / L, nr = s->ck.count / L;
+    uint64_t ib = elem_bytes(in->dtype), k = s->gnext[i];
+    while (k < nr && in->rowmap[row0 + k] < 0)
+        k++;
+    if (k == nr || eng_stopping(e)) {
+        s->gnext[i] = nr;
+        return 0;
+    }
+    int64_t src = in->rowmap[row0 + k];
+    uint64_t run = 1;
+    while (k + run < nr && in->rowmap[row0 + k + run] == src + (int64_t)run)
+        run++;
+    s->gnext[i] = k + run;
+    s->raw_len[i] = run * L * ib;
+    int rc = ms_src_read_start(&e->loop, input_src(e, in), &s->rd[i], s->raw[i] + k * L * ib,
+                               (size_t)(run * L * ib), in->file_offset + (uint64_t)src * L * ib,
+                               in->name, on_read);
+    return rc < 0 ? rc : 1;
+}
+
 static void read_issue(struct eng *e, struct slot *s, uint32_t i)
 {
     const struct ms_plan_input *in = &s->jr->job->in[i];
     s->rd[i].data = s;
+    if (in->rowmap) {
+        int grc = gather_next(e, s, i);
+        if (grc < 0)
+            eng_fail(e, grc, "%s", ms_errmsg());
+        if (grc <= 0 && --s->reads_left == 0 && grc == 0)
+            reads_done(e, s);
+        return;
+    }
     int rc = ms_src_read_start(&e->loop, input_src(e, in), &s->rd[i], s->raw[i],
                                (size_t)s->raw_len[i], s->raw_off[i], in->name, on_read);
     if (rc < 0) {
@@ -507,6 +549,9 @@ static void read_issue(struct eng *e, struct slot *s, uint32_t i)
         s->reads_left--;
     }
 }
+
+static void write_issue(struct eng *e, struct slot *s);
+static void seq_pump(struct eng *e);
 
 static void chunk_ready(struct eng *e, struct slot *s)
 {
@@ -518,9 +563,6 @@ static void chunk_ready(struct eng *e, struct slot *s)
         e->cq_head = s;
     e->cq_tail = s;
 }
-
-static void write_issue(struct eng *e, struct slot *s);
-static void seq_pump(struct eng *e);
 
 /* Hands a finished chunk (s->wbuf, wlen, woff set) to the output. */
 static void output_chunk(struct eng *e, struct slot *s)
@@ -559,6 +601,15 @@ static void on_read(struct ms_src_read *req, int status)
         eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file and the tensor */
     else
         e->bytes_in += s->raw_len[i];
+    if (status >= 0 && s->jr->job->in[i].rowmap) { /* row gather: the input's next run */
+        int grc = gather_next(e, s, i);
+        if (grc < 0)
+            eng_fail(e, grc, "%s", ms_errmsg());
+        if (grc == 1) {
+            pump(e);
+            return;
+        }
+    }
     if (--s->reads_left == 0)
         reads_done(e, s);
     pump(e);
@@ -592,8 +643,14 @@ static void work_cb(uv_work_t *w)
                 ms_dtype_round(j->in[i].load, x, n);
                 have = j->in[i].load;
             }
-            if (have != j->s.compute && j->s.compute != MS_DT_F32)
+            if (have != j->s.compute && j->s.compute != MS_DT_F32 && !j->tok)
                 ms_dtype_round(j->s.compute, x, n);
+        }
+        if (j->tok) { /* tokenizer merge: default rows from the chunk's other rows */
+            uint64_t L = j->s.row_len;
+            ms_tokmerge_fill(j, s->ck.first / L, n / L, (float *const *)s->ck.in);
+            for (uint32_t i = 0; i < j->s.ninputs && j->s.compute != MS_DT_F32; i++)
+                ms_dtype_round(j->s.compute, (float *)(void *)s->ck.in[i], n);
         }
         s->decoded = true;
     }
@@ -1361,6 +1418,20 @@ static int prepare_outputs(struct eng *e)
     return 0;
 }
 
+/* The buffer pool, once every chunk is written: the small files written after it
+ * (a merged tokenizer can be megabytes of JSON) then do not add to the peak. */
+static void pool_free(struct eng *e)
+{
+    for (uint32_t i = 0; e->slots && i < e->nslots; i++) {
+        ms_aligned_free(e->slots[i].mem);
+        e->slots[i].mem = NULL;
+    }
+    for (uint32_t i = 0; e->states && i < e->nstates; i++) {
+        ms_aligned_free(e->states[i]);
+        e->states[i] = NULL;
+    }
+}
+
 static void eng_release(struct eng *e)
 {
     if (e->sw.out) {
@@ -1486,6 +1557,8 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     struct sizing sz;
     struct ms_outdir od = { .lock_fd = -1 };
     int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL, NULL);
+    if (!rc && plan->tok) /* before the pool exists: its reads stay within the budget */
+        rc = ms_tokmerge_prepare(plan, opts->max_memory ? opts->max_memory : MS_DEFAULT_MAX_MEMORY);
     if (!rc)
         rc = ms_outdir_prepare(plan, opts, &od);
     if (!rc)
@@ -1503,6 +1576,8 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
         e->signo = g_cancel_signo;
         rc = ms_error(MS_ECANCELED, "interrupted");
     }
+    if (!rc)
+        pool_free(e);
     if (!rc && (opts->part_count <= 1 || opts->part_index == 1))
         rc = ms_outdir_finish(plan, opts, e->sw.out, &od);
     else if (!rc && e->sw.out)

@@ -17,7 +17,9 @@
 #include "ms_common.h"
 #include "ms_file.h"
 #include "ms_str.h"
+#include "ms_tokmerge.h"
 #include "pipeline_impl.h"
+#include "plan_impl.h"
 
 #define LOCK_NAME ".mergestream.lock"
 /* What the model card says, and how an earlier run's card is recognised. */
@@ -257,7 +259,7 @@ int ms_outdir_prepare(const struct ms_plan *plan, const struct ms_engine_opts *o
     od->lock_fd = -1;
     od->was_ours = false;
     bool small_files = opts->part_count <= 1 || opts->part_index == 1;
-    if (opts->copy_tokenizer && small_files) {
+    if (opts->copy_tokenizer && small_files && !plan->tok) {
         int rc = check_tokenizer(plan);
         if (rc)
             return rc;
@@ -423,6 +425,34 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
         ms_free(real);
     }
     ms_free(root);
+    return rc;
+}
+
+/* A tokenizer merge's files (ms_tokmerge.h), written whatever --copy-tokenizer says, as
+ * mergekit saves a tokenizer it built. */
+static int write_tokenizer(const struct ms_plan *plan, const struct emit *out, bool *copied)
+{
+    static const char *const names[] = { "tokenizer.json", "tokenizer_config.json",
+                                         "special_tokens_map.json" };
+    int rc = 0;
+    ms_error_clear();
+    for (size_t k = 0; k < MS_ARRAY_LEN(names) && !rc; k++) {
+        json_t *v = k == 0   ? ms_tokmerge_tokenizer_json(plan->tok)
+                    : k == 1 ? ms_tokmerge_tokenizer_config(plan->tok)
+                             : ms_tokmerge_special_map(plan->tok);
+        char *text = NULL;
+        size_t len = 0;
+        if (!v && k < 2) /* the origin's tokenizer.json is read again: it may have gone */
+            rc = ms_error(MS_EIO, "cannot write %s: %s", names[k],
+                          *ms_errmsg() ? ms_errmsg() : "out of memory");
+        if (v && !(rc = ms__json_render(v, k > 0, &text, &len)))
+            rc = write_in(out, names[k], text, len, 0644);
+        for (size_t i = 0; !rc && v && i < MS_ARRAY_LEN(tokenizer_files); i++)
+            if (!strcmp(tokenizer_files[i], names[k]))
+                copied[i] = true;
+        ms_free(text);
+        json_decref(v);
+    }
     return rc;
 }
 
@@ -596,8 +626,9 @@ int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *op
         if (rc)
             return rc;
     }
-    if (opts->copy_tokenizer) {
-        rc = copy_tokenizer(plan, &em, od->copied);
+    if (plan->tok || opts->copy_tokenizer) {
+        rc = plan->tok ? write_tokenizer(plan, &em, od->copied)
+                       : copy_tokenizer(plan, &em, od->copied);
         if (rc)
             return rc;
     }

@@ -29,6 +29,7 @@
 #include "ms_dtype.h"
 #include "ms_plan.h"
 #include "ms_str.h"
+#include "ms_tokmerge.h"
 #include "plan_impl.h"
 #include "lora_impl.h"
 
@@ -263,12 +264,6 @@ static void check_recipe(struct pb *pb)
     }
     if (r->has_modules)
         pb_at(pb, MS_EUNSUPPORTED, NULL, r->modules_pos, "the modules form is not supported yet");
-    if (r->tokenizer_source)
-        pb_at(pb, MS_EUNSUPPORTED, NULL, r->tokenizer_source_pos, "tokenizer_source is not supported "
-              "yet (tokenizer merging); without it the donor model's tokenizer is copied");
-    if (r->has_tokenizer)
-        pb_at(pb, MS_EUNSUPPORTED, NULL, r->tokenizer_pos, "tokenizer is not supported yet (tokenizer "
-              "merging); without it the donor model's tokenizer is copied");
     if (r->chat_template)
         pb_at(pb, MS_EUNSUPPORTED, NULL, r->chat_template_pos, "chat_template is not supported yet");
 
@@ -875,6 +870,38 @@ static bool check_shapes(struct pb *pb, struct ms_job *job, const struct ms_st_t
     return ok;
 }
 
+/* A vocabulary-sized tensor of a tokenizer merge (3.4): every input is 2-D with the
+ * same row length and has the rows its row map names; the job has the merged rows. */
+static bool tok_shapes(struct pb *pb, struct ms_job *job, const struct ms_st_tensor **tt)
+{
+    bool ok = true;
+    for (uint32_t i = 0; i < job->s.ninputs; i++) {
+        const struct ms_st_tensor *T = tt[i];
+        size_t m = job->in[i].model;
+        if (T->ndim != 2 || T->shape[1] != tt[0]->shape[1]) {
+            pb_err(pb, MS_EPLAN, NULL,
+                   "tensor '%s' of model '%s': a vocabulary-sized tensor "
+                   "must be 2-D with the same row length in every model",
+                   job->name, model_ref(pb, m));
+            ok = false;
+            continue;
+        }
+        int64_t top = ms_tokmerge_max_row(pb->p->tok, m);
+        if (top >= T->shape[0]) {
+            pb_err(pb, MS_EPLAN, NULL,
+                   "tensor '%s' of model '%s' has %" PRId64 " rows but its "
+                   "tokenizer uses id %" PRId64,
+                   job->name, model_ref(pb, m), T->shape[0], top);
+            ok = false;
+        }
+        job->in[i].rowmap = ms_tokmerge_rowmap(pb->p->tok, m);
+    }
+    job->ndim = 2;
+    job->shape[0] = (int64_t)ms_tokmerge_rows(pb->p->tok);
+    job->shape[1] = tt[0]->shape[1];
+    return ok;
+}
+
 /* Resolves every declared parameter for the job (1.5); false when one is invalid. */
 static bool resolve_params(struct pb *pb, const struct pslice *sl, struct ms_job *job,
                            char *const *in_name, const size_t *src_of, double t)
@@ -1073,7 +1100,9 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
     for (uint32_t i = 0; i < n; i++)
         if (job->in[i].model == sl->base)
             job->s.base = (int)i;
-    if (!check_inputs(pb, sl, job, job->name) || !check_shapes(pb, job, tt, wd, job->name))
+    bool vocab = p->tok && wd->is_embed; /* rows gathered through the tokenizer merge */
+    if (!check_inputs(pb, sl, job, job->name) ||
+        !(vocab ? tok_shapes(pb, job, tt) : check_shapes(pb, job, tt, wd, job->name)))
         goto out;
     job->s.name = job->name;
     job->s.ndim = job->ndim;
@@ -1098,6 +1127,13 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
     if (!resolve_params(pb, sl, job, in_name, src_of, t) || !pick_dtypes(pb, job) ||
         (po && po->check && po->check(&hc.pub, &job->s) != 0))
         goto out;
+    if (vocab) {
+        job->copy = false; /* the rows are permuted: never a raw byte copy */
+        if (!(job->tok = ms_tokmerge_job(p->tok, job))) {
+            pb_err(pb, MS_EPLAN, "tokjob", "%s", ms_errmsg());
+            goto out;
+        }
+    }
     job->out_bytes = (job->s.numel * ms_dtype_bits(job->out_dtype) + 7) / 8;
 
     const char *label = job->in[0].name;
@@ -1268,6 +1304,16 @@ static int make_config(struct pb *pb)
         rc = ms_error(MS_ENOMEM, "out of memory");
         goto out;
     }
+    if (p->tok) { /* 4.4: the vocabulary size follows the merged tokenizer */
+        json_t *tc = json_object_get(root, "text_config");
+        json_t *at =
+            !json_object_get(root, "vocab_size") && json_object_get(tc, "vocab_size") ? tc : root;
+        if (json_object_set_new(at, "vocab_size",
+                                json_integer((json_int_t)ms_tokmerge_rows(p->tok)))) {
+            rc = ms_error(MS_ENOMEM, "out of memory");
+            goto out;
+        }
+    }
     enum ms_dtype d = p->out_dtype != MS_DT_NONE ? p->out_dtype : p->dtype;
     if (d != MS_DT_NONE) {
         const char *name = d == MS_DT_BF16 ? "bfloat16" : d == MS_DT_F16 ? "float16" : "float32";
@@ -1309,6 +1355,7 @@ void ms_plan_free(struct ms_plan *p)
     ms_layout_free(p->layout);
     ms_free(p->out_config_json);
     ms_free(p->arch);
+    ms_tokmerge_free(p->tok);
     ms_free(p);
 }
 
@@ -1335,6 +1382,8 @@ int ms_plan_build(const struct ms_recipe *r, const struct ms_plan_opts *opts,
             check_arch(&pb);
         if (!pb.oom && pb.nerr == e0)
             check_ranges(&pb);
+        if (!pb.oom && pb.nerr == e0 && (rc = ms_tokmerge_build(p, pb.refs, &p->tok)))
+            pb_err(&pb, rc, NULL, "%s", ms_errmsg());
         if (!pb.oom && pb.nerr == e0 && pb.m && pb.arch)
             make_jobs(&pb);
     }

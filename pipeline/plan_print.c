@@ -13,6 +13,7 @@
 #include "ms_common.h"
 #include "ms_engine.h"
 #include "ms_plan.h"
+#include "ms_tokmerge.h"
 #include "ms_str.h"
 #include "plan_impl.h"
 
@@ -204,6 +205,15 @@ static int print_text(const struct ms_plan *p, uint64_t max_memory, FILE *f)
     fprintf(f, "\n");
 
     const struct ms_layout *l = p->layout;
+    if (p->tok) { /* tokenizer merging (ms_tokmerge.h) */
+        const struct ms_recipe *r = p->recipe;
+        size_t nv = 0;
+        for (size_t i = 0; i < p->njobs; i++)
+            nv += p->jobs[i].tok != NULL;
+        fprintf(f, "tokenizer:    %s, %" PRIu64 " tokens, %" PRIu64 " rows; %zu tensor%s gathered "
+                "row by row\n", r->has_tokenizer ? r->tok.source : r->tokenizer_source,
+                ms_tokmerge_vocab(p->tok), ms_tokmerge_rows(p->tok), nv, nv == 1 ? "" : "s");
+    }
     fprintf(f, "output:       %zu tensors (%zu copied as is), %zu shard%s", p->njobs, ncopy,
             l->nshards, l->nshards == 1 ? "" : "s");
     if (p->ndropped)

@@ -951,6 +951,119 @@ static int slice_parse(const struct rctx *c, const yaml_node_t *n, struct ms_sli
 
 /* ------------------------------------------------------------------ the recipe */
 
+/* ------------------------------------------------------------------ tokenizer */
+
+/* A tokenizer.tokens entry's value (mergekit's TokenEmbeddingConfig). */
+static int tokemb_parse(const struct rctx *c, const yaml_node_t *n, struct ms_tokemb *t)
+{
+    static const char *const keys[] = { "source", "force", NULL };
+    static const char *const mt_keys[] = { "kind", "model", "token", "token_id", NULL };
+    int rc;
+    if ((rc = map_check(c, n, "tokenizer token", keys)) < 0)
+        return rc;
+    const yaml_node_t *f = map_get(c, n, "force", NULL), *s = map_get(c, n, "source", NULL);
+    struct yval v;
+    if (f) {
+        if ((rc = yval_resolve(c, f, &v)) < 0)
+            return rc;
+        if (v.kind != YV_BOOL)
+            return rerr(c, node_pos(f), "force must be true or false, not '%s'", v.str);
+        t->force = v.num != 0;
+    }
+    if (!s)
+        return 0;
+    const yaml_node_t *kind = s->type == YAML_MAPPING_NODE ? map_get(c, s, "kind", NULL) : NULL;
+    if (!kind) {
+        t->kind = MS_TOKEMB_MODEL;
+        return modelref_parse(c, s, "token source", &t->model);
+    }
+    char *k = NULL;
+    if ((rc = string_parse(c, kind, "kind", &k, NULL)) < 0)
+        return rc;
+    bool zero = !strcmp(k, "zero"), mt = !strcmp(k, "model_token");
+    ms_free(k);
+    if (zero) {
+        static const char *const z_keys[] = { "kind", NULL };
+        t->kind = MS_TOKEMB_ZERO;
+        return map_check(c, s, "token source", z_keys);
+    }
+    if (!mt)
+        return rerr(c, node_pos(kind), "token source kind must be 'model_token' or 'zero'");
+    t->kind = MS_TOKEMB_MODEL_TOKEN;
+    t->src_token_id = -1;
+    if ((rc = map_check(c, s, "token source", mt_keys)) < 0)
+        return rc;
+    const yaml_node_t *m = map_get(c, s, "model", NULL), *tok = map_get(c, s, "token", NULL),
+                      *id = map_get(c, s, "token_id", NULL);
+    if (!m)
+        return rerr(c, node_pos(s), "token source of kind model_token: missing 'model'");
+    if ((rc = modelref_parse(c, m, "model", &t->model)) < 0)
+        return rc;
+    if (!tok == !id)
+        return rerr(c, node_pos(s),
+                    "token source of kind model_token: give exactly one of "
+                    "token and token_id");
+    if (id && (!integer_get(c, id, &t->src_token_id) || t->src_token_id < 0))
+        return rerr(c, node_pos(id), "token_id must be a non-negative integer");
+    return string_parse(c, tok, "token", &t->src_token, NULL);
+}
+
+/* The `tokenizer:` mapping (mergekit's TokenizerConfig): source, tokens, pad_to_multiple_of. */
+static int tokcfg_parse(const struct rctx *c, const yaml_node_t *n, struct ms_tokcfg *t)
+{
+    static const char *const keys[] = { "source", "tokens", "pad_to_multiple_of", NULL };
+    int rc;
+    if ((rc = map_check(c, n, "tokenizer", keys)) < 0)
+        return rc;
+    const yaml_node_t *s = map_get(c, n, "source", NULL);
+    if (s) {
+        t->source_pos = node_pos(s);
+        if (s->type == YAML_SCALAR_NODE) {
+            if ((rc = string_parse(c, s, "tokenizer source", &t->source, NULL)) < 0)
+                return rc;
+            if (strcmp(t->source, "union") && strcmp(t->source, "base") &&
+                (rc = modelref_parse(c, s, "tokenizer source", &t->source_ref)) < 0)
+                return rc;
+        } else {
+            if ((rc = modelref_parse(c, s, "tokenizer source", &t->source_ref)) < 0)
+                return rc;
+            t->source = ms_strdup(t->source_ref.path);
+        }
+    } else {
+        t->source = ms_strdup("union");
+    }
+    if (!t->source)
+        return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+    const yaml_node_t *p = map_get(c, n, "pad_to_multiple_of", &t->pad_pos);
+    if (p && (!integer_get(c, p, &t->pad_to_multiple_of) || t->pad_to_multiple_of < 1 ||
+              t->pad_to_multiple_of > (1 << 20)))
+        return rerr(c, node_pos(p), "pad_to_multiple_of must be an integer from 1 to 1048576");
+    const yaml_node_t *toks = map_get(c, n, "tokens", NULL);
+    if (!toks)
+        return 0;
+    if ((rc = map_check(c, toks, "tokenizer tokens", NULL)) < 0)
+        return rc;
+    size_t nt = map_len(toks);
+    t->tokens = ms_calloc(nt ? nt : 1, sizeof *t->tokens);
+    if (!t->tokens)
+        return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+    const yaml_node_pair_t *pairs = toks->data.mapping.pairs.start;
+    for (size_t i = 0; i < nt; i++) {
+        struct ms_tokemb *e = &t->tokens[t->ntokens++];
+        const yaml_node_t *k = get_node(c, pairs[i].key), *v = get_node(c, pairs[i].value);
+        e->pos = node_pos(k);
+        e->src_token_id = -1;
+        e->token = ms_strndup((const char *)k->data.scalar.value, k->data.scalar.length);
+        if (!e->token)
+            return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+        if (node_is_null(v))
+            continue;
+        if ((rc = tokemb_parse(c, v, e)) < 0)
+            return rc;
+    }
+    return 0;
+}
+
 static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_recipe *r)
 {
     static const char *const keys[] = {"merge_method", "models", "slices", "modules",
@@ -1053,6 +1166,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
             return rerr(c, node_pos(n), "tokenizer must be a mapping, not %s", node_kind_name(n));
         r->has_tokenizer = true;
         r->tokenizer_pos = kpos_tok;
+        if ((rc = tokcfg_parse(c, n, &r->tok)) < 0)
+            return rc;
     }
     if (r->has_tokenizer && r->tokenizer_source && *r->tokenizer_source)
         return rerr(c, r->tokenizer_pos, "tokenizer_source and tokenizer cannot both be given");
@@ -1245,6 +1360,14 @@ void ms_recipe_free(struct ms_recipe *r)
     ms_free(r->out_dtype);
     ms_free(r->tokenizer_source);
     modelref_fini(&r->tokenizer_source_ref);
+    ms_free(r->tok.source);
+    modelref_fini(&r->tok.source_ref);
+    for (size_t i = 0; i < r->tok.ntokens; i++) {
+        ms_free(r->tok.tokens[i].token);
+        modelref_fini(&r->tok.tokens[i].model);
+        ms_free(r->tok.tokens[i].src_token);
+    }
+    ms_free(r->tok.tokens);
     ms_free(r->chat_template);
     ms_free(r);
 }

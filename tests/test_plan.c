@@ -895,11 +895,13 @@ Test(plan, err_modules_form)
                MS_EUNSUPPORTED, "r.yml:2:1: the modules form is not supported yet", NULL);
 }
 
-Test(plan, err_tokenizer_source)
+/* Tokenizer merging needs every model's tokenizer.json (tests/test_tokmerge.c has the rest). */
+Test(plan, err_tokenizer_source_without_tokenizer_json)
 {
     mk((struct mspec){ .dir = "a" });
     plan_fails("merge_method: passthrough\ntokenizer_source: union\nmodels:\n  - model: a\n",
-               MS_EUNSUPPORTED, "r.yml:2:19: tokenizer_source is not supported yet", NULL);
+               MS_EMODEL, "model 'a': a/tokenizer.json is missing (tokenizer merging needs it)",
+               NULL);
 }
 
 Test(plan, err_model_not_found)
@@ -966,8 +968,7 @@ Test(plan, every_problem_is_reported)
                                        "    parameters: {weight: 1, normalize: 0.5}\n");
     cr_assert(err);
     cr_assert(strstr(err, "mergestream: r.yml:2:8: unknown dtype 'half'"), "%s", err);
-    cr_assert(strstr(err, "mergestream: r.yml:3:19: tokenizer_source is not supported yet"),
-              "%s", err);
+    cr_assert(strstr(err, "mergestream: model 'a': a/tokenizer.json is missing"), "%s", err);
     /* the first problem is the message */
     cr_assert(strstr(ms_errmsg(), "unknown dtype 'half'"), "%s", ms_errmsg());
     free(err);

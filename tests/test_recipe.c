@@ -1027,3 +1027,64 @@ Test(recipe_fault, load_fails_cleanly)
     free(dir);
     CHECK_NO_LEAKS();
 }
+
+/* The tokenizer: block (mergekit's TokenizerConfig / TokenEmbeddingConfig). */
+Test(recipe, tokenizer_block_fields)
+{
+    struct ms_recipe *r = parse_ok("models: [{model: a}, {model: b}]\n"
+                                   "merge_method: linear\n"
+                                   "tokenizer:\n"
+                                   "  pad_to_multiple_of: 64\n"
+                                   "  tokens:\n"
+                                   "    \"<|im_start|>\": {source: b, force: true}\n"
+                                   "    z: {source: {kind: zero}}\n"
+                                   "    m: {source: {kind: model_token, model: a, token: x}}\n"
+                                   "    n: {source: {kind: model_token, model: b, token_id: 7}}\n"
+                                   "    f: {force: true}\n");
+    cr_assert(r->has_tokenizer);
+    cr_assert_str_eq(r->tok.source, "union"); /* the default */
+    cr_assert_null(r->tok.source_ref.path);
+    cr_assert_eq(r->tok.pad_to_multiple_of, 64);
+    cr_assert_eq(r->tok.ntokens, 5);
+    const struct ms_tokemb *t = r->tok.tokens;
+    cr_assert_str_eq(t[0].token, "<|im_start|>");
+    cr_assert_eq(t[0].kind, MS_TOKEMB_MODEL);
+    cr_assert_str_eq(t[0].model.path, "b");
+    cr_assert(t[0].force);
+    cr_assert_eq(t[0].pos.line, 6);
+    cr_assert_eq(t[1].kind, MS_TOKEMB_ZERO);
+    cr_assert_not(t[1].force);
+    cr_assert_eq(t[2].kind, MS_TOKEMB_MODEL_TOKEN);
+    cr_assert_str_eq(t[2].model.path, "a");
+    cr_assert_str_eq(t[2].src_token, "x");
+    cr_assert_eq(t[2].src_token_id, -1);
+    cr_assert_eq(t[3].src_token_id, 7);
+    cr_assert_null(t[3].src_token);
+    cr_assert_eq(t[4].kind, MS_TOKEMB_NONE);
+    cr_assert(t[4].force);
+    ms_recipe_free(r);
+    r = parse_ok("models: [{model: a}]\nmerge_method: linear\ntokenizer: {source: org/tok@r1}\n");
+    cr_assert_str_eq(r->tok.source, "org/tok@r1");
+    cr_assert_str_eq(r->tok.source_ref.path, "org/tok");
+    cr_assert_str_eq(r->tok.source_ref.revision, "r1");
+    ms_recipe_free(r);
+}
+ERROR_TEST(tokenizer_token_kind,
+           "models: [{model: a}]\n"
+           "merge_method: linear\n"
+           "tokenizer:\n"
+           "  tokens:\n"
+           "    x: {source: {kind: mean}}\n",
+           "r.yml:5:24: token source kind must be 'model_token' or 'zero'")
+ERROR_TEST(tokenizer_model_token_both,
+           "models: [{model: a}]\n"
+           "merge_method: linear\n"
+           "tokenizer:\n"
+           "  tokens:\n"
+           "    x: {source: {kind: model_token, model: a, token: y, token_id: 3}}\n",
+           "r.yml:5:17: token source of kind model_token: give exactly one of token and token_id")
+ERROR_TEST(tokenizer_pad,
+           "models: [{model: a}]\n"
+           "merge_method: linear\n"
+           "tokenizer: {pad_to_multiple_of: -8}\n",
+           "r.yml:3:33: pad_to_multiple_of must be an integer from 1 to 1048576")
