@@ -25,6 +25,7 @@
 
 #include <jansson.h>
 
+#include "ms_chat_template.h"
 #include "ms_common.h"
 #include "ms_dtype.h"
 #include "ms_plan.h"
@@ -268,8 +269,8 @@ static void check_recipe(struct pb *pb)
     if (r->has_tokenizer)
         pb_at(pb, MS_EUNSUPPORTED, NULL, r->tokenizer_pos, "tokenizer is not supported yet (tokenizer "
               "merging); without it the donor model's tokenizer is copied");
-    if (r->chat_template)
-        pb_at(pb, MS_EUNSUPPORTED, NULL, r->chat_template_pos, "chat_template is not supported yet");
+    if (r->chat_template && ms_chat_template_check(r->chat_template) < 0)
+        pb_at(pb, MS_ERECIPE, NULL, r->chat_template_pos, "%s", ms_errmsg());
 
     struct {
         const char *key, *val;
