@@ -261,8 +261,12 @@ static void check_recipe(struct pb *pb)
             pb->p->method = m;
         }
     }
-    if (r->has_modules)
-        pb_at(pb, MS_EUNSUPPORTED, NULL, r->modules_pos, "the modules form is not supported yet");
+    if (r->has_modules && strcmp(r->module_name, "default"))
+        pb_at(pb, MS_EUNSUPPORTED, NULL, r->module_pos,
+              "module '%s': the architectures mergestream "
+              "supports have one module, 'default' (multi-module architectures such as "
+              "vision-language models are not supported)",
+              r->module_name);
     if (r->tokenizer_source)
         pb_at(pb, MS_EUNSUPPORTED, NULL, r->tokenizer_source_pos, "tokenizer_source is not supported "
               "yet (tokenizer merging); without it the donor model's tokenizer is copied");

@@ -523,6 +523,9 @@ static int map_check(const struct rctx *c, const yaml_node_t *map, const char *w
         bool ok = false;
         for (const char *const *kn = known; *kn && !ok; kn++)
             ok = !strcmp(*kn, ks);
+        /* mergekit-multi's `name:` of a document: known, but never suggested for a typo. */
+        if (!ok && map == yaml_document_get_root_node(c->doc) && !strcmp(ks, "name"))
+            ok = true;
         if (!ok) {
             struct ms_pos p = node_pos(k);
             size_t nk = 0;
@@ -949,9 +952,199 @@ static int slice_parse(const struct rctx *c, const yaml_node_t *n, struct ms_sli
     return params_parse(c, map_get(c, n, "parameters", NULL), &out->params);
 }
 
+/* A list of slices; *out and *count are set before the entries are filled. */
+static int slices_parse(const struct rctx *c, const yaml_node_t *n, struct ms_slice **out,
+                        size_t *count)
+{
+    int rc;
+    if (n->type != YAML_SEQUENCE_NODE)
+        return rerr(c, node_pos(n), "slices must be a list, not %s", node_kind_name(n));
+    size_t len = seq_len(n);
+    if (!len)
+        return 0;
+    *out = ms_calloc(len, sizeof **out);
+    if (!*out)
+        return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+    *count = len;
+    for (size_t i = 0; i < len; i++) {
+        const yaml_node_t *e = get_node(c, n->data.sequence.items.start[i]);
+        if ((rc = slice_parse(c, e, &(*out)[i])) < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ modules */
+
+/* A `modules:` entry as parsed, before it is folded into the recipe. */
+struct module_def {
+    struct ms_source *models;
+    size_t nmodels;
+    struct ms_slice *slices;
+    size_t nslices;
+    struct ms_params params;
+};
+
+static void sources_free(struct ms_source *v, size_t n);
+static void slices_free(struct ms_slice *v, size_t n);
+static void params_fini(struct ms_params *p);
+static void setting_fini(struct ms_setting *s);
+
+static int slices_parse(const struct rctx *c, const yaml_node_t *n, struct ms_slice **out,
+                        size_t *count);
+
+/* One module's {models | slices, parameters} (mergekit's OutputModuleDefinition). */
+static int module_parse(const struct rctx *c, const char *name, const yaml_node_t *n,
+                        struct module_def *m)
+{
+    static const char *const keys[] = { "models", "slices", "parameters", NULL };
+    char what[160];
+    int rc;
+    snprintf(what, sizeof what, "module '%s'", name);
+    if ((rc = map_check(c, n, what, keys)) < 0)
+        return rc;
+    const yaml_node_t *v;
+    if ((v = map_get(c, n, "models", NULL)) &&
+        (rc = sources_parse(c, v, false, "models", &m->models, &m->nmodels)) < 0)
+        return rc;
+    if ((v = map_get(c, n, "slices", NULL)) &&
+        (rc = slices_parse(c, v, &m->slices, &m->nslices)) < 0)
+        return rc;
+    if ((m->nmodels > 0) == (m->nslices > 0))
+        return rerr(c, node_pos(n),
+                    "module '%s' must have either 'models' or 'slices' (one, not "
+                    "empty)",
+                    name);
+    return params_parse(c, map_get(c, n, "parameters", NULL), &m->params);
+}
+
+/*
+ * Folds module parameter `mp` over global parameter `gp` so that one lookup of
+ * the result gives what mergekit's module-then-global lookup gives: a scalar or
+ * gradient always answers, so it replaces; a conditional list that matches
+ * nothing falls through, so the global value follows as more entries (a scalar
+ * or gradient global as one entry without a filter). Takes mp's contents.
+ */
+static int fold_setting(const struct rctx *c, struct ms_setting *gp, struct ms_setting *mp)
+{
+    if (mp->kind != MS_SET_COND || gp->kind == MS_SET_NONE) {
+        setting_fini(gp);
+        *gp = *mp;
+        memset(mp, 0, sizeof *mp);
+        return 0;
+    }
+    size_t extra = gp->kind == MS_SET_COND ? gp->ncond : 1;
+    struct ms_cond *v = ms_realloc(mp->cond, (mp->ncond + extra) * sizeof *v);
+    if (!v)
+        return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+    mp->cond = v;
+    if (gp->kind == MS_SET_COND) {
+        memcpy(v + mp->ncond, gp->cond, gp->ncond * sizeof *v);
+        ms_free(gp->cond);
+    } else {
+        memset(&v[mp->ncond], 0, sizeof *v);
+        v[mp->ncond].value = *gp;
+    }
+    mp->ncond += extra;
+    mp->pos = gp->pos;
+    *gp = *mp;
+    memset(mp, 0, sizeof *mp);
+    return 0;
+}
+
+/* Moves module m into r (as its models or slices) and folds its parameters over
+ * the global ones: with one module, the same lookups as mergekit's. */
+static int module_fold(const struct rctx *c, struct ms_recipe *r, struct module_def *m)
+{
+    r->models = m->models;
+    r->nmodels = m->nmodels;
+    r->slices = m->slices;
+    r->nslices = m->nslices;
+    m->models = NULL;
+    m->slices = NULL;
+    m->nmodels = m->nslices = 0;
+    for (size_t i = 0; i < m->params.n; i++) {
+        struct ms_param *mp = &m->params.v[i];
+        struct ms_param *gp = NULL;
+        for (size_t j = 0; j < r->params.n && !gp; j++)
+            if (!strcmp(r->params.v[j].name, mp->name))
+                gp = &r->params.v[j];
+        if (!gp) {
+            struct ms_param *v = ms_realloc(r->params.v, (r->params.n + 1) * sizeof *v);
+            if (!v)
+                return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+            r->params.v = v;
+            gp = &v[r->params.n++];
+            memset(gp, 0, sizeof *gp);
+            gp->name = mp->name;
+            gp->pos = mp->pos;
+            mp->name = NULL;
+        }
+        int rc = fold_setting(c, &gp->value, &mp->value);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void module_fini(struct module_def *m)
+{
+    sources_free(m->models, m->nmodels);
+    slices_free(m->slices, m->nslices);
+    params_fini(&m->params);
+}
+
 /* ------------------------------------------------------------------ the recipe */
 
-static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_recipe *r)
+/* Whether mapping n has a scalar key `key` (no other check made). */
+static bool has_key(const struct rctx *c, const yaml_node_t *n, const char *key)
+{
+    const yaml_node_pair_t *pairs = n->data.mapping.pairs.start;
+    for (size_t i = 0; i < map_len(n); i++) {
+        const yaml_node_t *k = get_node(c, pairs[i].key);
+        if (k->type == YAML_SCALAR_NODE && !strcmp((const char *)k->data.scalar.value, key))
+            return true;
+    }
+    return false;
+}
+
+/*
+ * A file without merge_method that another tool reads: says which, instead of
+ * "missing 'merge_method'". 0 when it looks like none of them.
+ */
+static int other_tool(const struct rctx *c, const yaml_node_t *root)
+{
+    static const struct {
+        const char *key, *key2; /* both present (key2 NULL: key alone) */
+        const char *what;
+    } sig[] = {
+        { "experts", NULL,
+          "a mergekit-moe config (it has 'experts'): mergestream does not build "
+          "mixture-of-experts models; use mergekit-moe" },
+        { "gate_mode", NULL,
+          "a mergekit-moe config (it has 'gate_mode'): mergestream does not "
+          "build mixture-of-experts models; use mergekit-moe" },
+        { "genome", "tasks",
+          "a mergekit-evolve config (it has 'genome' and 'tasks'): mergestream "
+          "does not run evolutionary merge searches; use mergekit-evolve" },
+        { "peft_type", NULL,
+          "a PEFT adapter config (adapter_config.json), not a recipe; a LoRA is "
+          "referenced from a recipe as 'model+lora'" },
+        { "architectures", NULL, "a model's config.json, not a merge recipe" },
+        { "datasets", NULL,
+          "a training config (it has 'datasets', as axolotl's do), not a merge "
+          "recipe" },
+    };
+    if (root->type != YAML_MAPPING_NODE || has_key(c, root, "merge_method"))
+        return 0;
+    for (size_t i = 0; i < MS_ARRAY_LEN(sig); i++)
+        if (has_key(c, root, sig[i].key) && (!sig[i].key2 || has_key(c, root, sig[i].key2)))
+            return rerr(c, node_pos(root), "this is %s", sig[i].what);
+    return 0;
+}
+
+static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_recipe *r,
+                      struct module_def *module)
 {
     static const char *const keys[] = {"merge_method", "models", "slices", "modules",
                                        "base_model", "parameters", "dtype", "out_dtype",
@@ -962,6 +1155,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
 
     if (!root || node_is_null(root))
         return rerr(c, (struct ms_pos){1, 1}, "recipe is empty");
+    if ((rc = other_tool(c, root)) < 0)
+        return rc;
     if ((rc = map_check(c, root, "the recipe", keys)) < 0)
         return rc;
 
@@ -975,27 +1170,34 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
     if ((n = map_get(c, root, "models", &kpos_models)) &&
         (rc = sources_parse(c, n, false, "models", &r->models, &r->nmodels)) < 0)
         return rc;
-    if ((n = map_get(c, root, "slices", &kpos_slices))) {
-        if (n->type != YAML_SEQUENCE_NODE)
-            return rerr(c, node_pos(n), "slices must be a list, not %s", node_kind_name(n));
-        size_t len = seq_len(n);
-        if (len) {
-            r->slices = ms_calloc(len, sizeof *r->slices);
-            if (!r->slices)
+    if ((n = map_get(c, root, "slices", &kpos_slices)) &&
+        (rc = slices_parse(c, n, &r->slices, &r->nslices)) < 0)
+        return rc;
+    if ((n = map_get(c, root, "modules", &r->modules_pos))) {
+        /* One module is folded into the recipe below; mergekit's single-module
+         * architectures call theirs 'default' (the plan checks the name). */
+        if ((rc = map_check(c, n, "modules", NULL)) < 0)
+            return rc;
+        size_t len = map_len(n);
+        const yaml_node_pair_t *pairs = n->data.mapping.pairs.start;
+        if (len > 1)
+            return rerr(c, node_pos(get_node(c, pairs[1].key)),
+                        "modules: more than one module ('%s', '%s'): only multi-module "
+                        "architectures (vision-language models) have several, and mergestream "
+                        "supports none",
+                        key_text(c, &pairs[0]), key_text(c, &pairs[1]));
+        if (len == 1) {
+            r->has_modules = true;
+            r->module_name = ms_strdup(key_text(c, &pairs[0]));
+            if (!r->module_name)
                 return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
-            r->nslices = len;
-        }
-        for (size_t i = 0; i < len; i++) {
-            const yaml_node_t *e = get_node(c, n->data.sequence.items.start[i]);
-            if ((rc = slice_parse(c, e, &r->slices[i])) < 0)
+            r->module_pos = node_pos(get_node(c, pairs[0].key));
+            const yaml_node_t *mv = get_node(c, pairs[0].value);
+            if (node_is_null(mv))
+                return rerr(c, node_pos(mv), "module '%s' has no value", r->module_name);
+            if ((rc = module_parse(c, r->module_name, mv, module)) < 0)
                 return rc;
         }
-    }
-    if ((n = map_get(c, root, "modules", &r->modules_pos))) {
-        /* Only checked to be a mapping: the plan reports the form as unsupported. */
-        if (n->type != YAML_MAPPING_NODE)
-            return rerr(c, node_pos(n), "modules must be a mapping, not %s", node_kind_name(n));
-        r->has_modules = map_len(n) > 0;
     }
     int forms = (r->nmodels > 0) + (r->nslices > 0) + r->has_modules;
     if (forms > 1) {
@@ -1021,6 +1223,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
         return rc;
     if ((rc = params_parse(c, map_get(c, root, "parameters", NULL), &r->params)) < 0)
         return rc;
+    if (r->has_modules && (rc = module_fold(c, r, module)) < 0)
+        return rc;
     if ((rc = string_parse(c, map_get(c, root, "dtype", NULL), "dtype", &r->dtype,
                            &r->dtype_pos)) < 0)
         return rc;
@@ -1029,6 +1233,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
         return rc;
     if ((rc = string_parse(c, map_get(c, root, "chat_template", NULL), "chat_template",
                            &r->chat_template, &r->chat_template_pos)) < 0)
+        return rc;
+    if ((rc = string_parse(c, map_get(c, root, "name", NULL), "name", &r->name, &r->name_pos)) < 0)
         return rc;
 
     /* tokenizer_source: "union", "base" or a model reference (string or mapping). */
@@ -1064,71 +1270,164 @@ int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_re
     return ms_recipe_parse_opts(name, text, len, 0, out);
 }
 
-int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigned flags,
-                         struct ms_recipe **out)
+/* A recipe with its own copies of the file name and of text[0..len). */
+static struct ms_recipe *recipe_new(const char *name, const char *text, size_t len)
 {
-    yaml_parser_t parser;
-    yaml_document_t doc, extra;
-    yaml_node_t *root;
-    struct rctx c = {name, &doc, (flags & MS_RECIPE_STRICT) != 0};
-    bool parser_ok = false, doc_ok = false, extra_ok = false;
-    struct ms_recipe *r = NULL;
-    int rc = 0;
-
-    assert(name && (text || !len) && out);
-    *out = NULL;
-    r = ms_calloc(1, sizeof *r);
-    if (!r) {
-        rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
-        goto out;
-    }
+    struct ms_recipe *r = ms_calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
     r->path = ms_strdup(name);
     r->text = ms_strndup(text ? text : "", len);
-    if (!r->path || !r->text) {
-        rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
-        goto out;
-    }
     r->text_len = len;
+    if (!r->path || !r->text) {
+        ms_recipe_free(r);
+        return NULL;
+    }
+    return r;
+}
 
-    if (!yaml_parser_initialize(&parser)) {
+/*
+ * Parses every YAML document of text into *docs (ms_malloc'd array of *ndocs
+ * recipes, freed by the caller even on error). Without `multi` a second document
+ * is an error, as yaml.safe_load has it. A single document keeps the whole text
+ * (the saved mergekit_config.yml is the file verbatim); several keep their own part.
+ */
+static int parse_docs(const char *name, const char *text, size_t len, unsigned flags, bool multi,
+                      struct ms_recipe ***docs, size_t *ndocs)
+{
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    bool parser_ok = false, doc_ok = false;
+    struct rctx c = { name, &doc, (flags & MS_RECIPE_STRICT) != 0 };
+    char *copy = NULL;
+    size_t cap = 0;
+    int rc = 0;
+
+    *docs = NULL;
+    *ndocs = 0;
+    copy = ms_strndup(text ? text : "", len); /* libyaml reads it; the caller's may move */
+    if (!copy || !yaml_parser_initialize(&parser)) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
         goto out;
     }
     parser_ok = true;
-    yaml_parser_set_input_string(&parser, (const unsigned char *)r->text, len);
-    if (!yaml_parser_load(&parser, &doc)) {
-        rc = yaml_fail(name, &parser, r->text, len);
-        goto out;
-    }
-    doc_ok = true;
-    root = yaml_document_get_root_node(&doc);
-    if (root) {
-        /* safe_load accepts exactly one document. */
-        if (!yaml_parser_load(&parser, &extra)) {
-            rc = yaml_fail(name, &parser, r->text, len);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)copy, len);
+    for (;;) {
+        if (!yaml_parser_load(&parser, &doc)) {
+            rc = yaml_fail(name, &parser, copy, len);
             goto out;
         }
-        extra_ok = true;
-        if (yaml_document_get_root_node(&extra)) {
+        doc_ok = true;
+        yaml_node_t *root = yaml_document_get_root_node(&doc);
+        if (!root && *ndocs)
+            break; /* end of the stream */
+        if (multi && *ndocs && node_is_null(root)) {
+            /* An empty document (a trailing "---"): nothing to merge. */
+            yaml_document_delete(&doc);
+            doc_ok = false;
+            continue;
+        }
+        if (*ndocs && !multi) {
+            /* safe_load accepts exactly one document. */
             rc = ms_error(MS_ERECIPE, "%s:%d:%d: expected a single yaml document", name,
-                          (int)extra.start_mark.line + 1, (int)extra.start_mark.column + 1);
+                          (int)doc.start_mark.line + 1, (int)doc.start_mark.column + 1);
             goto out;
         }
+        if (*ndocs == cap) {
+            size_t ncap = cap ? cap * 2 : 4;
+            struct ms_recipe **nd = ms_realloc(*docs, ncap * sizeof *nd);
+            if (!nd) {
+                rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+                goto out;
+            }
+            *docs = nd;
+            cap = ncap;
+        }
+        size_t a = MS_MIN(doc.start_mark.index, len), b = MS_MIN(doc.end_mark.index, len);
+        struct ms_recipe *r = recipe_new(name, text + a, b > a ? b - a : 0);
+        if (!r) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+            goto out;
+        }
+        (*docs)[(*ndocs)++] = r;
+        struct module_def module = { 0 };
+        r->doc_pos = root ? node_pos(root) : (struct ms_pos){ 1, 1 };
+        rc = root_parse(&c, root, r, &module);
+        module_fini(&module);
+        if (rc < 0)
+            goto out;
+        yaml_document_delete(&doc);
+        doc_ok = false;
+        if (!root)
+            break;
     }
-    rc = root_parse(&c, root, r);
-
+    if (*ndocs == 1) {
+        struct ms_recipe *r = (*docs)[0];
+        char *whole = ms_strndup(text ? text : "", len);
+        if (!whole) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+            goto out;
+        }
+        ms_free(r->text);
+        r->text = whole;
+        r->text_len = len;
+    }
 out:
-    if (extra_ok)
-        yaml_document_delete(&extra);
     if (doc_ok)
         yaml_document_delete(&doc);
     if (parser_ok)
         yaml_parser_delete(&parser);
-    if (rc < 0)
-        ms_recipe_free(r);
-    else
-        *out = r;
+    ms_free(copy);
     return rc;
+}
+
+int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe **out)
+{
+    struct ms_recipe **docs = NULL;
+    size_t n = 0;
+    assert(name && (text || !len) && out);
+    *out = NULL;
+    int rc = parse_docs(name, text, len, flags, false, &docs, &n);
+    if (!rc) {
+        assert(n == 1);
+        *out = docs[0];
+        n = 0;
+    }
+    for (size_t i = 0; i < n; i++)
+        ms_recipe_free(docs[i]);
+    ms_free(docs);
+    return rc;
+}
+
+int ms_recipe_file_parse(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe_file **out)
+{
+    assert(name && (text || !len) && out);
+    *out = ms_calloc(1, sizeof **out);
+    if (!*out)
+        return ms_error(MS_ENOMEM, "%s: out of memory", name);
+    int rc = parse_docs(name, text, len, flags, true, &(*out)->docs, &(*out)->n);
+    if (rc) {
+        ms_recipe_file_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+void ms_recipe_file_free(struct ms_recipe_file *f)
+{
+    if (!f)
+        return;
+    for (size_t i = 0; i < f->n; i++)
+        ms_recipe_free(f->docs[i]);
+    ms_free(f->docs);
+    ms_free(f->order);
+    ms_free(f->uses);
+    for (size_t i = 0; f->out && i < f->n; i++)
+        ms_free(f->out[i]);
+    ms_free(f->out);
+    ms_free(f);
 }
 
 int ms_recipe_load(const char *path, struct ms_recipe **out)
@@ -1136,15 +1435,16 @@ int ms_recipe_load(const char *path, struct ms_recipe **out)
     return ms_recipe_load_opts(path, 0, out);
 }
 
-int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out)
+/* Reads a recipe file whole (at most RECIPE_MAX_BYTES): *buf (ms_free), *len. */
+static int read_recipe(const char *path, char **out_buf, size_t *out_len)
 {
     FILE *f = NULL;
     char *buf = NULL;
     size_t len = 0, cap = 0;
     int rc = 0;
 
-    assert(path && out);
-    *out = NULL;
+    *out_buf = NULL;
+    *out_len = 0;
     f = fopen(path, "rb");
     if (!f) {
         int e = errno;
@@ -1177,11 +1477,39 @@ int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out
             break;
         }
     }
-    rc = ms_recipe_parse_opts(path, buf, len, flags, out);
+    *out_buf = buf;
+    *out_len = len;
+    buf = NULL;
 
 out:
     if (f)
         fclose(f);
+    ms_free(buf);
+    return rc;
+}
+
+int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    assert(path && out);
+    *out = NULL;
+    int rc = read_recipe(path, &buf, &len);
+    if (!rc)
+        rc = ms_recipe_parse_opts(path, buf, len, flags, out);
+    ms_free(buf);
+    return rc;
+}
+
+int ms_recipe_file_load(const char *path, unsigned flags, struct ms_recipe_file **out)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    assert(path && out);
+    *out = NULL;
+    int rc = read_recipe(path, &buf, &len);
+    if (!rc)
+        rc = ms_recipe_file_parse(path, buf, len, flags, out);
     ms_free(buf);
     return rc;
 }
@@ -1225,6 +1553,16 @@ static void sources_free(struct ms_source *v, size_t n)
     ms_free(v);
 }
 
+static void slices_free(struct ms_slice *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        sources_free(v[i].sources, v[i].nsources);
+        modelref_fini(&v[i].base_model);
+        params_fini(&v[i].params);
+    }
+    ms_free(v);
+}
+
 void ms_recipe_free(struct ms_recipe *r)
 {
     if (!r)
@@ -1233,12 +1571,8 @@ void ms_recipe_free(struct ms_recipe *r)
     ms_free(r->text);
     ms_free(r->merge_method);
     sources_free(r->models, r->nmodels);
-    for (size_t i = 0; i < r->nslices; i++) {
-        sources_free(r->slices[i].sources, r->slices[i].nsources);
-        modelref_fini(&r->slices[i].base_model);
-        params_fini(&r->slices[i].params);
-    }
-    ms_free(r->slices);
+    slices_free(r->slices, r->nslices);
+    ms_free(r->module_name);
     modelref_fini(&r->base_model);
     params_fini(&r->params);
     ms_free(r->dtype);
@@ -1246,6 +1580,7 @@ void ms_recipe_free(struct ms_recipe *r)
     ms_free(r->tokenizer_source);
     modelref_fini(&r->tokenizer_source_ref);
     ms_free(r->chat_template);
+    ms_free(r->name);
     ms_free(r);
 }
 
