@@ -1344,6 +1344,13 @@ static int parse_docs(const char *name, const char *text, size_t len, unsigned f
             cap = ncap;
         }
         size_t a = MS_MIN(doc.start_mark.index, len), b = MS_MIN(doc.end_mark.index, len);
+        if (b - a >= 3 && !memcmp(text + a, "---", 3) &&
+            (b - a == 3 || text[a + 3] == '\n' || text[a + 3] == '\r')) {
+            /* A document's own text starts after its "---" line. */
+            a += 3;
+            a += a < b && text[a] == '\r';
+            a += a < b && text[a] == '\n';
+        }
         struct ms_recipe *r = recipe_new(name, text + a, b > a ? b - a : 0);
         if (!r) {
             rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
