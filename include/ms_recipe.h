@@ -148,7 +148,10 @@ struct ms_recipe_file {
  * merge_method / model / layer_range / sources, not exactly one non-empty
  * models/slices/modules, tokenizer_source together with tokenizer, a bare
  * {filter, value} mapping not in a list, an empty gradient, layer_range not two
- * integers with 0 <= start <= end, a model string with two '+' or two '@'.
+ * integers with 0 <= start <= end, a model string with two '+' or two '@', nesting
+ * deeper than 64 levels (refused before the file is loaded; libyaml slows down
+ * quadratically with depth). Duplicate keys are found with a hash past 16 keys, so
+ * a mapping of any size is checked in linear time.
  * MS_ENOMEM when an allocation fails. Unknown keys are reported with
  * ms_log_warn ("r.yml:3:1: unknown key 'paramters'") and ignored, as mergekit
  * ignores them. Not checked here (the plan does it): method names, parameter

@@ -493,6 +493,78 @@ static const char *key_text(const struct rctx *c, const yaml_node_pair_t *pair)
  * would keep the last of duplicate keys silently; a duplicate is nearly always
  * a mistake, so it is an error here. YAML 1.1 merge keys ('<<') are refused.
  */
+/*
+ * Keys seen so far in a mapping, for the duplicate check: a linear scan for small
+ * mappings, an open-addressing hash of pair indices for large ones (a recipe with
+ * tens of thousands of parameter keys stays linear, not quadratic).
+ */
+struct key_set {
+    size_t *slot;  /* cap entries: pair index + 1, or 0 when empty */
+    size_t cap, n; /* cap a power of two, n < cap / 2 */
+};
+
+#define KEY_SET_MIN 16 /* below this many keys a linear scan is as fast */
+
+static uint64_t key_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+/* Records pair index j (key ks) in the table, which has room; returns the index of an
+ * earlier pair with the same key, or j. */
+static size_t key_set_put(const struct rctx *c, const yaml_node_pair_t *pairs, struct key_set *ks_,
+                          size_t j, const char *ks)
+{
+    size_t mask = ks_->cap - 1;
+    for (size_t h = (size_t)key_hash(ks) & mask;; h = (h + 1) & mask) {
+        if (!ks_->slot[h]) {
+            ks_->slot[h] = j + 1;
+            ks_->n++;
+            return j;
+        }
+        if (!strcmp(key_text(c, &pairs[ks_->slot[h] - 1]), ks))
+            return ks_->slot[h] - 1;
+    }
+}
+
+/* Doubles the table (or makes the first one) and re-enters pairs [0, upto). */
+static bool key_set_grow(const struct rctx *c, const yaml_node_pair_t *pairs, struct key_set *s,
+                         size_t upto)
+{
+    size_t cap = s->cap ? s->cap * 2 : 4 * KEY_SET_MIN;
+    size_t *slot = ms_calloc(cap, sizeof *slot);
+    if (!slot)
+        return false;
+    ms_free(s->slot);
+    s->slot = slot;
+    s->cap = cap;
+    s->n = 0;
+    for (size_t j = 0; j < upto; j++)
+        key_set_put(c, pairs, s, j, key_text(c, &pairs[j]));
+    return true;
+}
+
+/*
+ * The index (< i) of an earlier pair whose key is ks, else i after recording pair i
+ * as seen; SIZE_MAX when out of memory. Pairs are offered in order 0, 1, ...
+ */
+static size_t dup_find(const struct rctx *c, const yaml_node_pair_t *pairs, size_t i,
+                       const char *ks, struct key_set *seen)
+{
+    if (i < KEY_SET_MIN) {
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(key_text(c, &pairs[j]), ks))
+                return j;
+        return i;
+    }
+    if ((seen->n + 1) * 2 > seen->cap && !key_set_grow(c, pairs, seen, i))
+        return SIZE_MAX;
+    return key_set_put(c, pairs, seen, i, ks);
+}
+
 static int map_check(const struct rctx *c, const yaml_node_t *map, const char *what,
                      const char *const *known)
 {
@@ -502,21 +574,33 @@ static int map_check(const struct rctx *c, const yaml_node_t *map, const char *w
         return rerr(c, node_pos(map), "unsupported yaml tag '%s'", (const char *)map->tag);
     const yaml_node_pair_t *pairs = map->data.mapping.pairs.start;
     size_t n = map_len(map);
+    struct key_set seen = { 0 };
+    int rc = 0;
     for (size_t i = 0; i < n; i++) {
         const yaml_node_t *k = get_node(c, pairs[i].key);
-        if (k->type != YAML_SCALAR_NODE)
-            return rerr(c, node_pos(k), "keys of %s must be strings", what);
+        if (k->type != YAML_SCALAR_NODE) {
+            rc = rerr(c, node_pos(k), "keys of %s must be strings", what);
+            goto out;
+        }
         const char *ks = (const char *)k->data.scalar.value;
-        if (strlen(ks) != k->data.scalar.length)
-            return rerr(c, node_pos(k), "NUL characters are not supported in keys");
-        if (k->data.scalar.style == YAML_PLAIN_SCALAR_STYLE && !strcmp(ks, "<<"))
-            return rerr(c, node_pos(k), "yaml merge keys ('<<') are not supported");
-        for (size_t j = 0; j < i; j++) {
-            if (!strcmp(key_text(c, &pairs[j]), ks)) {
-                struct ms_pos first = node_pos(get_node(c, pairs[j].key));
-                return rerr(c, node_pos(k), "duplicate key '%s' (first at %d:%d)", ks,
-                            first.line, first.col);
-            }
+        if (strlen(ks) != k->data.scalar.length) {
+            rc = rerr(c, node_pos(k), "NUL characters are not supported in keys");
+            goto out;
+        }
+        if (k->data.scalar.style == YAML_PLAIN_SCALAR_STYLE && !strcmp(ks, "<<")) {
+            rc = rerr(c, node_pos(k), "yaml merge keys ('<<') are not supported");
+            goto out;
+        }
+        size_t j = dup_find(c, pairs, i, ks, &seen);
+        if (j == SIZE_MAX) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+            goto out;
+        }
+        if (j < i) {
+            struct ms_pos first = node_pos(get_node(c, pairs[j].key));
+            rc = rerr(c, node_pos(k), "duplicate key '%s' (first at %d:%d)", ks, first.line,
+                      first.col);
+            goto out;
         }
         if (!known)
             continue;
@@ -532,14 +616,18 @@ static int map_check(const struct rctx *c, const yaml_node_t *map, const char *w
             while (known[nk])
                 nk++;
             const char *near = ms_str_closest(ks, known, nk);
-            if (c->strict)
-                return rerr(c, p, "unknown key '%s'%s%s%s", ks, near ? " (did you mean '" : "",
-                            near ? near : "", near ? "'?)" : "");
+            if (c->strict) {
+                rc = rerr(c, p, "unknown key '%s'%s%s%s", ks, near ? " (did you mean '" : "",
+                          near ? near : "", near ? "'?)" : "");
+                goto out;
+            }
             ms_log_warn("%s:%d:%d: unknown key '%s'%s%s%s", c->name, p.line, p.col, ks,
                         near ? " (did you mean '" : "", near ? near : "", near ? "'?)" : "");
         }
     }
-    return 0;
+out:
+    ms_free(seen.slot);
+    return rc;
 }
 
 /* The value of `key` in a checked mapping, or NULL when the key is absent or its
@@ -1270,6 +1358,44 @@ int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_re
     return ms_recipe_parse_opts(name, text, len, 0, out);
 }
 
+/* Recipes nest a few levels (a conditional gradient under a model's parameters is
+ * six); libyaml's scanner slows down quadratically with depth, so a file nested
+ * deeper than this is refused before it is loaded. */
+#define RECIPE_MAX_DEPTH 64
+
+/*
+ * Scans text's events (not building nodes) until the nesting passes
+ * RECIPE_MAX_DEPTH (MS_ERECIPE at that node), the end, or a YAML error (0: the
+ * load that follows reports it with its position).
+ */
+static int depth_check(const char *name, const char *text, size_t len)
+{
+    yaml_parser_t p;
+    yaml_event_t ev;
+    int depth = 0, rc = 0;
+    if (!yaml_parser_initialize(&p))
+        return ms_error(MS_ENOMEM, "%s: out of memory", name);
+    yaml_parser_set_input_string(&p, (const unsigned char *)text, len);
+    for (;;) {
+        if (!yaml_parser_parse(&p, &ev))
+            break;
+        yaml_event_type_t t = ev.type;
+        if (t == YAML_SEQUENCE_START_EVENT || t == YAML_MAPPING_START_EVENT) {
+            if (++depth > RECIPE_MAX_DEPTH)
+                rc = ms_error(MS_ERECIPE, "%s:%d:%d: nested deeper than %d levels; not a recipe",
+                              name, (int)ev.start_mark.line + 1, (int)ev.start_mark.column + 1,
+                              RECIPE_MAX_DEPTH);
+        } else if (t == YAML_SEQUENCE_END_EVENT || t == YAML_MAPPING_END_EVENT) {
+            depth--;
+        }
+        yaml_event_delete(&ev);
+        if (rc || t == YAML_STREAM_END_EVENT)
+            break;
+    }
+    yaml_parser_delete(&p);
+    return rc;
+}
+
 /* A recipe with its own copies of the file name and of text[0..len). */
 static struct ms_recipe *recipe_new(const char *name, const char *text, size_t len)
 {
@@ -1306,7 +1432,13 @@ static int parse_docs(const char *name, const char *text, size_t len, unsigned f
     *docs = NULL;
     *ndocs = 0;
     copy = ms_strndup(text ? text : "", len); /* libyaml reads it; the caller's may move */
-    if (!copy || !yaml_parser_initialize(&parser)) {
+    if (!copy) {
+        rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+        goto out;
+    }
+    if ((rc = depth_check(name, copy, len)) < 0)
+        goto out;
+    if (!yaml_parser_initialize(&parser)) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
         goto out;
     }

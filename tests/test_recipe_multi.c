@@ -328,3 +328,62 @@ Test(multi, single_document_api_refuses_several)
     cr_assert_eq(f->n, 1);
     ms_recipe_file_free(f);
 }
+
+/* ------------------------------------------------------------------ large recipes */
+
+Test(multi, large_mappings_find_duplicates)
+{
+    /* Past the linear-scan size the duplicate check is a hash: every duplicate is still
+     * found, pointing at the first occurrence. */
+    size_t cap = 64 * 1024;
+    char *t = malloc(cap);
+    cr_assert(t);
+    for (int dup = 0; dup < 3; dup++) {
+        size_t o = (size_t)snprintf(t, cap,
+                                    "merge_method: linear\nmodels: [{model: a}]\n"
+                                    "parameters:\n");
+        for (int i = 0; i < 3000; i++)
+            o += (size_t)snprintf(t + o, cap - o, "  k%d: %d\n", i, i);
+        /* dup 0: none; 1: the 1st key again; 2: the 2000th again */
+        if (dup)
+            o += (size_t)snprintf(t + o, cap - o, "  k%d: 1\n", dup == 1 ? 0 : 1999);
+        struct ms_recipe *r = NULL;
+        int rc = ms_recipe_parse("r.yml", t, o, &r);
+        if (!dup) {
+            cr_assert_eq(rc, 0, "%s", ms_errmsg());
+            cr_assert_eq(r->params.n, 3000);
+            cr_assert_eq(ms_params_get(&r->params, "k2999")->scalar, 2999);
+            ms_recipe_free(r);
+        } else {
+            char want[96];
+            snprintf(want, sizeof want, "r.yml:3004:3: duplicate key 'k%d' (first at %d:3)",
+                     dup == 1 ? 0 : 1999, dup == 1 ? 4 : 2003);
+            cr_assert_eq(rc, MS_ERECIPE);
+            cr_assert(strstr(ms_errmsg(), want), "'%s' lacks '%s'", ms_errmsg(), want);
+        }
+    }
+    free(t);
+}
+
+Test(multi, deep_nesting_is_refused_at_once)
+{
+    size_t depth = 100000;
+    char *t = malloc(2 * depth + 128);
+    cr_assert(t);
+    size_t o = (size_t)sprintf(t, "merge_method: linear\nmodels: [{model: a}]\nx: ");
+    memset(t + o, '[', depth);
+    memset(t + o + depth, ']', depth);
+    o += 2 * depth;
+    struct ms_recipe *r = NULL;
+    cr_assert_eq(ms_recipe_parse("r.yml", t, o, &r), MS_ERECIPE);
+    cr_assert(strstr(ms_errmsg(), "r.yml:3:67: nested deeper than 64 levels"), "%s", ms_errmsg());
+    free(t);
+    /* 64 levels are fine (an unknown key's value, ignored). */
+    o = (size_t)sprintf(t = malloc(512), "merge_method: linear\nmodels: [{model: a}]\nx: ");
+    memset(t + o, '[', 62);
+    memset(t + o + 62, ']', 62);
+    o += 124;
+    cr_assert_eq(ms_recipe_parse("r.yml", t, o, &r), 0, "%s", ms_errmsg());
+    ms_recipe_free(r);
+    free(t);
+}
