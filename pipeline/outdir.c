@@ -409,7 +409,8 @@ static int chat_template_text(const struct ms_plan *plan, char **out)
 }
 
 /* tokenizer_config.json with the chat template set: the donor's (at `real`, or a new
- * object when the donor has none) patched. */
+ * object when the donor has none) patched; with out NULL, only checked (before the run:
+ * a donor file that is not a JSON object fails the merge before any data is read). */
 static int write_tokenizer_config(const struct emit *out, const char *real, const char *tmpl,
                                   unsigned mode)
 {
@@ -419,7 +420,7 @@ static int write_tokenizer_config(const struct emit *out, const char *real, cons
     if (!rc)
         rc = ms_chat_template_apply(real ? real : "tokenizer_config.json", real ? data : "{}",
                                     real ? len : 2, tmpl, &patched, &plen);
-    if (!rc)
+    if (!rc && out)
         rc = write_in(out, "tokenizer_config.json", patched, plen, mode);
     ms_free(patched);
     ms_free(data);
@@ -449,9 +450,14 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
     }
     char *root = NULL, *tmpl = NULL;
     int rc = ms_path_model_root(dir, &root);
-    if (!rc && out)
+    if (!rc && out) {
         rc = chat_template_text(plan, &tmpl);
-    if (!rc && tmpl && !has_cfg) {
+    } else if (!rc && want_tmpl && strcmp(plan->recipe->chat_template, "auto")) {
+        /* The check before the run: the template's text does not matter here. */
+        tmpl = ms_strdup("");
+        rc = tmpl ? 0 : ms_error(MS_ENOMEM, "out of memory");
+    }
+    if (!rc && tmpl && !has_cfg && out) {
         rc = write_tokenizer_config(out, NULL, tmpl, 0644);
         if (!rc && copied)
             copied[0] = true;
@@ -466,7 +472,7 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
         if (rc <= 0)
             continue;
         rc = 0;
-        if (out && tmpl && !strcmp(tokenizer_files[i], "tokenizer_config.json")) {
+        if (tmpl && !strcmp(tokenizer_files[i], "tokenizer_config.json")) {
             rc = write_tokenizer_config(out, real, tmpl, mode);
             if (!rc && copied)
                 copied[i] = true;

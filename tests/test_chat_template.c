@@ -241,3 +241,15 @@ Test(chat_template, builtin_names_render_their_format)
         free(err);
     }
 }
+
+Test(chat_template, bad_donor_tokenizer_config_fails_before_the_run)
+{
+    recipe_with("chat_template: chatml\n");
+    RUN_OK("printf '[1, 2]' > a/tokenizer_config.json");
+    char *err = NULL;
+    int rc = th_run_in(g_dir, NULL, &err, "mergestream merge r.yml out -q");
+    cr_assert_eq(rc, 1);
+    cr_assert(strstr(err, "a/tokenizer_config.json: not a JSON object"), "%s", err);
+    free(err);
+    RUN_OK("test ! -e out/model.safetensors");
+}
