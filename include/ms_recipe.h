@@ -122,8 +122,14 @@ struct ms_recipe {
     struct ms_source *models;
     size_t nslices;               /* slices form: nslices > 0 */
     struct ms_slice *slices;
-    bool has_modules;             /* modules form: parsed for position only; unsupported */
+    bool has_modules;             /* modules form with one module, folded: its models or
+                                     slices are in models/slices above, and its parameters
+                                     are folded into params below so that one lookup gives
+                                     mergekit's module-then-global answer */
     struct ms_pos modules_pos;    /* of the `modules` key */
+    char *module_name;            /* the module's name (mergekit's single-module
+                                     architectures call it 'default'), or NULL */
+    struct ms_pos module_pos;     /* of the module's name */
     struct ms_modelref base_model;
     struct ms_params params;
     char *dtype;                  /* as written, or NULL */
@@ -139,6 +145,25 @@ struct ms_recipe {
     struct ms_tokcfg tok;         /* the `tokenizer:` mapping's contents (has_tokenizer) */
     char *chat_template;
     struct ms_pos chat_template_pos;
+    struct ms_pos doc_pos; /* of the document's top-level mapping */
+    char *name;            /* mergekit-multi's `name:` of this document, or NULL */
+    struct ms_pos name_pos;
+};
+
+/*
+ * A recipe file: one YAML document, or several (mergekit-multi: documents with a
+ * `name:`, later ones using earlier ones' outputs by that name as a model, at most
+ * one without a name whose output is OUT).
+ */
+struct ms_recipe_file {
+    size_t n;                /* documents, n >= 1 */
+    struct ms_recipe **docs; /* in file order; each one's `text` is its own part of
+                                     the file (the whole file when n == 1) */
+    /* Filled by ms_recipe_file_link: */
+    size_t *order; /* n indices into docs, every document after those it uses */
+    bool *uses;    /* uses[i * n + j]: docs[i] reads docs[j]'s output */
+    char **out;    /* per document: INTERMEDIATE_DIR/name, NULL for the unnamed */
+    size_t final;  /* index of the unnamed document, or SIZE_MAX */
 };
 
 /*
@@ -147,11 +172,14 @@ struct ms_recipe {
  * (YAML 1.1: yes/no/on/off are booleans, "1e-5" is a string that a number
  * field accepts as pydantic does). Errors (MS_ERECIPE) name file:line:column
  * (1-based, of the offending node) and the key: YAML syntax, more than one
- * document, duplicate keys, '<<' merge keys, wrong value types, a missing
+ * document (see ms_recipe_file_parse for several), duplicate keys, '<<' merge keys, wrong value types, a missing
  * merge_method / model / layer_range / sources, not exactly one non-empty
  * models/slices/modules, tokenizer_source together with tokenizer, a bare
  * {filter, value} mapping not in a list, an empty gradient, layer_range not two
- * integers with 0 <= start <= end, a model string with two '+' or two '@'.
+ * integers with 0 <= start <= end, a model string with two '+' or two '@', nesting
+ * deeper than 64 levels (refused before the file is loaded; libyaml slows down
+ * quadratically with depth). Duplicate keys are found with a hash past 16 keys, so
+ * a mapping of any size is checked in linear time.
  * MS_ENOMEM when an allocation fails. Unknown keys are reported with
  * ms_log_warn ("r.yml:3:1: unknown key 'paramters'") and ignored, as mergekit
  * ignores them. Not checked here (the plan does it): method names, parameter
@@ -173,6 +201,32 @@ int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigne
 int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out);
 /* Releases the recipe and everything in it; NULL is a no-op. */
 void ms_recipe_free(struct ms_recipe *r);
+
+/*
+ * Parses or loads a file of one or more YAML documents (flags as above); each
+ * document is checked as ms_recipe_parse checks one, and may have a `name:`
+ * (a string). Empty documents after the first (a trailing "---") are skipped.
+ * Errors as ms_recipe_parse's, for the first document that has one. On error *out
+ * is NULL. Release with ms_recipe_file_free (NULL is a no-op).
+ */
+int ms_recipe_file_parse(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe_file **out);
+int ms_recipe_file_load(const char *path, unsigned flags, struct ms_recipe_file **out);
+void ms_recipe_file_free(struct ms_recipe_file *f);
+
+/*
+ * mergekit-multi's linking (scripts/multimerge.py), for a file of several
+ * documents: every model reference (models, slices' sources, base_model,
+ * tokenizer_source) whose path is another document's name is rewritten to
+ * "intermediate_dir/name" and recorded in f->uses; then f->order, f->out and
+ * f->final are filled. Errors (MS_ERECIPE, "r.yml:LINE:COL: ..." at the name or
+ * the reference): a duplicate name, more than one unnamed document, a name that
+ * is empty or not usable as a folder name ('/', ".", ".."), a document using its
+ * own name, and a cycle (naming its documents in order). intermediate_dir may be
+ * NULL only when f->n == 1 (then nothing is rewritten). MS_ENOMEM. A reference to
+ * a name no document has is left as a model path (the plan reports it missing).
+ */
+int ms_recipe_file_link(struct ms_recipe_file *f, const char *intermediate_dir);
 
 /* The setting named `name` in params, or NULL. */
 const struct ms_setting *ms_params_get(const struct ms_params *p, const char *name);

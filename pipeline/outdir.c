@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "ms_chat_template.h"
 #include "ms_common.h"
 #include "ms_file.h"
 #include "ms_str.h"
@@ -389,30 +390,95 @@ out:
     return rc;
 }
 
-/* Calls fn for every donor tokenizer file that will be copied; 0 or an error. */
+/*
+ * The chat template the recipe asks for, resolved against the input models
+ * (ms_chat_template.h), or NULL (none asked for, or `auto` found none).
+ */
+static int chat_template_text(const struct ms_plan *plan, char **out)
+{
+    *out = NULL;
+    const char *spec = plan->recipe ? plan->recipe->chat_template : NULL;
+    if (!spec)
+        return 0;
+    const char **dirs = ms_calloc(plan->nmodels ? plan->nmodels : 1, sizeof *dirs);
+    if (!dirs)
+        return ms_error(MS_ENOMEM, "out of memory");
+    for (size_t i = 0; i < plan->nmodels; i++)
+        dirs[i] = plan->models[i].path;
+    int rc = ms_chat_template_resolve(spec, dirs, plan->nmodels, out);
+    ms_free(dirs);
+    return rc;
+}
+
+/* tokenizer_config.json with the chat template set: the donor's (at `real`, or a new
+ * object when the donor has none) patched; with out NULL, only checked (before the run:
+ * a donor file that is not a JSON object fails the merge before any data is read). */
+static int write_tokenizer_config(const struct emit *out, const char *real, const char *tmpl,
+                                  unsigned mode)
+{
+    char *data = NULL, *patched = NULL;
+    size_t len = 0, plen = 0;
+    int rc = real ? ms_read_file(real, &data, &len) : 0;
+    if (!rc)
+        rc = ms_chat_template_apply(real ? real : "tokenizer_config.json", real ? data : "{}",
+                                    real ? len : 2, tmpl, &patched, &plen);
+    if (!rc && out)
+        rc = write_in(out, "tokenizer_config.json", patched, plen, mode);
+    ms_free(patched);
+    ms_free(data);
+    return rc;
+}
+
+/* Calls fn for every donor tokenizer file that will be copied; 0 or an error.
+ * With a chat template, tokenizer_config.json is written patched (created when the
+ * donor has tokenizer.json or tokenizer.model but no tokenizer_config.json, as
+ * transformers' save_pretrained would), and the donor's chat_template.jinja/.json,
+ * which the loaders would prefer to it, are not copied. */
 static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bool warn,
                           bool *copied)
 {
     if (plan->donor >= plan->nmodels)
         return 0;
     const char *dir = plan->models[plan->donor].path;
-    if (!file_exists(dir, "tokenizer_config.json") ||
-        !(file_exists(dir, "tokenizer.json") || file_exists(dir, "tokenizer.model"))) {
+    bool want_tmpl = plan->recipe && plan->recipe->chat_template;
+    bool has_cfg = file_exists(dir, "tokenizer_config.json");
+    if (!(file_exists(dir, "tokenizer.json") || file_exists(dir, "tokenizer.model")) ||
+        (!has_cfg && !want_tmpl)) {
         if (warn)
             ms_log_warn("%s: no tokenizer_config.json with tokenizer.json or tokenizer.model; "
-                        "tokenizer not copied", dir);
+                        "tokenizer not copied%s",
+                        dir, want_tmpl ? " and chat_template not written" : "");
         return 0;
     }
-    char *root = NULL;
+    char *root = NULL, *tmpl = NULL;
     int rc = ms_path_model_root(dir, &root);
+    if (!rc && out) {
+        rc = chat_template_text(plan, &tmpl);
+    } else if (!rc && want_tmpl && strcmp(plan->recipe->chat_template, "auto")) {
+        /* The check before the run: the template's text does not matter here. */
+        tmpl = ms_strdup("");
+        rc = tmpl ? 0 : ms_error(MS_ENOMEM, "out of memory");
+    }
+    if (!rc && tmpl && !has_cfg && out) {
+        rc = write_tokenizer_config(out, NULL, tmpl, 0644);
+        if (!rc && copied)
+            copied[0] = true;
+    }
     for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++) {
+        if (tmpl && (!strcmp(tokenizer_files[i], "chat_template.jinja") ||
+                     !strcmp(tokenizer_files[i], "chat_template.json")))
+            continue;
         char *real = NULL;
         unsigned mode = 0644;
         rc = tokenizer_source(dir, root, tokenizer_files[i], &real, &mode);
         if (rc <= 0)
             continue;
         rc = 0;
-        if (out) {
+        if (tmpl && !strcmp(tokenizer_files[i], "tokenizer_config.json")) {
+            rc = write_tokenizer_config(out, real, tmpl, mode);
+            if (!rc && copied)
+                copied[i] = true;
+        } else if (out) {
             char *data = NULL;
             size_t len = 0;
             rc = ms_read_file(real, &data, &len);
@@ -424,6 +490,7 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
         }
         ms_free(real);
     }
+    ms_free(tmpl);
     ms_free(root);
     return rc;
 }
@@ -434,8 +501,9 @@ static int write_tokenizer(const struct ms_plan *plan, const struct emit *out, b
 {
     static const char *const names[] = { "tokenizer.json", "tokenizer_config.json",
                                          "special_tokens_map.json" };
-    int rc = 0;
+    char *tmpl = NULL;
     ms_error_clear();
+    int rc = chat_template_text(plan, &tmpl);
     for (size_t k = 0; k < MS_ARRAY_LEN(names) && !rc; k++) {
         json_t *v = k == 0   ? ms_tokmerge_tokenizer_json(plan->tok)
                     : k == 1 ? ms_tokmerge_tokenizer_config(plan->tok)
@@ -445,7 +513,9 @@ static int write_tokenizer(const struct ms_plan *plan, const struct emit *out, b
         if (!v && k < 2) /* the origin's tokenizer.json is read again: it may have gone */
             rc = ms_error(MS_EIO, "cannot write %s: %s", names[k],
                           *ms_errmsg() ? ms_errmsg() : "out of memory");
-        if (v && !(rc = ms__json_render(v, k > 0, &text, &len)))
+        if (v && k == 1 && tmpl)
+            rc = ms_chat_template_patch(v, tmpl);
+        if (!rc && v && !(rc = ms__json_render(v, k > 0, &text, &len)))
             rc = write_in(out, names[k], text, len, 0644);
         for (size_t i = 0; !rc && v && i < MS_ARRAY_LEN(tokenizer_files); i++)
             if (!strcmp(tokenizer_files[i], names[k]))
@@ -453,6 +523,7 @@ static int write_tokenizer(const struct ms_plan *plan, const struct emit *out, b
         ms_free(text);
         json_decref(v);
     }
+    ms_free(tmpl);
     return rc;
 }
 
@@ -631,6 +702,9 @@ int ms_outdir_finish(const struct ms_plan *plan, const struct ms_engine_opts *op
                        : copy_tokenizer(plan, &em, od->copied);
         if (rc)
             return rc;
+    } else if (plan->recipe && plan->recipe->chat_template) {
+        ms_log_warn("chat_template is set but --no-copy-tokenizer writes no tokenizer; the chat "
+                    "template is not saved (as in mergekit)");
     }
     if (stream)
         return ms_out_finish(stream);

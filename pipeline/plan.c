@@ -25,6 +25,7 @@
 
 #include <jansson.h>
 
+#include "ms_chat_template.h"
 #include "ms_common.h"
 #include "ms_dtype.h"
 #include "ms_plan.h"
@@ -262,10 +263,14 @@ static void check_recipe(struct pb *pb)
             pb->p->method = m;
         }
     }
-    if (r->has_modules)
-        pb_at(pb, MS_EUNSUPPORTED, NULL, r->modules_pos, "the modules form is not supported yet");
-    if (r->chat_template)
-        pb_at(pb, MS_EUNSUPPORTED, NULL, r->chat_template_pos, "chat_template is not supported yet");
+    if (r->has_modules && strcmp(r->module_name, "default"))
+        pb_at(pb, MS_EUNSUPPORTED, NULL, r->module_pos,
+              "module '%s': the architectures mergestream "
+              "supports have one module, 'default' (multi-module architectures such as "
+              "vision-language models are not supported)",
+              r->module_name);
+    if (r->chat_template && ms_chat_template_check(r->chat_template) < 0)
+        pb_at(pb, MS_ERECIPE, NULL, r->chat_template_pos, "%s", ms_errmsg());
 
     struct {
         const char *key, *val;

@@ -493,6 +493,78 @@ static const char *key_text(const struct rctx *c, const yaml_node_pair_t *pair)
  * would keep the last of duplicate keys silently; a duplicate is nearly always
  * a mistake, so it is an error here. YAML 1.1 merge keys ('<<') are refused.
  */
+/*
+ * Keys seen so far in a mapping, for the duplicate check: a linear scan for small
+ * mappings, an open-addressing hash of pair indices for large ones (a recipe with
+ * tens of thousands of parameter keys stays linear, not quadratic).
+ */
+struct key_set {
+    size_t *slot;  /* cap entries: pair index + 1, or 0 when empty */
+    size_t cap, n; /* cap a power of two, n < cap / 2 */
+};
+
+#define KEY_SET_MIN 16 /* below this many keys a linear scan is as fast */
+
+static uint64_t key_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+/* Records pair index j (key ks) in the table, which has room; returns the index of an
+ * earlier pair with the same key, or j. */
+static size_t key_set_put(const struct rctx *c, const yaml_node_pair_t *pairs, struct key_set *ks_,
+                          size_t j, const char *ks)
+{
+    size_t mask = ks_->cap - 1;
+    for (size_t h = (size_t)key_hash(ks) & mask;; h = (h + 1) & mask) {
+        if (!ks_->slot[h]) {
+            ks_->slot[h] = j + 1;
+            ks_->n++;
+            return j;
+        }
+        if (!strcmp(key_text(c, &pairs[ks_->slot[h] - 1]), ks))
+            return ks_->slot[h] - 1;
+    }
+}
+
+/* Doubles the table (or makes the first one) and re-enters pairs [0, upto). */
+static bool key_set_grow(const struct rctx *c, const yaml_node_pair_t *pairs, struct key_set *s,
+                         size_t upto)
+{
+    size_t cap = s->cap ? s->cap * 2 : 4 * KEY_SET_MIN;
+    size_t *slot = ms_calloc(cap, sizeof *slot);
+    if (!slot)
+        return false;
+    ms_free(s->slot);
+    s->slot = slot;
+    s->cap = cap;
+    s->n = 0;
+    for (size_t j = 0; j < upto; j++)
+        key_set_put(c, pairs, s, j, key_text(c, &pairs[j]));
+    return true;
+}
+
+/*
+ * The index (< i) of an earlier pair whose key is ks, else i after recording pair i
+ * as seen; SIZE_MAX when out of memory. Pairs are offered in order 0, 1, ...
+ */
+static size_t dup_find(const struct rctx *c, const yaml_node_pair_t *pairs, size_t i,
+                       const char *ks, struct key_set *seen)
+{
+    if (i < KEY_SET_MIN) {
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(key_text(c, &pairs[j]), ks))
+                return j;
+        return i;
+    }
+    if ((seen->n + 1) * 2 > seen->cap && !key_set_grow(c, pairs, seen, i))
+        return SIZE_MAX;
+    return key_set_put(c, pairs, seen, i, ks);
+}
+
 static int map_check(const struct rctx *c, const yaml_node_t *map, const char *what,
                      const char *const *known)
 {
@@ -502,41 +574,60 @@ static int map_check(const struct rctx *c, const yaml_node_t *map, const char *w
         return rerr(c, node_pos(map), "unsupported yaml tag '%s'", (const char *)map->tag);
     const yaml_node_pair_t *pairs = map->data.mapping.pairs.start;
     size_t n = map_len(map);
+    struct key_set seen = { 0 };
+    int rc = 0;
     for (size_t i = 0; i < n; i++) {
         const yaml_node_t *k = get_node(c, pairs[i].key);
-        if (k->type != YAML_SCALAR_NODE)
-            return rerr(c, node_pos(k), "keys of %s must be strings", what);
+        if (k->type != YAML_SCALAR_NODE) {
+            rc = rerr(c, node_pos(k), "keys of %s must be strings", what);
+            goto out;
+        }
         const char *ks = (const char *)k->data.scalar.value;
-        if (strlen(ks) != k->data.scalar.length)
-            return rerr(c, node_pos(k), "NUL characters are not supported in keys");
-        if (k->data.scalar.style == YAML_PLAIN_SCALAR_STYLE && !strcmp(ks, "<<"))
-            return rerr(c, node_pos(k), "yaml merge keys ('<<') are not supported");
-        for (size_t j = 0; j < i; j++) {
-            if (!strcmp(key_text(c, &pairs[j]), ks)) {
-                struct ms_pos first = node_pos(get_node(c, pairs[j].key));
-                return rerr(c, node_pos(k), "duplicate key '%s' (first at %d:%d)", ks,
-                            first.line, first.col);
-            }
+        if (strlen(ks) != k->data.scalar.length) {
+            rc = rerr(c, node_pos(k), "NUL characters are not supported in keys");
+            goto out;
+        }
+        if (k->data.scalar.style == YAML_PLAIN_SCALAR_STYLE && !strcmp(ks, "<<")) {
+            rc = rerr(c, node_pos(k), "yaml merge keys ('<<') are not supported");
+            goto out;
+        }
+        size_t j = dup_find(c, pairs, i, ks, &seen);
+        if (j == SIZE_MAX) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+            goto out;
+        }
+        if (j < i) {
+            struct ms_pos first = node_pos(get_node(c, pairs[j].key));
+            rc = rerr(c, node_pos(k), "duplicate key '%s' (first at %d:%d)", ks, first.line,
+                      first.col);
+            goto out;
         }
         if (!known)
             continue;
         bool ok = false;
         for (const char *const *kn = known; *kn && !ok; kn++)
             ok = !strcmp(*kn, ks);
+        /* mergekit-multi's `name:` of a document: known, but never suggested for a typo. */
+        if (!ok && map == yaml_document_get_root_node(c->doc) && !strcmp(ks, "name"))
+            ok = true;
         if (!ok) {
             struct ms_pos p = node_pos(k);
             size_t nk = 0;
             while (known[nk])
                 nk++;
             const char *near = ms_str_closest(ks, known, nk);
-            if (c->strict)
-                return rerr(c, p, "unknown key '%s'%s%s%s", ks, near ? " (did you mean '" : "",
-                            near ? near : "", near ? "'?)" : "");
+            if (c->strict) {
+                rc = rerr(c, p, "unknown key '%s'%s%s%s", ks, near ? " (did you mean '" : "",
+                          near ? near : "", near ? "'?)" : "");
+                goto out;
+            }
             ms_log_warn("%s:%d:%d: unknown key '%s'%s%s%s", c->name, p.line, p.col, ks,
                         near ? " (did you mean '" : "", near ? near : "", near ? "'?)" : "");
         }
     }
-    return 0;
+out:
+    ms_free(seen.slot);
+    return rc;
 }
 
 /* The value of `key` in a checked mapping, or NULL when the key is absent or its
@@ -949,6 +1040,148 @@ static int slice_parse(const struct rctx *c, const yaml_node_t *n, struct ms_sli
     return params_parse(c, map_get(c, n, "parameters", NULL), &out->params);
 }
 
+/* A list of slices; *out and *count are set before the entries are filled. */
+static int slices_parse(const struct rctx *c, const yaml_node_t *n, struct ms_slice **out,
+                        size_t *count)
+{
+    int rc;
+    if (n->type != YAML_SEQUENCE_NODE)
+        return rerr(c, node_pos(n), "slices must be a list, not %s", node_kind_name(n));
+    size_t len = seq_len(n);
+    if (!len)
+        return 0;
+    *out = ms_calloc(len, sizeof **out);
+    if (!*out)
+        return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+    *count = len;
+    for (size_t i = 0; i < len; i++) {
+        const yaml_node_t *e = get_node(c, n->data.sequence.items.start[i]);
+        if ((rc = slice_parse(c, e, &(*out)[i])) < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ modules */
+
+/* A `modules:` entry as parsed, before it is folded into the recipe. */
+struct module_def {
+    struct ms_source *models;
+    size_t nmodels;
+    struct ms_slice *slices;
+    size_t nslices;
+    struct ms_params params;
+};
+
+static void sources_free(struct ms_source *v, size_t n);
+static void slices_free(struct ms_slice *v, size_t n);
+static void params_fini(struct ms_params *p);
+static void setting_fini(struct ms_setting *s);
+
+static int slices_parse(const struct rctx *c, const yaml_node_t *n, struct ms_slice **out,
+                        size_t *count);
+
+/* One module's {models | slices, parameters} (mergekit's OutputModuleDefinition). */
+static int module_parse(const struct rctx *c, const char *name, const yaml_node_t *n,
+                        struct module_def *m)
+{
+    static const char *const keys[] = { "models", "slices", "parameters", NULL };
+    char what[160];
+    int rc;
+    snprintf(what, sizeof what, "module '%s'", name);
+    if ((rc = map_check(c, n, what, keys)) < 0)
+        return rc;
+    const yaml_node_t *v;
+    if ((v = map_get(c, n, "models", NULL)) &&
+        (rc = sources_parse(c, v, false, "models", &m->models, &m->nmodels)) < 0)
+        return rc;
+    if ((v = map_get(c, n, "slices", NULL)) &&
+        (rc = slices_parse(c, v, &m->slices, &m->nslices)) < 0)
+        return rc;
+    if ((m->nmodels > 0) == (m->nslices > 0))
+        return rerr(c, node_pos(n),
+                    "module '%s' must have either 'models' or 'slices' (one, not "
+                    "empty)",
+                    name);
+    return params_parse(c, map_get(c, n, "parameters", NULL), &m->params);
+}
+
+/*
+ * Folds module parameter `mp` over global parameter `gp` so that one lookup of
+ * the result gives what mergekit's module-then-global lookup gives: a scalar or
+ * gradient always answers, so it replaces; a conditional list that matches
+ * nothing falls through, so the global value follows as more entries (a scalar
+ * or gradient global as one entry without a filter). Takes mp's contents.
+ */
+static int fold_setting(const struct rctx *c, struct ms_setting *gp, struct ms_setting *mp)
+{
+    if (mp->kind != MS_SET_COND || gp->kind == MS_SET_NONE) {
+        setting_fini(gp);
+        *gp = *mp;
+        memset(mp, 0, sizeof *mp);
+        return 0;
+    }
+    size_t extra = gp->kind == MS_SET_COND ? gp->ncond : 1;
+    struct ms_cond *v = ms_realloc(mp->cond, (mp->ncond + extra) * sizeof *v);
+    if (!v)
+        return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+    mp->cond = v;
+    if (gp->kind == MS_SET_COND) {
+        memcpy(v + mp->ncond, gp->cond, gp->ncond * sizeof *v);
+        ms_free(gp->cond);
+    } else {
+        memset(&v[mp->ncond], 0, sizeof *v);
+        v[mp->ncond].value = *gp;
+    }
+    mp->ncond += extra;
+    mp->pos = gp->pos;
+    *gp = *mp;
+    memset(mp, 0, sizeof *mp);
+    return 0;
+}
+
+/* Moves module m into r (as its models or slices) and folds its parameters over
+ * the global ones: with one module, the same lookups as mergekit's. */
+static int module_fold(const struct rctx *c, struct ms_recipe *r, struct module_def *m)
+{
+    r->models = m->models;
+    r->nmodels = m->nmodels;
+    r->slices = m->slices;
+    r->nslices = m->nslices;
+    m->models = NULL;
+    m->slices = NULL;
+    m->nmodels = m->nslices = 0;
+    for (size_t i = 0; i < m->params.n; i++) {
+        struct ms_param *mp = &m->params.v[i];
+        struct ms_param *gp = NULL;
+        for (size_t j = 0; j < r->params.n && !gp; j++)
+            if (!strcmp(r->params.v[j].name, mp->name))
+                gp = &r->params.v[j];
+        if (!gp) {
+            struct ms_param *v = ms_realloc(r->params.v, (r->params.n + 1) * sizeof *v);
+            if (!v)
+                return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+            r->params.v = v;
+            gp = &v[r->params.n++];
+            memset(gp, 0, sizeof *gp);
+            gp->name = mp->name;
+            gp->pos = mp->pos;
+            mp->name = NULL;
+        }
+        int rc = fold_setting(c, &gp->value, &mp->value);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void module_fini(struct module_def *m)
+{
+    sources_free(m->models, m->nmodels);
+    slices_free(m->slices, m->nslices);
+    params_fini(&m->params);
+}
+
 /* ------------------------------------------------------------------ the recipe */
 
 /* ------------------------------------------------------------------ tokenizer */
@@ -1064,7 +1297,55 @@ static int tokcfg_parse(const struct rctx *c, const yaml_node_t *n, struct ms_to
     return 0;
 }
 
-static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_recipe *r)
+/* Whether mapping n has a scalar key `key` (no other check made). */
+static bool has_key(const struct rctx *c, const yaml_node_t *n, const char *key)
+{
+    const yaml_node_pair_t *pairs = n->data.mapping.pairs.start;
+    for (size_t i = 0; i < map_len(n); i++) {
+        const yaml_node_t *k = get_node(c, pairs[i].key);
+        if (k->type == YAML_SCALAR_NODE && !strcmp((const char *)k->data.scalar.value, key))
+            return true;
+    }
+    return false;
+}
+
+/*
+ * A file without merge_method that another tool reads: says which, instead of
+ * "missing 'merge_method'". 0 when it looks like none of them.
+ */
+static int other_tool(const struct rctx *c, const yaml_node_t *root)
+{
+    static const struct {
+        const char *key, *key2; /* both present (key2 NULL: key alone) */
+        const char *what;
+    } sig[] = {
+        { "experts", NULL,
+          "a mergekit-moe config (it has 'experts'): mergestream does not build "
+          "mixture-of-experts models; use mergekit-moe" },
+        { "gate_mode", NULL,
+          "a mergekit-moe config (it has 'gate_mode'): mergestream does not "
+          "build mixture-of-experts models; use mergekit-moe" },
+        { "genome", "tasks",
+          "a mergekit-evolve config (it has 'genome' and 'tasks'): mergestream "
+          "does not run evolutionary merge searches; use mergekit-evolve" },
+        { "peft_type", NULL,
+          "a PEFT adapter config (adapter_config.json), not a recipe; a LoRA is "
+          "referenced from a recipe as 'model+lora'" },
+        { "architectures", NULL, "a model's config.json, not a merge recipe" },
+        { "datasets", NULL,
+          "a training config (it has 'datasets', as axolotl's do), not a merge "
+          "recipe" },
+    };
+    if (root->type != YAML_MAPPING_NODE || has_key(c, root, "merge_method"))
+        return 0;
+    for (size_t i = 0; i < MS_ARRAY_LEN(sig); i++)
+        if (has_key(c, root, sig[i].key) && (!sig[i].key2 || has_key(c, root, sig[i].key2)))
+            return rerr(c, node_pos(root), "this is %s", sig[i].what);
+    return 0;
+}
+
+static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_recipe *r,
+                      struct module_def *module)
 {
     static const char *const keys[] = {"merge_method", "models", "slices", "modules",
                                        "base_model", "parameters", "dtype", "out_dtype",
@@ -1075,6 +1356,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
 
     if (!root || node_is_null(root))
         return rerr(c, (struct ms_pos){1, 1}, "recipe is empty");
+    if ((rc = other_tool(c, root)) < 0)
+        return rc;
     if ((rc = map_check(c, root, "the recipe", keys)) < 0)
         return rc;
 
@@ -1088,27 +1371,34 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
     if ((n = map_get(c, root, "models", &kpos_models)) &&
         (rc = sources_parse(c, n, false, "models", &r->models, &r->nmodels)) < 0)
         return rc;
-    if ((n = map_get(c, root, "slices", &kpos_slices))) {
-        if (n->type != YAML_SEQUENCE_NODE)
-            return rerr(c, node_pos(n), "slices must be a list, not %s", node_kind_name(n));
-        size_t len = seq_len(n);
-        if (len) {
-            r->slices = ms_calloc(len, sizeof *r->slices);
-            if (!r->slices)
+    if ((n = map_get(c, root, "slices", &kpos_slices)) &&
+        (rc = slices_parse(c, n, &r->slices, &r->nslices)) < 0)
+        return rc;
+    if ((n = map_get(c, root, "modules", &r->modules_pos))) {
+        /* One module is folded into the recipe below; mergekit's single-module
+         * architectures call theirs 'default' (the plan checks the name). */
+        if ((rc = map_check(c, n, "modules", NULL)) < 0)
+            return rc;
+        size_t len = map_len(n);
+        const yaml_node_pair_t *pairs = n->data.mapping.pairs.start;
+        if (len > 1)
+            return rerr(c, node_pos(get_node(c, pairs[1].key)),
+                        "modules: more than one module ('%s', '%s'): only multi-module "
+                        "architectures (vision-language models) have several, and mergestream "
+                        "supports none",
+                        key_text(c, &pairs[0]), key_text(c, &pairs[1]));
+        if (len == 1) {
+            r->has_modules = true;
+            r->module_name = ms_strdup(key_text(c, &pairs[0]));
+            if (!r->module_name)
                 return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
-            r->nslices = len;
-        }
-        for (size_t i = 0; i < len; i++) {
-            const yaml_node_t *e = get_node(c, n->data.sequence.items.start[i]);
-            if ((rc = slice_parse(c, e, &r->slices[i])) < 0)
+            r->module_pos = node_pos(get_node(c, pairs[0].key));
+            const yaml_node_t *mv = get_node(c, pairs[0].value);
+            if (node_is_null(mv))
+                return rerr(c, node_pos(mv), "module '%s' has no value", r->module_name);
+            if ((rc = module_parse(c, r->module_name, mv, module)) < 0)
                 return rc;
         }
-    }
-    if ((n = map_get(c, root, "modules", &r->modules_pos))) {
-        /* Only checked to be a mapping: the plan reports the form as unsupported. */
-        if (n->type != YAML_MAPPING_NODE)
-            return rerr(c, node_pos(n), "modules must be a mapping, not %s", node_kind_name(n));
-        r->has_modules = map_len(n) > 0;
     }
     int forms = (r->nmodels > 0) + (r->nslices > 0) + r->has_modules;
     if (forms > 1) {
@@ -1134,6 +1424,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
         return rc;
     if ((rc = params_parse(c, map_get(c, root, "parameters", NULL), &r->params)) < 0)
         return rc;
+    if (r->has_modules && (rc = module_fold(c, r, module)) < 0)
+        return rc;
     if ((rc = string_parse(c, map_get(c, root, "dtype", NULL), "dtype", &r->dtype,
                            &r->dtype_pos)) < 0)
         return rc;
@@ -1142,6 +1434,8 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
         return rc;
     if ((rc = string_parse(c, map_get(c, root, "chat_template", NULL), "chat_template",
                            &r->chat_template, &r->chat_template_pos)) < 0)
+        return rc;
+    if ((rc = string_parse(c, map_get(c, root, "name", NULL), "name", &r->name, &r->name_pos)) < 0)
         return rc;
 
     /* tokenizer_source: "union", "base" or a model reference (string or mapping). */
@@ -1179,71 +1473,215 @@ int ms_recipe_parse(const char *name, const char *text, size_t len, struct ms_re
     return ms_recipe_parse_opts(name, text, len, 0, out);
 }
 
-int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigned flags,
-                         struct ms_recipe **out)
-{
-    yaml_parser_t parser;
-    yaml_document_t doc, extra;
-    yaml_node_t *root;
-    struct rctx c = {name, &doc, (flags & MS_RECIPE_STRICT) != 0};
-    bool parser_ok = false, doc_ok = false, extra_ok = false;
-    struct ms_recipe *r = NULL;
-    int rc = 0;
+/* Recipes nest a few levels (a conditional gradient under a model's parameters is
+ * six); libyaml's scanner slows down quadratically with depth, so a file nested
+ * deeper than this is refused before it is loaded. */
+#define RECIPE_MAX_DEPTH 64
 
-    assert(name && (text || !len) && out);
-    *out = NULL;
-    r = ms_calloc(1, sizeof *r);
-    if (!r) {
-        rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
-        goto out;
+/*
+ * Scans text's events (not building nodes) until the nesting passes
+ * RECIPE_MAX_DEPTH (MS_ERECIPE at that node), the end, or a YAML error (0: the
+ * load that follows reports it with its position).
+ */
+static int depth_check(const char *name, const char *text, size_t len)
+{
+    yaml_parser_t p;
+    yaml_event_t ev;
+    int depth = 0, rc = 0;
+    if (!yaml_parser_initialize(&p))
+        return ms_error(MS_ENOMEM, "%s: out of memory", name);
+    yaml_parser_set_input_string(&p, (const unsigned char *)text, len);
+    for (;;) {
+        if (!yaml_parser_parse(&p, &ev))
+            break;
+        yaml_event_type_t t = ev.type;
+        if (t == YAML_SEQUENCE_START_EVENT || t == YAML_MAPPING_START_EVENT) {
+            if (++depth > RECIPE_MAX_DEPTH)
+                rc = ms_error(MS_ERECIPE, "%s:%d:%d: nested deeper than %d levels; not a recipe",
+                              name, (int)ev.start_mark.line + 1, (int)ev.start_mark.column + 1,
+                              RECIPE_MAX_DEPTH);
+        } else if (t == YAML_SEQUENCE_END_EVENT || t == YAML_MAPPING_END_EVENT) {
+            depth--;
+        }
+        yaml_event_delete(&ev);
+        if (rc || t == YAML_STREAM_END_EVENT)
+            break;
     }
+    yaml_parser_delete(&p);
+    return rc;
+}
+
+/* A recipe with its own copies of the file name and of text[0..len). */
+static struct ms_recipe *recipe_new(const char *name, const char *text, size_t len)
+{
+    struct ms_recipe *r = ms_calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
     r->path = ms_strdup(name);
     r->text = ms_strndup(text ? text : "", len);
+    r->text_len = len;
     if (!r->path || !r->text) {
+        ms_recipe_free(r);
+        return NULL;
+    }
+    return r;
+}
+
+/*
+ * Parses every YAML document of text into *docs (ms_malloc'd array of *ndocs
+ * recipes, freed by the caller even on error). Without `multi` a second document
+ * is an error, as yaml.safe_load has it. A single document keeps the whole text
+ * (the saved mergekit_config.yml is the file verbatim); several keep their own part.
+ */
+static int parse_docs(const char *name, const char *text, size_t len, unsigned flags, bool multi,
+                      struct ms_recipe ***docs, size_t *ndocs)
+{
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    bool parser_ok = false, doc_ok = false;
+    struct rctx c = { name, &doc, (flags & MS_RECIPE_STRICT) != 0 };
+    char *copy = NULL;
+    size_t cap = 0;
+    int rc = 0;
+
+    *docs = NULL;
+    *ndocs = 0;
+    copy = ms_strndup(text ? text : "", len); /* libyaml reads it; the caller's may move */
+    if (!copy) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
         goto out;
     }
-    r->text_len = len;
-
+    if ((rc = depth_check(name, copy, len)) < 0)
+        goto out;
     if (!yaml_parser_initialize(&parser)) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
         goto out;
     }
     parser_ok = true;
-    yaml_parser_set_input_string(&parser, (const unsigned char *)r->text, len);
-    if (!yaml_parser_load(&parser, &doc)) {
-        rc = yaml_fail(name, &parser, r->text, len);
-        goto out;
-    }
-    doc_ok = true;
-    root = yaml_document_get_root_node(&doc);
-    if (root) {
-        /* safe_load accepts exactly one document. */
-        if (!yaml_parser_load(&parser, &extra)) {
-            rc = yaml_fail(name, &parser, r->text, len);
+    yaml_parser_set_input_string(&parser, (const unsigned char *)copy, len);
+    for (;;) {
+        if (!yaml_parser_load(&parser, &doc)) {
+            rc = yaml_fail(name, &parser, copy, len);
             goto out;
         }
-        extra_ok = true;
-        if (yaml_document_get_root_node(&extra)) {
+        doc_ok = true;
+        yaml_node_t *root = yaml_document_get_root_node(&doc);
+        if (!root && *ndocs)
+            break; /* end of the stream */
+        if (multi && *ndocs && node_is_null(root)) {
+            /* An empty document (a trailing "---"): nothing to merge. */
+            yaml_document_delete(&doc);
+            doc_ok = false;
+            continue;
+        }
+        if (*ndocs && !multi) {
+            /* safe_load accepts exactly one document. */
             rc = ms_error(MS_ERECIPE, "%s:%d:%d: expected a single yaml document", name,
-                          (int)extra.start_mark.line + 1, (int)extra.start_mark.column + 1);
+                          (int)doc.start_mark.line + 1, (int)doc.start_mark.column + 1);
             goto out;
         }
+        if (*ndocs == cap) {
+            size_t ncap = cap ? cap * 2 : 4;
+            struct ms_recipe **nd = ms_realloc(*docs, ncap * sizeof *nd);
+            if (!nd) {
+                rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+                goto out;
+            }
+            *docs = nd;
+            cap = ncap;
+        }
+        size_t a = MS_MIN(doc.start_mark.index, len), b = MS_MIN(doc.end_mark.index, len);
+        if (b - a >= 3 && !memcmp(text + a, "---", 3) &&
+            (b - a == 3 || text[a + 3] == '\n' || text[a + 3] == '\r')) {
+            /* A document's own text starts after its "---" line. */
+            a += 3;
+            a += a < b && text[a] == '\r';
+            a += a < b && text[a] == '\n';
+        }
+        struct ms_recipe *r = recipe_new(name, text + a, b > a ? b - a : 0);
+        if (!r) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+            goto out;
+        }
+        (*docs)[(*ndocs)++] = r;
+        struct module_def module = { 0 };
+        r->doc_pos = root ? node_pos(root) : (struct ms_pos){ 1, 1 };
+        rc = root_parse(&c, root, r, &module);
+        module_fini(&module);
+        if (rc < 0)
+            goto out;
+        yaml_document_delete(&doc);
+        doc_ok = false;
+        if (!root)
+            break;
     }
-    rc = root_parse(&c, root, r);
-
+    if (*ndocs == 1) {
+        struct ms_recipe *r = (*docs)[0];
+        char *whole = ms_strndup(text ? text : "", len);
+        if (!whole) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", name);
+            goto out;
+        }
+        ms_free(r->text);
+        r->text = whole;
+        r->text_len = len;
+    }
 out:
-    if (extra_ok)
-        yaml_document_delete(&extra);
     if (doc_ok)
         yaml_document_delete(&doc);
     if (parser_ok)
         yaml_parser_delete(&parser);
-    if (rc < 0)
-        ms_recipe_free(r);
-    else
-        *out = r;
+    ms_free(copy);
     return rc;
+}
+
+int ms_recipe_parse_opts(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe **out)
+{
+    struct ms_recipe **docs = NULL;
+    size_t n = 0;
+    assert(name && (text || !len) && out);
+    *out = NULL;
+    int rc = parse_docs(name, text, len, flags, false, &docs, &n);
+    if (!rc) {
+        assert(n == 1);
+        *out = docs[0];
+        n = 0;
+    }
+    for (size_t i = 0; i < n; i++)
+        ms_recipe_free(docs[i]);
+    ms_free(docs);
+    return rc;
+}
+
+int ms_recipe_file_parse(const char *name, const char *text, size_t len, unsigned flags,
+                         struct ms_recipe_file **out)
+{
+    assert(name && (text || !len) && out);
+    *out = ms_calloc(1, sizeof **out);
+    if (!*out)
+        return ms_error(MS_ENOMEM, "%s: out of memory", name);
+    int rc = parse_docs(name, text, len, flags, true, &(*out)->docs, &(*out)->n);
+    if (rc) {
+        ms_recipe_file_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+void ms_recipe_file_free(struct ms_recipe_file *f)
+{
+    if (!f)
+        return;
+    for (size_t i = 0; i < f->n; i++)
+        ms_recipe_free(f->docs[i]);
+    ms_free(f->docs);
+    ms_free(f->order);
+    ms_free(f->uses);
+    for (size_t i = 0; f->out && i < f->n; i++)
+        ms_free(f->out[i]);
+    ms_free(f->out);
+    ms_free(f);
 }
 
 int ms_recipe_load(const char *path, struct ms_recipe **out)
@@ -1251,15 +1689,16 @@ int ms_recipe_load(const char *path, struct ms_recipe **out)
     return ms_recipe_load_opts(path, 0, out);
 }
 
-int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out)
+/* Reads a recipe file whole (at most RECIPE_MAX_BYTES): *buf (ms_free), *len. */
+static int read_recipe(const char *path, char **out_buf, size_t *out_len)
 {
     FILE *f = NULL;
     char *buf = NULL;
     size_t len = 0, cap = 0;
     int rc = 0;
 
-    assert(path && out);
-    *out = NULL;
+    *out_buf = NULL;
+    *out_len = 0;
     f = fopen(path, "rb");
     if (!f) {
         int e = errno;
@@ -1292,11 +1731,39 @@ int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out
             break;
         }
     }
-    rc = ms_recipe_parse_opts(path, buf, len, flags, out);
+    *out_buf = buf;
+    *out_len = len;
+    buf = NULL;
 
 out:
     if (f)
         fclose(f);
+    ms_free(buf);
+    return rc;
+}
+
+int ms_recipe_load_opts(const char *path, unsigned flags, struct ms_recipe **out)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    assert(path && out);
+    *out = NULL;
+    int rc = read_recipe(path, &buf, &len);
+    if (!rc)
+        rc = ms_recipe_parse_opts(path, buf, len, flags, out);
+    ms_free(buf);
+    return rc;
+}
+
+int ms_recipe_file_load(const char *path, unsigned flags, struct ms_recipe_file **out)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    assert(path && out);
+    *out = NULL;
+    int rc = read_recipe(path, &buf, &len);
+    if (!rc)
+        rc = ms_recipe_file_parse(path, buf, len, flags, out);
     ms_free(buf);
     return rc;
 }
@@ -1340,6 +1807,16 @@ static void sources_free(struct ms_source *v, size_t n)
     ms_free(v);
 }
 
+static void slices_free(struct ms_slice *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        sources_free(v[i].sources, v[i].nsources);
+        modelref_fini(&v[i].base_model);
+        params_fini(&v[i].params);
+    }
+    ms_free(v);
+}
+
 void ms_recipe_free(struct ms_recipe *r)
 {
     if (!r)
@@ -1348,12 +1825,8 @@ void ms_recipe_free(struct ms_recipe *r)
     ms_free(r->text);
     ms_free(r->merge_method);
     sources_free(r->models, r->nmodels);
-    for (size_t i = 0; i < r->nslices; i++) {
-        sources_free(r->slices[i].sources, r->slices[i].nsources);
-        modelref_fini(&r->slices[i].base_model);
-        params_fini(&r->slices[i].params);
-    }
-    ms_free(r->slices);
+    slices_free(r->slices, r->nslices);
+    ms_free(r->module_name);
     modelref_fini(&r->base_model);
     params_fini(&r->params);
     ms_free(r->dtype);
@@ -1369,6 +1842,7 @@ void ms_recipe_free(struct ms_recipe *r)
     }
     ms_free(r->tok.tokens);
     ms_free(r->chat_template);
+    ms_free(r->name);
     ms_free(r);
 }
 

@@ -892,7 +892,10 @@ Test(plan, err_modules_form)
 {
     plan_fails("merge_method: linear\nmodules:\n  text_decoder:\n    models:\n"
                "      - model: a\n",
-               MS_EUNSUPPORTED, "r.yml:2:1: the modules form is not supported yet", NULL);
+               MS_EUNSUPPORTED,
+               "r.yml:3:3: module 'text_decoder': the architectures "
+               "mergestream supports have one module, 'default'",
+               NULL);
 }
 
 /* Tokenizer merging needs every model's tokenizer.json (tests/test_tokmerge.c has the rest). */

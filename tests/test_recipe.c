@@ -485,7 +485,12 @@ Test(recipe_values, optional_nulls_and_other_forms)
     cr_assert(r->has_modules);
     cr_assert_eq(r->modules_pos.line, 2);
     cr_assert_eq(r->modules_pos.col, 1);
-    cr_assert_eq(r->nmodels + r->nslices, 0);
+    /* The one module is folded in: its models are the recipe's. */
+    cr_assert_str_eq(r->module_name, "text_decoder");
+    cr_assert_eq(r->module_pos.line, 3);
+    cr_assert_eq(r->nmodels, 1);
+    cr_assert_eq(r->nslices, 0);
+    cr_assert_str_eq(r->models[0].model.path, "a");
     ms_recipe_free(r);
 }
 

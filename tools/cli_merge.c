@@ -48,6 +48,11 @@ static const char merge_usage[] =
     "                           default: the model's own)\n"
     "  --lora-merge-cache DIR   also write each folded `model+lora` model into DIR (mergekit's\n"
     "                           folder names) and read it from there in later runs\n"
+    "  --intermediate-dir DIR   for a recipe of several yaml documents (mergekit-multi):\n"
+    "                           each named merge is written to DIR/NAME, later documents\n"
+    "                           use it by that name, the unnamed one is written to OUT\n"
+    "  --lazy / --no-lazy       skip a named merge whose DIR/NAME holds a complete model\n"
+    "                           (default on, as mergekit-multi)\n"
     "  -q, --quiet / --no-quiet no progress line\n"
     "  -h, --help               this text\n"
     "\n"
@@ -84,12 +89,40 @@ static const char merge_usage[] =
     "SIGHUP/SIGINT/SIGTERM.\n";
 
 enum {
-    OPT_MAXMEM = 256, OPT_SHARD, OPT_SEED, OPT_CRIMES, OPT_COPYTOK, OPT_NOCOPYTOK, OPT_CARD,
-    OPT_NOCARD, OPT_CHUNK, OPT_REREAD, OPT_NOOP, OPT_NOOP_ARG, OPT_UNSUP, OPT_UNSUP_ARG,
-    OPT_NUMTHREADS, OPT_COMPRESS, OPT_PIPE, OPT_PART, OPT_RESUME, OPT_NOCRIMES, OPT_NOQUIET,
-    OPT_NOREREAD, OPT_NORESUME, OPT_HFCACHE, OPT_STRICT,
-    OPT_NOSTRICT, OPT_STALL, OPT_FORCE,
-    OPT_NOFORCE, OPT_LORADT, OPT_LORACACHE,
+    OPT_MAXMEM = 256,
+    OPT_SHARD,
+    OPT_SEED,
+    OPT_CRIMES,
+    OPT_COPYTOK,
+    OPT_NOCOPYTOK,
+    OPT_CARD,
+    OPT_NOCARD,
+    OPT_CHUNK,
+    OPT_REREAD,
+    OPT_NOOP,
+    OPT_NOOP_ARG,
+    OPT_UNSUP,
+    OPT_UNSUP_ARG,
+    OPT_NUMTHREADS,
+    OPT_COMPRESS,
+    OPT_PIPE,
+    OPT_PART,
+    OPT_RESUME,
+    OPT_NOCRIMES,
+    OPT_NOQUIET,
+    OPT_NOREREAD,
+    OPT_NORESUME,
+    OPT_HFCACHE,
+    OPT_STRICT,
+    OPT_NOSTRICT,
+    OPT_STALL,
+    OPT_FORCE,
+    OPT_NOFORCE,
+    OPT_INTERDIR,
+    OPT_LAZY,
+    OPT_NOLAZY,
+    OPT_LORADT,
+    OPT_LORACACHE,
 };
 
 static const struct option merge_opts[] = {
@@ -120,6 +153,9 @@ static const struct option merge_opts[] = {
     { "stall-timeout", required_argument, NULL, OPT_STALL },
     { "force", no_argument, NULL, OPT_FORCE },
     { "no-force", no_argument, NULL, OPT_NOFORCE },
+    { "intermediate-dir", required_argument, NULL, OPT_INTERDIR },
+    { "lazy", no_argument, NULL, OPT_LAZY },
+    { "no-lazy", no_argument, NULL, OPT_NOLAZY },
     { "no-safe-serialization", no_argument, NULL, OPT_UNSUP },
     /* mergekit's, meaningless here */
     { "num-threads", required_argument, NULL, OPT_NUMTHREADS },
@@ -306,7 +342,8 @@ int ms_cli_merge(int argc, char **argv)
     ms_engine_opts_init(&eo);
     uint64_t v;
     int c, li;
-    bool noted_v = false;
+    bool noted_v = false, lazy = true;
+    const char *interdir = NULL;
     optind = 1;
     opterr = 0;
     while ((li = -1, c = getopt_long(argc, argv, ":j:qhv", merge_opts, &li)) != -1) {
@@ -389,6 +426,13 @@ int ms_cli_merge(int argc, char **argv)
                                    optarg);
             eo.stall_seconds = (unsigned)v;
             break;
+        case OPT_INTERDIR:
+            if (!*optarg)
+                return usage_error("--intermediate-dir needs a directory", NULL);
+            interdir = optarg;
+            break;
+        case OPT_LAZY: lazy = true; break;
+        case OPT_NOLAZY: lazy = false; break;
         case OPT_FORCE: eo.force = true; break;
         case OPT_LORACACHE:
             if (!*optarg)
@@ -454,23 +498,39 @@ int ms_cli_merge(int argc, char **argv)
     ms_log_set_quiet(eo.quiet);
     eo.progress = !eo.quiet && isatty(STDERR_FILENO);
 
-    struct ms_recipe *r = NULL;
+    struct ms_recipe_file *file = NULL;
     struct ms_plan *p = NULL;
-    int rc = ms_recipe_load_opts(recipe_path, po.strict ? MS_RECIPE_STRICT : 0, &r);
+    int rc = ms_recipe_file_load(recipe_path, po.strict ? MS_RECIPE_STRICT : 0, &file);
     if (rc) {
         ms_cli_report(rc, NULL);
         return 1;
     }
+    int status = ms_cli_multi_link(file, interdir);
+    if (status) {
+        ms_recipe_file_free(file);
+        return status;
+    }
+    if (file->n > 1) {
+        /* A mergekit-multi file: cli_multi.c runs its stages. */
+        status = ms_cli_multi_merge(file, &po, &eo, lazy, &rc);
+        ms_recipe_file_free(file);
+        if (rc == MS_ECANCELED) {
+            int sig = ms_engine_signal();
+            return sig ? 128 + sig : 130;
+        }
+        return status;
+    }
+    const struct ms_recipe *r = file->docs[0];
     rc = ms_plan_build(r, &po, &p);
     if (rc) {
         /* ms_plan_build has printed every problem. */
-        ms_recipe_free(r);
+        ms_recipe_file_free(file);
         return 1;
     }
     if (po.lora_cache && (rc = ms_plan_lora_cache_fill(p, po.lora_dtype)) < 0) {
         ms_cli_report(rc, NULL);
         ms_plan_free(p);
-        ms_recipe_free(r);
+        ms_recipe_file_free(file);
         return 1;
     }
     rc = ms_engine_run(p, &eo);
@@ -479,7 +539,7 @@ int ms_cli_merge(int argc, char **argv)
     else
         ms_log_info("merged %zu tensors into %s", p->njobs, eo.out);
     ms_plan_free(p);
-    ms_recipe_free(r);
+    ms_recipe_file_free(file);
     if (rc == MS_ECANCELED) {
         int sig = ms_engine_signal();
         return sig ? 128 + sig : 130;

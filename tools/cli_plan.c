@@ -37,14 +37,28 @@ static const char plan_usage[] =
     "  --strict / --no-strict   unknown recipe keys and parameter names are errors, not\n"
     "                           warnings (mergekit ignores them; default off)\n"
     "  --lora-merge-dtype DTYPE dtype `model+lora` adapters are folded in (as merge)\n"
+    "  --intermediate-dir DIR   for a recipe of several yaml documents (mergekit-multi):\n"
+    "                           where the named merges are (DIR/NAME); a stage whose inputs\n"
+    "                           are not built yet is checked as far as its recipe allows\n"
     "  -q, --quiet / --no-quiet print nothing on success (exit status only)\n"
     "  -h, --help               this text\n"
     "\n"
     "exit status: 0 the plan is valid, 1 problems found, 2 usage.\n";
 
 enum {
-    OPT_JSON = 256, OPT_SHARD, OPT_MAXMEM, OPT_SEED, OPT_CRIMES, OPT_NOJSON, OPT_NOCRIMES,
-    OPT_NOQUIET, OPT_HFCACHE, OPT_STRICT, OPT_NOSTRICT, OPT_LORADT,
+    OPT_JSON = 256,
+    OPT_SHARD,
+    OPT_MAXMEM,
+    OPT_SEED,
+    OPT_CRIMES,
+    OPT_NOJSON,
+    OPT_NOCRIMES,
+    OPT_NOQUIET,
+    OPT_HFCACHE,
+    OPT_STRICT,
+    OPT_NOSTRICT,
+    OPT_INTERDIR,
+    OPT_LORADT,
 };
 
 static const struct option plan_opts[] = {
@@ -59,6 +73,7 @@ static const struct option plan_opts[] = {
     { "strict", no_argument, NULL, OPT_STRICT },
     { "no-strict", no_argument, NULL, OPT_NOSTRICT },
     { "lora-merge-dtype", required_argument, NULL, OPT_LORADT },
+    { "intermediate-dir", required_argument, NULL, OPT_INTERDIR },
     { "quiet", no_argument, NULL, 'q' },
     { "no-quiet", no_argument, NULL, OPT_NOQUIET },
     { "help", no_argument, NULL, 'h' },
@@ -77,6 +92,7 @@ int ms_cli_plan(int argc, char **argv)
     struct ms_plan_opts po = { .out_shard_size = 5000000000ull };
     uint64_t max_memory = MS_DEFAULT_MAX_MEMORY;
     bool json = false, quiet = false;
+    const char *interdir = NULL;
     int c;
     optind = 1;
     opterr = 0;
@@ -108,6 +124,11 @@ int ms_cli_plan(int argc, char **argv)
             if (!*optarg || setenv("HF_HUB_CACHE", optarg, 1))
                 return plan_usage_error("invalid --transformers-cache", optarg);
             break;
+        case OPT_INTERDIR:
+            if (!*optarg)
+                return plan_usage_error("--intermediate-dir needs a directory", NULL);
+            interdir = optarg;
+            break;
         case OPT_STRICT: po.strict = true; break;
         case OPT_NOSTRICT: po.strict = false; break;
         case OPT_LORADT:
@@ -129,17 +150,25 @@ int ms_cli_plan(int argc, char **argv)
     if (quiet)
         ms_log_set_quiet(true);
 
-    struct ms_recipe *r = NULL;
+    struct ms_recipe_file *file = NULL;
     struct ms_plan *p = NULL;
-    int rc = ms_recipe_load_opts(argv[optind], po.strict ? MS_RECIPE_STRICT : 0, &r);
+    int rc = ms_recipe_file_load(argv[optind], po.strict ? MS_RECIPE_STRICT : 0, &file);
     if (rc) {
         ms_cli_report(rc, NULL);
         return 1;
     }
+    int status = ms_cli_multi_link(file, interdir);
+    if (!status && file->n > 1)
+        status = ms_cli_multi_plan(file, &po, max_memory, json, quiet);
+    if (status || file->n > 1) {
+        ms_recipe_file_free(file);
+        return status;
+    }
+    const struct ms_recipe *r = file->docs[0];
     rc = ms_plan_build(r, &po, &p);
     if (rc) {
         /* ms_plan_build has printed every problem already. */
-        ms_recipe_free(r);
+        ms_recipe_file_free(file);
         return 1;
     }
     if (!quiet) {
@@ -148,6 +177,6 @@ int ms_cli_plan(int argc, char **argv)
             ms_cli_report(rc, NULL);
     }
     ms_plan_free(p);
-    ms_recipe_free(r);
+    ms_recipe_file_free(file);
     return rc ? 1 : 0;
 }
