@@ -281,9 +281,10 @@ void ms_xacc_merge(struct ms_xacc *a, const struct ms_xacc *b);
 /* The sum rounded to nearest double. Non-finite inputs are tracked separately:
  * an Inf or NaN added makes the value Inf or NaN as IEEE addition would. */
 double ms_xacc_value(const struct ms_xacc *a);
-/* Kernels: a += sum x[i]*y[i]; a += sum x[i]^2; a += sum |x[i]|. */
+/* Kernels: a += sum x[i]*y[i]; a += sum x[i]^2; a += sum x[i]; a += sum |x[i]|. */
 void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n);
 void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n);
+void ms_xacc_sum(struct ms_xacc *a, const float *restrict x, size_t n);
 void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n);
 
 /* Counter-based RNG: a 32-bit value that depends only on its arguments. */
