@@ -294,6 +294,12 @@ uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t elemen
  * out[i] = ms_rng_u32(seed, key, model, first + i) for i < n. Pure, any thread. */
 uint64_t ms_rng_stream(uint64_t seed, uint64_t key, uint32_t model);
 void ms_rng_fill(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n);
+/* Every version of the stage kernels that have SIMD versions (ms_isa.h); NULL
+ * when isa is not available here. ms_rng_fill calls the ms_isa_active() one. */
+struct ms_stage_kernels {
+    void (*rng_fill)(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n);
+};
+const struct ms_stage_kernels *ms_stage_kernels(enum ms_isa isa);
 /* 64-bit FNV-1a of a NUL-terminated string (the job key). */
 uint64_t ms_hash_str(const char *s);
 
