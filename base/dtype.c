@@ -259,24 +259,178 @@ static inline uint16_t f32_to_bf16_fast(uint32_t u)
         }                                                  \
     } while (0)
 
-void ms_bf16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n)
+/* The portable versions (MS_ISA_SCALAR): plain C, vectorised by the compiler for
+ * the baseline target only. */
+static void bf16_to_f32_c(const uint16_t *restrict src, float *restrict dst, size_t n)
 {
     BLOCKED_LOOP(n, dst[k] = ms_f32_from_bits((uint32_t)src[k] << 16));
 }
 
-void ms_f32_to_bf16(const float *restrict src, uint16_t *restrict dst, size_t n)
+static void f32_to_bf16_c(const float *restrict src, uint16_t *restrict dst, size_t n)
 {
     BLOCKED_LOOP(n, dst[k] = f32_to_bf16_fast(ms_f32_bits(src[k])));
 }
 
-void ms_f16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n)
+static void f16_to_f32_c(const uint16_t *restrict src, float *restrict dst, size_t n)
 {
     BLOCKED_LOOP(n, dst[k] = ms_f32_from_bits(f16_to_f32_bits_fast(src[k])));
 }
 
-void ms_f32_to_f16(const float *restrict src, uint16_t *restrict dst, size_t n)
+static void f32_to_f16_c(const float *restrict src, uint16_t *restrict dst, size_t n)
 {
     BLOCKED_LOOP(n, dst[k] = f32_to_f16_fast(ms_f32_bits(src[k])));
+}
+
+/*
+ * x86-64 versions with intrinsics under per-function target attributes (the
+ * rest of the build keeps the baseline target). bf16 is integer work (the same
+ * rounding as f32_to_bf16_fast, lane by lane); f16 uses the F16C conversions,
+ * which round to nearest even, keep subnormals (MXCSR's DAZ/FTZ do not apply to
+ * them) and make NaNs quiet keeping the top payload bits: exactly
+ * ms_f32_to_f16_1 and ms_f16_to_f32_1. The tails go through the portable code.
+ */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define X86_AVX2 __attribute__((target("avx2,f16c")))
+#define X86_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl")))
+
+X86_AVX2 static void bf16_to_f32_avx2(const uint16_t *restrict src, float *restrict dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(h, 16));
+    }
+    bf16_to_f32_c(src + i, dst + i, n - i);
+}
+
+X86_AVX2 static void f32_to_bf16_avx2(const float *restrict src, uint16_t *restrict dst, size_t n)
+{
+    const __m256i inf = _mm256_set1_epi32((int)F32_INF), abs = _mm256_set1_epi32((int)F32_ABS);
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    const __m256i quiet = _mm256_set1_epi32(0x40);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i r[2];
+        for (int h = 0; h < 2; h++) {
+            __m256i u = _mm256_loadu_si256((const __m256i *)(src + i + 8 * h));
+            __m256i hi = _mm256_srli_epi32(u, 16);
+            __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+            __m256i rn = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(hi, one)));
+            rn = _mm256_srli_epi32(rn, 16);
+            r[h] = _mm256_blendv_epi8(rn, _mm256_or_si256(hi, quiet), nan);
+        }
+        /* packus works within 128-bit lanes: put the halves back in order */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
+        _mm256_storeu_si256((__m256i *)(dst + i), p);
+    }
+    f32_to_bf16_c(src + i, dst + i, n - i);
+}
+
+X86_AVX2 static void f16_to_f32_avx2(const uint16_t *restrict src, float *restrict dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    f16_to_f32_c(src + i, dst + i, n - i);
+}
+
+X86_AVX2 static void f32_to_f16_avx2(const float *restrict src, uint16_t *restrict dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    f32_to_f16_c(src + i, dst + i, n - i);
+}
+
+X86_AVX512 static void bf16_to_f32_avx512(const uint16_t *restrict src, float *restrict dst,
+                                          size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_si512((void *)(dst + i), _mm512_slli_epi32(h, 16));
+    }
+    bf16_to_f32_c(src + i, dst + i, n - i);
+}
+
+X86_AVX512 static void f32_to_bf16_avx512(const float *restrict src, uint16_t *restrict dst,
+                                          size_t n)
+{
+    const __m512i inf = _mm512_set1_epi32((int)F32_INF), abs = _mm512_set1_epi32((int)F32_ABS);
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_loadu_si512((const void *)(src + i));
+        __m512i hi = _mm512_srli_epi32(u, 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+        __m512i rn = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(hi, one)));
+        rn = _mm512_srli_epi32(rn, 16);
+        rn = _mm512_mask_blend_epi32(nan, rn, _mm512_or_si512(hi, quiet));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(rn));
+    }
+    f32_to_bf16_c(src + i, dst + i, n - i);
+}
+
+X86_AVX512 static void f16_to_f32_avx512(const uint16_t *restrict src, float *restrict dst,
+                                         size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    f16_to_f32_c(src + i, dst + i, n - i);
+}
+
+X86_AVX512 static void f32_to_f16_avx512(const float *restrict src, uint16_t *restrict dst,
+                                         size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    f32_to_f16_c(src + i, dst + i, n - i);
+}
+#define HAVE_X86_KERNELS 1
+#endif
+
+static const struct ms_dtype_kernels dtype_kernels[MS_ISA_COUNT] = {
+    [MS_ISA_SCALAR] = { bf16_to_f32_c, f32_to_bf16_c, f16_to_f32_c, f32_to_f16_c },
+#ifdef HAVE_X86_KERNELS
+    [MS_ISA_AVX2] = { bf16_to_f32_avx2, f32_to_bf16_avx2, f16_to_f32_avx2, f32_to_f16_avx2 },
+    [MS_ISA_AVX512] = { bf16_to_f32_avx512, f32_to_bf16_avx512, f16_to_f32_avx512,
+                        f32_to_f16_avx512 },
+#endif
+};
+
+const struct ms_dtype_kernels *ms_dtype_kernels(enum ms_isa isa)
+{
+    if ((unsigned)isa >= MS_ISA_COUNT || !dtype_kernels[isa].bf16_to_f32 || !ms_isa_available(isa))
+        return NULL;
+    return &dtype_kernels[isa];
+}
+
+void ms_bf16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n)
+{
+    dtype_kernels[ms_isa_active()].bf16_to_f32(src, dst, n);
+}
+
+void ms_f32_to_bf16(const float *restrict src, uint16_t *restrict dst, size_t n)
+{
+    dtype_kernels[ms_isa_active()].f32_to_bf16(src, dst, n);
+}
+
+void ms_f16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n)
+{
+    dtype_kernels[ms_isa_active()].f16_to_f32(src, dst, n);
+}
+
+void ms_f32_to_f16(const float *restrict src, uint16_t *restrict dst, size_t n)
+{
+    dtype_kernels[ms_isa_active()].f32_to_f16(src, dst, n);
 }
 
 static void f64_to_f32(const double *restrict src, float *restrict dst, size_t n)

@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "ms_isa.h"
+
 enum ms_dtype {
     MS_DT_BOOL,
     MS_DT_F4,
@@ -87,6 +89,15 @@ void ms_bf16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n)
 void ms_f32_to_bf16(const float *restrict src, uint16_t *restrict dst, size_t n);
 void ms_f16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n);
 void ms_f32_to_f16(const float *restrict src, uint16_t *restrict dst, size_t n);
+/* Every version of the four above (ms_isa.h): NULL when isa is not available
+ * here. The functions above call the ms_isa_active() version. */
+struct ms_dtype_kernels {
+    void (*bf16_to_f32)(const uint16_t *restrict src, float *restrict dst, size_t n);
+    void (*f32_to_bf16)(const float *restrict src, uint16_t *restrict dst, size_t n);
+    void (*f16_to_f32)(const uint16_t *restrict src, float *restrict dst, size_t n);
+    void (*f32_to_f16)(const float *restrict src, uint16_t *restrict dst, size_t n);
+};
+const struct ms_dtype_kernels *ms_dtype_kernels(enum ms_isa isa);
 /* Scalar references of the four above. */
 void ms_bf16_to_f32_ref(const uint16_t *src, float *dst, size_t n);
 void ms_f32_to_bf16_ref(const float *src, uint16_t *dst, size_t n);

@@ -281,9 +281,10 @@ void ms_xacc_merge(struct ms_xacc *a, const struct ms_xacc *b);
 /* The sum rounded to nearest double. Non-finite inputs are tracked separately:
  * an Inf or NaN added makes the value Inf or NaN as IEEE addition would. */
 double ms_xacc_value(const struct ms_xacc *a);
-/* Kernels: a += sum x[i]*y[i]; a += sum x[i]^2; a += sum |x[i]|. */
+/* Kernels: a += sum x[i]*y[i]; a += sum x[i]^2; a += sum x[i]; a += sum |x[i]|. */
 void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n);
 void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n);
+void ms_xacc_sum(struct ms_xacc *a, const float *restrict x, size_t n);
 void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n);
 
 /* Counter-based RNG: a 32-bit value that depends only on its arguments. */
@@ -293,6 +294,12 @@ uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t elemen
  * out[i] = ms_rng_u32(seed, key, model, first + i) for i < n. Pure, any thread. */
 uint64_t ms_rng_stream(uint64_t seed, uint64_t key, uint32_t model);
 void ms_rng_fill(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n);
+/* Every version of the stage kernels that have SIMD versions (ms_isa.h); NULL
+ * when isa is not available here. ms_rng_fill calls the ms_isa_active() one. */
+struct ms_stage_kernels {
+    void (*rng_fill)(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n);
+};
+const struct ms_stage_kernels *ms_stage_kernels(enum ms_isa isa);
 /* 64-bit FNV-1a of a NUL-terminated string (the job key). */
 uint64_t ms_hash_str(const char *s);
 

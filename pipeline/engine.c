@@ -46,6 +46,7 @@
 #include "ms_common.h"
 #include "ms_engine.h"
 #include "ms_lora.h"
+#include "ms_poshash.h"
 #include "ms_src.h"
 #include "ms_str.h"
 #include "ms_tokmerge.h"
@@ -80,6 +81,7 @@ struct slot {
     struct ms_shard_write wr;     /* positional output */
     const unsigned char *wbuf;
     uint64_t wlen, woff;          /* bytes, and the offset in the output shard */
+    uint64_t hpart;               /* hash_writes: ms_poshash_range of those bytes */
     struct slot *next_queued;     /* compute queue link */
 };
 
@@ -107,6 +109,7 @@ struct out_shard {
     struct ms_shard_file file;    /* positional mode's file; names only otherwise (--resume) */
     size_t jobs_left;
     bool skip;                    /* not written by this run (--resume kept it, or --part) */
+    uint64_t hacc;                /* hash_writes: ms_poshash parts of the bytes written so far */
 };
 
 /*
@@ -181,6 +184,7 @@ struct eng {
     /* The run file (directory output): fingerprint, and each finished shard's
      * checksum, computed from the file on a pool thread one shard at a time. */
     char *run_path;               /* NULL: no run file (tar, pipe) */
+    bool hash_writes;             /* positional files: checksums from the chunks as written */
     uint64_t fp;
     uint64_t *sums;               /* per shard */
     bool *have;                   /* sums[k] is known */
@@ -585,6 +589,8 @@ static void reads_done(struct eng *e, struct slot *s)
         s->wbuf = s->raw[0];
         s->wlen = s->ck.count;
         s->woff = s->jr->job->out_offset + s->ck.first;
+        if (e->hash_writes) /* loop thread: the copy has no compute step */
+            s->hpart = ms_poshash_range(s->woff, s->wbuf, s->wlen);
         output_chunk(e, s);
     } else {
         chunk_ready(e, s);
@@ -664,6 +670,10 @@ static void work_cb(uv_work_t *w)
         if (j->result != j->out_dtype && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
             ms_dtype_round(j->result, s->ck.out, n);
         ms_dtype_encode(j->out_dtype, s->ck.out, s->ck.out, n);
+        if (s->e->hash_writes) {
+            uint32_t ob = elem_bytes(j->out_dtype);
+            s->hpart = ms_poshash_range(j->out_offset + s->ck.first * ob, s->ck.out, n * ob);
+        }
     }
 }
 
@@ -787,6 +797,10 @@ static void on_write(struct ms_shard_write *req, int status)
         slot_put(e, s);
     } else {
         e->bytes_out += s->wlen;
+        if (e->hash_writes) {
+            struct out_shard *sh = &e->osh[s->jr->job->shard];
+            sh->hacc = ms_poshash_add(sh->hacc, s->hpart);
+        }
         if (eng_stopping(e))
             slot_put(e, s);
         else
@@ -968,6 +982,15 @@ static void shard_final(struct eng *e, uint32_t k)
 {
     if (!e->run_path)
         return;
+    if (e->hash_writes) { /* every byte of the file went through on_write or shard_open */
+        e->sums[k] = ms_poshash_digest(e->osh[k].hacc, e->plan->layout->shards[k].file_bytes);
+        e->have[k] = true;
+        int rc = ms_run_save(e->run_path, e->fp, e->names, e->sums, e->have, e->nsh);
+        if (rc)
+            eng_fail(e, rc, "%s", ms_errmsg());
+        return;
+    }
+    /* zstd: the file holds compressed bytes, hashed by reading it back */
     e->hq[e->hq_tail++] = k;
     hash_pump(e);
 }
@@ -981,6 +1004,7 @@ static int shard_open(struct eng *e, uint32_t k)
     if (rc)
         return eng_fail(e, rc, "%s", ms_errmsg());
     e->bytes_out += ls->header_bytes;
+    e->osh[k].hacc = ms_poshash_range(0, ls->header, ls->header_bytes);
     return 0;
 }
 
@@ -1403,6 +1427,7 @@ static int prepare_outputs(struct eng *e)
     for (size_t i = 0; i < e->plan->njobs; i++)
         e->osh[e->plan->jobs[i].shard].jobs_left++;
     e->seq = o->kind != MS_OUT_DIR || o->zstd_level;
+    e->hash_writes = e->run_path && !e->seq;
     e->sw.cur_shard = -1;
     if (e->seq) {
         struct ms_out_opts oo = {

@@ -57,8 +57,9 @@ char *ms_run_path(const char *out, unsigned part_index, unsigned part_count);
  */
 int ms_run_fingerprint(const struct ms_plan *plan, const struct ms_engine_opts *opts,
                        uint64_t *fp);
-/* XXH64 of the file at path (not followed if a symlink), read cap bytes at a
- * time through buf; stops with MS_ECANCELED once *stop is set. Any thread. */
+/* The ms_poshash checksum (ms_poshash.h) of the file at path (not followed if a
+ * symlink), read cap bytes at a time through buf; the engine computes the same
+ * figure from the chunks as it writes them; stops with MS_ECANCELED once *stop is set. Any thread. */
 int ms_run_hash_file(const char *path, void *buf, size_t cap, const atomic_int *stop,
                      uint64_t *sum);
 /* A run file read back: its fingerprint and the checksums it lists. */

@@ -18,11 +18,12 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_poshash.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
 #include "lora_impl.h"
 
-#define RUN_FORMAT "mergestream-run 1"
+#define RUN_FORMAT "mergestream-run 2"
 
 char *ms_run_path(const char *out, unsigned part_index, unsigned part_count)
 {
@@ -92,8 +93,7 @@ int ms_run_hash_file(const char *path, void *buf, size_t cap, const atomic_int *
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return ms_error(-errno, "%s: %s", path, strerror(errno));
-    struct ms_xxh64 h;
-    ms_xxh64_init(&h);
+    uint64_t acc = 0, off = 0;
     int rc = 0;
     for (;;) {
         if (stop && atomic_load(stop)) {
@@ -109,11 +109,12 @@ int ms_run_hash_file(const char *path, void *buf, size_t cap, const atomic_int *
         }
         if (n == 0)
             break;
-        ms_xxh64_update(&h, buf, (size_t)n);
+        acc = ms_poshash_add(acc, ms_poshash_range(off, buf, (size_t)n));
+        off += (uint64_t)n;
     }
     close(fd);
     if (!rc)
-        *sum = ms_xxh64_digest(&h);
+        *sum = ms_poshash_digest(acc, off);
     return rc;
 }
 
@@ -155,9 +156,11 @@ int ms_run_save(const char *path, uint64_t fp, const char *const *names, const u
                 const bool *have, size_t n)
 {
     struct ms_strbuf b = { 0 };
-    ms_strbuf_addf(&b, "{\n  \"format\": \"%s\",\n  \"fingerprint\": \"%016" PRIx64 "\",\n"
-                       "  \"checksum\": \"xxh64 of the file's bytes\",\n  \"shards\": {",
-                   RUN_FORMAT, fp);
+    ms_strbuf_addf(
+        &b,
+        "{\n  \"format\": \"%s\",\n  \"fingerprint\": \"%016" PRIx64 "\",\n"
+        "  \"checksum\": \"poshash1 of the file's bytes (docs/RELIABILITY.md)\",\n  \"shards\": {",
+        RUN_FORMAT, fp);
     bool first = true;
     for (size_t k = 0; k < n; k++) {
         if (!have[k])

@@ -1069,6 +1069,41 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
     }
 }
 
+/*
+ * The versions of ms_isa.h: gta_apply_range with everything it calls inlined
+ * (flatten) and compiled for each target. Every step is elementwise, or a sum
+ * over models in model order for each element, and the compiler does not
+ * reassociate float arithmetic (no -ffast-math, -ffp-contract=off), so a wider
+ * vector changes no value; tests/test_isa.c merges every example with each.
+ */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+gta_apply_range_avx2(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
+                     uint64_t count, uint64_t (*run)[2])
+{
+    gta_apply_range(st, c, off0, count, run);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+gta_apply_range_avx512(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
+                       uint64_t count, uint64_t (*run)[2])
+{
+    gta_apply_range(st, c, off0, count, run);
+}
+#endif
+
+static void gta_apply_range_isa(const struct gta_state *st, const struct ms_chunk *c,
+                                uint64_t off0, uint64_t count, uint64_t (*run)[2])
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: gta_apply_range_avx512(st, c, off0, count, run); return;
+    case MS_ISA_AVX2: gta_apply_range_avx2(st, c, off0, count, run); return;
+#endif
+    default: gta_apply_range(st, c, off0, count, run); return;
+    }
+}
+
 static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     const struct gta_state *st = state;
@@ -1080,14 +1115,14 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     uint64_t run[MS_MAX_INPUTS][2];
     memset(run, 0, sizeof(run));
     if (st->nbits == 0) {
-        gta_apply_range(st, c, 0, c->count, run);
+        gta_apply_range_isa(st, c, 0, c->count, run);
         return;
     }
     /* della: row by row, the output row is the ranking scratch first. */
     assert(c->count % st->row == 0);
     for (uint64_t r0 = 0; r0 < c->count; r0 += st->row) {
         della_mark_row(st, c, r0, (unsigned char *)(c->out + r0));
-        gta_apply_range(st, c, r0, st->row, run);
+        gta_apply_range_isa(st, c, r0, st->row, run);
     }
 }
 

@@ -24,7 +24,12 @@
  * are exact (ms_xacc) and rounded once to float32 where torch adds in float32
  * in a blocked order: about 1 ulp of a scalar apart in rare cases (spec 7.20).
  * Each pass recomputes the elementwise steps it needs from the inputs, so the
- * stage holds only scalars; the result does not depend on chunking.
+ * stage holds only scalars; the result does not depend on chunking. The four
+ * passes are what torch's roundings need: each sum is over values rounded
+ * elementwise after dividing by the previous one (U_i by n_i, m by mn, T_i
+ * with dt_i), so none can be derived from an earlier pass's sums (in exact
+ * arithmetic tau is 0 and the Gram matrix of the X_i would give the rest; in
+ * the compute dtype tau is rounding noise that reaches the output, ~1 ulp).
  *
  * Inputs: one non-base model is returned unchanged (the base is then ignored);
  * none is an error.
@@ -113,55 +118,162 @@ static inline float mslerp_x(enum ms_dtype d, const struct mslerp_state *s,
     return s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
 }
 
-/* rnd(0 + rnd(v_0*w_0) + rnd(v_1*w_1) ...): a weighted sum over the models. */
-static inline float mslerp_wsum(enum ms_dtype d, const struct mslerp_state *s, const float *v)
+/*
+ * The elementwise chain runs over blocks of MSL_B elements, one step at a
+ * time over the block (loops the compiler vectorises), with every value
+ * rounded exactly as the per-element formulas above say: each element sees
+ * the same operations in the same order, so the block size changes no byte.
+ */
+#define MSL_B 256
+
+/* v[k] = rnd(0 + rnd(u_0[k]*w_0) + rnd(u_1[k]*w_1) ...): the weighted sum over the models. */
+static inline __attribute__((always_inline)) void mslerp_wsum(const enum ms_dtype d,
+                                                              const struct mslerp_state *s,
+                                                              float u[][MSL_B], float *restrict v,
+                                                              size_t nb)
 {
-    float acc = 0.0f;
-    for (uint32_t i = 0; i < s->n; i++)
-        acc += ms_rnd(d, v[i] * s->w[i]);
-    return ms_rnd(d, acc);
+    for (size_t k = 0; k < nb; k++)
+        v[k] = 0.0f;
+    for (uint32_t i = 0; i < s->n; i++) {
+        const float w = s->w[i];
+        const float *restrict ui = u[i];
+        for (size_t k = 0; k < nb; k++)
+            v[k] += ms_rnd(d, ui[k] * w);
+    }
+    for (size_t k = 0; k < nb; k++)
+        v[k] = ms_rnd(d, v[k]);
 }
 
 /*
- * The elementwise chain for element j, as far as pass `upto` needs it: adds
- * the element's terms to a[] when upto is a reduce pass, and returns the
- * output value when upto is MSL_TAN + 1 (apply).
+ * The chain for elements [j0, j0 + nb) as far as pass `upto` needs it: adds
+ * the block's terms to a[] when upto is a reduce pass, and writes the output
+ * values to c->out when upto is MSL_TAN + 1 (apply). All inputs of the block
+ * are read before its output is written (out may be one of the inputs).
  */
-static inline float mslerp_elem(enum ms_dtype d, const struct mslerp_state *s,
-                                const struct ms_chunk *c, size_t j, uint32_t upto,
-                                struct ms_xacc *a)
+static inline __attribute__((always_inline)) void mslerp_block(const enum ms_dtype d,
+                                                               const struct mslerp_state *s,
+                                                               const struct ms_chunk *c, size_t j0,
+                                                               size_t nb, uint32_t upto,
+                                                               struct ms_xacc *a)
 {
-    float x[MS_MAX_INPUTS], u[MS_MAX_INPUTS];
-    for (uint32_t i = 0; i < s->n; i++)
-        x[i] = mslerp_x(d, s, c, i, j);
+    float u[MS_MAX_INPUTS][MSL_B], v[MSL_B], m[MSL_B];
+    const float *restrict b = s->ib >= 0 ? c->in[s->ib] + j0 : NULL;
+    for (uint32_t i = 0; i < s->n; i++) { /* X_i */
+        const float *restrict x = c->in[s->it[i]] + j0;
+        float *restrict ui = u[i];
+        if (b)
+            for (size_t k = 0; k < nb; k++)
+                ui[k] = ms_rnd(d, x[k] - b[k]);
+        else
+            for (size_t k = 0; k < nb; k++)
+                ui[k] = x[k];
+    }
     if (upto == MSL_NORMS) {
         for (uint32_t i = 0; i < s->n; i++)
-            ms_xacc_add(&a[i], (double)x[i] * x[i]);
-        return 0;
+            ms_xacc_sumsq(&a[i], u[i], nb);
+        return;
     }
-    for (uint32_t i = 0; i < s->n; i++)
-        u[i] = ms_rnd(d, x[i] / s->den[i]);
-    float mean = mslerp_wsum(d, s, u);
+    for (uint32_t i = 0; i < s->n; i++) { /* U_i, in place */
+        const float den = s->den[i];
+        float *restrict ui = u[i];
+        for (size_t k = 0; k < nb; k++)
+            ui[k] = ms_rnd(d, ui[k] / den);
+    }
+    mslerp_wsum(d, s, u, v, nb); /* M */
     if (upto == MSL_MEAN) {
-        ms_xacc_add(&a[0], (double)mean * mean);
-        return 0;
+        ms_xacc_sumsq(&a[0], v, nb);
+        return;
     }
-    float m = ms_rnd(d, mean / s->mn);
+    const float mn = s->mn;
+    for (size_t k = 0; k < nb; k++)
+        m[k] = ms_rnd(d, v[k] / mn);
     if (upto == MSL_DOTS) {
-        for (uint32_t i = 0; i < s->n; i++)
-            ms_xacc_add(&a[i], (double)ms_rnd(d, u[i] * m));
-        return 0;
+        for (uint32_t i = 0; i < s->n; i++) {
+            const float *restrict ui = u[i];
+            for (size_t k = 0; k < nb; k++)
+                v[k] = ms_rnd(d, ui[k] * m[k]);
+            ms_xacc_sum(&a[i], v, nb);
+        }
+        return;
     }
-    for (uint32_t i = 0; i < s->n; i++) /* T_i, in place */
-        u[i] = ms_rnd(d, u[i] - ms_rnd(d, s->dot[i] * m));
-    float tau = mslerp_wsum(d, s, u);
+    for (uint32_t i = 0; i < s->n; i++) { /* T_i, in place */
+        const float dot = s->dot[i];
+        float *restrict ui = u[i];
+        for (size_t k = 0; k < nb; k++)
+            ui[k] = ms_rnd(d, ui[k] - ms_rnd(d, dot * m[k]));
+    }
+    mslerp_wsum(d, s, u, v, nb); /* tau */
     if (upto == MSL_TAN) {
-        ms_xacc_add(&a[0], (double)tau * tau);
-        return 0;
+        ms_xacc_sumsq(&a[0], v, nb);
+        return;
     }
-    float r = ms_rnd(d, ms_rnd(d, m * s->cs) + ms_rnd(d, tau * s->q));
-    r = ms_rnd(d, r * s->avg);
-    return s->ib >= 0 ? ms_rnd(d, r + c->in[s->ib][j]) : r;
+    const float cs = s->cs, q = s->q, avg = s->avg;
+    float *restrict out = c->out + j0;
+    for (size_t k = 0; k < nb; k++) {
+        float r = ms_rnd(d, ms_rnd(d, m[k] * cs) + ms_rnd(d, v[k] * q));
+        v[k] = ms_rnd(d, r * avg);
+    }
+    if (b)
+        for (size_t k = 0; k < nb; k++)
+            out[k] = ms_rnd(d, v[k] + b[k]);
+    else
+        for (size_t k = 0; k < nb; k++)
+            out[k] = v[k];
+}
+
+static inline __attribute__((always_inline)) void mslerp_blocks(const enum ms_dtype d,
+                                                                const struct mslerp_state *s,
+                                                                const struct ms_chunk *c,
+                                                                uint32_t upto, struct ms_xacc *a)
+{
+    size_t n = (size_t)c->count;
+    for (size_t j0 = 0; j0 < n; j0 += MSL_B)
+        mslerp_block(d, s, c, j0, MS_MIN((size_t)MSL_B, n - j0), upto, a);
+}
+
+/* The chain specialised for the compute dtype (D is a constant in each). */
+static void mslerp_run(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
+                       uint32_t upto, struct ms_xacc *a)
+{
+    switch (d) {
+    case MS_DT_BF16: mslerp_blocks(MS_DT_BF16, s, c, upto, a); break;
+    case MS_DT_F16: mslerp_blocks(MS_DT_F16, s, c, upto, a); break;
+    default:
+        assert(d == MS_DT_F32);
+        mslerp_blocks(MS_DT_F32, s, c, upto, a);
+        break;
+    }
+}
+
+/* The versions of ms_isa.h: mslerp_run inlined whole (flatten) and compiled for each
+ * target. Every step is elementwise in a fixed order and the compiler does not
+ * reassociate float arithmetic, so a wider vector changes no value. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+mslerp_run_avx2(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
+                uint32_t upto, struct ms_xacc *a)
+{
+    mslerp_run(d, s, c, upto, a);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+mslerp_run_avx512(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
+                  uint32_t upto, struct ms_xacc *a)
+{
+    mslerp_run(d, s, c, upto, a);
+}
+#endif
+
+static void mslerp_run_isa(enum ms_dtype d, const struct mslerp_state *s,
+                           const struct ms_chunk *c, uint32_t upto, struct ms_xacc *a)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: mslerp_run_avx512(d, s, c, upto, a); return;
+    case MS_ISA_AVX2: mslerp_run_avx2(d, s, c, upto, a); return;
+#endif
+    default: mslerp_run(d, s, c, upto, a); return;
+    }
 }
 
 static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
@@ -171,8 +283,7 @@ static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
     struct ms_xacc *a = partial;
     for (uint32_t i = 0; i < mslerp_nsums(s); i++)
         ms_xacc_init(&a[i]);
-    for (size_t j = 0; j < (size_t)c->count; j++)
-        mslerp_elem(job->compute, s, c, j, s->pass, a);
+    mslerp_run_isa(job->compute, s, c, s->pass, a);
 }
 
 static void mslerp_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -224,7 +335,10 @@ static int mslerp_end_pass(void *state, const struct ms_stage_job *job)
         float tn = ms_rnd(d, mslerp_norm(d, &s->acc[0]) + s->e);
         s->cs = ms_rnd(d, cosf(tn));
         s->q = ms_rnd(d, ms_rnd(d, sinf(tn)) / tn);
-        s->avg = mslerp_wsum(d, s, s->norm);
+        float avg = 0.0f; /* rnd(0 + rnd(n_0*w_0) + ...) */
+        for (uint32_t i = 0; i < s->n; i++)
+            avg += ms_rnd(d, s->norm[i] * s->w[i]);
+        s->avg = ms_rnd(d, avg);
         return MS_STAGE_APPLY;
     }
     }
@@ -234,20 +348,15 @@ static int mslerp_end_pass(void *state, const struct ms_stage_job *job)
     return MS_STAGE_REDUCE;
 }
 
-static inline void mslerp_chunk(enum ms_dtype d, const struct mslerp_state *s,
-                                const struct ms_chunk *c)
+/* The linear fallback (mn < eps, two models). */
+static inline void mslerp_lerp(enum ms_dtype d, const struct mslerp_state *s,
+                               const struct ms_chunk *c)
 {
-    size_t n = (size_t)c->count;
-    if (s->lerp) {
-        for (size_t j = 0; j < n; j++) {
-            float r = ms_rnd(d, ms_rnd(d, mslerp_x(d, s, c, 0, j) * s->w[0]) +
-                                    ms_rnd(d, mslerp_x(d, s, c, 1, j) * s->w[1]));
-            c->out[j] = s->ib >= 0 ? ms_rnd(d, r + c->in[s->ib][j]) : r;
-        }
-        return;
+    for (size_t j = 0; j < (size_t)c->count; j++) {
+        float r = ms_rnd(d, ms_rnd(d, mslerp_x(d, s, c, 0, j) * s->w[0]) +
+                                ms_rnd(d, mslerp_x(d, s, c, 1, j) * s->w[1]));
+        c->out[j] = s->ib >= 0 ? ms_rnd(d, r + c->in[s->ib][j]) : r;
     }
-    for (size_t j = 0; j < n; j++)
-        c->out[j] = mslerp_elem(d, s, c, j, MSL_TAN + 1, NULL);
 }
 
 static void mslerp_apply(const void *state, const struct ms_stage_job *job,
@@ -258,18 +367,10 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
         memcpy(c->out, c->in[s->it[0]], (size_t)c->count * sizeof(float));
         return;
     }
-    switch (job->compute) {
-    case MS_DT_BF16:
-        mslerp_chunk(MS_DT_BF16, s, c);
-        break;
-    case MS_DT_F16:
-        mslerp_chunk(MS_DT_F16, s, c);
-        break;
-    default:
-        assert(job->compute == MS_DT_F32);
-        mslerp_chunk(MS_DT_F32, s, c);
-        break;
-    }
+    if (s->lerp)
+        mslerp_lerp(job->compute, s, c);
+    else
+        mslerp_run_isa(job->compute, s, c, MSL_TAN + 1, NULL);
 }
 
 static const struct ms_stage_ops mslerp_ops = {

@@ -43,12 +43,51 @@ uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t elemen
 
 /* The leaf kernel of the masks: one finaliser per element, no loop-carried
  * state (the counter is the element index), so the compiler can vectorise it
- * where 64-bit multiplies are available. */
+ * where 64-bit multiplies are available. The versions of ms_isa.h are this one
+ * loop compiled for each target (integer arithmetic: the same values). */
+#define RNG_FILL_BODY                                                                              \
+    uint64_t z = stream + (first + 1) * RNG_GOLDEN;                                                \
+    for (size_t i = 0; i < n; i++)                                                                 \
+        out[i] = (uint32_t)(rng_mix(z + (uint64_t)i * RNG_GOLDEN) >> 32);
+
+static void rng_fill_c(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n)
+{
+    RNG_FILL_BODY
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) static void rng_fill_avx2(uint64_t stream, uint64_t first,
+                                                          uint32_t *restrict out, size_t n)
+{
+    RNG_FILL_BODY
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) static void rng_fill_avx512(
+    uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n)
+{
+    RNG_FILL_BODY
+}
+#define HAVE_X86_KERNELS 1
+#endif
+
+static const struct ms_stage_kernels stage_kernels[MS_ISA_COUNT] = {
+    [MS_ISA_SCALAR] = { rng_fill_c },
+#ifdef HAVE_X86_KERNELS
+    [MS_ISA_AVX2] = { rng_fill_avx2 },
+    [MS_ISA_AVX512] = { rng_fill_avx512 },
+#endif
+};
+
+const struct ms_stage_kernels *ms_stage_kernels(enum ms_isa isa)
+{
+    if ((unsigned)isa >= MS_ISA_COUNT || !stage_kernels[isa].rng_fill || !ms_isa_available(isa))
+        return NULL;
+    return &stage_kernels[isa];
+}
+
 void ms_rng_fill(uint64_t stream, uint64_t first, uint32_t *restrict out, size_t n)
 {
-    uint64_t z = stream + (first + 1) * RNG_GOLDEN;
-    for (size_t i = 0; i < n; i++)
-        out[i] = (uint32_t)(rng_mix(z + (uint64_t)i * RNG_GOLDEN) >> 32);
+    stage_kernels[ms_isa_active()].rng_fill(stream, first, out, n);
 }
 
 uint64_t ms_hash_str(const char *s)

@@ -232,6 +232,13 @@ void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n)
 #undef SQ_TERM
 }
 
+void ms_xacc_sum(struct ms_xacc *a, const float *restrict x, size_t n)
+{
+#define SUM_TERM(i) ((double)x[i])
+    XACC_KERNEL(SUM_TERM)
+#undef SUM_TERM
+}
+
 void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n)
 {
 #define ABS_TERM(i) fabs((double)x[i])

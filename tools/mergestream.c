@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "ms_common.h"
+#include "ms_isa.h"
 
 #include "cli.h"
 
@@ -45,6 +46,10 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "--version") || !strcmp(cmd, "-V")) {
         printf("mergestream %s\n", MS_VERSION);
         return 0;
+    }
+    if (ms_isa_check_env()) { /* kernels: MERGESTREAM_ISA names one that cannot run here */
+        ms_cli_report(MS_EINVAL, NULL);
+        return 2;
     }
     if (!strcmp(cmd, "merge"))
         return ms_cli_merge(argc - 1, argv + 1);
