@@ -301,6 +301,35 @@ Test(limits, stoppable_when_the_reader_stalls)
     expect_fail(2, "--stall-timeout", "mergestream merge r.yml x --stall-timeout -1");
 }
 
+/* Item 11: a SIGKILLed merge takes its --pipe command with it, and what the
+ * command started (io/child.c): the shell's child "sleep 44.25" is gone within
+ * 10 s of the kill (polled; it would otherwise live 44 s), and no stray
+ * process is left when the command itself is the sleep. */
+Test(limits, pipe_command_dies_with_a_killed_merge)
+{
+    RUN_OK("printf 'merge_method: linear\\nmodels:\\n  - model: base\\n"
+           "    parameters: {weight: 1}\\n' >r.yml");
+    for (int i = 0; i < 2; i++) {
+        const char *cmd = i == 0 ? "sleep 44.25; cat >/dev/null" : "exec sleep 44.5";
+        const char *pat = i == 0 ? "^sleep 44[.]25$" : "^sleep 44[.]5$";
+        char *out = NULL;
+        int rc = run(&out, NULL,
+                     "mergestream merge -q r.yml x --pipe '%s' & p=$!; "
+                     "i=0; until pgrep -f '%s' >/dev/null; do "
+                     "  i=$((i+1)); [ $i -lt 300 ] || { echo never-started; break; }; sleep 0.1; "
+                     "done; kill -KILL $p; wait $p; echo \"rc=$?\"; "
+                     "i=0; while pgrep -f '%s' >/dev/null; do "
+                     "  i=$((i+1)); [ $i -lt 100 ] || { echo orphan; break; }; "
+                     "  sleep 0.1; "
+                     "done",
+                     cmd, pat, pat);
+        cr_assert_eq(rc, 0);
+        cr_assert(out && strstr(out, "rc=137") && !strstr(out, "never-started"), "%s", out);
+        cr_assert(!strstr(out, "orphan"), "the --pipe command outlived the merge: %s", out);
+        free(out);
+    }
+}
+
 /* Item 14: a 40,000-shard index (one 4-byte tensor per shard) is opened in time
  * linear in the shards: the shard de-duplication and the model-wide tensor
  * index (ms_model_tensor_at) are hash and binary-search lookups now (it was
