@@ -377,3 +377,43 @@ Test(limits, many_shards)
     free(idx);
     free(dir);
 }
+
+/* Item 14: a model of 120,000 tensors (one F32 each, no config.json, so the
+ * architecture is inferred from the names) plans in time near-linear in the
+ * tensors: the architecture's names are a hash index (pipeline/arch.c). It took
+ * 24 s of CPU at 80,000 tensors before (every tensor compared with every name),
+ * ~1.5 s now; 120,000 would take ~54 s quadratic, so the 60 s limit on the plan
+ * (generous for a loaded or sanitized build) fails the quadratic code. */
+Test(limits, many_tensors_plan)
+{
+    enum { N = 120000 };
+    size_t cap = (size_t)N * 72 + 64, n = 8;
+    char *buf = malloc(cap);
+    cr_assert(buf);
+    n += (size_t)snprintf(buf + n, cap - n, "{");
+    for (int i = 0; i < N; i++)
+        n += (size_t)snprintf(buf + n, cap - n,
+                              "%s\"t%06d\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[%d,%d]}",
+                              i ? "," : "", i, 4 * i, 4 * i + 4);
+    n += (size_t)snprintf(buf + n, cap - n, "}");
+    while ((n - 8) % 8)
+        buf[n++] = ' ';
+    uint64_t hl = n - 8;
+    for (int b = 0; b < 8; b++)
+        buf[b] = (char)(unsigned char)(hl >> (8 * b));
+    char *dir = th_path(g_dir, "wide");
+    cr_assert_eq(mkdir(dir, 0755), 0);
+    char *path = th_path(dir, "model.safetensors");
+    cr_assert_eq(th_write(path, buf, n), 0);
+    RUN_OK("truncate -s +%d wide/model.safetensors && printf 'merge_method: linear\\nmodels:\\n"
+           "  - model: wide\\n    parameters: {weight: 1}\\n' >w.yml", 4 * N);
+    char *out = NULL, *err = NULL;
+    int rc = run(&out, &err, "timeout 60 mergestream plan w.yml");
+    cr_assert_eq(rc, 0, "exit %d (124: over 60 s): %s", rc, err);
+    cr_assert(out && strstr(out, "output:       120000 tensors"), "%s", out);
+    free(out);
+    free(err);
+    free(path);
+    free(dir);
+    free(buf);
+}
