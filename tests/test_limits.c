@@ -378,20 +378,15 @@ Test(limits, many_shards)
     free(dir);
 }
 
-/* Item 14: a model of 120,000 tensors (one F32 each, no config.json, so the
- * architecture is inferred from the names) plans in time near-linear in the
- * tensors: the architecture's names are a hash index (pipeline/arch.c). It took
- * 24 s of CPU at 80,000 tensors before (every tensor compared with every name),
- * ~1.5 s now; 120,000 would take ~54 s quadratic, so the 60 s limit on the plan
- * (generous for a loaded or sanitized build) fails the quadratic code. */
-Test(limits, many_tensors_plan)
+/* Writes DIR/model.safetensors (DIR under g_dir) with n one-element F32 tensors
+ * t000000, t000001, ... and no config.json; returns the header length. */
+static uint64_t write_wide(const char *name, int n_tensors)
 {
-    enum { N = 120000 };
-    size_t cap = (size_t)N * 72 + 64, n = 8;
+    size_t cap = (size_t)n_tensors * 72 + 64, n = 8;
     char *buf = malloc(cap);
     cr_assert(buf);
     n += (size_t)snprintf(buf + n, cap - n, "{");
-    for (int i = 0; i < N; i++)
+    for (int i = 0; i < n_tensors; i++)
         n += (size_t)snprintf(buf + n, cap - n,
                               "%s\"t%06d\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[%d,%d]}",
                               i ? "," : "", i, 4 * i, 4 * i + 4);
@@ -401,19 +396,51 @@ Test(limits, many_tensors_plan)
     uint64_t hl = n - 8;
     for (int b = 0; b < 8; b++)
         buf[b] = (char)(unsigned char)(hl >> (8 * b));
-    char *dir = th_path(g_dir, "wide");
+    char *dir = th_path(g_dir, name);
     cr_assert_eq(mkdir(dir, 0755), 0);
     char *path = th_path(dir, "model.safetensors");
     cr_assert_eq(th_write(path, buf, n), 0);
-    RUN_OK("truncate -s +%d wide/model.safetensors && printf 'merge_method: linear\\nmodels:\\n"
-           "  - model: wide\\n    parameters: {weight: 1}\\n' >w.yml", 4 * N);
+    RUN_OK("truncate -s +%d %s/model.safetensors && printf 'merge_method: linear\\nmodels:\\n"
+           "  - model: %s\\n    parameters: {weight: 1}\\n' >%s.yml",
+           4 * n_tensors, name, name, name);
+    free(path);
+    free(dir);
+    free(buf);
+    return hl;
+}
+
+/* Item 14: a model of 120,000 tensors (one F32 each, no config.json, so the
+ * architecture is inferred from the names) plans in time near-linear in the
+ * tensors: the architecture's names are a hash index (pipeline/arch.c). It took
+ * 24 s of CPU at 80,000 tensors before (every tensor compared with every name),
+ * ~1.5 s now; 120,000 would take ~54 s quadratic, so the 60 s limit on the plan
+ * (generous for a loaded or sanitized build) fails the quadratic code. */
+Test(limits, many_tensors_plan)
+{
+    write_wide("wide", 120000);
     char *out = NULL, *err = NULL;
-    int rc = run(&out, &err, "timeout 60 mergestream plan w.yml");
+    int rc = run(&out, &err, "timeout 60 mergestream plan wide.yml");
     cr_assert_eq(rc, 0, "exit %d (124: over 60 s): %s", rc, err);
     cr_assert(out && strstr(out, "output:       120000 tensors"), "%s", out);
     free(out);
     free(err);
-    free(path);
-    free(dir);
-    free(buf);
+}
+
+/* Item 14: a header is parsed whole (about 12.5 times its size at peak), so it
+ * may be at most 1/16 of --max-memory, and never less than 2 MiB: a header of
+ * ~2.9 MB is refused under --max-memory 40M (limit 40 MiB / 16 = 2621440 bytes)
+ * with one line naming the file, before it is read, and planned under 64M. */
+Test(limits, header_counts_against_max_memory)
+{
+    uint64_t hl = write_wide("hdr", 40000);
+    cr_assert(hl > 2621440 && hl < 4194304, "header %llu", (unsigned long long)hl);
+    char msg[256];
+    snprintf(msg, sizeof msg, "hdr/model.safetensors: header length %llu is over the limit of "
+             "2621440 bytes (1/16 of --max-memory, at least 2 MiB", (unsigned long long)hl);
+    expect_fail(1, msg, "mergestream plan hdr.yml --max-memory 40M");
+    expect_fail(1, msg, "mergestream merge hdr.yml o --max-memory 40M");
+    RUN_OK("test ! -e o && mergestream plan hdr.yml --max-memory 64M >/dev/null");
+    /* 2 MiB always pass, whatever the budget. */
+    write_wide("small", 20000);
+    RUN_OK("mergestream merge -q small.yml o2 --max-memory 1M");
 }
