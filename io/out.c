@@ -833,7 +833,10 @@ int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const c
         if (o->fd < 0) {
             int e = o->fd;
             o->fd = -1;
-            return fail(o, e, "%s: cannot create: %s", o->tmp_path, strerror(-e));
+            fail(o, e, "%s: cannot create: %s", o->tmp_path, strerror(-e));
+            ms_free(o->tmp_path); /* not ours: abort must not remove it */
+            o->tmp_path = NULL;
+            return e;
         }
         return 0;
     case MS_OUT_TAR:

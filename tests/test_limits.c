@@ -444,3 +444,27 @@ Test(limits, header_counts_against_max_memory)
     write_wide("small", 20000);
     RUN_OK("mergestream merge -q small.yml o2 --max-memory 1M");
 }
+
+/* Noticed with item 15: parts of one merge running at once into one directory
+ * must not remove each other's temporaries. Part 1 of 2 (shards 1, 3, ...) runs
+ * to the end beside a .partial of part 2's shard 2 (as if part 2 were writing
+ * it) and one of its own: its own is replaced, part 2's is left as it was. */
+Test(limits, part_leaves_other_parts_temporaries)
+{
+    RUN_OK("printf 'merge_method: linear\\nmodels:\\n  - model: base\\n"
+           "    parameters: {weight: 1}\\n' >r.yml && "
+           "mergestream merge -q r.yml full --out-shard-size 20K && ls full");
+    char *out = NULL;
+    int rc = run(&out, NULL, "ls full | grep -c '^model-0000.-of-0000.\\.safetensors$'");
+    cr_assert_eq(rc, 0);
+    int n = atoi(out);
+    free(out);
+    cr_assert(n >= 3, "%d shards", n);
+    RUN_OK("mkdir p && echo other >p/model-00002-of-0000%d.safetensors.partial && "
+           "echo mine >p/model-00001-of-0000%d.safetensors.partial && "
+           "mergestream merge -q r.yml p --out-shard-size 20K --part 1/2 --force && "
+           "test \"$(cat p/model-00002-of-0000%d.safetensors.partial)\" = other && "
+           "test ! -e p/model-00001-of-0000%d.safetensors.partial && "
+           "cmp p/model-00001-of-0000%d.safetensors full/model-00001-of-0000%d.safetensors",
+           n, n, n, n, n, n);
+}
