@@ -468,3 +468,44 @@ Test(limits, part_leaves_other_parts_temporaries)
            "cmp p/model-00001-of-0000%d.safetensors full/model-00001-of-0000%d.safetensors",
            n, n, n, n, n, n);
 }
+
+/* Noticed with item 4: the output config.json is written as Python's
+ * json.dumps (transformers' save_pretrained, ensure_ascii) writes it, which
+ * escapes every character outside ' '..'~': DEL (0x7f) as \u007f like the
+ * control characters, and non-ASCII as \uXXXX. The donor's config has a raw DEL
+ * byte and escaped ones; `plan --json` escapes the same way (a model folder
+ * whose name has a DEL). */
+Test(limits, config_json_escapes_del_as_python)
+{
+    RUN_OK("cp -r base d && printf 'merge_method: linear\\nmodels:\\n  - model: d\\n"
+           "    parameters: {weight: 1}\\n' >d.yml");
+    char *cp = th_path(g_dir, "d/config.json");
+    char *old = th_read(cp, NULL);
+    cr_assert(old && old[0] == '{');
+    /* a, raw DEL, b, \u0001, c, e-acute, \u007f */
+    size_t cap = strlen(old) + 64;
+    char *cfg = malloc(cap);
+    cr_assert(cfg);
+    snprintf(cfg, cap, "{\n  \"note\": \"a\x7f" "b\\u0001c\\u00e9\\u007f\",%s", old + 1);
+    cr_assert_eq(th_write(cp, cfg, strlen(cfg)), 0);
+    free(cfg);
+    RUN_OK("mergestream merge -q d.yml o");
+    char *path = th_path(g_dir, "o/config.json");
+    cfg = th_read(path, NULL);
+    cr_assert(cfg);
+    cr_assert(strstr(cfg, "\"note\": \"a\\u007fb\\u0001c\\u00e9\\u007f\""), "%s", cfg);
+    cr_assert(!strchr(cfg, 0x7f), "raw DEL in %s", cfg);
+    free(cfg);
+    cfg = NULL;
+    /* A model folder named "d<DEL>x" (a YAML escape in the recipe). */
+    int rc = run(&cfg, NULL, "cp -r base \"$(printf 'd\\177x')\" && "
+                 "printf 'merge_method: linear\\nmodels:\\n  - model: \"d\\\\x7fx\"\\n"
+                 "    parameters: {weight: 1}\\n' >dx.yml && mergestream plan --json dx.yml");
+    cr_assert_eq(rc, 0, "%s", cfg);
+    cr_assert(cfg && strstr(cfg, "\"ref\": \"d\\u007fx\""), "%s", cfg);
+    cr_assert(!strchr(cfg, 0x7f), "raw DEL in plan --json: %s", cfg);
+    free(cfg);
+    free(path);
+    free(old);
+    free(cp);
+}
