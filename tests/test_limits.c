@@ -23,26 +23,8 @@ static char *g_dir;
 
 #define RUN_OK(...) TH_RUN_OK(g_dir, __VA_ARGS__)
 
-static size_t lines(const char *s)
-{
-    size_t n = 0;
-    for (; s && *s; s++)
-        n += *s == '\n';
-    return n;
-}
-
-/* Runs cmd, expects exit status `want` and one line on stderr containing `has`
- * (exit 2, a usage error, adds the usage line). */
-static void expect_fail(int want, const char *has, const char *cmd)
-{
-    char *err = NULL;
-    int rc = run(NULL, &err, "%s", cmd);
-    cr_assert_eq(rc, want, "%s: exit %d, want %d; stderr: %s", cmd, rc, want, err);
-    cr_assert(err && strstr(err, has), "%s: stderr lacks '%s': %s", cmd, has, err);
-    cr_assert(strchr(err, '\n') && strstr(err, has) < strchr(err, '\n'), "%s: %s", cmd, err);
-    cr_assert_eq(lines(err), want == 2 ? 2 : 1, "%s: too many lines on stderr: %s", cmd, err);
-    free(err);
-}
+/* Runs cmd (from g_dir) and asserts a clean refusal (th_fail_problem). */
+#define expect_fail(want, has, cmd) TH_RUN_FAILS(g_dir, want, has, "%s", cmd)
 
 static void setup(void)
 {
