@@ -280,6 +280,14 @@ Test(limits, stoppable_when_the_reader_stalls)
     /* One line of ours; the killed command's shell may add its own ("Terminated"). */
     cr_assert(!strstr(strstr(err, "mergestream:") + 1, "mergestream:"), "%s", err);
     free(err);
+    /* The same report for a tar reader that stopped reading (a FIFO nobody reads). */
+    err = NULL;
+    rc = run(NULL, &err, "mkfifo fifo2 && (sleep 30 <fifo2 &) && "
+                         "timeout 60 mergestream merge -q r.yml - --stall-timeout 1 >fifo2");
+    cr_assert_eq(rc, 1, "exit %d: %s", rc, err);
+    cr_assert(err && strstr(err, "tar output: the reader took no bytes for 1 s while "
+                                 "'model.safetensors' was written (--stall-timeout)"), "%s", err);
+    free(err);
     expect_fail(2, "--stall-timeout", "mergestream merge r.yml x --stall-timeout -1");
 }
 
