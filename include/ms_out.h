@@ -130,6 +130,8 @@ struct ms_shard_file {
     int fd;                       /* the open .partial, or -1 */
     bool finished;                /* complete under final_path (finish, or ms_shard_file_keep) */
     bool canceled;                /* private */
+    bool created;                 /* private: this process created tmp_path (only then is it
+                                     removed on abort: another --part may be writing its own) */
     char *tmp_path;               /* private: "<dir>/<name>.partial" (owned) */
     char *final_path;             /* "<dir>/<name><suffix>" (owned); may be read */
 };
@@ -200,8 +202,9 @@ int ms_shard_file_finish(struct ms_shard_file *f);
 /* Stops f's writes (the caller is giving up): a write that needs another call
  * ends with MS_ECANCELED instead. A call in flight completes. Idempotent. */
 void ms_shard_file_cancel(struct ms_shard_file *f);
-/* Closes the temporary if open and removes it unless f is finished; the names
- * stay. No write may be in flight. Idempotent. */
+/* Closes the temporary if open and removes it unless f is finished or this
+ * process did not create it (ms_shard_file_open); the names stay. No write may
+ * be in flight. Idempotent. */
 void ms_shard_file_abort(struct ms_shard_file *f);
 /* Aborts (above) and frees the names. */
 void ms_shard_file_fini(struct ms_shard_file *f);

@@ -5,7 +5,8 @@
  * Ownership: an ms_st_file owns its tensor array and every string in it; an
  * ms_model owns its shards. Pointers returned by the find functions are
  * borrowed and live as long as the file or model. All functions here are
- * synchronous and may be called from any thread (no shared state).
+ * synchronous and may be called from any thread; the only shared state is the
+ * header limit, set once (ms_st_set_memory) before any file is opened.
  */
 #ifndef MS_SAFETENSORS_H
 #define MS_SAFETENSORS_H
@@ -17,7 +18,25 @@
 #include "ms_dtype.h"
 
 #define MS_MAX_DIMS 8
-#define MS_ST_MAX_HEADER 100000000ull
+#define MS_ST_MAX_HEADER 100000000ull  /* safetensors' own limit on N, bytes */
+/* A header is parsed whole in memory (jansson's tree): measured ~12.5 times its
+ * size at peak (a 54 MB header: 667 MB RSS); MS_ST_HEADER_COST is that with a
+ * margin. Headers up to MS_ST_HEADER_FLOOR always pass (their parse fits in the
+ * 32 MiB above --max-memory that the memory rule allows). */
+#define MS_ST_HEADER_COST 16u
+#define MS_ST_HEADER_FLOOR (2ull << 20)
+
+/*
+ * Sets the memory budget header parsing must stay within (--max-memory, bytes):
+ * from then on a header (N) over max(MS_ST_HEADER_FLOOR, max_memory /
+ * MS_ST_HEADER_COST), and never over MS_ST_MAX_HEADER, is refused with
+ * MS_EST_TOOLARGE naming the file, the limit and --max-memory, before it is
+ * read. Default: as for 512 MiB (a 32 MiB limit). Call from the main thread
+ * before any file is opened; not synchronised with concurrent opens.
+ */
+void ms_st_set_memory(uint64_t max_memory);
+/* The current header limit in bytes (see ms_st_set_memory). */
+uint64_t ms_st_header_limit(void);
 
 struct ms_st_tensor {
     char *name;                   /* UTF-8, NUL-terminated */

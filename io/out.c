@@ -19,7 +19,6 @@
  * calling thread.
  */
 #include <assert.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -38,6 +37,7 @@
 #include <uv.h>
 #include <zstd.h>
 
+#include "child_impl.h"
 #include "ms_common.h"
 #include "ms_file.h"
 #include "ms_out.h"
@@ -289,57 +289,6 @@ static void close_proc(struct ms_out *o)
     o->proc_open = false;
 }
 
-/* The descendants of pid (children of children...), read from /proc: at most
- * cap of them into out. Returns how many. Linux; elsewhere none are found. */
-static size_t descendants(int pid, int *out, size_t cap)
-{
-    size_t n = 0, cap_all = 0, nall = 0;
-    int(*all)[2] = NULL; /* (pid, ppid) */
-    DIR *d = opendir("/proc");
-    struct dirent *de;
-    while (d && (de = readdir(d)) != NULL) {
-        int p = atoi(de->d_name), pp = 0;
-        if (p <= 0)
-            continue;
-        char path[64], buf[512];
-        snprintf(path, sizeof path, "/proc/%d/stat", p);
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            continue;
-        ssize_t r = read(fd, buf, sizeof buf - 1);
-        close(fd);
-        buf[r > 0 ? r : 0] = 0;
-        const char *rp = strrchr(buf, ')'); /* "pid (comm) state ppid ..." */
-        if (!rp || sscanf(rp + 1, " %*c %d", &pp) != 1)
-            continue;
-        if (nall == cap_all) {
-            size_t nc = cap_all ? 2 * cap_all : 256;
-            void *na = ms_realloc(all, nc * sizeof *all);
-            if (!na)
-                break;
-            all = na;
-            cap_all = nc;
-        }
-        all[nall][0] = p;
-        all[nall][1] = pp;
-        nall++;
-    }
-    if (d)
-        closedir(d);
-    /* Breadth first: out[] doubles as the queue. */
-    for (size_t head = 0, parent = (size_t)-1;; head++) {
-        int want = parent == (size_t)-1 ? pid : out[parent];
-        for (size_t i = 0; i < nall && n < cap; i++)
-            if (all[i][1] == want)
-                out[n++] = all[i][0];
-        parent = head;
-        if (head >= n)
-            break;
-    }
-    ms_free(all);
-    return n;
-}
-
 /* Kills a running command and whatever it started (sh -c runs the command as its
  * child): SIGTERM to all, and SIGKILL after KILL_GRACE_MS to those still there;
  * then reaps the shell. */
@@ -350,7 +299,7 @@ static void kill_proc(struct ms_out *o)
     if (!o->exited) {
         /* The shell first: it would report a child killed under it ("Terminated"). */
         int kids[64];
-        size_t nk = descendants(o->proc.pid, kids, MS_ARRAY_LEN(kids));
+        size_t nk = ms__child_descendants(o->proc.pid, kids, MS_ARRAY_LEN(kids));
         uv_process_kill(&o->proc, SIGTERM);
         for (size_t i = 0; i < nk; i++)
             kill(kids[i], SIGTERM);
@@ -464,8 +413,10 @@ static int spawn_cmd(struct ms_out *o)
         goto out;
     }
 
-    char arg0[] = "sh", arg1[] = "-c";
-    char *args[] = {arg0, arg1, line, NULL};
+    /* Through the supervisor (io/child.c), which kills the command if we die. */
+    char arg0[] = "sh", arg1[] = "-c", pidbuf[MS__CHILD_PIDBUF];
+    char *args[MS__CHILD_ARGS] = { arg0, arg1, line, NULL };
+    bool supervised = ms__child_args(line, args, pidbuf);
     uv_stdio_container_t stdio[3] = {
         {.flags = UV_INHERIT_FD, .data.fd = fds[0]},
         {.flags = UV_INHERIT_FD, .data.fd = STDOUT_FILENO},
@@ -473,7 +424,7 @@ static int spawn_cmd(struct ms_out *o)
     };
     uv_process_options_t po = {
         .exit_cb = on_exit_cb,
-        .file = "/bin/sh",
+        .file = supervised ? MS__CHILD_EXE : "/bin/sh",
         .args = args,
         .env = env,
         .stdio_count = 3,
@@ -485,6 +436,15 @@ static int spawn_cmd(struct ms_out *o)
     o->proc.data = o;
     rc = uv_spawn(&o->loop, &o->proc, &po);
     o->proc_open = true; /* even on failure the handle must be closed */
+    if (supervised && (rc == UV_ENOENT || rc == UV_EACCES)) {
+        /* No /proc (or not executable): run the shell directly, unsupervised. */
+        close_proc(o);
+        char *direct[] = { arg0, arg1, line, NULL };
+        po.file = "/bin/sh";
+        po.args = direct;
+        rc = uv_spawn(&o->loop, &o->proc, &po);
+        o->proc_open = true;
+    }
     if (rc < 0) {
         close_proc(o);
         rc = fail(o, MS_ECHILD, "pipe command for '%s' could not be started (%s): %s",
@@ -873,7 +833,10 @@ int ms_out_file_begin(struct ms_out *o, const char *name, uint64_t size, const c
         if (o->fd < 0) {
             int e = o->fd;
             o->fd = -1;
-            return fail(o, e, "%s: cannot create: %s", o->tmp_path, strerror(-e));
+            fail(o, e, "%s: cannot create: %s", o->tmp_path, strerror(-e));
+            ms_free(o->tmp_path); /* not ours: abort must not remove it */
+            o->tmp_path = NULL;
+            return e;
         }
         return 0;
     case MS_OUT_TAR:

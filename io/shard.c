@@ -78,6 +78,7 @@ int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *heade
     if (fd < 0)
         return ms_error(fd, "%s: cannot create: %s", f->tmp_path, ms_strerror(fd));
     f->fd = fd;
+    f->created = true;
     int frc = posix_fallocate(fd, 0, (off_t)size);
     if (frc == ENOSPC || frc == EFBIG)
         return ms_error(-frc, "%s: cannot reserve %" PRIu64 " bytes: %s", f->tmp_path, size,
@@ -159,6 +160,7 @@ int ms_shard_file_finish(struct ms_shard_file *f)
     int fd = f->fd;
     f->fd = -1; /* ms_file_commit closes it whatever happens */
     int rc = ms_file_commit(fd, f->tmp_path, f->final_path, NULL, &step);
+    f->created = false; /* renamed, or removed by ms_file_commit */
     if (rc == 0) {
         f->finished = true;
         return 0;
@@ -177,8 +179,9 @@ void ms_shard_file_abort(struct ms_shard_file *f)
     if (f->fd >= 0)
         close(f->fd);
     f->fd = -1;
-    if (!f->finished && f->tmp_path)
+    if (!f->finished && f->created && f->tmp_path)
         unlink(f->tmp_path);
+    f->created = false;
 }
 
 void ms_shard_file_fini(struct ms_shard_file *f)

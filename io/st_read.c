@@ -27,6 +27,17 @@
 
 /* ------------------------------------------------------------------ helpers */
 
+/* ms_st_set_memory's limit; the default is that of 512 MiB (MS_DEFAULT_MAX_MEMORY). */
+static uint64_t g_header_limit = (512ull << 20) / MS_ST_HEADER_COST;
+
+void ms_st_set_memory(uint64_t max_memory)
+{
+    uint64_t l = MS_MAX(MS_ST_HEADER_FLOOR, max_memory / MS_ST_HEADER_COST);
+    g_header_limit = MS_MIN(l, MS_ST_MAX_HEADER);
+}
+
+uint64_t ms_st_header_limit(void) { return g_header_limit; }
+
 static uint64_t le64(const unsigned char *p)
 {
     uint64_t v = 0;
@@ -280,6 +291,13 @@ int ms_st_parse(const char *path, const void *buf, size_t buf_len, uint64_t file
         return ms_error(MS_EST_TOOLARGE,
                         "%s: header length %" PRIu64 " is over the limit of %llu bytes", path, n,
                         MS_ST_MAX_HEADER);
+    if (n > g_header_limit)
+        return ms_error(MS_EST_TOOLARGE,
+                        "%s: header length %" PRIu64 " is over the limit of %" PRIu64
+                        " bytes (1/%u of --max-memory, at least %llu MiB: parsing takes up to "
+                        "%u times the header)",
+                        path, n, g_header_limit, MS_ST_HEADER_COST, MS_ST_HEADER_FLOOR >> 20,
+                        MS_ST_HEADER_COST);
     /* n <= 1e8, so PREFIX_BYTES + n cannot overflow. */
     if (PREFIX_BYTES + n > file_size)
         return ms_error(MS_EST_HDRLEN,
@@ -460,7 +478,7 @@ int ms_st_open(const char *path, struct ms_st_file **out)
         goto out;
     }
     uint64_t n = le64(prefix);
-    if (n > MS_ST_MAX_HEADER || PREFIX_BYTES + n > size) {
+    if (n > MS_ST_MAX_HEADER || n > g_header_limit || PREFIX_BYTES + n > size) {
         /* Invalid length: the parser reports it from the prefix alone. */
         rc = ms_st_parse(path, prefix, have, size, out);
         goto out;

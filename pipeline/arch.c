@@ -89,19 +89,84 @@ bool ms__layer_split(const char *name, size_t *prefix_len, uint64_t *layer, size
     return false;
 }
 
+/* ------------------------------------------------------------------ name index */
+
+/* One slot of the (kind, name) index; name is borrowed from a weight. */
+struct ms__wslot {
+    const char *name; /* NULL: empty */
+    size_t len;
+    uint32_t kind;
+    size_t w;
+};
+
+static size_t slot_hash(uint32_t kind, const char *name, size_t len)
+{
+    uint64_t h = 1469598103934665603ull ^ kind; /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)name[i]) * 1099511628211ull;
+    return (size_t)(h ^ (h >> 29));
+}
+
+/* The slot of (kind, name), or the empty one where it would go. The index is
+ * never full (index_put keeps it at most half used). */
+static struct ms__wslot *slot_find(const struct ms__arch *a, uint32_t kind, const char *name,
+                                   size_t len)
+{
+    size_t i = slot_hash(kind, name, len) & a->index_mask;
+    for (;; i = (i + 1) & a->index_mask) {
+        struct ms__wslot *sl = &a->index[i];
+        if (!sl->name || (sl->kind == kind && sl->len == len && !memcmp(sl->name, name, len)))
+            return sl;
+    }
+}
+
+/* Indexes name as weight w of kind k unless an earlier weight has it (the first
+ * one wins, as in a scan in order). false: out of memory. */
+static bool index_put(struct ms__arch *a, enum ms__wkind k, const char *name, size_t w)
+{
+    if (2 * (a->index_used + 1) > a->index_mask + 1 || !a->index) {
+        size_t cap = a->index ? 2 * (a->index_mask + 1) : 64;
+        struct ms__wslot *old = a->index;
+        size_t old_cap = old ? a->index_mask + 1 : 0;
+        a->index = ms_calloc(cap, sizeof *a->index);
+        if (!a->index) {
+            a->index = old;
+            return false;
+        }
+        a->index_mask = cap - 1;
+        for (size_t i = 0; i < old_cap; i++)
+            if (old[i].name)
+                *slot_find(a, old[i].kind, old[i].name, old[i].len) = old[i];
+        ms_free(old);
+    }
+    size_t len = strlen(name);
+    struct ms__wslot *sl = slot_find(a, (uint32_t)k, name, len);
+    if (!sl->name) {
+        *sl = (struct ms__wslot){ name, len, (uint32_t)k, w };
+        a->index_used++;
+    }
+    return true;
+}
+
 /* Appends a weight of kind k; copies the strings. Returns the new entry or NULL. */
 static struct ms__weight *weight_add(struct ms__arch *a, enum ms__wkind k, const char *name,
                                      size_t name_len)
 {
-    struct ms__weight *w = ms_realloc(a->w[k], (a->nw[k] + 1) * sizeof *w);
-    if (!w)
-        return NULL;
-    a->w[k] = w;
-    struct ms__weight *e = &w[a->nw[k]];
+    if (a->nw[k] == a->capw[k]) {
+        size_t nc = MS_MAX(16, 2 * a->capw[k]);
+        struct ms__weight *w = ms_realloc(a->w[k], nc * sizeof *w);
+        if (!w)
+            return NULL;
+        a->w[k] = w;
+        a->capw[k] = nc;
+    }
+    struct ms__weight *e = &a->w[k][a->nw[k]];
     memset(e, 0, sizeof *e);
     e->name = ms_strndup(name, name_len);
-    if (!e->name)
+    if (!e->name || !index_put(a, k, e->name, a->nw[k])) {
+        ms_free(e->name);
         return NULL;
+    }
     a->nw[k]++;
     return e;
 }
@@ -109,10 +174,10 @@ static struct ms__weight *weight_add(struct ms__arch *a, enum ms__wkind k, const
 static ssize_t weight_find(const struct ms__arch *a, enum ms__wkind k, const char *name,
                            size_t len)
 {
-    for (size_t i = 0; i < a->nw[k]; i++)
-        if (strlen(a->w[k][i].name) == len && !memcmp(a->w[k][i].name, name, len))
-            return (ssize_t)i;
-    return -1;
+    if (!a->index)
+        return -1;
+    const struct ms__wslot *sl = slot_find(a, (uint32_t)k, name, len);
+    return sl->name ? (ssize_t)sl->w : -1;
 }
 
 void ms__arch_free(struct ms__arch *a)
@@ -129,6 +194,7 @@ void ms__arch_free(struct ms__arch *a)
         }
         ms_free(a->w[k]);
     }
+    ms_free(a->index);
     ms_free(a->name);
     ms_free(a->layer_prefix);
     ms_free(a);
@@ -329,6 +395,12 @@ int ms__arch_build(const char *name, struct ms_model *const *models, const char 
         rc = a->name ? build_generic(models, refs, nmodels, a)
                      : ms_error(MS_ENOMEM, "out of memory");
     }
+    /* Aliases go in after every primary name: a name wins over an alias. */
+    for (int k = 0; k < 3 && !rc; k++)
+        for (size_t i = 0; i < a->nw[k] && !rc; i++)
+            for (size_t j = 0; j < a->w[k][i].naliases && !rc; j++)
+                if (!index_put(a, (enum ms__wkind)k, a->w[k][i].aliases[j], i))
+                    rc = ms_error(MS_ENOMEM, "out of memory");
     if (rc) {
         ms__arch_free(a);
         return rc;
@@ -417,26 +489,16 @@ char *ms__arch_tensor_name(const struct ms__arch *a, enum ms__wkind k, size_t w,
     return ms_asprintf("%s.%" PRIu64 ".%s", a->layer_prefix, layer, a->w[k][w].name);
 }
 
-static bool weight_matches(const struct ms__weight *w, const char *name)
-{
-    if (!strcmp(w->name, name))
-        return true;
-    for (size_t j = 0; j < w->naliases; j++)
-        if (!strcmp(w->aliases[j], name))
-            return true;
-    return false;
-}
-
 bool ms__arch_classify(const struct ms__arch *a, const char *name, enum ms__wkind *kind,
                        size_t *w, uint64_t *layer)
 {
+    size_t len = strlen(name);
     for (int k = MS__W_PRE; k <= MS__W_POST; k += 2) {
-        for (size_t i = 0; i < a->nw[k]; i++) {
-            if (weight_matches(&a->w[k][i], name)) {
-                *kind = (enum ms__wkind)k;
-                *w = i;
-                return true;
-            }
+        ssize_t i = weight_find(a, (enum ms__wkind)k, name, len);
+        if (i >= 0) {
+            *kind = (enum ms__wkind)k;
+            *w = (size_t)i;
+            return true;
         }
     }
     size_t plen, rest;
@@ -444,13 +506,11 @@ bool ms__arch_classify(const struct ms__arch *a, const char *name, enum ms__wkin
     if (!ms__layer_split(name, &plen, &l, &rest) || plen != strlen(a->layer_prefix) ||
         memcmp(name, a->layer_prefix, plen))
         return false;
-    for (size_t i = 0; i < a->nw[MS__W_LAYER]; i++) {
-        if (weight_matches(&a->w[MS__W_LAYER][i], name + rest)) {
-            *kind = MS__W_LAYER;
-            *w = i;
-            *layer = l;
-            return true;
-        }
-    }
-    return false;
+    ssize_t i = weight_find(a, MS__W_LAYER, name + rest, len - rest);
+    if (i < 0)
+        return false;
+    *kind = MS__W_LAYER;
+    *w = (size_t)i;
+    *layer = l;
+    return true;
 }

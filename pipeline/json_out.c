@@ -40,7 +40,8 @@ static void jb_string(struct ms_strbuf *b, const char *s, size_t n)
         case '\f': ms_strbuf_addstr(b, "\\f"); continue;
         default: break;
         }
-        if (cp < 0x20 || (cp > 0x7f && cp < 0x10000)) {
+        /* Python escapes all but ' '..'~' (ensure_ascii): DEL (0x7f) too. */
+        if (cp < 0x20 || (cp >= 0x7f && cp < 0x10000)) {
             snprintf(tmp, sizeof tmp, "\\u%04x", (unsigned)cp);
             ms_strbuf_addstr(b, tmp);
         } else if (cp >= 0x10000) {

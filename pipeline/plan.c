@@ -1214,8 +1214,8 @@ static int layout_jobs(struct pb *pb)
     int rc = 0;
     struct order_key *ord = ms_malloc(n * sizeof *ord);
     struct ms_out_tensor *ot = ms_calloc(n, sizeof *ot);
-    struct ms_job *jobs = ms_malloc(n * sizeof *jobs);
-    if (!ord || !ot || !jobs) {
+    size_t *src = ms_malloc(n * sizeof *src); /* jobs[k] comes from jobs[src[k]] */
+    if (!ord || !ot || !src) {
         rc = ms_error(MS_ENOMEM, "out of memory");
         goto out;
     }
@@ -1244,16 +1244,28 @@ static int layout_jobs(struct pb *pb)
             size_t li = sh->order[i];
             const struct ms_out_tensor *t = &p->layout->tensors[li];
             assert(t->shard == s && k < n);
-            jobs[k] = p->jobs[ord[li].idx];
-            jobs[k].shard = (uint32_t)s;
-            jobs[k].out_offset = t->file_offset;
+            src[k] = ord[li].idx;
+            p->jobs[src[k]].shard = (uint32_t)s;
+            p->jobs[src[k]].out_offset = t->file_offset;
             k++;
         }
     }
     assert(k == n);
-    ms_free(p->jobs);
-    p->jobs = jobs;
-    jobs = NULL;
+    /* Permute in place along cycles (a job is ~2.4 KB: no second array of them). */
+    for (size_t c = 0; c < n; c++) {
+        if (src[c] == SIZE_MAX || src[c] == c)
+            continue;
+        struct ms_job tmp = p->jobs[c];
+        size_t d = c;
+        while (src[d] != c) {
+            size_t from = src[d];
+            p->jobs[d] = p->jobs[from];
+            src[d] = SIZE_MAX;
+            d = from;
+        }
+        p->jobs[d] = tmp;
+        src[d] = SIZE_MAX;
+    }
     for (size_t i = 0; i < n; i++) {
         struct ms_job *j = &p->jobs[i];
         j->s.name = j->name;
@@ -1270,7 +1282,7 @@ static int layout_jobs(struct pb *pb)
 out:
     ms_free(ord);
     ms_free(ot);
-    ms_free(jobs);
+    ms_free(src);
     return rc;
 }
 

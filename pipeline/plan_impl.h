@@ -34,12 +34,19 @@ struct ms__weight {
     char *tied;                   /* name loaded when this one is absent, or NULL */
 };
 
+struct ms__wslot;
+
 struct ms__arch {
     char *name;                   /* config.json architectures[0] (or "generic ...") */
     bool generic;                 /* inferred from tensor names (mergekit-spec.md 3.3) */
     char *layer_prefix;           /* "model.layers" */
     size_t nw[3];                 /* weights per kind (indexed by enum ms__wkind) */
     struct ms__weight *w[3];
+    size_t capw[3];               /* allocated entries of w[k] */
+    /* Hash index of every weight's name and aliases, (kind, name) -> first entry,
+     * so that classifying a model's tensors is linear in them (arch.c). */
+    struct ms__wslot *index;
+    size_t index_mask, index_used;
     /* config.json keys that may hold the layer count, in order of preference;
      * dotted paths ("text_config.num_hidden_layers") descend into objects. */
     const char *const *layer_keys;

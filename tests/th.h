@@ -39,6 +39,24 @@ int th_run_in(const char *dir, char **out, char **err, const char *fmt, ...)
         free(o_);                                                                       \
         free(e_);                                                                       \
     } while (0)
+/*
+ * The refusal rules for a command that must fail: exit status `want`, stderr's
+ * first line contains `has`, and stderr is that one line (exit 2, a usage
+ * error, adds the usage line: two). Returns NULL when rc and err follow them,
+ * else which rule is broken (static text).
+ */
+const char *th_fail_problem(int rc, const char *err, int want, const char *has);
+/* Runs the th_run_in command (from dir) and asserts th_fail_problem's rules. */
+#define TH_RUN_FAILS(dir, want, has, ...)                                               \
+    do {                                                                                \
+        char *o_ = NULL, *e_ = NULL;                                                    \
+        int rc_ = th_run_in(dir, &o_, &e_, __VA_ARGS__);                                \
+        const char *p_ = th_fail_problem(rc_, e_, want, has);                           \
+        cr_assert(!p_, "%s (want exit %d and '%s')\nexit %d\nstdout: %s\nstderr: %s", p_, \
+                  want, has, rc_, o_, e_);                                              \
+        free(o_);                                                                       \
+        free(e_);                                                                       \
+    } while (0)
 /* Byte-compares two files; 0 if equal. */
 int th_cmp_files(const char *a, const char *b);
 

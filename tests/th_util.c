@@ -149,3 +149,20 @@ int th_run_in(const char *dir, char **out, char **err, const char *fmt, ...)
     snprintf(full, sizeof full, "cd '%s' && %s", dir, cmd);
     return th_run(full, out, err);
 }
+
+const char *th_fail_problem(int rc, const char *err, int want, const char *has)
+{
+    if (rc != want)
+        return "wrong exit status";
+    if (!err || !strstr(err, has))
+        return "stderr lacks the text";
+    const char *nl = strchr(err, '\n');
+    if (!nl || strstr(err, has) > nl)
+        return "the text is not on stderr's first line";
+    size_t lines = 0;
+    for (const char *c = err; *c; c++)
+        lines += *c == '\n';
+    if (lines != (want == 2 ? 2u : 1u))
+        return "stderr has more lines than the one error line";
+    return NULL;
+}

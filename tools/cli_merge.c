@@ -16,6 +16,7 @@
 #include "ms_engine.h"
 #include "ms_plan.h"
 #include "ms_recipe.h"
+#include "ms_safetensors.h"
 #include "ms_stage.h"
 
 #include "cli.h"
@@ -467,6 +468,7 @@ int ms_cli_merge(int argc, char **argv)
         return usage_error("expected RECIPE.yml and OUT", NULL);
     const char *recipe_path = argv[optind];
     eo.out = argv[optind + 1];
+    ms_st_set_memory(eo.max_memory); /* headers are parsed within the budget too */
     eo.seed = po.seed;
     if (!strcmp(eo.out, "-")) {
         if (eo.kind == MS_OUT_PIPE)

@@ -13,6 +13,7 @@
 #include "ms_engine.h"
 #include "ms_plan.h"
 #include "ms_recipe.h"
+#include "ms_safetensors.h"
 
 #include "cli.h"
 
@@ -149,6 +150,7 @@ int ms_cli_plan(int argc, char **argv)
                                 NULL);
     if (quiet)
         ms_log_set_quiet(true);
+    ms_st_set_memory(max_memory); /* as merge: headers are parsed within the budget */
 
     struct ms_recipe_file *file = NULL;
     struct ms_plan *p = NULL;
