@@ -21,12 +21,35 @@
  *   out = rnd(float32(s) * u),   s = sum_i alpha_i*n_i (Python double, zero norms included)
  * which are mergekit's last two roundings.
  *
- * This is the same iteration in exact arithmetic, but not bit-identical to
- * mergekit: mergekit rounds u, T and the scalars d, th, ||T|| to the compute
- * dtype at every step, and its dot products and norms are float32 sums in
- * torch's order; here only the last two steps round. Results differ by about
- * an ulp of the compute dtype in some elements (spec 7.20). The result does not
- * depend on chunking: the Gram sums are exact and apply is elementwise.
+ * This is mergekit's float32 iteration in exact arithmetic; it is used when the
+ * compute dtype is float32, where it agrees with mergekit within an ulp (spec 7.20).
+ *
+ * bfloat16 / float16 (the "step" form): mergekit's iteration rounds every
+ * intermediate tensor to D, which the coefficient form cannot reproduce (on its
+ * own demo models bf16 differs by up to ~135 ulps). There the stage follows
+ * mergekit's loop op by op, each torch op's result rounded to D as torch's CPU
+ * kernels compute it (docs/NUMERICS.md, "karcher"):
+ *   u_i  = r(x_i / n_i)                          n_i float32 norm (tensor / 0-dim f32)
+ *   u    = r(u + r(float(a) * u_i)) over valid i, then u = r(u / float32 ||u||)
+ *   per iteration:  d_i = r(float32(u.u_i)), th_i = r(acosf(d_i)), skip th_i < tol,
+ *                   f_i = r(float(a) * r(th_i / r(sinf(th_i))))
+ *                   T = r(T + r(f_i * r(u_i - r(d_i * u))))
+ *                   |T| float32; stop if < tol
+ *                   u = r(r(r(cosf|T|) * u) + r(r(sinf|T|) * r(T / |T|)))
+ *                   u = r(u / float32 ||u||) when ||u|| > tol
+ *   out  = r(float(s) * u)
+ * Each whole-tensor figure is a reduce pass (exact sums, ms_xacc, rounded once
+ * to float32 as torch's float32 accumulation approximates): the norms, ||u_0||,
+ * then per iteration the dots, |T| and ||u||: at most 2 + 3*max_iter passes.
+ * No vector is stored: every pass recomputes each element's iterates from its
+ * inputs and the scalars of the passes before (the elementwise ops depend only
+ * on the element and those scalars). Rounded to D the iterates usually end in a
+ * short cycle rather than converge (|T| stays above tol): when u_k equals u_{k-L}
+ * in every element (L <= KS_LMAX, counted in the dots pass), each iterate being a
+ * function of the one before, the sequence repeats with period L and the stage
+ * jumps to the iterate max_iter lands on (the same bytes as running on). The
+ * replay costs O(k * N) per element in pass k. The scalars of every iteration are kept in the
+ * state (max_iter * (3N + 4) floats, counted by state_size).
  *
  * Inputs: a lone tensor is returned unchanged; no valid input (all norms <= tol)
  * gives zeros.
@@ -41,6 +64,10 @@
 
 #define KARCHER_NG (MS_MAX_INPUTS * (MS_MAX_INPUTS + 1) / 2) /* Gram entries i <= j */
 
+/* Reduce passes of the step form (bf16/f16). */
+enum { KS_NORM, KS_INIT, KS_DOT, KS_NT, KS_NU };
+#define KS_LMAX 8 /* longest cycle of iterates looked for */
+
 struct karcher_state {
     uint32_t n;                   /* inputs */
     bool copy;                    /* one input: out = x_0 */
@@ -51,7 +78,28 @@ struct karcher_state {
     uint32_t iters;               /* iterations run */
     float norm[MS_MAX_INPUTS];    /* float32 norms n_i */
     struct ms_xacc g[KARCHER_NG]; /* folded Gram sums, entry (i <= j) at karcher_gi(n, i, j) */
+    /* step form (compute bf16/f16) */
+    bool step;
+    int phase;                    /* KS_*: the reduce pass running */
+    uint32_t m, v[MS_MAX_INPUTS]; /* valid inputs, in order */
+    float af;                     /* float32(a): every valid input's normalised alpha */
+    double tol;
+    long max_iter;
+    bool fallback; /* ||u_0|| < tol: u starts as the first valid unit vector */
+    float nu0;     /* ||u_0|| */
+    uint32_t done; /* iterations whose scalars are complete */
+    bool brk;      /* iteration `done` stopped on |T| < tol: u stays u_done */
+    struct ms_xacc acc[MS_MAX_INPUTS + KS_LMAX]; /* the pass's folded sums */
+    float sc[]; /* per iteration k: KS_W(n) floats at sc + k*KS_W(n) */
 };
+
+/* Scalars of one iteration: d_i, f_i, skip_i (1: th_i < tol) by valid input, then
+ * |T|, r(cos|T|), r(sin|T|), ||u'||. */
+#define KS_W(n) (3 * (size_t)(n) + 4)
+#define KS_D(s, k) ((s)->sc + (size_t)(k)*KS_W((s)->n))
+#define KS_F(s, k) (KS_D(s, k) + (s)->n)
+#define KS_SKIP(s, k) (KS_D(s, k) + 2 * (size_t)(s)->n)
+#define KS_NT_(s, k) (KS_D(s, k) + 3 * (size_t)(s)->n)
 
 /* Index of Gram entry (i, j), i <= j, row-major over the upper triangle. */
 static inline size_t karcher_gi(uint32_t n, uint32_t i, uint32_t j)
@@ -59,11 +107,32 @@ static inline size_t karcher_gi(uint32_t n, uint32_t i, uint32_t j)
     return (size_t)i * n - (size_t)i * (i - 1) / 2 + (j - i);
 }
 
-static size_t karcher_state_size(const struct ms_stage_job *job) { return sizeof(struct karcher_state); }
+static bool karcher_is_step(const struct ms_stage_job *job)
+{
+    return job->compute == MS_DT_BF16 || job->compute == MS_DT_F16;
+}
+
+static long karcher_max_iter(const struct ms_stage_job *job)
+{
+    int pi = ms_method_param(job->method, "max_iter");
+    assert(pi >= 0);
+    double v = job->gv[pi];
+    return v > 0 ? (long)v : 0;
+}
+
+static size_t karcher_state_size(const struct ms_stage_job *job)
+{
+    size_t sz = sizeof(struct karcher_state);
+    if (karcher_is_step(job))
+        sz += (size_t)karcher_max_iter(job) * KS_W(job->ninputs) * sizeof(float);
+    return sz;
+}
 
 static size_t karcher_partial_size(const struct ms_stage_job *job)
 {
     size_t n = MS_MIN(job->ninputs, MS_MAX_INPUTS);
+    if (karcher_is_step(job))
+        return (n + KS_LMAX) * sizeof(struct ms_xacc);
     return n * (n + 1) / 2 * sizeof(struct ms_xacc);
 }
 
@@ -78,10 +147,288 @@ static int karcher_begin(void *state, const struct ms_stage_job *job)
         s->copy = true;
         return MS_STAGE_APPLY;
     }
+    if (karcher_is_step(job)) {
+        int pt = ms_method_param(job->method, "tol");
+        assert(pt >= 0);
+        s->step = true;
+        s->phase = KS_NORM;
+        s->tol = job->gv[pt];
+        s->max_iter = karcher_max_iter(job);
+        for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+            ms_xacc_init(&s->acc[i]);
+        return MS_STAGE_REDUCE;
+    }
     for (size_t k = 0; k < (size_t)s->n * (s->n + 1) / 2; k++)
         ms_xacc_init(&s->g[k]);
     return MS_STAGE_REDUCE;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Step form: mergekit's loop replayed from the scalars, over blocks of KS_B  */
+/* elements (leaf loops over arrays, so that -O3 vectorises them).           */
+
+#define KS_B 64
+#define KS_INLINE static inline __attribute__((always_inline))
+
+/* Unit inputs of elements [j0, j0+nb): ui[p][j] = r(x_{v_p} / n_{v_p}), p < m. */
+KS_INLINE void ks_units(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                        size_t j0, size_t nb, float (*restrict ui)[KS_B])
+{
+    for (uint32_t p = 0; p < s->m; p++) {
+        const float *restrict x = c->in[s->v[p]] + j0;
+        const float nrm = s->norm[s->v[p]];
+        for (size_t j = 0; j < nb; j++)
+            ui[p][j] = ms_rnd(d, x[j] / nrm);
+    }
+}
+
+/* The initial guess before normalisation: u = r(u + r(a*u_i)) over valid i. */
+KS_INLINE void ks_u0(enum ms_dtype d, const struct karcher_state *s, size_t nb,
+                     const float (*restrict ui)[KS_B], float *restrict u)
+{
+    const float af = s->af;
+    for (size_t j = 0; j < nb; j++)
+        u[j] = 0.0f;
+    for (uint32_t p = 0; p < s->m; p++)
+        for (size_t j = 0; j < nb; j++)
+            u[j] = ms_rnd(d, u[j] + ms_rnd(d, af * ui[p][j]));
+}
+
+KS_INLINE void ks_start(enum ms_dtype d, const struct karcher_state *s, size_t nb,
+                        const float (*restrict ui)[KS_B], float *restrict u)
+{
+    if (s->fallback) {
+        memcpy(u, ui[0], nb * sizeof(float));
+        return;
+    }
+    ks_u0(d, s, nb, ui, u);
+    const float nu = s->nu0;
+    for (size_t j = 0; j < nb; j++)
+        u[j] = ms_rnd(d, u[j] / nu);
+}
+
+/* T of iteration k. */
+KS_INLINE void ks_T(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
+                    const float (*restrict ui)[KS_B], const float *restrict u, float *restrict T)
+{
+    const float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
+    for (size_t j = 0; j < nb; j++)
+        T[j] = 0.0f;
+    for (uint32_t p = 0; p < s->m; p++) {
+        if (skip[p] != 0.0f)
+            continue;
+        const float dp = dd[p], fp = f[p];
+        for (size_t j = 0; j < nb; j++) {
+            float w = ms_rnd(d, ui[p][j] - ms_rnd(d, dp * u[j]));
+            T[j] = ms_rnd(d, T[j] + ms_rnd(d, fp * w));
+        }
+    }
+}
+
+/* u' of iteration k (before renormalisation), in place of u. */
+KS_INLINE void ks_next(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
+                       float *restrict u, const float *restrict T)
+{
+    const float *q = KS_NT_(s, k); /* |T|, r(cos), r(sin), ||u'|| */
+    const float nt = q[0], cs = q[1], sn = q[2];
+    for (size_t j = 0; j < nb; j++)
+        u[j] = ms_rnd(d, ms_rnd(d, cs * u[j]) + ms_rnd(d, sn * ms_rnd(d, T[j] / nt)));
+}
+
+KS_INLINE void ks_renorm(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
+                         float *restrict u)
+{
+    const float nu = KS_NT_(s, k)[3];
+    if ((double)nu > s->tol)
+        for (size_t j = 0; j < nb; j++)
+            u[j] = ms_rnd(d, u[j] / nu);
+}
+
+/* u after `iters` complete iterations; T is scratch. */
+KS_INLINE void ks_u(enum ms_dtype d, const struct karcher_state *s, uint32_t iters, size_t nb,
+                    const float (*restrict ui)[KS_B], float *restrict u, float *restrict T)
+{
+    ks_start(d, s, nb, ui, u);
+    for (uint32_t k = 0; k < iters; k++) {
+        ks_T(d, s, k, nb, ui, u, T);
+        ks_next(d, s, k, nb, u, T);
+        ks_renorm(d, s, k, nb, u);
+    }
+}
+
+/* Adds n (< 2^48) to an exact counter: both terms are floats. */
+static void ks_count(struct ms_xacc *a, uint64_t n)
+{
+    ms_xacc_add(a, (double)(float)(n & 0xffffffu));
+    ms_xacc_add(a, (double)(float)(n >> 24) * 16777216.0);
+}
+
+KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                         struct ms_xacc *acc)
+{
+    const size_t cnt = (size_t)c->count;
+    const uint32_t k = s->done;
+    if (s->phase == KS_NORM) {
+        for (uint32_t i = 0; i < s->n; i++)
+            ms_xacc_sumsq(&acc[i], c->in[i], cnt);
+        return;
+    }
+    float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B];
+    /* KS_DOT: u_t of the last KS_LMAX + 1 iterations, at ring[t % (KS_LMAX + 1)] */
+    float ring[KS_LMAX + 1][KS_B];
+    const uint32_t lmax = MS_MIN(k, KS_LMAX);
+    uint64_t miss[KS_LMAX] = { 0 };
+    for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
+        const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
+        ks_units(d, s, c, j0, nb, ui);
+        switch (s->phase) {
+        case KS_INIT:
+            ks_u0(d, s, nb, ui, u);
+            ms_xacc_sumsq(&acc[0], u, nb);
+            break;
+        case KS_DOT:
+            /* dots of u_k with every u_i; acc[m + l - 1] counts the elements where
+             * u_k != u_{k-l}, 1 <= l <= min(k, KS_LMAX) */
+            ks_start(d, s, nb, ui, u);
+            memcpy(ring[0], u, nb * sizeof(float));
+            for (uint32_t t = 0; t < k; t++) {
+                ks_T(d, s, t, nb, ui, u, T);
+                ks_next(d, s, t, nb, u, T);
+                ks_renorm(d, s, t, nb, u);
+                memcpy(ring[(t + 1) % (KS_LMAX + 1)], u, nb * sizeof(float));
+            }
+            for (uint32_t l = 1; l <= lmax; l++) {
+                const float *o = ring[(k - l) % (KS_LMAX + 1)];
+                uint64_t mm = 0;
+                for (size_t j = 0; j < nb; j++)
+                    mm += ms_f32_bits(u[j]) != ms_f32_bits(o[j]);
+                miss[l - 1] += mm;
+            }
+            for (uint32_t p = 0; p < s->m; p++)
+                ms_xacc_dot(&acc[p], u, ui[p], nb);
+            break;
+        case KS_NT:
+            ks_u(d, s, k, nb, ui, u, T);
+            ks_T(d, s, k, nb, ui, u, T);
+            ms_xacc_sumsq(&acc[0], T, nb);
+            break;
+        default:
+            assert(s->phase == KS_NU);
+            ks_u(d, s, k, nb, ui, u, T);
+            ks_T(d, s, k, nb, ui, u, T);
+            ks_next(d, s, k, nb, u, T);
+            ms_xacc_sumsq(&acc[0], u, nb);
+            break;
+        }
+    }
+    if (s->phase == KS_DOT)
+        for (uint32_t l = 0; l < KS_LMAX; l++)
+            ks_count(&acc[s->m + l], miss[l]);
+}
+
+/* Torch's float32 norm of a tensor whose exact sum of squares is in a. */
+static float ks_norm(const struct ms_xacc *a) { return sqrtf((float)ms_xacc_value(a)); }
+
+/* Loop thread: turns the pass's sums into the next scalars; chooses the next pass. */
+static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
+{
+    enum ms_dtype d = job->compute;
+    uint32_t k = s->done;
+    switch (s->phase) {
+    case KS_NORM: {
+        const double alpha = 1.0 / s->n;
+        double scale = 0.0, asum = 0.0;
+        for (uint32_t i = 0; i < s->n; i++) {
+            s->norm[i] = ks_norm(&s->acc[i]);
+            scale += alpha * s->norm[i];
+            if (s->norm[i] > s->tol) {
+                s->v[s->m++] = i;
+                asum += alpha;
+            }
+        }
+        s->scale = (float)scale;
+        if (s->m == 0) {
+            s->zero = true;
+            return MS_STAGE_APPLY;
+        }
+        s->af = (float)(alpha / asum);
+        s->phase = KS_INIT;
+        break;
+    }
+    case KS_INIT:
+        s->nu0 = ks_norm(&s->acc[0]);
+        s->fallback = (double)s->nu0 < s->tol;
+        if (s->max_iter == 0)
+            return MS_STAGE_APPLY;
+        s->phase = KS_DOT;
+        break;
+    case KS_DOT: {
+        for (uint32_t l = 1; l <= MS_MIN(k, KS_LMAX); l++)
+            if (ms_xacc_value(&s->acc[s->m + l - 1]) == 0) {
+                /* u_k == u_{k-l} everywhere: the iterates repeat with period l from
+                 * u_{k-l} on (each depends only on the one before, and none of
+                 * those iterations stopped), so iteration max_iter ends on
+                 * u_{k-l + (max_iter - (k-l)) mod l}: apply replays that one */
+                uint32_t k0 = k - l;
+                s->done = k0 + (uint32_t)(((unsigned long)s->max_iter - k0) % l);
+                return MS_STAGE_APPLY;
+            }
+        float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
+        for (uint32_t p = 0; p < s->m; p++) {
+            float dot = ms_rnd(d, (float)ms_xacc_value(&s->acc[p]));
+            dot = dot < -1.0f ? -1.0f : dot > 1.0f ? 1.0f : dot;
+            float th = ms_rnd(d, acosf(dot));
+            dd[p] = dot;
+            skip[p] = (double)th < s->tol;
+            f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
+        }
+        s->phase = KS_NT;
+        break;
+    }
+    case KS_NT: {
+        float *q = KS_NT_(s, k);
+        q[0] = ks_norm(&s->acc[0]);
+        s->iters = k + 1;
+        if ((double)q[0] < s->tol) {
+            s->brk = true; /* u stays u_k */
+            return MS_STAGE_APPLY;
+        }
+        q[1] = ms_rnd(d, cosf(q[0]));
+        q[2] = ms_rnd(d, sinf(q[0]));
+        s->phase = KS_NU;
+        break;
+    }
+    default:
+        assert(s->phase == KS_NU);
+        KS_NT_(s, k)[3] = ks_norm(&s->acc[0]);
+        s->done = k + 1;
+        if (s->done >= (uint32_t)s->max_iter)
+            return MS_STAGE_APPLY;
+        s->phase = KS_DOT;
+        break;
+    }
+    for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+        ms_xacc_init(&s->acc[i]);
+    return MS_STAGE_REDUCE;
+}
+
+/* y[j] = r(float32(s) * u_done[j]). */
+KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c)
+{
+    float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B];
+    const size_t cnt = (size_t)c->count;
+    const float scale = s->scale;
+    for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
+        const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
+        ks_units(d, s, c, j0, nb, ui);
+        ks_u(d, s, s->done, nb, ui, u, T);
+        for (size_t j = 0; j < nb; j++)
+            c->out[j0 + j] = ms_rnd(d, scale * u[j]);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Coefficient form (float32).                                               */
 
 static void karcher_reduce(const void *state, const struct ms_stage_job *job,
                            const struct ms_chunk *c, void *partial)
@@ -89,6 +436,15 @@ static void karcher_reduce(const void *state, const struct ms_stage_job *job,
     const struct karcher_state *s = state;
     struct ms_xacc *g = partial;
     size_t cnt = (size_t)c->count;
+    if (s->step) {
+        for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+            ms_xacc_init(&g[i]);
+        if (job->compute == MS_DT_BF16)
+            ks_reduce(MS_DT_BF16, s, c, g);
+        else
+            ks_reduce(MS_DT_F16, s, c, g);
+        return;
+    }
     for (uint32_t i = 0; i < s->n; i++)
         for (uint32_t j = i; j < s->n; j++) {
             struct ms_xacc *a = &g[karcher_gi(s->n, i, j)];
@@ -105,6 +461,11 @@ static void karcher_fold(void *state, const struct ms_stage_job *job, const stru
 {
     struct karcher_state *s = state;
     const struct ms_xacc *g = partial;
+    if (s->step) {
+        for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+            ms_xacc_merge(&s->acc[i], &g[i]);
+        return;
+    }
     for (size_t k = 0; k < (size_t)s->n * (s->n + 1) / 2; k++)
         ms_xacc_merge(&s->g[k], &g[k]);
 }
@@ -131,6 +492,8 @@ static double karcher_len(const double *G, const double *x, uint32_t m)
 static int karcher_end_pass(void *state, const struct ms_stage_job *job)
 {
     struct karcher_state *s = state;
+    if (s->step)
+        return ks_end_pass(s, job);
     int pi = ms_method_param(job->method, "max_iter"), pt = ms_method_param(job->method, "tol");
     assert(pi >= 0 && pt >= 0);
     const double tol = job->gv[pt];
@@ -234,18 +597,15 @@ static void karcher_apply(const void *state, const struct ms_stage_job *job,
             c->out[j] = 0.0f;
         return;
     }
-    switch (job->compute) {
-    case MS_DT_BF16:
-        karcher_kern(MS_DT_BF16, s, c, cnt);
-        break;
-    case MS_DT_F16:
-        karcher_kern(MS_DT_F16, s, c, cnt);
-        break;
-    default:
-        assert(job->compute == MS_DT_F32);
-        karcher_kern(MS_DT_F32, s, c, cnt);
-        break;
+    if (s->step) {
+        if (job->compute == MS_DT_BF16)
+            ks_apply(MS_DT_BF16, s, c);
+        else
+            ks_apply(MS_DT_F16, s, c);
+        return;
     }
+    assert(job->compute == MS_DT_F32);
+    karcher_kern(MS_DT_F32, s, c, cnt);
 }
 
 static const struct ms_stage_ops karcher_ops = {

@@ -214,6 +214,15 @@ Test(engine, ties_in_memory_and_reread_paths_agree)
                                 "parameters:\n  rescale: true\n");
 }
 
+/* karcher in bf16 runs up to 2 + 3*max_iter reduce passes that replay each element's
+ * iterates (stages/karcher.c): the same bytes resident or re-read, for any chunking. */
+Test(engine, karcher_bf16_in_memory_and_reread_paths_agree)
+{
+    check_multipass("karcher.yml", "merge_method: karcher\ndtype: bfloat16\nmodels:\n"
+                                   "  - model: base\n  - model: ft1\n  - model: ft2\n"
+                                   "parameters:\n  max_iter: 6\n");
+}
+
 Test(engine, output_directory_layout)
 {
     write_recipe("linear.yml", linear_recipe);
