@@ -15,8 +15,8 @@
  *
  * Faults: a transfer that fails at the transport level (connection refused,
  * reset or closed early, stalled for MS_HTTP_STALL_SECONDS) or is answered 5xx
- * or 429 is retried after 100 ms, 200 ms, ... (at most MS_HTTP_ATTEMPTS
- * attempts in all) for the bytes still missing. Not retried, one-line errors
+ * or 429 is retried after 100 ms, 200 ms, ... for the bytes still missing; it
+ * fails after MS_HTTP_ATTEMPTS tries in a row that delivered no byte. Not retried, one-line errors
  * naming the URL: 404 (MS_EMODEL), 401/403 (MS_EMODEL, says how to send a token),
  * other 4xx, a 200 answer to a range request (MS_EUNSUPPORTED: the server ignores
  * Range), a Content-Range other than the bytes asked for, a total size other
@@ -73,7 +73,8 @@ struct ms_http_read {
     uint64_t len, done, off, expect_total;
     ms_http_read_cb cb;
     void *client, *easy;
-    int attempts;
+    int attempts;              /* tries in a row that delivered no byte, this one included */
+    uint64_t done_at_try;      /* done when the current try started */
     long code;                 /* HTTP status of the current try */
     int err;                   /* a non-retryable error found by a callback */
     bool checked;              /* this try's status line and Content-Range are checked */

@@ -393,6 +393,8 @@ static void on_retry(uv_timer_t *t)
 static void retry_or_fail(struct ms_http_read *req, const char *why)
 {
     struct client *c = client_of(req);
+    if (req->done > req->done_at_try)
+        req->attempts = 1; /* this try moved forward: only tries in a row without progress count */
     if (req->attempts >= MS_HTTP_ATTEMPTS) {
         complete(req,
                  ms_error(MS_EIO, "%s: %s (gave up after %d tries)", req->url, why, req->attempts));
@@ -509,6 +511,7 @@ static int try_start(struct ms_http_read *req)
     }
     CURL *e = req->easy;
     req->attempts++;
+    req->done_at_try = req->done;
     req->checked = false;
     req->code = 0;
     fr->have_cr = false;
