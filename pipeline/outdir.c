@@ -16,6 +16,7 @@
 
 #include "ms_common.h"
 #include "ms_file.h"
+#include "ms_http.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
 
@@ -387,6 +388,37 @@ out:
     return rc;
 }
 
+/*
+ * A remote donor's tokenizer files, fetched whole one at a time (ms_model_read_file)
+ * and copied when tokenizer_config.json and tokenizer.json or tokenizer.model are
+ * there. Nothing to check beforehand (out NULL): the server is asked when copying.
+ */
+static int remote_tokenizer(const struct ms_plan *plan, const struct emit *out, bool *copied)
+{
+    const struct ms_model *m = plan->models[plan->donor].model;
+    if (!out || !m)
+        return 0;
+    char *data[MS_ARRAY_LEN(tokenizer_files)] = { 0 };
+    size_t len[MS_ARRAY_LEN(tokenizer_files)] = { 0 };
+    int rc = 0;
+    for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++) {
+        rc = ms_model_read_file(m, tokenizer_files[i], &data[i], &len[i]);
+        rc = rc > 0 ? 0 : rc;
+    }
+    if (!rc && (!data[0] || !(data[2] || data[3]))) /* tokenizer_config, tokenizer.json/.model */
+        ms_log_warn("%s: no tokenizer_config.json with tokenizer.json or tokenizer.model; "
+                    "tokenizer not copied",
+                    m->dir);
+    else
+        for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++)
+            if (data[i] && !(rc = write_in(out, tokenizer_files[i], data[i], len[i], 0644)) &&
+                copied)
+                copied[i] = true;
+    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++)
+        ms_free(data[i]);
+    return rc;
+}
+
 /* Calls fn for every donor tokenizer file that will be copied; 0 or an error. */
 static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bool warn,
                           bool *copied)
@@ -394,6 +426,8 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
     if (plan->donor >= plan->nmodels)
         return 0;
     const char *dir = plan->models[plan->donor].path;
+    if (ms_http_is_url(dir))
+        return remote_tokenizer(plan, out, copied);
     if (!file_exists(dir, "tokenizer_config.json") ||
         !(file_exists(dir, "tokenizer.json") || file_exists(dir, "tokenizer.model"))) {
         if (warn)
