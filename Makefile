@@ -13,11 +13,11 @@
 #   make fmt          clang-format the lines changed since the last commit
 #   make deps         install missing Debian packages (as root) or say which
 #
-# Plain `make` needs only a C compiler, pkg-config and the four libraries (libuv, zstd,
-# libyaml, jansson), found through pkg-config on any system. When pkg-config cannot find
+# Plain `make` needs only a C compiler, pkg-config and the five libraries (libuv, zstd,
+# libyaml, jansson, libcurl), found through pkg-config on any system. When pkg-config cannot find
 # them, make installs the Debian packages with apt-get if it runs as root on Debian, and
 # otherwise says what is missing and stops. The test toolchain (Criterion, zstd, tar,
-# rclone, clang, libclang-rt, debhelper, zsh) is needed only by the test, fuzz and
+# rclone, clang, libclang-rt, debhelper, zsh, nginx) is needed only by the test, fuzz and
 # package targets, which install or ask for it the same way.
 
 CC      ?= cc
@@ -34,9 +34,9 @@ ifneq ($(SANITIZE),)
   endif
 endif
 
-PKGS      := libuv libzstd yaml-0.1 jansson
-DEB_BUILD_PKGS := libuv1-dev libzstd-dev libyaml-dev libjansson-dev pkg-config
-DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh
+PKGS      := libuv libzstd yaml-0.1 jansson libcurl
+DEB_BUILD_PKGS := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcurl4-openssl-dev pkg-config
+DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh nginx
 # Recursive (=) so pkg-config runs after the deps step has installed things.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)

@@ -118,7 +118,9 @@ int ms_plan_build(const struct ms_recipe *r, const struct ms_plan_opts *opts,
 void ms_plan_free(struct ms_plan *p);
 
 /*
- * Resolves a model reference to a local directory: an existing path, else a
+ * Resolves a model reference: an http(s) URL as it is; hf://org/name (revision:
+ * main unless given) to "ENDPOINT/org/name/resolve/REVISION" (ms_http_hf_endpoint),
+ * read remotely; otherwise to a local directory: an existing path, else a
  * hub id "org/name" found in the Hugging Face cache ($HF_HUB_CACHE, else
  * $HF_HOME/hub, else ~/.cache/huggingface/hub; snapshot of refs/main or of the
  * revision). *out is owned by the caller (ms_free).

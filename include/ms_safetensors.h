@@ -91,7 +91,9 @@ struct ms_model {
 };
 
 /*
- * Opens a model: `path` is a directory holding model.safetensors.index.json
+ * Opens a model: `path` is an http(s) URL of a directory or a .safetensors file
+ * (ms_http.h: headers and index by range requests, shard names limited to
+ * [A-Za-z0-9._-/]), or a directory holding model.safetensors.index.json
  * (preferred), model.safetensors or model.safetensors.zst, or a path to a
  * .safetensors(.zst) file. Index entries may name .safetensors.zst shards. A directory
  * that has only pytorch_model.bin(.index.json) fails with MS_EUNSUPPORTED. With an
@@ -100,6 +102,13 @@ struct ms_model {
  */
 int ms_model_open(const char *path, struct ms_model **out);
 void ms_model_free(struct ms_model *m);
+/*
+ * Reads the small file `name` (e.g. "config.json") beside the model's weights,
+ * from its directory or, for a remote model, its URL (ms_http_get_file). Returns 1
+ * with *data (NUL-terminated, ms_free) and *len; 0 when there is no such regular
+ * file (HTTP 404); or a negative code with a diagnostic naming the file.
+ */
+int ms_model_read_file(const struct ms_model *m, const char *name, char **data, size_t *len);
 /* Looks a tensor up by name; sets *shard (index into shards) if non-NULL. NULL if absent. */
 const struct ms_st_tensor *ms_model_find(const struct ms_model *m, const char *name,
                                          uint32_t *shard);

@@ -5,7 +5,9 @@
  * A header of its own, not ms_out.h: that one is the output side of io/, this is the input side.
  *
  * A source is a plain file (positional uv_fs_read calls of at most 1 GiB each,
- * continued after a short read) or a zstd-compressed file (.safetensors.zst)
+ * continued after a short read), a remote file at an http(s) URL (one range
+ * request per read through ms_http, retried there; ms_http.h), or a
+ * zstd-compressed file (.safetensors.zst)
  * read through ms_zsrc (ms_zsrc.h) at uncompressed offsets. A compressed source
  * serves one read at a time on the thread pool, in the order the reads were
  * started, so that the decompressor moves forward within a pass (a read behind
@@ -29,6 +31,8 @@
 
 #include <uv.h>
 
+#include "ms_http.h"
+
 struct ms_src;
 struct ms_src_read;
 
@@ -42,6 +46,7 @@ struct ms_src_read;
  *   MS_EIO       "<path>: unexpected end of file reading tensor '<tensor>' (file truncated
  *                after the plan was made?)";
  *   ms_zsrc's code and diagnostic for a compressed source;
+ *   ms_http's codes and one-line diagnostics naming the URL for a remote source;
  *   MS_ECANCELED after ms_src_cancel.
  * buf's contents are unspecified after an error. The callback may start reads.
  */
@@ -54,6 +59,7 @@ struct ms_src_read {
     union {
         uv_fs_t fs;               /* plain file: the uv_fs_read in flight */
         uv_work_t work;           /* compressed: the ms_zsrc_pread on the thread pool */
+        struct ms_http_read http; /* remote: the range request */
     } u;
     uv_loop_t *loop;
     struct ms_src *src;
@@ -89,6 +95,17 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
  * it would have. Loop thread; idempotent.
  */
 void ms_src_cancel(struct ms_src *src);
+/*
+ * A remote source checks every response's Content-Range total against size (the
+ * file size its header was read with; 0: no check). No effect on local files.
+ */
+void ms_src_set_size(struct ms_src *src, uint64_t size);
+/*
+ * After the last read on loop: closes what io/ keeps open on it (the HTTP
+ * client's connections and handles, ms_http_loop_done); the loop's next uv_run
+ * finishes the closing. Loop thread; a no-op when nothing was read remotely.
+ */
+void ms_src_loop_done(uv_loop_t *loop);
 /* Closes the file and frees. No read may be in flight. Any thread; NULL is a no-op. */
 void ms_src_free(struct ms_src *src);
 

@@ -25,6 +25,8 @@ struct ms_src {
     char *path;                   /* owned copy, for diagnostics */
     uv_file fd;                   /* plain file, else -1 */
     struct ms_zsrc *z;            /* compressed, else NULL */
+    bool remote;                  /* path is an http(s) URL */
+    uint64_t size;                /* remote: the size Content-Range must report (0: any) */
     bool canceled;
     /* Compressed: reads wait here, oldest first, while one is served. */
     struct ms_src_read *qhead, *qtail;
@@ -141,6 +143,16 @@ static void zsrc_pump(struct ms_src *src)
     }
 }
 
+/* ------------------------------------------------------------------ remote files */
+
+static void on_http_read(struct ms_http_read *h, int status)
+{
+    struct ms_src_read *req = h->data;
+    if (status == 0)
+        req->done = req->len;
+    req->cb(req, status);
+}
+
 /* ------------------------------------------------------------------ interface */
 
 int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *req, void *buf,
@@ -158,6 +170,11 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
     req->tensor = tensor;
     req->cb = cb;
     req->next = NULL;
+    if (src->remote) {
+        req->u.http.data = req;
+        return ms_http_read_start(loop, &req->u.http, src->path, buf, len, off, src->size,
+                                  on_http_read);
+    }
     if (!src->z)
         return fs_issue(req);
     if (!src->busy) {
@@ -174,6 +191,10 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
 
 void ms_src_cancel(struct ms_src *src) { src->canceled = true; }
 
+void ms_src_set_size(struct ms_src *src, uint64_t size) { src->size = size; }
+
+void ms_src_loop_done(uv_loop_t *loop) { ms_http_loop_done(loop); }
+
 int ms_src_open(const char *path, bool compressed, struct ms_src **out)
 {
     *out = NULL;
@@ -185,6 +206,10 @@ int ms_src_open(const char *path, bool compressed, struct ms_src **out)
     src->path = ms_strdup(path);
     if (!src->path) {
         rc = ms_error(MS_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (ms_http_is_url(path)) {
+        src->remote = true;
         goto out;
     }
     if (compressed) {

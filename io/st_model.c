@@ -16,6 +16,7 @@
 
 #include "ms_common.h"
 #include "ms_file.h"
+#include "ms_http.h"
 #include "ms_safetensors.h"
 
 #define INDEX_NAME "model.safetensors.index.json"
@@ -109,6 +110,27 @@ static bool shard_name_ok(const char *s)
     return true;
 }
 
+/* A shard name a URL can carry as it is (no escaping): [A-Za-z0-9._-/]. */
+static bool url_name_ok(const char *s)
+{
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              strchr("._-/", *s)))
+            return false;
+    return true;
+}
+
+/* A small file, local or remote (a remote one that is not there is MS_EMODEL). */
+static int read_small(const char *path, char **text, size_t *len)
+{
+    if (!ms_http_is_url(path))
+        return ms_read_file(path, text, len);
+    int rc = ms_http_get_file(path, text, len);
+    if (rc == 0)
+        return ms_error(MS_EMODEL, "%s: not found (HTTP 404)", path);
+    return rc < 0 ? rc : 0;
+}
+
 /* Adds every tensor of every shard to the table; a name in two shards is an error. */
 static int model_index_tensors(struct ms_model *m, const char *where)
 {
@@ -155,9 +177,10 @@ static int model_load_index(struct ms_model *m, const char *ipath)
 
     if (!seen)
         return ms_error(MS_ENOMEM, "%s: out of memory", ipath);
-    rc = ms_read_file(ipath, &text, &len);
+    rc = read_small(ipath, &text, &len);
     if (rc)
         goto out;
+    bool remote = ms_http_is_url(ipath);
     long fails0 = ms_alloc_failures();
     root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root && (json_error_code(&jerr) == json_error_out_of_memory || !jerr.text[0] ||
@@ -202,7 +225,14 @@ static int model_load_index(struct ms_model *m, const char *ipath)
             rc = ms_error(MS_ENOMEM, "%s: out of memory", ipath);
             goto out;
         }
-        rc = exists(spath);
+        if (remote && !url_name_ok(json_string_value(val))) {
+            rc = ms_error(MS_EST_INDEX,
+                          "%s: tensor '%s': shard name '%s' would need escaping "
+                          "in a URL; not supported for remote models",
+                          ipath, key, json_string_value(val));
+            goto out;
+        }
+        rc = remote ? 1 : exists(spath);
         if (rc == 0) {
             rc = ms_error(MS_EST_INDEX, "%s: tensor '%s': shard %s does not exist", ipath, key,
                           spath);
@@ -212,9 +242,9 @@ static int model_load_index(struct ms_model *m, const char *ipath)
             goto out;
         /* The name passed shard_name_ok as text; resolved, it must stay inside too
          * (a HF cache snapshot's symlinks into its repository's blobs/ do). */
-        if (!mroot && (rc = ms_path_model_root(m->dir, &mroot)) < 0)
+        if (!remote && !mroot && (rc = ms_path_model_root(m->dir, &mroot)) < 0)
             goto out;
-        rc = ms_path_inside(mroot, spath, NULL);
+        rc = remote ? 1 : ms_path_inside(mroot, spath, NULL);
         if (rc <= 0) {
             rc = rc < 0 ? ms_error(rc, "%s: tensor '%s': shard %s: %s", ipath, key, spath,
                                    strerror(-rc))
@@ -292,6 +322,56 @@ static int model_open_single(struct ms_model *m, const char *file)
     return model_index_tensors(m, file);
 }
 
+/* A model at an http(s) URL: a directory (index, else model.safetensors) or one
+ * .safetensors file; headers and index read by range requests (ms_http.h). */
+static int model_open_url(struct ms_model *m, const char *url)
+{
+    size_t dl = strlen(url);
+    while (dl > 8 && url[dl - 1] == '/')
+        dl--;
+    int rc = 0;
+    char *p = NULL, *text = NULL;
+    size_t len = 0;
+    if (dl > 12 && !strncmp(url + dl - 12, ".safetensors", 12)) {
+        const char *slash = url + dl;
+        while (*slash != '/')
+            slash--; /* stops at the scheme's "//" at worst */
+        m->dir = ms_strndup(url, (size_t)(slash - url));
+        p = ms_strndup(url, dl);
+        if (!m->dir || !p) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", url);
+            goto out;
+        }
+        rc = model_open_single(m, p);
+        goto out;
+    }
+    m->dir = ms_strndup(url, dl);
+    if (!m->dir || !(p = join(m->dir, INDEX_NAME))) {
+        rc = ms_error(MS_ENOMEM, "%s: out of memory", url);
+        goto out;
+    }
+    rc = ms_http_get_file(p, &text, &len); /* only to learn whether it is there */
+    if (rc < 0)
+        goto out;
+    if (rc == 1) {
+        m->indexed = true;
+        rc = model_load_index(m, p);
+        goto out;
+    }
+    ms_free(p);
+    if (!(p = join(m->dir, SINGLE_NAME))) {
+        rc = ms_error(MS_ENOMEM, "%s: out of memory", url);
+        goto out;
+    }
+    rc = model_open_single(m, p);
+    if (rc == MS_EMODEL)
+        rc = ms_error(MS_EMODEL, "%s: no " SINGLE_NAME " or " INDEX_NAME " on the server", m->dir);
+out:
+    ms_free(text);
+    ms_free(p);
+    return rc;
+}
+
 int ms_model_open(const char *path, struct ms_model **out)
 {
     struct ms_model *m = NULL;
@@ -301,6 +381,15 @@ int ms_model_open(const char *path, struct ms_model **out)
 
     assert(path && out);
     *out = NULL;
+    if (ms_http_is_url(path)) {
+        m = ms_calloc(1, sizeof *m);
+        if (!m || !(m->path = ms_strdup(path))) {
+            rc = ms_error(MS_ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        rc = model_open_url(m, path);
+        goto out;
+    }
     if (stat(path, &st) < 0)
         return ms_error(-errno, "%s: %s", path, strerror(errno));
 
@@ -446,4 +535,25 @@ const struct ms_st_tensor *ms_model_tensor_at(const struct ms_model *m, size_t i
     if (shard)
         *shard = (uint32_t)lo;
     return &m->shards[lo]->tensors[i - first[lo]];
+}
+
+int ms_model_read_file(const struct ms_model *m, const char *name, char **data, size_t *len)
+{
+    assert(m && name && data && len);
+    *data = NULL;
+    *len = 0;
+    char *p = join(m->dir, name);
+    if (!p)
+        return ms_error(MS_ENOMEM, "out of memory");
+    int rc;
+    if (ms_http_is_url(p)) {
+        rc = ms_http_get_file(p, data, len);
+    } else {
+        struct stat st;
+        rc = stat(p, &st) == 0 && S_ISREG(st.st_mode) ? ms_read_file(p, data, len) : 0;
+        if (rc == 0 && *data)
+            rc = 1;
+    }
+    ms_free(p);
+    return rc;
 }

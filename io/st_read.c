@@ -19,6 +19,8 @@
 #include <jansson.h>
 
 #include "ms_common.h"
+#include "ms_http.h"
+#include "io_impl.h"
 #include "ms_zsrc.h"
 #include "ms_safetensors.h"
 #include "ms_str.h"
@@ -447,6 +449,8 @@ int ms_st_open(const char *path, struct ms_st_file **out)
 
     assert(path && out);
     *out = NULL;
+    if (ms_http_is_url(path))
+        return ms__st_open_url(path, out);
     if (has_suffix(path, ".zst")) {
         rc = ms_zsrc_open(path, &h.z);
         if (rc)

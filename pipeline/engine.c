@@ -1278,6 +1278,7 @@ static int open_inputs(struct eng *e)
             int rc = ms_src_open(j->in[i].file, f->compressed, &e->src[slot]);
             if (rc)
                 return rc;
+            ms_src_set_size(e->src[slot], f->file_size); /* checked by remote sources */
         }
     }
     return 0;
@@ -1548,6 +1549,7 @@ static int run_loop(struct eng *e)
         uv_close((uv_handle_t *)&e->sigterm, close_cb);
         uv_close((uv_handle_t *)&e->sighup, close_cb);
     }
+    ms_src_loop_done(&e->loop); /* HTTP connections of remote inputs */
     uv_run(&e->loop, UV_RUN_DEFAULT);
     uv_loop_close(&e->loop);
     /* Closing the last uv_signal_t put SIGINT/SIGTERM/SIGHUP back to SIG_DFL; keep them

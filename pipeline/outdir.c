@@ -17,6 +17,7 @@
 #include "ms_chat_template.h"
 #include "ms_common.h"
 #include "ms_file.h"
+#include "ms_http.h"
 #include "ms_str.h"
 #include "ms_tokmerge.h"
 #include "pipeline_impl.h"
@@ -429,6 +430,58 @@ static int write_tokenizer_config(const struct emit *out, const char *real, cons
     return rc;
 }
 
+/*
+ * A remote donor's tokenizer files, fetched whole one at a time (ms_model_read_file)
+ * and copied when tokenizer_config.json and tokenizer.json or tokenizer.model are
+ * there. Nothing to check beforehand (out NULL): the server is asked when copying.
+ */
+static int remote_tokenizer(const struct ms_plan *plan, const struct emit *out, bool *copied)
+{
+    const struct ms_model *m = plan->models[plan->donor].model;
+    if (!out || !m)
+        return 0;
+    char *data[MS_ARRAY_LEN(tokenizer_files)] = { 0 };
+    size_t len[MS_ARRAY_LEN(tokenizer_files)] = { 0 };
+    int rc = 0;
+    char *tmpl = NULL;
+    for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++) {
+        rc = ms_model_read_file(m, tokenizer_files[i], &data[i], &len[i]);
+        rc = rc > 0 ? 0 : rc;
+    }
+    if (!rc)
+        rc = chat_template_text(plan, &tmpl);
+    if (!rc && tmpl && data[0]) { /* tokenizer_config.json patched, as for a local donor */
+        char *patched = NULL;
+        size_t plen = 0;
+        rc = ms_chat_template_apply("tokenizer_config.json", data[0], len[0], tmpl, &patched,
+                                    &plen);
+        if (!rc) {
+            ms_free(data[0]);
+            data[0] = patched;
+            len[0] = plen;
+        }
+    }
+    for (size_t i = 0; tmpl && i < MS_ARRAY_LEN(tokenizer_files); i++)
+        if (!strcmp(tokenizer_files[i], "chat_template.jinja") ||
+            !strcmp(tokenizer_files[i], "chat_template.json")) { /* loaders prefer them */
+            ms_free(data[i]);
+            data[i] = NULL;
+        }
+    ms_free(tmpl);
+    if (!rc && (!data[0] || !(data[2] || data[3]))) /* tokenizer_config, tokenizer.json/.model */
+        ms_log_warn("%s: no tokenizer_config.json with tokenizer.json or tokenizer.model; "
+                    "tokenizer not copied",
+                    m->dir);
+    else
+        for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++)
+            if (data[i] && !(rc = write_in(out, tokenizer_files[i], data[i], len[i], 0644)) &&
+                copied)
+                copied[i] = true;
+    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++)
+        ms_free(data[i]);
+    return rc;
+}
+
 /* Calls fn for every donor tokenizer file that will be copied; 0 or an error.
  * With a chat template, tokenizer_config.json is written patched (created when the
  * donor has tokenizer.json or tokenizer.model but no tokenizer_config.json, as
@@ -440,6 +493,8 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
     if (plan->donor >= plan->nmodels)
         return 0;
     const char *dir = plan->models[plan->donor].path;
+    if (ms_http_is_url(dir))
+        return remote_tokenizer(plan, out, copied);
     bool want_tmpl = plan->recipe && plan->recipe->chat_template;
     bool has_cfg = file_exists(dir, "tokenizer_config.json");
     if (!(file_exists(dir, "tokenizer.json") || file_exists(dir, "tokenizer.model")) ||

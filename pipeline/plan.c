@@ -465,12 +465,6 @@ static void normalize(struct pb *pb)
 
 /* ------------------------------------------------------------------ phase 3: models */
 
-static bool file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
-}
-
 /* `model+lora`: the adapter, checked against the model (pipeline/lora.c). */
 static void open_lora(struct pb *pb, struct ms_plan_model *pm, const struct ms_modelref *ref)
 {
@@ -515,18 +509,12 @@ static void open_models(struct pb *pb)
             pb_err(pb, rc, NULL, "model '%s': %s", pm->ref, ms_errmsg());
             continue;
         }
-        char *cfg = ms_asprintf("%s/config.json", pm->model->dir);
-        if (!cfg)
-            return pb_oom(pb);
-        if (file_exists(cfg)) {
-            size_t len;
-            rc = ms_read_file(cfg, &pm->config_json, &len);
-            if (rc) {
-                pm->config_json = NULL;
-                pb_err(pb, rc, NULL, "model '%s': %s", pm->ref, ms_errmsg());
-            }
+        size_t len;
+        rc = ms_model_read_file(pm->model, "config.json", &pm->config_json, &len);
+        if (rc < 0) {
+            pm->config_json = NULL;
+            pb_err(pb, rc, NULL, "model '%s': %s", pm->ref, ms_errmsg());
         }
-        ms_free(cfg);
         if (ref->lora && !pm->lora_cached)
             open_lora(pb, pm, ref);
     }

@@ -1,16 +1,19 @@
 /*
- * resolve.c - model references to local directories (DESIGN.md section 1): a
- * path that exists, else a hub id found in the local Hugging Face cache.
- * Nothing is downloaded.
+ * resolve.c - model references (DESIGN.md section 1): an http(s) URL (kept as it
+ * is), hf://org/name[@revision] (the hub's resolve/REVISION URL, read remotely),
+ * a path that exists, else a hub id found in the local Hugging Face cache.
+ * Nothing is downloaded here.
  */
 #include <ctype.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "ms_common.h"
 #include "ms_file.h"
+#include "ms_http.h"
 #include "ms_plan.h"
 #include "ms_safetensors.h"
 
@@ -81,11 +84,62 @@ static char *cache_root(void)
     return ms_asprintf("%s/.cache/huggingface/hub", v && *v ? v : ".");
 }
 
+/* "%XX" for every byte a URL path segment cannot hold as it is. */
+static char *url_escape(const char *s)
+{
+    char *o = ms_malloc(3 * strlen(s) + 1), *q = o;
+    if (!o)
+        return NULL;
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (isalnum(ch) || strchr("._-~", ch))
+            *q++ = (char)ch;
+        else
+            q += sprintf(q, "%%%02X", ch);
+    }
+    *q = 0;
+    return o;
+}
+
+/*
+ * "hf://org/name" at revision rev (NULL: main) -> the hub's file URL prefix
+ * "ENDPOINT/org/name/resolve/REV" (the revision escaped, as huggingface_hub does).
+ */
+static int resolve_hf(const char *ref, const char *revision, char **out)
+{
+    const char *id = ref + 5;
+    const char *rev = revision ? revision : "main";
+    if (!is_hub_id(id))
+        return ms_error(MS_EMODEL, "model '%s': expected hf://org/name[@revision]", ref);
+    if (!rev_name_ok(rev))
+        return ms_error(MS_EMODEL,
+                        "model '%s': revision '%s' is not a branch, tag or commit "
+                        "name",
+                        ref, rev);
+    char *ep = ms_http_hf_endpoint(), *erev = url_escape(rev);
+    *out = ep && erev ? ms_asprintf("%s/%s/resolve/%s", ep, id, erev) : NULL;
+    ms_free(ep);
+    ms_free(erev);
+    return *out ? 0 : ms_error(MS_ENOMEM, "out of memory");
+}
+
 int ms_model_resolve(const char *ref, const char *revision, char **out)
 {
     *out = NULL;
     int rc = 0;
     char *root = NULL, *repo = NULL, *refs = NULL, *hash = NULL, *snap = NULL;
+
+    if (!strncmp(ref, "hf://", 5))
+        return resolve_hf(ref, revision, out);
+    if (ms_http_is_url(ref)) {
+        if (revision)
+            return ms_error(MS_EMODEL,
+                            "model '%s': a revision (@%s) applies to hf:// and hub "
+                            "ids, not to an http(s) URL",
+                            ref, revision);
+        *out = ms_strdup(ref);
+        return *out ? 0 : ms_error(MS_ENOMEM, "out of memory");
+    }
 
     if (path_exists(ref) || !is_hub_id(ref)) {
         if (!path_exists(ref))

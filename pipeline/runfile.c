@@ -19,6 +19,7 @@
 
 #include "ms_common.h"
 #include "ms_poshash.h"
+#include "ms_http.h"
 #include "ms_str.h"
 #include "pipeline_impl.h"
 #include "lora_impl.h"
@@ -65,6 +66,12 @@ int ms_run_fingerprint(const struct ms_plan *plan, const struct ms_engine_opts *
         for (size_t s = 0; m && s < m->nshards; s++) {
             struct stat st;
             const char *p = m->shards[s]->path;
+            if (ms_http_is_url(p)) { /* no mtime: its size and header length stand in */
+                add_str(&h, p, strlen(p));
+                add_u64(&h, m->shards[s]->file_size);
+                add_u64(&h, m->shards[s]->header_len);
+                continue;
+            }
             if (stat(p, &st) < 0)
                 return ms_error(-errno, "%s: %s", p, strerror(errno));
             add_str(&h, p, strlen(p));

@@ -19,6 +19,9 @@
 #                  BENCH_METHODS restricts the list
 #   zstd           linear3 written with --compress zstd:3, against `zstd -T0 -3` compressing
 #                  the raw merge output (the same bytes) on the same machine
+#   remote         linear merge of three models (BENCH_SIZE, default 0.6G) read over HTTP
+#                  range requests from nginx on loopback, against the same merge from the
+#                  local files in the same run; checks that the outputs are identical
 # Environment: BENCH_DIR (default BUILD/bench), BENCH_SIZE, BENCH_MEM (default 512M),
 # BENCH_THREADS (default: cores), BENCH_KEEP=1 keeps the generated models.
 set -eu
@@ -154,6 +157,45 @@ for s in "$@"; do
             'BEGIN { printf "zstd         zstd -T0 -3 alone: %6.2f s  %6.0f MB/s  ratio %.3f\n", b - a, raw / (b - a) / 1e6, zc / raw;
                      printf "zstd         merge --compress zstd:3 (read+merge+compress): %6.2f s  %6.0f MB/s of output  ratio %.3f\n", w, raw / w / 1e6, zm / raw }'
         rm -rf "$d/zraw" "$d/zout" "$d/zstd-cli.zst" ;;
+    remote)
+        b=$(size_bytes "${BENCH_SIZE:-0.6G}")
+        gen3 remote "$b"
+        d=$dir/remote
+        command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { echo "bench: remote needs nginx"; exit 1; }
+        ngx=$(command -v nginx || echo /usr/sbin/nginx)
+        mkdir -p "$d/ngx/logs" "$d/ngx/tmp"
+        port=$(( 20000 + $$ % 20000 ))
+        { [ "$(id -u)" = 0 ] && echo "user root;"
+          echo "daemon off; worker_processes 2; pid $d/ngx/pid; error_log $d/ngx/logs/error.log;"
+          echo "events { worker_connections 256; }"
+          echo "http { access_log off; sendfile on; keepalive_requests 100000;"
+          echo "  client_body_temp_path $d/ngx/tmp; proxy_temp_path $d/ngx/tmp;"
+          echo "  fastcgi_temp_path $d/ngx/tmp; uwsgi_temp_path $d/ngx/tmp; scgi_temp_path $d/ngx/tmp;"
+          echo "  server { listen 127.0.0.1:$port; root $d; } }"; } > "$d/ngx/conf"
+        "$ngx" -c "$d/ngx/conf" -p "$d/ngx" & npid=$!
+        trap 'kill $npid 2>/dev/null || true' EXIT
+        i=0; until curl -sf -o /dev/null "http://127.0.0.1:$port/base/config.json"; do
+            i=$((i + 1)); [ $i -lt 100 ] || { echo "bench: nginx did not start"; exit 1; }; sleep 0.1
+        done
+        recipe "$d/local.yml" linear "$d"
+        recipe "$d/remote.yml" linear "http://127.0.0.1:$port"
+        cat "$d"/*/*.safetensors > /dev/null  # warm cache: both read from memory
+        in_bytes=$(cat "$d"/base/*.safetensors "$d"/ft1/*.safetensors "$d"/ft2/*.safetensors | wc -c)
+        for w in local remote; do
+            rm -rf "$d/out-$w"
+            t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$d/$w.yml" "$d/out-$w" -q \
+                    --max-memory "$mem" --threads "$threads" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:')
+            echo "$t" | grep -q 'status=0' || { echo "bench: $w merge failed: $t"; exit 1; }
+            eval "wall_$w=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')"
+            eval "rss_$w=$(echo "$t" | sed -n 's/.*maxrss_kib=\([0-9]*\).*/\1/p')"
+        done
+        for f in "$d"/out-local/*.safetensors; do cmp "$f" "$d/out-remote/${f##*/}"; done
+        kill $npid; wait $npid 2>/dev/null || true; trap - EXIT
+        awk -v l="$wall_local" -v r="$wall_remote" -v rl="$rss_local" -v rr="$rss_remote" \
+            -v io="$in_bytes" -v m="$mem" -v sz="$(cat "$d"/base/*.safetensors | wc -c)" \
+            'BEGIN { printf "remote       %6.2f GB  local %7.2f s  remote %7.2f s  ratio %5.2f  remote %7.0f MB/s in  peak RSS %6.1f / %6.1f MiB  budget %s  (outputs identical)\n",
+                     sz / 1e9, l, r, r / l, io / r / 1e6, rl / 1024, rr / 1024, m }'
+        rm -rf "$d/out-local" "$d/out-remote" ;;
     bigtensor)
         gen3 bigtensor 0 --layers 1 --hidden 4096 --intermediate 256 --vocab 65536
         measure bigtensor linear "$dir/bigtensor" 64M ;;

@@ -5,7 +5,8 @@
 #
 # 1. Link level (nm): no object of a folder references a symbol defined in a
 #    folder it may not depend on, and base/ and stages/ reference no libuv,
-#    jansson, zstd or libyaml symbol (io/ may use libuv, jansson and zstd).
+#    jansson, zstd, libyaml or libcurl symbol (io/ may use libuv, jansson, zstd and
+#    libcurl; pipeline/ no libcurl).
 # 2. Source level: the same rule for #include of uv.h, jansson.h, zstd.h, yaml.h.
 # 3. Methods: no merge-method name appears as a string literal outside stages/
 #    (a method's rules live in its own file; the names come from the registry
@@ -50,14 +51,15 @@ forbidden() {
     done
 }
 {
-    forbidden base '^(uv_|json_|ZSTD_|yaml_)' io stages pipeline
-    forbidden stages '^(uv_|json_|ZSTD_|yaml_)' io pipeline
+    forbidden base '^(uv_|json_|ZSTD_|yaml_|curl_)' io stages pipeline
+    forbidden stages '^(uv_|json_|ZSTD_|yaml_|curl_)' io pipeline
     forbidden io '^yaml_' stages pipeline
+    forbidden pipeline '^curl_'
 } > "$tmp/nm.out"
 
 # Includes: folder -> headers it may not include.
-for spec in 'base:uv.h|jansson.h|zstd.h|yaml.h' 'stages:uv.h|jansson.h|zstd.h|yaml.h' \
-            'io:yaml.h'; do
+for spec in 'base:uv.h|jansson.h|zstd.h|yaml.h|curl/curl.h' \
+            'stages:uv.h|jansson.h|zstd.h|yaml.h|curl/curl.h' 'io:yaml.h' 'pipeline:curl/curl.h'; do
     d=${spec%%:*}; h=${spec#*:}
     grep -nE "^#include <($h)>" "$d"/*.c "$d"/*.h 2>/dev/null |
         sed "s/^/check-layers: forbidden include: /" >> "$tmp/nm.out" || true
