@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -499,6 +500,12 @@ static void check_done(struct client *c)
     }
 }
 
+/* curl's sockets are close-on-exec: a --pipe command must not hold them open. */
+static curl_socket_t open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *a)
+{
+    return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+}
+
 /* Starts one try of req for the bytes still missing. */
 static int try_start(struct ms_http_read *req)
 {
@@ -518,6 +525,7 @@ static int try_start(struct ms_http_read *req)
     char range[64];
     curl_easy_setopt(e, CURLOPT_URL, req->url);
     curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)req);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, fr);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_write);

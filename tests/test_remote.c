@@ -295,8 +295,13 @@ Test(remote, peak_rss_stays_under_the_budget)
     const char *p = strstr(err, "maxrss_kib=");
     cr_assert(p, "%s", err);
     long kib = atol(p + 11);
-    cr_assert_lt(kib, (8 + 32) * 1024, "peak RSS %ld KiB over 8 MiB + 32 MiB", kib);
     free(err);
+    cr_log_info("peak RSS %ld KiB at --max-memory 8M, two remote 67 MB inputs", kib);
+#if defined(__SANITIZE_ADDRESS__)
+    cr_skip_test("RSS bound not checked under AddressSanitizer (measured %ld KiB)", kib);
+#else
+    cr_assert_lt(kib, (8 + 32) * 1024, "peak RSS %ld KiB over 8 MiB + 32 MiB", kib);
+#endif
     /* the inputs are ~60 MB each: the budget, not the files, bounds memory */
     TH_RUN_OK(g_dir, "ls bigout/*.safetensors >/dev/null");
 }
