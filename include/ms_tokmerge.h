@@ -1,7 +1,7 @@
 /*
  * ms_tokmerge.h - tokenizer merging (pipeline/tokenizer.c): mergekit's
  * `tokenizer_source: base | union | <model>` and `tokenizer: {source, tokens,
- * pad_to_multiple_of}` (mergekit-spec.md 1.8, 3.4; mergekit/tokenizer/ build.py, embed.py).
+ * pad_to_multiple_of}` (mergekit-spec.md 1.8, 3.4; mergekit's tokenizer/build.py, embed.py).
  *
  * At plan time (headers and tokenizer files only, no tensor data) the output
  * vocabulary is built from the models' tokenizer.json files, and for every
@@ -17,6 +17,11 @@
  * Supported tokenizers: tokenizer.json with a BPE or WordLevel model (a
  * `model.vocab` object). A model with only tokenizer.model (SentencePiece), or
  * another model type, is refused (MS_EUNSUPPORTED naming the file).
+ *
+ * Ownership: the plan owns its ms_tokmerge (plan->tok), which owns the row maps
+ * (ms_plan_input.rowmap) and the per-job states (ms_job.tok). Memory outside
+ * --max-memory: 8 bytes per row per model and about 40 bytes per token; one
+ * parsed tokenizer.json at a time while building and while writing the files.
  */
 #ifndef MS_TOKMERGE_H
 #define MS_TOKMERGE_H
@@ -39,10 +44,10 @@ struct ms_tokrows {
     uint64_t nvocab;  /* output tokens (rows 0..nvocab-1) */
     uint64_t nrows;   /* rows of the output tensor: nvocab padded up */
     uint64_t row_len; /* elements per row */
-    float *pad[32];   /* per job input (MS_MAX_INPUTS): its padding row (row_len floats), set by
-                                     ms_tokmerge_prepare; NULL when nrows == nvocab */
-    float *fixed;     /* per `model_token` override k: row k (row_len floats),
-                                     set by ms_tokmerge_prepare */
+    float *pad[32];   /* per job input (MS_MAX_INPUTS): its padding row (row_len floats),
+                         set by ms_tokmerge_prepare; NULL when nrows == nvocab */
+    float *fixed;     /* per `tokens:` entry k: its model_token row at fixed + k*row_len,
+                         set by ms_tokmerge_prepare (loop thread, before the pool) */
 };
 
 /*

@@ -177,10 +177,10 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
     }
     if (!src->z)
         return fs_issue(req);
-    if (!src->busy) {
-        assert(!src->qhead);
+    /* Reads queued before this one go first (a callback may start a read while they wait:
+     * zsrc_after_cb serves the queue once its callback returns). */
+    if (!src->busy && !src->qhead)
         return zsrc_serve(req);
-    }
     if (src->qtail)
         src->qtail->next = req;
     else

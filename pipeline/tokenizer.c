@@ -126,6 +126,9 @@ static void vocab_fini(struct vocab *v)
     memset(v, 0, sizeof *v);
 }
 
+_Static_assert(MS_ARRAY_LEN(((struct ms_tokrows *)0)->pad) == MS_MAX_INPUTS,
+               "struct ms_tokrows holds one padding row per possible input");
+
 /* One model's tokenizer as loaded (mergekit's get_vocab and added_tokens_decoder). */
 struct tokmodel {
     json_t *tj;         /* tokenizer.json root, or NULL once not needed (owned) */
