@@ -604,3 +604,15 @@ Test(tokmerge, compressed_inputs_same_bytes)
            "mergestream merge uz.yml d2/out -q -j2 --max-memory 64K && "
            "cmp d1/out/model.safetensors d2/out/model.safetensors", g_dir);
 }
+
+/* chat_template with a merged tokenizer: the built tokenizer_config.json carries it (the
+ * template text is chatml's public layout, checked by a fragment). */
+Test(tokmerge, chat_template_lands_in_the_merged_tokenizer_config)
+{
+    merge_onehot("out", 0, "tokenizer_source: union\nchat_template: chatml");
+    json_t *cfg = load_json("out", "tokenizer_config.json");
+    const char *t = json_string_value(json_object_get(cfg, "chat_template"));
+    cr_assert(t && strstr(t, "<|im_start|>") && strstr(t, "<|im_end|>"), "%s", t ? t : "(none)");
+    cr_assert(json_object_get(cfg, "added_tokens_decoder"));
+    json_decref(cfg);
+}
