@@ -1122,6 +1122,15 @@ static void job_make(struct pb *pb, const struct pslice *sl, size_t nsrc, enum m
         goto out;
     if (vocab) {
         job->copy = false; /* the rows are permuted: never a raw byte copy */
+        for (uint32_t i = 0; i < n; i++)
+            if (job->in[i].lora) { /* the gathered rows, defaults and pad means read raw rows */
+                pb_err(pb, MS_EUNSUPPORTED, NULL,
+                       "tensor '%s' of model '%s': tokenizer merging with a LoRA that changes "
+                       "a vocabulary-sized tensor is not supported yet (merge a model with "
+                       "the adapter folded in)",
+                       job->name, model_ref(pb, job->in[i].model));
+                goto out;
+            }
         if (!(job->tok = ms_tokmerge_job(p->tok, job))) {
             pb_err(pb, MS_EPLAN, "tokjob", "%s", ms_errmsg());
             goto out;

@@ -616,3 +616,19 @@ Test(tokmerge, chat_template_lands_in_the_merged_tokenizer_config)
     cr_assert(json_object_get(cfg, "added_tokens_decoder"));
     json_decref(cfg);
 }
+
+/* A LoRA that changes embed_tokens under a tokenizer merge is refused by name (the row
+ * gather, defaults and padding means read the stored rows); one on other modules merges. */
+Test(tokmerge, lora_on_embeddings_is_refused_under_a_tokenizer_merge)
+{
+    run_ok("cd %s && ms-mklora --model A --targets embed_tokens lemb >/dev/null && "
+           "ms-mklora --model A --targets q_proj lq >/dev/null", g_dir);
+    expect_error("merge_method: linear\nbase_model: A+lemb\ntokenizer_source: union\n"
+                 "models:\n  - model: A+lemb\n    parameters: {weight: 1}\n"
+                 "  - model: B\n    parameters: {weight: 0}\n",
+                 "tokenizer merging with a LoRA");
+    write_file("q.yml", "merge_method: linear\nbase_model: A+lq\ntokenizer_source: union\n"
+                        "models:\n  - model: A+lq\n    parameters: {weight: 1}\n"
+                        "  - model: B\n    parameters: {weight: 0}\n");
+    run_ok("cd %s && rm -rf outq && mergestream merge q.yml outq -q", g_dir);
+}
