@@ -22,7 +22,7 @@ for r in $root/recipes/examples/*.yml; do
   done
   $bin/mergestream merge $r - -q 2>/dev/null | sha256sum | sed "s|^|$n [tar] |" >> $outf
   $bin/mergestream merge $r out1m -q --max-memory 1M 2>&1 | sha256sum | sed "s|^|$n [1M] |" >> $outf
-  $bin/mergestream plan $r 2>&1 | sha256sum | sed "s|^|$n [plan] |" >> $outf
+  $bin/mergestream plan $r 2>&1 | sed "s|$w|TMP|g; s|$root|ROOT|g" | sha256sum | sed "s|^|$n [plan] |" >> $outf
   for dt in float32 float16; do
     sed "s/^dtype:.*//" $r > r2.yml; echo "dtype: $dt" >> r2.yml
     rm -rf out; $bin/mergestream merge r2.yml out -q >/dev/null 2>&1 || echo "FAIL $n dtype $dt" >> $outf
