@@ -1241,6 +1241,26 @@ static int tokemb_parse(const struct rctx *c, const yaml_node_t *n, struct ms_to
     return string_parse(c, tok, "token", &t->src_token, NULL);
 }
 
+/* A tokenizer source: "union", "base" or a model reference (a string or a mapping);
+ * *src is the string, or the reference's path. */
+static int toksource_parse(const struct rctx *c, const yaml_node_t *n, const char *what,
+                           char **src, struct ms_modelref *ref)
+{
+    int rc;
+    if (n->type == YAML_SCALAR_NODE) {
+        if ((rc = string_parse(c, n, what, src, NULL)) < 0)
+            return rc;
+        if (strcmp(*src, "union") && strcmp(*src, "base") &&
+            (rc = modelref_parse(c, n, what, ref)) < 0)
+            return rc;
+        return 0;
+    }
+    if ((rc = modelref_parse(c, n, what, ref)) < 0)
+        return rc;
+    *src = ms_strdup(ref->path);
+    return *src ? 0 : ms_error(MS_ENOMEM, "%s: out of memory", c->name);
+}
+
 /* The `tokenizer:` mapping (mergekit's TokenizerConfig): source, tokens, pad_to_multiple_of. */
 static int tokcfg_parse(const struct rctx *c, const yaml_node_t *n, struct ms_tokcfg *t)
 {
@@ -1251,17 +1271,8 @@ static int tokcfg_parse(const struct rctx *c, const yaml_node_t *n, struct ms_to
     const yaml_node_t *s = map_get(c, n, "source", NULL);
     if (s) {
         t->source_pos = node_pos(s);
-        if (s->type == YAML_SCALAR_NODE) {
-            if ((rc = string_parse(c, s, "tokenizer source", &t->source, NULL)) < 0)
-                return rc;
-            if (strcmp(t->source, "union") && strcmp(t->source, "base") &&
-                (rc = modelref_parse(c, s, "tokenizer source", &t->source_ref)) < 0)
-                return rc;
-        } else {
-            if ((rc = modelref_parse(c, s, "tokenizer source", &t->source_ref)) < 0)
-                return rc;
-            t->source = ms_strdup(t->source_ref.path);
-        }
+        if ((rc = toksource_parse(c, s, "tokenizer source", &t->source, &t->source_ref)) < 0)
+            return rc;
     } else {
         t->source = ms_strdup("union");
     }
@@ -1441,19 +1452,9 @@ static int root_parse(const struct rctx *c, const yaml_node_t *root, struct ms_r
     /* tokenizer_source: "union", "base" or a model reference (string or mapping). */
     if ((n = map_get(c, root, "tokenizer_source", NULL))) {
         r->tokenizer_source_pos = node_pos(n);
-        if (n->type == YAML_SCALAR_NODE) {
-            if ((rc = string_parse(c, n, "tokenizer_source", &r->tokenizer_source, NULL)) < 0)
-                return rc;
-            if (strcmp(r->tokenizer_source, "union") && strcmp(r->tokenizer_source, "base") &&
-                (rc = modelref_parse(c, n, "tokenizer_source", &r->tokenizer_source_ref)) < 0)
-                return rc;
-        } else {
-            if ((rc = modelref_parse(c, n, "tokenizer_source", &r->tokenizer_source_ref)) < 0)
-                return rc;
-            r->tokenizer_source = ms_strdup(r->tokenizer_source_ref.path);
-            if (!r->tokenizer_source)
-                return ms_error(MS_ENOMEM, "%s: out of memory", c->name);
-        }
+        if ((rc = toksource_parse(c, n, "tokenizer_source", &r->tokenizer_source,
+                                  &r->tokenizer_source_ref)) < 0)
+            return rc;
     }
     if ((n = map_get(c, root, "tokenizer", &kpos_tok))) {
         if (n->type != YAML_MAPPING_NODE)

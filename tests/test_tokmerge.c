@@ -86,20 +86,8 @@ static long model_id(const struct tmodel *m, const char *text)
     return -1;
 }
 
-static void run_ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void run_ok(const char *fmt, ...)
-{
-    char cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    char *out = NULL, *err = NULL;
-    int rc = th_run(cmd, &out, &err);
-    cr_assert_eq(rc, 0, "command failed (%d): %s\nstdout: %s\nstderr: %s", rc, cmd, out, err);
-    free(out);
-    free(err);
-}
+/* Commands cd to g_dir themselves (g_dir is absolute). */
+#define run_ok(...) TH_RUN_OK(g_dir, __VA_ARGS__)
 
 static void setup(void)
 {
