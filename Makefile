@@ -36,7 +36,7 @@ endif
 
 PKGS      := libuv libzstd yaml-0.1 jansson libcurl
 DEB_BUILD_PKGS := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcurl4-openssl-dev pkg-config
-DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh nginx
+DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh nginx python3-jinja2
 # Recursive (=) so pkg-config runs after the deps step has installed things.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
