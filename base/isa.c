@@ -5,6 +5,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 #include "ms_common.h"
 #include "ms_isa.h"
@@ -16,16 +19,25 @@ const char *ms_isa_name(enum ms_isa isa)
     return (unsigned)isa < MS_ISA_COUNT ? isa_names[isa] : "?";
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports has no "f16c". */
+static bool has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+#endif
+
 bool ms_isa_available(enum ms_isa isa)
 {
     switch (isa) {
     case MS_ISA_SCALAR: return true;
 #if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    case MS_ISA_AVX2: return __builtin_cpu_supports("avx2") && has_f16c();
     case MS_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+               __builtin_cpu_supports("avx2") && has_f16c();
 #endif
     default: return false;
     }
