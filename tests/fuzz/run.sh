@@ -25,8 +25,8 @@ cflags="-std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -g -O1 -Iinclude
 # Library sources and packages each harness needs (compiled with clang here; the
 # Makefile's objects are gcc-built and not instrumented). base/ depends on nothing
 # but libc, so a harness takes it whole plus the one folder it tests.
-st_srcs="io/st_read.c io/zsrc.c io/json_alloc.c base/*.c"
-st_pkgs="libzstd jansson"
+st_srcs="io/st_read.c io/st_write.c io/st_remote.c io/http.c io/zsrc.c io/json_alloc.c base/*.c"
+st_pkgs="libzstd jansson libcurl libuv"
 recipe_srcs="pipeline/recipe.c base/*.c"
 recipe_pkgs="yaml-0.1"
 
