@@ -165,20 +165,22 @@ static int model_index_tensors(struct ms_model *m, const char *where)
 
 /*
  * Loads the index at ipath: opens each distinct shard of weight_map once (in
- * order of first appearance) and cross-checks names both ways.
+ * order of first appearance) and cross-checks names both ways. text (len bytes,
+ * taken over: freed here) is the index when the caller has read it already,
+ * else NULL.
  */
-static int model_load_index(struct ms_model *m, const char *ipath)
+static int model_load_index(struct ms_model *m, const char *ipath, char *text, size_t len)
 {
-    char *text = NULL, *spath = NULL, *mroot = NULL;
-    size_t len = 0;
+    char *spath = NULL, *mroot = NULL;
     json_t *root = NULL, *seen = json_object(); /* shard paths opened so far */
     json_error_t jerr;
-    int rc;
+    int rc = 0;
 
-    if (!seen)
+    if (!seen) {
+        ms_free(text);
         return ms_error(MS_ENOMEM, "%s: out of memory", ipath);
-    rc = read_small(ipath, &text, &len);
-    if (rc)
+    }
+    if (!text && (rc = read_small(ipath, &text, &len)))
         goto out;
     bool remote = ms_http_is_url(ipath);
     long fails0 = ms_alloc_failures();
@@ -350,12 +352,13 @@ static int model_open_url(struct ms_model *m, const char *url)
         rc = ms_error(MS_ENOMEM, "%s: out of memory", url);
         goto out;
     }
-    rc = ms_http_get_file(p, &text, &len); /* only to learn whether it is there */
+    rc = ms_http_get_file(p, &text, &len); /* 0: not there */
     if (rc < 0)
         goto out;
     if (rc == 1) {
         m->indexed = true;
-        rc = model_load_index(m, p);
+        rc = model_load_index(m, p, text, len);
+        text = NULL;
         goto out;
     }
     ms_free(p);
@@ -437,7 +440,7 @@ int ms_model_open(const char *path, struct ms_model **out)
         goto out;
     if (rc == 1) {
         m->indexed = true;
-        rc = model_load_index(m, p);
+        rc = model_load_index(m, p, NULL, 0);
         goto out;
     }
     ms_free(p);

@@ -230,6 +230,11 @@ Test(remote, plan_reads_headers_only)
               "sleep 0.2; n=$(grep -c 'safetensors ' logs/access.log); [ $n -ge 4 ] && "
               "! grep 'safetensors ' logs/access.log | grep -v 'safetensors bytes=0-65535 206' "
               "&& ! grep -v -e 'safetensors ' -e '\\.json - \\(200\\|404\\)' logs/access.log");
+    /* The three indexed models' indexes are fetched once each (they were fetched
+     * twice: to learn whether they are there, then to read them). */
+    TH_RUN_OK(g_dir, "[ $(grep -c 'index.json - 200' logs/access.log) = 3 ] && "
+                     "! grep 'index.json - 200' logs/access.log | awk '{print $2}' | sort | "
+                     "uniq -d | grep .");
 }
 
 Test(remote, hf_references_map_to_the_hub_layout_with_the_token)
