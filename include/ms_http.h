@@ -100,6 +100,13 @@ struct ms_http_read {
 int ms_http_read_start(uv_loop_t *loop, struct ms_http_read *req, const char *url, void *buf,
                        uint64_t len, uint64_t off, uint64_t expect_total, ms_http_read_cb cb);
 /*
+ * Stops retrying on this loop: reads waiting for a retry fail with MS_ECANCELED
+ * (their callbacks run from the loop, not from inside this call), and so does every
+ * later try that would be retried. Transfers in flight run to their end. Loop
+ * thread; nothing happens when the loop has no client.
+ */
+void ms_http_loop_cancel(uv_loop_t *loop);
+/*
  * Closes the client of this loop, if there is one (no read may be in flight):
  * its handles are closed, and freed by the loop's next uv_run. Loop thread.
  */

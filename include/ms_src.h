@@ -91,8 +91,10 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
 /*
  * Stops the source (the caller is giving up): a read that needs another call
  * ends with MS_ECANCELED instead, compressed reads not yet served end with
- * MS_ECANCELED, and later starts fail. A call already in flight completes as
- * it would have. Loop thread; idempotent.
+ * MS_ECANCELED, and later starts fail; remote reads waiting to retry end with
+ * MS_ECANCELED at once, and so does a failed try that would have been retried
+ * (for every remote source on that loop: ms_http_loop_cancel). A call already in
+ * flight completes as it would have. Loop thread; idempotent.
  */
 void ms_src_cancel(struct ms_src *src);
 /*

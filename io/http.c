@@ -43,6 +43,7 @@ struct client {
     uv_async_t keep;  /* referenced while reads are in flight: keeps the loop up */
     int inflight;
     struct ms_http_read *waiting; /* reads waiting to retry, unordered */
+    bool canceled;                /* ms_http_loop_cancel: no more retries */
     struct sock *socks;           /* sockets curl asked us to watch */
     CURL *pool[POOL_MAX];
     int npool;
@@ -371,7 +372,7 @@ static void on_retry(uv_timer_t *t)
     struct ms_http_read **pp = &c->waiting, *due = NULL;
     while (*pp) {
         struct ms_http_read *r = *pp;
-        if (r->retry_at <= now) {
+        if (r->retry_at <= now || c->canceled) {
             *pp = r->next;
             r->next = due;
             due = r;
@@ -383,7 +384,7 @@ static void on_retry(uv_timer_t *t)
         struct ms_http_read *r = due;
         due = r->next;
         r->next = NULL;
-        int rc = try_start(r);
+        int rc = c->canceled ? ms_error(MS_ECANCELED, "%s: read canceled", r->url) : try_start(r);
         if (rc < 0)
             complete(r, rc);
     }
@@ -399,6 +400,10 @@ static void retry_or_fail(struct ms_http_read *req, const char *why)
     if (req->attempts >= MS_HTTP_ATTEMPTS) {
         complete(req,
                  ms_error(MS_EIO, "%s: %s (gave up after %d tries)", req->url, why, req->attempts));
+        return;
+    }
+    if (c->canceled) {
+        complete(req, ms_error(MS_ECANCELED, "%s: %s; read canceled", req->url, why));
         return;
     }
     struct ms_http_read *fr = req;
@@ -699,6 +704,21 @@ void ms_http_loop_done(uv_loop_t *loop)
     pthread_mutex_unlock(&g_lock);
     if (c)
         client_close(c);
+}
+
+void ms_http_loop_cancel(uv_loop_t *loop)
+{
+    struct client *c = NULL;
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < MAX_CLIENTS; i++)
+        if (g_clients[i].loop == loop)
+            c = g_clients[i].c;
+    pthread_mutex_unlock(&g_lock);
+    if (!c || c->canceled)
+        return;
+    c->canceled = true;
+    if (c->waiting) /* fail them from the loop, not from inside the caller */
+        uv_timer_start(&c->retry, on_retry, 0, 0);
 }
 
 /* ------------------------------------------------------------------ synchronous */

@@ -28,6 +28,7 @@ struct ms_src {
     bool remote;                  /* path is an http(s) URL */
     uint64_t size;                /* remote: the size Content-Range must report (0: any) */
     bool canceled;
+    uv_loop_t *loop;              /* remote: the loop of the reads started, for ms_src_cancel */
     /* Compressed: reads wait here, oldest first, while one is served. */
     struct ms_src_read *qhead, *qtail;
     bool busy;                    /* a read is on the thread pool */
@@ -171,6 +172,7 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
     req->cb = cb;
     req->next = NULL;
     if (src->remote) {
+        src->loop = loop;
         req->u.http.data = req;
         return ms_http_read_start(loop, &req->u.http, src->path, buf, len, off, src->size,
                                   on_http_read);
@@ -189,7 +191,12 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
     return 0;
 }
 
-void ms_src_cancel(struct ms_src *src) { src->canceled = true; }
+void ms_src_cancel(struct ms_src *src)
+{
+    src->canceled = true;
+    if (src->remote && src->loop)
+        ms_http_loop_cancel(src->loop); /* reads waiting to retry fail now */
+}
 
 void ms_src_set_size(struct ms_src *src, uint64_t size) { src->size = size; }
 

@@ -313,7 +313,10 @@ Test(remote, peak_rss_stays_under_the_budget)
 
 /* ------------------------------------------------------------------ fault server */
 
-enum fault { F_CUT, F_503, F_SIZE, F_NORANGE };
+/* F_STUCK: ft1's data ranges are always answered 503, ft2's have the wrong size. */
+enum fault { F_CUT, F_503, F_SIZE, F_NORANGE, F_STUCK };
+
+#define FSRV_RANGES 4096
 
 struct fsrv {
     int lfd, port;
@@ -322,7 +325,36 @@ struct fsrv {
     atomic_int faults; /* faults injected */
     atomic_bool stop;
     pthread_t th;
+    /* F_STUCK: how often each 503'd range was asked for (open addressing by key) */
+    pthread_mutex_t lock;
+    uint64_t key[FSRV_RANGES];
+    int tries[FSRV_RANGES];
 };
+
+/* Counts one more request of (path, first byte); returns the count. */
+static int fsrv_try(struct fsrv *s, const char *path, unsigned long long a)
+{
+    uint64_t k = 1469598103934665603u ^ a;
+    for (const char *p = path; *p; p++)
+        k = (k ^ (unsigned char)*p) * 1099511628211u;
+    k |= 1;
+    pthread_mutex_lock(&s->lock);
+    size_t i = (size_t)(k % FSRV_RANGES);
+    while (s->key[i] && s->key[i] != k)
+        i = (i + 1) % FSRV_RANGES;
+    s->key[i] = k;
+    int n = ++s->tries[i];
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+static int fsrv_max_tries(struct fsrv *s)
+{
+    int m = 0;
+    for (size_t i = 0; i < FSRV_RANGES; i++)
+        m = s->tries[i] > m ? s->tries[i] : m;
+    return m;
+}
 
 static bool send_all(int fd, const void *p, size_t n)
 {
@@ -383,7 +415,10 @@ static void *conn_main(void *arg)
             continue;
         }
         unsigned long long total = (unsigned long long)st.st_size;
-        if (s->mode == F_503 && ranged && a > 0 && k % 3 == 1) {
+        bool stuck = s->mode == F_STUCK && ranged && a > 0 && strstr(path, "/ft1/");
+        if (stuck)
+            fsrv_try(s, path, a);
+        if (stuck || (s->mode == F_503 && ranged && a > 0 && k % 3 == 1)) {
             atomic_fetch_add(&s->faults, 1);
             int n = snprintf(hdr, sizeof hdr, "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n");
             close(fd);
@@ -398,14 +433,16 @@ static void *conn_main(void *arg)
         if (b >= total)
             b = total - 1;
         unsigned long long len = b - a + 1;
+        bool wrong_size = (s->mode == F_SIZE || (s->mode == F_STUCK && strstr(path, "/ft2/"))) &&
+                          ranged && a > 0;
         int n =
             ranged && s->mode != F_NORANGE
                 ? snprintf(hdr, sizeof hdr,
                            "HTTP/1.1 206 Partial Content\r\nContent-Length: "
                            "%llu\r\nContent-Range: bytes %llu-%llu/%llu\r\n\r\n",
-                           len, a, b, s->mode == F_SIZE && a > 0 ? total + 8 : total)
+                           len, a, b, wrong_size ? total + 8 : total)
                 : snprintf(hdr, sizeof hdr, "HTTP/1.1 200 OK\r\nContent-Length: %llu\r\n\r\n", len);
-        if (s->mode == F_SIZE && ranged && a > 0)
+        if (wrong_size)
             atomic_fetch_add(&s->faults, 1);
         bool cut = s->mode == F_CUT && ranged && a > 0 && len >= 64 && k % 2 == 1;
         unsigned long long send_n = cut ? len / 2 : len;
@@ -463,6 +500,7 @@ static void fsrv_start(struct fsrv *s, enum fault mode)
 {
     memset(s, 0, sizeof *s);
     s->mode = mode;
+    pthread_mutex_init(&s->lock, NULL);
     s->lfd = socket(AF_INET, SOCK_STREAM, 0);
     cr_assert_geq(s->lfd, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
@@ -481,10 +519,12 @@ static void fsrv_stop(struct fsrv *s)
     close(s->lfd);
 }
 
-/* Merges through the fault server; returns the exit status, *err the stderr. */
-static int fault_merge(enum fault mode, const char *out, char **err, int *faults)
+/* Merges through the fault server; returns the exit status, *err the stderr;
+ * *max_tries (may be NULL) the most tries of one range (F_STUCK). */
+static int fault_merge_tries(enum fault mode, const char *out, char **err, int *faults,
+                             int *max_tries)
 {
-    struct fsrv s;
+    static struct fsrv s; /* 48 KiB of counters: not on the stack */
     fsrv_start(&s, mode);
     char url[128];
     snprintf(url, sizeof url, "http://127.0.0.1:%d/m", s.port);
@@ -495,7 +535,14 @@ static int fault_merge(enum fault mode, const char *out, char **err, int *faults
                        out);
     fsrv_stop(&s);
     *faults = atomic_load(&s.faults);
+    if (max_tries)
+        *max_tries = fsrv_max_tries(&s);
     return rc;
+}
+
+static int fault_merge(enum fault mode, const char *out, char **err, int *faults)
+{
+    return fault_merge_tries(mode, out, err, faults, NULL);
 }
 
 Test(remote, cut_connections_are_resumed_and_give_the_same_bytes)
@@ -545,4 +592,23 @@ Test(remote, a_server_without_range_support_is_refused)
 Test(remote, a_size_that_disagrees_with_the_header_is_an_error)
 {
     one_line_error(F_SIZE, "not the ");
+}
+
+/* One model fails for good while another's reads wait to retry (503 each time): the
+ * waiting reads are canceled with the merge, not retried MS_HTTP_ATTEMPTS (6) times
+ * over 3 s of backoff. A range asked for when the failure came may have started one
+ * more try; none gets a third. */
+Test(remote, a_failed_merge_stops_retrying_the_other_reads)
+{
+    char *err = NULL;
+    int faults = 0, tries = 0;
+    int rc = fault_merge_tries(F_STUCK, "stuck", &err, &faults, &tries);
+    cr_assert_neq(rc, 0);
+    cr_assert(strstr(err, "not the "), "%s", err);
+    cr_assert(!strstr(err, "gave up"), "%s", err);
+    one_line_per_model(err);
+    cr_assert_gt(tries, 0, "no 503 was served");
+    cr_assert_leq(tries, 2, "a range was tried %d times after the merge failed", tries);
+    free(err);
+    TH_RUN_OK(g_dir, "! ls stuck/*.safetensors 2>/dev/null");
 }
