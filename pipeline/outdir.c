@@ -343,6 +343,22 @@ _Static_assert(MS_ARRAY_LEN(tokenizer_files) <= MS_ARRAY_LEN(((struct ms_outdir 
                "struct ms_outdir's copied[] holds one flag per tokenizer file");
 
 /*
+ * Whether a donor file is left out. With chat_template in the recipe, mergekit
+ * re-serialises the tokenizer (transformers' save_pretrained) instead of copying
+ * it, which writes neither generation_config.json nor video_preprocessor_config.json;
+ * and when a template is written (tmpl), the donor's chat_template.jinja/.json,
+ * which the loaders would prefer to it, are not copied either.
+ */
+static bool tokenizer_file_dropped(const struct ms_plan *plan, const char *name, bool tmpl)
+{
+    if (tmpl && (!strcmp(name, "chat_template.jinja") || !strcmp(name, "chat_template.json")))
+        return true;
+    return plan->recipe && plan->recipe->chat_template &&
+           (!strcmp(name, "generation_config.json") ||
+            !strcmp(name, "video_preprocessor_config.json"));
+}
+
+/*
  * Donor file `name` for copying: it must resolve (symlinks followed) to a
  * regular file inside the donor's folder (for a Hugging Face cache snapshot, the
  * repository folder, whose blobs/ its symlinks point into). Returns 1 with
@@ -461,9 +477,8 @@ static int remote_tokenizer(const struct ms_plan *plan, const struct emit *out, 
             len[0] = plen;
         }
     }
-    for (size_t i = 0; tmpl && i < MS_ARRAY_LEN(tokenizer_files); i++)
-        if (!strcmp(tokenizer_files[i], "chat_template.jinja") ||
-            !strcmp(tokenizer_files[i], "chat_template.json")) { /* loaders prefer them */
+    for (size_t i = 0; i < MS_ARRAY_LEN(tokenizer_files); i++)
+        if (tokenizer_file_dropped(plan, tokenizer_files[i], tmpl != NULL)) {
             ms_free(data[i]);
             data[i] = NULL;
         }
@@ -485,8 +500,8 @@ static int remote_tokenizer(const struct ms_plan *plan, const struct emit *out, 
 /* Calls fn for every donor tokenizer file that will be copied; 0 or an error.
  * With a chat template, tokenizer_config.json is written patched (created when the
  * donor has tokenizer.json or tokenizer.model but no tokenizer_config.json, as
- * transformers' save_pretrained would), and the donor's chat_template.jinja/.json,
- * which the loaders would prefer to it, are not copied. */
+ * transformers' save_pretrained would); tokenizer_file_dropped says which donor
+ * files are left out. */
 static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bool warn,
                           bool *copied)
 {
@@ -520,8 +535,7 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
             copied[0] = true;
     }
     for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++) {
-        if (tmpl && (!strcmp(tokenizer_files[i], "chat_template.jinja") ||
-                     !strcmp(tokenizer_files[i], "chat_template.json")))
+        if (tokenizer_file_dropped(plan, tokenizer_files[i], tmpl != NULL))
             continue;
         char *real = NULL;
         unsigned mode = 0644;

@@ -168,6 +168,26 @@ Test(chat_template, without_chat_template_the_copy_is_byte_identical)
     RUN_OK("cmp a/chat_template.jinja out/chat_template.jinja");
 }
 
+/* mergekit-spec.md 4.6: generation_config.json is copied only when no chat_template is
+ * set (with one, the tokenizer is re-serialised, which does not write it), `auto` that
+ * finds no template included. */
+Test(chat_template, generation_config_is_copied_only_without_chat_template)
+{
+    RUN_OK("printf '{\"do_sample\": true}' > a/generation_config.json && "
+           "printf '{}' > a/video_preprocessor_config.json");
+    write_recipe("r.yml", three);
+    RUN_OK("mergestream merge r.yml plain -q");
+    RUN_OK("cmp a/generation_config.json plain/generation_config.json && "
+           "cmp a/video_preprocessor_config.json plain/video_preprocessor_config.json");
+    recipe_with("chat_template: chatml\n");
+    RUN_OK("mergestream merge r.yml tmpl -q");
+    RUN_OK("test -e tmpl/tokenizer_config.json && test ! -e tmpl/generation_config.json && "
+           "test ! -e tmpl/video_preprocessor_config.json");
+    recipe_with("chat_template: auto\n");
+    RUN_OK("mergestream merge r.yml auto -q 2>/dev/null");
+    RUN_OK("test ! -e auto/generation_config.json");
+}
+
 Test(chat_template, donor_without_tokenizer_config_gets_one)
 {
     RUN_OK("rm a/tokenizer_config.json");
