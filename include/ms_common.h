@@ -120,6 +120,8 @@ int ms_parse_size(const char *s, bool binary, uint64_t *out);
 bool ms_shape_numel(const int64_t *shape, uint32_t ndim, uint64_t *out);
 
 #define MS_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+/* Each argument is evaluated twice: pass no call whose result can change between
+ * the two evaluations (a pipe's free room, a clock). */
 #define MS_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MS_MAX(a, b) ((a) > (b) ? (a) : (b))
 

@@ -199,7 +199,10 @@ static int write_all(const struct ms_out *o, int fd, int mode, const void *buf, 
                 continue;
             }
         }
-        size_t n_try = mode == WR_SMALL ? MS_MIN(len, small_room(fd)) : len;
+        /* room once: MS_MIN evaluates it twice, and the reader may drain the pipe
+         * between the two, which once wrote past the end of buf */
+        size_t room = mode == WR_SMALL ? small_room(fd) : len;
+        size_t n_try = MS_MIN(len, room);
         ssize_t n = write(fd, p, n_try);
         if (n > 0) {
             p += n;
