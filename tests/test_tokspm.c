@@ -588,7 +588,7 @@ Test(tokspm, sentencepiece_base_with_added_tokens)
 Test(tokspm, named_sentencepiece_source_with_tokens)
 {
     NEED_SPM();
-    long nl = th_ref_id(&(struct th_refmodel){ "S1", 0, NULL, NULL }, "x"); /* -1 */
+    long nl = -1; /* S1's id of the byte piece <0x0A> */
     for (long i = 0; i < g_npieces[0]; i++)
         if (!strcmp(g_piece[0][i], "<0x0A>"))
             nl = i;
