@@ -1238,12 +1238,12 @@ int ms_tokmerge_prepare(const struct ms_plan *p, uint64_t mem)
 
 /* ------------------------------------------------------------------ output files */
 
-/* Output token i's entry in tokenizer.json's added_tokens (an added token). */
-static json_t *added_entry_json(const struct ms_tokmerge *tm, uint64_t i)
+/* e (taken) with output token i's settings appended in the order of keys (tokenizer.json
+ * and tokenizer_config.json order them differently); NULL without memory. */
+static json_t *with_settings(json_t *e, const struct ms_tokmerge *tm, uint64_t i,
+                             const char *const *keys)
 {
-    json_t *e = json_pack("{s:I,s:s}", "id", (json_int_t)i, "content", tm->tok[i].text);
-    const char *keys[] = { "single_word", "lstrip", "rstrip", "normalized", "special" };
-    for (size_t k = 0; e && k < MS_ARRAY_LEN(keys); k++) {
+    for (size_t k = 0; e && k < 5; k++) {
         json_t *v = json_object_get(tm->tok[i].added, keys[k]);
         if (v && json_object_set(e, keys[k], v)) {
             json_decref(e);
@@ -1251,6 +1251,15 @@ static json_t *added_entry_json(const struct ms_tokmerge *tm, uint64_t i)
         }
     }
     return e;
+}
+
+/* Output token i's entry in tokenizer.json's added_tokens (an added token). */
+static json_t *added_entry_json(const struct ms_tokmerge *tm, uint64_t i)
+{
+    static const char *const keys[] = { "single_word", "lstrip", "rstrip", "normalized",
+                                        "special" };
+    return with_settings(json_pack("{s:I,s:s}", "id", (json_int_t)i, "content", tm->tok[i].text),
+                         tm, i, keys);
 }
 
 /* The origin of the output files: the named source model's, else the (stripped) base's. */
@@ -1353,15 +1362,9 @@ json_t *ms_tokmerge_tokenizer_config(const struct ms_tokmerge *tm)
             continue;
         char id[32];
         snprintf(id, sizeof id, "%" PRIu64, i);
-        json_t *e = json_pack("{s:s}", "content", tm->tok[i].text);
-        const char *keys[] = { "lstrip", "normalized", "rstrip", "single_word", "special" };
-        for (size_t k = 0; e && k < MS_ARRAY_LEN(keys); k++) {
-            json_t *v = json_object_get(tm->tok[i].added, keys[k]);
-            if (v && json_object_set(e, keys[k], v)) {
-                json_decref(e);
-                e = NULL;
-            }
-        }
+        static const char *const keys[] = { "lstrip", "normalized", "rstrip", "single_word",
+                                            "special" };
+        json_t *e = with_settings(json_pack("{s:s}", "content", tm->tok[i].text), tm, i, keys);
         if (!e || json_object_set_new(dec, id, e))
             goto fail;
     }

@@ -30,10 +30,7 @@
 static char *g_dir;
 
 /* The models' tokenizers: plain tokens, and added special ones (in model.vocab or not). */
-#define P(t, i)                                                                                    \
-    {                                                                                              \
-        t, i, false, false, false                                                                  \
-    }
+#define P TH_TOK_PLAIN
 static const struct th_tok tok_a[] = {
     { "<s>", 0, true, true, true },
     { "</s>", 1, true, true, true },

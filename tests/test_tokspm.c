@@ -146,10 +146,7 @@ static void make_spm_model(const char *name, int s, long rows, int seed)
 
 /* ------------------------------------------------------------------ the BPE model */
 
-#define P(t, i)                                                                                    \
-    {                                                                                              \
-        t, i, false, false, false                                                                  \
-    }
+#define P TH_TOK_PLAIN
 /* Shares a, e, <s>, </s> and likely "▁the" with the SentencePiece models; "<0x0A>" is a
  * plain token here and a byte piece of s1; <tool> is special here, user-defined there. */
 static const struct th_tok tok_a[] = {

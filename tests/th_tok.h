@@ -21,6 +21,12 @@ struct th_tok {
                                      are always in model.vocab */
 };
 
+/* A plain token (in model.vocab only). */
+#define TH_TOK_PLAIN(t, i)                                                                         \
+    {                                                                                              \
+        t, i, false, false, false                                                                  \
+    }
+
 /*
  * Writes dir/tokenizer.json (model type BPE, or `type` when not NULL: "Unigram" writes
  * a list-form vocab), dir/tokenizer_config.json and dir/special_tokens_map.json
