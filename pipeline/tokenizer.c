@@ -385,7 +385,10 @@ static int spm_load(const char *ref, const char *dir, const char *config_json, b
     for (size_t k = 0; k < nde && !rc; k++) {
         const char *c = json_string_value(json_object_get(de[k].e, "content"));
         int64_t have = vocab_get(&t->vocab, c);
-        if ((uint64_t)de[k].id < sv->n && have != de[k].id)
+        if (k && de[k].id == de[k - 1].id)
+            rc = ms_error(MS_EMODEL, "%s: added_tokens_decoder lists id %" PRId64 " twice", cpath,
+                          de[k].id);
+        else if ((uint64_t)de[k].id < sv->n && have != de[k].id)
             rc = ms_error(MS_EUNSUPPORTED,
                           "%s: added_tokens_decoder puts '%s' at id %" PRId64 ", where "
                           "tokenizer.model has '%s'",
