@@ -39,10 +39,10 @@ enum ms_spm_kind {
 };
 
 struct ms_spm_vocab {
-    size_t n;             /* pieces: ids 0..n-1 */
-    const char **piece;   /* per id: its text, NUL-terminated (pieces hold no NUL) */
-    unsigned char *kind;  /* per id: an enum ms_spm_kind */
-    int32_t unk_id;       /* the trainer spec's ids, -1 when unset */
+    size_t n;            /* pieces: ids 0..n-1 */
+    const char **piece;  /* per id: its text, NUL-terminated (pieces hold no NUL) */
+    unsigned char *kind; /* per id: an enum ms_spm_kind */
+    int32_t unk_id;      /* the trainer spec's ids, -1 when unset */
     int32_t bos_id, eos_id, pad_id;
 };
 

@@ -598,8 +598,8 @@ static int write_tokenizer(const struct ms_plan *plan, const struct emit *out, b
         text = NULL;
     }
     for (size_t k = 1; k < MS_ARRAY_LEN(names) && !rc; k++) {
-        json_t *v = k == 1 ? ms_tokmerge_tokenizer_config(plan->tok)
-                           : ms_tokmerge_special_map(plan->tok);
+        json_t *v =
+            k == 1 ? ms_tokmerge_tokenizer_config(plan->tok) : ms_tokmerge_special_map(plan->tok);
         if (!v && k == 1)
             rc = ms_error(MS_ENOMEM, "cannot write %s: out of memory", names[k]);
         if (v && k == 1 && tmpl)

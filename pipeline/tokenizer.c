@@ -375,8 +375,8 @@ static int spm_load(const char *ref, const char *dir, const char *config_json, b
         if (rc)
             break;
         if (!*key || *end || id < 0 || !json_is_string(json_object_get(v, "content")))
-            rc = ms_error(MS_EMODEL, "%s: added_tokens_decoder entry '%s' is not an id with "
-                          "a content", cpath, key);
+            rc = ms_error(MS_EMODEL, "%s: added_tokens_decoder entry '%s' is not an id with a "
+                          "content", cpath, key);
         de[nde++] = (struct decent){ id, v };
     }
     if (!rc)
@@ -421,7 +421,7 @@ static int spm_load(const char *ref, const char *dir, const char *config_json, b
     size_t nextra = json_array_size(extra);
     for (size_t k = 0; k < MS_ARRAY_LEN(named) + nextra && !rc; k++) {
         json_t *sv_k = k < MS_ARRAY_LEN(named) ? json_object_get(t->tc, named[k])
-                                                : json_array_get(extra, k - MS_ARRAY_LEN(named));
+                                               : json_array_get(extra, k - MS_ARRAY_LEN(named));
         const char *c = special_text(sv_k);
         if (!c)
             continue; /* unset (null) */
@@ -446,8 +446,8 @@ static int spm_load(const char *ref, const char *dir, const char *config_json, b
         if (!by_id[i])
             continue;
         if (strip && t->vs >= 0 && (int64_t)i >= t->vs) /* an added token past vocab_size */
-            rc = vocab_put(&t->vocab, json_string_value(json_object_get(by_id[i], "content")),
-                           -1, NULL);
+            rc = vocab_put(&t->vocab, json_string_value(json_object_get(by_id[i], "content")), -1,
+                           NULL);
         else if (json_array_append(t->added, by_id[i]))
             rc = ms_error(MS_ENOMEM, "out of memory");
     }
@@ -1271,10 +1271,7 @@ static const struct tokmodel *files_origin(const struct ms_tokmerge *tm)
     return tm->has_src ? &tm->src : &tm->tm[tm->base];
 }
 
-const char *ms_tokmerge_spm_dir(const struct ms_tokmerge *tm)
-{
-    return tm->ospm ? tm->odir : NULL;
-}
+const char *ms_tokmerge_spm_dir(const struct ms_tokmerge *tm) { return tm->ospm ? tm->odir : NULL; }
 
 /* Appends the rendering of v (ms__json_render, at depth 0) indented by `indent` more. */
 static int render_indented(struct ms_strbuf *b, const json_t *v, const char *indent)
@@ -1356,9 +1353,9 @@ json_t *ms_tokmerge_tokenizer_config(const struct ms_tokmerge *tm)
     /* Without the origin's file: a tokenizer.json loads as PreTrainedTokenizerFast; a
      * tokenizer.model names no class, and AutoTokenizer takes config.json's model_type,
      * as it did for the origin. */
-    json_t *root = o->tc     ? json_deep_copy(o->tc)
+    json_t *root = o->tc    ? json_deep_copy(o->tc)
                    : o->spm ? json_object()
-                             : json_pack("{s:s}", "tokenizer_class", "PreTrainedTokenizerFast");
+                            : json_pack("{s:s}", "tokenizer_class", "PreTrainedTokenizerFast");
     json_t *dec = json_object();
     for (uint64_t i = 0; root && dec && i < tm->nvocab; i++) {
         if (!tm->tok[i].added)

@@ -25,7 +25,7 @@
 #include "th.h"
 #include "th_tok.h"
 
-#define H 16    /* hidden size */
+#define H 16     /* hidden size */
 #define MAXV 512 /* tokens of a model at most */
 
 static char *g_dir;
@@ -174,11 +174,11 @@ static void bpe_model_ref(struct rmodel *m)
 
 static struct rmodel g_a, g_s1, g_s2;
 
-static const char *const words1[] = { "the",   "cat",  "sat",   "on",  "mat",   "dog",
-                                      "ran",   "far",  "away",  "hello", "world", "merge",
+static const char *const words1[] = { "the",   "cat",  "sat",   "on",     "mat",   "dog",
+                                      "ran",   "far",  "away",  "hello",  "world", "merge",
                                       "alpha", "beta", "gamma", "<tool>", "<x>" };
-static const char *const words2[] = { "the", "sun", "rose", "over", "hills", "quiet",
-                                      "river", "a", "sea", "eel", "<tool>", "<y>" };
+static const char *const words2[] = { "the",   "sun", "rose", "over", "hills",  "quiet",
+                                      "river", "a",   "sea",  "eel",  "<tool>", "<y>" };
 
 static void setup(void)
 {
@@ -330,8 +330,9 @@ static void ref_union(const struct rmodel *const *m, int nm, struct ovocab *v)
 static void merge_onehot(const struct rmodel *const *m, int nm, int k, const char *tok)
 {
     char text[4096];
-    int len = snprintf(text, sizeof text, "merge_method: linear\ndtype: float32\n"
-                                          "base_model: %s\n%s\nmodels:\n",
+    int len = snprintf(text, sizeof text,
+                       "merge_method: linear\ndtype: float32\n"
+                       "base_model: %s\n%s\nmodels:\n",
                        m[0]->name, tok);
     for (int i = 0; i < nm; i++)
         len += snprintf(text + len, sizeof text - (size_t)len,
@@ -372,8 +373,8 @@ static void check_rows(const struct rmodel *const *m, int nm, int k, const struc
         for (long r = 0; r < v->n; r++)
             for (int c = 0; c < H; c++)
                 cr_assert(ms_f32_bits(o[r * H + c]) == ms_f32_bits(e[r * H + c]),
-                          "%s model %s row %ld ('%s') col %d: got %a want %a", names[t],
-                          m[k]->name, r, vocab[r], c, o[r * H + c], e[r * H + c]);
+                          "%s model %s row %ld ('%s') col %d: got %a want %a", names[t], m[k]->name,
+                          r, vocab[r], c, o[r * H + c], e[r * H + c]);
         for (int i = 0; i < nm; i++)
             free(x[i]);
         free(o);
@@ -447,12 +448,12 @@ Test(tokspm, shim_reads_every_piece_and_its_kind)
         for (size_t i = 0; i < v->n; i++) {
             const char *t = g_piece[s][i];
             cr_assert_str_eq(v->piece[i], t, "%s piece %zu", name, i);
-            int want = !strcmp(t, "<unk>")                             ? MS_SPM_UNKNOWN
-                       : !strcmp(t, "<s>") || !strcmp(t, "</s>")       ? MS_SPM_CONTROL
-                       : in_list(g_spec[s].control, t)                 ? MS_SPM_CONTROL
-                       : in_list(g_spec[s].user, t)                    ? MS_SPM_USER
+            int want = !strcmp(t, "<unk>")                                 ? MS_SPM_UNKNOWN
+                       : !strcmp(t, "<s>") || !strcmp(t, "</s>")           ? MS_SPM_CONTROL
+                       : in_list(g_spec[s].control, t)                     ? MS_SPM_CONTROL
+                       : in_list(g_spec[s].user, t)                        ? MS_SPM_USER
                        : s == 0 && strlen(t) == 6 && !strncmp(t, "<0x", 3) ? MS_SPM_BYTE
-                                                                       : MS_SPM_NORMAL;
+                                                                           : MS_SPM_NORMAL;
             cr_assert_eq(v->kind[i], want, "%s piece %zu '%s': kind %d, want %d", name, i, t,
                          v->kind[i], want);
             nbyte += want == MS_SPM_BYTE;
@@ -487,15 +488,16 @@ Test(tokspm, union_of_bpe_base_and_two_sentencepiece_models)
     memset(covered, 0, sizeof covered);
     const char *key;
     json_t *e;
-    json_object_foreach(json_object_get(json_object_get(tj, "model"), "vocab"), key, e) {
+    json_object_foreach(json_object_get(json_object_get(tj, "model"), "vocab"), key, e)
+    {
         long id = (long)json_integer_value(e);
-        cr_assert(id >= 0 && id < v.n && !strcmp(v.t[id].text, key), "vocab '%s' id %ld", key,
-                  id);
+        cr_assert(id >= 0 && id < v.n && !strcmp(v.t[id].text, key), "vocab '%s' id %ld", key, id);
         covered[id] = true;
     }
     size_t i;
     long nadded = 0;
-    json_array_foreach(json_object_get(tj, "added_tokens"), i, e) {
+    json_array_foreach(json_object_get(tj, "added_tokens"), i, e)
+    {
         long id = (long)json_integer_value(json_object_get(e, "id"));
         cr_assert(id >= 0 && id < v.n && v.t[id].added, "added id %ld", id);
         check_added(e, &v.t[id], id);
@@ -572,8 +574,8 @@ Test(tokspm, sentencepiece_base_with_added_tokens)
     static struct ovocab vb;
     vb.n = 0;
     for (size_t i = 0; i < p.n; i++)
-        vb.t[vb.n++] = (struct otok){ p.tok[i].text, p.tok[i].added, p.tok[i].special,
-                                      p.tok[i].normalized };
+        vb.t[vb.n++] =
+            (struct otok){ p.tok[i].text, p.tok[i].added, p.tok[i].special, p.tok[i].normalized };
     merge_onehot(m, 3, 1, "tokenizer_source: base");
     check_rows(m, 3, 1, &vb, NULL, 0);
     check_spm_files("P", &vb);
