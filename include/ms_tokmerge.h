@@ -21,8 +21,9 @@
  * user-defined pieces as added tokens, plus tokenizer_config.json's
  * added_tokens_decoder. Another tokenizer.json model type (Unigram), a base
  * tokenizer.model with pieces past config.json's vocab_size (stripping it would
- * need a converted tokenizer.json) and added tokens whose ids transformers would
- * move are refused (MS_EUNSUPPORTED naming the file).
+ * need a converted tokenizer.json), added tokens whose ids transformers would
+ * move and special tokens that are neither pieces nor added tokens are refused
+ * (MS_EUNSUPPORTED naming the file).
  *
  * Ownership: the plan owns its ms_tokmerge (plan->tok), which owns the row maps
  * (ms_plan_input.rowmap) and the per-job states (ms_job.tok). Memory outside
@@ -114,7 +115,8 @@ void ms_tokmerge_fill(const struct ms_job *j, uint64_t row0, uint64_t nrows, flo
  * rebuilt) and special_tokens_map.json (the origin's, or NULL when it has
  * none). tokenizer.json comes as text (ms_free; what ms__json_render writes of
  * the whole tree, without a final newline), built without a tree of the added
- * tokens: 0 or an error naming the file. The others are each a new reference
+ * tokens: 0 or an error naming the file; not called when ms_tokmerge_spm_dir
+ * names a tokenizer.model to copy instead. The others are each a new reference
  * (json_decref) or NULL without memory. The config object is built whole and
  * returned before it is written, so a later step (chat_template) can patch it.
  */
