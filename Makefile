@@ -13,14 +13,16 @@
 #   make fmt          clang-format the lines changed since the last commit
 #   make deps         install missing Debian packages (as root) or say which
 #
-# Plain `make` needs only a C compiler, pkg-config and the five libraries (libuv, zstd,
-# libyaml, jansson, libcurl), found through pkg-config on any system. When pkg-config cannot find
+# Plain `make` needs only a C and a C++ compiler, pkg-config and the six libraries (libuv,
+# zstd, libyaml, jansson, libcurl, and libsentencepiece for io/spm.cc, the one C++ file),
+# found through pkg-config on any system. When pkg-config cannot find
 # them, make installs the Debian packages with apt-get if it runs as root on Debian, and
 # otherwise says what is missing and stops. The test toolchain (Criterion, zstd, tar,
-# rclone, clang, libclang-rt, debhelper, zsh, nginx) is needed only by the test, fuzz and
-# package targets, which install or ask for it the same way.
+# rclone, clang, libclang-rt, debhelper, zsh, nginx, sentencepiece's spm_train) is needed
+# only by the test, fuzz and package targets, which install or ask for it the same way.
 
 CC      ?= cc
+CXX     ?= c++
 BUILD   ?= build
 SANITIZE ?=
 
@@ -34,12 +36,15 @@ ifneq ($(SANITIZE),)
   endif
 endif
 
-PKGS      := libuv libzstd yaml-0.1 jansson libcurl
-DEB_BUILD_PKGS := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcurl4-openssl-dev pkg-config
-DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh nginx python3-jinja2
-# Recursive (=) so pkg-config runs after the deps step has installed things.
+PKGS      := libuv libzstd yaml-0.1 jansson libcurl sentencepiece
+DEB_BUILD_PKGS := libuv1-dev libzstd-dev libyaml-dev libjansson-dev libcurl4-openssl-dev \
+                  libsentencepiece-dev g++ pkg-config
+DEB_TEST_PKGS  := libcriterion-dev zstd tar rclone clang libclang-rt-14-dev debhelper dpkg-dev zsh nginx python3-jinja2 \
+                  sentencepiece
+# Recursive (=) so pkg-config runs after the deps step has installed things. sentencepiece.pc
+# also names the trainer library, which nothing here uses; io/spm.cc needs the C++ runtime.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(filter-out -lsentencepiece_train,$(shell pkg-config --libs $(PKGS) 2>/dev/null)) -lstdc++
 CRIT_CFLAGS = $(shell pkg-config --cflags criterion 2>/dev/null)
 CRIT_LIBS   = $(shell pkg-config --libs criterion 2>/dev/null)
 
@@ -54,13 +59,22 @@ CFLAGS_ALL = -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(OPT) $(WARN)
 # io/json_alloc.c routes jansson's allocations through ms_malloc from a constructor,
 # which nothing calls: name it so that the linker takes it out of the archive.
 LDLIBS_ALL = -Wl,--require-defined=ms__json_alloc_hook $(PKG_LIBS) -lm -lpthread $(LDLIBS)
+# The C++ shim (io/spm.cc): the same warnings that C++ knows, no exceptions leave it.
+CXXFLAGS_ALL = -std=c++17 $(OPT) -Wall -Wextra -Wshadow -Wpointer-arith -Wformat=2 -Wundef \
+               -Wno-unused-parameter -ffp-contract=off -Iinclude -MMD -MP $(PKG_CFLAGS) \
+               $(CPPFLAGS) $(CXXFLAGS)
+ifeq ($(CI),true)
+  CXXFLAGS_ALL += -Werror
+endif
 ifneq ($(SANITIZE),)
   CFLAGS_ALL += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+  CXXFLAGS_ALL += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
   LDFLAGS    += -fsanitize=$(SANITIZE)
 endif
 
 LIB_SRCS  := $(wildcard base/*.c io/*.c stages/*.c pipeline/*.c)
-LIB_OBJS  := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o)
+LIB_CXX_SRCS := $(wildcard io/*.cc)
+LIB_OBJS  := $(LIB_SRCS:%.c=$(BUILD)/obj/%.o) $(LIB_CXX_SRCS:%.cc=$(BUILD)/obj/%.o)
 LIB       := $(BUILD)/libmergestream.a
 
 CLI_SRCS  := $(wildcard tools/cli_*.c) tools/mergestream.c
@@ -140,6 +154,10 @@ $(TEST_DEPS_STAMP): | $(BUILD_DEPS_STAMP)
 $(BUILD)/obj/%.o: %.c | $(BUILD_DEPS_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cc | $(BUILD_DEPS_STAMP)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS_ALL) -c $< -o $@
 
 # Compute kernels: -O3 lets gcc vectorise loops whose trip count is not known.
 $(BUILD)/obj/stages/%.o: stages/%.c | $(BUILD_DEPS_STAMP)
@@ -225,7 +243,7 @@ bench: all
 
 # Formats only the lines changed since the last commit (.clang-format says why).
 fmt:
-	git clang-format --style=file --extensions c,h
+	git clang-format --style=file --extensions c,h,cc
 
 clean:
 	rm -rf build

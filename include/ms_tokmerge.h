@@ -15,8 +15,15 @@
  * once: both are read by ms_tokmerge_prepare before the merge starts.
  *
  * Supported tokenizers: tokenizer.json with a BPE or WordLevel model (a
- * `model.vocab` object). A model with only tokenizer.model (SentencePiece), or
- * another model type, is refused (MS_EUNSUPPORTED naming the file).
+ * `model.vocab` object), and, for a model without tokenizer.json, tokenizer.model
+ * (SentencePiece, read with libsentencepiece through ms_spm.h) with the vocabulary
+ * transformers converts from it: every piece under its id, control and
+ * user-defined pieces as added tokens, plus tokenizer_config.json's
+ * added_tokens_decoder. Another tokenizer.json model type (Unigram), a base
+ * tokenizer.model with pieces past config.json's vocab_size (stripping it would
+ * need a converted tokenizer.json), added tokens whose ids transformers would
+ * move and special tokens that are neither pieces nor added tokens are refused
+ * (MS_EUNSUPPORTED naming the file).
  *
  * Ownership: the plan owns its ms_tokmerge (plan->tok), which owns the row maps
  * (ms_plan_input.rowmap) and the per-job states (ms_job.tok). Memory outside
@@ -56,8 +63,8 @@ struct ms_tokrows {
  * reference in the recipe, for matching the recipe's token sources). Returns 0
  * and *out (NULL when the recipe asks for no tokenizer merge), or a negative
  * code with a one-line diagnostic naming the model and file or the recipe key:
- * MS_EMODEL (missing or malformed tokenizer.json), MS_EUNSUPPORTED (SentencePiece
- * only, a model type other than BPE/WordLevel), MS_EPLAN (a token source naming
+ * MS_EMODEL (missing or malformed tokenizer.json, a file libsentencepiece rejects),
+ * MS_EUNSUPPORTED (the cases above), MS_EPLAN (a token source naming
  * a model not in the merge, or a token the model lacks). Plan thread.
  */
 int ms_tokmerge_build(const struct ms_plan *plan, const struct ms_modelref *const *refs,
@@ -106,11 +113,22 @@ void ms_tokmerge_fill(const struct ms_job *j, uint64_t row0, uint64_t nrows, flo
  * (the origin tokenizer's JSON with model.vocab stripped and added_tokens the
  * merged list), tokenizer_config.json (the origin's with added_tokens_decoder
  * rebuilt) and special_tokens_map.json (the origin's, or NULL when it has
- * none). Each returns a new reference (json_decref) or NULL without memory.
- * The config object is built whole and returned before it is written, so a
- * later step (chat_template) can patch it.
+ * none). tokenizer.json comes as text (ms_free; what ms__json_render writes of
+ * the whole tree, without a final newline), built without a tree of the added
+ * tokens: 0 or an error naming the file; not called when ms_tokmerge_spm_dir
+ * names a tokenizer.model to copy instead. The others are each a new reference
+ * (json_decref) or NULL without memory. The config object is built whole and
+ * returned before it is written, so a later step (chat_template) can patch it.
  */
-json_t *ms_tokmerge_tokenizer_json(const struct ms_tokmerge *tm);
+int ms_tokmerge_tokenizer_json_text(const struct ms_tokmerge *tm, char **text, size_t *len);
+/*
+ * When the origin has only tokenizer.model: its folder, whose tokenizer.model the output
+ * gets verbatim in place of a tokenizer.json (transformers' save_pretrained of the
+ * converted tokenizer would write a tokenizer.json we cannot reproduce faithfully; the
+ * loaders convert tokenizer.model again and add tokenizer_config.json's
+ * added_tokens_decoder, which gives the same vocabulary). NULL otherwise.
+ */
+const char *ms_tokmerge_spm_dir(const struct ms_tokmerge *tm);
 json_t *ms_tokmerge_tokenizer_config(const struct ms_tokmerge *tm);
 json_t *ms_tokmerge_special_map(const struct ms_tokmerge *tm);
 

@@ -564,32 +564,67 @@ static int each_tokenizer(const struct ms_plan *plan, const struct emit *out, bo
     return rc;
 }
 
+/* The origin's tokenizer.model of a tokenizer merge (ms_tokmerge_spm_dir), copied as a
+ * donor's file is: inside its model folder, mode kept. */
+static int copy_spm_model(const char *dir, const struct emit *out, bool *copied)
+{
+    char *root = NULL, *real = NULL, *data = NULL;
+    unsigned mode = 0644;
+    size_t len = 0;
+    int rc = ms_path_model_root(dir, &root);
+    if (!rc && (rc = tokenizer_source(dir, root, "tokenizer.model", &real, &mode)) == 0)
+        rc = ms_error(MS_EIO, "cannot write tokenizer.model: %s/tokenizer.model is gone", dir);
+    if (rc == 1 && !(rc = ms_read_file(real, &data, &len)))
+        rc = write_in(out, "tokenizer.model", data, len, mode);
+    for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++)
+        if (!strcmp(tokenizer_files[i], "tokenizer.model"))
+            copied[i] = true;
+    ms_free(data);
+    ms_free(real);
+    ms_free(root);
+    return rc;
+}
+
 /* A tokenizer merge's files (ms_tokmerge.h), written whatever --copy-tokenizer says, as
- * mergekit saves a tokenizer it built. */
+ * mergekit saves a tokenizer it built; tokenizer.model in place of tokenizer.json when
+ * the origin tokenizer is SentencePiece only. */
 static int write_tokenizer(const struct ms_plan *plan, const struct emit *out, bool *copied)
 {
     static const char *const names[] = { "tokenizer.json", "tokenizer_config.json",
                                          "special_tokens_map.json" };
-    char *tmpl = NULL;
+    const char *spm = ms_tokmerge_spm_dir(plan->tok);
+    char *tmpl = NULL, *text = NULL;
+    size_t len = 0;
     ms_error_clear();
     int rc = chat_template_text(plan, &tmpl);
-    for (size_t k = 0; k < MS_ARRAY_LEN(names) && !rc; k++) {
-        json_t *v = k == 0   ? ms_tokmerge_tokenizer_json(plan->tok)
-                    : k == 1 ? ms_tokmerge_tokenizer_config(plan->tok)
-                             : ms_tokmerge_special_map(plan->tok);
-        char *text = NULL;
-        size_t len = 0;
-        if (!v && k < 2) /* the origin's tokenizer.json is read again: it may have gone */
-            rc = ms_error(MS_EIO, "cannot write %s: %s", names[k],
-                          *ms_errmsg() ? ms_errmsg() : "out of memory");
+    if (!rc && spm) {
+        rc = copy_spm_model(spm, out, copied);
+    } else if (!rc) {
+        /* the origin's tokenizer.json is read again: it may have gone */
+        if ((rc = ms_tokmerge_tokenizer_json_text(plan->tok, &text, &len)))
+            rc = ms_error_prefix(rc, "cannot write %s", names[0]);
+        if (!rc)
+            rc = write_in(out, names[0], text, len, 0644);
+        for (size_t i = 0; !rc && i < MS_ARRAY_LEN(tokenizer_files); i++)
+            if (!strcmp(tokenizer_files[i], names[0]))
+                copied[i] = true;
+        ms_free(text);
+        text = NULL;
+    }
+    for (size_t k = 1; k < MS_ARRAY_LEN(names) && !rc; k++) {
+        json_t *v =
+            k == 1 ? ms_tokmerge_tokenizer_config(plan->tok) : ms_tokmerge_special_map(plan->tok);
+        if (!v && k == 1)
+            rc = ms_error(MS_ENOMEM, "cannot write %s: out of memory", names[k]);
         if (v && k == 1 && tmpl)
             rc = ms_chat_template_patch(v, tmpl);
-        if (!rc && v && !(rc = ms__json_render(v, k > 0, &text, &len)))
+        if (!rc && v && !(rc = ms__json_render(v, true, &text, &len)))
             rc = write_in(out, names[k], text, len, 0644);
         for (size_t i = 0; !rc && v && i < MS_ARRAY_LEN(tokenizer_files); i++)
             if (!strcmp(tokenizer_files[i], names[k]))
                 copied[i] = true;
         ms_free(text);
+        text = NULL;
         json_decref(v);
     }
     ms_free(tmpl);

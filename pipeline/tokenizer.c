@@ -21,9 +21,11 @@
 #include "ms_common.h"
 #include "ms_dtype.h"
 #include "ms_plan.h"
+#include "ms_spm.h"
 #include "ms_str.h"
 #include "ms_tokmerge.h"
 #include "ms_zsrc.h"
+#include "plan_impl.h"
 
 /*
  * A vocabulary: text -> id, open addressing, texts in an arena. A jansson object
@@ -137,6 +139,7 @@ struct tokmodel {
     json_t *added;      /* tokenizer.json's added_tokens list (own reference) */
     struct vocab vocab; /* get_vocab(): model.vocab plus added tokens; id -1 removed */
     int64_t vs;         /* config vocab_size, else the number of tokens */
+    bool spm;           /* read from tokenizer.model (no tokenizer.json) */
 };
 
 /* One output token. */
@@ -158,6 +161,7 @@ struct ms_tokmerge {
     struct vocab out_ids; /* text -> id of the output vocabulary (owns tok[].text) */
     json_t *normal;       /* the settings of a token added by add_tokens(str) */
     char *odir, *oref;    /* the output files' origin: its folder and reference */
+    bool ospm;            /* the origin has only tokenizer.model, copied as is */
     int64_t ovs;          /* its vocab_size, when ostrip */
     bool ostrip;          /* its tokenizer.json is stripped (the base's) */
     int64_t **rowmap;     /* per plan model: nrows entries */
@@ -189,12 +193,6 @@ static int json_file(const char *ref, const char *dir, const char *name, bool ne
     if (!is_file(dir, name)) {
         if (!need)
             return 0;
-        if (is_file(dir, "tokenizer.model"))
-            return ms_error(MS_EUNSUPPORTED,
-                            "model '%s': %s/tokenizer.model: SentencePiece "
-                            "tokenizers without tokenizer.json are not supported for tokenizer "
-                            "merging",
-                            ref, dir);
         return ms_error(MS_EMODEL, "model '%s': %s/%s is missing (tokenizer merging needs it)", ref,
                         dir, name);
     }
@@ -298,12 +296,182 @@ out:
     return rc;
 }
 
+/* ------------------------------------------------------------------ SentencePiece */
+
+/* An added token's settings as tokenizer.json lists them, for one with these flags. */
+static json_t *added_entry(int64_t id, const char *text, bool normalized, bool special)
+{
+    return json_pack("{s:I,s:s,s:b,s:b,s:b,s:b,s:b}", "id", (json_int_t)id, "content", text,
+                     "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized", normalized,
+                     "special", special);
+}
+
+/* A special token's text in tokenizer_config.json: a string or an AddedToken object. */
+static const char *special_text(json_t *v)
+{
+    return json_is_string(v) ? json_string_value(v)
+                             : json_string_value(json_object_get(v, "content"));
+}
+
+/* An added_tokens_decoder entry of tokenizer_config.json, ordered by id. */
+struct decent {
+    int64_t id;
+    json_t *e;
+};
+
+static int decent_cmp(const void *a, const void *b)
+{
+    const struct decent *x = a, *y = b;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/*
+ * A model with only tokenizer.model: get_vocab() and added_tokens_decoder of the tokenizer
+ * transformers converts from it (mergekit loads every tokenizer with AutoTokenizer; in
+ * transformers 5, SentencePieceExtractor): every piece under its own id (unknown, control
+ * and byte pieces too, as the model spells them); the control and user-defined pieces as
+ * added tokens (not normalized; control ones special); the unknown piece and the special
+ * tokens tokenizer_config.json names as special added tokens; and its added_tokens_decoder
+ * entries with their settings, those past the pieces at the next ids. What we could only
+ * guess at (a token placed where transformers would move it, a special token that is no
+ * piece and not in added_tokens_decoder) is refused naming the file. strip: the base's
+ * (mergekit's get_stripped_tokenizer): added tokens past vocab_size are dropped, pieces
+ * past it are refused (the stripped tokenizer would exist only as a converted
+ * tokenizer.json, which we do not write).
+ */
+static int spm_load(const char *ref, const char *dir, const char *config_json, bool strip,
+                    struct tokmodel *t)
+{
+    static const char *const named[] = { "bos_token", "eos_token", "unk_token", "sep_token",
+                                         "pad_token", "cls_token", "mask_token" };
+    char *path = ms_asprintf("%s/tokenizer.model", dir);
+    char *cpath = ms_asprintf("%s/tokenizer_config.json", dir);
+    struct ms_spm_vocab *sv = NULL;
+    struct decent *de = NULL;
+    json_t **by_id = NULL;
+    size_t nde = 0, total = 0;
+    int rc = path && cpath ? 0 : ms_error(MS_ENOMEM, "out of memory");
+    if (!rc)
+        rc = json_file(ref, dir, "tokenizer_config.json", false, &t->tc);
+    if (!rc)
+        rc = json_file(ref, dir, "special_tokens_map.json", false, &t->stm);
+    if (!rc)
+        rc = ms_spm_load(path, &sv);
+    if (rc)
+        goto out;
+    t->spm = true;
+    for (size_t i = 0; i < sv->n && !rc; i++)
+        rc = vocab_put(&t->vocab, sv->piece[i], (int64_t)i, NULL);
+    json_t *dec = json_object_get(t->tc, "added_tokens_decoder");
+    if (!rc && dec && !json_is_object(dec))
+        rc = ms_error(MS_EMODEL, "%s: added_tokens_decoder is not an object", cpath);
+    if (!rc && !(de = ms_calloc(json_object_size(dec) + 1, sizeof *de)))
+        rc = ms_error(MS_ENOMEM, "out of memory");
+    const char *key;
+    json_t *v;
+    json_object_foreach(dec, key, v) {
+        char *end;
+        long long id = strtoll(key, &end, 10);
+        if (rc)
+            break;
+        if (!*key || *end || id < 0 || !json_is_string(json_object_get(v, "content")))
+            rc = ms_error(MS_EMODEL, "%s: added_tokens_decoder entry '%s' is not an id with a "
+                          "content", cpath, key);
+        de[nde++] = (struct decent){ id, v };
+    }
+    if (!rc)
+        qsort(de, nde, sizeof *de, decent_cmp);
+    total = sv->n;
+    for (size_t k = 0; k < nde && !rc; k++) {
+        const char *c = json_string_value(json_object_get(de[k].e, "content"));
+        int64_t have = vocab_get(&t->vocab, c);
+        if (k && de[k].id == de[k - 1].id)
+            rc = ms_error(MS_EMODEL, "%s: added_tokens_decoder lists id %" PRId64 " twice", cpath,
+                          de[k].id);
+        else if ((uint64_t)de[k].id < sv->n && have != de[k].id)
+            rc = ms_error(MS_EUNSUPPORTED,
+                          "%s: added_tokens_decoder puts '%s' at id %" PRId64 ", where "
+                          "tokenizer.model has '%s'",
+                          cpath, c, de[k].id, sv->piece[de[k].id]);
+        else if ((uint64_t)de[k].id >= sv->n && (have >= 0 || (uint64_t)de[k].id != total))
+            rc = ms_error(MS_EUNSUPPORTED,
+                          "%s: added_tokens_decoder puts '%s' at id %" PRId64 ", but "
+                          "transformers would give it id %" PRId64 " after the %zu pieces of "
+                          "tokenizer.model",
+                          cpath, c, de[k].id, have >= 0 ? have : (int64_t)total, sv->n);
+        else if ((uint64_t)de[k].id >= sv->n && !(rc = vocab_put(&t->vocab, c, de[k].id, NULL)))
+            total++;
+    }
+    if (!rc && !(by_id = ms_calloc(total, sizeof *by_id)))
+        rc = ms_error(MS_ENOMEM, "out of memory");
+    for (size_t k = 0; k < nde && !rc; k++) {
+        json_t *e = json_deep_copy(de[k].e);
+        if (!e || json_object_set_new(e, "id", json_integer((json_int_t)de[k].id)))
+            rc = ms_error(MS_ENOMEM, "out of memory");
+        by_id[de[k].id] = e;
+    }
+    for (size_t i = 0; i < sv->n && !rc; i++) {
+        unsigned char kd = sv->kind[i];
+        if (by_id[i] || (kd != MS_SPM_CONTROL && kd != MS_SPM_USER && kd != MS_SPM_UNKNOWN))
+            continue;
+        if (!(by_id[i] = added_entry((int64_t)i, sv->piece[i], false, kd != MS_SPM_USER)))
+            rc = ms_error(MS_ENOMEM, "out of memory");
+    }
+    json_t *extra = json_object_get(t->tc, "additional_special_tokens");
+    size_t nextra = json_array_size(extra);
+    for (size_t k = 0; k < MS_ARRAY_LEN(named) + nextra && !rc; k++) {
+        json_t *sv_k = k < MS_ARRAY_LEN(named) ? json_object_get(t->tc, named[k])
+                                               : json_array_get(extra, k - MS_ARRAY_LEN(named));
+        const char *c = special_text(sv_k);
+        if (!c)
+            continue; /* unset (null) */
+        int64_t id = vocab_get(&t->vocab, c);
+        if (id < 0)
+            rc = ms_error(MS_EUNSUPPORTED,
+                          "%s: special token '%s' is neither a piece of tokenizer.model nor in "
+                          "added_tokens_decoder (its id would depend on the transformers version)",
+                          cpath, c);
+        else if (!by_id[id] && !(by_id[id] = added_entry(id, c, false, true)))
+            rc = ms_error(MS_ENOMEM, "out of memory");
+    }
+    t->vs = config_vocab(config_json);
+    if (!rc && strip && t->vs >= 0 && sv->n > (uint64_t)t->vs)
+        rc = ms_error(MS_EUNSUPPORTED,
+                      "model '%s': %s has %zu pieces but config.json's vocab_size is %" PRId64
+                      ": stripping pieces from a SentencePiece model is not supported",
+                      ref, path, sv->n, t->vs);
+    if (!rc && !(t->added = json_array()))
+        rc = ms_error(MS_ENOMEM, "out of memory");
+    for (size_t i = 0; i < total && !rc; i++) {
+        if (!by_id[i])
+            continue;
+        if (strip && t->vs >= 0 && (int64_t)i >= t->vs) /* an added token past vocab_size */
+            rc = vocab_put(&t->vocab, json_string_value(json_object_get(by_id[i], "content")), -1,
+                           NULL);
+        else if (json_array_append(t->added, by_id[i]))
+            rc = ms_error(MS_ENOMEM, "out of memory");
+    }
+    if (!rc && t->vs < 0)
+        t->vs = (int64_t)t->vocab.n;
+out:
+    for (size_t i = 0; by_id && i < total; i++)
+        json_decref(by_id[i]);
+    ms_free(by_id);
+    ms_free(de);
+    ms_spm_free(sv);
+    ms_free(path);
+    ms_free(cpath);
+    return rc;
+}
+
 /* Loads the model's tokenizer; strip: mergekit's stripped tokenizer (the base's). The
  * tokenizer.json tree is dropped once read (it can be tens of MB): the output's origin
  * is read again when the files are written (origin_tree). */
 static int tokmodel_load(const char *ref, const char *dir, const char *config_json, bool strip,
                          struct tokmodel *t)
 {
+    if (!is_file(dir, "tokenizer.json") && is_file(dir, "tokenizer.model"))
+        return spm_load(ref, dir, config_json, strip, t);
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     int rc = json_file(ref, dir, "tokenizer.json", true, &t->tj);
@@ -659,6 +827,7 @@ int ms_tokmerge_build(const struct ms_plan *p, const struct ms_modelref *const *
         tm->oref = ms_strdup(model_ref(p, base));
         tm->ovs = tm->tm[base].vs;
         tm->ostrip = true;
+        tm->ospm = tm->tm[base].spm;
         if (!tm->odir || !tm->oref)
             rc = ms_error(MS_ENOMEM, "out of memory");
     }
@@ -678,6 +847,7 @@ int ms_tokmerge_build(const struct ms_plan *p, const struct ms_modelref *const *
             tm->odir = ms_strdup(spath);
             tm->oref = ms_strdup(sref->path);
             tm->ostrip = false;
+            tm->ospm = tm->src.spm;
             if (!rc && (!tm->odir || !tm->oref))
                 rc = ms_error(MS_ENOMEM, "out of memory");
             ms_free(cfg);
@@ -1071,28 +1241,28 @@ int ms_tokmerge_prepare(const struct ms_plan *p, uint64_t mem)
 
 /* ------------------------------------------------------------------ output files */
 
-/* The output's added tokens, in id order, as tokenizer.json lists them. */
-static json_t *added_list(const struct ms_tokmerge *tm)
+/* e (taken) with output token i's settings appended in the order of keys (tokenizer.json
+ * and tokenizer_config.json order them differently); NULL without memory. */
+static json_t *with_settings(json_t *e, const struct ms_tokmerge *tm, uint64_t i,
+                             const char *const *keys)
 {
-    json_t *a = json_array();
-    for (uint64_t i = 0; a && i < tm->nvocab; i++) {
-        if (!tm->tok[i].added)
-            continue;
-        json_t *e = json_pack("{s:I,s:s}", "id", (json_int_t)i, "content", tm->tok[i].text);
-        const char *keys[] = { "single_word", "lstrip", "rstrip", "normalized", "special" };
-        for (size_t k = 0; e && k < MS_ARRAY_LEN(keys); k++) {
-            json_t *v = json_object_get(tm->tok[i].added, keys[k]);
-            if (v && json_object_set(e, keys[k], v)) {
-                json_decref(e);
-                e = NULL;
-            }
-        }
-        if (!e || json_array_append_new(a, e)) {
-            json_decref(a);
-            return NULL;
+    for (size_t k = 0; e && k < 5; k++) {
+        json_t *v = json_object_get(tm->tok[i].added, keys[k]);
+        if (v && json_object_set(e, keys[k], v)) {
+            json_decref(e);
+            e = NULL;
         }
     }
-    return a;
+    return e;
+}
+
+/* Output token i's entry in tokenizer.json's added_tokens (an added token). */
+static json_t *added_entry_json(const struct ms_tokmerge *tm, uint64_t i)
+{
+    static const char *const keys[] = { "single_word", "lstrip", "rstrip", "normalized",
+                                        "special" };
+    return with_settings(json_pack("{s:I,s:s}", "id", (json_int_t)i, "content", tm->tok[i].text),
+                         tm, i, keys);
 }
 
 /* The origin of the output files: the named source model's, else the (stripped) base's. */
@@ -1101,40 +1271,100 @@ static const struct tokmodel *files_origin(const struct ms_tokmerge *tm)
     return tm->has_src ? &tm->src : &tm->tm[tm->base];
 }
 
-json_t *ms_tokmerge_tokenizer_json(const struct ms_tokmerge *tm)
+const char *ms_tokmerge_spm_dir(const struct ms_tokmerge *tm) { return tm->ospm ? tm->odir : NULL; }
+
+/* Appends the rendering of v (ms__json_render, at depth 0) indented by `indent` more. */
+static int render_indented(struct ms_strbuf *b, const json_t *v, const char *indent)
 {
-    /* The origin's tokenizer.json read again (it was checked at plan time), stripped as
-     * at plan time, with the merged added tokens. */
-    json_t *tj = NULL, *added = NULL;
-    if (json_file(tm->oref, tm->odir, "tokenizer.json", true, &tj) ||
-        (tm->ostrip && tree_strip(tm->oref, tj, tm->ovs)) || !(added = added_list(tm)) ||
-        json_object_set_new(tj, "added_tokens", added)) {
-        json_decref(tj);
-        return NULL;
+    char *text = NULL;
+    int rc = ms__json_render(v, false, &text, NULL);
+    for (const char *p = text, *nl; !rc && p; p = nl ? nl + 1 : NULL) {
+        nl = strchr(p, '\n'); /* only between tokens: strings hold \n escaped */
+        ms_strbuf_add(b, p, nl ? (size_t)(nl - p) : strlen(p));
+        if (nl) {
+            ms_strbuf_addstr(b, "\n");
+            ms_strbuf_addstr(b, indent);
+        }
     }
-    return tj;
+    ms_free(text);
+    return rc;
+}
+
+int ms_tokmerge_tokenizer_json_text(const struct ms_tokmerge *tm, char **out, size_t *len)
+{
+    /* The origin's tokenizer.json read again (it was checked at plan time), stripped as at
+     * plan time, rendered with an empty added_tokens, which the merged list then replaces
+     * entry by entry: a union adds tens of thousands of added tokens, and a jansson tree of
+     * them would cost about 1 KB each. The bytes are ms__json_render's of the whole tree. */
+    static const char mark[] = "\n  \"added_tokens\": []";
+    json_t *tj = NULL, *e = NULL;
+    char *text = NULL;
+    struct ms_strbuf b = { 0 };
+    *out = NULL;
+    int rc = json_file(tm->oref, tm->odir, "tokenizer.json", true, &tj);
+    if (!rc && tm->ostrip)
+        rc = tree_strip(tm->oref, tj, tm->ovs);
+    if (!rc && json_object_set_new(tj, "added_tokens", json_array()))
+        rc = ms_error(MS_ENOMEM, "out of memory");
+    if (!rc)
+        rc = ms__json_render(tj, false, &text, NULL);
+    json_decref(tj);
+    const char *at = text ? strstr(text, mark) : NULL;
+    if (!rc && (!at || strstr(at + 1, mark)))
+        rc = ms_error(MS_EMODEL, "%s/tokenizer.json: added_tokens not found once at the top level",
+                      tm->odir);
+    if (rc)
+        goto out;
+    at += sizeof mark - 3; /* at "[]" */
+    ms_strbuf_add(&b, text, (size_t)(at - text));
+    ms_strbuf_addstr(&b, "[");
+    bool first = true;
+    for (uint64_t i = 0; i < tm->nvocab && !rc; i++) {
+        if (!tm->tok[i].added)
+            continue;
+        e = added_entry_json(tm, i);
+        if (!e) {
+            rc = ms_error(MS_ENOMEM, "out of memory");
+            break;
+        }
+        ms_strbuf_addstr(&b, first ? "\n    " : ",\n    ");
+        first = false;
+        rc = render_indented(&b, e, "    ");
+        json_decref(e);
+    }
+    ms_strbuf_addstr(&b, first ? "]" : "\n  ]");
+    ms_strbuf_addstr(&b, at + 2);
+    if (!rc && (b.oom || !b.p))
+        rc = ms_error(MS_ENOMEM, "out of memory");
+out:
+    ms_free(text);
+    if (rc) {
+        ms_strbuf_fini(&b);
+        return rc;
+    }
+    *out = b.p;
+    *len = b.len;
+    return 0;
 }
 
 json_t *ms_tokmerge_tokenizer_config(const struct ms_tokmerge *tm)
 {
     const struct tokmodel *o = files_origin(tm);
-    json_t *root = o->tc ? json_deep_copy(o->tc)
-                         : json_pack("{s:s}", "tokenizer_class", "PreTrainedTokenizerFast");
+    /* Without the origin's file: a tokenizer.json loads as PreTrainedTokenizerFast; a
+     * tokenizer.model names no class, and AutoTokenizer takes config.json's model_type,
+     * as it did for the origin. */
+    json_t *root = o->tc    ? json_deep_copy(o->tc)
+                   : o->spm ? json_object()
+                            : json_pack("{s:s}", "tokenizer_class", "PreTrainedTokenizerFast");
     json_t *dec = json_object();
     for (uint64_t i = 0; root && dec && i < tm->nvocab; i++) {
         if (!tm->tok[i].added)
             continue;
         char id[32];
         snprintf(id, sizeof id, "%" PRIu64, i);
-        json_t *e = json_pack("{s:s}", "content", tm->tok[i].text);
-        const char *keys[] = { "lstrip", "normalized", "rstrip", "single_word", "special" };
-        for (size_t k = 0; e && k < MS_ARRAY_LEN(keys); k++) {
-            json_t *v = json_object_get(tm->tok[i].added, keys[k]);
-            if (v && json_object_set(e, keys[k], v)) {
-                json_decref(e);
-                e = NULL;
-            }
-        }
+        static const char *const keys[] = { "lstrip", "normalized", "rstrip", "single_word",
+                                            "special" };
+        json_t *e = with_settings(json_pack("{s:s}", "content", tm->tok[i].text), tm, i, keys);
         if (!e || json_object_set_new(dec, id, e))
             goto fail;
     }

@@ -30,10 +30,7 @@
 static char *g_dir;
 
 /* The models' tokenizers: plain tokens, and added special ones (in model.vocab or not). */
-#define P(t, i)                                                                                    \
-    {                                                                                              \
-        t, i, false, false, false                                                                  \
-    }
+#define P TH_TOK_PLAIN
 static const struct th_tok tok_a[] = {
     { "<s>", 0, true, true, true },
     { "</s>", 1, true, true, true },
@@ -77,13 +74,23 @@ static const struct tmodel g_models[3] = {
     { "C", tok_c, MS_ARRAY_LEN(tok_c), 7 },
 };
 
-/* The model's id for text (below its vocab_size), or -1. */
-static long model_id(const struct tmodel *m, const char *text)
+/* The models' tokens below their vocab_size, for the reference (th_ref_rows). */
+static const char *g_text[3][8];
+static long g_id[3][8];
+static struct th_refmodel g_ref[3];
+
+static void ref_models(void)
 {
-    for (size_t i = 0; i < m->ntok; i++)
-        if (!strcmp(m->tok[i].text, text))
-            return m->tok[i].id < m->vocab_size ? m->tok[i].id : -1;
-    return -1;
+    for (int k = 0; k < 3; k++) {
+        const struct tmodel *m = &g_models[k];
+        size_t n = 0;
+        for (size_t i = 0; i < m->ntok; i++)
+            if (m->tok[i].id < m->vocab_size) {
+                g_text[k][n] = m->tok[i].text;
+                g_id[k][n++] = m->tok[i].id;
+            }
+        g_ref[k] = (struct th_refmodel){ m->name, n, g_text[k], g_id[k] };
+    }
 }
 
 /* Commands cd to g_dir themselves (g_dir is absolute). */
@@ -102,6 +109,7 @@ static void setup(void)
         cr_assert_eq(th_tok_write(d, m->tok, m->ntok, NULL), 0);
         free(d);
     }
+    ref_models();
 }
 
 static void teardown(void)
@@ -119,109 +127,17 @@ static void write_file(const char *name, const char *text)
     free(p);
 }
 
-/* Tensor `name` of the model in g_dir/sub as floats (malloc'd); rows in *rows. */
 static float *read_rows_h(const char *sub, const char *name, long hidden, long *rows)
 {
-    char *p = th_path(g_dir, sub);
-    struct ms_model *m = NULL;
-    cr_assert_eq(ms_model_open(p, &m), 0, "open %s: %s", p, ms_errmsg());
-    free(p);
-    uint32_t shard;
-    const struct ms_st_tensor *t = ms_model_find(m, name, &shard);
-    cr_assert(t, "%s: tensor %s missing", sub, name);
-    cr_assert_eq(t->ndim, 2);
-    cr_assert_eq(t->shape[1], hidden);
-    *rows = (long)t->shape[0];
-    size_t bytes = t->end - t->begin;
-    unsigned char *raw = malloc(bytes + 1);
-    float *x = malloc(t->numel * sizeof *x + 1);
-    FILE *f = fopen(m->shards[shard]->path, "rb");
-    cr_assert(f && raw && x);
-    cr_assert_eq(fseek(f, (long)(m->shards[shard]->data_start + t->begin), SEEK_SET), 0);
-    cr_assert_eq(fread(raw, 1, bytes, f), bytes);
-    fclose(f);
-    ms_dtype_decode(t->dtype, raw, x, t->numel);
-    free(raw);
-    ms_model_free(m);
-    return x;
+    return th_read_rows(g_dir, sub, name, hidden, rows);
 }
 
 static float *read_rows(const char *sub, const char *name, long *rows)
 {
-    return read_rows_h(sub, name, H, rows);
+    return th_read_rows(g_dir, sub, name, H, rows);
 }
 
-/* A `tokens:` entry of the reference. */
-struct ovr {
-    const char *token;
-    int kind; /* 0 model row, 1 model_token, 2 zero */
-    int model;
-    long src_id; /* model_token: the source row */
-    bool force;
-};
-
-/*
- * The reference (mergekit embed.py): the permuted matrix of model k (rows of
- * `vocab`, padded to `rows`) computed from the three input tensors x[]. base is
- * the base model's index.
- */
 static bool g_bf16; /* the merges run in bfloat16: the mean rounds after every step */
-
-static float rnd(float v) { return g_bf16 ? ms_round_bf16_1(v) : v; }
-
-static float *expected(const char *const *vocab, long nvocab, long rows, int k, float *const *x,
-                       int base, const struct ovr *ov, size_t nov)
-{
-    float *e = calloc((size_t)(rows * H), sizeof *e);
-    cr_assert(e);
-    for (long r = 0; r < nvocab; r++) {
-        const struct ovr *o = NULL;
-        for (size_t i = 0; i < nov; i++)
-            if (!strcmp(ov[i].token, vocab[r]))
-                o = &ov[i];
-        long id[3];
-        int present = 0, only = -1;
-        for (int m = 0; m < 3; m++) {
-            id[m] = model_id(&g_models[m], vocab[r]);
-            if (id[m] >= 0) {
-                present++;
-                only = m;
-            }
-        }
-        float *d = e + r * H;
-        if (id[k] >= 0 && !(o && o->force)) {
-            memcpy(d, x[k] + id[k] * H, H * sizeof *d);
-            continue;
-        }
-        if (o && o->kind == 0) {
-            memcpy(d, x[o->model] + id[o->model] * H, H * sizeof *d);
-        } else if (o && o->kind == 1) {
-            memcpy(d, x[o->model] + o->src_id * H, H * sizeof *d);
-        } else if (o || present == 0) {
-            /* zero */
-        } else if (present == 1) {
-            memcpy(d, x[only] + id[only] * H, H * sizeof *d);
-        } else if (id[base] >= 0) {
-            memcpy(d, x[base] + id[base] * H, H * sizeof *d);
-        } else {
-            for (int c = 0; c < H; c++) {
-                float s = 0.0f;
-                for (int m = 0; m < 3; m++)
-                    if (id[m] >= 0)
-                        s = rnd(s + x[m][id[m] * H + c]);
-                d[c] = rnd(s / (float)present);
-            }
-        }
-    }
-    for (long r = nvocab; r < rows; r++) /* padding: the mean of the real rows */
-        for (int c = 0; c < H; c++) {
-            double s = 0;
-            for (long q = 0; q < nvocab; q++)
-                s += e[q * H + c];
-            e[r * H + c] = rnd((float)(s / (double)nvocab));
-        }
-    return e;
-}
 
 /* A linear merge in float32 with weight 1 on model k and 0 on the others: its
  * output is model k's permuted matrix exactly. tok is the recipe's tokenizer part. */
@@ -240,7 +156,7 @@ static void merge_onehot(const char *out, int k, const char *tok)
 
 /* Every row of embed_tokens and lm_head of out against the reference for model k. */
 static void check_rows(const char *out, const char *const *vocab, long nvocab, long rows, int k,
-                       const struct ovr *ov, size_t nov)
+                       const struct th_ovr *ov, size_t nov)
 {
     static const char *const names[] = { "model.embed_tokens.weight", "lm_head.weight" };
     for (size_t t = 0; t < 2; t++) {
@@ -251,7 +167,7 @@ static void check_rows(const char *out, const char *const *vocab, long nvocab, l
         long got_rows;
         float *o = read_rows(out, names[t], &got_rows);
         cr_assert_eq(got_rows, rows, "%s: %ld rows, want %ld", names[t], got_rows, rows);
-        float *e = expected(vocab, nvocab, rows, k, x, 0, ov, nov);
+        float *e = th_ref_rows(g_ref, 3, k, 0, vocab, nvocab, rows, H, x, ov, nov, g_bf16);
         for (long r = 0; r < rows; r++)
             for (int c = 0; c < H; c++)
                 cr_assert(ms_f32_bits(o[r * H + c]) == ms_f32_bits(e[r * H + c]),
@@ -267,13 +183,7 @@ static void check_rows(const char *out, const char *const *vocab, long nvocab, l
 
 static json_t *load_json(const char *dir, const char *name)
 {
-    char *d = th_path(g_dir, dir), *p = th_path(d, name);
-    json_error_t je;
-    json_t *v = json_load_file(p, 0, &je);
-    cr_assert(v, "%s: %s", p, je.text);
-    free(d);
-    free(p);
-    return v;
+    return th_load_json(g_dir, dir, name);
 }
 
 /*
@@ -383,7 +293,7 @@ Test(tokmerge, base_source_with_token_overrides)
 {
     static const char *const vocab[] = { "<s>", "</s>", "a",  "b",     "c",
                                          "d",   "ab",   "cd", "<new>", "<id>" };
-    static const struct ovr ov[] = {
+    static const struct th_ovr ov[] = {
         { "a", 0, 1, -1, true },     /* B's row of a, even where a model has a */
         { "c", 2, 0, -1, true },     /* zero everywhere */
         { "<new>", 1, 1, 6, false }, /* B's row of "ef" (id 6) */
@@ -445,19 +355,7 @@ Test(tokmerge, base_tokenizer_is_stripped)
 /* One line on stderr containing want, a non-zero exit, and no output directory. */
 static void expect_error(const char *recipe, const char *want)
 {
-    write_file("bad.yml", recipe);
-    char *out = NULL, *err = NULL;
-    char cmd[4096];
-    snprintf(cmd, sizeof cmd, "cd %s && mergestream merge bad.yml badout -q", g_dir);
-    int rc = th_run(cmd, &out, &err);
-    cr_assert_neq(rc, 0, "should fail: %s", recipe);
-    cr_assert(err && strstr(err, want), "stderr lacks '%s': %s", want, err);
-    cr_assert(err && strchr(err, '\n') == err + strlen(err) - 1, "not one line: %s", err);
-    char *bo = th_path(g_dir, "badout");
-    cr_assert(access(bo, F_OK) != 0, "badout was created");
-    free(bo);
-    free(out);
-    free(err);
+    th_expect_merge_error(g_dir, recipe, want);
 }
 
 static const char bad_head[] = "merge_method: linear\nbase_model: A\nmodels:\n"
@@ -473,7 +371,7 @@ Test(tokmerge, bad_inputs_get_one_line_errors)
     run_ok("cd %s && printf '{\"model\": ' > D/tokenizer.json", g_dir);
     expect_error(r, "D/tokenizer.json:1: malformed JSON");
     run_ok("cd %s && rm D/tokenizer.json && touch D/tokenizer.model", g_dir);
-    expect_error(r, "D/tokenizer.model: SentencePiece");
+    expect_error(r, "D/tokenizer.model: not a SentencePiece model");
     run_ok("cd %s && rm D/tokenizer.model", g_dir);
     char *d = th_path(g_dir, "D");
     cr_assert_eq(th_tok_write(d, tok_c, MS_ARRAY_LEN(tok_c), "Unigram"), 0);

@@ -46,7 +46,7 @@ for f in ./usr/bin/mergestream ./usr/share/man/man1/mergestream.1.gz \
     grep -q " $f\$" "$tmp/contents" || fail "$f missing from the package"
 done
 deps=$(dpkg-deb -f "$deb" Depends)
-for lib in libuv1 libzstd1 libyaml-0-2 libjansson4; do
+for lib in libuv1 libzstd1 libyaml-0-2 libjansson4 libsentencepiece0; do
     case $deps in *"$lib"*) ;; *) fail "Depends lacks $lib: $deps" ;; esac
 done
 say "contents and Depends ok: $deps"
