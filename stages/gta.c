@@ -72,6 +72,7 @@
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
 #include <assert.h>
+#include <float.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -304,54 +305,83 @@ struct gta_fin {
     float lambda, div;
 };
 
-/* out = rnd(b + post(mixed)): normalize by div, then lambda. */
-GTA_INLINE float finish_1(enum ms_dtype dt, const struct gta_fin *p, float b, float mixed,
-                          float div)
+/* out = rnd(b + post(mixed)): normalize by div (per element, or p->div when
+ * div is NULL), then lambda; mixed is overwritten. One loop per step, so the
+ * loops vectorise. */
+GTA_INLINE void finish_body(enum ms_dtype dt, const struct gta_fin *p, const float *restrict b,
+                            float *restrict mixed, const float *restrict div,
+                            float *restrict out, size_t n)
 {
-    if (p->normalize)
-        mixed = ms_rnd(dt, mixed / div);
-    if (p->use_lambda)
-        mixed = ms_rnd(dt, mixed * p->lambda);
-    return ms_rnd(dt, b + mixed);
+    if (p->normalize && div) {
+        for (size_t i = 0; i < n; i++)
+            mixed[i] = ms_rnd(dt, mixed[i] / div[i]);
+    } else if (p->normalize) {
+        const float d = p->div;
+        for (size_t i = 0; i < n; i++)
+            mixed[i] = ms_rnd(dt, mixed[i] / d);
+    }
+    if (p->use_lambda) {
+        const float l = p->lambda;
+        for (size_t i = 0; i < n; i++)
+            mixed[i] = ms_rnd(dt, mixed[i] * l);
+    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = ms_rnd(dt, b[i] + mixed[i]);
 }
 
-/* Without consensus: mixed = rnd(sum_j wd[j]), scalar divisor. */
+/* Without consensus: mixed = rnd(sum_j wd[j]), scalar divisor. The sums run
+ * model by model over the block (the same additions per element, in model
+ * order), so the element loops vectorise. */
 GTA_INLINE void combine_sum_body(enum ms_dtype dt, const struct gta_fin *p, uint32_t nm,
                                  const float (*restrict wd)[GTA_BLOCK], const float *restrict b,
                                  float *restrict out, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        float s = 0.0f;
-        for (uint32_t j = 0; j < nm; j++)
-            s += wd[j][i];
-        out[i] = finish_1(dt, p, b[i], ms_rnd(dt, s), p->div);
-    }
+    float s[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (size_t i = 0; i < n; i++)
+        s[i] = 0.0f;
+    for (uint32_t j = 0; j < nm; j++)
+        for (size_t i = 0; i < n; i++)
+            s[i] += wd[j][i];
+    for (size_t i = 0; i < n; i++)
+        s[i] = ms_rnd(dt, s[i]);
+    finish_body(dt, p, b, s, NULL, out, n);
 }
 
-/* TIES "sum" consensus: majority sign of rnd(sum wd); models whose weighted
- * delta has that sign (a zero has none) form mixed and the divisor. */
+/* TIES "sum" consensus: majority sign maj of rnd(sum wd); models whose
+ * weighted delta has that sign (v * maj > 0: a zero or NaN has none) form
+ * mixed and the divisor. Model by model over the block, as combine_sum_body. */
 GTA_INLINE void combine_ties_body(enum ms_dtype dt, const struct gta_fin *p, uint32_t nm,
                                   const float (*restrict wd)[GTA_BLOCK], const float *restrict w,
                                   const float *restrict b, float *restrict out, size_t n)
 {
+    float maj[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float mixed[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float div[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (size_t i = 0; i < n; i++)
+        maj[i] = 0.0f;
+    for (uint32_t j = 0; j < nm; j++)
+        for (size_t i = 0; i < n; i++)
+            maj[i] += wd[j][i];
     for (size_t i = 0; i < n; i++) {
-        float s = 0.0f;
-        for (uint32_t j = 0; j < nm; j++)
-            s += wd[j][i];
-        int maj = ms_rnd(dt, s) >= 0.0f ? 1 : -1; /* NaN: -1, as (S >= 0)*2 - 1 */
-        float mixed = 0.0f, div = 0.0f;
-        for (uint32_t j = 0; j < nm; j++) {
-            float v = wd[j][i];
-            int sg = (v > 0.0f) - (v < 0.0f);
-            float mk = sg == maj ? 1.0f : 0.0f;
-            mixed += v * mk;
-            div += w[j] * mk;
-        }
-        div = ms_rnd(dt, div);
-        if (div == 0.0f)
-            div = 1.0f;
-        out[i] = finish_1(dt, p, b[i], ms_rnd(dt, mixed), div);
+        maj[i] = ms_rnd(dt, maj[i]) >= 0.0f ? 1.0f : -1.0f; /* NaN: -1, as (S >= 0)*2 - 1 */
+        mixed[i] = 0.0f;
+        div[i] = 0.0f;
     }
+    for (uint32_t j = 0; j < nm; j++) {
+        const float wj = w[j];
+        for (size_t i = 0; i < n; i++) {
+            float v = wd[j][i];
+            float mk = v * maj[i] > 0.0f ? 1.0f : 0.0f; /* exact: maj is +-1 */
+            mixed[i] += v * mk;
+            div[i] += wj * mk;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        float d = ms_rnd(dt, div[i]);
+        div[i] = d == 0.0f ? 1.0f : d;
+        mixed[i] = ms_rnd(dt, mixed[i]);
+    }
+    finish_body(dt, p, b, mixed, div, out, n);
 }
 
 static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensus, uint32_t nm,
@@ -380,6 +410,31 @@ static void keep_random(uint64_t stream, float p, uint64_t first, float *restric
     ms_rng_fill(stream, first, u, n);
     for (size_t i = 0; i < n; i++)
         keep[i] = (float)(u[i] & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
+}
+
+/*
+ * The rescale sums' terms: appends the nonzero deltas d[i] with keep[i] != 0 to
+ * kept (count *nk) and the other nonzero ones to drop (count *nd); zeros add
+ * nothing to a sum of magnitudes. Returns true when a dropped delta is Inf or
+ * NaN: its masked value d * 0 is NaN, which the sum of kept terms must see.
+ */
+static bool gta_split(const float *restrict d, const float *restrict keep, float *restrict kept,
+                      size_t *nk, float *restrict drop, size_t *nd, size_t n)
+{
+    size_t a = *nk, z = *nd;
+    bool nf = false;
+    for (size_t i = 0; i < n; i++) {
+        float v = d[i];
+        bool k = keep[i] != 0.0f, nz = v != 0.0f; /* NaN is nonzero */
+        kept[a] = v;
+        drop[z] = v;
+        a += k & nz;
+        z += !k & nz;
+        nf |= !k & !(fabsf(v) <= FLT_MAX);
+    }
+    *nk = a;
+    *nd = z;
+    return nf;
 }
 
 /*
@@ -862,6 +917,7 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
     float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
+    float kept[GTA_RBLOCK], drop[GTA_RBLOCK];
     const float *b = c->in[st->base];
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     memset(partial, 0, st->psize);
@@ -910,19 +966,26 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         }
         const float *x = c->in[m->input];
         uint64_t run[2] = { 0, 0 };
-        /* Sums over GTA_RBLOCK elements per call (the sums are exact: any split
-         * gives the same limbs), masks in GTA_BLOCK pieces. */
+        size_t nk = 0, nd = 0;
+        bool nf = false;
+        /* after = the kept terms, before = after + the dropped ones: each delta
+         * goes through the exact sums once (any split gives the same limbs).
+         * Sums over up to GTA_RBLOCK terms per call, masks in GTA_BLOCK pieces. */
         for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
             size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
             gta_delta(st->dt, rd, x + off, b + off, n);
-            ms_xacc_sumabs(before, rd, n);
             for (size_t o = 0; o < n; o += GTA_BLOCK) {
                 size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
                 gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
-                gta_mask(st->dt, rd + o, keep, false, 1.0f, k);
+                nf |= gta_split(rd + o, keep, kept, &nk, drop, &nd, k);
             }
-            ms_xacc_sumabs(after, rd, n);
+            ms_xacc_sumabs(after, kept, nk);
+            ms_xacc_sumabs(before, drop, nd);
+            nk = nd = 0;
         }
+        ms_xacc_merge(before, after);
+        if (nf)
+            ms_xacc_add(after, NAN); /* torch's Inf * 0 or NaN * 0 in the masked sum */
     }
 }
 
