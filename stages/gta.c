@@ -629,25 +629,52 @@ static bool della_counts(const struct gta_state *st)
     return st->dt != MS_DT_F32 && st->row >= 512;
 }
 
+/* d[i] = rnd(x[i] - b[i]) and keys[i] = ms__sel_key(dt, d[i]): the leaf loop
+ * of della's ranking (vectorises; the counting that uses the keys cannot). */
+GTA_INLINE void della_keys_body(enum ms_dtype dt, const float *restrict x,
+                                const float *restrict b, float *restrict d,
+                                uint32_t *restrict keys, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        d[i] = ms_rnd(dt, x[i] - b[i]);
+        keys[i] = ms__sel_key(dt, d[i]);
+    }
+}
+
+static void della_keys(enum ms_dtype dt, const float *restrict x, const float *restrict b,
+                       float *restrict d, uint32_t *restrict keys, size_t n)
+{
+#define CALL(t) della_keys_body(t, x, b, d, keys, n)
+    GTA_DISPATCH(dt, CALL);
+#undef CALL
+}
+
 /*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements; with after, adds their |d| to after.
+ * words[i] of kept elements; else adds the |d| of the kept elements to after
+ * and of the dropped ones to before (the caller merges after into before).
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
                               uint64_t L, unsigned char *words, uint32_t bit,
-                              struct ms_xacc *after)
+                              struct ms_xacc *before, struct ms_xacc *after)
 {
     struct della_count *t = &della_tls;
     const enum ms_dtype dt = st->dt;
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     const float *ptab = della_ptab_get(st, m);
-    for (uint64_t i = 0; i < L; i++) {
-        uint32_t k = ms__sel_key(dt, ms_rnd(dt, x[i] - b[i]));
-        assert(k < DELLA_KEYS);
-        t->fine[k]++;
-        t->coarse[k / DELLA_FINE]++;
+    uint32_t keys[GTA_BLOCK], u[GTA_BLOCK];
+    float d[GTA_BLOCK], kept[GTA_BLOCK], drop[GTA_BLOCK];
+    for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        della_keys(dt, x + i0, b + i0, d, keys, n);
+        for (size_t j = 0; j < n; j++) {
+            uint32_t k = keys[j];
+            assert(k < DELLA_KEYS);
+            t->fine[k]++;
+            t->coarse[k / DELLA_FINE]++;
+        }
     }
     uint32_t acc = 0;
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
@@ -655,14 +682,12 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
         t->coarse[c] = acc;
         acc += v;
     }
-    uint32_t u[GTA_BLOCK];
-    float kept[GTA_BLOCK];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0), nk = 0, nd = 0;
         ms_rng_fill(stream, first + i0, u, n);
+        della_keys(dt, x + i0, b + i0, d, keys, n);
         for (size_t j = 0; j < n; j++) {
-            float d = ms_rnd(dt, x[i0 + j] - b[i0 + j]);
-            uint32_t k = ms__sel_key(dt, d), c = k / DELLA_FINE;
+            uint32_t k = keys[j], c = k / DELLA_FINE;
             if (!t->open[c]) {
                 uint32_t pos = t->coarse[c];
                 for (uint32_t f = c * DELLA_FINE; f < (c + 1) * DELLA_FINE; f++) {
@@ -676,14 +701,20 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
             float p = ptab ? ptab[rank - 1] : della_p(st, m, rank);
             bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < p;
             if (words) {
-                if (keep)
-                    word_put(words, i0 + j, word_get(words, i0 + j) | bit);
+                uint32_t set = bit & (0u - (uint32_t)keep); /* no branch on a coin flip */
+                word_put(words, i0 + j, word_get(words, i0 + j) | set);
             } else {
-                kept[j] = keep ? fabsf(d) : 0.0f; /* a zero term leaves the sum as it is */
+                bool nz = d[j] != 0.0f; /* a zero term leaves a sum as it is */
+                kept[nk] = d[j];
+                drop[nd] = d[j];
+                nk += keep & nz;
+                nd += !keep & nz;
             }
         }
-        if (!words)
-            ms_xacc_sumabs(after, kept, n);
+        if (!words) {
+            ms_xacc_sumabs(after, kept, nk);
+            ms_xacc_sumabs(before, drop, nd);
+        }
     }
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
         if (t->open[c])
@@ -888,6 +919,13 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const float *x = c->in[m->input], *b = c->in[st->base];
     const uint64_t L = st->row;
     assert(c->count % L == 0);
+    if (della_counts(st)) {
+        /* every |d| once: the dropped ones into before, the kept into after */
+        for (uint64_t r0 = 0; r0 < c->count; r0 += L)
+            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, before, after);
+        ms_xacc_merge(before, after);
+        return;
+    }
     float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
@@ -895,10 +933,6 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
         ms_xacc_sumabs(before, d, n);
     }
     for (uint64_t r0 = 0; r0 < c->count; r0 += L) {
-        if (della_counts(st)) {
-            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, after);
-            continue;
-        }
         struct della_row r = { .dt = st->dt, .x = x + r0, .b = b + r0, .words = words,
                                .mask = UINT32_MAX };
         row_rank(&r, L);
@@ -907,6 +941,38 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
             if (della_keep(st, m, c->first + r0 + idx, pos + 1))
                 ms_xacc_add(after, fabsf(ms_rnd(st->dt, r.x[idx] - r.b[idx])));
         }
+    }
+}
+
+/* The versions of ms_isa.h of della_reduce, as gta_apply_range's below
+ * (integer ranking and elementwise rounding: no value changes). */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+della_reduce_avx2(const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
+                  unsigned char *words, struct ms_xacc *before, struct ms_xacc *after)
+{
+    della_reduce(st, m, c, words, before, after);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+della_reduce_avx512(const struct gta_state *st, const struct gta_model *m,
+                    const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
+                    struct ms_xacc *after)
+{
+    della_reduce(st, m, c, words, before, after);
+}
+#endif
+
+static void della_reduce_isa(const struct gta_state *st, const struct gta_model *m,
+                             const struct ms_chunk *c, unsigned char *words,
+                             struct ms_xacc *before, struct ms_xacc *after)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: della_reduce_avx512(st, m, c, words, before, after); return;
+    case MS_ISA_AVX2: della_reduce_avx2(st, m, c, words, before, after); return;
+#endif
+    default: della_reduce(st, m, c, words, before, after); return;
     }
 }
 
@@ -961,7 +1027,7 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         ms_xacc_init(before);
         ms_xacc_init(after);
         if (st->kind.sparse == GTA_SPARSE_DELLA) {
-            della_reduce(st, m, c, (unsigned char *)p->scratch, before, after);
+            della_reduce_isa(st, m, c, (unsigned char *)p->scratch, before, after);
             continue;
         }
         const float *x = c->in[m->input];
@@ -1080,7 +1146,7 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
         uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
         if (della_counts(st)) {
             della_row_counted(st, m, c->in[m->input] + r0, c->in[st->base] + r0, c->first + r0,
-                              L, words, bit, NULL);
+                              L, words, bit, NULL, NULL);
             continue;
         }
         struct della_row r = { .dt = st->dt, .x = c->in[m->input] + r0,
@@ -1167,6 +1233,35 @@ static void gta_apply_range_isa(const struct gta_state *st, const struct ms_chun
     }
 }
 
+/* The versions of ms_isa.h of della_mark_row, as gta_apply_range's. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+della_mark_row_avx2(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                    unsigned char *words)
+{
+    della_mark_row(st, c, r0, words);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+della_mark_row_avx512(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                      unsigned char *words)
+{
+    della_mark_row(st, c, r0, words);
+}
+#endif
+
+static void della_mark_row_isa(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                               unsigned char *words)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: della_mark_row_avx512(st, c, r0, words); return;
+    case MS_ISA_AVX2: della_mark_row_avx2(st, c, r0, words); return;
+#endif
+    default: della_mark_row(st, c, r0, words); return;
+    }
+}
+
 static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     const struct gta_state *st = state;
@@ -1184,7 +1279,7 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     /* della: row by row, the output row is the ranking scratch first. */
     assert(c->count % st->row == 0);
     for (uint64_t r0 = 0; r0 < c->count; r0 += st->row) {
-        della_mark_row(st, c, r0, (unsigned char *)(c->out + r0));
+        della_mark_row_isa(st, c, r0, (unsigned char *)(c->out + r0));
         gta_apply_range_isa(st, c, r0, st->row, run);
     }
 }
