@@ -299,6 +299,12 @@ static void gta_weigh(enum ms_dtype dt, float *restrict d, float w, size_t n)
 #undef CALL
 }
 
+/* acc + x, keeping acc's NaN when both are NaN: the sums over models take
+ * the first NaN in model order, as the scalar loop's add did. A vector add may
+ * have its operands swapped by the compiler, and x86 returns the first
+ * operand's NaN, so the order is made explicit. */
+GTA_INLINE float acc_add(float acc, float x) { return acc != acc ? acc : acc + x; }
+
 /* Scalars of the final combination. */
 struct gta_fin {
     bool normalize, use_lambda;
@@ -341,7 +347,7 @@ GTA_INLINE void combine_sum_body(enum ms_dtype dt, const struct gta_fin *p, uint
         s[i] = 0.0f;
     for (uint32_t j = 0; j < nm; j++)
         for (size_t i = 0; i < n; i++)
-            s[i] += wd[j][i];
+            s[i] = acc_add(s[i], wd[j][i]);
     for (size_t i = 0; i < n; i++)
         s[i] = ms_rnd(dt, s[i]);
     finish_body(dt, p, b, s, NULL, out, n);
@@ -372,8 +378,8 @@ GTA_INLINE void combine_ties_body(enum ms_dtype dt, const struct gta_fin *p, uin
         for (size_t i = 0; i < n; i++) {
             float v = wd[j][i];
             float mk = v * maj[i] > 0.0f ? 1.0f : 0.0f; /* exact: maj is +-1 */
-            mixed[i] += v * mk;
-            div[i] += wj * mk;
+            mixed[i] = acc_add(mixed[i], v * mk);
+            div[i] = acc_add(div[i], wj * mk);
         }
     }
     for (size_t i = 0; i < n; i++) {

@@ -95,6 +95,10 @@ static size_t sce_partial_size(const struct ms_stage_job *job)
         }                                                                                          \
     } while (0)
 
+/* acc + x, keeping acc's NaN when both are NaN (the first NaN in model order,
+ * as the scalar loop's add did; a vector add's operands may be swapped). */
+SCE_INLINE float acc_add(float acc, float x) { return acc != acc ? acc : acc + x; }
+
 /* t[j][i] = rnd(x_j - B) for every model, over n elements of the chunk at off. */
 SCE_INLINE void sce_deltas(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
                            uint64_t off, float (*restrict t)[SCE_BLOCK], size_t n)
@@ -228,8 +232,8 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
             for (size_t i = 0; i < n; i++) {
                 float v = t[j][i];
                 float ew = v * maj[i] > 0.0f ? w : 0.0f; /* sign(v) == maj; maj is +-1 */
-                num[i] += ms_rnd(dt, v * ew);
-                div[i] += ew;
+                num[i] = acc_add(num[i], ms_rnd(dt, v * ew));
+                div[i] = acc_add(div[i], ew);
             }
         }
         const float lo = st->clamp_min;
