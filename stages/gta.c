@@ -950,6 +950,63 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     }
 }
 
+/* SELECT pass of model m over chunk c: the deltas of each block once, then
+ * the histogram or tie count of each of its unfinished selections. */
+static void gta_select_model(const struct gta_state *st, const struct gta_model *m,
+                             const struct ms_chunk *c, struct gta_part_select *p)
+{
+    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    const float *x = c->in[m->input], *b = c->in[st->base];
+    const uint32_t nsel = kind_nsel(&st->kind);
+    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+        gta_delta(st->dt, d, x + off, b + off, n);
+        for (uint32_t q = 0; q < nsel; q++) {
+            const struct ms__sel *sel = &m->sel[q];
+            int32_t slot = m->slot + (int32_t)q;
+            switch (ms__sel_phase(sel)) {
+            case MS__SEL_HIST:
+                ms__sel_count(sel, p->hist + (size_t)slot * st->hist_len, d, n);
+                break;
+            case MS__SEL_TIES:
+                p->ties[slot] += ms__sel_count_ties(sel, d, n);
+                break;
+            default:
+                break;
+            }
+        }
+    }
+}
+
+/* The versions of ms_isa.h of gta_select_model, as gta_apply_range's. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+gta_select_model_avx2(const struct gta_state *st, const struct gta_model *m,
+                      const struct ms_chunk *c, struct gta_part_select *p)
+{
+    gta_select_model(st, m, c, p);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+gta_select_model_avx512(const struct gta_state *st, const struct gta_model *m,
+                        const struct ms_chunk *c, struct gta_part_select *p)
+{
+    gta_select_model(st, m, c, p);
+}
+#endif
+
+static void gta_select_model_isa(const struct gta_state *st, const struct gta_model *m,
+                                 const struct ms_chunk *c, struct gta_part_select *p)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: gta_select_model_avx512(st, m, c, p); return;
+    case MS_ISA_AVX2: gta_select_model_avx2(st, m, c, p); return;
+#endif
+    default: gta_select_model(st, m, c, p); return;
+    }
+}
+
 /* The versions of ms_isa.h of della_reduce, as gta_apply_range's below
  * (integer ranking and elementwise rounding: no value changes). */
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -986,7 +1043,6 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
                        void *partial)
 {
     const struct gta_state *st = state;
-    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     float kept[GTA_RBLOCK], drop[GTA_RBLOCK];
@@ -996,30 +1052,9 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
 
     if (st->phase == GTA_SELECT) {
         struct gta_part_select *p = partial;
-        for (uint32_t j = 0; j < st->nm; j++) {
-            const struct gta_model *m = &st->m[j];
-            if (m->slot < 0 || m->none)
-                continue;
-            for (uint32_t q = 0; q < kind_nsel(&st->kind); q++) {
-                const struct ms__sel *sel = &m->sel[q];
-                enum ms__sel_phase ph = ms__sel_phase(sel);
-                if (ph == MS__SEL_DONE)
-                    continue;
-                int32_t slot = m->slot + (int32_t)q;
-                uint32_t *hist = p->hist + (size_t)slot * st->hist_len;
-                uint64_t ties = 0;
-                const float *x = c->in[m->input];
-                for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-                    size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
-                    gta_delta(st->dt, d, x + off, b + off, n);
-                    if (ph == MS__SEL_HIST)
-                        ms__sel_count(sel, hist, d, n);
-                    else
-                        ties += ms__sel_count_ties(sel, d, n);
-                }
-                p->ties[slot] = ties;
-            }
-        }
+        for (uint32_t j = 0; j < st->nm; j++)
+            if (st->m[j].slot >= 0 && !st->m[j].none)
+                gta_select_model_isa(st, &st->m[j], c, p);
         return;
     }
 
