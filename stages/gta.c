@@ -1007,35 +1007,73 @@ static void gta_select_model_isa(const struct gta_state *st, const struct gta_mo
     }
 }
 
-/* The versions of ms_isa.h of della_reduce, as gta_apply_range's below
- * (integer ranking and elementwise rounding: no value changes). */
+/* RESCALE pass of model m over chunk c: before = sum |d|, after = sum |d *
+ * mask| (exact); words is della's row scratch. */
+static void gta_rescale_model(const struct gta_state *st, const struct gta_model *m,
+                              const struct ms_chunk *c, unsigned char *words,
+                              struct ms_xacc *before, struct ms_xacc *after)
+{
+    if (st->kind.sparse == GTA_SPARSE_DELLA) {
+        della_reduce(st, m, c, words, before, after);
+        return;
+    }
+    float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
+    float kept[GTA_RBLOCK], drop[GTA_RBLOCK];
+    const float *x = c->in[m->input], *b = c->in[st->base];
+    uint64_t run[2] = { 0, 0 };
+    size_t nk = 0, nd = 0;
+    bool nf = false;
+    /* after = the kept terms, before = after + the dropped ones: each delta
+     * goes through the exact sums once (any split gives the same limbs).
+     * Sums over up to GTA_RBLOCK terms per call, masks in GTA_BLOCK pieces. */
+    for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
+        gta_delta(st->dt, rd, x + off, b + off, n);
+        for (size_t o = 0; o < n; o += GTA_BLOCK) {
+            size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
+            gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
+            nf |= gta_split(rd + o, keep, kept, &nk, drop, &nd, k);
+        }
+        ms_xacc_sumabs(after, kept, nk);
+        ms_xacc_sumabs(before, drop, nd);
+        nk = nd = 0;
+    }
+    ms_xacc_merge(before, after);
+    if (nf)
+        ms_xacc_add(after, NAN); /* torch's Inf * 0 or NaN * 0 in the masked sum */
+}
+
+/* The versions of ms_isa.h of gta_rescale_model, as gta_apply_range's
+ * (elementwise rounding, integer masks and ranks: no value changes). */
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2"), flatten)) static void
-della_reduce_avx2(const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
-                  unsigned char *words, struct ms_xacc *before, struct ms_xacc *after)
+gta_rescale_model_avx2(const struct gta_state *st, const struct gta_model *m,
+                       const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
+                       struct ms_xacc *after)
 {
-    della_reduce(st, m, c, words, before, after);
+    gta_rescale_model(st, m, c, words, before, after);
 }
 
 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-della_reduce_avx512(const struct gta_state *st, const struct gta_model *m,
-                    const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
-                    struct ms_xacc *after)
+gta_rescale_model_avx512(const struct gta_state *st, const struct gta_model *m,
+                         const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
+                         struct ms_xacc *after)
 {
-    della_reduce(st, m, c, words, before, after);
+    gta_rescale_model(st, m, c, words, before, after);
 }
 #endif
 
-static void della_reduce_isa(const struct gta_state *st, const struct gta_model *m,
-                             const struct ms_chunk *c, unsigned char *words,
-                             struct ms_xacc *before, struct ms_xacc *after)
+static void gta_rescale_model_isa(const struct gta_state *st, const struct gta_model *m,
+                                  const struct ms_chunk *c, unsigned char *words,
+                                  struct ms_xacc *before, struct ms_xacc *after)
 {
     switch (ms_isa_active()) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: della_reduce_avx512(st, m, c, words, before, after); return;
-    case MS_ISA_AVX2: della_reduce_avx2(st, m, c, words, before, after); return;
+    case MS_ISA_AVX512: gta_rescale_model_avx512(st, m, c, words, before, after); return;
+    case MS_ISA_AVX2: gta_rescale_model_avx2(st, m, c, words, before, after); return;
 #endif
-    default: della_reduce(st, m, c, words, before, after); return;
+    default: gta_rescale_model(st, m, c, words, before, after); return;
     }
 }
 
@@ -1043,10 +1081,6 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
                        void *partial)
 {
     const struct gta_state *st = state;
-    float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
-    float kept[GTA_RBLOCK], drop[GTA_RBLOCK];
-    const float *b = c->in[st->base];
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     memset(partial, 0, st->psize);
 
@@ -1064,35 +1098,9 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         const struct gta_model *m = &st->m[j];
         if (!m->trim || m->none)
             continue;
-        struct ms_xacc *before = &p->before[j], *after = &p->after[j];
-        ms_xacc_init(before);
-        ms_xacc_init(after);
-        if (st->kind.sparse == GTA_SPARSE_DELLA) {
-            della_reduce_isa(st, m, c, (unsigned char *)p->scratch, before, after);
-            continue;
-        }
-        const float *x = c->in[m->input];
-        uint64_t run[2] = { 0, 0 };
-        size_t nk = 0, nd = 0;
-        bool nf = false;
-        /* after = the kept terms, before = after + the dropped ones: each delta
-         * goes through the exact sums once (any split gives the same limbs).
-         * Sums over up to GTA_RBLOCK terms per call, masks in GTA_BLOCK pieces. */
-        for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
-            size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
-            gta_delta(st->dt, rd, x + off, b + off, n);
-            for (size_t o = 0; o < n; o += GTA_BLOCK) {
-                size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
-                gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
-                nf |= gta_split(rd + o, keep, kept, &nk, drop, &nd, k);
-            }
-            ms_xacc_sumabs(after, kept, nk);
-            ms_xacc_sumabs(before, drop, nd);
-            nk = nd = 0;
-        }
-        ms_xacc_merge(before, after);
-        if (nf)
-            ms_xacc_add(after, NAN); /* torch's Inf * 0 or NaN * 0 in the masked sum */
+        ms_xacc_init(&p->before[j]);
+        ms_xacc_init(&p->after[j]);
+        gta_rescale_model_isa(st, m, c, (unsigned char *)p->scratch, &p->before[j], &p->after[j]);
     }
 }
 
