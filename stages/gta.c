@@ -241,14 +241,6 @@ static size_t gta_partial_size(const struct ms_stage_job *job)
 /* always-inline helper and one switch per call, so rounding inlines.        */
 
 #define GTA_INLINE static inline __attribute__((always_inline))
-#define GTA_DISPATCH(dt, call)                                                                     \
-    do {                                                                                           \
-        switch (dt) {                                                                              \
-        case MS_DT_BF16: call(MS_DT_BF16); break;                                                  \
-        case MS_DT_F16: call(MS_DT_F16); break;                                                    \
-        default: call(MS_DT_F32); break;                                                           \
-        }                                                                                          \
-    } while (0)
 
 /* d = rnd(x - b) */
 GTA_INLINE void delta_body(enum ms_dtype dt, float *restrict d, const float *restrict x,
@@ -262,7 +254,7 @@ static void gta_delta(enum ms_dtype dt, float *restrict d, const float *restrict
                       const float *restrict b, size_t n)
 {
 #define CALL(t) delta_body(t, d, x, b, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
 
@@ -281,7 +273,7 @@ static void gta_mask(enum ms_dtype dt, float *restrict d, const float *restrict 
                      float f, size_t n)
 {
 #define CALL(t) mask_body(t, d, keep, scale, f, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
 
@@ -295,15 +287,9 @@ GTA_INLINE void weigh_body(enum ms_dtype dt, float *restrict d, float w, size_t 
 static void gta_weigh(enum ms_dtype dt, float *restrict d, float w, size_t n)
 {
 #define CALL(t) weigh_body(t, d, w, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
-
-/* acc + x, keeping acc's NaN when both are NaN: the sums over models take
- * the first NaN in model order, as the scalar loop's add did. A vector add may
- * have its operands swapped by the compiler, and x86 returns the first
- * operand's NaN, so the order is made explicit. */
-GTA_INLINE float acc_add(float acc, float x) { return acc != acc ? acc : acc + x; }
 
 /* Scalars of the final combination. */
 struct gta_fin {
@@ -347,7 +333,7 @@ GTA_INLINE void combine_sum_body(enum ms_dtype dt, const struct gta_fin *p, uint
         s[i] = 0.0f;
     for (uint32_t j = 0; j < nm; j++)
         for (size_t i = 0; i < n; i++)
-            s[i] = acc_add(s[i], wd[j][i]);
+            s[i] = ms__acc_add(s[i], wd[j][i]);
     for (size_t i = 0; i < n; i++)
         s[i] = ms_rnd(dt, s[i]);
     finish_body(dt, p, b, s, NULL, out, n);
@@ -378,8 +364,8 @@ GTA_INLINE void combine_ties_body(enum ms_dtype dt, const struct gta_fin *p, uin
         for (size_t i = 0; i < n; i++) {
             float v = wd[j][i];
             float mk = v * maj[i] > 0.0f ? 1.0f : 0.0f; /* exact: maj is +-1 */
-            mixed[i] = acc_add(mixed[i], v * mk);
-            div[i] = acc_add(div[i], wj * mk);
+            mixed[i] = ms__acc_add(mixed[i], v * mk);
+            div[i] = ms__acc_add(div[i], wj * mk);
         }
     }
     for (size_t i = 0; i < n; i++) {
@@ -396,11 +382,11 @@ static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensu
 {
     if (consensus) {
 #define CALL(t) combine_ties_body(t, p, nm, wd, w, b, out, n)
-        GTA_DISPATCH(dt, CALL);
+        MS__DT_DISPATCH(dt, CALL);
 #undef CALL
     } else {
 #define CALL(t) combine_sum_body(t, p, nm, wd, b, out, n)
-        GTA_DISPATCH(dt, CALL);
+        MS__DT_DISPATCH(dt, CALL);
 #undef CALL
     }
 }
@@ -651,7 +637,7 @@ static void della_keys(enum ms_dtype dt, const float *restrict x, const float *r
                        float *restrict d, uint32_t *restrict keys, size_t n)
 {
 #define CALL(t) della_keys_body(t, x, b, d, keys, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
 

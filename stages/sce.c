@@ -86,18 +86,6 @@ static size_t sce_partial_size(const struct ms_stage_job *job)
 /* element at a time), so they vectorise.                                    */
 
 #define SCE_INLINE static inline __attribute__((always_inline))
-#define SCE_DISPATCH(dt, call)                                                                     \
-    do {                                                                                           \
-        switch (dt) {                                                                              \
-        case MS_DT_BF16: call(MS_DT_BF16); break;                                                  \
-        case MS_DT_F16: call(MS_DT_F16); break;                                                    \
-        default: call(MS_DT_F32); break;                                                           \
-        }                                                                                          \
-    } while (0)
-
-/* acc + x, keeping acc's NaN when both are NaN (the first NaN in model order,
- * as the scalar loop's add did; a vector add's operands may be swapped). */
-SCE_INLINE float acc_add(float acc, float x) { return acc != acc ? acc : acc + x; }
 
 /* t[j][i] = rnd(x_j - B) for every model, over n elements of the chunk at off. */
 SCE_INLINE void sce_deltas(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
@@ -232,8 +220,8 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
             for (size_t i = 0; i < n; i++) {
                 float v = t[j][i];
                 float ew = v * maj[i] > 0.0f ? w : 0.0f; /* sign(v) == maj; maj is +-1 */
-                num[i] = acc_add(num[i], ms_rnd(dt, v * ew));
-                div[i] = acc_add(div[i], ew);
+                num[i] = ms__acc_add(num[i], ms_rnd(dt, v * ew));
+                div[i] = ms__acc_add(div[i], ew);
             }
         }
         const float lo = st->clamp_min;
@@ -249,14 +237,14 @@ static void sce_reduce_range(const struct sce_state *st, const struct ms_chunk *
                              struct sce_part *p, bool hist)
 {
 #define CALL(t) sce_reduce_body(t, st, c, p, hist)
-    SCE_DISPATCH(st->dt, CALL);
+    MS__DT_DISPATCH(st->dt, CALL);
 #undef CALL
 }
 
 static void sce_apply_range(const struct sce_state *st, const struct ms_chunk *c)
 {
 #define CALL(t) sce_apply_body(t, st, c)
-    SCE_DISPATCH(st->dt, CALL);
+    MS__DT_DISPATCH(st->dt, CALL);
 #undef CALL
 }
 
