@@ -25,8 +25,10 @@
  *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once.
  *
  * Passes (everything is recomputed from the inputs in every pass):
- *   COUNT    select_topk < 1: count_nonzero(var);
- *   SELECT   0 < k < numel: the histogram passes and tie pass of select.c over var;
+ *   COUNT    select_topk < 1: count_nonzero(var), and the first histogram
+ *            pass of select.c over var (it does not depend on k);
+ *   SELECT   0 < k < numel: the remaining histogram pass (F32) and the tie
+ *            pass of select.c over var, when needed;
  *   MU       sum rnd(t_i^2) per model after the mask (ms_xacc);
  *   apply    per element, in blocks of SCE_BLOCK.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64).
@@ -51,6 +53,7 @@ struct sce_state {
     bool topk;               /* select_topk < 1: the variance mask applies */
     bool keep_all;           /* the variance mask keeps every element (k == numel) */
     bool keep_none;          /* the variance mask keeps nothing (k == 0) */
+    bool count_hist;         /* COUNT also fills hist (the first histogram pass) */
     double select_topk;
     uint64_t nonzero;        /* COUNT fold: elements with var != 0 */
     float w[MS_MAX_INPUTS];  /* W_i */
@@ -173,6 +176,8 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
             sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
             for (size_t i = 0; i < n; i++)
                 p->count += var[i] != 0.0f; /* NaN counts, as count_nonzero */
+            if (hist)
+                ms__sel_count(&st->sel, p->hist, var, n);
             break;
         case SCE_SELECT:
             sce_deltas(dt, st, c, off, t, n);
@@ -321,6 +326,12 @@ static int sce_begin(void *state, const struct ms_stage_job *job)
         return MS_STAGE_APPLY;
     }
     st->phase = st->topk ? SCE_COUNT : SCE_MU;
+    /* The histogram of |var| does not depend on k: COUNT gathers it too
+     * (through a provisional selection, in its counting phase when n >= 2),
+     * so the selection's first histogram pass is not a pass of its own. */
+    st->count_hist = st->topk && job->numel >= 2;
+    if (st->count_hist)
+        ms__sel_init(&st->sel, dt, job->numel, 1, false);
     return MS_STAGE_REDUCE;
 }
 
@@ -333,7 +344,8 @@ static void sce_reduce(const void *state, const struct ms_stage_job *job, const 
     p->count = 0;
     for (uint32_t j = 0; j < MS_MAX_INPUTS; j++)
         ms_xacc_init(&p->mu[j]);
-    bool hist = st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST;
+    bool hist = (st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST) ||
+                (st->phase == SCE_COUNT && st->count_hist);
     if (hist)
         memset(p->hist, 0, ms__sel_bins(&st->sel) * sizeof(uint32_t));
     switch (ms_isa_active()) {
@@ -353,6 +365,8 @@ static void sce_fold(void *state, const struct ms_stage_job *job, const struct m
     switch (st->phase) {
     case SCE_COUNT:
         st->nonzero += p->count;
+        if (st->count_hist)
+            ms__sel_fold_hist(&st->sel, st->hist, p->hist);
         break;
     case SCE_SELECT:
         if (ms__sel_phase(&st->sel) == MS__SEL_HIST)
@@ -381,7 +395,13 @@ static int sce_end_pass(void *state, const struct ms_stage_job *job)
         st->keep_all = k >= job->numel;
         if (st->keep_none || st->keep_all)
             return sce_after_select(st);
+        /* 0 < k < numel: numel >= 2, so COUNT filled hist; the selection's
+         * first histogram pass is done (ms__sel_end_hist zeroes hist). */
+        assert(st->count_hist);
         ms__sel_init(&st->sel, st->dt, job->numel, k, false);
+        ms__sel_end_hist(&st->sel, st->hist);
+        if (ms__sel_phase(&st->sel) == MS__SEL_DONE)
+            return sce_after_select(st);
         st->phase = SCE_SELECT;
         return MS_STAGE_REDUCE;
     }
