@@ -72,6 +72,7 @@
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
 #include <assert.h>
+#include <float.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -240,14 +241,6 @@ static size_t gta_partial_size(const struct ms_stage_job *job)
 /* always-inline helper and one switch per call, so rounding inlines.        */
 
 #define GTA_INLINE static inline __attribute__((always_inline))
-#define GTA_DISPATCH(dt, call)                                                                     \
-    do {                                                                                           \
-        switch (dt) {                                                                              \
-        case MS_DT_BF16: call(MS_DT_BF16); break;                                                  \
-        case MS_DT_F16: call(MS_DT_F16); break;                                                    \
-        default: call(MS_DT_F32); break;                                                           \
-        }                                                                                          \
-    } while (0)
 
 /* d = rnd(x - b) */
 GTA_INLINE void delta_body(enum ms_dtype dt, float *restrict d, const float *restrict x,
@@ -261,7 +254,7 @@ static void gta_delta(enum ms_dtype dt, float *restrict d, const float *restrict
                       const float *restrict b, size_t n)
 {
 #define CALL(t) delta_body(t, d, x, b, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
 
@@ -280,7 +273,7 @@ static void gta_mask(enum ms_dtype dt, float *restrict d, const float *restrict 
                      float f, size_t n)
 {
 #define CALL(t) mask_body(t, d, keep, scale, f, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
 
@@ -294,7 +287,7 @@ GTA_INLINE void weigh_body(enum ms_dtype dt, float *restrict d, float w, size_t 
 static void gta_weigh(enum ms_dtype dt, float *restrict d, float w, size_t n)
 {
 #define CALL(t) weigh_body(t, d, w, n)
-    GTA_DISPATCH(dt, CALL);
+    MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
 
@@ -304,54 +297,83 @@ struct gta_fin {
     float lambda, div;
 };
 
-/* out = rnd(b + post(mixed)): normalize by div, then lambda. */
-GTA_INLINE float finish_1(enum ms_dtype dt, const struct gta_fin *p, float b, float mixed,
-                          float div)
+/* out = rnd(b + post(mixed)): normalize by div (per element, or p->div when
+ * div is NULL), then lambda; mixed is overwritten. One loop per step, so the
+ * loops vectorise. */
+GTA_INLINE void finish_body(enum ms_dtype dt, const struct gta_fin *p, const float *restrict b,
+                            float *restrict mixed, const float *restrict div,
+                            float *restrict out, size_t n)
 {
-    if (p->normalize)
-        mixed = ms_rnd(dt, mixed / div);
-    if (p->use_lambda)
-        mixed = ms_rnd(dt, mixed * p->lambda);
-    return ms_rnd(dt, b + mixed);
+    if (p->normalize && div) {
+        for (size_t i = 0; i < n; i++)
+            mixed[i] = ms_rnd(dt, mixed[i] / div[i]);
+    } else if (p->normalize) {
+        const float d = p->div;
+        for (size_t i = 0; i < n; i++)
+            mixed[i] = ms_rnd(dt, mixed[i] / d);
+    }
+    if (p->use_lambda) {
+        const float l = p->lambda;
+        for (size_t i = 0; i < n; i++)
+            mixed[i] = ms_rnd(dt, mixed[i] * l);
+    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = ms_rnd(dt, b[i] + mixed[i]);
 }
 
-/* Without consensus: mixed = rnd(sum_j wd[j]), scalar divisor. */
+/* Without consensus: mixed = rnd(sum_j wd[j]), scalar divisor. The sums run
+ * model by model over the block (the same additions per element, in model
+ * order), so the element loops vectorise. */
 GTA_INLINE void combine_sum_body(enum ms_dtype dt, const struct gta_fin *p, uint32_t nm,
                                  const float (*restrict wd)[GTA_BLOCK], const float *restrict b,
                                  float *restrict out, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        float s = 0.0f;
-        for (uint32_t j = 0; j < nm; j++)
-            s += wd[j][i];
-        out[i] = finish_1(dt, p, b[i], ms_rnd(dt, s), p->div);
-    }
+    float s[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (size_t i = 0; i < n; i++)
+        s[i] = 0.0f;
+    for (uint32_t j = 0; j < nm; j++)
+        for (size_t i = 0; i < n; i++)
+            s[i] = ms__acc_add(s[i], wd[j][i]);
+    for (size_t i = 0; i < n; i++)
+        s[i] = ms_rnd(dt, s[i]);
+    finish_body(dt, p, b, s, NULL, out, n);
 }
 
-/* TIES "sum" consensus: majority sign of rnd(sum wd); models whose weighted
- * delta has that sign (a zero has none) form mixed and the divisor. */
+/* TIES "sum" consensus: majority sign maj of rnd(sum wd); models whose
+ * weighted delta has that sign (v * maj > 0: a zero or NaN has none) form
+ * mixed and the divisor. Model by model over the block, as combine_sum_body. */
 GTA_INLINE void combine_ties_body(enum ms_dtype dt, const struct gta_fin *p, uint32_t nm,
                                   const float (*restrict wd)[GTA_BLOCK], const float *restrict w,
                                   const float *restrict b, float *restrict out, size_t n)
 {
+    float maj[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float mixed[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float div[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    for (size_t i = 0; i < n; i++)
+        maj[i] = 0.0f;
+    for (uint32_t j = 0; j < nm; j++)
+        for (size_t i = 0; i < n; i++)
+            maj[i] += wd[j][i];
     for (size_t i = 0; i < n; i++) {
-        float s = 0.0f;
-        for (uint32_t j = 0; j < nm; j++)
-            s += wd[j][i];
-        int maj = ms_rnd(dt, s) >= 0.0f ? 1 : -1; /* NaN: -1, as (S >= 0)*2 - 1 */
-        float mixed = 0.0f, div = 0.0f;
-        for (uint32_t j = 0; j < nm; j++) {
-            float v = wd[j][i];
-            int sg = (v > 0.0f) - (v < 0.0f);
-            float mk = sg == maj ? 1.0f : 0.0f;
-            mixed += v * mk;
-            div += w[j] * mk;
-        }
-        div = ms_rnd(dt, div);
-        if (div == 0.0f)
-            div = 1.0f;
-        out[i] = finish_1(dt, p, b[i], ms_rnd(dt, mixed), div);
+        maj[i] = ms_rnd(dt, maj[i]) >= 0.0f ? 1.0f : -1.0f; /* NaN: -1, as (S >= 0)*2 - 1 */
+        mixed[i] = 0.0f;
+        div[i] = 0.0f;
     }
+    for (uint32_t j = 0; j < nm; j++) {
+        const float wj = w[j];
+        for (size_t i = 0; i < n; i++) {
+            float v = wd[j][i];
+            float mk = v * maj[i] > 0.0f ? 1.0f : 0.0f; /* exact: maj is +-1 */
+            mixed[i] = ms__acc_add(mixed[i], v * mk);
+            div[i] = ms__acc_add(div[i], wj * mk);
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        float d = ms_rnd(dt, div[i]);
+        div[i] = d == 0.0f ? 1.0f : d;
+        mixed[i] = ms_rnd(dt, mixed[i]);
+    }
+    finish_body(dt, p, b, mixed, div, out, n);
 }
 
 static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensus, uint32_t nm,
@@ -360,11 +382,11 @@ static void gta_combine(enum ms_dtype dt, const struct gta_fin *p, bool consensu
 {
     if (consensus) {
 #define CALL(t) combine_ties_body(t, p, nm, wd, w, b, out, n)
-        GTA_DISPATCH(dt, CALL);
+        MS__DT_DISPATCH(dt, CALL);
 #undef CALL
     } else {
 #define CALL(t) combine_sum_body(t, p, nm, wd, b, out, n)
-        GTA_DISPATCH(dt, CALL);
+        MS__DT_DISPATCH(dt, CALL);
 #undef CALL
     }
 }
@@ -380,6 +402,31 @@ static void keep_random(uint64_t stream, float p, uint64_t first, float *restric
     ms_rng_fill(stream, first, u, n);
     for (size_t i = 0; i < n; i++)
         keep[i] = (float)(u[i] & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
+}
+
+/*
+ * The rescale sums' terms: appends the nonzero deltas d[i] with keep[i] != 0 to
+ * kept (count *nk) and the other nonzero ones to drop (count *nd); zeros add
+ * nothing to a sum of magnitudes. Returns true when a dropped delta is Inf or
+ * NaN: its masked value d * 0 is NaN, which the sum of kept terms must see.
+ */
+static bool gta_split(const float *restrict d, const float *restrict keep, float *restrict kept,
+                      size_t *nk, float *restrict drop, size_t *nd, size_t n)
+{
+    size_t a = *nk, z = *nd;
+    bool nf = false;
+    for (size_t i = 0; i < n; i++) {
+        float v = d[i];
+        bool k = keep[i] != 0.0f, nz = v != 0.0f; /* NaN is nonzero */
+        kept[a] = v;
+        drop[z] = v;
+        a += k & nz;
+        z += !k & nz;
+        nf |= !k & !(fabsf(v) <= FLT_MAX);
+    }
+    *nk = a;
+    *nd = z;
+    return nf;
 }
 
 /*
@@ -574,25 +621,52 @@ static bool della_counts(const struct gta_state *st)
     return st->dt != MS_DT_F32 && st->row >= 512;
 }
 
+/* d[i] = rnd(x[i] - b[i]) and keys[i] = ms__sel_key(dt, d[i]): the leaf loop
+ * of della's ranking (vectorises; the counting that uses the keys cannot). */
+GTA_INLINE void della_keys_body(enum ms_dtype dt, const float *restrict x,
+                                const float *restrict b, float *restrict d,
+                                uint32_t *restrict keys, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        d[i] = ms_rnd(dt, x[i] - b[i]);
+        keys[i] = ms__sel_key(dt, d[i]);
+    }
+}
+
+static void della_keys(enum ms_dtype dt, const float *restrict x, const float *restrict b,
+                       float *restrict d, uint32_t *restrict keys, size_t n)
+{
+#define CALL(t) della_keys_body(t, x, b, d, keys, n)
+    MS__DT_DISPATCH(dt, CALL);
+#undef CALL
+}
+
 /*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements; with after, adds their |d| to after.
+ * words[i] of kept elements; else adds the |d| of the kept elements to after
+ * and of the dropped ones to before (the caller merges after into before).
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
                               uint64_t L, unsigned char *words, uint32_t bit,
-                              struct ms_xacc *after)
+                              struct ms_xacc *before, struct ms_xacc *after)
 {
     struct della_count *t = &della_tls;
     const enum ms_dtype dt = st->dt;
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     const float *ptab = della_ptab_get(st, m);
-    for (uint64_t i = 0; i < L; i++) {
-        uint32_t k = ms__sel_key(dt, ms_rnd(dt, x[i] - b[i]));
-        assert(k < DELLA_KEYS);
-        t->fine[k]++;
-        t->coarse[k / DELLA_FINE]++;
+    uint32_t keys[GTA_BLOCK], u[GTA_BLOCK];
+    float d[GTA_BLOCK], kept[GTA_BLOCK], drop[GTA_BLOCK];
+    for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        della_keys(dt, x + i0, b + i0, d, keys, n);
+        for (size_t j = 0; j < n; j++) {
+            uint32_t k = keys[j];
+            assert(k < DELLA_KEYS);
+            t->fine[k]++;
+            t->coarse[k / DELLA_FINE]++;
+        }
     }
     uint32_t acc = 0;
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
@@ -600,14 +674,12 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
         t->coarse[c] = acc;
         acc += v;
     }
-    uint32_t u[GTA_BLOCK];
-    float kept[GTA_BLOCK];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0), nk = 0, nd = 0;
         ms_rng_fill(stream, first + i0, u, n);
+        della_keys(dt, x + i0, b + i0, d, keys, n);
         for (size_t j = 0; j < n; j++) {
-            float d = ms_rnd(dt, x[i0 + j] - b[i0 + j]);
-            uint32_t k = ms__sel_key(dt, d), c = k / DELLA_FINE;
+            uint32_t k = keys[j], c = k / DELLA_FINE;
             if (!t->open[c]) {
                 uint32_t pos = t->coarse[c];
                 for (uint32_t f = c * DELLA_FINE; f < (c + 1) * DELLA_FINE; f++) {
@@ -621,14 +693,20 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
             float p = ptab ? ptab[rank - 1] : della_p(st, m, rank);
             bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < p;
             if (words) {
-                if (keep)
-                    word_put(words, i0 + j, word_get(words, i0 + j) | bit);
+                uint32_t set = bit & (0u - (uint32_t)keep); /* no branch on a coin flip */
+                word_put(words, i0 + j, word_get(words, i0 + j) | set);
             } else {
-                kept[j] = keep ? fabsf(d) : 0.0f; /* a zero term leaves the sum as it is */
+                bool nz = d[j] != 0.0f; /* a zero term leaves a sum as it is */
+                kept[nk] = d[j];
+                drop[nd] = d[j];
+                nk += keep & nz;
+                nd += !keep & nz;
             }
         }
-        if (!words)
-            ms_xacc_sumabs(after, kept, n);
+        if (!words) {
+            ms_xacc_sumabs(after, kept, nk);
+            ms_xacc_sumabs(before, drop, nd);
+        }
     }
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
         if (t->open[c])
@@ -833,6 +911,13 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const float *x = c->in[m->input], *b = c->in[st->base];
     const uint64_t L = st->row;
     assert(c->count % L == 0);
+    if (della_counts(st)) {
+        /* every |d| once: the dropped ones into before, the kept into after */
+        for (uint64_t r0 = 0; r0 < c->count; r0 += L)
+            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, before, after);
+        ms_xacc_merge(before, after);
+        return;
+    }
     float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
@@ -840,10 +925,6 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
         ms_xacc_sumabs(before, d, n);
     }
     for (uint64_t r0 = 0; r0 < c->count; r0 += L) {
-        if (della_counts(st)) {
-            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, after);
-            continue;
-        }
         struct della_row r = { .dt = st->dt, .x = x + r0, .b = b + r0, .words = words,
                                .mask = UINT32_MAX };
         row_rank(&r, L);
@@ -855,43 +936,145 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     }
 }
 
+/* SELECT pass of model m over chunk c: the deltas of each block once, then
+ * the histogram or tie count of each of its unfinished selections. */
+static void gta_select_model(const struct gta_state *st, const struct gta_model *m,
+                             const struct ms_chunk *c, struct gta_part_select *p)
+{
+    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    const float *x = c->in[m->input], *b = c->in[st->base];
+    const uint32_t nsel = kind_nsel(&st->kind);
+    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
+        gta_delta(st->dt, d, x + off, b + off, n);
+        for (uint32_t q = 0; q < nsel; q++) {
+            const struct ms__sel *sel = &m->sel[q];
+            int32_t slot = m->slot + (int32_t)q;
+            switch (ms__sel_phase(sel)) {
+            case MS__SEL_HIST:
+                ms__sel_count(sel, p->hist + (size_t)slot * st->hist_len, d, n);
+                break;
+            case MS__SEL_TIES:
+                p->ties[slot] += ms__sel_count_ties(sel, d, n);
+                break;
+            default:
+                break;
+            }
+        }
+    }
+}
+
+/* The versions of ms_isa.h of gta_select_model, as gta_apply_range's. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+gta_select_model_avx2(const struct gta_state *st, const struct gta_model *m,
+                      const struct ms_chunk *c, struct gta_part_select *p)
+{
+    gta_select_model(st, m, c, p);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+gta_select_model_avx512(const struct gta_state *st, const struct gta_model *m,
+                        const struct ms_chunk *c, struct gta_part_select *p)
+{
+    gta_select_model(st, m, c, p);
+}
+#endif
+
+static void gta_select_model_isa(const struct gta_state *st, const struct gta_model *m,
+                                 const struct ms_chunk *c, struct gta_part_select *p)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: gta_select_model_avx512(st, m, c, p); return;
+    case MS_ISA_AVX2: gta_select_model_avx2(st, m, c, p); return;
+#endif
+    default: gta_select_model(st, m, c, p); return;
+    }
+}
+
+/* RESCALE pass of model m over chunk c: before = sum |d|, after = sum |d *
+ * mask| (exact); words is della's row scratch. */
+static void gta_rescale_model(const struct gta_state *st, const struct gta_model *m,
+                              const struct ms_chunk *c, unsigned char *words,
+                              struct ms_xacc *before, struct ms_xacc *after)
+{
+    if (st->kind.sparse == GTA_SPARSE_DELLA) {
+        della_reduce(st, m, c, words, before, after);
+        return;
+    }
+    float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
+    float kept[GTA_RBLOCK], drop[GTA_RBLOCK];
+    const float *x = c->in[m->input], *b = c->in[st->base];
+    uint64_t run[2] = { 0, 0 };
+    size_t nk = 0, nd = 0;
+    bool nf = false;
+    /* after = the kept terms, before = after + the dropped ones: each delta
+     * goes through the exact sums once (any split gives the same limbs).
+     * Sums over up to GTA_RBLOCK terms per call, masks in GTA_BLOCK pieces. */
+    for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
+        gta_delta(st->dt, rd, x + off, b + off, n);
+        for (size_t o = 0; o < n; o += GTA_BLOCK) {
+            size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
+            gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
+            nf |= gta_split(rd + o, keep, kept, &nk, drop, &nd, k);
+        }
+        ms_xacc_sumabs(after, kept, nk);
+        ms_xacc_sumabs(before, drop, nd);
+        nk = nd = 0;
+    }
+    ms_xacc_merge(before, after);
+    if (nf)
+        ms_xacc_add(after, NAN); /* torch's Inf * 0 or NaN * 0 in the masked sum */
+}
+
+/* The versions of ms_isa.h of gta_rescale_model, as gta_apply_range's
+ * (elementwise rounding, integer masks and ranks: no value changes). */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+gta_rescale_model_avx2(const struct gta_state *st, const struct gta_model *m,
+                       const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
+                       struct ms_xacc *after)
+{
+    gta_rescale_model(st, m, c, words, before, after);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+gta_rescale_model_avx512(const struct gta_state *st, const struct gta_model *m,
+                         const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
+                         struct ms_xacc *after)
+{
+    gta_rescale_model(st, m, c, words, before, after);
+}
+#endif
+
+static void gta_rescale_model_isa(const struct gta_state *st, const struct gta_model *m,
+                                  const struct ms_chunk *c, unsigned char *words,
+                                  struct ms_xacc *before, struct ms_xacc *after)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: gta_rescale_model_avx512(st, m, c, words, before, after); return;
+    case MS_ISA_AVX2: gta_rescale_model_avx2(st, m, c, words, before, after); return;
+#endif
+    default: gta_rescale_model(st, m, c, words, before, after); return;
+    }
+}
+
 static void gta_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                        void *partial)
 {
     const struct gta_state *st = state;
-    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
-    const float *b = c->in[st->base];
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     memset(partial, 0, st->psize);
 
     if (st->phase == GTA_SELECT) {
         struct gta_part_select *p = partial;
-        for (uint32_t j = 0; j < st->nm; j++) {
-            const struct gta_model *m = &st->m[j];
-            if (m->slot < 0 || m->none)
-                continue;
-            for (uint32_t q = 0; q < kind_nsel(&st->kind); q++) {
-                const struct ms__sel *sel = &m->sel[q];
-                enum ms__sel_phase ph = ms__sel_phase(sel);
-                if (ph == MS__SEL_DONE)
-                    continue;
-                int32_t slot = m->slot + (int32_t)q;
-                uint32_t *hist = p->hist + (size_t)slot * st->hist_len;
-                uint64_t ties = 0;
-                const float *x = c->in[m->input];
-                for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-                    size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
-                    gta_delta(st->dt, d, x + off, b + off, n);
-                    if (ph == MS__SEL_HIST)
-                        ms__sel_count(sel, hist, d, n);
-                    else
-                        ties += ms__sel_count_ties(sel, d, n);
-                }
-                p->ties[slot] = ties;
-            }
-        }
+        for (uint32_t j = 0; j < st->nm; j++)
+            if (st->m[j].slot >= 0 && !st->m[j].none)
+                gta_select_model_isa(st, &st->m[j], c, p);
         return;
     }
 
@@ -901,28 +1084,9 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         const struct gta_model *m = &st->m[j];
         if (!m->trim || m->none)
             continue;
-        struct ms_xacc *before = &p->before[j], *after = &p->after[j];
-        ms_xacc_init(before);
-        ms_xacc_init(after);
-        if (st->kind.sparse == GTA_SPARSE_DELLA) {
-            della_reduce(st, m, c, (unsigned char *)p->scratch, before, after);
-            continue;
-        }
-        const float *x = c->in[m->input];
-        uint64_t run[2] = { 0, 0 };
-        /* Sums over GTA_RBLOCK elements per call (the sums are exact: any split
-         * gives the same limbs), masks in GTA_BLOCK pieces. */
-        for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
-            size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
-            gta_delta(st->dt, rd, x + off, b + off, n);
-            ms_xacc_sumabs(before, rd, n);
-            for (size_t o = 0; o < n; o += GTA_BLOCK) {
-                size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
-                gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
-                gta_mask(st->dt, rd + o, keep, false, 1.0f, k);
-            }
-            ms_xacc_sumabs(after, rd, n);
-        }
+        ms_xacc_init(&p->before[j]);
+        ms_xacc_init(&p->after[j]);
+        gta_rescale_model_isa(st, m, c, (unsigned char *)p->scratch, &p->before[j], &p->after[j]);
     }
 }
 
@@ -1017,7 +1181,7 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
         uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
         if (della_counts(st)) {
             della_row_counted(st, m, c->in[m->input] + r0, c->in[st->base] + r0, c->first + r0,
-                              L, words, bit, NULL);
+                              L, words, bit, NULL, NULL);
             continue;
         }
         struct della_row r = { .dt = st->dt, .x = c->in[m->input] + r0,
@@ -1104,6 +1268,35 @@ static void gta_apply_range_isa(const struct gta_state *st, const struct ms_chun
     }
 }
 
+/* The versions of ms_isa.h of della_mark_row, as gta_apply_range's. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+della_mark_row_avx2(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                    unsigned char *words)
+{
+    della_mark_row(st, c, r0, words);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+della_mark_row_avx512(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                      unsigned char *words)
+{
+    della_mark_row(st, c, r0, words);
+}
+#endif
+
+static void della_mark_row_isa(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                               unsigned char *words)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: della_mark_row_avx512(st, c, r0, words); return;
+    case MS_ISA_AVX2: della_mark_row_avx2(st, c, r0, words); return;
+#endif
+    default: della_mark_row(st, c, r0, words); return;
+    }
+}
+
 static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     const struct gta_state *st = state;
@@ -1121,7 +1314,7 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     /* della: row by row, the output row is the ranking scratch first. */
     assert(c->count % st->row == 0);
     for (uint64_t r0 = 0; r0 < c->count; r0 += st->row) {
-        della_mark_row(st, c, r0, (unsigned char *)(c->out + r0));
+        della_mark_row_isa(st, c, r0, (unsigned char *)(c->out + r0));
         gta_apply_range_isa(st, c, r0, st->row, run);
     }
 }

@@ -25,8 +25,10 @@
  *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once.
  *
  * Passes (everything is recomputed from the inputs in every pass):
- *   COUNT    select_topk < 1: count_nonzero(var);
- *   SELECT   0 < k < numel: the histogram passes and tie pass of select.c over var;
+ *   COUNT    select_topk < 1: count_nonzero(var), and the first histogram
+ *            pass of select.c over var (it does not depend on k);
+ *   SELECT   0 < k < numel: the remaining histogram pass (F32) and the tie
+ *            pass of select.c over var, when needed;
  *   MU       sum rnd(t_i^2) per model after the mask (ms_xacc);
  *   apply    per element, in blocks of SCE_BLOCK.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64).
@@ -51,6 +53,7 @@ struct sce_state {
     bool topk;               /* select_topk < 1: the variance mask applies */
     bool keep_all;           /* the variance mask keeps every element (k == numel) */
     bool keep_none;          /* the variance mask keeps nothing (k == 0) */
+    bool count_hist;         /* COUNT also fills hist (the first histogram pass) */
     double select_topk;
     uint64_t nonzero;        /* COUNT fold: elements with var != 0 */
     float w[MS_MAX_INPUTS];  /* W_i */
@@ -80,56 +83,210 @@ static size_t sce_partial_size(const struct ms_stage_job *job)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Kernels                                                                   */
+/* Kernels. Each is specialised on the dtype through always-inline helpers  */
+/* and one switch per chunk, so rounding inlines; the element loops run     */
+/* model by model over a block (the same operations per element as one     */
+/* element at a time), so they vectorise.                                    */
+
+#define SCE_INLINE static inline __attribute__((always_inline))
 
 /* t[j][i] = rnd(x_j - B) for every model, over n elements of the chunk at off. */
-static void sce_deltas(const struct sce_state *st, const struct ms_chunk *c, uint64_t off,
-                       float (*restrict t)[SCE_BLOCK], size_t n)
+SCE_INLINE void sce_deltas(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
+                           uint64_t off, float (*restrict t)[SCE_BLOCK], size_t n)
 {
     const float *b = c->in[st->base] + off;
     for (uint32_t j = 0; j < st->nm; j++) {
         const float *x = c->in[st->in[j]] + off;
         for (size_t i = 0; i < n; i++)
-            t[j][i] = ms_rnd(st->dt, x[i] - b[i]);
+            t[j][i] = ms_rnd(dt, x[i] - b[i]);
     }
 }
 
-/* var[i] = rnd(population variance of t[.][i]) computed in double. */
-static void sce_var(const struct sce_state *st, const float (*restrict t)[SCE_BLOCK],
-                    float *restrict var, size_t n)
+/* var[i] = rnd(population variance of t[.][i]) computed in double: the sum
+ * in model order, mean = sum / N, then the squared deviations in model order. */
+SCE_INLINE void sce_var(enum ms_dtype dt, uint32_t nm, const float (*restrict t)[SCE_BLOCK],
+                        float *restrict var, size_t n)
 {
-    const double N = (double)st->nm;
+    const double N = (double)nm;
+    double s[SCE_BLOCK], v[SCE_BLOCK];
     for (size_t i = 0; i < n; i++) {
-        double s = 0.0;
-        for (uint32_t j = 0; j < st->nm; j++)
-            s += t[j][i];
-        double mean = s / N, v = 0.0;
-        for (uint32_t j = 0; j < st->nm; j++) {
-            double d = t[j][i] - mean;
-            v += d * d;
-        }
-        var[i] = ms_rnd(st->dt, (float)(v / N));
+        s[i] = 0.0;
+        v[i] = 0.0;
     }
+    for (uint32_t j = 0; j < nm; j++)
+        for (size_t i = 0; i < n; i++)
+            s[i] += t[j][i];
+    for (size_t i = 0; i < n; i++)
+        s[i] /= N;
+    for (uint32_t j = 0; j < nm; j++)
+        for (size_t i = 0; i < n; i++) {
+            double d = t[j][i] - s[i];
+            v[i] += d * d;
+        }
+    for (size_t i = 0; i < n; i++)
+        var[i] = ms_rnd(dt, (float)(v[i] / N));
 }
 
 /* Deltas of a block with the variance mask applied (t * mask, exact 0/1). */
-static void sce_masked(const struct sce_state *st, const struct ms_chunk *c, uint64_t off,
-                       uint64_t *run, float (*restrict t)[SCE_BLOCK], size_t n)
+SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
+                           uint64_t off, uint64_t *run, float (*restrict t)[SCE_BLOCK], size_t n)
 {
     float var[SCE_BLOCK], keep[SCE_BLOCK];
-    sce_deltas(st, c, off, t, n);
+    sce_deltas(dt, st, c, off, t, n);
     if (!st->topk || st->keep_all)
         return;
     if (st->keep_none) {
         memset(keep, 0, sizeof(keep));
     } else {
-        sce_var(st, (const float(*)[SCE_BLOCK])t, var, n);
+        sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
         ms__sel_mask(&st->sel, c->first, run, var, keep, n);
     }
     for (uint32_t j = 0; j < st->nm; j++)
         for (size_t i = 0; i < n; i++)
             t[j][i] *= keep[i];
 }
+
+/* MU terms of one model's block: sq = rnd(t^2) of the nonzero t, packed (a
+ * zero adds nothing to the exact sum; NaN is nonzero). Returns their count. */
+SCE_INLINE size_t sce_squares(enum ms_dtype dt, const float *restrict t, float *restrict sq,
+                              size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        float v = t[i];
+        sq[k] = ms_rnd(dt, v * v);
+        k += v != 0.0f;
+    }
+    return k;
+}
+
+/* The reduce pass of the current phase over chunk c, into p (zeroed but for
+ * the xacc sums, which the caller initialises). */
+SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
+                                const struct ms_chunk *c, struct sce_part *p, bool hist)
+{
+    float t[MS_MAX_INPUTS][SCE_BLOCK];
+    float var[SCE_BLOCK], sq[SCE_BLOCK];
+    uint64_t run = 0;
+    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
+        switch (st->phase) {
+        case SCE_COUNT:
+            sce_deltas(dt, st, c, off, t, n);
+            sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
+            for (size_t i = 0; i < n; i++)
+                p->count += var[i] != 0.0f; /* NaN counts, as count_nonzero */
+            if (hist)
+                ms__sel_count(&st->sel, p->hist, var, n);
+            break;
+        case SCE_SELECT:
+            sce_deltas(dt, st, c, off, t, n);
+            sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
+            if (hist)
+                ms__sel_count(&st->sel, p->hist, var, n);
+            else
+                p->count += ms__sel_count_ties(&st->sel, var, n);
+            break;
+        case SCE_MU:
+            sce_masked(dt, st, c, off, &run, t, n);
+            for (uint32_t j = 0; j < st->nm; j++)
+                ms_xacc_sumabs(&p->mu[j], sq, sce_squares(dt, t[j], sq, n));
+            break;
+        default:
+            assert(!"no reduce in apply");
+        }
+    }
+}
+
+/* out = rnd(B + rnd(rnd(sum rnd(t*ew)) / max(rnd(sum ew), clamp))) over the
+ * chunk, ew = W * (sign(t) == maj), maj the sign of rnd(sum t) (NaN: -1). */
+SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
+                               const struct ms_chunk *c)
+{
+    const float *b = c->in[st->base];
+    float t[MS_MAX_INPUTS][SCE_BLOCK];
+    float maj[SCE_BLOCK], num[SCE_BLOCK], div[SCE_BLOCK];
+    uint64_t run = 0;
+    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
+        sce_masked(dt, st, c, off, &run, t, n);
+        for (size_t i = 0; i < n; i++)
+            maj[i] = 0.0f;
+        for (uint32_t j = 0; j < st->nm; j++)
+            for (size_t i = 0; i < n; i++)
+                maj[i] += t[j][i];
+        for (size_t i = 0; i < n; i++) {
+            maj[i] = ms_rnd(dt, maj[i]) >= 0.0f ? 1.0f : -1.0f;
+            num[i] = 0.0f;
+            div[i] = 0.0f;
+        }
+        for (uint32_t j = 0; j < st->nm; j++) {
+            const float w = st->w[j];
+            for (size_t i = 0; i < n; i++) {
+                float v = t[j][i];
+                float ew = v * maj[i] > 0.0f ? w : 0.0f; /* sign(v) == maj; maj is +-1 */
+                num[i] = ms__acc_add(num[i], ms_rnd(dt, v * ew));
+                div[i] = ms__acc_add(div[i], ew);
+            }
+        }
+        const float lo = st->clamp_min;
+        for (size_t i = 0; i < n; i++) {
+            float d = ms_rnd(dt, div[i]);
+            d = d < lo ? lo : d;
+            c->out[off + i] = ms_rnd(dt, b[off + i] + ms_rnd(dt, ms_rnd(dt, num[i]) / d));
+        }
+    }
+}
+
+static void sce_reduce_range(const struct sce_state *st, const struct ms_chunk *c,
+                             struct sce_part *p, bool hist)
+{
+#define CALL(t) sce_reduce_body(t, st, c, p, hist)
+    MS__DT_DISPATCH(st->dt, CALL);
+#undef CALL
+}
+
+static void sce_apply_range(const struct sce_state *st, const struct ms_chunk *c)
+{
+#define CALL(t) sce_apply_body(t, st, c)
+    MS__DT_DISPATCH(st->dt, CALL);
+#undef CALL
+}
+
+/*
+ * The versions of ms_isa.h: the two above with everything they call inlined
+ * (flatten) and compiled for each target. Every step is elementwise or a sum
+ * over models in model order per element, and the compiler does not
+ * reassociate float arithmetic (no -ffast-math, -ffp-contract=off), so a wider
+ * vector changes no value; tests/test_isa.c compares the versions.
+ */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+sce_reduce_range_avx2(const struct sce_state *st, const struct ms_chunk *c, struct sce_part *p,
+                      bool hist)
+{
+    sce_reduce_range(st, c, p, hist);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+sce_reduce_range_avx512(const struct sce_state *st, const struct ms_chunk *c, struct sce_part *p,
+                        bool hist)
+{
+    sce_reduce_range(st, c, p, hist);
+}
+
+__attribute__((target("avx2"), flatten)) static void
+sce_apply_range_avx2(const struct sce_state *st, const struct ms_chunk *c)
+{
+    sce_apply_range(st, c);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+sce_apply_range_avx512(const struct sce_state *st, const struct ms_chunk *c)
+{
+    sce_apply_range(st, c);
+}
+#endif
 
 /* ------------------------------------------------------------------------ */
 /* Stage operations                                                          */
@@ -169,6 +326,12 @@ static int sce_begin(void *state, const struct ms_stage_job *job)
         return MS_STAGE_APPLY;
     }
     st->phase = st->topk ? SCE_COUNT : SCE_MU;
+    /* The histogram of |var| does not depend on k: COUNT gathers it too
+     * (through a provisional selection, in its counting phase when n >= 2),
+     * so the selection's first histogram pass is not a pass of its own. */
+    st->count_hist = st->topk && job->numel >= 2;
+    if (st->count_hist)
+        ms__sel_init(&st->sel, dt, job->numel, 1, false);
     return MS_STAGE_REDUCE;
 }
 
@@ -176,45 +339,21 @@ static void sce_reduce(const void *state, const struct ms_stage_job *job, const 
                        void *partial)
 {
     const struct sce_state *st = state;
-    float t[MS_MAX_INPUTS][SCE_BLOCK];
-    float var[SCE_BLOCK], sq[SCE_BLOCK];
     struct sce_part *p = partial;
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     p->count = 0;
     for (uint32_t j = 0; j < MS_MAX_INPUTS; j++)
         ms_xacc_init(&p->mu[j]);
-    bool hist = st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST;
+    bool hist = (st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST) ||
+                (st->phase == SCE_COUNT && st->count_hist);
     if (hist)
         memset(p->hist, 0, ms__sel_bins(&st->sel) * sizeof(uint32_t));
-    uint64_t run = 0;
-    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
-        switch (st->phase) {
-        case SCE_COUNT:
-            sce_deltas(st, c, off, t, n);
-            sce_var(st, (const float(*)[SCE_BLOCK])t, var, n);
-            for (size_t i = 0; i < n; i++)
-                p->count += var[i] != 0.0f; /* NaN counts, as count_nonzero */
-            break;
-        case SCE_SELECT:
-            sce_deltas(st, c, off, t, n);
-            sce_var(st, (const float(*)[SCE_BLOCK])t, var, n);
-            if (hist)
-                ms__sel_count(&st->sel, p->hist, var, n);
-            else
-                p->count += ms__sel_count_ties(&st->sel, var, n);
-            break;
-        case SCE_MU:
-            sce_masked(st, c, off, &run, t, n);
-            for (uint32_t j = 0; j < st->nm; j++) {
-                for (size_t i = 0; i < n; i++)
-                    sq[i] = ms_rnd(st->dt, t[j][i] * t[j][i]);
-                ms_xacc_sumabs(&p->mu[j], sq, n);
-            }
-            break;
-        default:
-            assert(!"no reduce in apply");
-        }
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: sce_reduce_range_avx512(st, c, p, hist); return;
+    case MS_ISA_AVX2: sce_reduce_range_avx2(st, c, p, hist); return;
+#endif
+    default: sce_reduce_range(st, c, p, hist); return;
     }
 }
 
@@ -226,6 +365,8 @@ static void sce_fold(void *state, const struct ms_stage_job *job, const struct m
     switch (st->phase) {
     case SCE_COUNT:
         st->nonzero += p->count;
+        if (st->count_hist)
+            ms__sel_fold_hist(&st->sel, st->hist, p->hist);
         break;
     case SCE_SELECT:
         if (ms__sel_phase(&st->sel) == MS__SEL_HIST)
@@ -254,7 +395,13 @@ static int sce_end_pass(void *state, const struct ms_stage_job *job)
         st->keep_all = k >= job->numel;
         if (st->keep_none || st->keep_all)
             return sce_after_select(st);
+        /* 0 < k < numel: numel >= 2, so COUNT filled hist; the selection's
+         * first histogram pass is done (ms__sel_end_hist zeroes hist). */
+        assert(st->count_hist);
         ms__sel_init(&st->sel, st->dt, job->numel, k, false);
+        ms__sel_end_hist(&st->sel, st->hist);
+        if (ms__sel_phase(&st->sel) == MS__SEL_DONE)
+            return sce_after_select(st);
         st->phase = SCE_SELECT;
         return MS_STAGE_REDUCE;
     }
@@ -289,36 +436,16 @@ static void sce_apply(const void *state, const struct ms_stage_job *job, const s
 {
     const struct sce_state *st = state;
     assert(st->phase == SCE_APPLY);
-    const float *b = c->in[st->base];
     if (st->nm == 0) {
-        memcpy(c->out, b, (size_t)c->count * sizeof(float));
+        memcpy(c->out, c->in[st->base], (size_t)c->count * sizeof(float));
         return;
     }
-    const enum ms_dtype dt = st->dt;
-    float t[MS_MAX_INPUTS][SCE_BLOCK];
-    uint64_t run = 0;
-    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
-        sce_masked(st, c, off, &run, t, n);
-        for (size_t i = 0; i < n; i++) {
-            float s = 0.0f;
-            for (uint32_t j = 0; j < st->nm; j++)
-                s += t[j][i];
-            int maj = ms_rnd(dt, s) >= 0.0f ? 1 : -1; /* NaN: -1 */
-            float num = 0.0f, div = 0.0f;
-            for (uint32_t j = 0; j < st->nm; j++) {
-                float v = t[j][i];
-                int sg = (v > 0.0f) - (v < 0.0f);
-                float ew = sg == maj ? st->w[j] : 0.0f;
-                num += ms_rnd(dt, v * ew);
-                div += ew;
-            }
-            num = ms_rnd(dt, num);
-            div = ms_rnd(dt, div);
-            if (div < st->clamp_min)
-                div = st->clamp_min;
-            c->out[off + i] = ms_rnd(dt, b[off + i] + ms_rnd(dt, num / div));
-        }
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: sce_apply_range_avx512(st, c); return;
+    case MS_ISA_AVX2: sce_apply_range_avx2(st, c); return;
+#endif
+    default: sce_apply_range(st, c); return;
     }
 }
 

@@ -53,8 +53,9 @@ void ms__sel_init_kth(struct ms__sel *s, enum ms_dtype dt, uint64_t n, uint64_t 
 
 /* ------------------------------------------------------------------------ */
 /* Counting kernels. Each is a leaf loop specialised on the dtype so the key
- * computation inlines; the scalar form is the reference (there is no SIMD
- * variant yet).                                                             */
+ * computation inlines; the scalar form is the reference. The histogram count
+ * has no SIMD version (its increments scatter); the tie count and the mask
+ * have (SEL_ISA below).                                                     */
 
 static inline __attribute__((always_inline)) void count_body(enum ms_dtype dt, uint32_t shift,
                                                              uint32_t *restrict hist,
@@ -154,15 +155,22 @@ void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
     }
 }
 
-uint64_t ms__sel_count_ties(const struct ms__sel *s, const float *restrict x, size_t n)
+static inline __attribute__((always_inline)) uint64_t ties_body(enum ms_dtype dt, uint32_t key,
+                                                                 const float *restrict x, size_t n)
 {
-    assert(s->phase == MS__SEL_TIES);
-    const uint32_t key = s->key;
-    const enum ms_dtype dt = s->dt;
     uint64_t c = 0;
     for (size_t i = 0; i < n; i++)
         c += ms__sel_key(dt, x[i]) == key;
     return c;
+}
+
+static uint64_t ties_c(enum ms_dtype dt, uint32_t key, const float *restrict x, size_t n)
+{
+    switch (dt) {
+    case MS_DT_BF16: return ties_body(MS_DT_BF16, key, x, n);
+    case MS_DT_F16: return ties_body(MS_DT_F16, key, x, n);
+    default: return ties_body(MS_DT_F32, key, x, n);
+    }
 }
 
 void ms__sel_fold_ties(struct ms__sel *s, uint64_t first, uint64_t ties)
@@ -196,8 +204,8 @@ static inline __attribute__((always_inline)) void mask_body(enum ms_dtype dt, ui
     }
 }
 
-static void mask_const(enum ms_dtype dt, uint32_t key, bool tie, const float *restrict x,
-                       float *restrict keep, size_t n)
+static void mask_c(enum ms_dtype dt, uint32_t key, bool tie, const float *restrict x,
+                   float *restrict keep, size_t n)
 {
     switch (dt) {
     case MS_DT_BF16:
@@ -212,6 +220,51 @@ static void mask_const(enum ms_dtype dt, uint32_t key, bool tie, const float *re
     }
 }
 
+/*
+ * The versions of ms_isa.h of the two vectorisable leaf loops (the tie count
+ * and the mask of a chunk without the cut): the same C compiled for each
+ * target with the body inlined (integer keys: no value can change).
+ */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static uint64_t
+ties_avx2(enum ms_dtype dt, uint32_t key, const float *restrict x, size_t n)
+{
+    return ties_c(dt, key, x, n);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static uint64_t
+ties_avx512(enum ms_dtype dt, uint32_t key, const float *restrict x, size_t n)
+{
+    return ties_c(dt, key, x, n);
+}
+
+__attribute__((target("avx2"), flatten)) static void
+mask_avx2(enum ms_dtype dt, uint32_t key, bool tie, const float *restrict x, float *restrict keep,
+          size_t n)
+{
+    mask_c(dt, key, tie, x, keep, n);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+mask_avx512(enum ms_dtype dt, uint32_t key, bool tie, const float *restrict x,
+            float *restrict keep, size_t n)
+{
+    mask_c(dt, key, tie, x, keep, n);
+}
+#define SEL_ISA(f, ...)                                                                            \
+    (ms_isa_active() == MS_ISA_AVX512 ? f##_avx512(__VA_ARGS__)                                    \
+     : ms_isa_active() == MS_ISA_AVX2 ? f##_avx2(__VA_ARGS__)                                      \
+                                      : f##_c(__VA_ARGS__))
+#else
+#define SEL_ISA(f, ...) f##_c(__VA_ARGS__)
+#endif
+
+uint64_t ms__sel_count_ties(const struct ms__sel *s, const float *restrict x, size_t n)
+{
+    assert(s->phase == MS__SEL_TIES);
+    return SEL_ISA(ties, s->dt, s->key, x, n);
+}
+
 void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
                   const float *restrict x, float *restrict keep, size_t n)
 {
@@ -219,7 +272,7 @@ void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
     if (s->all_ties || chunk_first != s->cut_first) {
         /* Every tie of this chunk is on one side of the cut. */
         bool tie = s->all_ties || ((chunk_first < s->cut_first) != s->high_first);
-        mask_const(s->dt, s->key, tie, x, keep, n);
+        SEL_ISA(mask, s->dt, s->key, tie, x, keep, n);
         return;
     }
     /* The chunk holding the cut: its first cut_r ties are the low side. */

@@ -27,6 +27,27 @@
 #define MS__G(n, d, l, h) { .name = n, .def = d, .lo = l, .hi = h }
 #define MS__G_BOOL(n, d) { .name = n, .is_bool = true, .def = d, .lo = 0, .hi = 1 }
 
+/* Kernel helpers (GTA family, sce). MS__DT_DISPATCH: one switch on the
+ * compute dtype calling call(MS_DT_BF16), call(MS_DT_F16) or call(MS_DT_F32),
+ * so an always-inline body specialised on the dtype inlines its rounding. */
+#define MS__DT_DISPATCH(dt, call)                                                                  \
+    do {                                                                                           \
+        switch (dt) {                                                                              \
+        case MS_DT_BF16: call(MS_DT_BF16); break;                                                  \
+        case MS_DT_F16: call(MS_DT_F16); break;                                                    \
+        default: call(MS_DT_F32); break;                                                           \
+        }                                                                                          \
+    } while (0)
+
+/* acc + x, keeping acc's NaN when both are NaN: a sum over models takes the
+ * first NaN in model order, as a scalar loop's add does. The compiler may swap
+ * a vectorised add's operands, and x86 returns the first operand's NaN, so the
+ * order is made explicit. */
+static inline __attribute__((always_inline)) float ms__acc_add(float acc, float x)
+{
+    return acc != acc ? acc : acc + x;
+}
+
 /* ======================================================================== */
 /* select.c - exact top-k by magnitude over a stream (GTA family)            */
 /* ======================================================================== */

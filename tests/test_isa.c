@@ -234,6 +234,54 @@ Test(isa, every_example_merges_to_the_same_bytes_in_every_version, .init = setup
     cr_assert_gt(n, 10);
 }
 
+/*
+ * The GTA family and sce on rows long enough for their row kernels (della's
+ * bf16/f16 rows of 512 and more are ranked by counting), in each compute
+ * dtype (the base's), with many zero and equal deltas (fine-tunes close to
+ * the base): every version writes the scalar version's bytes.
+ */
+Test(isa, gta_and_sce_long_rows_merge_to_the_same_bytes_in_every_version, .timeout = 900)
+{
+    static const char *const methods[] = { "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                                           "breadcrumbs", "breadcrumbs_ties", "della",
+                                           "della_linear", "sce" };
+    int nisa = 0;
+    for (int isa = 1; isa < MS_ISA_COUNT; isa++)
+        nisa += ms_isa_available((enum ms_isa)isa);
+    if (!nisa)
+        cr_skip_test("only the scalar version runs on this CPU or build");
+    char *dir = th_tmpdir();
+    cr_assert(dir);
+    static const char *const dts[] = { "bf16", "f16", "f32" };
+    for (size_t d = 0; d < 3; d++) {
+        TH_RUN_OK(dir,
+                  "rm -rf m && mkdir m && ms-mkmodel --layers 1 --hidden 512 --intermediate 640 --vocab 520 "
+                  "--dtype %s --seed 3 m/base >/dev/null && "
+                  "ms-mkmodel --base m/base --noise 0.003 --seed 4 m/ft1 >/dev/null && "
+                  "ms-mkmodel --base m/base --noise 0.02 --seed 5 m/ft2 >/dev/null",
+                  dts[d]);
+        for (size_t m = 0; m < sizeof methods / sizeof methods[0]; m++) {
+            TH_RUN_OK(dir,
+                      "printf 'merge_method: %s\nbase_model: m/base\nmodels:\n"
+                      "  - model: m/ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                      "  - model: m/ft2\n    parameters: {weight: -0.3, density: 0.7}\n"
+                      "parameters: {epsilon: 0.1, gamma: 0.02, select_topk: 0.5, "
+                      "rescale: true}\n' > r.yml",
+                      methods[m]);
+            for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+                if (!ms_isa_available((enum ms_isa)isa))
+                    continue;
+                TH_RUN_OK(dir,
+                          "rm -rf o%d && MERGESTREAM_ISA=%s mergestream merge r.yml o%d -q -j2 && "
+                          "{ test %d = 0 || cmp o0/model.safetensors o%d/model.safetensors >&2; }",
+                          isa, ms_isa_name((enum ms_isa)isa), isa, isa, isa);
+            }
+        }
+    }
+    th_rmtree(dir);
+    free(dir);
+}
+
 Test(isa, a_version_that_cannot_run_is_refused)
 {
     char *out = NULL, *err = NULL;
