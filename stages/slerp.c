@@ -125,36 +125,21 @@ static int slerp_end_pass(void *state, const struct ms_stage_job *job)
 }
 
 /* y[j] = c0*a[j] + c1*b[j] in float32, each product rounded (no FMA). */
-MS__AI void slerp_mix(float *restrict y, const float *restrict a, const float *restrict b,
+static void slerp_mix(float *restrict y, const float *restrict a, const float *restrict b,
                       float c0, float c1, size_t n)
 {
     for (size_t j = 0; j < n; j++)
         y[j] = c0 * a[j] + c1 * b[j];
 }
 
-#define SLERP_B 1024
-
-/* slerp_mix over the chunk, in blocks of SLERP_B (a constant trip count). */
-static void slerp_run(const struct slerp_state *s, const struct ms_chunk *c)
-{
-    size_t n = (size_t)c->count;
-    const float *a = c->in[s->ia], *b = c->in[s->ib];
-    for (size_t j = 0; j < n; j += SLERP_B) {
-        size_t m = MS_MIN((size_t)SLERP_B, n - j);
-        MS__BLOCK_CALL(slerp_mix, m, SLERP_B, c->out + j, a + j, b + j, s->c0, s->c1);
-    }
-}
-
-MS__ISA_VERSIONS(slerp_run_isa, slerp_run, (const struct slerp_state *s, const struct ms_chunk *c),
-                 (s, c))
-
 static void slerp_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     const struct slerp_state *s = state;
+    size_t n = (size_t)c->count;
     if (s->copy)
-        memcpy(c->out, c->in[s->ia], (size_t)c->count * sizeof(float));
+        memcpy(c->out, c->in[s->ia], n * sizeof(float));
     else
-        slerp_run_isa(s, c);
+        slerp_mix(c->out, c->in[s->ia], c->in[s->ib], s->c0, s->c1, n);
 }
 
 static const struct ms_stage_ops slerp_ops = {
