@@ -46,16 +46,15 @@ static int linear_begin(void *state, const struct ms_stage_job *job)
 /* Kernels; d is a constant in each caller so that ms_rnd inlines to one path. */
 
 /* acc[j] += rnd(w * x[j]) */
-static inline void linear_axpy(enum ms_dtype d, float *restrict acc, const float *restrict x,
-                               float w, size_t n)
+MS__AI void linear_axpy(enum ms_dtype d, float *restrict acc, const float *restrict x, float w,
+                        size_t n)
 {
     for (size_t j = 0; j < n; j++)
         acc[j] += ms_rnd(d, w * x[j]);
 }
 
 /* y[j] = rnd(y[j]), then y[j] = rnd(y[j] / div) when normalizing */
-static inline void linear_finish(enum ms_dtype d, float *restrict y, bool normalize, float div,
-                                 size_t n)
+MS__AI void linear_finish(enum ms_dtype d, float *restrict y, bool normalize, float div, size_t n)
 {
     if (normalize)
         for (size_t j = 0; j < n; j++)
@@ -68,36 +67,50 @@ static inline void linear_finish(enum ms_dtype d, float *restrict y, bool normal
 /* Elements per block: the accumulator stays in L1 across the inputs. */
 #define LINEAR_BLOCK 512
 
-static inline void linear_chunk(enum ms_dtype d, const struct linear_state *s,
-                                const struct ms_stage_job *job, const struct ms_chunk *c)
+MS__AI void linear_block(enum ms_dtype d, const struct linear_state *s,
+                         const struct ms_stage_job *job, const struct ms_chunk *c, size_t b,
+                         size_t m)
+{
+    float *restrict y = c->out + b;
+    for (size_t j = 0; j < m; j++)
+        y[j] = 0.0f;
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        linear_axpy(d, y, c->in[i] + b, s->w[i], m);
+    linear_finish(d, y, s->normalize, s->wsum, m);
+}
+
+MS__AI void linear_chunk(enum ms_dtype d, const struct linear_state *s,
+                         const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     size_t n = (size_t)c->count;
     for (size_t b = 0; b < n; b += LINEAR_BLOCK) {
         size_t m = MS_MIN((size_t)LINEAR_BLOCK, n - b);
-        float *restrict y = c->out + b;
-        for (size_t j = 0; j < m; j++)
-            y[j] = 0.0f;
-        for (uint32_t i = 0; i < job->ninputs; i++)
-            linear_axpy(d, y, c->in[i] + b, s->w[i], m);
-        linear_finish(d, y, s->normalize, s->wsum, m);
+        MS__BLOCK_CALL(linear_block, m, LINEAR_BLOCK, d, s, job, c, b);
     }
 }
 
-static void linear_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+/* linear_chunk specialised for the compute dtype (a constant in each call). */
+static void linear_run(const struct linear_state *s, const struct ms_stage_job *job,
+                       const struct ms_chunk *c)
 {
-    const struct linear_state *s = state;
     switch (job->compute) {
-    case MS_DT_BF16:
-        linear_chunk(MS_DT_BF16, s, job, c);
-        break;
-    case MS_DT_F16:
-        linear_chunk(MS_DT_F16, s, job, c);
-        break;
+    case MS_DT_BF16: linear_chunk(MS_DT_BF16, s, job, c); break;
+    case MS_DT_F16: linear_chunk(MS_DT_F16, s, job, c); break;
     default:
         assert(job->compute == MS_DT_F32);
         linear_chunk(MS_DT_F32, s, job, c);
         break;
     }
+}
+
+MS__ISA_VERSIONS(linear_run_isa, linear_run,
+                 (const struct linear_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk *c),
+                 (s, job, c))
+
+static void linear_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
+{
+    linear_run_isa(state, job, c);
 }
 
 static const struct ms_stage_ops linear_ops = {

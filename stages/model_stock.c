@@ -134,39 +134,6 @@ static int mstock_begin(void *state, const struct ms_stage_job *job)
     return MS_STAGE_REDUCE;
 }
 
-/* Adds element j of the chunk to the vector sums a[] (norms then pair dots). */
-static inline void mstock_add(enum ms_dtype d, const struct mstock_state *s,
-                              const struct ms_chunk *c, size_t j, struct ms_xacc *a)
-{
-    float o[MS_NMAX];
-    const float w0 = c->in[s->ib][j];
-    for (uint32_t i = 0; i < s->n; i++) {
-        o[i] = ms_rnd(d, c->in[s->it[i]][j] - w0);
-        ms_xacc_add(&a[i], (double)o[i] * o[i]);
-    }
-    size_t k = s->n;
-    for (uint32_t i = 0; i < s->n; i++)
-        for (uint32_t l = i + 1; l < s->n; l++)
-            ms_xacc_add(&a[k++], (double)ms_rnd(d, o[i] * o[l]));
-}
-
-/* mstock_add for mixed input dtypes. */
-static void mstock_add_mx(const struct mstock_state *s, const struct ms_chunk *c, size_t j,
-                          struct ms_xacc *a)
-{
-    const struct mstock_dt *t = &s->dt;
-    float o[MS_NMAX];
-    const float w0 = c->in[s->ib][j];
-    for (uint32_t i = 0; i < s->n; i++) {
-        o[i] = ms_rnd(t->od[i], c->in[s->it[i]][j] - w0);
-        ms_xacc_add(&a[i], (double)o[i] * o[i]);
-    }
-    size_t k = s->n, p = 0;
-    for (uint32_t i = 0; i < s->n; i++)
-        for (uint32_t l = i + 1; l < s->n; l++)
-            ms_xacc_add(&a[k++], (double)ms_rnd(t->pd[p++], o[i] * o[l]));
-}
-
 /* mstock_t for mixed input dtypes. */
 static float mstock_t_mx(const struct mstock_dt *t, uint32_t n, const struct ms_xacc *a)
 {
@@ -192,22 +159,6 @@ static float mstock_t_mx(const struct mstock_dt *t, uint32_t n, const struct ms_
     return ms_rnd(d, ms_rnd(d, fn * c) / ms_rnd(d, 1.0f + ms_rnd(d, (fn - 1.0f) * c)));
 }
 
-/* mstock_mix for mixed input dtypes. */
-static void mstock_mix_mx(const struct mstock_state *s, const struct ms_chunk *c, size_t j0,
-                          size_t j1, float tv, float omt)
-{
-    const struct mstock_dt *t = &s->dt;
-    const float *w0 = c->in[s->ib];
-    const float fn = (float)s->n;
-    for (size_t j = j0; j < j1; j++) {
-        float sum = 0.0f;
-        for (uint32_t i = 0; i < s->n; i++)
-            sum = ms_rnd(t->sd[i], sum + c->in[s->it[i]][j]);
-        float avg = ms_rnd(t->sd[s->n - 1], sum / fn);
-        c->out[j] = ms_rnd(t->outd, ms_rnd(t->m1, tv * avg) + ms_rnd(t->m2, omt * w0[j]));
-    }
-}
-
 /* t from one vector's sums, all in D as the file comment says. */
 static float mstock_t(enum ms_dtype d, uint32_t n, const struct ms_xacc *a)
 {
@@ -231,21 +182,139 @@ static float mstock_t(enum ms_dtype d, uint32_t n, const struct ms_xacc *a)
     return ms_rnd(d, ms_rnd(d, fn * c) / ms_rnd(d, 1.0f + ms_rnd(d, (fn - 1.0f) * c)));
 }
 
-static void mstock_reduce(const void *state, const struct ms_stage_job *job,
-                          const struct ms_chunk *c, void *partial)
+/*
+ * The element loops run over blocks of MSTOCK_B elements, one step at a time
+ * over the block, every value rounded exactly as the file comment's formulas
+ * say: each element sees the same operations in the same order, and the xacc
+ * kernels give the limbs of adding their terms one by one, so the block size
+ * changes no byte. `mx` (a constant in each caller) selects the per-step dtypes
+ * of mixed inputs (struct mstock_dt); otherwise every step rounds to d.
+ */
+#define MSTOCK_B 256
+#define MSTOCK_DT(mx, d, field) ((mx) ? s->dt.field : (d))
+
+/* Adds elements [j0, j0 + nb) of the chunk to the vector sums a[]: sum o_i^2
+ * for each model, then sum rnd(o_i*o_l) for each pair i < l. */
+MS__AI void mstock_sums_block(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                              const struct ms_chunk *c, struct ms_xacc *a, size_t j0, size_t nb)
 {
-    const struct mstock_state *s = state;
-    struct ms_xacc *a = partial;
-    for (size_t k = 0; k < mstock_nsums(s->n); k++)
-        ms_xacc_init(&a[k]);
-    for (size_t j = 0; j < (size_t)c->count; j++) {
-        if (s->mixed)
-            mstock_add_mx(s, c, j, a);
-        else
-            mstock_add(job->compute, s, c, j, a);
+    float o[MS_NMAX][MSTOCK_B], p[MSTOCK_B];
+    const float *w0 = c->in[s->ib] + j0;
+    for (uint32_t i = 0; i < s->n; i++) {
+        ms__k_sub(MSTOCK_DT(mx, d, od[i]), o[i], c->in[s->it[i]] + j0, w0, nb);
+        ms_xacc_sumsq(&a[i], o[i], nb);
+    }
+    size_t q = s->n, pair = 0;
+    for (uint32_t i = 0; i < s->n; i++)
+        for (uint32_t l = i + 1; l < s->n; l++) {
+            ms__k_mul(MSTOCK_DT(mx, d, pd[pair++]), p, o[i], o[l], nb);
+            ms_xacc_sum(&a[q++], p, nb);
+        }
+}
+
+/* y = rnd(rnd(t*rnd(sum/fn)) + rnd(omt*w0)), each op in its dtype (da, d1, d2, dout). */
+MS__AI void mstock_k_mix(enum ms_dtype da, enum ms_dtype d1, enum ms_dtype d2, enum ms_dtype dout,
+                         float *restrict y, const float *restrict sum, const float *restrict w0,
+                         float fn, float tv, float omt, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        float avg = ms_rnd(da, sum[k] / fn);
+        y[k] = ms_rnd(dout, ms_rnd(d1, tv * avg) + ms_rnd(d2, omt * w0[k]));
     }
 }
 
+/* out = rnd(rnd(t*avg) + rnd(omt*w0)) for elements [j0, j0 + nb) of the chunk. */
+MS__AI void mstock_mix_block(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                             const struct ms_chunk *c, float tv, float omt, size_t j0, size_t nb)
+{
+    float sum[MSTOCK_B];
+    for (size_t k = 0; k < nb; k++)
+        sum[k] = 0.0f;
+    for (uint32_t i = 0; i < s->n; i++)
+        ms__k_acc(MSTOCK_DT(mx, d, sd[i]), sum, c->in[s->it[i]] + j0, nb);
+    mstock_k_mix(MSTOCK_DT(mx, d, sd[s->n - 1]), MSTOCK_DT(mx, d, m1), MSTOCK_DT(mx, d, m2),
+                 MSTOCK_DT(mx, d, outd), c->out + j0, sum, c->in[s->ib] + j0, (float)s->n, tv,
+                 omt, nb);
+}
+
+/* Adds elements [j0, j1) to a[] (a != NULL), or writes their output with t, omt. */
+MS__AI void mstock_range(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                         const struct ms_chunk *c, struct ms_xacc *a, float tv, float omt,
+                         size_t j0, size_t j1)
+{
+    for (size_t j = j0; j < j1; j += MSTOCK_B) {
+        size_t nb = MS_MIN((size_t)MSTOCK_B, j1 - j);
+        if (a)
+            MS__BLOCK_CALL(mstock_sums_block, nb, MSTOCK_B, d, mx, s, c, a, j);
+        else
+            MS__BLOCK_CALL(mstock_mix_block, nb, MSTOCK_B, d, mx, s, c, tv, omt, j);
+    }
+}
+
+/* Reduce (partial != NULL: the chunk's sums into it) or apply, in dtype d. */
+MS__AI void mstock_chunk(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                         const struct ms_stage_job *job, const struct ms_chunk *c,
+                         struct ms_xacc *partial)
+{
+    size_t n = (size_t)c->count;
+    if (partial) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&partial[k]);
+        mstock_range(d, mx, s, c, partial, 0.0f, 0.0f, 0, n);
+        return;
+    }
+    if (!s->filter_wise) {
+        mstock_range(d, mx, s, c, NULL, s->t, s->omt, 0, n);
+        return;
+    }
+    /* One t per row; ROWWISE chunks hold whole rows. */
+    size_t row = (size_t)MS_MAX(job->row_len, 1);
+    assert(n % row == 0);
+    struct mstock_sums a;
+    for (size_t r0 = 0; r0 < n; r0 += row) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&a.a[k]);
+        mstock_range(d, mx, s, c, a.a, 0.0f, 0.0f, r0, r0 + row);
+        float t, omt;
+        if (mx) {
+            t = mstock_t_mx(&s->dt, s->n, a.a);
+            omt = ms_rnd(s->dt.cd, 1.0f - t);
+        } else {
+            t = mstock_t(d, s->n, a.a);
+            omt = ms_rnd(d, 1.0f - t);
+        }
+        mstock_range(d, mx, s, c, NULL, t, omt, r0, r0 + row);
+    }
+}
+
+/* mstock_chunk specialised for each compute dtype (a constant in each call). */
+static void mstock_run(const struct mstock_state *s, const struct ms_stage_job *job,
+                       const struct ms_chunk *c, struct ms_xacc *partial)
+{
+    if (s->mixed) {
+        mstock_chunk(MS_DT_F32, true, s, job, c, partial);
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16: mstock_chunk(MS_DT_BF16, false, s, job, c, partial); break;
+    case MS_DT_F16: mstock_chunk(MS_DT_F16, false, s, job, c, partial); break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        mstock_chunk(MS_DT_F32, false, s, job, c, partial);
+        break;
+    }
+}
+
+MS__ISA_VERSIONS(mstock_run_isa, mstock_run,
+                 (const struct mstock_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk *c, struct ms_xacc *partial),
+                 (s, job, c, partial))
+
+static void mstock_reduce(const void *state, const struct ms_stage_job *job,
+                          const struct ms_chunk *c, void *partial)
+{
+    mstock_run_isa(state, job, c, partial);
+}
 static void mstock_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                         const void *partial)
 {
@@ -268,65 +337,6 @@ static int mstock_end_pass(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
-/* y[j] = rnd(rnd(t*avg) + rnd(omt*w0)) over elements [j0, j1) of the chunk. */
-static inline void mstock_mix(enum ms_dtype d, const struct mstock_state *s,
-                              const struct ms_chunk *c, size_t j0, size_t j1, float t, float omt)
-{
-    const float *w0 = c->in[s->ib];
-    const float fn = (float)s->n;
-    for (size_t j = j0; j < j1; j++) {
-        float sum = 0.0f;
-        for (uint32_t i = 0; i < s->n; i++)
-            sum = ms_rnd(d, sum + c->in[s->it[i]][j]);
-        float avg = ms_rnd(d, sum / fn);
-        c->out[j] = ms_rnd(d, ms_rnd(d, t * avg) + ms_rnd(d, omt * w0[j]));
-    }
-}
-
-static inline void mstock_chunk(enum ms_dtype d, const struct mstock_state *s,
-                                const struct ms_stage_job *job, const struct ms_chunk *c)
-{
-    size_t n = (size_t)c->count;
-    if (!s->filter_wise) {
-        mstock_mix(d, s, c, 0, n, s->t, s->omt);
-        return;
-    }
-    /* One t per row; ROWWISE chunks hold whole rows. */
-    size_t row = (size_t)MS_MAX(job->row_len, 1);
-    assert(n % row == 0);
-    struct mstock_sums a;
-    for (size_t r0 = 0; r0 < n; r0 += row) {
-        for (size_t k = 0; k < mstock_nsums(s->n); k++)
-            ms_xacc_init(&a.a[k]);
-        for (size_t j = r0; j < r0 + row; j++)
-            mstock_add(d, s, c, j, a.a);
-        float t = mstock_t(d, s->n, a.a);
-        mstock_mix(d, s, c, r0, r0 + row, t, ms_rnd(d, 1.0f - t));
-    }
-}
-
-/* mstock_chunk for mixed input dtypes. */
-static void mstock_chunk_mx(const struct mstock_state *s, const struct ms_stage_job *job,
-                            const struct ms_chunk *c)
-{
-    size_t n = (size_t)c->count;
-    if (!s->filter_wise) {
-        mstock_mix_mx(s, c, 0, n, s->t, s->omt);
-        return;
-    }
-    size_t row = (size_t)MS_MAX(job->row_len, 1);
-    assert(n % row == 0);
-    struct mstock_sums a;
-    for (size_t r0 = 0; r0 < n; r0 += row) {
-        for (size_t k = 0; k < mstock_nsums(s->n); k++)
-            ms_xacc_init(&a.a[k]);
-        for (size_t j = r0; j < r0 + row; j++)
-            mstock_add_mx(s, c, j, a.a);
-        float t = mstock_t_mx(&s->dt, s->n, a.a);
-        mstock_mix_mx(s, c, r0, r0 + row, t, ms_rnd(s->dt.cd, 1.0f - t));
-    }
-}
-
 static void mstock_apply(const void *state, const struct ms_stage_job *job,
                          const struct ms_chunk *c)
 {
@@ -335,22 +345,7 @@ static void mstock_apply(const void *state, const struct ms_stage_job *job,
         memcpy(c->out, c->in[s->ib], (size_t)c->count * sizeof(float));
         return;
     }
-    if (s->mixed) {
-        mstock_chunk_mx(s, job, c);
-        return;
-    }
-    switch (job->compute) {
-    case MS_DT_BF16:
-        mstock_chunk(MS_DT_BF16, s, job, c);
-        break;
-    case MS_DT_F16:
-        mstock_chunk(MS_DT_F16, s, job, c);
-        break;
-    default:
-        assert(job->compute == MS_DT_F32);
-        mstock_chunk(MS_DT_F32, s, job, c);
-        break;
-    }
+    mstock_run_isa(s, job, c, NULL);
 }
 
 static const struct ms_stage_ops mstock_ops = {

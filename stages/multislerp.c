@@ -120,26 +120,66 @@ static inline float mslerp_x(enum ms_dtype d, const struct mslerp_state *s,
 
 /*
  * The elementwise chain runs over blocks of MSL_B elements, one step at a
- * time over the block (loops the compiler vectorises), with every value
+ * time over the block through leaf kernels (restrict parameters, a constant
+ * trip count for full blocks: loops the compiler vectorises), with every value
  * rounded exactly as the per-element formulas above say: each element sees
  * the same operations in the same order, so the block size changes no byte.
  */
 #define MSL_B 256
 
+/* u = rnd(rnd(x - b) / den), or rnd(x / den) without a base (b NULL): U_i */
+MS__AI void mslerp_k_unit(enum ms_dtype d, float *restrict u, const float *restrict x,
+                          const float *restrict b, float den, size_t n)
+{
+    if (b)
+        for (size_t k = 0; k < n; k++)
+            u[k] = ms_rnd(d, ms_rnd(d, x[k] - b[k]) / den);
+    else
+        for (size_t k = 0; k < n; k++)
+            u[k] = ms_rnd(d, x[k] / den);
+}
+
+/* v += rnd(u * w) */
+MS__AI void mslerp_k_axpy(enum ms_dtype d, float *restrict v, const float *restrict u, float w,
+                          size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        v[k] += ms_rnd(d, u[k] * w);
+}
+
+/* u = rnd(u - rnd(dot * m)): T_i in place */
+MS__AI void mslerp_k_tan(enum ms_dtype d, float *restrict u, const float *restrict m, float dot,
+                         size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        u[k] = ms_rnd(d, u[k] - ms_rnd(d, dot * m[k]));
+}
+
+/* y = rnd(rnd(rnd(m*cs) + rnd(v*q)) * avg), then rnd(y + b) with a base (b non-NULL) */
+MS__AI void mslerp_k_out(enum ms_dtype d, float *restrict y, const float *restrict m,
+                         const float *restrict v, const float *restrict b, float cs, float q,
+                         float avg, size_t n)
+{
+    if (b)
+        for (size_t k = 0; k < n; k++) {
+            float r = ms_rnd(d, ms_rnd(d, m[k] * cs) + ms_rnd(d, v[k] * q));
+            y[k] = ms_rnd(d, ms_rnd(d, r * avg) + b[k]);
+        }
+    else
+        for (size_t k = 0; k < n; k++) {
+            float r = ms_rnd(d, ms_rnd(d, m[k] * cs) + ms_rnd(d, v[k] * q));
+            y[k] = ms_rnd(d, r * avg);
+        }
+}
+
 /* v[k] = rnd(0 + rnd(u_0[k]*w_0) + rnd(u_1[k]*w_1) ...): the weighted sum over the models. */
-static inline __attribute__((always_inline)) void mslerp_wsum(const enum ms_dtype d,
-                                                              const struct mslerp_state *s,
-                                                              float u[][MSL_B], float *restrict v,
-                                                              size_t nb)
+MS__AI void mslerp_wsum(const enum ms_dtype d, const struct mslerp_state *s, float u[][MSL_B],
+                        float *restrict v, size_t nb)
 {
     for (size_t k = 0; k < nb; k++)
         v[k] = 0.0f;
-    for (uint32_t i = 0; i < s->n; i++) {
-        const float w = s->w[i];
-        const float *restrict ui = u[i];
-        for (size_t k = 0; k < nb; k++)
-            v[k] += ms_rnd(d, ui[k] * w);
-    }
+    for (uint32_t i = 0; i < s->n; i++)
+        mslerp_k_axpy(d, v, u[i], s->w[i], nb);
     for (size_t k = 0; k < nb; k++)
         v[k] = ms_rnd(d, v[k]);
 }
@@ -147,88 +187,58 @@ static inline __attribute__((always_inline)) void mslerp_wsum(const enum ms_dtyp
 /*
  * The chain for elements [j0, j0 + nb) as far as pass `upto` needs it: adds
  * the block's terms to a[] when upto is a reduce pass, and writes the output
- * values to c->out when upto is MSL_TAN + 1 (apply). All inputs of the block
- * are read before its output is written (out may be one of the inputs).
+ * values to c->out when upto is MSL_TAN + 1 (apply).
  */
-static inline __attribute__((always_inline)) void mslerp_block(const enum ms_dtype d,
-                                                               const struct mslerp_state *s,
-                                                               const struct ms_chunk *c, size_t j0,
-                                                               size_t nb, uint32_t upto,
-                                                               struct ms_xacc *a)
+MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
+                         const struct ms_chunk *c, uint32_t upto, struct ms_xacc *a, size_t j0,
+                         size_t nb)
 {
     float u[MS_MAX_INPUTS][MSL_B], v[MSL_B], m[MSL_B];
-    const float *restrict b = s->ib >= 0 ? c->in[s->ib] + j0 : NULL;
-    for (uint32_t i = 0; i < s->n; i++) { /* X_i */
-        const float *restrict x = c->in[s->it[i]] + j0;
-        float *restrict ui = u[i];
-        if (b)
-            for (size_t k = 0; k < nb; k++)
-                ui[k] = ms_rnd(d, x[k] - b[k]);
-        else
-            for (size_t k = 0; k < nb; k++)
-                ui[k] = x[k];
-    }
-    if (upto == MSL_NORMS) {
-        for (uint32_t i = 0; i < s->n; i++)
-            ms_xacc_sumsq(&a[i], u[i], nb);
+    const float *b = s->ib >= 0 ? c->in[s->ib] + j0 : NULL;
+    if (upto == MSL_NORMS) { /* sum X_i^2 */
+        for (uint32_t i = 0; i < s->n; i++) {
+            const float *x = c->in[s->it[i]] + j0;
+            if (b) {
+                ms__k_sub(d, u[i], x, b, nb);
+                x = u[i];
+            }
+            ms_xacc_sumsq(&a[i], x, nb);
+        }
         return;
     }
-    for (uint32_t i = 0; i < s->n; i++) { /* U_i, in place */
-        const float den = s->den[i];
-        float *restrict ui = u[i];
-        for (size_t k = 0; k < nb; k++)
-            ui[k] = ms_rnd(d, ui[k] / den);
-    }
+    for (uint32_t i = 0; i < s->n; i++) /* U_i */
+        mslerp_k_unit(d, u[i], c->in[s->it[i]] + j0, b, s->den[i], nb);
     mslerp_wsum(d, s, u, v, nb); /* M */
     if (upto == MSL_MEAN) {
         ms_xacc_sumsq(&a[0], v, nb);
         return;
     }
-    const float mn = s->mn;
-    for (size_t k = 0; k < nb; k++)
-        m[k] = ms_rnd(d, v[k] / mn);
+    ms__k_div(d, m, v, s->mn, nb);
     if (upto == MSL_DOTS) {
         for (uint32_t i = 0; i < s->n; i++) {
-            const float *restrict ui = u[i];
-            for (size_t k = 0; k < nb; k++)
-                v[k] = ms_rnd(d, ui[k] * m[k]);
+            ms__k_mul(d, v, u[i], m, nb);
             ms_xacc_sum(&a[i], v, nb);
         }
         return;
     }
-    for (uint32_t i = 0; i < s->n; i++) { /* T_i, in place */
-        const float dot = s->dot[i];
-        float *restrict ui = u[i];
-        for (size_t k = 0; k < nb; k++)
-            ui[k] = ms_rnd(d, ui[k] - ms_rnd(d, dot * m[k]));
-    }
+    for (uint32_t i = 0; i < s->n; i++) /* T_i, in place */
+        mslerp_k_tan(d, u[i], m, s->dot[i], nb);
     mslerp_wsum(d, s, u, v, nb); /* tau */
     if (upto == MSL_TAN) {
         ms_xacc_sumsq(&a[0], v, nb);
         return;
     }
-    const float cs = s->cs, q = s->q, avg = s->avg;
-    float *restrict out = c->out + j0;
-    for (size_t k = 0; k < nb; k++) {
-        float r = ms_rnd(d, ms_rnd(d, m[k] * cs) + ms_rnd(d, v[k] * q));
-        v[k] = ms_rnd(d, r * avg);
-    }
-    if (b)
-        for (size_t k = 0; k < nb; k++)
-            out[k] = ms_rnd(d, v[k] + b[k]);
-    else
-        for (size_t k = 0; k < nb; k++)
-            out[k] = v[k];
+    mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
 }
 
-static inline __attribute__((always_inline)) void mslerp_blocks(const enum ms_dtype d,
-                                                                const struct mslerp_state *s,
-                                                                const struct ms_chunk *c,
-                                                                uint32_t upto, struct ms_xacc *a)
+MS__AI void mslerp_blocks(const enum ms_dtype d, const struct mslerp_state *s,
+                          const struct ms_chunk *c, uint32_t upto, struct ms_xacc *a)
 {
     size_t n = (size_t)c->count;
-    for (size_t j0 = 0; j0 < n; j0 += MSL_B)
-        mslerp_block(d, s, c, j0, MS_MIN((size_t)MSL_B, n - j0), upto, a);
+    for (size_t j0 = 0; j0 < n; j0 += MSL_B) {
+        size_t nb = MS_MIN((size_t)MSL_B, n - j0);
+        MS__BLOCK_CALL(mslerp_block, nb, MSL_B, d, s, c, upto, a, j0);
+    }
 }
 
 /* The chain specialised for the compute dtype (D is a constant in each). */
@@ -245,36 +255,10 @@ static void mslerp_run(enum ms_dtype d, const struct mslerp_state *s, const stru
     }
 }
 
-/* The versions of ms_isa.h: mslerp_run inlined whole (flatten) and compiled for each
- * target. Every step is elementwise in a fixed order and the compiler does not
- * reassociate float arithmetic, so a wider vector changes no value. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-mslerp_run_avx2(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
-                uint32_t upto, struct ms_xacc *a)
-{
-    mslerp_run(d, s, c, upto, a);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-mslerp_run_avx512(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
-                  uint32_t upto, struct ms_xacc *a)
-{
-    mslerp_run(d, s, c, upto, a);
-}
-#endif
-
-static void mslerp_run_isa(enum ms_dtype d, const struct mslerp_state *s,
-                           const struct ms_chunk *c, uint32_t upto, struct ms_xacc *a)
-{
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: mslerp_run_avx512(d, s, c, upto, a); return;
-    case MS_ISA_AVX2: mslerp_run_avx2(d, s, c, upto, a); return;
-#endif
-    default: mslerp_run(d, s, c, upto, a); return;
-    }
-}
+MS__ISA_VERSIONS(mslerp_run_isa, mslerp_run,
+                 (enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
+                  uint32_t upto, struct ms_xacc *a),
+                 (d, s, c, upto, a))
 
 static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
                           const struct ms_chunk *c, void *partial)

@@ -270,25 +270,100 @@ static inline float nus_out(struct nus_dt d, const struct nus_state *s, const st
     return s->ib >= 0 ? ms_rnd(d.out, c->in[s->ib][j] + r) : r;
 }
 
-/* sum rnd(u_0*u_1) terms of elements [j0, j1) into a. */
-static inline void nus_add_cos(struct nus_dt d, const struct nus_state *s,
-                               const struct ms_chunk *c, size_t j0, size_t j1, float n0, float n1,
-                               struct ms_xacc *a)
+/*
+ * Whole-vector and per-row modes: the element loops run over blocks of NUS_B
+ * elements, one step at a time over the block, every value rounded as the file
+ * comment says; the xacc kernels give the limbs of adding the terms one by one,
+ * so the block size changes no byte.
+ */
+#define NUS_B 256
+
+/* v_k of elements [j0, j0 + nb): rnd(x_k - base) into buf, or x_k itself (the
+ * input) without a base. */
+MS__AI const float *nus_vblock(struct nus_dt d, const struct nus_state *s,
+                               const struct ms_chunk *c, uint32_t k, float *buf, size_t j0,
+                               size_t nb)
 {
-    for (size_t j = j0; j < j1; j++) {
-        float u0 = ms_rnd(d.v[0], nus_v(d, s, c, 0, j) / n0);
-        float u1 = ms_rnd(d.v[1], nus_v(d, s, c, 1, j) / n1);
-        ms_xacc_add(a, (double)ms_rnd(d.p, u0 * u1));
+    const float *x = c->in[k ? s->i1 : s->i0] + j0;
+    if (s->ib < 0)
+        return x;
+    ms__k_sub(d.v[k], buf, x, c->in[s->ib] + j0, nb);
+    return buf;
+}
+
+/* p = rnd(rnd(v0/n0) * rnd(v1/n1)): the terms of the cosine */
+MS__AI void nus_k_cos(struct nus_dt d, float *restrict p, const float *restrict v0,
+                      const float *restrict v1, float n0, float n1, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        p[k] = ms_rnd(d.p, ms_rnd(d.v[0], v0[k] / n0) * ms_rnd(d.v[1], v1[k] / n1));
+}
+
+/* r = nus_mix of v0, v1 (cf's colinear case is the same for the whole block) */
+MS__AI void nus_k_mix(struct nus_dt d, const struct nus_state *s, const struct nus_coef *cf,
+                      float *restrict r, const float *restrict v0, const float *restrict v1,
+                      size_t n)
+{
+    const enum ms_dtype dp = d.p;
+    if (cf->colinear) {
+        const float c0 = s->c0, c1 = s->c1;
+        for (size_t k = 0; k < n; k++)
+            r[k] = ms_rnd(dp, ms_rnd(d.v[0], c0 * v0[k]) + ms_rnd(d.v[1], c1 * v1[k]));
+        return;
+    }
+    const float a = cf->a, b = cf->b, sn = cf->s;
+    for (size_t k = 0; k < n; k++)
+        r[k] = ms_rnd(dp, ms_rnd(dp, ms_rnd(dp, a * v0[k]) + ms_rnd(dp, b * v1[k])) / sn);
+}
+
+/* y = rnd(b + r) */
+MS__AI void nus_k_addb(enum ms_dtype d, float *restrict y, const float *restrict b,
+                       const float *restrict r, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, b[k] + r[k]);
+}
+
+enum { NUS_DO_SQ, NUS_DO_COS, NUS_DO_OUT };
+
+/* One block [j0, j0 + nb): NUS_DO_SQ adds v_k^2 to a[0], a[1]; NUS_DO_COS adds
+ * the cosine's terms with norms n0, n1 to a[0]; NUS_DO_OUT writes the output
+ * with the scalars cf. */
+MS__AI void nus_block(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
+                      int what, struct ms_xacc *a, float n0, float n1, const struct nus_coef *cf,
+                      size_t j0, size_t nb)
+{
+    float b0[NUS_B], b1[NUS_B], r[NUS_B];
+    const float *v0 = nus_vblock(d, s, c, 0, b0, j0, nb);
+    const float *v1 = nus_vblock(d, s, c, 1, b1, j0, nb);
+    switch (what) {
+    case NUS_DO_SQ:
+        ms_xacc_sumsq(&a[0], v0, nb);
+        ms_xacc_sumsq(&a[1], v1, nb);
+        break;
+    case NUS_DO_COS:
+        nus_k_cos(d, r, v0, v1, n0, n1, nb);
+        ms_xacc_sum(&a[0], r, nb);
+        break;
+    default:
+        if (s->ib < 0) {
+            nus_k_mix(d, s, cf, c->out + j0, v0, v1, nb);
+        } else {
+            nus_k_mix(d, s, cf, r, v0, v1, nb);
+            nus_k_addb(d.out, c->out + j0, c->in[s->ib] + j0, r, nb);
+        }
+        break;
     }
 }
 
-static inline void nus_add_sq(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
-                              size_t j0, size_t j1, struct ms_xacc *a0, struct ms_xacc *a1)
+/* nus_block over elements [j0, j1). */
+MS__AI void nus_range(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
+                      int what, struct ms_xacc *a, float n0, float n1, const struct nus_coef *cf,
+                      size_t j0, size_t j1)
 {
-    for (size_t j = j0; j < j1; j++) {
-        float v0 = nus_v(d, s, c, 0, j), v1 = nus_v(d, s, c, 1, j);
-        ms_xacc_add(a0, (double)v0 * v0);
-        ms_xacc_add(a1, (double)v1 * v1);
+    for (size_t j = j0; j < j1; j += NUS_B) {
+        size_t nb = MS_MIN((size_t)NUS_B, j1 - j);
+        MS__BLOCK_CALL(nus_block, nb, NUS_B, d, s, c, what, a, n0, n1, cf, j);
     }
 }
 
@@ -407,27 +482,6 @@ static int nus_cols_end(struct nus_dt d, struct nus_state *s)
 /* ------------------------------------------------------------------------ */
 /* Stage operations.                                                         */
 
-static void nus_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
-                       void *partial)
-{
-    const struct nus_state *s = state;
-    const struct nus_dt d = s->dt;
-    size_t n = (size_t)c->count;
-    if (s->mode == NUS_COLS) {
-        nus_cols_reduce(d, s, c, partial);
-        return;
-    }
-    struct nus_sums *p = partial;
-    if (s->pass == 0) {
-        ms_xacc_init(&p->s0);
-        ms_xacc_init(&p->s1);
-        nus_add_sq(d, s, c, 0, n, &p->s0, &p->s1);
-    } else {
-        ms_xacc_init(&p->sc);
-        nus_add_cos(d, s, c, 0, n, s->n0, s->n1, &p->sc);
-    }
-}
-
 static void nus_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                      const void *partial)
 {
@@ -462,30 +516,44 @@ static int nus_end_pass(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
-static inline void nus_chunk(struct nus_dt d, const struct nus_state *s,
-                             const struct ms_stage_job *job, const struct ms_chunk *c)
+/* Reduce (partial != NULL; whole-vector mode) or apply, in dtypes d. */
+MS__AI void nus_chunk(struct nus_dt d, const struct nus_state *s, const struct ms_stage_job *job,
+                      const struct ms_chunk *c, struct nus_sums *partial)
 {
     size_t n = (size_t)c->count;
+    if (partial) {
+        assert(s->mode == NUS_FLAT);
+        if (s->pass == 0) {
+            struct ms_xacc a[2];
+            ms_xacc_init(&a[0]);
+            ms_xacc_init(&a[1]);
+            nus_range(d, s, c, NUS_DO_SQ, a, 0.0f, 0.0f, NULL, 0, n);
+            partial->s0 = a[0];
+            partial->s1 = a[1];
+        } else {
+            ms_xacc_init(&partial->sc);
+            nus_range(d, s, c, NUS_DO_COS, &partial->sc, s->n0, s->n1, NULL, 0, n);
+        }
+        return;
+    }
     switch (s->mode) {
     case NUS_FLAT:
-        for (size_t j = 0; j < n; j++)
-            c->out[j] = nus_out(d, s, c, &s->cf, j);
+        nus_range(d, s, c, NUS_DO_OUT, NULL, 0.0f, 0.0f, &s->cf, 0, n);
         break;
     case NUS_ROWS: {
         size_t row = (size_t)MS_MAX(job->row_len, 1);
         assert(n % row == 0);
         for (size_t r0 = 0; r0 < n; r0 += row) {
-            struct ms_xacc a0, a1, ac;
-            ms_xacc_init(&a0);
-            ms_xacc_init(&a1);
+            struct ms_xacc a[2], ac;
+            ms_xacc_init(&a[0]);
+            ms_xacc_init(&a[1]);
             ms_xacc_init(&ac);
-            nus_add_sq(d, s, c, r0, r0 + row, &a0, &a1);
-            float n0 = nus_norm(d, s, 0, ms_xacc_value(&a0));
-            float n1 = nus_norm(d, s, 1, ms_xacc_value(&a1));
-            nus_add_cos(d, s, c, r0, r0 + row, n0, n1, &ac);
+            nus_range(d, s, c, NUS_DO_SQ, a, 0.0f, 0.0f, NULL, r0, r0 + row);
+            float n0 = nus_norm(d, s, 0, ms_xacc_value(&a[0]));
+            float n1 = nus_norm(d, s, 1, ms_xacc_value(&a[1]));
+            nus_range(d, s, c, NUS_DO_COS, &ac, n0, n1, NULL, r0, r0 + row);
             struct nus_coef cf = nus_coef_of(d, s, ms_xacc_value(&ac));
-            for (size_t j = r0; j < r0 + row; j++)
-                c->out[j] = nus_out(d, s, c, &cf, j);
+            nus_range(d, s, c, NUS_DO_OUT, NULL, 0.0f, 0.0f, &cf, r0, r0 + row);
         }
         break;
     }
@@ -499,6 +567,42 @@ static inline void nus_chunk(struct nus_dt d, const struct nus_state *s,
     }
 }
 
+/* nus_chunk specialised for the compute dtype (a constant in each call). */
+static void nus_run(const struct nus_state *s, const struct ms_stage_job *job,
+                    const struct ms_chunk *c, struct nus_sums *partial)
+{
+#define NUS_DT(x) ((struct nus_dt){ { (x), (x) }, (x), (x) })
+    if (s->mixed) {
+        nus_chunk(s->dt, s, job, c, partial);
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16: nus_chunk(NUS_DT(MS_DT_BF16), s, job, c, partial); break;
+    case MS_DT_F16: nus_chunk(NUS_DT(MS_DT_F16), s, job, c, partial); break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        nus_chunk(NUS_DT(MS_DT_F32), s, job, c, partial);
+        break;
+    }
+#undef NUS_DT
+}
+
+MS__ISA_VERSIONS(nus_run_isa, nus_run,
+                 (const struct nus_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk *c, struct nus_sums *partial),
+                 (s, job, c, partial))
+
+static void nus_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                       void *partial)
+{
+    const struct nus_state *s = state;
+    if (s->mode == NUS_COLS) {
+        nus_cols_reduce(s->dt, s, c, partial);
+        return;
+    }
+    nus_run_isa(s, job, c, partial);
+}
+
 static void nus_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     const struct nus_state *s = state;
@@ -506,24 +610,7 @@ static void nus_apply(const void *state, const struct ms_stage_job *job, const s
         memcpy(c->out, c->in[s->i0], (size_t)c->count * sizeof(float));
         return;
     }
-#define NUS_DT(x) ((struct nus_dt){ { (x), (x) }, (x), (x) })
-    if (s->mixed) {
-        nus_chunk(s->dt, s, job, c);
-        return;
-    }
-    switch (job->compute) { /* constant dtypes: the compiler specialises each */
-    case MS_DT_BF16:
-        nus_chunk(NUS_DT(MS_DT_BF16), s, job, c);
-        break;
-    case MS_DT_F16:
-        nus_chunk(NUS_DT(MS_DT_F16), s, job, c);
-        break;
-    default:
-        assert(job->compute == MS_DT_F32);
-        nus_chunk(NUS_DT(MS_DT_F32), s, job, c);
-        break;
-    }
-#undef NUS_DT
+    nus_run_isa(s, job, c, NULL);
 }
 
 static const struct ms_stage_ops nus_ops = {

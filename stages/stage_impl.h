@@ -9,6 +9,7 @@
 #include <math.h>
 
 #include "ms_common.h"
+#include "ms_isa.h"
 #include "ms_stage.h"
 
 /* Every method's descriptor, defined in its own file: ms_method_<name>. */
@@ -46,6 +47,83 @@
 static inline __attribute__((always_inline)) float ms__acc_add(float acc, float x)
 {
     return acc != acc ? acc : acc + x;
+}
+
+/*
+ * MS__ISA_VERSIONS(name, fn, PARAMS, ARGS) defines `static void name PARAMS`,
+ * which runs fn (a static void function of those parameters) in the version
+ * of ms_isa.h that ms_isa_active() names: fn with everything it calls in this
+ * file inlined (flatten) and compiled for AVX2 and for AVX-512, or fn itself.
+ * The element loops of the stages use it: every step is elementwise or a sum
+ * in a fixed order, and the compiler does not reassociate float arithmetic
+ * (-ffp-contract=off, no -ffast-math), so every version gives the same bytes
+ * (tests/test_isa.c). ARGS passes PARAMS' names on, in parentheses.
+ */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MS__ISA_VERSIONS(name, fn, PARAMS, ARGS)                                                 \
+    __attribute__((target("avx2"), flatten)) static void name##_avx2 PARAMS { fn ARGS; }        \
+    __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void     \
+        name##_avx512 PARAMS { fn ARGS; }                                                        \
+    static void name PARAMS                                                                      \
+    {                                                                                            \
+        switch (ms_isa_active()) {                                                               \
+        case MS_ISA_AVX512: name##_avx512 ARGS; return;                                          \
+        case MS_ISA_AVX2: name##_avx2 ARGS; return;                                              \
+        default: fn ARGS; return;                                                                \
+        }                                                                                        \
+    }
+#else
+#define MS__ISA_VERSIONS(name, fn, PARAMS, ARGS) \
+    static void name PARAMS { fn ARGS; }
+#endif
+
+/*
+ * MS__BLOCK_CALL(f, nb, B, ...) calls the always-inline block function f with
+ * nb elements, as the compile-time constant B when nb == B: with a constant
+ * trip count GCC's -O2 vectoriser (cost model "very cheap") takes the loops,
+ * which it leaves scalar for an unknown count. The tail block runs the same
+ * code with the variable count: same operations, same bytes.
+ */
+#define MS__BLOCK_CALL(f, nb, B, ...) \
+    ((nb) == (B) ? f(__VA_ARGS__, (B)) : f(__VA_ARGS__, (nb)))
+
+/*
+ * Leaf kernels of the stages' element loops, each op rounded to d (ms_rnd).
+ * Always inlined, so that d is a constant at every call (a variable d works,
+ * branch by branch) and restrict holds; with a constant n (MS__BLOCK_CALL) the
+ * -O2 vectoriser takes them. y may not overlap the inputs.
+ */
+#define MS__AI static inline __attribute__((always_inline))
+
+/* y = rnd(x - b) */
+MS__AI void ms__k_sub(enum ms_dtype d, float *restrict y, const float *restrict x,
+                      const float *restrict b, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, x[k] - b[k]);
+}
+
+/* y = rnd(x * z) */
+MS__AI void ms__k_mul(enum ms_dtype d, float *restrict y, const float *restrict x,
+                      const float *restrict z, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, x[k] * z[k]);
+}
+
+/* y = rnd(y + x), y's NaN kept when both are NaN (ms__acc_add) */
+MS__AI void ms__k_acc(enum ms_dtype d, float *restrict y, const float *restrict x, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, ms__acc_add(y[k], x[k]));
+}
+
+/* y = rnd(x / v) */
+MS__AI void ms__k_div(enum ms_dtype d, float *restrict y, const float *restrict x, float v,
+                      size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, x[k] / v);
 }
 
 /* ======================================================================== */

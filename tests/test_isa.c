@@ -4,6 +4,9 @@
  * element-by-element references of base/dtype.c (*_ref), the RNG fill against
  * ms_rng_u32 element by element; on odd lengths, misaligned starts, NaN (quiet
  * and signalling, with payloads), infinities, subnormals and rounding ties.
+ * The element loops of linear, nuslerp, model_stock and multislerp
+ * (MS__ISA_VERSIONS in stages/stage_impl.h): each version, run in a child
+ * process, gives the scalar version's bytes in every mode and compute dtype.
  * End to end: every example recipe merged with MERGESTREAM_ISA=scalar and with
  * each other available version gives identical files, and a value the CPU or
  * the build cannot run is refused with a one-line error.
@@ -13,11 +16,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "ms_dtype.h"
 #include "ms_isa.h"
 #include "ms_stage.h"
 #include "th.h"
+#include "th_stage.h"
 
 #ifndef MS_SOURCE_DIR
 #define MS_SOURCE_DIR "."
@@ -166,6 +172,159 @@ Test(isa, rng_fill_gives_ms_rng_u32_in_every_version)
                                  (unsigned long long)firsts[f], lens[l], i);
             }
     }
+}
+
+/* ------------------------------------------------------------ stage methods */
+
+/* A stage job: method, inputs, base, and up to two parameters (per-model ones
+ * get v for input 0 and v + 0.25 * i for input i); mixed: inputs of bf16, f16,
+ * bf16, ... with compute float32; special: NaN, infinities and subnormals among
+ * the values (elementwise methods only: a NaN in a whole-tensor sum makes every
+ * output NaN). */
+struct isa_case {
+    const char *method;
+    uint32_t ninputs;
+    int base;
+    const char *p1, *p2;
+    double v1, v2;
+    bool mixed, special;
+};
+
+static const struct isa_case isa_cases[] = {
+    { "linear", 3, -1, "weight", "normalize", 0.3, 1, false, true },
+    { "linear", 4, -1, "weight", "normalize", -0.7, 0, false, true },
+    { "nuslerp", 2, -1, "weight", NULL, 0.5, 0, false, false },
+    { "nuslerp", 3, 1, "weight", NULL, 0.4, 0, false, false },
+    { "nuslerp", 3, 0, "weight", "nuslerp_flatten", 0.4, 0, false, false },
+    { "nuslerp", 2, -1, "nuslerp_flatten", "nuslerp_row_wise", 0, 1, false, false },
+    { "nuslerp", 3, 2, "weight", "nuslerp_flatten", 0.4, 0, true, false },
+    { "model_stock", 3, 0, NULL, NULL, 0, 0, false, false },
+    { "model_stock", 4, 2, "filter_wise", NULL, 1, 0, false, false },
+    { "model_stock", 4, 1, "filter_wise", NULL, 0, 0, true, false },
+    { "model_stock", 3, 0, "filter_wise", NULL, 1, 0, true, false },
+    { "multislerp", 3, -1, "weight", NULL, 0.2, 0, false, false },
+    { "multislerp", 4, 0, "weight", "normalize_weights", 0.6, 0, false, false },
+};
+#define ISA_NCASES (sizeof isa_cases / sizeof isa_cases[0])
+
+static const int64_t isa_shape[2] = { 23, 300 }; /* rows end mid-block */
+static const uint64_t isa_chunks[] = { 0, 2100, 1 };
+#define ISA_NUMEL (23 * 300)
+
+/* The input values of case k, input i: exact in dt. */
+static void isa_case_inputs(size_t k, uint32_t i, enum ms_dtype dt, float *x)
+{
+    static const uint32_t special[] = { 0x7fc00000u, 0xffc12345u, 0x7f800000u, 0xff800000u,
+                                        0x00000001u, 0x80010000u, 0x00800000u, 0x80000000u };
+    uint64_t st = 0x9e3779b97f4a7c15u * (k * 64 + i + 1);
+    for (size_t j = 0; j < ISA_NUMEL; j++) {
+        x[j] = th_stage_value(dt, &st, 0.05f) + (i == 0 ? 0.0f : 0.01f * (float)i);
+        x[j] = th_stage_round(dt, x[j]);
+        if (isa_cases[k].special && (j * 7 + i * 131) % 97 == 0) {
+            float v;
+            uint32_t u = special[(j / 97 + i) % 8];
+            memcpy(&v, &u, 4);
+            x[j] = th_stage_round(dt, v);
+        }
+    }
+}
+
+/* Runs every case in every compute dtype and chunk size, writing the outputs
+ * to path: in a child process, with MERGESTREAM_ISA already set. */
+static int isa_cases_run(const char *path)
+{
+    static const enum ms_dtype dts[] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
+    static float in[6][ISA_NUMEL], out[ISA_NUMEL];
+    FILE *f = fopen(path, "wb");
+    if (!f)
+        return 1;
+    for (size_t k = 0; k < ISA_NCASES; k++) {
+        const struct isa_case *ic = &isa_cases[k];
+        for (size_t t = 0; t < 3; t++) {
+            enum ms_dtype dt = ic->mixed ? MS_DT_F32 : dts[t];
+            struct ms_stage_job job;
+            th_stage_job(&job, ic->method, isa_shape, 2, dt, ic->ninputs);
+            job.base = ic->base;
+            const float *ins[6];
+            for (uint32_t i = 0; i < ic->ninputs; i++) {
+                enum ms_dtype di = ic->mixed ? (i % 2 ? MS_DT_F16 : MS_DT_BF16) : dt;
+                job.in_dt[i] = di;
+                isa_case_inputs(k, i, di, in[i]);
+                ins[i] = in[i];
+            }
+            const char *ps[2] = { ic->p1, ic->p2 };
+            const double vs[2] = { ic->v1, ic->v2 };
+            for (int q = 0; q < 2; q++) {
+                if (!ps[q])
+                    continue;
+                int pi = ms_method_param(job.method, ps[q]);
+                if (pi >= 0 && job.method->params[pi].per_model)
+                    for (uint32_t i = 0; i < ic->ninputs; i++)
+                        job.pv[i][pi] = vs[q] + 0.25 * i;
+                else if (pi >= 0)
+                    job.gv[pi] = vs[q];
+            }
+            for (size_t cs = 0; cs < sizeof isa_chunks / sizeof isa_chunks[0]; cs++) {
+                if (ms_stage_run_mem(&job, ins, out, isa_chunks[cs]) != 0 ||
+                    fwrite(out, sizeof(float), ISA_NUMEL, f) != ISA_NUMEL)
+                    return 2;
+            }
+        }
+    }
+    return fclose(f) ? 3 : 0;
+}
+
+Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
+{
+    char *dir = th_tmpdir();
+    cr_assert(dir);
+    size_t nruns = ISA_NCASES * 3 * (sizeof isa_chunks / sizeof isa_chunks[0]);
+    char *want = NULL;
+    int versions = 0;
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!ms_isa_available((enum ms_isa)isa)) {
+            cr_log_info("%s: not available here", ms_isa_name((enum ms_isa)isa));
+            continue;
+        }
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s.bin", dir, ms_isa_name((enum ms_isa)isa));
+        fflush(NULL);
+        pid_t pid = fork();
+        cr_assert(pid >= 0);
+        if (pid == 0) { /* the choice is made once per process: a fresh one per version */
+            setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
+            _exit(ms_isa_active() == (enum ms_isa)isa ? isa_cases_run(path) : 9);
+        }
+        int st = 0;
+        cr_assert_eq(waitpid(pid, &st, 0), pid);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s: child status %d",
+                  ms_isa_name((enum ms_isa)isa), st);
+        size_t len = 0;
+        char *got = th_read(path, &len);
+        cr_assert(got && len == nruns * ISA_NUMEL * sizeof(float), "%s: %zu bytes",
+                  ms_isa_name((enum ms_isa)isa), len);
+        if (!want) {
+            want = got; /* the scalar reference */
+            continue;
+        }
+        for (size_t r = 0; r < nruns; r++) {
+            size_t off = r * ISA_NUMEL * sizeof(float);
+            if (memcmp(want + off, got + off, ISA_NUMEL * sizeof(float))) {
+                size_t j = 0;
+                while (!memcmp(want + off + 4 * j, got + off + 4 * j, 4))
+                    j++;
+                cr_assert_fail("%s: %s (case %zu, dtype %zu, chunks %zu) differs from scalar "
+                               "at element %zu", ms_isa_name((enum ms_isa)isa),
+                               isa_cases[r / 9].method, r / 9, r / 3 % 3, r % 3, j);
+            }
+        }
+        free(got);
+        versions++;
+    }
+    free(want);
+    th_rmtree(dir);
+    free(dir);
+    cr_log_info("%d versions compared with scalar", versions);
 }
 
 /* ------------------------------------------------------------ end to end */
