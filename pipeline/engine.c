@@ -82,7 +82,7 @@ struct slot {
     const unsigned char *wbuf;
     uint64_t wlen, woff;          /* bytes, and the offset in the output shard */
     uint64_t hpart;               /* hash_writes: ms_poshash_range of those bytes */
-    struct slot *next_queued;     /* compute queue link */
+    struct slot *next_queued;     /* compute queue link, then the shard's write queue link */
 };
 
 struct jrun {
@@ -110,6 +110,10 @@ struct out_shard {
     size_t jobs_left;
     bool skip;                    /* not written by this run (--resume kept it, or --part) */
     uint64_t hacc;                /* hash_writes: ms_poshash parts of the bytes written so far */
+    /* Positional writes: one in flight per file (two writers of one file only contend
+     * for its lock); finished chunks wait here in arrival order, linked by next_queued. */
+    bool wbusy;
+    struct slot *wq_head, *wq_tail;
 };
 
 /*
@@ -765,17 +769,41 @@ static void after_work_cb(uv_work_t *w, int status)
 
 /* ------------------------------------------------------------------ writes */
 
+/* Starts the next queued write of shard sh if none is in flight; on a stop, frees the queue. */
+static void shard_write_next(struct eng *e, struct out_shard *sh)
+{
+    while (sh->wq_head && (!sh->wbusy || eng_stopping(e))) {
+        struct slot *s = sh->wq_head;
+        sh->wq_head = s->next_queued;
+        if (!sh->wq_head)
+            sh->wq_tail = NULL;
+        if (eng_stopping(e)) {
+            slot_put(e, s);
+            continue;
+        }
+        s->wr.data = s;
+        int rc = ms_shard_write_start(&e->loop, &sh->file, &s->wr, s->wbuf, (size_t)s->wlen,
+                                      s->woff, on_write);
+        if (rc < 0) {
+            eng_fail(e, rc, "%s", ms_errmsg());
+            slot_put(e, s);
+        } else {
+            sh->wbusy = true;
+        }
+    }
+}
+
 static void write_issue(struct eng *e, struct slot *s)
 {
     struct out_shard *sh = &e->osh[s->jr->job->shard];
     s->state = SLOT_WRITING;
-    s->wr.data = s;
-    int rc = ms_shard_write_start(&e->loop, &sh->file, &s->wr, s->wbuf, (size_t)s->wlen, s->woff,
-                                  on_write);
-    if (rc < 0) {
-        eng_fail(e, rc, "%s", ms_errmsg());
-        slot_put(e, s);
-    }
+    s->next_queued = NULL;
+    if (sh->wq_tail)
+        sh->wq_tail->next_queued = s;
+    else
+        sh->wq_head = s;
+    sh->wq_tail = s;
+    shard_write_next(e, sh);
 }
 
 static void chunk_written(struct eng *e, struct slot *s)
@@ -792,20 +820,21 @@ static void on_write(struct ms_shard_write *req, int status)
 {
     struct slot *s = req->data;
     struct eng *e = s->e;
+    struct out_shard *sh = &e->osh[s->jr->job->shard];
+    sh->wbusy = false;
     if (status < 0) {
         eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file */
         slot_put(e, s);
     } else {
         e->bytes_out += s->wlen;
-        if (e->hash_writes) {
-            struct out_shard *sh = &e->osh[s->jr->job->shard];
+        if (e->hash_writes)
             sh->hacc = ms_poshash_add(sh->hacc, s->hpart);
-        }
         if (eng_stopping(e))
             slot_put(e, s);
         else
             chunk_written(e, s);
     }
+    shard_write_next(e, sh);
     pump(e);
 }
 
