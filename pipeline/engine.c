@@ -183,6 +183,9 @@ struct eng {
     uint64_t bytes_in, bytes_out;
 
     bool seq;                     /* output goes through ms_out (not positional files) */
+    bool behind;                  /* larger than memory: drop consumed inputs and written
+                                     output from the page cache (ms_src_consumed,
+                                     ms_shard_file_behind) */
     struct seq_writer sw;
 
     /* The run file (directory output): fingerprint, and each finished shard's
@@ -611,7 +614,12 @@ static void on_read(struct ms_src_read *req, int status)
         eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file and the tensor */
     else
         e->bytes_in += s->raw_len[i];
-    if (status >= 0 && s->jr->job->in[i].rowmap) { /* row gather: the input's next run */
+    /* The last read of these bytes: a resident job's only one, or the apply pass. */
+    const struct ms_plan_input *in = &s->jr->job->in[i];
+    if (status >= 0 && e->behind && !in->rowmap &&
+        (s->jr->resident || s->jr->phase == MS_STAGE_APPLY))
+        ms_src_consumed(input_src(e, in), s->raw_off[i], s->raw_len[i]);
+    if (status >= 0 && in->rowmap) { /* row gather: the input's next run */
         int grc = gather_next(e, s, i);
         if (grc < 0)
             eng_fail(e, grc, "%s", ms_errmsg());
@@ -1030,6 +1038,8 @@ static int shard_open(struct eng *e, uint32_t k)
 {
     const struct ms_out_shard *ls = &e->plan->layout->shards[k];
     int rc = ms_shard_file_open(&e->osh[k].file, ls->file_bytes, ls->header, ls->header_bytes);
+    if (!rc && e->behind)
+        rc = ms_shard_file_behind(&e->osh[k].file, MS_SHARD_BEHIND_BYTES);
     if (rc)
         return eng_fail(e, rc, "%s", ms_errmsg());
     e->bytes_out += ls->header_bytes;
@@ -1280,6 +1290,25 @@ static void on_signal(uv_signal_t *h, int signo)
 }
 
 /* ------------------------------------------------------------------ setup */
+
+/*
+ * Whether this merge's I/O is larger than the page cache can usefully keep: more
+ * bytes read and written than half the machine's memory. Then the inputs (read
+ * once) and the output (written once) would only push other data out of the
+ * cache, and a final fsync of gigabytes of dirty output would stall, so both
+ * are dropped behind (ms_src_consumed, ms_shard_file_behind). The bytes written
+ * are the same either way. MERGESTREAM_IO_BEHIND=1 or 0 forces it (tests).
+ */
+static bool io_behind(const struct ms_plan *p)
+{
+    const char *v = getenv("MERGESTREAM_IO_BEHIND");
+    if (v && (!strcmp(v, "0") || !strcmp(v, "1")))
+        return v[0] == '1';
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || psz <= 0)
+        return false;
+    return p->bytes_read + p->bytes_written > (uint64_t)pages * (uint64_t)psz / 2;
+}
 
 static int open_inputs(struct eng *e)
 {
@@ -1603,9 +1632,11 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     unsigned threads = opts->threads ? opts->threads : default_threads();
     e->compute_max = threads;
     e->depth = 2 * threads + 4;
-    /* The pool serves file I/O and compute: leave room for reads beside compute. */
+    e->behind = io_behind(plan);
+    /* The pool serves file I/O and compute: leave room for reads beside compute (more
+     * when they come from a disk and block: then compute must not queue behind them). */
     char tp[16];
-    snprintf(tp, sizeof tp, "%u", threads + 2);
+    snprintf(tp, sizeof tp, "%u", threads + (e->behind ? 4 : 2));
     setenv("UV_THREADPOOL_SIZE", tp, 1);
     /* A signal caught before the loop (by the caller's ms_engine_cancel handler)
      * stays pending: the first pump stops the run. */
