@@ -15,7 +15,8 @@
  *
  * Jobs (output tensors) run in plan order. A job whose stage asks for reduce
  * passes runs them first; a later job may start taking slots only once every
- * job before it has issued all the chunks of its apply pass. That keeps the
+ * job before it will take no more: it has issued all the chunks of its apply
+ * pass, or it is resident (below) and has issued its first pass. That keeps the
  * schedule deadlock-free (a job never waits on slots held by a later job that
  * waits on it) and keeps writes close to file order.
  *
@@ -1089,6 +1090,18 @@ static bool job_fully_issued(const struct jrun *jr)
     return jr->phase == MS_STAGE_APPLY && jr->issued == jr->nchunks;
 }
 
+/*
+ * True when jr will take no more slots: every chunk of its apply pass is issued,
+ * or it is resident and its first pass is (every later pass, apply included,
+ * runs from the slots it holds). A later job may then take free slots: jr never
+ * waits for them, so the schedule stays deadlock-free, and the next tensor's
+ * reads and first pass overlap a resident tensor's later passes.
+ */
+static bool job_takes_no_slots(const struct jrun *jr)
+{
+    return job_fully_issued(jr) || (jr->resident && (jr->pass > 0 || jr->issued == jr->nchunks));
+}
+
 /* Takes a LoRA buffer for jr and reads its inputs' A and B into it (blocking, small).
  * Returns 1 to wait for a buffer (jr's state buffer is given back), 0, or an error. */
 static int job_lora_load(struct eng *e, struct jrun *jr)
@@ -1230,12 +1243,12 @@ static void pump(struct eng *e)
         for (uint32_t k = 0; k < e->nactive && !eng_stopping(e); k++) {
             struct jrun *jr = &e->jr[e->order[k]];
             job_issue(e, jr);
-            if (!job_fully_issued(jr))
+            if (!job_takes_no_slots(jr))
                 break;
         }
         while (!eng_stopping(e) && e->next_job < e->plan->njobs && e->nactive < MAX_ACTIVE &&
                e->nfree > 0 &&
-               (e->nactive == 0 || job_fully_issued(&e->jr[e->order[e->nactive - 1]]))) {
+               (e->nactive == 0 || job_takes_no_slots(&e->jr[e->order[e->nactive - 1]]))) {
             int rc = job_activate(e);
             if (rc > 0)
                 break; /* waiting for a state or LoRA buffer */
