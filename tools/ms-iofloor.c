@@ -87,6 +87,8 @@ int main(int argc, char **argv)
             if (r <= 0) {
                 eof[i] = 1;
                 open_left--;
+                if (behind) /* the rest, as ms_src_free does */
+                    posix_fadvise(fds[i], (off_t)dropped[i], 0, POSIX_FADV_DONTNEED);
                 continue;
             }
             rd += (unsigned long long)r;
