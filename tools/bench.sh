@@ -114,7 +114,7 @@ measure() { # measure LABEL METHOD DIR MEM [OUTDIR [THREADS]]
     recipe "$r" "$method" "$d"
     inputs=$(ls "$d"/base/*.safetensors "$d"/ft1/*.safetensors "$d"/ft2/*.safetensors)
     in_bytes=$(cat $inputs | wc -c)
-    out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%d", s }')
+    out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%.0f", s }')
     n=$repeat; [ "$cold" = 0 ] || n=1
     floor=; wall=; rss=0; k=0
     while [ $k -lt $n ]; do
