@@ -1,8 +1,7 @@
 /*
  * poshash.c - the position-keyed checksum of ms_poshash.h: a polynomial hash
  * over the field of integers mod the Mersenne prime 2^61 - 1, evaluated by
- * Horner's rule on four interleaved lanes (each lane's chain of multiplies is
- * independent, so they overlap in the CPU).
+ * Horner's rule over blocks of words (see words()).
  */
 #include <string.h>
 
@@ -43,25 +42,42 @@ static inline uint64_t load32(const unsigned char *p)
     return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24;
 }
 
-/* sum over i < n of v[i] * A^i, for n whole words at p. */
+#define BLOCK 16 /* words per block */
+
+/* x mod P up to a small multiple: x < 2^125 gives a value < 2^62 congruent to x. */
+static inline uint64_t fold128(unsigned __int128 x)
+{
+    return ((uint64_t)x & P) + (uint64_t)(x >> 61);
+}
+
+/*
+ * sum over i < n of v[i] * A^i, for n whole words at p: Horner's rule over
+ * blocks of BLOCK words, last block first (H = H * A^BLOCK + block), where a
+ * block is sum over j of v[j] * A^j from a table of A^j, in two 128-bit sums
+ * (even and odd words; each product < 2^93, so BLOCK of them cannot overflow).
+ * One multiply per block on the dependency chain instead of one per word.
+ */
 static uint64_t words(const unsigned char *p, size_t n)
 {
-    size_t g = n / 4;
-    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    const uint64_t a4 = powmod(A, 4);
+    uint64_t pw[BLOCK];
+    pw[0] = 1;
+    for (int j = 1; j < BLOCK; j++)
+        pw[j] = mulmod(pw[j - 1], A);
+    const uint64_t ak = mulmod(pw[BLOCK - 1], A);
+    size_t g = n / BLOCK;
+    uint64_t h = 0;
     for (size_t k = g; k-- > 0;) {
-        const unsigned char *q = p + 16 * k;
-        a0 = mul_lazy(a0, a4) + load32(q);
-        a1 = mul_lazy(a1, a4) + load32(q + 4);
-        a2 = mul_lazy(a2, a4) + load32(q + 8);
-        a3 = mul_lazy(a3, a4) + load32(q + 12);
+        const unsigned char *q = p + 4 * BLOCK * k;
+        unsigned __int128 b = 0, c = 0;
+        for (int j = 0; j < BLOCK; j += 2) {
+            b += (unsigned __int128)load32(q + 4 * j) * pw[j];
+            c += (unsigned __int128)load32(q + 4 * j + 4) * pw[j + 1];
+        }
+        h = mul_lazy(h, ak) + reduce(fold128(b + c)); /* < 2^61 + 8 + 2^61 */
     }
-    uint64_t s = reduce(a0);
-    s = reduce(s + mulmod(reduce(a1), A));
-    s = reduce(s + mulmod(reduce(a2), powmod(A, 2)));
-    s = reduce(s + mulmod(reduce(a3), powmod(A, 3)));
-    uint64_t x = powmod(A, 4 * g);
-    for (size_t i = 4 * g; i < n; i++, x = mulmod(x, A))
+    uint64_t s = reduce(h);
+    uint64_t x = powmod(A, BLOCK * g);
+    for (size_t i = BLOCK * g; i < n; i++, x = mulmod(x, A))
         s = reduce(s + mulmod(load32(p + 4 * i), x));
     return s;
 }

@@ -126,6 +126,8 @@ void ms_out_free(struct ms_out *o);
  * consult ms__io_should_fail() (ms_common.h) once; an injected failure is EIO.
  * Continuations of a short write do not consult it.
  */
+#define MS_SHARD_BEHIND_RANGES 16
+
 struct ms_shard_file {
     int fd;                       /* the open .partial, or -1 */
     bool finished;                /* complete under final_path (finish, or ms_shard_file_keep) */
@@ -134,6 +136,13 @@ struct ms_shard_file {
                                      removed on abort: another --part may be writing its own) */
     char *tmp_path;               /* private: "<dir>/<name>.partial" (owned) */
     char *final_path;             /* "<dir>/<name><suffix>" (owned); may be read */
+    /* private: write-behind (ms_shard_file_behind): ranges written and not yet known to be
+     * on disk, oldest first, under wb_lock (the writes' pool threads) */
+    bool behind;
+    uv_mutex_t wb_lock;
+    uint64_t wb_off[MS_SHARD_BEHIND_RANGES], wb_len[MS_SHARD_BEHIND_RANGES];
+    unsigned wb_first, wb_n;
+    uint64_t wb_bytes, wb_window;
 };
 
 struct ms_shard_write;
@@ -149,11 +158,15 @@ typedef void (*ms_shard_write_cb)(struct ms_shard_write *req, int status);
 struct ms_shard_write {
     void *data;                   /* the caller's; io/ does not touch it */
     /* private */
-    uv_fs_t fs;
+    union {
+        uv_fs_t fs;               /* the uv_fs_write in flight */
+        uv_work_t work;           /* write-behind: the write and its writeback on the pool */
+    } u;
     uv_loop_t *loop;
     struct ms_shard_file *file;
     const unsigned char *buf;
     uint64_t len, done, off;      /* bytes to write, bytes written, file offset of buf[0] */
+    int wrc;                      /* write-behind: the worker's result (0 or -errno) */
     ms_shard_write_cb cb;
 };
 
@@ -195,6 +208,19 @@ int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *heade
  */
 int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_shard_write *req,
                          const void *buf, size_t len, uint64_t off, ms_shard_write_cb cb);
+/*
+ * Write-behind, for output larger than memory: after this, each write also
+ * starts the writeback of its bytes (sync_file_range), and once more than
+ * `window` bytes (MS_SHARD_BEHIND_BYTES) have been written after them, waits
+ * for them to reach the disk and lets the page cache drop them (posix_fadvise
+ * DONTNEED); finish drops the rest. So dirty pages stay bounded, writeback runs
+ * all along instead of in the final fsync, and written data does not push out
+ * inputs. The bytes in the file are the same. Call after ms_shard_file_open,
+ * before any write; loop thread. Returns 0 or a negative code and the
+ * diagnostic "<tmp>: cannot start write-behind: <reason>".
+ */
+#define MS_SHARD_BEHIND_BYTES (64u << 20)
+int ms_shard_file_behind(struct ms_shard_file *f, uint64_t window);
 /* After the last write: fsync, close, rename to the final name (ms_file_commit),
  * f->finished set. On failure the file is closed and the temporary removed.
  * Errors: "<tmp>: fsync failed|close failed|cannot rename to <final>: <reason>". */

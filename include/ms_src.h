@@ -98,6 +98,15 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
  */
 void ms_src_cancel(struct ms_src *src);
 /*
+ * The caller has read [off, off + len) for the last time: the page cache may let
+ * those pages go (posix_fadvise DONTNEED, for inputs larger than memory, so they
+ * do not push out data that will be read again). Adjacent ranges are gathered
+ * and handed to the kernel 32 MiB at a time, the rest when the source is freed;
+ * only pages wholly inside a handed range are dropped. Advice only: the bytes
+ * read stay the same. Plain files only (a no-op otherwise). Loop thread.
+ */
+void ms_src_consumed(struct ms_src *src, uint64_t off, uint64_t len);
+/*
  * A remote source checks every response's Content-Range total against size (the
  * file size its header was read with; 0: no check). No effect on local files.
  */

@@ -3,8 +3,11 @@
  * safetensors shards of a directory output, written at known offsets in any
  * order with uv_fs_write, then synced and renamed.
  *
- * Threads: the loop thread only (libuv runs the writes on its pool).
+ * Threads: the loop thread only (libuv runs the writes on its pool), except
+ * write-behind's behind_work_cb, which runs one request's write on the pool and
+ * touches the file's range list only under its wb_lock.
  */
+#define _GNU_SOURCE /* sync_file_range */
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -106,8 +109,8 @@ static int fs_issue(struct ms_shard_write *req)
     struct ms_shard_file *f = req->file;
     uv_buf_t b = uv_buf_init((char *)req->buf + req->done,
                              (unsigned)MS_MIN(req->len - req->done, MAX_CALL));
-    req->fs.data = req;
-    int rc = uv_fs_write(req->loop, &req->fs, f->fd, &b, 1, (int64_t)(req->off + req->done),
+    req->u.fs.data = req;
+    int rc = uv_fs_write(req->loop, &req->u.fs, f->fd, &b, 1, (int64_t)(req->off + req->done),
                          on_fs_write);
     if (rc < 0)
         return ms_error(rc, "%s: write failed: %s", f->tmp_path, uv_strerror(rc));
@@ -136,6 +139,113 @@ static void on_fs_write(uv_fs_t *fs)
         req->cb(req, rc);
 }
 
+/* ---- write-behind: the write, its writeback and the drop of older ranges, on the pool */
+
+/* Appends [off, off + len) to the ranges in writeback and takes out (into o, l) those
+ * beyond the window, oldest first; returns how many. Under f->wb_lock. */
+static unsigned behind_push(struct ms_shard_file *f, uint64_t off, uint64_t len, uint64_t *o,
+                            uint64_t *l)
+{
+    enum { R = MS_SHARD_BEHIND_RANGES };
+    unsigned n = 0;
+    unsigned last = (f->wb_first + f->wb_n + R - 1) % R;
+    if (f->wb_n && f->wb_off[last] + f->wb_len[last] == off) {
+        f->wb_len[last] += len;
+    } else {
+        if (f->wb_n == R) { /* no room: the oldest goes now */
+            o[n] = f->wb_off[f->wb_first];
+            l[n] = f->wb_len[f->wb_first];
+            f->wb_bytes -= l[n++];
+            f->wb_first = (f->wb_first + 1) % R;
+            f->wb_n--;
+        }
+        unsigned k = (f->wb_first + f->wb_n) % R;
+        f->wb_off[k] = off;
+        f->wb_len[k] = len;
+        f->wb_n++;
+    }
+    f->wb_bytes += len;
+    while (f->wb_n > 1 && f->wb_bytes > f->wb_window) {
+        o[n] = f->wb_off[f->wb_first];
+        l[n] = f->wb_len[f->wb_first];
+        f->wb_bytes -= l[n++];
+        f->wb_first = (f->wb_first + 1) % R;
+        f->wb_n--;
+    }
+    return n;
+}
+
+/* Waits for [off, off + len) to be on disk, then lets the page cache drop it. */
+static void behind_drop(int fd, uint64_t off, uint64_t len)
+{
+    /* Advice: a failed writeback shows again in the fsync of finish. */
+    (void)sync_file_range(fd, (off_t)off, (off_t)len,
+                          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                              SYNC_FILE_RANGE_WAIT_AFTER);
+    (void)posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
+}
+
+/* Pool thread: the whole write, then its writeback started and older ranges dropped. */
+static void behind_work_cb(uv_work_t *w)
+{
+    struct ms_shard_write *req = w->data;
+    struct ms_shard_file *f = req->file;
+    req->wrc = 0;
+    while (req->done < req->len) {
+        ssize_t r = pwrite(f->fd, req->buf + req->done, MS_MIN(req->len - req->done, MAX_CALL),
+                           (off_t)(req->off + req->done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            req->wrc = r < 0 ? -errno : MS_EIO;
+            return;
+        }
+        req->done += (uint64_t)r;
+    }
+    (void)sync_file_range(f->fd, (off_t)req->off, (off_t)req->len, SYNC_FILE_RANGE_WRITE);
+    uint64_t o[MS_SHARD_BEHIND_RANGES], l[MS_SHARD_BEHIND_RANGES];
+    uv_mutex_lock(&f->wb_lock);
+    unsigned n = behind_push(f, req->off, req->len, o, l);
+    uv_mutex_unlock(&f->wb_lock);
+    for (unsigned i = 0; i < n; i++)
+        behind_drop(f->fd, o[i], l[i]);
+}
+
+static void behind_after_cb(uv_work_t *w, int status)
+{
+    struct ms_shard_write *req = w->data;
+    struct ms_shard_file *f = req->file;
+    int rc = status < 0 ? status : req->wrc;
+    if (rc < 0)
+        rc = ms_error(rc, "%s: write failed: %s", f->tmp_path,
+                      rc == MS_EIO ? "no progress" : ms_strerror(rc));
+    req->cb(req, rc);
+}
+
+int ms_shard_file_behind(struct ms_shard_file *f, uint64_t window)
+{
+    assert(f->fd >= 0 && !f->behind);
+    int rc = uv_mutex_init(&f->wb_lock);
+    if (rc < 0)
+        return ms_error(rc, "%s: cannot start write-behind: %s", f->tmp_path, uv_strerror(rc));
+    f->behind = true;
+    f->wb_first = f->wb_n = 0;
+    f->wb_bytes = 0;
+    f->wb_window = window;
+    return 0;
+}
+
+/* Ends write-behind: what is still in the page cache goes once on disk. */
+static void behind_end(struct ms_shard_file *f)
+{
+    if (!f->behind)
+        return;
+    if (f->fd >= 0 && fdatasync(f->fd) == 0)
+        (void)posix_fadvise(f->fd, 0, 0, POSIX_FADV_DONTNEED);
+    uv_mutex_destroy(&f->wb_lock);
+    f->behind = false;
+}
+
 int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_shard_write *req,
                          const void *buf, size_t len, uint64_t off, ms_shard_write_cb cb)
 {
@@ -149,7 +259,13 @@ int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_sha
     req->cb = cb;
     if (ms__io_should_fail()) /* test hook */
         return ms_error(UV_EIO, "%s: write failed: %s", f->tmp_path, uv_strerror(UV_EIO));
-    return fs_issue(req);
+    if (!f->behind)
+        return fs_issue(req);
+    req->u.work.data = req;
+    int rc = uv_queue_work(loop, &req->u.work, behind_work_cb, behind_after_cb);
+    if (rc < 0)
+        return ms_error(rc, "%s: write failed: %s", f->tmp_path, uv_strerror(rc));
+    return 0;
 }
 
 /* ------------------------------------------------------------------ end */
@@ -157,6 +273,7 @@ int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_sha
 int ms_shard_file_finish(struct ms_shard_file *f)
 {
     enum ms_file_step step;
+    behind_end(f);
     int fd = f->fd;
     f->fd = -1; /* ms_file_commit closes it whatever happens */
     int rc = ms_file_commit(fd, f->tmp_path, f->final_path, NULL, &step);
@@ -176,6 +293,10 @@ void ms_shard_file_cancel(struct ms_shard_file *f) { f->canceled = true; }
 
 void ms_shard_file_abort(struct ms_shard_file *f)
 {
+    if (f->behind) {
+        uv_mutex_destroy(&f->wb_lock);
+        f->behind = false;
+    }
     if (f->fd >= 0)
         close(f->fd);
     f->fd = -1;

@@ -20,6 +20,7 @@
 #include "ms_src.h"
 
 #define MAX_CALL (1u << 30) /* bytes per uv_fs_read call */
+#define DROP_RUN (32u << 20)  /* consumed bytes handed to the kernel at once (ms_src_consumed) */
 
 struct ms_src {
     char *path;                   /* owned copy, for diagnostics */
@@ -34,6 +35,7 @@ struct ms_src {
     bool busy;                    /* a read is on the thread pool */
     int zrc;                      /* its result, written by the worker */
     char zerr[512];               /* its diagnostic (the worker's is thread-local) */
+    uint64_t drop_lo, drop_hi;    /* plain file: consumed bytes not yet dropped (one run) */
 };
 
 /* ------------------------------------------------------------------ plain files */
@@ -191,6 +193,32 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
     return 0;
 }
 
+/* The page cache may let go of the consumed run (pages wholly inside it). */
+static void drop_flush(struct ms_src *src)
+{
+    if (src->drop_hi > src->drop_lo)
+        (void)posix_fadvise(src->fd, (off_t)src->drop_lo, (off_t)(src->drop_hi - src->drop_lo),
+                            POSIX_FADV_DONTNEED); /* advice: a failure changes nothing */
+    src->drop_lo = src->drop_hi = 0;
+}
+
+void ms_src_consumed(struct ms_src *src, uint64_t off, uint64_t len)
+{
+    if (src->fd < 0 || !len)
+        return;
+    if (src->drop_hi > src->drop_lo && off == src->drop_hi)
+        src->drop_hi += len;
+    else if (src->drop_hi > src->drop_lo && off + len == src->drop_lo)
+        src->drop_lo = off;
+    else {
+        drop_flush(src);
+        src->drop_lo = off;
+        src->drop_hi = off + len;
+    }
+    if (src->drop_hi - src->drop_lo >= DROP_RUN)
+        drop_flush(src);
+}
+
 void ms_src_cancel(struct ms_src *src)
 {
     src->canceled = true;
@@ -226,6 +254,8 @@ int ms_src_open(const char *path, bool compressed, struct ms_src **out)
     src->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (src->fd < 0)
         rc = ms_error(-errno, "%s: cannot open: %s", path, strerror(errno));
+    else /* a merge reads each tensor front to back: a larger readahead window */
+        (void)posix_fadvise(src->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 
 out:
     if (rc)
@@ -240,8 +270,10 @@ void ms_src_free(struct ms_src *src)
     if (!src)
         return;
     assert(!src->busy && !src->qhead);
-    if (src->fd >= 0)
+    if (src->fd >= 0) {
+        drop_flush(src);
         close(src->fd);
+    }
     ms_zsrc_free(src->z);
     ms_free(src->path);
     ms_free(src);

@@ -15,7 +15,8 @@
  *
  * Jobs (output tensors) run in plan order. A job whose stage asks for reduce
  * passes runs them first; a later job may start taking slots only once every
- * job before it has issued all the chunks of its apply pass. That keeps the
+ * job before it will take no more: it has issued all the chunks of its apply
+ * pass, or it is resident (below) and has issued its first pass. That keeps the
  * schedule deadlock-free (a job never waits on slots held by a later job that
  * waits on it) and keeps writes close to file order.
  *
@@ -82,7 +83,7 @@ struct slot {
     const unsigned char *wbuf;
     uint64_t wlen, woff;          /* bytes, and the offset in the output shard */
     uint64_t hpart;               /* hash_writes: ms_poshash_range of those bytes */
-    struct slot *next_queued;     /* compute queue link */
+    struct slot *next_queued;     /* compute queue link, then the shard's write queue link */
 };
 
 struct jrun {
@@ -110,6 +111,10 @@ struct out_shard {
     size_t jobs_left;
     bool skip;                    /* not written by this run (--resume kept it, or --part) */
     uint64_t hacc;                /* hash_writes: ms_poshash parts of the bytes written so far */
+    /* Positional writes: one in flight per file (two writers of one file only contend
+     * for its lock); finished chunks wait here in arrival order, linked by next_queued. */
+    bool wbusy;
+    struct slot *wq_head, *wq_tail;
 };
 
 /*
@@ -179,6 +184,9 @@ struct eng {
     uint64_t bytes_in, bytes_out;
 
     bool seq;                     /* output goes through ms_out (not positional files) */
+    bool behind;                  /* larger than memory: drop consumed inputs and written
+                                     output from the page cache (ms_src_consumed,
+                                     ms_shard_file_behind) */
     struct seq_writer sw;
 
     /* The run file (directory output): fingerprint, and each finished shard's
@@ -607,7 +615,12 @@ static void on_read(struct ms_src_read *req, int status)
         eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file and the tensor */
     else
         e->bytes_in += s->raw_len[i];
-    if (status >= 0 && s->jr->job->in[i].rowmap) { /* row gather: the input's next run */
+    /* The last read of these bytes: a resident job's only one, or the apply pass. */
+    const struct ms_plan_input *in = &s->jr->job->in[i];
+    if (status >= 0 && e->behind && !in->rowmap &&
+        (s->jr->resident || s->jr->phase == MS_STAGE_APPLY))
+        ms_src_consumed(input_src(e, in), s->raw_off[i], s->raw_len[i]);
+    if (status >= 0 && in->rowmap) { /* row gather: the input's next run */
         int grc = gather_next(e, s, i);
         if (grc < 0)
             eng_fail(e, grc, "%s", ms_errmsg());
@@ -765,17 +778,41 @@ static void after_work_cb(uv_work_t *w, int status)
 
 /* ------------------------------------------------------------------ writes */
 
+/* Starts the next queued write of shard sh if none is in flight; on a stop, frees the queue. */
+static void shard_write_next(struct eng *e, struct out_shard *sh)
+{
+    while (sh->wq_head && (!sh->wbusy || eng_stopping(e))) {
+        struct slot *s = sh->wq_head;
+        sh->wq_head = s->next_queued;
+        if (!sh->wq_head)
+            sh->wq_tail = NULL;
+        if (eng_stopping(e)) {
+            slot_put(e, s);
+            continue;
+        }
+        s->wr.data = s;
+        int rc = ms_shard_write_start(&e->loop, &sh->file, &s->wr, s->wbuf, (size_t)s->wlen,
+                                      s->woff, on_write);
+        if (rc < 0) {
+            eng_fail(e, rc, "%s", ms_errmsg());
+            slot_put(e, s);
+        } else {
+            sh->wbusy = true;
+        }
+    }
+}
+
 static void write_issue(struct eng *e, struct slot *s)
 {
     struct out_shard *sh = &e->osh[s->jr->job->shard];
     s->state = SLOT_WRITING;
-    s->wr.data = s;
-    int rc = ms_shard_write_start(&e->loop, &sh->file, &s->wr, s->wbuf, (size_t)s->wlen, s->woff,
-                                  on_write);
-    if (rc < 0) {
-        eng_fail(e, rc, "%s", ms_errmsg());
-        slot_put(e, s);
-    }
+    s->next_queued = NULL;
+    if (sh->wq_tail)
+        sh->wq_tail->next_queued = s;
+    else
+        sh->wq_head = s;
+    sh->wq_tail = s;
+    shard_write_next(e, sh);
 }
 
 static void chunk_written(struct eng *e, struct slot *s)
@@ -792,20 +829,21 @@ static void on_write(struct ms_shard_write *req, int status)
 {
     struct slot *s = req->data;
     struct eng *e = s->e;
+    struct out_shard *sh = &e->osh[s->jr->job->shard];
+    sh->wbusy = false;
     if (status < 0) {
         eng_fail(e, status, "%s", ms_errmsg()); /* io/ names the file */
         slot_put(e, s);
     } else {
         e->bytes_out += s->wlen;
-        if (e->hash_writes) {
-            struct out_shard *sh = &e->osh[s->jr->job->shard];
+        if (e->hash_writes)
             sh->hacc = ms_poshash_add(sh->hacc, s->hpart);
-        }
         if (eng_stopping(e))
             slot_put(e, s);
         else
             chunk_written(e, s);
     }
+    shard_write_next(e, sh);
     pump(e);
 }
 
@@ -1001,6 +1039,8 @@ static int shard_open(struct eng *e, uint32_t k)
 {
     const struct ms_out_shard *ls = &e->plan->layout->shards[k];
     int rc = ms_shard_file_open(&e->osh[k].file, ls->file_bytes, ls->header, ls->header_bytes);
+    if (!rc && e->behind)
+        rc = ms_shard_file_behind(&e->osh[k].file, MS_SHARD_BEHIND_BYTES);
     if (rc)
         return eng_fail(e, rc, "%s", ms_errmsg());
     e->bytes_out += ls->header_bytes;
@@ -1048,6 +1088,18 @@ static void job_finish(struct eng *e, struct jrun *jr)
 static bool job_fully_issued(const struct jrun *jr)
 {
     return jr->phase == MS_STAGE_APPLY && jr->issued == jr->nchunks;
+}
+
+/*
+ * True when jr will take no more slots: every chunk of its apply pass is issued,
+ * or it is resident and its first pass is (every later pass, apply included,
+ * runs from the slots it holds). A later job may then take free slots: jr never
+ * waits for them, so the schedule stays deadlock-free, and the next tensor's
+ * reads and first pass overlap a resident tensor's later passes.
+ */
+static bool job_takes_no_slots(const struct jrun *jr)
+{
+    return job_fully_issued(jr) || (jr->resident && (jr->pass > 0 || jr->issued == jr->nchunks));
 }
 
 /* Takes a LoRA buffer for jr and reads its inputs' A and B into it (blocking, small).
@@ -1191,12 +1243,12 @@ static void pump(struct eng *e)
         for (uint32_t k = 0; k < e->nactive && !eng_stopping(e); k++) {
             struct jrun *jr = &e->jr[e->order[k]];
             job_issue(e, jr);
-            if (!job_fully_issued(jr))
+            if (!job_takes_no_slots(jr))
                 break;
         }
         while (!eng_stopping(e) && e->next_job < e->plan->njobs && e->nactive < MAX_ACTIVE &&
                e->nfree > 0 &&
-               (e->nactive == 0 || job_fully_issued(&e->jr[e->order[e->nactive - 1]]))) {
+               (e->nactive == 0 || job_takes_no_slots(&e->jr[e->order[e->nactive - 1]]))) {
             int rc = job_activate(e);
             if (rc > 0)
                 break; /* waiting for a state or LoRA buffer */
@@ -1251,6 +1303,25 @@ static void on_signal(uv_signal_t *h, int signo)
 }
 
 /* ------------------------------------------------------------------ setup */
+
+/*
+ * Whether this merge's I/O is larger than the page cache can usefully keep: more
+ * bytes read and written than half the machine's memory. Then the inputs (read
+ * once) and the output (written once) would only push other data out of the
+ * cache, and a final fsync of gigabytes of dirty output would stall, so both
+ * are dropped behind (ms_src_consumed, ms_shard_file_behind). The bytes written
+ * are the same either way. MERGESTREAM_IO_BEHIND=1 or 0 forces it (tests).
+ */
+static bool io_behind(const struct ms_plan *p)
+{
+    const char *v = getenv("MERGESTREAM_IO_BEHIND");
+    if (v && (!strcmp(v, "0") || !strcmp(v, "1")))
+        return v[0] == '1';
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || psz <= 0)
+        return false;
+    return p->bytes_read + p->bytes_written > (uint64_t)pages * (uint64_t)psz / 2;
+}
 
 static int open_inputs(struct eng *e)
 {
@@ -1574,9 +1645,11 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     unsigned threads = opts->threads ? opts->threads : default_threads();
     e->compute_max = threads;
     e->depth = 2 * threads + 4;
-    /* The pool serves file I/O and compute: leave room for reads beside compute. */
+    e->behind = io_behind(plan);
+    /* The pool serves file I/O and compute: leave room for reads beside compute (more
+     * when they come from a disk and block: then compute must not queue behind them). */
     char tp[16];
-    snprintf(tp, sizeof tp, "%u", threads + 2);
+    snprintf(tp, sizeof tp, "%u", threads + (e->behind ? 4 : 2));
     setenv("UV_THREADPOOL_SIZE", tp, 1);
     /* A signal caught before the loop (by the caller's ms_engine_cancel handler)
      * stays pending: the first pump stops the run. */

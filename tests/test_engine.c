@@ -1,8 +1,9 @@
 /*
  * test_engine.c - the streaming engine end to end through `mergestream merge`:
  * the linear formula element by element, byte identity across threads, budgets,
- * chunk sizes and the in-memory / re-read paths, the output directory, and the
- * peak RSS of a child process under a budget smaller than one tensor.
+ * chunk sizes, the in-memory / re-read paths and larger-than-memory I/O, the
+ * output directory, and the peak RSS of a child process under a budget smaller
+ * than one tensor.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -221,6 +222,32 @@ Test(engine, karcher_bf16_in_memory_and_reread_paths_agree)
     check_multipass("karcher.yml", "merge_method: karcher\ndtype: bfloat16\nmodels:\n"
                                    "  - model: base\n  - model: ft1\n  - model: ft2\n"
                                    "parameters:\n  max_iter: 6\n");
+}
+
+/*
+ * Larger-than-memory I/O (MERGESTREAM_IO_BEHIND=1: inputs dropped from the page
+ * cache behind the last read, output written behind with writeback and drops)
+ * gives the same bytes as the default, for a one-pass method and for a
+ * multi-pass one both resident and re-read.
+ */
+Test(engine, io_behind_gives_the_same_bytes)
+{
+    write_recipe("linear.yml", linear_recipe);
+    write_recipe("ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\n"
+                             "models:\n  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                             "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n");
+    const char *runs[][2] = {
+        { "linear.yml", "" },           { "linear.yml", "--threads 1 --chunk-elems 1000" },
+        { "ties.yml", "" },             { "ties.yml", "--reread --chunk-elems 1000" },
+        { "ties.yml", "--max-memory 4M" },
+    };
+    for (size_t i = 0; i < MS_ARRAY_LEN(runs); i++) {
+        run_ok("cd %s && rm -rf a b && MERGESTREAM_IO_BEHIND=0 mergestream merge %s a/out -q "
+               "--out-shard-size 50K && MERGESTREAM_IO_BEHIND=1 mergestream merge %s b/out -q "
+               "--out-shard-size 50K %s",
+               g_dir, runs[i][0], runs[i][0], runs[i][1]);
+        assert_same_output("a/out", "b/out");
+    }
 }
 
 Test(engine, output_directory_layout)

@@ -41,12 +41,13 @@ static void fill(void)
 Test(poshash, matches_the_definition)
 {
     fill();
-    static const size_t lens[] = { 0, 1, 3, 4, 5, 15, 16, 17, 63, 64, 65, 1000, 4099 };
+    static const size_t lens[] = { 0,  1,  3,   4,   5,   15,  16,   17,  63,
+                                   64, 65, 67, 68, 127, 128, 129, 1000, 4099 };
     for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++)
         cr_assert_eq(ms_poshash_range(0, g_data, lens[k]), def_acc(g_data, lens[k]), "length %zu",
                      lens[k]);
-    /* 0xff bytes everywhere: every lane at its largest values */
-    unsigned char ff[203];
+    /* 0xff bytes everywhere: every sum at its largest values (several 64-byte blocks) */
+    unsigned char ff[1027];
     memset(ff, 0xff, sizeof ff);
     cr_assert_eq(ms_poshash_range(0, ff, sizeof ff), def_acc(ff, sizeof ff));
 }

@@ -1,15 +1,19 @@
 /*
  * test_shard.c - positional shard files (ms_out.h, ms_shard_file_*): create
  * with the size reserved and the header written, writes at offsets in any
- * order, finish (sync, rename), abort (no temporary left), the --resume check
- * of a kept file, and the fault hook on header and chunk writes.
+ * order, write-behind, finish (sync, rename), abort (no temporary left), the
+ * --resume check of a kept file, and the fault hook on header and chunk writes.
  */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <uv.h>
@@ -132,6 +136,68 @@ Test(shard, writes_out_of_order_then_finish)
     cr_assert(exists(g_dir, NAME), "fini keeps a finished file");
     free(back);
     free(tmp);
+    free(fin);
+    free(file);
+}
+
+/*
+ * Write-behind (ms_shard_file_behind) with a 4 KiB window: 60 writes one after
+ * another, scattered (more separate ranges than the list holds) and adjacent,
+ * give the same file; after finish the page cache holds (almost) none of it,
+ * checked with mincore where the file system can drop pages (not tmpfs).
+ */
+Test(shard, write_behind_same_file_and_pages_dropped)
+{
+    enum { PIECES = 60, PIECE = 5000 };
+    size_t n = HDR + (size_t)PIECES * PIECE;
+    unsigned char *file = pattern(n, 4);
+    struct ms_shard_file f;
+    cr_assert_eq(ms_shard_file_init(&f, g_dir, NAME, ""), 0);
+    cr_assert_eq(ms_shard_file_open(&f, n, file, HDR), 0, "%s", ms_errmsg());
+    cr_assert_eq(ms_shard_file_behind(&f, 4096), 0, "%s", ms_errmsg());
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    for (int i = 0; i < PIECES; i++) {
+        /* pieces 0..39 scattered (17 is prime to 40), then 40..59 in order */
+        int k = i < 40 ? (i * 17) % 40 : i;
+        struct rec r = { 0 };
+        r.req.data = &r;
+        size_t off = HDR + (size_t)k * PIECE;
+        cr_assert_eq(ms_shard_write_start(&loop, &f, &r.req, file + off, PIECE, off, on_write), 0,
+                     "%s", ms_errmsg());
+        uv_run(&loop, UV_RUN_DEFAULT);
+        cr_assert_eq(r.calls, 1);
+        cr_assert_eq(r.status, 0, "%s", r.msg);
+    }
+    cr_assert_eq(uv_loop_close(&loop), 0);
+    cr_assert_eq(ms_shard_file_finish(&f), 0, "%s", ms_errmsg());
+    char *fin = th_path(g_dir, NAME);
+    size_t got = 0;
+    int fd = open(fin, O_RDONLY);
+    cr_assert_geq(fd, 0);
+    struct statfs sf;
+    cr_assert_eq(fstatfs(fd, &sf), 0);
+    void *m = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0);
+    cr_assert_neq(m, MAP_FAILED);
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t np = (n + (size_t)pg - 1) / (size_t)pg, resident = 0;
+    unsigned char *vec = malloc(np);
+    cr_assert_eq(mincore(m, n, vec), 0);
+    for (size_t i = 0; i < np; i++)
+        resident += vec[i] & 1;
+    if (sf.f_type == TMPFS_MAGIC)
+        cr_log_info("skipped: the page-cache check (tmpfs keeps its pages)");
+    else
+        cr_assert_leq(resident, 2, "%zu of %zu pages still cached after write-behind", resident,
+                      np);
+    munmap(m, n);
+    close(fd);
+    free(vec);
+    char *back = th_read(fin, &got);
+    cr_assert_eq(got, n);
+    cr_assert(!memcmp(back, file, n), "the file holds other bytes");
+    ms_shard_file_fini(&f);
+    free(back);
     free(fin);
     free(file);
 }

@@ -3,8 +3,12 @@
 #
 # Each scenario generates synthetic bf16 models, warms the page cache, measures
 # the I/O floor (ms-iofloor: read every input byte and write as many output
-# bytes, no merge, same files), runs the merge under ms-timeit (wall time and
-# peak RSS of the process), and prints both from the same run:
+# bytes, no merge, same files, in blocks of BENCH_BLOCK bytes: default 1065152,
+# the merge's read per input for three bf16 models at 512M), runs the merge under
+# ms-timeit (wall time and peak RSS of the process), and prints both from the
+# same run. Floor and merge are each the best (shortest) of BENCH_REPEAT runs
+# (default 3; floor and merge alternate), so one slow run under load does not
+# set the ratio:
 #
 #   scenario  size/model  wall_s  floor_s  ratio  MB/s  maxrss_MiB  budget_MiB
 #
@@ -15,15 +19,22 @@
 #   ties3          three models, ties (density 0.5), default budget
 #   methods        every method family on the same three models (BENCH_SIZE, default 0.6G),
 #                  output and floor on tmpfs (BENCH_OUT, default /dev/shm/ms-bench-$USER), then
-#                  dare_ties at 1 and 2 threads (thread scaling of a multi-pass method);
-#                  BENCH_METHODS restricts the list
+#                  dare_ties at 1 and 2 threads (thread scaling of a multi-pass method;
+#                  BENCH_SCALING=0 leaves it out); BENCH_METHODS restricts the list
 #   zstd           linear3 written with --compress zstd:3, against `zstd -T0 -3` compressing
 #                  the raw merge output (the same bytes) on the same machine
+#   disk           inputs larger than RAM, from disk: three models of BENCH_SIZE (default 10G),
+#                  linear and ties, output on disk (BENCH_OUT, default the models' directory),
+#                  page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches, root only,
+#                  else "skipped") before each floor and each merge; the floor does the
+#                  engine's larger-than-memory I/O (ms-iofloor --behind); one run each
+#                  (BENCH_REPEAT ignored); the models are deleted after unless BENCH_KEEP=1
 #   remote         linear merge of three models (BENCH_SIZE, default 0.6G) read over HTTP
 #                  range requests from nginx on loopback, against the same merge from the
 #                  local files in the same run; checks that the outputs are identical
 # Environment: BENCH_DIR (default BUILD/bench), BENCH_SIZE, BENCH_MEM (default 512M),
-# BENCH_THREADS (default: cores), BENCH_KEEP=1 keeps the generated models.
+# BENCH_THREADS (default: cores), BENCH_REPEAT (default 3), BENCH_BLOCK (default 1065152),
+# BENCH_KEEP=1 keeps the generated models.
 set -eu
 build=${1:-build}; shift || true
 [ $# -gt 0 ] || set -- linear3 bigtensor
@@ -31,7 +42,14 @@ bin=$(cd "$build" && pwd)
 dir=${BENCH_DIR:-$bin/bench}
 mem=${BENCH_MEM:-512M}
 threads=${BENCH_THREADS:-$(nproc)}
+repeat=${BENCH_REPEAT:-3}
+block=${BENCH_BLOCK:-1065152}
+cold=0          # disk scenario: drop the page cache before each floor and merge
+floor_args=     # disk scenario: --behind
 mkdir -p "$dir"
+
+can_drop() { [ "$(id -u)" = 0 ] && [ -w /proc/sys/vm/drop_caches ]; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 size_bytes() { # 1.5G -> bytes
     awk -v s="$1" 'BEGIN { m = 1; u = substr(s, length(s)); if (u ~ /[kK]/) m = 1e3;
@@ -96,16 +114,26 @@ measure() { # measure LABEL METHOD DIR MEM [OUTDIR [THREADS]]
     recipe "$r" "$method" "$d"
     inputs=$(ls "$d"/base/*.safetensors "$d"/ft1/*.safetensors "$d"/ft2/*.safetensors)
     in_bytes=$(cat $inputs | wc -c)
-    out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%d", s }')
-    cat $inputs > /dev/null  # warm cache
-    floor=$("$bin/ms-iofloor" "$od/floor.bin" "$out_bytes" $inputs | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
-    rm -rf "$out"
-    t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$r" "$out" -q --max-memory "$m" \
-            --threads "$th" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:' )
-    wall=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
-    rss=$(echo "$t" | sed -n 's/.*maxrss_kib=\([0-9]*\).*/\1/p')
-    st=$(echo "$t" | sed -n 's/.*status=\([0-9]*\).*/\1/p')
-    [ "$st" = 0 ] || { echo "bench: merge failed (status $st)"; exit 1; }
+    out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%.0f", s }')
+    n=$repeat; [ "$cold" = 0 ] || n=1
+    floor=; wall=; rss=0; k=0
+    while [ $k -lt $n ]; do
+        k=$((k + 1))
+        if [ "$cold" = 1 ]; then drop_caches; else cat $inputs > /dev/null; fi  # cold or warm cache
+        f=$("$bin/ms-iofloor" --block "$block" $floor_args "$od/floor.bin" "$out_bytes" $inputs |
+            sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+        rm -rf "$out"
+        [ "$cold" = 0 ] || drop_caches
+        t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$r" "$out" -q --max-memory "$m" \
+                --threads "$th" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:' )
+        w=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+        rs=$(echo "$t" | sed -n 's/.*maxrss_kib=\([0-9]*\).*/\1/p')
+        st=$(echo "$t" | sed -n 's/.*status=\([0-9]*\).*/\1/p')
+        [ "$st" = 0 ] || { echo "bench: merge failed (status $st)"; exit 1; }
+        floor=$(awk -v a="$floor" -v b="$f" 'BEGIN { print (a == "" || b < a) ? b : a }')
+        wall=$(awk -v a="$wall" -v b="$w" 'BEGIN { print (a == "" || b < a) ? b : a }')
+        rss=$(( rs > rss ? rs : rss ))
+    done
     awk -v l="$label" -v sz="$(ls -l "$d"/base/*.safetensors | awk '{s+=$5} END {print s/1e9}')" \
         -v w="$wall" -v f="$floor" -v io="$in_bytes" -v ob="$out_bytes" -v rss="$rss" -v m="$m" \
         'BEGIN { printf "%-12s %6.2f GB  wall %7.2f s  floor %7.2f s  ratio %5.2f  %7.0f MB/s  peak RSS %6.1f MiB  budget %s\n",
@@ -113,7 +141,8 @@ measure() { # measure LABEL METHOD DIR MEM [OUTDIR [THREADS]]
     rm -rf "$out" "$od/floor.bin"
 }
 
-echo "bench: $(nproc) cores, threads $threads, $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "bench: $(nproc) cores, threads $threads, $(date -u +%Y-%m-%dT%H:%MZ), load $(cut -d' ' -f1-3 /proc/loadavg);" \
+     "floor and merge each the best of $repeat runs (disk: 1, cold cache), floor blocks $block bytes"
 for s in "$@"; do
     case $s in
     linear3)
@@ -134,7 +163,8 @@ for s in "$@"; do
             measure "$me" "$me" "$dir/methods" "$mem" "$od"
         done
         for th in 1 2; do
-            measure "dare_ties/t$th" dare_ties "$dir/methods" "$mem" "$od" "$th"
+            [ "${BENCH_SCALING:-1}" = 0 ] ||
+                measure "dare_ties/t$th" dare_ties "$dir/methods" "$mem" "$od" "$th"
         done
         rmdir "$od" 2>/dev/null || true ;;
     zstd)
@@ -196,6 +226,18 @@ for s in "$@"; do
             'BEGIN { printf "remote       %6.2f GB  local %7.2f s  remote %7.2f s  ratio %5.2f  remote %7.0f MB/s in  peak RSS %6.1f / %6.1f MiB  budget %s  (outputs identical)\n",
                      sz / 1e9, l, r, r / l, io / r / 1e6, rl / 1024, rr / 1024, m }'
         rm -rf "$d/out-local" "$d/out-remote" ;;
+    disk)
+        can_drop || { echo "disk         skipped: dropping the page cache needs root"; continue; }
+        b=$(size_bytes "${BENCH_SIZE:-10G}")
+        gen3 disk "$b"
+        d=$dir/disk; od=${BENCH_OUT:-$d}
+        mkdir -p "$od"
+        cold=1; floor_args=--behind
+        for me in linear ties; do
+            measure "disk/$me" "$me" "$d" "$mem" "$od"
+        done
+        cold=0; floor_args=
+        [ -n "${BENCH_KEEP:-}" ] || rm -rf "$d" ;;
     bigtensor)
         gen3 bigtensor 0 --layers 1 --hidden 4096 --intermediate 256 --vocab 65536
         measure bigtensor linear "$dir/bigtensor" 64M ;;
