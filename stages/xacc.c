@@ -331,35 +331,70 @@ static inline __int128 xv_shl(__int128 v, int sh)
     return (__int128)((unsigned __int128)v << sh);
 }
 
-/* The driver of one ISA: blocks, plan, the vector pass or the bins (flushed
- * once per call, or every 2 * XB_BLOCK binned terms), the tail. */
-#define XV_RUN_BODY(LANES, RANGE, ACCUM)                                                   \
-    size_t nv = n - n % (LANES), binned = 0;                                               \
-    for (size_t i0 = 0; i0 < nv; i0 += XV_B) {                                             \
-        size_t m = MS_MIN((size_t)XV_B, nv - i0);                                          \
-        const float *xb = x + i0, *yb = kind == XK_DOT ? y + i0 : NULL;                    \
-        uint64_t hi, lo;                                                                   \
-        uint32_t top = 0;                                                                  \
-        RANGE(kind, xb, yb, m, &hi, &lo);                                                  \
-        int nlimb = xv_plan(hi, lo, &top);                                                 \
-        if (nlimb < 0) {                                                                   \
-            if (binned + m > 2 * XB_BLOCK) {                                               \
-                xb_flush(a, &xacc_tls);                                                    \
-                binned = 0;                                                                \
-            }                                                                              \
-            xb_add(&xacc_tls, kind, xb, yb, m); /* m even: half in each table */           \
-            binned += m;                                                                   \
-        } else if (nlimb > 0) {                                                            \
-            __int128 add[XV_J];                                                            \
-            ACCUM(kind, nlimb, top, xb, yb, m, add);                                       \
-            for (int j = 0; j < nlimb; j++)                                                \
-                a->limb[top - (uint32_t)j] += add[j];                                      \
-        }                                                                                  \
-    }                                                                                      \
-    if (binned)                                                                            \
-        xb_flush(a, &xacc_tls);                                                            \
-    for (size_t i = nv; i < n; i++)                                                        \
-        xacc_term(a->limb, &a->nonfinite, xk_term(kind, x, y, i));
+/* The driver and the four entry points of one ISA (PFX: x2, x5; ISA: avx2,
+ * avx512; ATTR, INLINE: its target attributes) from its PFX_range and
+ * PFX_accum: blocks, plan, the vector pass (the number of limbs a constant in
+ * each copy of the loop) or the bins (flushed once per call, or every
+ * 2 * XB_BLOCK binned terms), the tail. */
+#define XV_DEFINE(PFX, ISA, LANES, ATTR, INLINE)                                                   \
+    INLINE void PFX##_accum_n(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,        \
+                              const float *y, size_t n, __int128 *add)                             \
+    {                                                                                              \
+        switch (nlimb) {                                                                           \
+        case 1: PFX##_accum(kind, 1, top, x, y, n, add); break;                                    \
+        case 2: PFX##_accum(kind, 2, top, x, y, n, add); break;                                    \
+        default: PFX##_accum(kind, 3, top, x, y, n, add); break;                                   \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    INLINE void PFX##_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,         \
+                          const float *restrict y, size_t n)                                       \
+    {                                                                                              \
+        size_t nv = n - n % (LANES), binned = 0;                                                   \
+        for (size_t i0 = 0; i0 < nv; i0 += XV_B) {                                                 \
+            size_t m = MS_MIN((size_t)XV_B, nv - i0);                                              \
+            const float *xb = x + i0, *yb = kind == XK_DOT ? y + i0 : NULL;                        \
+            uint64_t hi, lo;                                                                       \
+            uint32_t top = 0;                                                                      \
+            PFX##_range(kind, xb, yb, m, &hi, &lo);                                                \
+            int nlimb = xv_plan(hi, lo, &top);                                                     \
+            if (nlimb < 0) {                                                                       \
+                if (binned + m > 2 * XB_BLOCK) {                                                   \
+                    xb_flush(a, &xacc_tls);                                                        \
+                    binned = 0;                                                                    \
+                }                                                                                  \
+                xb_add(&xacc_tls, kind, xb, yb, m); /* m even: half in each table */               \
+                binned += m;                                                                       \
+            } else if (nlimb > 0) {                                                                \
+                __int128 add[XV_J];                                                                \
+                PFX##_accum_n(kind, nlimb, top, xb, yb, m, add);                                   \
+                for (int j = 0; j < nlimb; j++)                                                    \
+                    a->limb[top - (uint32_t)j] += add[j];                                          \
+            }                                                                                      \
+        }                                                                                          \
+        if (binned)                                                                                \
+            xb_flush(a, &xacc_tls);                                                                \
+        for (size_t i = nv; i < n; i++)                                                            \
+            xacc_term(a->limb, &a->nonfinite, xk_term(kind, x, y, i));                             \
+    }                                                                                              \
+                                                                                                   \
+    ATTR static void xacc_dot_##ISA(struct ms_xacc *a, const float *restrict x,                    \
+                                    const float *restrict y, size_t n)                             \
+    {                                                                                              \
+        PFX##_run(a, XK_DOT, x, y, n);                                                             \
+    }                                                                                              \
+    ATTR static void xacc_sumsq_##ISA(struct ms_xacc *a, const float *restrict x, size_t n)        \
+    {                                                                                              \
+        PFX##_run(a, XK_SUMSQ, x, NULL, n);                                                        \
+    }                                                                                              \
+    ATTR static void xacc_sum_##ISA(struct ms_xacc *a, const float *restrict x, size_t n)          \
+    {                                                                                              \
+        PFX##_run(a, XK_SUM, x, NULL, n);                                                          \
+    }                                                                                              \
+    ATTR static void xacc_sumabs_##ISA(struct ms_xacc *a, const float *restrict x, size_t n)       \
+    {                                                                                              \
+        PFX##_run(a, XK_SUMABS, x, NULL, n);                                                       \
+    }
 
 /* ---- AVX2: 4 lanes, two-part w through the magic number ---------------- */
 
@@ -465,43 +500,7 @@ X2_INLINE void x2_accum(enum xacc_kind kind, int nlimb, uint32_t top, const floa
     add[nlimb - 1] = last;
 }
 
-/* nlimb as a constant in each copy of the loop */
-X2_INLINE void x2_accum_n(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
-                          const float *y, size_t n, __int128 *add)
-{
-    switch (nlimb) {
-    case 1: x2_accum(kind, 1, top, x, y, n, add); break;
-    case 2: x2_accum(kind, 2, top, x, y, n, add); break;
-    default: x2_accum(kind, 3, top, x, y, n, add); break;
-    }
-}
-
-X2_INLINE void x2_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,
-                      const float *restrict y, size_t n)
-{
-    XV_RUN_BODY(4, x2_range, x2_accum_n)
-}
-
-X2_ATTR static void xacc_dot_avx2(struct ms_xacc *a, const float *restrict x,
-                                  const float *restrict y, size_t n)
-{
-    x2_run(a, XK_DOT, x, y, n);
-}
-
-X2_ATTR static void xacc_sumsq_avx2(struct ms_xacc *a, const float *restrict x, size_t n)
-{
-    x2_run(a, XK_SUMSQ, x, NULL, n);
-}
-
-X2_ATTR static void xacc_sum_avx2(struct ms_xacc *a, const float *restrict x, size_t n)
-{
-    x2_run(a, XK_SUM, x, NULL, n);
-}
-
-X2_ATTR static void xacc_sumabs_avx2(struct ms_xacc *a, const float *restrict x, size_t n)
-{
-    x2_run(a, XK_SUMABS, x, NULL, n);
-}
+XV_DEFINE(x2, avx2, 4, X2_ATTR, X2_INLINE)
 
 /* ---- AVX-512: 8 lanes, vcvtpd2qq, mask registers ------------------------ */
 
@@ -596,42 +595,7 @@ X5_INLINE void x5_accum(enum xacc_kind kind, int nlimb, uint32_t top, const floa
     add[nlimb - 1] = last;
 }
 
-X5_INLINE void x5_accum_n(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
-                          const float *y, size_t n, __int128 *add)
-{
-    switch (nlimb) {
-    case 1: x5_accum(kind, 1, top, x, y, n, add); break;
-    case 2: x5_accum(kind, 2, top, x, y, n, add); break;
-    default: x5_accum(kind, 3, top, x, y, n, add); break;
-    }
-}
-
-X5_INLINE void x5_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,
-                      const float *restrict y, size_t n)
-{
-    XV_RUN_BODY(8, x5_range, x5_accum_n)
-}
-
-X5_ATTR static void xacc_dot_avx512(struct ms_xacc *a, const float *restrict x,
-                                    const float *restrict y, size_t n)
-{
-    x5_run(a, XK_DOT, x, y, n);
-}
-
-X5_ATTR static void xacc_sumsq_avx512(struct ms_xacc *a, const float *restrict x, size_t n)
-{
-    x5_run(a, XK_SUMSQ, x, NULL, n);
-}
-
-X5_ATTR static void xacc_sum_avx512(struct ms_xacc *a, const float *restrict x, size_t n)
-{
-    x5_run(a, XK_SUM, x, NULL, n);
-}
-
-X5_ATTR static void xacc_sumabs_avx512(struct ms_xacc *a, const float *restrict x, size_t n)
-{
-    x5_run(a, XK_SUMABS, x, NULL, n);
-}
+XV_DEFINE(x5, avx512, 8, X5_ATTR, X5_INLINE)
 
 #define HAVE_XV_KERNELS 1
 #endif

@@ -536,8 +536,10 @@ Test(xacc, versions_zeros_subnormals_nonfinite)
                 x[i] = r < 60 ? (r & 1 ? -0.0f : 0.0f) : special[2 + r % 3];
             else if (pass == 1) /* ordinary values, now and then an Inf or a NaN */
                 x[i] = r < 2 ? special[5 + t_next() % 4] : float_at((int)(r % 20) - 10, false);
-            else /* all zero blocks, then a few values */
-                x[i] = (i / 1024) % 2 ? (r & 1 ? -0.0f : 0.0f) : (r < 5 ? float_at(-3, false) : 0.0f);
+            else if ((i / 1024) % 2) /* all zero blocks, */
+                x[i] = r & 1 ? -0.0f : 0.0f;
+            else /* then blocks of a few values */
+                x[i] = r < 5 ? float_at(-3, false) : 0.0f;
             y[i] = t_next() % 7 == 0 ? 0.0f : float_at((int)(t_next() % 40) - 20, false);
         }
         check_lengths("specials", x, y);
