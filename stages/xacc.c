@@ -233,36 +233,56 @@ static inline void xb_add(struct xacc_bins *w, enum xacc_kind kind, const float 
     w->hi = hi;
 }
 
-/* a += the terms of x[0..n) (and y) through the bins. Inlined with a constant kind. */
-static inline void xb_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,
-                          const float *restrict y, size_t n)
-{
-    for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {
-        size_t m = MS_MIN(n - i0, (size_t)2 * XB_BLOCK);
-        xb_add(&xacc_tls, kind, x + i0, y ? y + i0 : NULL, m);
-        xb_flush(a, &xacc_tls);
+/* The scalar kernels, kept as they were written before the vector versions
+ * (the macro gives the compiler the term as an expression; through xb_add it
+ * laid the loop out worse): TERM(i) is the exact double of element i. */
+#define XACC_KERNEL(TERM)                                                                          \
+    struct xacc_bins *w = &xacc_tls;                                                               \
+    for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {                                              \
+        size_t i1 = MS_MIN(n, i0 + 2 * XB_BLOCK), i = i0;                                          \
+        int64_t *restrict b0 = w->b[0], *restrict b1 = w->b[1];                                    \
+        uint32_t nf = 0, lo = w->lo, hi = w->hi;                                                   \
+        for (; i + 2 <= i1; i += 2) {                                                              \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                                   \
+            xb_term(b1, &nf, &lo, &hi, TERM(i + 1));                                               \
+        }                                                                                          \
+        if (i < i1)                                                                                \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                                   \
+        w->nf |= nf;                                                                               \
+        w->lo = lo;                                                                                \
+        w->hi = hi;                                                                                \
+        xb_flush(a, w);                                                                            \
     }
-}
 
+/* The scalar reference of each kernel is ms_xacc_add of its terms one by one
+ * (tests/test_xacc.c checks that the limbs are identical). */
 static void xacc_dot_c(struct ms_xacc *a, const float *restrict x, const float *restrict y,
                        size_t n)
 {
-    xb_run(a, XK_DOT, x, y, n);
+#define DOT_TERM(i) ((double)x[i] * (double)y[i])
+    XACC_KERNEL(DOT_TERM)
+#undef DOT_TERM
 }
 
 static void xacc_sumsq_c(struct ms_xacc *a, const float *restrict x, size_t n)
 {
-    xb_run(a, XK_SUMSQ, x, NULL, n);
+#define SQ_TERM(i) ((double)x[i] * (double)x[i])
+    XACC_KERNEL(SQ_TERM)
+#undef SQ_TERM
 }
 
 static void xacc_sum_c(struct ms_xacc *a, const float *restrict x, size_t n)
 {
-    xb_run(a, XK_SUM, x, NULL, n);
+#define SUM_TERM(i) ((double)x[i])
+    XACC_KERNEL(SUM_TERM)
+#undef SUM_TERM
 }
 
 static void xacc_sumabs_c(struct ms_xacc *a, const float *restrict x, size_t n)
 {
-    xb_run(a, XK_SUMABS, x, NULL, n);
+#define ABS_TERM(i) fabs((double)x[i])
+    XACC_KERNEL(ABS_TERM)
+#undef ABS_TERM
 }
 
 /* ------------------------------------------------------------------------ */
