@@ -305,8 +305,10 @@ static void xacc_sumabs_c(struct ms_xacc *a, const float *restrict x, size_t n)
 /*    magic-number addition (AVX2) or vcvtpd2qq (AVX-512 products).          */
 /*    The int64 lanes sum the parts per limb: one unmasked sum of all terms, */
 /*    and a masked sum per limb but the lowest (which is the difference).    */
-/*    With XV_B / lanes <= 128 terms per lane no lane can overflow           */
-/*    (128 * 2^55 = 2^62). At the end of the block each limb gets            */
+/*    A lane takes XV_B / lanes terms per block (128 or 256): whole w are    */
+/*    below 2^55 with 8 lanes (128 * 2^55 = 2^62), parts below 2^39, so no   */
+/*    lane overflows.                                                        */
+/*    At the end of the block each limb gets                                 */
 /*    (sum h) * 2^(P + S) + (sum r) * 2^S: the sum of m << s of its terms,   */
 /*    the integer the scalar kernels add.                                    */
 /*                                                                           */
