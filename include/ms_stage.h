@@ -286,6 +286,16 @@ void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restri
 void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n);
 void ms_xacc_sum(struct ms_xacc *a, const float *restrict x, size_t n);
 void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n);
+/* Every version of the four kernels (ms_isa.h); NULL when isa is not available
+ * here. All give the limbs of ms_xacc_add term by term; the functions above call
+ * the ms_isa_active() one. */
+struct ms_xacc_kernels {
+    void (*dot)(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n);
+    void (*sumsq)(struct ms_xacc *a, const float *restrict x, size_t n);
+    void (*sum)(struct ms_xacc *a, const float *restrict x, size_t n);
+    void (*sumabs)(struct ms_xacc *a, const float *restrict x, size_t n);
+};
+const struct ms_xacc_kernels *ms_xacc_kernels(enum ms_isa isa);
 
 /* Counter-based RNG: a 32-bit value that depends only on its arguments. */
 uint32_t ms_rng_u32(uint64_t seed, uint64_t key, uint32_t model, uint64_t element);

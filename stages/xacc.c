@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "ms_common.h"
+#include "ms_isa.h"
 #include "ms_stage.h"
 
 #define XACC_BIAS 352
@@ -135,18 +136,19 @@ double ms_xacc_value(const struct ms_xacc *a)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Kernels. A term is first added, as its signed mantissa shifted right by 5,  */
-/* into an int64 bin per biased double exponent (one add, no shifts). Every    */
-/* term of a kernel is a float or the product of two floats: its integer       */
-/* mantissa has at most 48 significant bits, so the 53-bit double mantissa     */
-/* ends in at least 5 zero bits and the shift is exact; a bin takes 2^14 terms */
-/* (2^14 * 2^48 = 2^62) before it is flushed into the limbs as v << 5 at the   */
-/* term's position. Bin k holds terms of biased exponent k + 723, i.e. shifted */
-/* exponent e' = k: exactly the limb position of xacc_term, so the limbs get   */
-/* the same integers. Two bin tables (even and odd elements) break the         */
-/* load-add-store chain when neighbours share an exponent. The tables are per  */
-/* thread and left zero after each call; a flush visits only the bins between */
-/* the lowest and highest exponent met, so a call costs O(n + that range).     */
+/* Scalar kernels (the reference). A term is first added, as its signed      */
+/* mantissa shifted right by 5, into an int64 bin per biased double exponent */
+/* (one add, no shifts). Every term of a kernel is a float or the product of */
+/* two floats: its integer mantissa has at most 48 significant bits, so the  */
+/* 53-bit double mantissa ends in at least 5 zero bits and the shift is      */
+/* exact; a bin takes 2^14 terms (2^14 * 2^48 = 2^62) before it is flushed   */
+/* into the limbs as v << 5 at the term's position. Bin k holds terms of     */
+/* biased exponent k + 723, i.e. shifted exponent e' = k: exactly the limb   */
+/* position of xacc_term, so the limbs get the same integers. Two bin tables */
+/* (even and odd elements) break the load-add-store chain when neighbours    */
+/* share an exponent. The tables are per thread and left zero after each    */
+/* call; a flush visits only the bins between the lowest and highest         */
+/* exponent met, so a call costs O(n + that range).                          */
 
 #define XB_LO 723                 /* biased exponent of bin 0 (= 1075 - XACC_BIAS) */
 #define XB_N 560                  /* bins: biased exponents 723..1282 */
@@ -197,51 +199,462 @@ static void xb_flush(struct ms_xacc *a, struct xacc_bins *w)
     w->hi = 0;
 }
 
-/* The kernels share one shape: TERM(i) is the exact double of element i. */
-#define XACC_KERNEL(TERM)                                                        \
-    struct xacc_bins *w = &xacc_tls;                                             \
-    for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {                            \
-        size_t i1 = MS_MIN(n, i0 + 2 * XB_BLOCK), i = i0;                        \
-        int64_t *restrict b0 = w->b[0], *restrict b1 = w->b[1];                  \
-        uint32_t nf = 0, lo = w->lo, hi = w->hi;                                 \
-        for (; i + 2 <= i1; i += 2) {                                            \
-            xb_term(b0, &nf, &lo, &hi, TERM(i));                                 \
-            xb_term(b1, &nf, &lo, &hi, TERM(i + 1));                             \
-        }                                                                        \
-        if (i < i1)                                                              \
-            xb_term(b0, &nf, &lo, &hi, TERM(i));                                 \
-        w->nf |= nf;                                                             \
-        w->lo = lo;                                                              \
-        w->hi = hi;                                                              \
-        xb_flush(a, w);                                                          \
+/* The four kernels differ only in their term. */
+enum xacc_kind { XK_DOT, XK_SUMSQ, XK_SUM, XK_SUMABS };
+
+/* The exact double of element i (y is read by XK_DOT only). */
+static inline double xk_term(enum xacc_kind kind, const float *x, const float *y, size_t i)
+{
+    switch (kind) {
+    case XK_DOT: return (double)x[i] * (double)y[i];
+    case XK_SUMSQ: return (double)x[i] * (double)x[i];
+    case XK_SUM: return (double)x[i];
+    default: return fabs((double)x[i]);
+    }
+}
+
+/* Adds the terms of x[0..n) (and y) to w's bins, even elements to the first
+ * table, odd ones to the second; the caller flushes before a table has taken
+ * more than XB_BLOCK terms since the last flush. */
+static inline void xb_add(struct xacc_bins *w, enum xacc_kind kind, const float *restrict x,
+                          const float *restrict y, size_t n)
+{
+    int64_t *restrict b0 = w->b[0], *restrict b1 = w->b[1];
+    uint32_t nf = 0, lo = w->lo, hi = w->hi;
+    size_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        xb_term(b0, &nf, &lo, &hi, xk_term(kind, x, y, i));
+        xb_term(b1, &nf, &lo, &hi, xk_term(kind, x, y, i + 1));
+    }
+    if (i < n)
+        xb_term(b0, &nf, &lo, &hi, xk_term(kind, x, y, i));
+    w->nf |= nf;
+    w->lo = lo;
+    w->hi = hi;
+}
+
+/* The scalar kernels, kept as they were written before the vector versions
+ * (the macro gives the compiler the term as an expression; through xb_add it
+ * laid the loop out worse): TERM(i) is the exact double of element i. */
+#define XACC_KERNEL(TERM)                                                                          \
+    struct xacc_bins *w = &xacc_tls;                                                               \
+    for (size_t i0 = 0; i0 < n; i0 += 2 * XB_BLOCK) {                                              \
+        size_t i1 = MS_MIN(n, i0 + 2 * XB_BLOCK), i = i0;                                          \
+        int64_t *restrict b0 = w->b[0], *restrict b1 = w->b[1];                                    \
+        uint32_t nf = 0, lo = w->lo, hi = w->hi;                                                   \
+        for (; i + 2 <= i1; i += 2) {                                                              \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                                   \
+            xb_term(b1, &nf, &lo, &hi, TERM(i + 1));                                               \
+        }                                                                                          \
+        if (i < i1)                                                                                \
+            xb_term(b0, &nf, &lo, &hi, TERM(i));                                                   \
+        w->nf |= nf;                                                                               \
+        w->lo = lo;                                                                                \
+        w->hi = hi;                                                                                \
+        xb_flush(a, w);                                                                            \
     }
 
 /* The scalar reference of each kernel is ms_xacc_add of its terms one by one
  * (tests/test_xacc.c checks that the limbs are identical). */
-void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n)
+static void xacc_dot_c(struct ms_xacc *a, const float *restrict x, const float *restrict y,
+                       size_t n)
 {
 #define DOT_TERM(i) ((double)x[i] * (double)y[i])
     XACC_KERNEL(DOT_TERM)
 #undef DOT_TERM
 }
 
-void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n)
+static void xacc_sumsq_c(struct ms_xacc *a, const float *restrict x, size_t n)
 {
 #define SQ_TERM(i) ((double)x[i] * (double)x[i])
     XACC_KERNEL(SQ_TERM)
 #undef SQ_TERM
 }
 
-void ms_xacc_sum(struct ms_xacc *a, const float *restrict x, size_t n)
+static void xacc_sum_c(struct ms_xacc *a, const float *restrict x, size_t n)
 {
 #define SUM_TERM(i) ((double)x[i])
     XACC_KERNEL(SUM_TERM)
 #undef SUM_TERM
 }
 
-void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n)
+static void xacc_sumabs_c(struct ms_xacc *a, const float *restrict x, size_t n)
 {
 #define ABS_TERM(i) fabs((double)x[i])
     XACC_KERNEL(ABS_TERM)
 #undef ABS_TERM
+}
+
+/* ------------------------------------------------------------------------ */
+/* Vector kernels (AVX2, AVX-512). Same limbs as the scalar ones, computed   */
+/* per block of XV_B elements in two passes over the block (in L1):          */
+/*                                                                           */
+/* 1. The largest and the smallest nonzero |term|. All zero: nothing to add. */
+/*    An Inf/NaN, or nonzero terms spread over more than XV_J limbs: the     */
+/*    block goes through the bins above (same limbs, scalar speed).          */
+/* 2. A nonzero term t = m * 2^e lands in limb L = (e + 352) / 32 as the     */
+/*    integer m << ((e + 352) mod 32) = t * 2^(352 - 32L) (xacc_term). Its   */
+/*    mantissa ends in S zero bits (S = 5 for a float product, 29 for a      */
+/*    float: 48 and 24 significant bits of 53), so w = t * 2^(352 - 32L - S) */
+/*    is an integer, |w| < 2^(84 - S); the product is exact (a power of two, */
+/*    no overflow or underflow for these exponents). L comes from the        */
+/*    exponent bits; a zero term gets L = 0 and w = 0. w is converted to     */
+/*    int64 exactly: whole (AVX-512 DQ vcvtpd2qq, float terms: |w| < 2^55),  */
+/*    or split w = h * 2^P + r with h = round(w / 2^P) and the exact         */
+/*    remainder r, both below 2^51, each converted by the 2^52 + 2^51        */
+/*    magic-number addition (AVX2) or vcvtpd2qq (AVX-512 products).          */
+/*    The int64 lanes sum the parts per limb: one unmasked sum of all terms, */
+/*    and a masked sum per limb but the lowest (which is the difference).    */
+/*    A lane takes XV_B / lanes terms per block (128 or 256): whole w are    */
+/*    below 2^55 with 8 lanes (128 * 2^55 = 2^62), parts below 2^39, so no   */
+/*    lane overflows.                                                        */
+/*    At the end of the block each limb gets                                 */
+/*    (sum h) * 2^(P + S) + (sum r) * 2^S: the sum of m << s of its terms,   */
+/*    the integer the scalar kernels add.                                    */
+/*                                                                           */
+/* Elements after the last whole vector go through xacc_term. All integer    */
+/* additions: any order or split gives the same limbs.                       */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define XV_B 1024                 /* elements per block (a multiple of 8) */
+#define XV_J 3                    /* limbs a block may span in the vector path */
+#define XV_MAGIC 0x1.8p52         /* 2^52 + 2^51: x + it has x's integer in its low bits */
+#define XV_MAGIC_BITS INT64_C(0x4338000000000000)
+
+/* Mantissa zero bits S of a kind's terms, and the split point P of two-part w. */
+#define XV_S(kind) ((kind) == XK_DOT || (kind) == XK_SUMSQ ? 5 : 29)
+#define XV_P(kind) ((kind) == XK_DOT || (kind) == XK_SUMSQ ? 40 : 28)
+/* Bits of 2^(352 - S) (the scale of limb 0); limb L's scale is this minus L << 57. */
+#define XV_SCALE0(kind) ((int64_t)(1023 + 352 - XV_S(kind)) << 52)
+
+/* The limbs a block's terms reach, from the bit patterns of its largest |term|
+ * (hi) and smallest nonzero |term| (lo): the number of limbs J with *top the
+ * highest; 0 when every term is zero, -1 for the bins (Inf/NaN, or more than
+ * XV_J limbs). The sign bit is ignored: a square or |x| is nonnegative but a
+ * NaN keeps its sign, which makes it the largest pattern all the same. */
+static inline int xv_plan(uint64_t hi, uint64_t lo, uint32_t *top)
+{
+    uint32_t emax = (uint32_t)(hi >> 52) & 0x7ffu, emin = (uint32_t)(lo >> 52) & 0x7ffu;
+    if (emax == 0)
+        return 0;
+    if (emax == 0x7ffu)
+        return -1;
+    assert(emin >= XB_LO && emax < XB_LO + XB_N); /* a float or a product of two */
+    uint32_t lmax = (emax - XB_LO) >> 5, lmin = (emin - XB_LO) >> 5;
+    *top = lmax;
+    return lmax - lmin < XV_J ? (int)(lmax - lmin) + 1 : -1;
+}
+
+/* v * 2^sh as a limb increment (sh < 64; v signed). */
+static inline __int128 xv_shl(__int128 v, int sh)
+{
+    return (__int128)((unsigned __int128)v << sh);
+}
+
+/* The driver and the four entry points of one ISA (PFX: x2, x5; ISA: avx2,
+ * avx512; ATTR, INLINE: its target attributes) from its PFX_range and
+ * PFX_accum: blocks, plan, the vector pass (the number of limbs a constant in
+ * each copy of the loop) or the bins (flushed once per call, or every
+ * 2 * XB_BLOCK binned terms), the tail. */
+#define XV_DEFINE(PFX, ISA, LANES, ATTR, INLINE)                                                   \
+    INLINE void PFX##_accum_n(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,        \
+                              const float *y, size_t n, __int128 *add)                             \
+    {                                                                                              \
+        switch (nlimb) {                                                                           \
+        case 1: PFX##_accum(kind, 1, top, x, y, n, add); break;                                    \
+        case 2: PFX##_accum(kind, 2, top, x, y, n, add); break;                                    \
+        default: PFX##_accum(kind, 3, top, x, y, n, add); break;                                   \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    INLINE void PFX##_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,         \
+                          const float *restrict y, size_t n)                                       \
+    {                                                                                              \
+        size_t nv = n - n % (LANES), binned = 0;                                                   \
+        for (size_t i0 = 0; i0 < nv; i0 += XV_B) {                                                 \
+            size_t m = MS_MIN((size_t)XV_B, nv - i0);                                              \
+            const float *xb = x + i0, *yb = kind == XK_DOT ? y + i0 : NULL;                        \
+            uint64_t hi, lo;                                                                       \
+            uint32_t top = 0;                                                                      \
+            PFX##_range(kind, xb, yb, m, &hi, &lo);                                                \
+            int nlimb = xv_plan(hi, lo, &top);                                                     \
+            if (nlimb < 0) {                                                                       \
+                if (binned + m > 2 * XB_BLOCK) {                                                   \
+                    xb_flush(a, &xacc_tls);                                                        \
+                    binned = 0;                                                                    \
+                }                                                                                  \
+                xb_add(&xacc_tls, kind, xb, yb, m); /* m even: half in each table */               \
+                binned += m;                                                                       \
+            } else if (nlimb > 0) {                                                                \
+                __int128 add[XV_J];                                                                \
+                PFX##_accum_n(kind, nlimb, top, xb, yb, m, add);                                   \
+                for (int j = 0; j < nlimb; j++)                                                    \
+                    a->limb[top - (uint32_t)j] += add[j];                                          \
+            }                                                                                      \
+        }                                                                                          \
+        if (binned)                                                                                \
+            xb_flush(a, &xacc_tls);                                                                \
+        for (size_t i = nv; i < n; i++)                                                            \
+            xacc_term(a->limb, &a->nonfinite, xk_term(kind, x, y, i));                             \
+    }                                                                                              \
+                                                                                                   \
+    ATTR static void xacc_dot_##ISA(struct ms_xacc *a, const float *restrict x,                    \
+                                    const float *restrict y, size_t n)                             \
+    {                                                                                              \
+        PFX##_run(a, XK_DOT, x, y, n);                                                             \
+    }                                                                                              \
+    ATTR static void xacc_sumsq_##ISA(struct ms_xacc *a, const float *restrict x, size_t n)        \
+    {                                                                                              \
+        PFX##_run(a, XK_SUMSQ, x, NULL, n);                                                        \
+    }                                                                                              \
+    ATTR static void xacc_sum_##ISA(struct ms_xacc *a, const float *restrict x, size_t n)          \
+    {                                                                                              \
+        PFX##_run(a, XK_SUM, x, NULL, n);                                                          \
+    }                                                                                              \
+    ATTR static void xacc_sumabs_##ISA(struct ms_xacc *a, const float *restrict x, size_t n)       \
+    {                                                                                              \
+        PFX##_run(a, XK_SUMABS, x, NULL, n);                                                       \
+    }
+
+/* ---- AVX2: 4 lanes, two-part w through the magic number ---------------- */
+
+#define X2_ATTR __attribute__((target("avx2")))
+#define X2_INLINE X2_ATTR __attribute__((always_inline)) static inline
+
+X2_INLINE __m256d x2_term(enum xacc_kind kind, const float *x, const float *y, size_t i)
+{
+    __m256d dx = _mm256_cvtps_pd(_mm_loadu_ps(x + i));
+    switch (kind) {
+    case XK_DOT: return _mm256_mul_pd(dx, _mm256_cvtps_pd(_mm_loadu_ps(y + i)));
+    case XK_SUMSQ: return _mm256_mul_pd(dx, dx);
+    case XK_SUM: return dx;
+    default: return _mm256_andnot_pd(_mm256_set1_pd(-0.0), dx);
+    }
+}
+
+/* Bit patterns of the largest |term| and smallest nonzero |term| of x[0..n).
+ * Only the high 32 bits (sign, exponent, top of the mantissa) are kept, which
+ * is enough for the exponents: unsigned 32-bit max and min over the high
+ * halves; zero becomes the largest by the -1 (undone at the end). */
+X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
+                        uint64_t *hi, uint64_t *lo)
+{
+    const __m256i abs = _mm256_set1_epi64x(INT64_MAX), one = _mm256_set1_epi32(1);
+    __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+    for (size_t i = 0; i < n; i += 4) {
+        __m256i b = _mm256_castpd_si256(x2_term(kind, x, y, i));
+        if (kind == XK_DOT || kind == XK_SUM)
+            b = _mm256_and_si256(b, abs);
+        vmax = _mm256_max_epu32(vmax, b);
+        vmin = _mm256_min_epu32(vmin, _mm256_sub_epi32(b, one));
+    }
+    uint32_t mx[8], mn[8];
+    _mm256_storeu_si256((__m256i *)mx, vmax);
+    _mm256_storeu_si256((__m256i *)mn, vmin);
+    uint32_t h = 0, l = UINT32_MAX;
+    for (int k = 1; k < 8; k += 2) {
+        h = mx[k] > h ? mx[k] : h;
+        l = mn[k] < l ? mn[k] : l;
+    }
+    *hi = (uint64_t)h << 32;
+    *lo = (uint64_t)(uint32_t)(l + 1) << 32;
+}
+
+/* The lanes of v, less count * XV_MAGIC_BITS each, summed (exactly, as 128-bit). */
+X2_INLINE __int128 x2_hsum(__m256i v, __m256i count)
+{
+    int64_t s[4], c[4];
+    _mm256_storeu_si256((__m256i *)s, v);
+    _mm256_storeu_si256((__m256i *)c, count);
+    __int128 t = 0;
+    for (int k = 0; k < 4; k++)
+        t += (int64_t)((uint64_t)s[k] - (uint64_t)c[k] * (uint64_t)XV_MAGIC_BITS);
+    return t;
+}
+
+/* add[j] = the increment of limb top - j from the terms of x[0..n), j < nlimb.
+ * The lanes sum the magic-biased bit patterns (h + magic bits, r + magic bits,
+ * modulo 2^64); x2_hsum removes the bias with the count of terms summed. */
+X2_INLINE void x2_accum(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
+                        const float *y, size_t n, __int128 *add)
+{
+    const int S = XV_S(kind), P = XV_P(kind);
+    const __m256i c723 = _mm256_set1_epi64x(XB_LO), cs = _mm256_set1_epi64x(XV_SCALE0(kind));
+    const __m256i e11 = _mm256_set1_epi64x(0x7ff);
+    const __m256d magic = _mm256_set1_pd(XV_MAGIC), down = _mm256_set1_pd(ldexp(1.0, -P)),
+                  up = _mm256_set1_pd(ldexp(1.0, P));
+    __m256i th = _mm256_setzero_si256(), tr = th, mh[XV_J - 1], mr[XV_J - 1], mc[XV_J - 1],
+            lj[XV_J - 1];
+    for (int j = 0; j < nlimb - 1; j++) {
+        mh[j] = mr[j] = mc[j] = th;
+        lj[j] = _mm256_set1_epi64x((int64_t)top - j);
+    }
+    for (size_t i = 0; i < n; i += 4) {
+        __m256d t = x2_term(kind, x, y, i);
+        __m256i e = _mm256_srli_epi64(_mm256_castpd_si256(t), 52);
+        if (kind == XK_DOT || kind == XK_SUM)
+            e = _mm256_and_si256(e, e11);
+        /* saturating: a zero term gets k = 0, hence L = 0 and a finite scale */
+        __m256i limb = _mm256_srli_epi64(_mm256_subs_epu16(e, c723), 5);
+        __m256d w = _mm256_mul_pd(
+            t, _mm256_castsi256_pd(_mm256_sub_epi64(cs, _mm256_slli_epi64(limb, 57))));
+        __m256d yh = _mm256_add_pd(_mm256_mul_pd(w, down), magic);
+        __m256d r = _mm256_sub_pd(w, _mm256_mul_pd(_mm256_sub_pd(yh, magic), up));
+        __m256i h = _mm256_castpd_si256(yh), rb = _mm256_castpd_si256(_mm256_add_pd(r, magic));
+        th = _mm256_add_epi64(th, h);
+        tr = _mm256_add_epi64(tr, rb);
+        for (int j = 0; j < nlimb - 1; j++) {
+            __m256i sel = _mm256_cmpeq_epi64(limb, lj[j]);
+            mh[j] = _mm256_add_epi64(mh[j], _mm256_and_si256(sel, h));
+            mr[j] = _mm256_add_epi64(mr[j], _mm256_and_si256(sel, rb));
+            mc[j] = _mm256_sub_epi64(mc[j], sel);
+        }
+    }
+    /* every lane summed n / 4 terms into th and tr */
+    __m256i tc = _mm256_set1_epi64x((int64_t)(n / 4));
+    __int128 last = xv_shl(x2_hsum(th, tc), P + S) + xv_shl(x2_hsum(tr, tc), S);
+    for (int j = 0; j < nlimb - 1; j++) {
+        add[j] = xv_shl(x2_hsum(mh[j], mc[j]), P + S) + xv_shl(x2_hsum(mr[j], mc[j]), S);
+        last -= add[j];
+    }
+    add[nlimb - 1] = last;
+}
+
+XV_DEFINE(x2, avx2, 4, X2_ATTR, X2_INLINE)
+
+/* ---- AVX-512: 8 lanes, vcvtpd2qq, mask registers ------------------------ */
+
+#define X5_ATTR __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq")))
+#define X5_INLINE X5_ATTR __attribute__((always_inline)) static inline
+
+X5_INLINE __m512d x5_term(enum xacc_kind kind, const float *x, const float *y, size_t i)
+{
+    __m512d dx = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+    switch (kind) {
+    case XK_DOT: return _mm512_mul_pd(dx, _mm512_cvtps_pd(_mm256_loadu_ps(y + i)));
+    case XK_SUMSQ: return _mm512_mul_pd(dx, dx);
+    case XK_SUM: return dx;
+    default: return _mm512_abs_pd(dx);
+    }
+}
+
+/* As x2_range, with whole 64-bit patterns (zero becomes the largest by the -1). */
+X5_INLINE void x5_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
+                        uint64_t *hi, uint64_t *lo)
+{
+    const __m512i abs = _mm512_set1_epi64(INT64_MAX), one = _mm512_set1_epi64(1);
+    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi64(-1);
+    for (size_t i = 0; i < n; i += 8) {
+        __m512i b = _mm512_castpd_si512(x5_term(kind, x, y, i));
+        if (kind == XK_DOT || kind == XK_SUM)
+            b = _mm512_and_si512(b, abs);
+        vmax = _mm512_max_epu64(vmax, b);
+        vmin = _mm512_min_epu64(vmin, _mm512_sub_epi64(b, one));
+    }
+    *hi = _mm512_reduce_max_epu64(vmax);
+    *lo = _mm512_reduce_min_epu64(vmin) + 1;
+}
+
+/* The lanes of v summed exactly (as 128-bit). */
+X5_INLINE __int128 x5_hsum(__m512i v)
+{
+    int64_t s[8];
+    _mm512_storeu_si512(s, v);
+    __int128 t = 0;
+    for (int k = 0; k < 8; k++)
+        t += s[k];
+    return t;
+}
+
+/* As x2_accum. Float terms (|w| < 2^55) convert whole; products in two parts. */
+X5_INLINE void x5_accum(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
+                        const float *y, size_t n, __int128 *add)
+{
+    const bool whole = kind == XK_SUM || kind == XK_SUMABS;
+    const int S = XV_S(kind), P = XV_P(kind);
+    const __m512i c723 = _mm512_set1_epi64(XB_LO), cs = _mm512_set1_epi64(XV_SCALE0(kind));
+    const __m512i e11 = _mm512_set1_epi64(0x7ff);
+    const __m512d down = _mm512_set1_pd(ldexp(1.0, -P)), up = _mm512_set1_pd(ldexp(1.0, P));
+    __m512i th = _mm512_setzero_si512(), tr = th, mh[XV_J - 1], mr[XV_J - 1], lj[XV_J - 1];
+    for (int j = 0; j < nlimb - 1; j++) {
+        mh[j] = mr[j] = th;
+        lj[j] = _mm512_set1_epi64((int64_t)top - j);
+    }
+    for (size_t i = 0; i < n; i += 8) {
+        __m512d t = x5_term(kind, x, y, i);
+        __m512i e = _mm512_srli_epi64(_mm512_castpd_si512(t), 52);
+        if (kind == XK_DOT || kind == XK_SUM)
+            e = _mm512_and_si512(e, e11);
+        __m512i limb = _mm512_srli_epi64(_mm512_subs_epu16(e, c723), 5);
+        __m512d w = _mm512_mul_pd(
+            t, _mm512_castsi512_pd(_mm512_sub_epi64(cs, _mm512_slli_epi64(limb, 57))));
+        __m512i h, r = _mm512_setzero_si512();
+        if (whole) {
+            h = _mm512_cvtpd_epi64(w); /* w is an integer: exact in any rounding mode */
+        } else {
+            __m512d hd = _mm512_roundscale_pd(_mm512_mul_pd(w, down),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            h = _mm512_cvtpd_epi64(hd);
+            r = _mm512_cvtpd_epi64(_mm512_sub_pd(w, _mm512_mul_pd(hd, up)));
+            tr = _mm512_add_epi64(tr, r);
+        }
+        th = _mm512_add_epi64(th, h);
+        for (int j = 0; j < nlimb - 1; j++) {
+            __mmask8 sel = _mm512_cmpeq_epi64_mask(limb, lj[j]);
+            mh[j] = _mm512_mask_add_epi64(mh[j], sel, mh[j], h);
+            if (!whole)
+                mr[j] = _mm512_mask_add_epi64(mr[j], sel, mr[j], r);
+        }
+    }
+    const int hs = whole ? S : P + S;
+    __int128 last = xv_shl(x5_hsum(th), hs) + (whole ? 0 : xv_shl(x5_hsum(tr), S));
+    for (int j = 0; j < nlimb - 1; j++) {
+        add[j] = xv_shl(x5_hsum(mh[j]), hs) + (whole ? 0 : xv_shl(x5_hsum(mr[j]), S));
+        last -= add[j];
+    }
+    add[nlimb - 1] = last;
+}
+
+XV_DEFINE(x5, avx512, 8, X5_ATTR, X5_INLINE)
+
+#define HAVE_XV_KERNELS 1
+#endif
+
+/* ------------------------------------------------------------------------ */
+
+static const struct ms_xacc_kernels xacc_kernels[MS_ISA_COUNT] = {
+    [MS_ISA_SCALAR] = { xacc_dot_c, xacc_sumsq_c, xacc_sum_c, xacc_sumabs_c },
+#ifdef HAVE_XV_KERNELS
+    [MS_ISA_AVX2] = { xacc_dot_avx2, xacc_sumsq_avx2, xacc_sum_avx2, xacc_sumabs_avx2 },
+    [MS_ISA_AVX512] = { xacc_dot_avx512, xacc_sumsq_avx512, xacc_sum_avx512, xacc_sumabs_avx512 },
+#endif
+};
+
+const struct ms_xacc_kernels *ms_xacc_kernels(enum ms_isa isa)
+{
+    if ((unsigned)isa >= MS_ISA_COUNT || !xacc_kernels[isa].dot || !ms_isa_available(isa))
+        return NULL;
+    return &xacc_kernels[isa];
+}
+
+void ms_xacc_dot(struct ms_xacc *a, const float *restrict x, const float *restrict y, size_t n)
+{
+    xacc_kernels[ms_isa_active()].dot(a, x, y, n);
+}
+
+void ms_xacc_sumsq(struct ms_xacc *a, const float *restrict x, size_t n)
+{
+    xacc_kernels[ms_isa_active()].sumsq(a, x, n);
+}
+
+void ms_xacc_sum(struct ms_xacc *a, const float *restrict x, size_t n)
+{
+    xacc_kernels[ms_isa_active()].sum(a, x, n);
+}
+
+void ms_xacc_sumabs(struct ms_xacc *a, const float *restrict x, size_t n)
+{
+    xacc_kernels[ms_isa_active()].sumabs(a, x, n);
 }

@@ -2,7 +2,8 @@
  * test_isa.c - every version of every dispatched kernel (ms_isa.h) gives the
  * bytes of the scalar reference: bf16/f16 decode and encode against the
  * element-by-element references of base/dtype.c (*_ref), the RNG fill against
- * ms_rng_u32 element by element; on odd lengths, misaligned starts, NaN (quiet
+ * ms_rng_u32 element by element, the exact-sum kernels (stages/xacc.c) against
+ * ms_xacc_add term by term; on odd lengths, misaligned starts, NaN (quiet
  * and signalling, with payloads), infinities, subnormals and rounding ties.
  * The element loops of linear, nuslerp, model_stock and multislerp
  * (MS__ISA_VERSIONS in stages/stage_impl.h): each version, run in a child
@@ -13,6 +14,7 @@
  */
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -325,6 +327,57 @@ Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
     th_rmtree(dir);
     free(dir);
     cr_log_info("%d versions compared with scalar", versions);
+
+/* The exact-sum kernels: every version's limbs against ms_xacc_add of each term
+ * (tests/test_xacc.c goes through exponents, limb spans and lane capacity). */
+Test(isa, xacc_kernels_give_the_limbs_of_ms_xacc_add)
+{
+    static uint32_t bx[N + 4], by[N + 4];
+    fill_f32(bx, N + 4);
+    fill_f32(by, N + 4);
+    for (size_t i = 0; i < N + 4; i += 3) /* shift y against x: specials meet ordinary values */
+        by[i] = bx[(i * 7) % (N + 4)];
+    static const size_t lens[] = { 0, 1, 3, 7, 8, 9, 15, 16, 17, 33, 1000, 1023, 1025, N };
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        const struct ms_xacc_kernels *k = ms_xacc_kernels((enum ms_isa)isa);
+        if (!k)
+            continue;
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass == 1) /* finite only: the blocks take the vector path when they can */
+                for (size_t i = 0; i < N + 4; i++) {
+                    if ((bx[i] & 0x7f800000u) == 0x7f800000u)
+                        bx[i] &= 0xbfffffffu;
+                    if ((by[i] & 0x7f800000u) == 0x7f800000u)
+                        by[i] &= 0xbfffffffu;
+                }
+            for (size_t a = 0; a < 4; a++)
+                for (size_t l = 0; l < sizeof lens / sizeof lens[0]; l++) {
+                    size_t n = lens[l];
+                    const float *x = (const float *)(const void *)(bx + a),
+                                *y = (const float *)(const void *)(by + a);
+                    struct ms_xacc want[4], got[4];
+                    for (int f = 0; f < 4; f++) {
+                        ms_xacc_init(&want[f]);
+                        ms_xacc_init(&got[f]);
+                    }
+                    for (size_t i = 0; i < n; i++) {
+                        ms_xacc_add(&want[0], (double)x[i] * (double)y[i]);
+                        ms_xacc_add(&want[1], (double)x[i] * (double)x[i]);
+                        ms_xacc_add(&want[2], (double)x[i]);
+                        ms_xacc_add(&want[3], fabs((double)x[i]));
+                    }
+                    k->dot(&got[0], x, y, n);
+                    k->sumsq(&got[1], x, n);
+                    k->sum(&got[2], x, n);
+                    k->sumabs(&got[3], x, n);
+                    for (int f = 0; f < 4; f++)
+                        cr_assert(!memcmp(got[f].limb, want[f].limb, sizeof(want[f].limb)) &&
+                                      got[f].nonfinite == want[f].nonfinite,
+                                  "%s kernel %d n=%zu start %zu pass %d",
+                                  ms_isa_name((enum ms_isa)isa), f, n, a, pass);
+                }
+        }
+    }
 }
 
 /* ------------------------------------------------------------ end to end */

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "ms_common.h"
+#include "ms_isa.h"
 #include "ms_stage.h"
 
 static uint64_t t_state;
@@ -403,4 +404,191 @@ Test(xacc, kernels_match_term_by_term_reference)
         cr_assert_eq(got.nonfinite, want.nonfinite);
         ASSERT_SAME_DOUBLE(ms_xacc_value(&got), ms_xacc_value(&want));
     }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Every version of the kernels (ms_isa.h: scalar bins, AVX2, AVX-512 blocks)  */
+/* against ms_xacc_add of each exact term, limb for limb.                      */
+
+static double term_of(int kind, const float *x, const float *y, size_t i)
+{
+    switch (kind) {
+    case 0: return (double)x[i] * (double)y[i];
+    case 1: return (double)x[i] * (double)x[i];
+    case 2: return (double)x[i];
+    default: return fabs((double)x[i]);
+    }
+}
+
+static const char *const kind_name[4] = { "dot", "sumsq", "sum", "sumabs" };
+
+static void call_kernel(const struct ms_xacc_kernels *k, int kind, struct ms_xacc *a,
+                        const float *x, const float *y, size_t n)
+{
+    switch (kind) {
+    case 0: k->dot(a, x, y, n); break;
+    case 1: k->sumsq(a, x, n); break;
+    case 2: k->sum(a, x, n); break;
+    default: k->sumabs(a, x, n); break;
+    }
+}
+
+/* Runs every available version and kind on x[start..start+n) (and y) as one
+ * call, and as calls over the pieces between cuts, into an accumulator that
+ * already holds a term; compares the limbs and the non-finite flags with
+ * ms_xacc_add term by term. Returns the number of versions checked. */
+static int check_versions(const char *what, const float *x, const float *y, size_t start,
+                          size_t n)
+{
+    int versions = 0;
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        const struct ms_xacc_kernels *k = ms_xacc_kernels((enum ms_isa)isa);
+        if (!k)
+            continue;
+        versions++;
+        for (int kind = 0; kind < 4; kind++) {
+            struct ms_xacc want, got, split;
+            ms_xacc_init(&want);
+            ms_xacc_add(&want, 0x1.8p-3); /* the kernels add to what is there */
+            got = split = want;
+            for (size_t i = 0; i < n; i++)
+                ms_xacc_add(&want, term_of(kind, x + start, y + start, i));
+            call_kernel(k, kind, &got, x + start, y + start, n);
+            cr_assert(!memcmp(got.limb, want.limb, sizeof(want.limb)) &&
+                          got.nonfinite == want.nonfinite,
+                      "%s: %s %s start %zu n %zu: limbs differ", what,
+                      ms_isa_name((enum ms_isa)isa), kind_name[kind], start, n);
+            /* uneven pieces: blocks and tails fall elsewhere */
+            size_t step = n / 3 + 5;
+            for (size_t o = 0; o < n; o += step)
+                call_kernel(k, kind, &split, x + start + o, y + start + o, MS_MIN(step, n - o));
+            cr_assert(!memcmp(split.limb, want.limb, sizeof(want.limb)) &&
+                          split.nonfinite == want.nonfinite,
+                      "%s: %s %s start %zu n %zu in pieces of %zu: limbs differ", what,
+                      ms_isa_name((enum ms_isa)isa), kind_name[kind], start, n, step);
+        }
+    }
+    return versions;
+}
+
+/* A float 1.f * 2^e2 (normal e2 in [-126, 127]) with a random mantissa and sign. */
+static float float_at(int e2, bool max_mantissa)
+{
+    uint32_t frac = max_mantissa ? 0x7fffffu : (uint32_t)t_next() & 0x7fffffu;
+    uint32_t u = (uint32_t)(e2 + 127) << 23 | frac | ((uint32_t)t_next() & 0x80000000u);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+enum { VN = 3 * 4096 + 77 };
+
+/* Lengths 0..40 and around the vector blocks (1024) and lanes, at starts 0..3. */
+static void check_lengths(const char *what, const float *x, const float *y)
+{
+    static const size_t lens[] = { 1023, 1024, 1025, 2047, 2048 + 9, 3 * 1024 + 7, 4096 + 3 };
+    for (size_t start = 0; start < 4; start++) {
+        for (size_t n = 0; n <= 40; n++)
+            check_versions(what, x, y, start, n);
+        for (size_t l = 0; l < sizeof lens / sizeof lens[0]; l++)
+            check_versions(what, x, y, start, lens[l]);
+    }
+}
+
+Test(xacc, versions_every_exponent)
+{
+    t_seed(2024, "versions exponents");
+    static float x[VN], y[VN];
+    /* runs of 1..300 elements of one float exponent, exponents swept up and down
+     * (float subnormals included), signs and mantissas random */
+    int e = -149;
+    for (size_t i = 0; i < VN;) {
+        size_t run = 1 + t_next() % 300;
+        for (size_t j = 0; j < run && i < VN; j++, i++) {
+            x[i] = e < -126 ? ldexpf((float)(1 + t_next() % 0x7fffff), -149) *
+                                  (t_next() & 1 ? 1.0f : -1.0f)
+                            : float_at(e, false);
+            y[i] = float_at((int)(t_next() % 254) - 126, false);
+        }
+        e += 7;
+        if (e > 127)
+            e -= 277;
+    }
+    check_lengths("exponent sweep", x, y);
+    /* every element random over all finite floats: most blocks span too many limbs */
+    for (size_t i = 0; i < VN; i++) {
+        x[i] = rand_float_wide();
+        y[i] = rand_float_wide();
+    }
+    check_lengths("wide", x, y);
+}
+
+Test(xacc, versions_zeros_subnormals_nonfinite)
+{
+    t_seed(31337, "versions specials");
+    static float x[VN], y[VN];
+    static const float special[] = { 0.0f, -0.0f, 0x1p-149f, -0x1p-149f, 0x1.fffffcp-127f,
+                                     INFINITY, -INFINITY, NAN, -NAN };
+    for (int pass = 0; pass < 3; pass++) {
+        for (size_t i = 0; i < VN; i++) {
+            uint64_t r = t_next() % 100;
+            if (pass == 0) /* zeros of both signs and subnormals, nothing else */
+                x[i] = r < 60 ? (r & 1 ? -0.0f : 0.0f) : special[2 + r % 3];
+            else if (pass == 1) /* ordinary values, now and then an Inf or a NaN */
+                x[i] = r < 2 ? special[5 + t_next() % 4] : float_at((int)(r % 20) - 10, false);
+            else if ((i / 1024) % 2) /* all zero blocks, */
+                x[i] = r & 1 ? -0.0f : 0.0f;
+            else /* then blocks of a few values */
+                x[i] = r < 5 ? float_at(-3, false) : 0.0f;
+            y[i] = t_next() % 7 == 0 ? 0.0f : float_at((int)(t_next() % 40) - 20, false);
+        }
+        check_lengths("specials", x, y);
+    }
+}
+
+/* Blocks that span exactly 1, 2, 3 and 4 limbs (the vector path takes up to 3),
+ * with terms at both edges of a limb (shift 0 and 31 inside it). */
+Test(xacc, versions_limb_spans_and_edges)
+{
+    t_seed(555, "versions spans");
+    static float x[VN], y[VN];
+    /* a float 1.f * 2^E is m * 2^(E - 52) as a double: shifted exponent E + 300,
+     * limb (E + 300) / 32, shift (E + 300) % 32 */
+    for (int span = 1; span <= 5; span++) {
+        for (size_t i = 0; i < VN; i++) {
+            int base = 20; /* E = 20: limb 10, shift 0 */
+            int limb_off = (int)(t_next() % (uint64_t)span);
+            int sh = t_next() & 1 ? 31 : (int)(t_next() % 32);
+            int e2 = base - 32 * limb_off + sh;
+            x[i] = float_at(e2, t_next() & 1);
+            y[i] = float_at((int)(t_next() % 8) - 4, t_next() & 1);
+        }
+        check_lengths("spans", x, y);
+    }
+}
+
+/* Long same-sign runs of the largest integer a lane can receive: a float with
+ * the full mantissa at shift 31 of its limb (E = 19 or -13: E + 300 = 31 mod 32),
+ * and products of such (x = y = 1.fffffe * 2^9: the product 1.fffffc * 2^19). */
+Test(xacc, versions_lane_capacity)
+{
+    static float x[VN], y[VN];
+    static const float v[] = { 0x1.fffffep19f, -0x1.fffffep19f, 0x1.fffffep-13f, 0x1.fffffep9f,
+                               -0x1.fffffep9f };
+    for (size_t k = 0; k < sizeof v / sizeof v[0]; k++) {
+        for (size_t i = 0; i < VN; i++)
+            x[i] = y[i] = v[k];
+        check_versions("capacity", x, y, 0, VN);
+        check_versions("capacity", x, y, 1, VN - 1);
+        /* the same, with the other limb below it in every other block */
+        for (size_t i = 0; i < VN; i += 2048 + 17)
+            x[i] = ldexpf(v[k], -40);
+        check_versions("capacity", x, y, 0, VN);
+    }
+    /* long: 2^18 terms of the largest float square and largest |float| */
+    enum { LONG = 1 << 18 };
+    static float big[LONG];
+    for (size_t i = 0; i < LONG; i++)
+        big[i] = i & 1 ? -0x1.fffffep127f : 0x1.fffffep127f;
+    check_versions("largest", big, big, 0, LONG);
 }
