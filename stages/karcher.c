@@ -177,7 +177,7 @@ static int karcher_begin(void *state, const struct ms_stage_job *job)
 /* Step form: mergekit's loop from the scalars, over blocks of KS_B elements  */
 /* (leaf loops over arrays, so that -O3 vectorises them).                     */
 
-#define KS_B 64
+#define KS_B 256
 #define KS_INLINE static inline __attribute__((always_inline))
 
 /* Unit inputs of elements [j0, j0+nb): ui[p][j] = r(x_{v_p} / n_{v_p}), p < m. */
@@ -517,6 +517,57 @@ KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const st
     }
 }
 
+/* A reduce pass over chunk c into acc, or apply when acc is NULL; D a constant
+ * in each branch. */
+static void ks_run(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                   struct ms_xacc *acc)
+{
+    if (d == MS_DT_BF16) {
+        if (acc)
+            ks_reduce(MS_DT_BF16, s, c, acc);
+        else
+            ks_apply(MS_DT_BF16, s, c);
+    } else {
+        assert(d == MS_DT_F16);
+        if (acc)
+            ks_reduce(MS_DT_F16, s, c, acc);
+        else
+            ks_apply(MS_DT_F16, s, c);
+    }
+}
+
+/* The versions of ms_isa.h: ks_run inlined whole (flatten) and compiled for each
+ * target. Every step is elementwise in a fixed order (no FMA: -ffp-contract=off)
+ * and the compiler does not reassociate float arithmetic, so a wider vector
+ * changes no value; the sums are ms_xacc's, exact in any order. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+ks_run_avx2(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+            struct ms_xacc *acc)
+{
+    ks_run(d, s, c, acc);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+ks_run_avx512(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+              struct ms_xacc *acc)
+{
+    ks_run(d, s, c, acc);
+}
+#endif
+
+static void ks_run_isa(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                       struct ms_xacc *acc)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: ks_run_avx512(d, s, c, acc); return;
+    case MS_ISA_AVX2: ks_run_avx2(d, s, c, acc); return;
+#endif
+    default: ks_run(d, s, c, acc); return;
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Coefficient form (float32).                                               */
 
@@ -529,10 +580,7 @@ static void karcher_reduce(const void *state, const struct ms_stage_job *job,
     if (s->step) {
         for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
             ms_xacc_init(&g[i]);
-        if (job->compute == MS_DT_BF16)
-            ks_reduce(MS_DT_BF16, s, c, g);
-        else
-            ks_reduce(MS_DT_F16, s, c, g);
+        ks_run_isa(job->compute, s, c, g);
         return;
     }
     for (uint32_t i = 0; i < s->n; i++)
@@ -688,10 +736,7 @@ static void karcher_apply(const void *state, const struct ms_stage_job *job,
         return;
     }
     if (s->step) {
-        if (job->compute == MS_DT_BF16)
-            ks_apply(MS_DT_BF16, s, c);
-        else
-            ks_apply(MS_DT_F16, s, c);
+        ks_run_isa(job->compute, s, c, NULL);
         return;
     }
     assert(job->compute == MS_DT_F32);
