@@ -27,10 +27,10 @@
  * Keep areas (ms_stage.h; stages whose ops->keeps says so): a resident job's
  * chunk keeps in its own output buffer, which no pass before apply uses. For
  * jobs that cannot be resident the budget reserves one keep pool, the largest
- * such job's numel * MS_KEEP_BYTES, when that is at most half of what the
- * method states leave; a job
- * holds the pool from its start to its end (the next one waits for it). A job
- * that gets neither runs with keep NULL, which the stage handles.
+ * such job's numel * MS_KEEP_BYTES among those at most half of what the method
+ * states leave; a job holds the pool from its start to its end (the next one
+ * waits for it). A job that gets neither runs with keep NULL, which the stage
+ * handles.
  *
  * Threads: everything here runs on the loop thread except work_cb, which only
  * touches its own slot (and reads the job's stage state, const during a pass).
@@ -375,9 +375,9 @@ static void size_slots(struct sizing *sz, uint64_t max_memory, uint64_t fixed, u
         max_memory > fixed ? (size_t)((max_memory - fixed) / sz->nslots / MS_ALIGN * MS_ALIGN) : 0;
 }
 
-/* The keep pool (see the top): the largest keep job that would not be resident
- * in slots sized without it, when it takes at most half of `room` (the budget
- * left beside the states); else 0. */
+/* The keep pool (see the top): the largest keep area of a job that would not
+ * be resident in slots sized without it, among those that take at most half of
+ * `room` (the budget left beside the states); 0 when none does. */
 static size_t keep_pool_bytes(const struct ms_plan *p, const struct sizing *sz, uint64_t room,
                               uint64_t cap, bool in_memory)
 {
@@ -387,10 +387,11 @@ static size_t keep_pool_bytes(const struct ms_plan *p, const struct sizing *sz, 
         if (!job_keeps(j))
             continue;
         uint64_t c = job_chunk(j, sz->slot_bytes, cap);
-        if (c && (!in_memory || (j->s.numel + c - 1) / c > sz->nslots))
-            need = MS_MAX(need, j->s.numel * MS_KEEP_BYTES);
+        uint64_t b = j->s.numel * MS_KEEP_BYTES;
+        if (c && (!in_memory || (j->s.numel + c - 1) / c > sz->nslots) && b <= room / 2)
+            need = MS_MAX(need, b);
     }
-    return need <= room / 2 ? (size_t)align_up((size_t)need) : 0;
+    return (size_t)align_up((size_t)need);
 }
 
 static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned threads,
