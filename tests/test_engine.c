@@ -219,7 +219,8 @@ Test(engine, ties_in_memory_and_reread_paths_agree)
  * output buffers), re-read (kept in the keep pool: --reread; --max-memory 512K
  * for the embeddings only), and with a budget too small for the pool (450K: the
  * two method states take 371 KiB, the embeddings' keep, 40 KiB, is over half of
- * the rest; their passes replay the iterates). */
+ * the rest, so their passes replay the iterates while the MLP matrices, 24 KiB,
+ * take the pool). */
 Test(engine, karcher_bf16_in_memory_and_reread_paths_agree)
 {
     const char *text = "merge_method: karcher\ndtype: bfloat16\nmodels:\n"
