@@ -25,7 +25,7 @@
  * pass before left instead of recomputing it. ms_chunk.keep is either NULL in
  * every chunk of every pass of the job (the engine could not hold it: the stage
  * must then compute without it, with the same bytes), or count * MS_KEEP_BYTES
- * bytes, MS_ALIGN-aligned, that are the same memory for the same chunk index
+ * bytes (aligned to 4 only), that are the same memory for the same chunk index
  * in every pass of the job. Its content is undefined until the stage writes it.
  * reduce (worker thread) may read and write its own chunk's keep, and nothing
  * else of it; apply may read it, and its keep may be the same memory as its
@@ -91,7 +91,7 @@ struct ms_chunk {
     uint32_t pass;                /* reduce pass number (0-based); apply: number of reduce passes run */
     const float *in[MS_MAX_INPUTS]; /* ninputs pointers, count floats each, MS_ALIGN-aligned */
     float *out;                   /* apply writes count floats here */
-    void *keep;                   /* ops->keeps(job): count * MS_KEEP_BYTES bytes, or NULL (above) */
+    void *keep;                   /* ops->keeps: count * MS_KEEP_BYTES bytes, or NULL (above) */
 };
 
 enum { MS_STAGE_APPLY = 0, MS_STAGE_REDUCE = 1 };

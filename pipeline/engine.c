@@ -423,13 +423,15 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
      * of about SLOT_TARGET bytes rather than fewer huge ones, so that multi-pass
      * tensors can stay resident and a small working set stays warm in cache. */
     size_slots(sz, max_memory, for_states, threads);
-    sz->keep_bytes =
-        max_memory > for_states ? keep_pool_bytes(p, sz, max_memory - for_states, cap, in_memory) : 0;
-    if (sz->keep_bytes && max_memory - for_states > sz->keep_bytes) {
+    uint64_t room = max_memory > for_states ? max_memory - for_states : 0;
+    sz->keep_bytes = room ? keep_pool_bytes(p, sz, room, cap, in_memory) : 0;
+    if (sz->keep_bytes && room > sz->keep_bytes) {
         size_slots(sz, max_memory, for_states + sz->keep_bytes, threads);
-        for (size_t i = 0; i < p->njobs && sz->keep_bytes; i++)
-            if ((p->jobs[i].copy || p->jobs[i].s.numel) && !job_chunk(&p->jobs[i], sz->slot_bytes, cap))
+        for (size_t i = 0; i < p->njobs && sz->keep_bytes; i++) {
+            const struct ms_job *j = &p->jobs[i];
+            if ((j->copy || j->s.numel) && !job_chunk(j, sz->slot_bytes, cap))
                 sz->keep_bytes = 0; /* the pool would leave a tensor no chunk */
+        }
     } else {
         sz->keep_bytes = 0;
     }

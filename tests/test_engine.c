@@ -227,10 +227,13 @@ Test(engine, karcher_bf16_in_memory_and_reread_paths_agree)
                        "  - model: base\n  - model: ft1\n  - model: ft2\n"
                        "parameters:\n  max_iter: 6\n";
     check_multipass("karcher.yml", text);
-    const char *variants[] = { "--max-memory 512K", "--max-memory 512K --reread --threads 3",
-                               "--max-memory 450K", "--max-memory 450K --reread --chunk-elems 100" };
+    const char *variants[] = {
+        "--max-memory 512K", "--max-memory 512K --reread --threads 3", "--max-memory 450K",
+        "--max-memory 450K --reread --chunk-elems 100",
+    };
     for (size_t i = 0; i < MS_ARRAY_LEN(variants); i++) {
-        run_ok("cd %s && rm -rf b && mergestream merge karcher.yml b/out -q %s", g_dir, variants[i]);
+        run_ok("cd %s && rm -rf b && mergestream merge karcher.yml b/out -q %s", g_dir,
+               variants[i]);
         assert_same_output("a/out", "b/out");
     }
 }
