@@ -13,8 +13,8 @@
  *     every element) and runs over chunks in reverse order;
  *   - every chunk's inputs are copied to MS_ALIGN-aligned scratch, as the
  *     engine's buffers are;
- *   - a keep area (ms_stage_ops.keeps; one aligned run per chunk) starts as
- *     garbage (NaN bytes).
+ *   - a keep area (ms_stage_ops.keeps; one for the tensor, chunk i's part at
+ *     its first element, as the engine's pool) starts as garbage (NaN bytes).
  */
 #include <assert.h>
 #include <string.h>
@@ -38,8 +38,7 @@ struct run {
     float *scratch_in;            /* ninputs * chunk floats, one aligned run per input */
     float *scratch_out;           /* chunk floats */
     size_t in_stride;             /* floats between inputs in scratch_in (multiple of MS_ALIGN/4) */
-    unsigned char *keep;          /* nchunks * keep_stride bytes, or NULL: no keep area */
-    size_t keep_stride;           /* bytes between chunks' keep (multiple of MS_ALIGN) */
+    unsigned char *keep;          /* numel * MS_KEEP_BYTES, or NULL: no keep area */
 };
 
 /* Fills c for chunk i: element range, and inputs copied into aligned scratch. */
@@ -57,7 +56,7 @@ static void run_chunk(struct run *r, uint64_t i, uint32_t pass, struct ms_chunk 
         c->in[k] = dst;
     }
     c->out = r->scratch_out;
-    c->keep = r->keep ? r->keep + (size_t)i * r->keep_stride : NULL;
+    c->keep = r->keep ? r->keep + (size_t)c->first * MS_KEEP_BYTES : NULL;
 }
 
 int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
@@ -105,16 +104,15 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
     r.scratch_in = ms_aligned_alloc(r.in_stride * MS_MAX(job->ninputs, 1) * sizeof(float));
     r.scratch_out = ms_aligned_alloc((size_t)r.chunk * sizeof(float));
     bool want_keep = keep && ops->keeps && ops->keeps(job);
-    r.keep_stride = ((size_t)r.chunk * MS_KEEP_BYTES + MS_ALIGN - 1) / MS_ALIGN * MS_ALIGN;
     if (want_keep)
-        r.keep = ms_aligned_alloc(MS_MAX((size_t)r.nchunks * r.keep_stride, 1));
+        r.keep = ms_aligned_alloc(MS_MAX((size_t)job->numel * MS_KEEP_BYTES, 1));
     if (!state || !partials || !r.scratch_in || !r.scratch_out || (want_keep && !r.keep)) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory for the stage state", job->name ? job->name : "?");
         goto out;
     }
     memset(state, 0, MS_MAX(ssize, 1));
     if (r.keep)
-        memset(r.keep, 0xff, (size_t)r.nchunks * r.keep_stride);
+        memset(r.keep, 0xff, (size_t)job->numel * MS_KEEP_BYTES);
 
     int next = ops->begin ? ops->begin(state, job) : MS_STAGE_APPLY;
     uint32_t pass = 0;
