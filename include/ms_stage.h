@@ -20,6 +20,18 @@
  *
  * The engine cuts a job into the same chunks in every pass of one run.
  *
+ * Keep area (jobs for which ops->keeps says true): per-element scratch that persists
+ * across the passes of one job, so that a pass can continue from what the
+ * pass before left instead of recomputing it. ms_chunk.keep is either NULL in
+ * every chunk of every pass of the job (the engine could not hold it: the stage
+ * must then compute without it, with the same bytes), or count * MS_KEEP_BYTES
+ * bytes (aligned to 4 only), that are the same memory for the same chunk index
+ * in every pass of the job. Its content is undefined until the stage writes it.
+ * reduce (worker thread) may read and write its own chunk's keep, and nothing
+ * else of it; apply may read it, and its keep may be the same memory as its
+ * out: element j's keep bytes [j * MS_KEEP_BYTES, (j+1) * MS_KEEP_BYTES) are
+ * out[j]'s, so apply must read an element's keep before it writes out there.
+ *
  * Determinism: a stage's result must not depend on how the tensor is cut into
  * chunks. Floating-point sums over a whole tensor use ms_xacc (exact, order-free);
  * per-element work depends only on the element index; random masks come from
@@ -79,12 +91,15 @@ struct ms_chunk {
     uint32_t pass;                /* reduce pass number (0-based); apply: number of reduce passes run */
     const float *in[MS_MAX_INPUTS]; /* ninputs pointers, count floats each, MS_ALIGN-aligned */
     float *out;                   /* apply writes count floats here */
+    void *keep;                   /* ops->keeps: count * MS_KEEP_BYTES bytes, or NULL (above) */
 };
 
 enum { MS_STAGE_APPLY = 0, MS_STAGE_REDUCE = 1 };
 
 /* Stage flags */
 #define MS_STAGE_ROWWISE 0x1u     /* chunks hold whole rows (first and count multiples of row_len) */
+
+#define MS_KEEP_BYTES 4u          /* keep bytes per element: the size of an out element */
 
 struct ms_stage_ops {
     uint32_t flags;
@@ -93,6 +108,9 @@ struct ms_stage_ops {
     size_t (*state_size)(const struct ms_stage_job *job);
     /* Bytes of one chunk's reduce partial (optional: NULL means 0). */
     size_t (*partial_size)(const struct ms_stage_job *job);
+    /* True when the job's chunks want a keep area (optional: NULL means never).
+     * Called at plan time; the stage must compute the same bytes without one. */
+    bool (*keeps)(const struct ms_stage_job *job);
     /* Optional: NULL means MS_STAGE_APPLY at once. Returns < 0 on error (ms_error). */
     int (*begin)(void *state, const struct ms_stage_job *job);
     /* Optional when begin never asks for a reduce pass. Must fully write *partial. */
@@ -257,6 +275,12 @@ int ms_method_param(const struct ms_method *m, const char *name);
  */
 int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
                      uint64_t chunk_elems);
+/* The same; keep false hands a stage that keeps no keep area (NULL), as the
+ * engine does when it cannot hold one, so that tests can compare both ways.
+ * ms_stage_run_mem gives every such stage a keep area, poisoned before its
+ * first pass. */
+int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in, float *out,
+                          uint64_t chunk_elems, bool keep);
 
 /* ------------------------------------------------------------------------ */
 /* Shared numeric helpers for stages.                                        */

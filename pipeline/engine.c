@@ -25,6 +25,14 @@
  * Otherwise each pass reads the inputs again. The chunking is the same either
  * way, so both paths give the same bytes.
  *
+ * Keep areas (ms_stage.h; stages whose ops->keeps says so): a resident job's
+ * chunk keeps in its own output buffer, which no pass before apply uses. For
+ * jobs that cannot be resident the budget reserves one keep pool, the largest
+ * such job's numel * MS_KEEP_BYTES among those at most half of what the method
+ * states leave; a job holds the pool from its start to its end (the next one
+ * waits for it). A job that gets neither runs with keep NULL, which the stage
+ * handles.
+ *
  * Threads: everything here runs on the loop thread except work_cb, which only
  * touches its own slot (and reads the job's stage state, const during a pass).
  * The bytes are io/'s: reads through ms_src (ms_src.h), positional shard files
@@ -101,6 +109,8 @@ struct jrun {
     int phase;                    /* MS_STAGE_REDUCE or MS_STAGE_APPLY */
     uint32_t pass;                /* reduce passes completed */
     bool resident;
+    bool keeps;                   /* the stage wants a keep area (ops->keeps) */
+    bool keep_pool;               /* holds e->keep_pool */
     size_t partial_bytes;
     uint32_t issued, folded, done; /* chunks of the current pass */
     struct slot **ring;           /* chunk c of the current pass at ring[c % nslots] */
@@ -159,6 +169,10 @@ struct eng {
     size_t state_bytes;
     void **states;
     bool *state_used;
+
+    unsigned char *keep_pool;     /* keep_bytes (0: none), for one non-resident job */
+    size_t keep_bytes;
+    bool keep_used;
 
     /* LoRA folds (ms_lora.h): A and B of every input of one job, loaded when it starts. */
     uint32_t nloras;
@@ -298,6 +312,12 @@ static size_t job_partial_size(const struct ms_job *j)
     return (!j->copy && ops && ops->partial_size) ? ops->partial_size(&j->s) : 0;
 }
 
+static bool job_keeps(const struct ms_job *j)
+{
+    const struct ms_stage_ops *ops = j->s.method ? j->s.method->ops : NULL;
+    return !j->copy && j->s.numel && ops && ops->keeps && ops->keeps(&j->s);
+}
+
 /*
  * Elements per chunk of job j in a slot of slot_bytes (bytes for copy jobs).
  * Returns 0 when not even the minimum (one row, or 16 elements) fits.
@@ -330,7 +350,7 @@ static uint64_t job_chunk(const struct ms_job *j, size_t slot_bytes, uint64_t ca
 
 struct sizing {
     uint32_t nslots, nstates, nloras;
-    size_t slot_bytes, state_bytes, lora_bytes;
+    size_t slot_bytes, state_bytes, lora_bytes, keep_bytes;
 };
 
 /* Bytes one job's LoRA matrices take (0: it folds none). */
@@ -352,8 +372,39 @@ static uint64_t job_slot_use(const struct ms_job *j, uint64_t c)
     return align_up(job_partial_size(j)) + (uint64_t)MS_ALIGN * (j->s.ninputs + 2) + c * per;
 }
 
+/* Slots of about SLOT_TARGET bytes (within [MIN_SLOTS or 2 * threads + 2, MAX_SLOTS])
+ * from what the budget leaves beside `fixed` bytes. */
+static void size_slots(struct sizing *sz, uint64_t max_memory, uint64_t fixed, unsigned threads)
+{
+    uint64_t by_size = max_memory > fixed ? (max_memory - fixed) / SLOT_TARGET : 0;
+    sz->nslots = (uint32_t)MS_MIN(MS_MAX(by_size, (uint64_t)MS_MAX(2 * threads + 2, MIN_SLOTS)),
+                                  (uint64_t)MAX_SLOTS);
+    sz->slot_bytes =
+        max_memory > fixed ? (size_t)((max_memory - fixed) / sz->nslots / MS_ALIGN * MS_ALIGN) : 0;
+}
+
+/* The keep pool (see the top): the largest keep area of a job that would not
+ * be resident in slots sized without it, among those that take at most half of
+ * `room` (the budget left beside the states); 0 when none does. */
+static size_t keep_pool_bytes(const struct ms_plan *p, const struct sizing *sz, uint64_t room,
+                              uint64_t cap, bool in_memory)
+{
+    uint64_t need = 0;
+    for (size_t i = 0; i < p->njobs; i++) {
+        const struct ms_job *j = &p->jobs[i];
+        if (!job_keeps(j))
+            continue;
+        uint64_t c = job_chunk(j, sz->slot_bytes, cap);
+        uint64_t b = j->s.numel * MS_KEEP_BYTES;
+        if (c && (!in_memory || (j->s.numel + c - 1) / c > sz->nslots) && b <= room / 2)
+            need = MS_MAX(need, b);
+    }
+    return (size_t)align_up((size_t)need);
+}
+
 static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned threads,
-                          uint64_t cap, struct sizing *sz, uint64_t *max_chunk, uint64_t *max_use)
+                          uint64_t cap, bool in_memory, struct sizing *sz, uint64_t *max_chunk,
+                          uint64_t *max_use)
 {
     if (!max_memory)
         max_memory = MS_DEFAULT_MAX_MEMORY;
@@ -379,9 +430,23 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
     /* Enough slots to overlap reads, compute and writes; beyond that, more slots
      * of about SLOT_TARGET bytes rather than fewer huge ones, so that multi-pass
      * tensors can stay resident and a small working set stays warm in cache. */
-    uint64_t by_size = max_memory > for_states ? (max_memory - for_states) / SLOT_TARGET : 0;
-    sz->nslots = (uint32_t)MS_MIN(MS_MAX(by_size, (uint64_t)MS_MAX(2 * threads + 2, MIN_SLOTS)),
-                                  (uint64_t)MAX_SLOTS);
+    size_slots(sz, max_memory, for_states, threads);
+    uint64_t room = max_memory > for_states ? max_memory - for_states : 0;
+    sz->keep_bytes = room ? keep_pool_bytes(p, sz, room, cap, in_memory) : 0;
+    if (sz->keep_bytes && room > sz->keep_bytes) {
+        size_slots(sz, max_memory, for_states + sz->keep_bytes, threads);
+        for (size_t i = 0; i < p->njobs && sz->keep_bytes; i++) {
+            const struct ms_job *j = &p->jobs[i];
+            if ((j->copy || j->s.numel) && !job_chunk(j, sz->slot_bytes, cap))
+                sz->keep_bytes = 0; /* the pool would leave a tensor no chunk */
+        }
+    } else {
+        sz->keep_bytes = 0;
+    }
+    if (sz->keep_bytes)
+        for_states += sz->keep_bytes;
+    else
+        size_slots(sz, max_memory, for_states, threads);
     if (max_memory <= for_states)
         return ms_error(MS_EINVAL,
                         "--max-memory %" PRIu64 " is too small: the method's per-tensor "
@@ -389,7 +454,6 @@ static int compute_sizing(const struct ms_plan *p, uint64_t max_memory, unsigned
                         max_memory,
                         sz->nloras ? " and the LoRA matrices alone need" : " alone needs",
                         for_states);
-    sz->slot_bytes = (size_t)((max_memory - for_states) / sz->nslots / MS_ALIGN * MS_ALIGN);
     uint64_t mc = 0, mu = 0;
     for (size_t i = 0; i < p->njobs; i++) {
         const struct ms_job *j = &p->jobs[i];
@@ -421,15 +485,15 @@ int ms_engine_estimate(const struct ms_plan *plan, uint64_t max_memory, unsigned
 {
     struct sizing sz;
     uint64_t mc = 0, mu = 0;
-    int rc = compute_sizing(plan, max_memory, threads, 0, &sz, &mc, &mu);
+    int rc = compute_sizing(plan, max_memory, threads, 0, true, &sz, &mc, &mu);
     if (rc)
         return rc;
     if (pool_bytes)
         *pool_bytes = (uint64_t)sz.nslots * sz.slot_bytes + (uint64_t)sz.nstates * sz.state_bytes +
-                      (uint64_t)sz.nloras * sz.lora_bytes;
+                      (uint64_t)sz.nloras * sz.lora_bytes + sz.keep_bytes;
     if (used_bytes)
         *used_bytes = (uint64_t)sz.nslots * mu + (uint64_t)sz.nstates * sz.state_bytes +
-                      (uint64_t)sz.nloras * sz.lora_bytes;
+                      (uint64_t)sz.nloras * sz.lora_bytes + sz.keep_bytes;
     if (chunk_elems)
         *chunk_elems = mc;
     return 0;
@@ -502,6 +566,11 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
     s->ck.out = (float *)(void *)p;
     p += align_up(count * 4);
     assert((size_t)(p - s->mem) <= e->slot_bytes);
+    /* a resident chunk keeps in its output buffer (MS_KEEP_BYTES == 4) */
+    if (jr->keep_pool)
+        s->ck.keep = e->keep_pool + first * MS_KEEP_BYTES;
+    else if (jr->keeps && jr->resident)
+        s->ck.keep = s->ck.out;
     s->reads_left = j->s.ninputs;
 }
 
@@ -1071,6 +1140,8 @@ static void job_finish(struct eng *e, struct jrun *jr)
         e->state_used[jr->state_idx] = false;
     if (jr->lora_idx >= 0)
         e->lora_used[jr->lora_idx] = false;
+    if (jr->keep_pool)
+        e->keep_used = false;
     uint32_t idx = (uint32_t)(jr - e->jr);
     for (uint32_t i = 0; i < e->nactive; i++) {
         if (e->order[i] == idx) {
@@ -1154,6 +1225,17 @@ static int job_activate(struct eng *e)
     jr->lora_idx = -1;
     jr->copy = j->copy;
     jr->phase = MS_STAGE_APPLY;
+    jr->keeps = job_keeps(j);
+    if (jr->keeps && e->keep_pool && j->s.numel * MS_KEEP_BYTES <= e->keep_bytes) {
+        /* the same test as jr->resident below, but before begin (the pool's
+         * wait must come before anything is taken) */
+        uint64_t c = job_chunk(j, e->slot_bytes, e->opts->chunk_elems);
+        if (!e->opts->in_memory || (j->s.numel + c - 1) / c > e->nslots) {
+            if (e->keep_used)
+                return 1; /* wait for the keep pool */
+            jr->keep_pool = true;
+        }
+    }
     size_t ssz = job_state_size(j);
     if (ssz) {
         uint32_t k = 0;
@@ -1171,6 +1253,8 @@ static int job_activate(struct eng *e)
         if (rc)
             return rc;
     }
+    if (jr->keep_pool)
+        e->keep_used = true;
     struct out_shard *sh = &e->osh[j->shard];
     if (!e->seq && sh->file.fd < 0 && !sh->file.finished) {
         int rc = shard_open(e, j->shard);
@@ -1399,6 +1483,10 @@ static int alloc_pool(struct eng *e, const struct sizing *sz)
                 return ms_error(MS_ENOMEM, "out of memory allocating method state");
         }
     }
+    e->keep_bytes = sz->keep_bytes;
+    if (e->keep_bytes && !(e->keep_pool = ms_aligned_alloc(e->keep_bytes)))
+        return ms_error(MS_ENOMEM, "out of memory allocating the keep pool (%zu bytes)",
+                        e->keep_bytes);
     return 0;
 }
 
@@ -1527,6 +1615,8 @@ static void pool_free(struct eng *e)
         ms_aligned_free(e->states[i]);
         e->states[i] = NULL;
     }
+    ms_aligned_free(e->keep_pool);
+    e->keep_pool = NULL;
 }
 
 static void eng_release(struct eng *e)
@@ -1562,6 +1652,7 @@ static void eng_release(struct eng *e)
             ms_aligned_free(e->states[i]);
     ms_free(e->states);
     ms_free(e->state_used);
+    ms_aligned_free(e->keep_pool);
     if (e->loras)
         for (uint32_t i = 0; i < e->nloras; i++)
             ms_aligned_free(e->loras[i]);
@@ -1656,7 +1747,8 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
 
     struct sizing sz;
     struct ms_outdir od = { .lock_fd = -1 };
-    int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, &sz, NULL, NULL);
+    int rc = compute_sizing(plan, opts->max_memory, threads, opts->chunk_elems, opts->in_memory, &sz,
+                            NULL, NULL);
     if (!rc && plan->tok) /* before the pool exists: its reads stay within the budget */
         rc = ms_tokmerge_prepare(plan, opts->max_memory ? opts->max_memory : MS_DEFAULT_MAX_MEMORY);
     if (!rc)

@@ -41,15 +41,21 @@
  * Each whole-tensor figure is a reduce pass (exact sums, ms_xacc, rounded once
  * to float32 as torch's float32 accumulation approximates): the norms, ||u_0||,
  * then per iteration the dots, |T| and ||u||: at most 2 + 3*max_iter passes.
- * No vector is stored: every pass recomputes each element's iterates from its
- * inputs and the scalars of the passes before (the elementwise ops depend only
- * on the element and those scalars). Rounded to D the iterates usually end in a
- * short cycle rather than converge (|T| stays above tol): when u_k equals u_{k-L}
- * in every element (L <= KS_LMAX, counted in the dots pass), each iterate being a
+ * The elementwise ops depend only on the element and the scalars of the passes
+ * before, so an element's iterate is all that has to last between passes: the
+ * dots pass of iteration k stores u_k in the chunk's keep area (ms_stage.h; its
+ * D bits, 2 bytes) and the next passes continue from it, O(N) per element and
+ * pass. Without a keep area (the engine could not hold one) every pass replays
+ * the element's iterates from u_0 instead, O(k * N) per element in pass k, with
+ * the same bytes. Rounded to D the iterates usually end in a cycle rather than
+ * converge (|T| stays above tol): the dots pass also counts the elements where
+ * u_k differs from u_{k-1} and from a saved iterate u_bp (Brent's cycle search:
+ * bp moves to k when k - bp reaches a power of two; u_bp takes the keep area's
+ * other 2 bytes). When u_k equals u_{k-L} in every element, each iterate being a
  * function of the one before, the sequence repeats with period L and the stage
- * jumps to the iterate max_iter lands on (the same bytes as running on). The
- * replay costs O(k * N) per element in pass k. The scalars of every iteration are kept in the
- * state (max_iter * (3N + 4) floats, counted by state_size).
+ * jumps to the iterate max_iter lands on (the same bytes as running on), which
+ * apply reaches from u_k in fewer than L steps. The scalars of every iteration
+ * are kept in the state (max_iter * (3N + 4) floats, counted by state_size).
  *
  * Inputs: a lone tensor is returned unchanged; no valid input (all norms <= tol)
  * gives zeros.
@@ -66,7 +72,7 @@
 
 /* Reduce passes of the step form (bf16/f16). */
 enum { KS_NORM, KS_INIT, KS_DOT, KS_NT, KS_NU };
-#define KS_LMAX 8 /* longest cycle of iterates looked for */
+#define KS_NCNT 2 /* dots pass counters: elements where u_k != u_{k-1}, != u_bp */
 
 struct karcher_state {
     uint32_t n;                   /* inputs */
@@ -87,9 +93,13 @@ struct karcher_state {
     long max_iter;
     bool fallback; /* ||u_0|| < tol: u starts as the first valid unit vector */
     float nu0;     /* ||u_0|| */
-    uint32_t done; /* iterations whose scalars are complete */
-    bool brk;      /* iteration `done` stopped on |T| < tol: u stays u_done */
-    struct ms_xacc acc[MS_MAX_INPUTS + KS_LMAX]; /* the pass's folded sums */
+    uint32_t done;       /* iterations whose scalars are complete */
+    uint32_t bp, bpow;   /* Brent's cycle search: u_bp saved, compared up to bp + bpow */
+    bool kept;           /* chunks with a keep area hold u_kat there */
+    uint32_t kat;
+    uint32_t target;     /* apply: the result is s * u_target */
+    uint32_t per;        /* 0, or the iterates' period (target < done) */
+    struct ms_xacc acc[MS_MAX_INPUTS + KS_NCNT]; /* the pass's folded sums */
     float sc[]; /* per iteration k: KS_W(n) floats at sc + k*KS_W(n) */
 };
 
@@ -132,7 +142,7 @@ static size_t karcher_partial_size(const struct ms_stage_job *job)
 {
     size_t n = MS_MIN(job->ninputs, MS_MAX_INPUTS);
     if (karcher_is_step(job))
-        return (n + KS_LMAX) * sizeof(struct ms_xacc);
+        return (n + KS_NCNT) * sizeof(struct ms_xacc);
     return n * (n + 1) / 2 * sizeof(struct ms_xacc);
 }
 
@@ -154,7 +164,7 @@ static int karcher_begin(void *state, const struct ms_stage_job *job)
         s->phase = KS_NORM;
         s->tol = job->gv[pt];
         s->max_iter = karcher_max_iter(job);
-        for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+        for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
             ms_xacc_init(&s->acc[i]);
         return MS_STAGE_REDUCE;
     }
@@ -164,10 +174,10 @@ static int karcher_begin(void *state, const struct ms_stage_job *job)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Step form: mergekit's loop replayed from the scalars, over blocks of KS_B  */
-/* elements (leaf loops over arrays, so that -O3 vectorises them).           */
+/* Step form: mergekit's loop from the scalars, over blocks of KS_B elements  */
+/* (leaf loops over arrays, so that -O3 vectorises them).                     */
 
-#define KS_B 64
+#define KS_B 256
 #define KS_INLINE static inline __attribute__((always_inline))
 
 /* Unit inputs of elements [j0, j0+nb): ui[p][j] = r(x_{v_p} / n_{v_p}), p < m. */
@@ -207,7 +217,7 @@ KS_INLINE void ks_start(enum ms_dtype d, const struct karcher_state *s, size_t n
         u[j] = ms_rnd(d, u[j] / nu);
 }
 
-/* T of iteration k. */
+/* T from u with the scalars of iteration k. */
 KS_INLINE void ks_T(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
                     const float (*restrict ui)[KS_B], const float *restrict u, float *restrict T)
 {
@@ -244,15 +254,52 @@ KS_INLINE void ks_renorm(enum ms_dtype d, const struct karcher_state *s, uint32_
             u[j] = ms_rnd(d, u[j] / nu);
 }
 
-/* u after `iters` complete iterations; T is scratch. */
-KS_INLINE void ks_u(enum ms_dtype d, const struct karcher_state *s, uint32_t iters, size_t nb,
-                    const float (*restrict ui)[KS_B], float *restrict u, float *restrict T)
+/* One whole iteration with the scalars of iteration k: u_{t+1} from u_t; T is scratch. */
+KS_INLINE void ks_step(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
+                       const float (*restrict ui)[KS_B], float *restrict u, float *restrict T)
 {
+    ks_T(d, s, k, nb, ui, u, T);
+    ks_next(d, s, k, nb, u, T);
+    ks_renorm(d, s, k, nb, u);
+}
+
+/* Keep: element j's uint32 holds the iterate of s->kat in its low half and
+ * Brent's saved iterate u_bp in its high half, each as its D bits (exact). */
+KS_INLINE uint32_t ks_bits(enum ms_dtype d, float x)
+{
+    return d == MS_DT_BF16 ? ms_f32_bits(x) >> 16 : ms_f32_to_f16_1(x);
+}
+
+KS_INLINE float ks_val(enum ms_dtype d, uint32_t h)
+{
+    return d == MS_DT_BF16 ? ms_f32_from_bits(h << 16) : ms_f16_to_f32_1((uint16_t)h);
+}
+
+/* u = u_k of elements [j0, j0+nb), and sv = u_bp when sv is not NULL (bp <= k):
+ * from the keep area (k == s->kat) or replayed from u_0 with the scalars found
+ * so far. T is scratch. */
+KS_INLINE void ks_at(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                     size_t j0, size_t nb, const float (*restrict ui)[KS_B], uint32_t k,
+                     float *restrict u, float *restrict T, float *restrict sv)
+{
+    if (c->keep) {
+        assert(s->kept && s->kat == k);
+        uint32_t w[KS_B];
+        memcpy(w, (const uint32_t *)c->keep + j0, nb * sizeof(uint32_t));
+        for (size_t j = 0; j < nb; j++)
+            u[j] = ks_val(d, w[j] & 0xffffu);
+        if (sv)
+            for (size_t j = 0; j < nb; j++)
+                sv[j] = ks_val(d, w[j] >> 16);
+        return;
+    }
     ks_start(d, s, nb, ui, u);
-    for (uint32_t k = 0; k < iters; k++) {
-        ks_T(d, s, k, nb, ui, u, T);
-        ks_next(d, s, k, nb, u, T);
-        ks_renorm(d, s, k, nb, u);
+    if (sv && s->bp == 0)
+        memcpy(sv, u, nb * sizeof(float));
+    for (uint32_t t = 0; t < k; t++) {
+        ks_step(d, s, t, nb, ui, u, T);
+        if (sv && t + 1 == s->bp)
+            memcpy(sv, u, nb * sizeof(float));
     }
 }
 
@@ -261,6 +308,20 @@ static void ks_count(struct ms_xacc *a, uint64_t n)
 {
     ms_xacc_add(a, (double)(float)(n & 0xffffffu));
     ms_xacc_add(a, (double)(float)(n >> 24) * 16777216.0);
+}
+
+static uint64_t ks_miss(const float *restrict a, const float *restrict b, size_t nb)
+{
+    uint64_t mm = 0;
+    for (size_t j = 0; j < nb; j++)
+        mm += ms_f32_bits(a[j]) != ms_f32_bits(b[j]);
+    return mm;
+}
+
+/* Brent's cycle search saves u_k in the dots pass of iteration k when this holds. */
+static bool ks_save(const struct karcher_state *s, uint32_t k)
+{
+    return k == 0 || k - s->bp == s->bpow;
 }
 
 KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
@@ -273,11 +334,9 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
             ms_xacc_sumsq(&acc[i], c->in[i], cnt);
         return;
     }
-    float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B];
-    /* KS_DOT: u_t of the last KS_LMAX + 1 iterations, at ring[t % (KS_LMAX + 1)] */
-    float ring[KS_LMAX + 1][KS_B];
-    const uint32_t lmax = MS_MIN(k, KS_LMAX);
-    uint64_t miss[KS_LMAX] = { 0 };
+    float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B], prev[KS_B], sv[KS_B];
+    uint64_t miss1 = 0, missb = 0;
+    const bool save = ks_save(s, k), brent = k >= 1 && s->bp < k - 1;
     for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
         const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
         ks_units(d, s, c, j0, nb, ui);
@@ -287,43 +346,48 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
             ms_xacc_sumsq(&acc[0], u, nb);
             break;
         case KS_DOT:
-            /* dots of u_k with every u_i; acc[m + l - 1] counts the elements where
-             * u_k != u_{k-l}, 1 <= l <= min(k, KS_LMAX) */
-            ks_start(d, s, nb, ui, u);
-            memcpy(ring[0], u, nb * sizeof(float));
-            for (uint32_t t = 0; t < k; t++) {
-                ks_T(d, s, t, nb, ui, u, T);
-                ks_next(d, s, t, nb, u, T);
-                ks_renorm(d, s, t, nb, u);
-                memcpy(ring[(t + 1) % (KS_LMAX + 1)], u, nb * sizeof(float));
+            /* u_k and its dots with every u_i; counts the elements where u_k differs
+             * from u_{k-1} and from Brent's saved u_bp; keeps u_k (and saves it) */
+            if (k == 0) {
+                ks_start(d, s, nb, ui, u);
+                memcpy(sv, u, nb * sizeof(float));
+            } else {
+                ks_at(d, s, c, j0, nb, ui, k - 1, u, T, sv);
+                memcpy(prev, u, nb * sizeof(float));
+                ks_step(d, s, k - 1, nb, ui, u, T);
+                miss1 += ks_miss(u, prev, nb);
+                if (brent)
+                    missb += ks_miss(u, sv, nb);
+                if (save)
+                    memcpy(sv, u, nb * sizeof(float));
             }
-            for (uint32_t l = 1; l <= lmax; l++) {
-                const float *o = ring[(k - l) % (KS_LMAX + 1)];
-                uint64_t mm = 0;
+            if (c->keep) {
+                uint32_t w[KS_B];
                 for (size_t j = 0; j < nb; j++)
-                    mm += ms_f32_bits(u[j]) != ms_f32_bits(o[j]);
-                miss[l - 1] += mm;
+                    w[j] = ks_bits(d, u[j]) | ks_bits(d, sv[j]) << 16;
+                memcpy((uint32_t *)c->keep + j0, w, nb * sizeof(uint32_t));
             }
             for (uint32_t p = 0; p < s->m; p++)
                 ms_xacc_dot(&acc[p], u, ui[p], nb);
             break;
         case KS_NT:
-            ks_u(d, s, k, nb, ui, u, T);
+            ks_at(d, s, c, j0, nb, ui, k, u, T, NULL);
             ks_T(d, s, k, nb, ui, u, T);
             ms_xacc_sumsq(&acc[0], T, nb);
             break;
         default:
             assert(s->phase == KS_NU);
-            ks_u(d, s, k, nb, ui, u, T);
+            ks_at(d, s, c, j0, nb, ui, k, u, T, NULL);
             ks_T(d, s, k, nb, ui, u, T);
             ks_next(d, s, k, nb, u, T);
             ms_xacc_sumsq(&acc[0], u, nb);
             break;
         }
     }
-    if (s->phase == KS_DOT)
-        for (uint32_t l = 0; l < KS_LMAX; l++)
-            ks_count(&acc[s->m + l], miss[l]);
+    if (s->phase == KS_DOT) {
+        ks_count(&acc[s->m], miss1);
+        ks_count(&acc[s->m + 1], missb);
+    }
 }
 
 /* Torch's float32 norm of a tensor whose exact sum of squares is in a. */
@@ -359,20 +423,31 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
         s->nu0 = ks_norm(&s->acc[0]);
         s->fallback = (double)s->nu0 < s->tol;
         if (s->max_iter == 0)
-            return MS_STAGE_APPLY;
+            return MS_STAGE_APPLY; /* target 0: u_0 */
         s->phase = KS_DOT;
         break;
     case KS_DOT: {
-        for (uint32_t l = 1; l <= MS_MIN(k, KS_LMAX); l++)
-            if (ms_xacc_value(&s->acc[s->m + l - 1]) == 0) {
-                /* u_k == u_{k-l} everywhere: the iterates repeat with period l from
-                 * u_{k-l} on (each depends only on the one before, and none of
-                 * those iterations stopped), so iteration max_iter ends on
-                 * u_{k-l + (max_iter - (k-l)) mod l}: apply replays that one */
-                uint32_t k0 = k - l;
-                s->done = k0 + (uint32_t)(((unsigned long)s->max_iter - k0) % l);
-                return MS_STAGE_APPLY;
-            }
+        s->kept = true;
+        s->kat = k;
+        uint32_t l = 0;
+        if (k >= 1 && ms_xacc_value(&s->acc[s->m]) == 0)
+            l = 1;
+        else if (k >= 1 && s->bp < k - 1 && ms_xacc_value(&s->acc[s->m + 1]) == 0)
+            l = k - s->bp;
+        if (l) {
+            /* u_k == u_{k-l} everywhere: the iterates repeat with period l from
+             * u_{k-l} on (each depends only on the one before, and none of
+             * those iterations stopped), so iteration max_iter ends on
+             * u_{k-l + (max_iter - (k-l)) mod l}, which apply computes */
+            uint32_t k0 = k - l;
+            s->target = k0 + (uint32_t)(((unsigned long)s->max_iter - k0) % l);
+            s->per = l;
+            return MS_STAGE_APPLY;
+        }
+        if (ks_save(s, k)) {
+            s->bpow = k == 0 ? 1 : 2 * s->bpow;
+            s->bp = k;
+        }
         float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
         for (uint32_t p = 0; p < s->m; p++) {
             float dot = ms_rnd(d, (float)ms_xacc_value(&s->acc[p]));
@@ -390,7 +465,7 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
         q[0] = ks_norm(&s->acc[0]);
         s->iters = k + 1;
         if ((double)q[0] < s->tol) {
-            s->brk = true; /* u stays u_k */
+            s->target = k; /* u stays u_k */
             return MS_STAGE_APPLY;
         }
         q[1] = ms_rnd(d, cosf(q[0]));
@@ -402,28 +477,94 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
         assert(s->phase == KS_NU);
         KS_NT_(s, k)[3] = ks_norm(&s->acc[0]);
         s->done = k + 1;
-        if (s->done >= (uint32_t)s->max_iter)
+        if (s->done >= (uint32_t)s->max_iter) {
+            s->target = s->done;
             return MS_STAGE_APPLY;
+        }
         s->phase = KS_DOT;
         break;
     }
-    for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+    for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
         ms_xacc_init(&s->acc[i]);
     return MS_STAGE_REDUCE;
 }
 
-/* y[j] = r(float32(s) * u_done[j]). */
+/* y[j] = r(float32(s) * u_target[j]). From the keep area, the iterations after
+ * s->kat run on; past the scalars found (a cycle), iteration t uses those of t - per. */
 KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c)
 {
     float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B];
     const size_t cnt = (size_t)c->count;
     const float scale = s->scale;
+    const bool kept = c->keep && s->kept;
+    const uint32_t from = kept ? s->kat : 0;
+    uint32_t to = s->target;
+    if (to < from) {
+        assert(s->per && to + s->per >= from);
+        to += s->per;
+    }
     for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
         const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
         ks_units(d, s, c, j0, nb, ui);
-        ks_u(d, s, s->done, nb, ui, u, T);
+        if (kept)
+            ks_at(d, s, c, j0, nb, ui, from, u, T, NULL);
+        else
+            ks_start(d, s, nb, ui, u);
+        for (uint32_t t = from; t < to; t++)
+            ks_step(d, s, t < s->done ? t : t - s->per, nb, ui, u, T);
         for (size_t j = 0; j < nb; j++)
             c->out[j0 + j] = ms_rnd(d, scale * u[j]);
+    }
+}
+
+/* A reduce pass over chunk c into acc, or apply when acc is NULL; D a constant
+ * in each branch. */
+static void ks_run(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                   struct ms_xacc *acc)
+{
+    if (d == MS_DT_BF16) {
+        if (acc)
+            ks_reduce(MS_DT_BF16, s, c, acc);
+        else
+            ks_apply(MS_DT_BF16, s, c);
+    } else {
+        assert(d == MS_DT_F16);
+        if (acc)
+            ks_reduce(MS_DT_F16, s, c, acc);
+        else
+            ks_apply(MS_DT_F16, s, c);
+    }
+}
+
+/* The versions of ms_isa.h: ks_run inlined whole (flatten) and compiled for each
+ * target. Every step is elementwise in a fixed order (no FMA: -ffp-contract=off)
+ * and the compiler does not reassociate float arithmetic, so a wider vector
+ * changes no value; the sums are ms_xacc's, exact in any order. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"), flatten)) static void
+ks_run_avx2(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+            struct ms_xacc *acc)
+{
+    ks_run(d, s, c, acc);
+}
+
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
+ks_run_avx512(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+              struct ms_xacc *acc)
+{
+    ks_run(d, s, c, acc);
+}
+#endif
+
+static void ks_run_isa(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                       struct ms_xacc *acc)
+{
+    switch (ms_isa_active()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case MS_ISA_AVX512: ks_run_avx512(d, s, c, acc); return;
+    case MS_ISA_AVX2: ks_run_avx2(d, s, c, acc); return;
+#endif
+    default: ks_run(d, s, c, acc); return;
     }
 }
 
@@ -437,12 +578,9 @@ static void karcher_reduce(const void *state, const struct ms_stage_job *job,
     struct ms_xacc *g = partial;
     size_t cnt = (size_t)c->count;
     if (s->step) {
-        for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+        for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
             ms_xacc_init(&g[i]);
-        if (job->compute == MS_DT_BF16)
-            ks_reduce(MS_DT_BF16, s, c, g);
-        else
-            ks_reduce(MS_DT_F16, s, c, g);
+        ks_run_isa(job->compute, s, c, g);
         return;
     }
     for (uint32_t i = 0; i < s->n; i++)
@@ -462,7 +600,7 @@ static void karcher_fold(void *state, const struct ms_stage_job *job, const stru
     struct karcher_state *s = state;
     const struct ms_xacc *g = partial;
     if (s->step) {
-        for (uint32_t i = 0; i < s->n + KS_LMAX; i++)
+        for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
             ms_xacc_merge(&s->acc[i], &g[i]);
         return;
     }
@@ -598,10 +736,7 @@ static void karcher_apply(const void *state, const struct ms_stage_job *job,
         return;
     }
     if (s->step) {
-        if (job->compute == MS_DT_BF16)
-            ks_apply(MS_DT_BF16, s, c);
-        else
-            ks_apply(MS_DT_F16, s, c);
+        ks_run_isa(job->compute, s, c, NULL);
         return;
     }
     assert(job->compute == MS_DT_F32);
@@ -611,6 +746,7 @@ static void karcher_apply(const void *state, const struct ms_stage_job *job,
 static const struct ms_stage_ops karcher_ops = {
     .state_size = karcher_state_size,
     .partial_size = karcher_partial_size,
+    .keeps = karcher_is_step,
     .begin = karcher_begin,
     .reduce = karcher_reduce,
     .fold = karcher_fold,

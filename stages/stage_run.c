@@ -12,7 +12,9 @@
  *   - apply writes into a scratch buffer pre-filled with NaN (it must write
  *     every element) and runs over chunks in reverse order;
  *   - every chunk's inputs are copied to MS_ALIGN-aligned scratch, as the
- *     engine's buffers are.
+ *     engine's buffers are;
+ *   - a keep area (ms_stage_ops.keeps; one for the tensor, chunk i's part at
+ *     its first element, as the engine's pool) starts as garbage (NaN bytes).
  */
 #include <assert.h>
 #include <string.h>
@@ -36,6 +38,7 @@ struct run {
     float *scratch_in;            /* ninputs * chunk floats, one aligned run per input */
     float *scratch_out;           /* chunk floats */
     size_t in_stride;             /* floats between inputs in scratch_in (multiple of MS_ALIGN/4) */
+    unsigned char *keep;          /* numel * MS_KEEP_BYTES, or NULL: no keep area */
 };
 
 /* Fills c for chunk i: element range, and inputs copied into aligned scratch. */
@@ -53,10 +56,17 @@ static void run_chunk(struct run *r, uint64_t i, uint32_t pass, struct ms_chunk 
         c->in[k] = dst;
     }
     c->out = r->scratch_out;
+    c->keep = r->keep ? r->keep + (size_t)c->first * MS_KEEP_BYTES : NULL;
 }
 
 int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
                      uint64_t chunk_elems)
+{
+    return ms_stage_run_mem_keep(job, in, out, chunk_elems, true);
+}
+
+int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in, float *out,
+                          uint64_t chunk_elems, bool keep)
 {
     assert(job && (in || job->ninputs == 0) && (out || job->numel == 0));
     const struct ms_stage_ops *ops = job->method ? job->method->ops : NULL;
@@ -93,11 +103,16 @@ int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, flo
     partials = ms_aligned_alloc(pstride * RUN_WINDOW);
     r.scratch_in = ms_aligned_alloc(r.in_stride * MS_MAX(job->ninputs, 1) * sizeof(float));
     r.scratch_out = ms_aligned_alloc((size_t)r.chunk * sizeof(float));
-    if (!state || !partials || !r.scratch_in || !r.scratch_out) {
+    bool want_keep = keep && ops->keeps && ops->keeps(job);
+    if (want_keep)
+        r.keep = ms_aligned_alloc(MS_MAX((size_t)job->numel * MS_KEEP_BYTES, 1));
+    if (!state || !partials || !r.scratch_in || !r.scratch_out || (want_keep && !r.keep)) {
         rc = ms_error(MS_ENOMEM, "%s: out of memory for the stage state", job->name ? job->name : "?");
         goto out;
     }
     memset(state, 0, MS_MAX(ssize, 1));
+    if (r.keep)
+        memset(r.keep, 0xff, (size_t)job->numel * MS_KEEP_BYTES);
 
     int next = ops->begin ? ops->begin(state, job) : MS_STAGE_APPLY;
     uint32_t pass = 0;
@@ -145,6 +160,7 @@ int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, flo
     }
 
 out:
+    ms_aligned_free(r.keep);
     ms_aligned_free(r.scratch_out);
     ms_aligned_free(r.scratch_in);
     ms_aligned_free(partials);

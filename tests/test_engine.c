@@ -215,13 +215,28 @@ Test(engine, ties_in_memory_and_reread_paths_agree)
                                 "parameters:\n  rescale: true\n");
 }
 
-/* karcher in bf16 runs up to 2 + 3*max_iter reduce passes that replay each element's
- * iterates (stages/karcher.c): the same bytes resident or re-read, for any chunking. */
+/* karcher in bf16 runs up to 2 + 3*max_iter reduce passes and keeps each element's
+ * iterate between them (stages/karcher.c): the same bytes resident (kept in the
+ * output buffers), re-read (kept in the keep pool: --reread; --max-memory 512K
+ * for the embeddings only), and with a budget too small for the pool (450K: the
+ * two method states take 371 KiB, the embeddings' keep, 40 KiB, is over half of
+ * the rest, so their passes replay the iterates while the MLP matrices, 24 KiB,
+ * take the pool). */
 Test(engine, karcher_bf16_in_memory_and_reread_paths_agree)
 {
-    check_multipass("karcher.yml", "merge_method: karcher\ndtype: bfloat16\nmodels:\n"
-                                   "  - model: base\n  - model: ft1\n  - model: ft2\n"
-                                   "parameters:\n  max_iter: 6\n");
+    const char *text = "merge_method: karcher\ndtype: bfloat16\nmodels:\n"
+                       "  - model: base\n  - model: ft1\n  - model: ft2\n"
+                       "parameters:\n  max_iter: 6\n";
+    check_multipass("karcher.yml", text);
+    const char *variants[] = {
+        "--max-memory 512K", "--max-memory 512K --reread --threads 3", "--max-memory 450K",
+        "--max-memory 450K --reread --chunk-elems 100",
+    };
+    for (size_t i = 0; i < MS_ARRAY_LEN(variants); i++) {
+        run_ok("cd %s && rm -rf b && mergestream merge karcher.yml b/out -q %s", g_dir,
+               variants[i]);
+        assert_same_output("a/out", "b/out");
+    }
 }
 
 /*
