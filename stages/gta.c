@@ -240,20 +240,12 @@ static size_t gta_partial_size(const struct ms_stage_job *job)
 /* Leaf kernels. Each body is specialised on the dtype through an            */
 /* always-inline helper and one switch per call, so rounding inlines.        */
 
-#define GTA_INLINE static inline __attribute__((always_inline))
-
-/* d = rnd(x - b) */
-GTA_INLINE void delta_body(enum ms_dtype dt, float *restrict d, const float *restrict x,
-                           const float *restrict b, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        d[i] = ms_rnd(dt, x[i] - b[i]);
-}
+#define GTA_INLINE MS__AI
 
 static void gta_delta(enum ms_dtype dt, float *restrict d, const float *restrict x,
                       const float *restrict b, size_t n)
 {
-#define CALL(t) delta_body(t, d, x, b, n)
+#define CALL(t) ms__k_sub(t, d, x, b, n) /* d = rnd(x - b) */
     MS__DT_DISPATCH(dt, CALL);
 #undef CALL
 }
