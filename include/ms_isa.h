@@ -3,7 +3,7 @@
  * (base/isa.c).
  *
  * Every hot loop that has SIMD versions (bf16/f16 conversion in base/dtype.c,
- * the stages' kernels in stages/kern.c) has a scalar reference and, on x86-64
+ * the stages' element loops and exact sums in stages/) has a scalar reference and, on x86-64
  * with a compiler that knows the targets, AVX2 and AVX-512 versions. All
  * versions give the same bytes (tests/test_isa.c); the choice only changes
  * speed. It is made once, on first use: MERGESTREAM_ISA=scalar|avx2|avx512 if

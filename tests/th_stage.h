@@ -1,8 +1,8 @@
 /*
  * th_stage.h - helpers for the linear, passthrough and slerp stage tests
  * (tests/th_stage.c). The rounding here is written independently of
- * stages/kern_dtype.c: it scales by the ulp of the target type and rounds with
- * nearbyint (ties to even) in double.
+ * ms_rnd (include/ms_stage.h, base/dtype.c): it scales by the ulp of the
+ * target type and rounds with nearbyint (ties to even) in double.
  */
 #ifndef MS_TH_STAGE_H
 #define MS_TH_STAGE_H
