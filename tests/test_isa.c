@@ -327,6 +327,7 @@ Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
     th_rmtree(dir);
     free(dir);
     cr_log_info("%d versions compared with scalar", versions);
+}
 
 /* The exact-sum kernels: every version's limbs against ms_xacc_add of each term
  * (tests/test_xacc.c goes through exponents, limb spans and lane capacity). */
