@@ -957,33 +957,10 @@ static void gta_select_model(const struct gta_state *st, const struct gta_model 
 }
 
 /* The versions of ms_isa.h of gta_select_model, as gta_apply_range's. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-gta_select_model_avx2(const struct gta_state *st, const struct gta_model *m,
-                      const struct ms_chunk *c, struct gta_part_select *p)
-{
-    gta_select_model(st, m, c, p);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-gta_select_model_avx512(const struct gta_state *st, const struct gta_model *m,
-                        const struct ms_chunk *c, struct gta_part_select *p)
-{
-    gta_select_model(st, m, c, p);
-}
-#endif
-
-static void gta_select_model_isa(const struct gta_state *st, const struct gta_model *m,
-                                 const struct ms_chunk *c, struct gta_part_select *p)
-{
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: gta_select_model_avx512(st, m, c, p); return;
-    case MS_ISA_AVX2: gta_select_model_avx2(st, m, c, p); return;
-#endif
-    default: gta_select_model(st, m, c, p); return;
-    }
-}
+MS__ISA_VERSIONS(gta_select_model_isa, gta_select_model,
+                 (const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
+                  struct gta_part_select *p),
+                 (st, m, c, p))
 
 /* RESCALE pass of model m over chunk c: before = sum |d|, after = sum |d *
  * mask| (exact); words is della's row scratch. */
@@ -1024,36 +1001,10 @@ static void gta_rescale_model(const struct gta_state *st, const struct gta_model
 
 /* The versions of ms_isa.h of gta_rescale_model, as gta_apply_range's
  * (elementwise rounding, integer masks and ranks: no value changes). */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-gta_rescale_model_avx2(const struct gta_state *st, const struct gta_model *m,
-                       const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
-                       struct ms_xacc *after)
-{
-    gta_rescale_model(st, m, c, words, before, after);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-gta_rescale_model_avx512(const struct gta_state *st, const struct gta_model *m,
-                         const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
-                         struct ms_xacc *after)
-{
-    gta_rescale_model(st, m, c, words, before, after);
-}
-#endif
-
-static void gta_rescale_model_isa(const struct gta_state *st, const struct gta_model *m,
-                                  const struct ms_chunk *c, unsigned char *words,
-                                  struct ms_xacc *before, struct ms_xacc *after)
-{
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: gta_rescale_model_avx512(st, m, c, words, before, after); return;
-    case MS_ISA_AVX2: gta_rescale_model_avx2(st, m, c, words, before, after); return;
-#endif
-    default: gta_rescale_model(st, m, c, words, before, after); return;
-    }
-}
+MS__ISA_VERSIONS(gta_rescale_model_isa, gta_rescale_model,
+                 (const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
+                  unsigned char *words, struct ms_xacc *before, struct ms_xacc *after),
+                 (st, m, c, words, before, after))
 
 static void gta_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                        void *partial)
@@ -1232,62 +1183,16 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
  * reassociate float arithmetic (no -ffast-math, -ffp-contract=off), so a wider
  * vector changes no value; tests/test_isa.c merges every example with each.
  */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-gta_apply_range_avx2(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
-                     uint64_t count, uint64_t (*run)[2])
-{
-    gta_apply_range(st, c, off0, count, run);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-gta_apply_range_avx512(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
-                       uint64_t count, uint64_t (*run)[2])
-{
-    gta_apply_range(st, c, off0, count, run);
-}
-#endif
-
-static void gta_apply_range_isa(const struct gta_state *st, const struct ms_chunk *c,
-                                uint64_t off0, uint64_t count, uint64_t (*run)[2])
-{
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: gta_apply_range_avx512(st, c, off0, count, run); return;
-    case MS_ISA_AVX2: gta_apply_range_avx2(st, c, off0, count, run); return;
-#endif
-    default: gta_apply_range(st, c, off0, count, run); return;
-    }
-}
+MS__ISA_VERSIONS(gta_apply_range_isa, gta_apply_range,
+                 (const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
+                  uint64_t count, uint64_t (*run)[2]),
+                 (st, c, off0, count, run))
 
 /* The versions of ms_isa.h of della_mark_row, as gta_apply_range's. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-della_mark_row_avx2(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
-                    unsigned char *words)
-{
-    della_mark_row(st, c, r0, words);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-della_mark_row_avx512(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
-                      unsigned char *words)
-{
-    della_mark_row(st, c, r0, words);
-}
-#endif
-
-static void della_mark_row_isa(const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
-                               unsigned char *words)
-{
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: della_mark_row_avx512(st, c, r0, words); return;
-    case MS_ISA_AVX2: della_mark_row_avx2(st, c, r0, words); return;
-#endif
-    default: della_mark_row(st, c, r0, words); return;
-    }
-}
+MS__ISA_VERSIONS(della_mark_row_isa, della_mark_row,
+                 (const struct gta_state *st, const struct ms_chunk *c, uint64_t r0,
+                  unsigned char *words),
+                 (st, c, r0, words))
 
 static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {

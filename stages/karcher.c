@@ -540,33 +540,10 @@ static void ks_run(enum ms_dtype d, const struct karcher_state *s, const struct 
  * target. Every step is elementwise in a fixed order (no FMA: -ffp-contract=off)
  * and the compiler does not reassociate float arithmetic, so a wider vector
  * changes no value; the sums are ms_xacc's, exact in any order. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-ks_run_avx2(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-            struct ms_xacc *acc)
-{
-    ks_run(d, s, c, acc);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-ks_run_avx512(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-              struct ms_xacc *acc)
-{
-    ks_run(d, s, c, acc);
-}
-#endif
-
-static void ks_run_isa(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-                       struct ms_xacc *acc)
-{
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: ks_run_avx512(d, s, c, acc); return;
-    case MS_ISA_AVX2: ks_run_avx2(d, s, c, acc); return;
-#endif
-    default: ks_run(d, s, c, acc); return;
-    }
-}
+MS__ISA_VERSIONS(ks_run_isa, ks_run,
+                 (enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                  struct ms_xacc *acc),
+                 (d, s, c, acc))
 
 /* ------------------------------------------------------------------------ */
 /* Coefficient form (float32).                                               */
