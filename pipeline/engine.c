@@ -634,15 +634,32 @@ static void read_issue(struct eng *e, struct slot *s, uint32_t i)
 static void write_issue(struct eng *e, struct slot *s);
 static void seq_pump(struct eng *e);
 
+/* Appends s to the FIFO *head..*tail linked through next_queued (the compute
+ * queue, a shard's write queue). Loop thread. */
+static void slot_fifo_push(struct slot **head, struct slot **tail, struct slot *s)
+{
+    s->next_queued = NULL;
+    if (*tail)
+        (*tail)->next_queued = s;
+    else
+        *head = s;
+    *tail = s;
+}
+
+/* Removes and returns the first slot of a non-empty FIFO. Loop thread. */
+static struct slot *slot_fifo_pop(struct slot **head, struct slot **tail)
+{
+    struct slot *s = *head;
+    *head = s->next_queued;
+    if (!*head)
+        *tail = NULL;
+    return s;
+}
+
 static void chunk_ready(struct eng *e, struct slot *s)
 {
     s->state = SLOT_QUEUED;
-    s->next_queued = NULL;
-    if (e->cq_tail)
-        e->cq_tail->next_queued = s;
-    else
-        e->cq_head = s;
-    e->cq_tail = s;
+    slot_fifo_push(&e->cq_head, &e->cq_tail, s);
 }
 
 /* Hands a finished chunk (s->wbuf, wlen, woff set) to the output. */
@@ -762,10 +779,7 @@ static void work_cb(uv_work_t *w)
 static void start_compute(struct eng *e)
 {
     while (e->cq_head && e->compute_inflight < e->compute_max && !eng_stopping(e)) {
-        struct slot *s = e->cq_head;
-        e->cq_head = s->next_queued;
-        if (!e->cq_head)
-            e->cq_tail = NULL;
+        struct slot *s = slot_fifo_pop(&e->cq_head, &e->cq_tail);
         s->state = SLOT_COMPUTING;
         s->work.data = s;
         e->compute_inflight++;
@@ -851,10 +865,7 @@ static void after_work_cb(uv_work_t *w, int status)
 static void shard_write_next(struct eng *e, struct out_shard *sh)
 {
     while (sh->wq_head && (!sh->wbusy || eng_stopping(e))) {
-        struct slot *s = sh->wq_head;
-        sh->wq_head = s->next_queued;
-        if (!sh->wq_head)
-            sh->wq_tail = NULL;
+        struct slot *s = slot_fifo_pop(&sh->wq_head, &sh->wq_tail);
         if (eng_stopping(e)) {
             slot_put(e, s);
             continue;
@@ -875,12 +886,7 @@ static void write_issue(struct eng *e, struct slot *s)
 {
     struct out_shard *sh = &e->osh[s->jr->job->shard];
     s->state = SLOT_WRITING;
-    s->next_queued = NULL;
-    if (sh->wq_tail)
-        sh->wq_tail->next_queued = s;
-    else
-        sh->wq_head = s;
-    sh->wq_tail = s;
+    slot_fifo_push(&sh->wq_head, &sh->wq_tail, s);
     shard_write_next(e, sh);
 }
 
