@@ -817,18 +817,23 @@ static void work_cb(uv_work_t *w)
     const struct ms_job *j = jr->job;
     uint64_t n = s->ck.count;
     s->ck.pass = jr->pass;
+    uint32_t ob = elem_bytes(j->out_dtype);
     uint64_t sb = jr->phase == MS_STAGE_APPLY ? apply_subblock(s->e, s) : 0;
+    bool applied = false;
     if (!sb) { /* the whole chunk at once: reduce passes, and what apply_subblock refuses */
         if (!s->decoded)
             chunk_decode(s, 0, n);
         s->decoded = true;
-        sb = n;
         if (jr->phase == MS_STAGE_REDUCE) {
             jr->ops->reduce(jr->state, &j->s, &s->ck, s->partial);
             return;
         }
+        jr->ops->apply(jr->state, &j->s, &s->ck);
+        applied = true;
+        /* rounding, encoding and checksum still go by sub-blocks: all but the first
+         * encode straight into place (ms_dtype_encode stages an in-place one) */
+        sb = s->e->subblock && ob <= 4 ? s->e->subblock : n;
     }
-    uint32_t ob = elem_bytes(j->out_dtype);
     uint64_t hpart = 0;
     struct ms_chunk sub = s->ck;
     uint64_t dec = s->decoded ? n : 0; /* elements decoded so far */
@@ -845,7 +850,8 @@ static void work_cb(uv_work_t *w)
             sub.in[i] = s->ck.in[i] + off;
         sub.out = s->ck.out + off;
         sub.keep = s->ck.keep ? (unsigned char *)s->ck.keep + off * MS_KEEP_BYTES : NULL;
-        jr->ops->apply(jr->state, &j->s, &sub);
+        if (!applied)
+            jr->ops->apply(jr->state, &j->s, &sub);
         /* mergekit casts the method's result to its own dtype, then to out_dtype
          * (slerp: float32 math, the base's dtype, then out_dtype). */
         if (j->result != j->out_dtype && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
