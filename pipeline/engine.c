@@ -5,7 +5,8 @@
  *
  *   slot FREE -> READING (one ms_src read per input, same element range)
  *             -> COMPUTE (uv_queue_work: decode, round to the compute dtype,
- *                         stage reduce or apply, encode to the output dtype)
+ *                         stage reduce or apply, encode to the output dtype; one-pass
+ *                         jobs in L2-sized sub-blocks, apply_subblock)
  *             -> WRITING (ms_shard_write at the tensor's known offset, or in
  *                         order through ms_out) -> FREE
  *
@@ -207,6 +208,8 @@ struct eng {
      * checksum, computed from the file on a pool thread one shard at a time. */
     char *run_path;               /* NULL: no run file (tar, pipe) */
     bool hash_writes;             /* positional files: checksums from the chunks as written */
+    uint64_t subblock;            /* elements per compute sub-block of an apply (apply_subblock);
+                                     0: whole chunks */
     uint64_t fp;
     uint64_t *sums;               /* per shard */
     bool *have;                   /* sums[k] is known */
@@ -722,58 +725,148 @@ static void on_read(struct ms_src_read *req, int status)
 
 /* ------------------------------------------------------------------ compute */
 
+/* Decodes elements [off, off + n) of every input of s's chunk in place, then folds
+ * a LoRA and rounds to the load and compute dtypes; the tokenizer merge's defaults
+ * need whole chunks (off == 0, n == count). Compute thread, s's memory only. */
+static void chunk_decode(struct slot *s, uint64_t off, uint64_t n)
+{
+    struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    for (uint32_t i = 0; i < j->s.ninputs; i++) {
+        float *x = (float *)(void *)s->ck.in[i] + off;
+        enum ms_dtype dt = j->in[i].dtype;
+        uint64_t eb = elem_bytes(dt);
+        if (eb < 4 && off + n == s->ck.count) /* the rest: raw sits at the top of x[0..n) */
+            ms_dtype_decode_up(dt, s->raw[i] + off * eb, x, n);
+        else /* narrow: sub_decode_len kept raw and x apart; else in place (F64: off == 0) */
+            ms_dtype_decode(dt, s->raw[i] + off * eb, x, n);
+        enum ms_dtype have = dt; /* every decoded value is exact in `have` */
+        if (j->in[i].lora) {     /* model+lora: the folded model, as mergekit stores it */
+            ms_lora_fold_chunk(j->in[i].lora, jr->lora_at[i], jr->lora_b[i], s->ck.first + off, x,
+                               n);
+            have = j->in[i].lora->dtype;
+        }
+        /* mergekit converts to the recipe dtype when it loads, then computes
+         * (slerp computes in float32 whatever that dtype is). */
+        if (ms_dtype_is_compute(j->in[i].load) && j->in[i].load != have &&
+            j->in[i].load != j->s.compute) {
+            ms_dtype_round(j->in[i].load, x, n);
+            have = j->in[i].load;
+        }
+        if (have != j->s.compute && j->s.compute != MS_DT_F32 && !j->tok)
+            ms_dtype_round(j->s.compute, x, n);
+    }
+    if (j->tok) { /* tokenizer merge: default rows from the chunk's other rows */
+        assert(off == 0 && n == s->ck.count);
+        uint64_t L = j->s.row_len;
+        ms_tokmerge_fill(j, s->ck.first / L, n / L, (float *const *)s->ck.in);
+        for (uint32_t i = 0; i < j->s.ninputs && j->s.compute != MS_DT_F32; i++)
+            ms_dtype_round(j->s.compute, (float *)(void *)s->ck.in[i], n);
+    }
+}
+
+/* Elements of the sub-block at off that chunk_decode can decode on their own:
+ * narrow inputs sit at the top of their float buffers (slot_setup), so the
+ * floats of [off, off + m) must end before the raw bytes of element off start;
+ * when they would not, the sub-block takes the rest of the chunk, which is
+ * ms_dtype_decode_up's layout. */
+static uint64_t sub_decode_len(const struct slot *s, uint64_t off, uint64_t m)
+{
+    const struct ms_job *j = s->jr->job;
+    uint64_t count = s->ck.count;
+    for (uint32_t i = 0; i < j->s.ninputs && off + m < count; i++) {
+        uint64_t eb = elem_bytes(j->in[i].dtype);
+        if (eb < 4 && 4 * (off + m) > count * (4 - eb) + off * eb)
+            m = count - off;
+    }
+    return m;
+}
+
+/*
+ * Elements per compute sub-block of s's apply (0: the whole chunk at once).
+ * Sub-blocks keep a chunk's decoded inputs, output and encoded bytes in L2
+ * between decode, apply and encode. Only where the bytes cannot change: a job
+ * that ran no reduce pass is one apply per chunk, and a stage's bytes do not
+ * depend on the chunking (ms_stage.h), so a sub-chunk (first, count, pointers
+ * and keep moved together) is a smaller chunk; rows stay whole for row-wise
+ * stages, and every sub-chunk pointer stays MS_ALIGN-aligned. After reduce
+ * passes apply must see the chunks the passes saw (the TIES-style selections
+ * place their cut by chunk), so those jobs run whole chunks. Not for the
+ * tokenizer merge (its defaults read whole chunks), inputs or outputs wider
+ * than float (F64 decodes and encodes in place from the end).
+ */
+static uint64_t apply_subblock(const struct eng *e, const struct slot *s)
+{
+    const struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    uint64_t sb = e->subblock;
+    if (!sb || jr->pass || j->tok || elem_bytes(j->out_dtype) > 4 || input_elem_bytes(j) > 4)
+        return 0;
+    if (jr->ops->flags & MS_STAGE_ROWWISE) {
+        uint64_t row = MS_MAX(j->s.row_len, 1);
+        sb = sb < row ? row : sb - sb % row;
+    }
+    sb -= sb % (MS_ALIGN / sizeof(float)); /* rows whose floats do not fill MS_ALIGN: whole */
+    return sb && sb < s->ck.count ? sb : 0;
+}
+
 static void work_cb(uv_work_t *w)
 {
     struct slot *s = w->data;
     struct jrun *jr = s->jr;
     const struct ms_job *j = jr->job;
     uint64_t n = s->ck.count;
-    if (!s->decoded) {
-        for (uint32_t i = 0; i < j->s.ninputs; i++) {
-            float *x = (float *)(void *)s->ck.in[i];
-            enum ms_dtype dt = j->in[i].dtype;
-            if (elem_bytes(dt) < 4)
-                ms_dtype_decode_up(dt, s->raw[i], x, n);
-            else
-                ms_dtype_decode(dt, s->raw[i], x, n);
-            enum ms_dtype have = dt; /* every decoded value is exact in `have` */
-            if (j->in[i].lora) {     /* model+lora: the folded model, as mergekit stores it */
-                ms_lora_fold_chunk(j->in[i].lora, jr->lora_at[i], jr->lora_b[i], s->ck.first, x, n);
-                have = j->in[i].lora->dtype;
-            }
-            /* mergekit converts to the recipe dtype when it loads, then computes
-             * (slerp computes in float32 whatever that dtype is). */
-            if (ms_dtype_is_compute(j->in[i].load) && j->in[i].load != have &&
-                j->in[i].load != j->s.compute) {
-                ms_dtype_round(j->in[i].load, x, n);
-                have = j->in[i].load;
-            }
-            if (have != j->s.compute && j->s.compute != MS_DT_F32 && !j->tok)
-                ms_dtype_round(j->s.compute, x, n);
-        }
-        if (j->tok) { /* tokenizer merge: default rows from the chunk's other rows */
-            uint64_t L = j->s.row_len;
-            ms_tokmerge_fill(j, s->ck.first / L, n / L, (float *const *)s->ck.in);
-            for (uint32_t i = 0; i < j->s.ninputs && j->s.compute != MS_DT_F32; i++)
-                ms_dtype_round(j->s.compute, (float *)(void *)s->ck.in[i], n);
-        }
-        s->decoded = true;
-    }
     s->ck.pass = jr->pass;
-    if (jr->phase == MS_STAGE_REDUCE) {
-        jr->ops->reduce(jr->state, &j->s, &s->ck, s->partial);
-    } else {
+    uint32_t ob = elem_bytes(j->out_dtype);
+    uint64_t sb = jr->phase == MS_STAGE_APPLY ? apply_subblock(s->e, s) : 0;
+    bool applied = false;
+    if (!sb) { /* the whole chunk at once: reduce passes, and what apply_subblock refuses */
+        if (!s->decoded)
+            chunk_decode(s, 0, n);
+        s->decoded = true;
+        if (jr->phase == MS_STAGE_REDUCE) {
+            jr->ops->reduce(jr->state, &j->s, &s->ck, s->partial);
+            return;
+        }
         jr->ops->apply(jr->state, &j->s, &s->ck);
+        applied = true;
+        /* rounding, encoding and checksum still go by sub-blocks: all but the first
+         * encode straight into place (ms_dtype_encode stages an in-place one) */
+        sb = s->e->subblock && ob <= 4 ? s->e->subblock : n;
+    }
+    uint64_t hpart = 0;
+    struct ms_chunk sub = s->ck;
+    uint64_t dec = s->decoded ? n : 0; /* elements decoded so far */
+    for (uint64_t off = 0, m; off < n; off += m) {
+        m = MS_MIN(sb, n - off);
+        if (dec < off + m) {
+            uint64_t dm = sub_decode_len(s, dec, off + m - dec);
+            chunk_decode(s, dec, dm);
+            dec += dm;
+        }
+        sub.first = s->ck.first + off;
+        sub.count = m;
+        for (uint32_t i = 0; i < j->s.ninputs; i++)
+            sub.in[i] = s->ck.in[i] + off;
+        sub.out = s->ck.out + off;
+        sub.keep = s->ck.keep ? (unsigned char *)s->ck.keep + off * MS_KEEP_BYTES : NULL;
+        if (!applied)
+            jr->ops->apply(jr->state, &j->s, &sub);
         /* mergekit casts the method's result to its own dtype, then to out_dtype
          * (slerp: float32 math, the base's dtype, then out_dtype). */
         if (j->result != j->out_dtype && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
-            ms_dtype_round(j->result, s->ck.out, n);
-        ms_dtype_encode(j->out_dtype, s->ck.out, s->ck.out, n);
-        if (s->e->hash_writes) {
-            uint32_t ob = elem_bytes(j->out_dtype);
-            s->hpart = ms_poshash_range(j->out_offset + s->ck.first * ob, s->ck.out, n * ob);
-        }
+            ms_dtype_round(j->result, sub.out, m);
+        /* Encoded bytes are packed from the chunk's start: with m <= off and ob <= 4
+         * a sub-block's bytes land on floats of the sub-blocks before it, already
+         * encoded, and on its own floats only in place (off == 0). */
+        unsigned char *enc = (unsigned char *)s->ck.out + off * ob;
+        ms_dtype_encode(j->out_dtype, sub.out, enc, m);
+        if (s->e->hash_writes)
+            hpart = ms_poshash_add(hpart, ms_poshash_range(j->out_offset + sub.first * ob, enc,
+                                                           m * ob));
     }
+    s->decoded = true;
+    s->hpart = hpart;
 }
 
 static void start_compute(struct eng *e)
@@ -1402,6 +1495,20 @@ static void on_signal(uv_signal_t *h, int signo)
  * are dropped behind (ms_src_consumed, ms_shard_file_behind). The bytes written
  * are the same either way. MERGESTREAM_IO_BEHIND=1 or 0 forces it (tests).
  */
+/* Elements per compute sub-block (apply_subblock): 16 Ki elements of three inputs
+ * and the output are 256 KiB of floats, which stay in a 1 MiB L2 between decode,
+ * apply and encode. MERGESTREAM_SUBBLOCK=N (elements; 0: whole chunks) overrides
+ * it, for tests and measurements. */
+#define SUBBLOCK_DEFAULT 16384u
+
+static uint64_t subblock_elems(void)
+{
+    const char *v = getenv("MERGESTREAM_SUBBLOCK");
+    char *end;
+    unsigned long long n = v && *v ? strtoull(v, &end, 10) : 0;
+    return v && *v && !*end ? (uint64_t)n : SUBBLOCK_DEFAULT;
+}
+
 static bool io_behind(const struct ms_plan *p)
 {
     const char *v = getenv("MERGESTREAM_IO_BEHIND");
@@ -1743,6 +1850,7 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     e->compute_max = threads;
     e->depth = 2 * threads + 4;
     e->behind = io_behind(plan);
+    e->subblock = subblock_elems();
     /* The pool serves file I/O and compute: leave room for reads beside compute (more
      * when they come from a disk and block: then compute must not queue behind them). */
     char tp[16];

@@ -107,10 +107,11 @@ TestSuite(engine, .init = setup, .fini = teardown, .timeout = 120);
  * W_i = bf16(float(w_i)); S = bf16(sum_i bf16(W_i * x_i)) with float accumulation;
  * out = bf16(S / bf16(sum_i W_i)).
  */
-Test(engine, linear_matches_hand_formula_every_element)
+/* env: variables for the merge ("" for none); opts: more merge options. */
+static void check_linear_formula(const char *env, const char *opts)
 {
     write_recipe("linear.yml", linear_recipe);
-    run_ok("cd %s && mergestream merge linear.yml out -q", g_dir);
+    run_ok("cd %s && rm -rf out && %s mergestream merge linear.yml out -q %s", g_dir, env, opts);
     struct ms_model *in[3] = { open_model("base"), open_model("ft1"), open_model("ft2") };
     struct ms_model *out = open_model("out");
     const double w[3] = { 1.0, 0.3, 0.5 };
@@ -151,6 +152,21 @@ Test(engine, linear_matches_hand_formula_every_element)
     for (int i = 0; i < 3; i++)
         ms_model_free(in[i]);
     ms_model_free(out);
+}
+
+Test(engine, linear_matches_hand_formula_every_element)
+{
+    check_linear_formula("", "");
+}
+
+/* The same formula when every chunk is computed in sub-blocks (pipeline/engine.c
+ * apply_subblock): 48 elements per sub-block in chunks of 1000 (a partial last
+ * sub-block, sub-block decodes and the rest decoded at the top of the buffer),
+ * and 16 per sub-block in the default chunks. */
+Test(engine, linear_formula_holds_in_subblocks)
+{
+    check_linear_formula("MERGESTREAM_SUBBLOCK=48", "--threads 3 --chunk-elems 1000");
+    check_linear_formula("MERGESTREAM_SUBBLOCK=16", "");
 }
 
 /* Every output file of a and b (in g_dir) byte-identical. */
@@ -387,5 +403,55 @@ Test(engine, slerp_rounds_to_the_base_dtype_before_out_dtype)
         cr_assert_gt(checked, 100000);
         ms_model_free(ref);
         ms_model_free(got);
+    }
+}
+
+/*
+ * Sub-blocks (pipeline/engine.c apply_subblock) give the bytes of whole chunks
+ * (MERGESTREAM_SUBBLOCK=0) for one-pass methods, masks keyed by element index
+ * (dare_linear: a sub-chunk's `first` must move with its pointers), a row-wise
+ * stage (nuslerp per row), other output widths (out_dtype float16: 2-byte
+ * encodes packed into earlier sub-blocks; float32: in place), and for methods
+ * with reduce passes (ties, slerp: their apply must keep whole chunks).
+ */
+Test(engine, subblocks_give_the_bytes_of_whole_chunks, .timeout = 300)
+{
+    static const char *const recipes[][2] = {
+        { "linear.yml", linear_recipe },
+        { "lin16.yml", "merge_method: linear\nout_dtype: float16\nmodels:\n"
+                       "  - model: base\n    parameters: {weight: 1.0}\n"
+                       "  - model: ft1\n    parameters: {weight: 0.3}\n" },
+        { "lin32.yml", "merge_method: linear\nout_dtype: float32\nmodels:\n"
+                       "  - model: base\n    parameters: {weight: 1.0}\n"
+                       "  - model: ft1\n    parameters: {weight: 0.3}\n" },
+        { "dare.yml", "merge_method: dare_linear\nbase_model: base\nmodels:\n"
+                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n"
+                      "parameters:\n  rescale: false\n" }, /* no reduce pass */
+        { "ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\nmodels:\n"
+                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
+        { "slerp.yml", "merge_method: slerp\nbase_model: base\nmodels:\n"
+                       "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n" },
+        { "nuslerp.yml", "merge_method: nuslerp\nmodels:\n"
+                         "  - model: ft1\n    parameters: {weight: 0.4}\n"
+                         "  - model: ft2\n    parameters: {weight: 0.6}\n"
+                         "parameters:\n  nuslerp_flatten: false\n" },
+    };
+    static const char *const variants[][2] = {
+        { "MERGESTREAM_SUBBLOCK=16", "" },
+        { "MERGESTREAM_SUBBLOCK=17", "--threads 3 --chunk-elems 1000" },
+        { "MERGESTREAM_SUBBLOCK=48", "--chunk-elems 1000 --reread" },
+        { "MERGESTREAM_SUBBLOCK=4096", "--threads 1 --max-memory 4M" },
+    };
+    for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
+        write_recipe(recipes[r][0], recipes[r][1]);
+        run_ok("cd %s && rm -rf a && MERGESTREAM_SUBBLOCK=0 mergestream merge %s a/out -q", g_dir,
+               recipes[r][0]);
+        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], recipes[r][0], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
     }
 }

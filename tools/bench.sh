@@ -8,9 +8,20 @@
 # ms-timeit (wall time and peak RSS of the process), and prints both from the
 # same run. Floor and merge are each the best (shortest) of BENCH_REPEAT runs
 # (default 3; floor and merge alternate), so one slow run under load does not
-# set the ratio:
+# set the ratio; their CPU seconds (user + system, also best of the runs) follow,
+# with the CPU ratio:
 #
-#   scenario  size/model  wall_s  floor_s  ratio  MB/s  maxrss_MiB  budget_MiB
+#   scenario  size/model  wall_s  floor_s  ratio  MB/s  maxrss_MiB  budget_MiB  cpu_s  floor_cpu_s  cpu_ratio
+#
+# A fair floor (warm cache): before every floor the previous merge's output and
+# floor file are deleted, so floor and merge start from the same tmpfs/page-cache
+# state, and one warm-up floor per scenario is run and discarded (the first read
+# after `cat` moves the inputs' pages to the active LRU list, and the first run
+# after the previous scenario's rm pays for the freed pages). The floor is one
+# thread running ~0.3-0.5 s, mostly in the kernel: its wall time is whatever the
+# scheduler gives it (on the 2-core shared machine, 0.2 to 0.6 s for the same
+# bytes and the same ~0.45 s of CPU), so compare CPU seconds when the machine is
+# not idle (BENCHMARKS.md, "Engine data path").
 #
 # Scenarios:
 #   linear3        three models of BENCH_SIZE (default 1.5G) bytes, linear merge
@@ -45,6 +56,8 @@ threads=${BENCH_THREADS:-$(nproc)}
 repeat=${BENCH_REPEAT:-3}
 block=${BENCH_BLOCK:-1065152}
 cold=0          # disk scenario: drop the page cache before each floor and merge
+# Runs a command under GNU time when there: "cpu: USER SYS" (its children's too) on stderr.
+cpu_run() { if [ -x /usr/bin/time ]; then /usr/bin/time -f 'cpu: %U %S' "$@"; else "$@"; fi; }
 floor_args=     # disk scenario: --behind
 mkdir -p "$dir"
 
@@ -116,28 +129,41 @@ measure() { # measure LABEL METHOD DIR MEM [OUTDIR [THREADS]]
     in_bytes=$(cat $inputs | wc -c)
     out_bytes=$(ls -l "$d"/base/*.safetensors | awk '{ s += $5 } END { printf "%.0f", s }')
     n=$repeat; [ "$cold" = 0 ] || n=1
-    floor=; wall=; rss=0; k=0
+    floor=; wall=; fcpu=; cpu=; rss=0; k=0
+    rm -rf "$out" "$od/floor.bin"
+    if [ "$cold" = 0 ]; then  # warm-up floor, discarded (see the top)
+        cat $inputs > /dev/null
+        "$bin/ms-iofloor" --block "$block" $floor_args "$od/floor.bin" "$out_bytes" $inputs >/dev/null
+    fi
     while [ $k -lt $n ]; do
         k=$((k + 1))
+        rm -rf "$out"  # the floor and the merge start with the same files in $od
         if [ "$cold" = 1 ]; then drop_caches; else cat $inputs > /dev/null; fi  # cold or warm cache
-        f=$("$bin/ms-iofloor" --block "$block" $floor_args "$od/floor.bin" "$out_bytes" $inputs |
-            sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
-        rm -rf "$out"
+        fl=$("$bin/ms-iofloor" --block "$block" $floor_args "$od/floor.bin" "$out_bytes" $inputs)
+        f=$(echo "$fl" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+        fc=$(echo "$fl" | awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "=");
+             if (kv[1] == "user_s" || kv[1] == "sys_s") c += kv[2] } } END { print c + 0 }')
         [ "$cold" = 0 ] || drop_caches
-        t=$( { "$bin/ms-timeit" "$bin/mergestream" merge "$r" "$out" -q --max-memory "$m" \
-                --threads "$th" --out-shard-size 2B; } 2>&1 >/dev/null | grep '^timeit:' )
+        t=$( { cpu_run "$bin/ms-timeit" "$bin/mergestream" merge "$r" "$out" -q --max-memory "$m" \
+                --threads "$th" --out-shard-size 2B; } 2>&1 >/dev/null | grep -E '^(timeit|cpu):' )
         w=$(echo "$t" | sed -n 's/.*wall_s=\([0-9.]*\).*/\1/p')
+        c=$(echo "$t" | sed -n 's/^cpu: \([0-9.]*\) \([0-9.]*\)$/\1 \2/p' | awk '{ print $1 + $2 }')
         rs=$(echo "$t" | sed -n 's/.*maxrss_kib=\([0-9]*\).*/\1/p')
         st=$(echo "$t" | sed -n 's/.*status=\([0-9]*\).*/\1/p')
         [ "$st" = 0 ] || { echo "bench: merge failed (status $st)"; exit 1; }
         floor=$(awk -v a="$floor" -v b="$f" 'BEGIN { print (a == "" || b < a) ? b : a }')
         wall=$(awk -v a="$wall" -v b="$w" 'BEGIN { print (a == "" || b < a) ? b : a }')
+        fcpu=$(awk -v a="$fcpu" -v b="$fc" 'BEGIN { print (a == "" || b < a) ? b : a }')
+        cpu=$(awk -v a="$cpu" -v b="${c:-0}" 'BEGIN { print (a == "" || b < a) ? b : a }')
         rss=$(( rs > rss ? rs : rss ))
     done
     awk -v l="$label" -v sz="$(ls -l "$d"/base/*.safetensors | awk '{s+=$5} END {print s/1e9}')" \
         -v w="$wall" -v f="$floor" -v io="$in_bytes" -v ob="$out_bytes" -v rss="$rss" -v m="$m" \
-        'BEGIN { printf "%-12s %6.2f GB  wall %7.2f s  floor %7.2f s  ratio %5.2f  %7.0f MB/s  peak RSS %6.1f MiB  budget %s\n",
-                 l, sz, w, f, w / f, (io + ob) / w / 1e6, rss / 1024, m }'
+        -v c="$cpu" -v fc="$fcpu" \
+        'BEGIN { printf "%-12s %6.2f GB  wall %7.2f s  floor %7.2f s  ratio %5.2f  %7.0f MB/s  peak RSS %6.1f MiB  budget %s",
+                 l, sz, w, f, w / f, (io + ob) / w / 1e6, rss / 1024, m;
+                 if (c > 0 && fc > 0) printf "  cpu %6.2f s  floor cpu %5.2f s  cpu ratio %5.2f", c, fc, c / fc;
+                 printf "\n" }'
     rm -rf "$out" "$od/floor.bin"
 }
 
