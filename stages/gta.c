@@ -621,8 +621,8 @@ static void della_keys(enum ms_dtype dt, const float *restrict x, const float *r
 /*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements; else adds the |d| of the kept elements to after
- * and of the dropped ones to before (the caller merges after into before).
+ * words[i] of kept elements; else adds every |d| to before and the |d| of the
+ * kept elements to after (a dropped one as a zero term: no NaN from Inf*0).
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
@@ -634,7 +634,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     const float *ptab = della_ptab_get(st, m);
     uint32_t keys[GTA_BLOCK], u[GTA_BLOCK];
-    float d[GTA_BLOCK], kept[GTA_BLOCK], drop[GTA_BLOCK];
+    float d[GTA_BLOCK], kept[GTA_BLOCK];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         della_keys(dt, x + i0, b + i0, d, keys, n);
@@ -652,7 +652,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
         acc += v;
     }
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0), nk = 0, nd = 0;
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         ms_rng_fill(stream, first + i0, u, n);
         della_keys(dt, x + i0, b + i0, d, keys, n);
         for (size_t j = 0; j < n; j++) {
@@ -673,16 +673,13 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
                 uint32_t set = bit & (0u - (uint32_t)keep); /* no branch on a coin flip */
                 word_put(words, i0 + j, word_get(words, i0 + j) | set);
             } else {
-                bool nz = d[j] != 0.0f; /* a zero term leaves a sum as it is */
-                kept[nk] = d[j];
-                drop[nd] = d[j];
-                nk += keep & nz;
-                nd += !keep & nz;
+                /* dropped: +0, which leaves the sum as it is; no branch on a coin flip */
+                kept[j] = ms_f32_from_bits(ms_f32_bits(d[j]) & (0u - (uint32_t)keep));
             }
         }
         if (!words) {
-            ms_xacc_sumabs(after, kept, nk);
-            ms_xacc_sumabs(before, drop, nd);
+            ms_xacc_sumabs(after, kept, n);
+            ms_xacc_sumabs(before, d, n);
         }
     }
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
@@ -889,10 +886,9 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const uint64_t L = st->row;
     assert(c->count % L == 0);
     if (della_counts(st)) {
-        /* every |d| once: the dropped ones into before, the kept into after */
+        /* every |d| into before, the kept ones (dropped ones as zeros) into after */
         for (uint64_t r0 = 0; r0 < c->count; r0 += L)
             della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, before, after);
-        ms_xacc_merge(before, after);
         return;
     }
     float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
