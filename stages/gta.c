@@ -396,29 +396,14 @@ static void keep_random(uint64_t stream, float p, uint64_t first, float *restric
         keep[i] = (float)(u[i] & 0xffffffu) * 0x1p-24f < p ? 1.0f : 0.0f;
 }
 
-/*
- * The rescale sums' terms: appends the nonzero deltas d[i] with keep[i] != 0 to
- * kept (count *nk) and the other nonzero ones to drop (count *nd); zeros add
- * nothing to a sum of magnitudes. Returns true when a dropped delta is Inf or
- * NaN: its masked value d * 0 is NaN, which the sum of kept terms must see.
- */
-static bool gta_split(const float *restrict d, const float *restrict keep, float *restrict kept,
-                      size_t *nk, float *restrict drop, size_t *nd, size_t n)
+/* masked[i] = d[i] * keep[i]: torch's masked delta, whose magnitudes the
+ * rescale's "after" sum adds (a dropped Inf or NaN gives NaN there, as in
+ * torch; a dropped finite value gives a zero, which adds nothing). */
+GTA_INLINE void masked_body(const float *restrict d, const float *restrict keep,
+                            float *restrict masked, size_t n)
 {
-    size_t a = *nk, z = *nd;
-    bool nf = false;
-    for (size_t i = 0; i < n; i++) {
-        float v = d[i];
-        bool k = keep[i] != 0.0f, nz = v != 0.0f; /* NaN is nonzero */
-        kept[a] = v;
-        drop[z] = v;
-        a += k & nz;
-        z += !k & nz;
-        nf |= !k & !(fabsf(v) <= FLT_MAX);
-    }
-    *nk = a;
-    *nd = z;
-    return nf;
+    for (size_t i = 0; i < n; i++)
+        masked[i] = d[i] * keep[i];
 }
 
 /*
@@ -636,8 +621,8 @@ static void della_keys(enum ms_dtype dt, const float *restrict x, const float *r
 /*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements; else adds the |d| of the kept elements to after
- * and of the dropped ones to before (the caller merges after into before).
+ * words[i] of kept elements; else adds every |d| to before and the |d| of the
+ * kept elements to after (a dropped one as a zero term: no NaN from Inf*0).
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
@@ -649,7 +634,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     const float *ptab = della_ptab_get(st, m);
     uint32_t keys[GTA_BLOCK], u[GTA_BLOCK];
-    float d[GTA_BLOCK], kept[GTA_BLOCK], drop[GTA_BLOCK];
+    float d[GTA_BLOCK], kept[GTA_BLOCK];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         della_keys(dt, x + i0, b + i0, d, keys, n);
@@ -667,7 +652,7 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
         acc += v;
     }
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0), nk = 0, nd = 0;
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         ms_rng_fill(stream, first + i0, u, n);
         della_keys(dt, x + i0, b + i0, d, keys, n);
         for (size_t j = 0; j < n; j++) {
@@ -688,16 +673,13 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
                 uint32_t set = bit & (0u - (uint32_t)keep); /* no branch on a coin flip */
                 word_put(words, i0 + j, word_get(words, i0 + j) | set);
             } else {
-                bool nz = d[j] != 0.0f; /* a zero term leaves a sum as it is */
-                kept[nk] = d[j];
-                drop[nd] = d[j];
-                nk += keep & nz;
-                nd += !keep & nz;
+                /* dropped: +0, which leaves the sum as it is; no branch on a coin flip */
+                kept[j] = ms_f32_from_bits(ms_f32_bits(d[j]) & (0u - (uint32_t)keep));
             }
         }
         if (!words) {
-            ms_xacc_sumabs(after, kept, nk);
-            ms_xacc_sumabs(before, drop, nd);
+            ms_xacc_sumabs(after, kept, n);
+            ms_xacc_sumabs(before, d, n);
         }
     }
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
@@ -904,10 +886,9 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const uint64_t L = st->row;
     assert(c->count % L == 0);
     if (della_counts(st)) {
-        /* every |d| once: the dropped ones into before, the kept into after */
+        /* every |d| into before, the kept ones (dropped ones as zeros) into after */
         for (uint64_t r0 = 0; r0 < c->count; r0 += L)
             della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, before, after);
-        ms_xacc_merge(before, after);
         return;
     }
     float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
@@ -974,29 +955,25 @@ static void gta_rescale_model(const struct gta_state *st, const struct gta_model
     }
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
-    float kept[GTA_RBLOCK], drop[GTA_RBLOCK];
+    float masked[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     const float *x = c->in[m->input], *b = c->in[st->base];
     uint64_t run[2] = { 0, 0 };
-    size_t nk = 0, nd = 0;
-    bool nf = false;
-    /* after = the kept terms, before = after + the dropped ones: each delta
-     * goes through the exact sums once (any split gives the same limbs).
-     * Sums over up to GTA_RBLOCK terms per call, masks in GTA_BLOCK pieces. */
+    /* before = sum |d| over every delta, after = sum |d * keep| over every
+     * delta (exact sums: zero terms add nothing, so this equals summing the
+     * nonzero kept and dropped terms apart). Both are elementwise streams with
+     * no compaction, so the loops vectorise. Sums over up to GTA_RBLOCK terms
+     * per call, masks in GTA_BLOCK pieces. */
     for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
         gta_delta(st->dt, rd, x + off, b + off, n);
         for (size_t o = 0; o < n; o += GTA_BLOCK) {
             size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
             gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
-            nf |= gta_split(rd + o, keep, kept, &nk, drop, &nd, k);
+            masked_body(rd + o, keep, masked + o, k);
         }
-        ms_xacc_sumabs(after, kept, nk);
-        ms_xacc_sumabs(before, drop, nd);
-        nk = nd = 0;
+        ms_xacc_sumabs(before, rd, n);
+        ms_xacc_sumabs(after, masked, n);
     }
-    ms_xacc_merge(before, after);
-    if (nf)
-        ms_xacc_add(after, NAN); /* torch's Inf * 0 or NaN * 0 in the masked sum */
 }
 
 /* The versions of ms_isa.h of gta_rescale_model, as gta_apply_range's

@@ -157,6 +157,61 @@ Test(stage_ties, density_keeping_nothing_is_an_error)
               "message: %s", ms_errmsg());
 }
 
+/*
+ * NaN and Inf in a trimmed delta (issue 17). mergekit's magnitude() keeps
+ * torch.argsort(|d|.float(), descending=True)[:k], and torch orders NaN above
+ * every number, Inf included. Base 0, one model of weight 1, normalize on:
+ *   case A: d = [1, NaN, 3, Inf, 2, 0.5], k = int(0.5*6) = 3: NaN, Inf, 3
+ *           are kept -> masked [0, NaN, 3, Inf, 0, 0]; maj = [+, -, +, +, +, +]
+ *           (S = NaN counts as -1); mixed = WD*mask = [0, NaN*0 = NaN, 3, Inf,
+ *           0, 0], div = [0->1, 0->1, 1, 1, 0->1, 0->1]
+ *           -> out [0, NaN, 3, Inf, 0, 0]. Ranking NaN last would keep 2 (idx 4).
+ *   case B: d = [Inf, NaN, 1, 2], k = int(0.25*4) = 1: only NaN is kept;
+ *           masked[0] = Inf*0 = NaN -> out [NaN, NaN, 0, 0]. Ranking Inf above
+ *           NaN would give out[0] = Inf.
+ * Exact in BF16, F16 and F32; NaN compared as "is NaN", the rest bit for bit.
+ */
+static void expect_nan_aware(const float *got, const float *want, size_t n, const char *what,
+                             int dt)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(want[i]))
+            cr_assert(isnan(got[i]), "%s %s: element %zu is %a, want NaN", what,
+                      ms_dtype_name(dts[dt]), i, got[i]);
+        else
+            cr_assert(!memcmp(&got[i], &want[i], sizeof(float)), "%s %s: element %zu is %a, want %a",
+                      what, ms_dtype_name(dts[dt]), i, got[i], want[i]);
+    }
+}
+
+Test(stage_ties, nan_ranks_above_every_magnitude)
+{
+    float base[6] = { 0 }, a[6] = { 1, NAN, 3, INFINITY, 2, 0.5f };
+    float want_a[6] = { 0, NAN, 3, INFINITY, 0, 0 };
+    float b[4] = { INFINITY, NAN, 1, 2 }, want_b[4] = { NAN, NAN, 0, 0 };
+    struct {
+        float *x, *want;
+        uint64_t n;
+        double density;
+        const char *what;
+    } cases[] = { { a, want_a, 6, 0.5, "case A" }, { b, want_b, 4, 0.25, "case B" } };
+    for (size_t c = 0; c < 2; c++) {
+        for (int d = 0; d < 3; d++) {
+            struct th_gta g = { .method = "ties", .dt = dts[d], .numel = cases[c].n,
+                                .ninputs = 2, .base = 0, .in = { base, cases[c].x },
+                                .weight = { 0, 1 }, .density = { 1, cases[c].density },
+                                .normalize = true, .lambda = 1.0 };
+            float ref[6], out[6];
+            cr_assert_eq(th_gta_ref(&g, ref), 0);
+            expect_nan_aware(ref, cases[c].want, cases[c].n, "reference", d);
+            for (uint64_t chunk = 1; chunk <= cases[c].n; chunk++) {
+                cr_assert_eq(th_gta_run(&g, chunk, out), 0, "%s", ms_errmsg());
+                expect_nan_aware(out, cases[c].want, cases[c].n, cases[c].what, d);
+            }
+        }
+    }
+}
+
 /* The registry points ties and task_arithmetic at their stages. */
 Test(stage_ties, registered)
 {

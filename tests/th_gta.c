@@ -238,13 +238,18 @@ long th_gta_first_diff(const float *a, const float *b, uint64_t n)
     return -1;
 }
 
-/* Magnitude order for qsort: |d| descending as float32, then lower index. */
+/* Magnitude order for qsort: |d| descending as float32, NaN first (torch's
+ * argsort(descending=True): NaN compares greater than every number), then
+ * lower index. */
 static const float *cmp_d;
 static int cmp_mag(const void *pa, const void *pb)
 {
     uint64_t a = *(const uint64_t *)pa, b = *(const uint64_t *)pb;
     float x = fabsf(cmp_d[a]), y = fabsf(cmp_d[b]);
-    if (x != y)
+    bool xn = isnan(x), yn = isnan(y);
+    if (xn != yn)
+        return xn ? -1 : 1;
+    if (!xn && x != y)
         return x > y ? -1 : 1;
     return a < b ? -1 : a > b;
 }
