@@ -146,18 +146,24 @@ SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const s
             t[j][i] *= keep[i];
 }
 
-/* MU terms of one model's block: sq = rnd(t^2) of the nonzero t, packed (a
- * zero adds nothing to the exact sum; NaN is nonzero). Returns their count. */
-SCE_INLINE size_t sce_squares(enum ms_dtype dt, const float *restrict t, float *restrict sq,
-                              size_t n)
+/* MU terms of one model's block: sq = rnd(t^2) (a masked t gives 0, which
+ * adds nothing to the exact sum; NaN stays NaN). */
+SCE_INLINE void sce_squares(enum ms_dtype dt, const float *restrict t, float *restrict sq,
+                            size_t n)
 {
-    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        sq[i] = ms_rnd(dt, t[i] * t[i]);
+}
+
+/* out = rnd(b + rnd(rnd(num) / max(rnd(div), lo))) */
+SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *restrict b,
+                        const float *restrict num, const float *restrict div, float lo, size_t n)
+{
     for (size_t i = 0; i < n; i++) {
-        float v = t[i];
-        sq[k] = ms_rnd(dt, v * v);
-        k += v != 0.0f;
+        float d = ms_rnd(dt, div[i]);
+        d = d < lo ? lo : d;
+        out[i] = ms_rnd(dt, b[i] + ms_rnd(dt, ms_rnd(dt, num[i]) / d));
     }
-    return k;
 }
 
 /* The reduce pass of the current phase over chunk c, into p (zeroed but for
@@ -189,8 +195,10 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
             break;
         case SCE_MU:
             sce_masked(dt, st, c, off, &run, t, n);
-            for (uint32_t j = 0; j < st->nm; j++)
-                ms_xacc_sumabs(&p->mu[j], sq, sce_squares(dt, t[j], sq, n));
+            for (uint32_t j = 0; j < st->nm; j++) {
+                sce_squares(dt, t[j], sq, n);
+                ms_xacc_sumabs(&p->mu[j], sq, n);
+            }
             break;
         default:
             assert(!"no reduce in apply");
@@ -229,12 +237,7 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
                 div[i] = ms__acc_add(div[i], ew);
             }
         }
-        const float lo = st->clamp_min;
-        for (size_t i = 0; i < n; i++) {
-            float d = ms_rnd(dt, div[i]);
-            d = d < lo ? lo : d;
-            c->out[off + i] = ms_rnd(dt, b[off + i] + ms_rnd(dt, ms_rnd(dt, num[i]) / d));
-        }
+        sce_out(dt, c->out + off, b + off, num, div, st->clamp_min, n);
     }
 }
 
