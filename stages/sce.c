@@ -109,22 +109,38 @@ SCE_INLINE void sce_var(enum ms_dtype dt, uint32_t nm, const float (*restrict t)
 {
     const double N = (double)nm;
     double s[SCE_BLOCK], v[SCE_BLOCK];
-    for (size_t i = 0; i < n; i++) {
-        s[i] = 0.0;
-        v[i] = 0.0;
-    }
-    for (uint32_t j = 0; j < nm; j++)
+    /* s and v start from the first term rather than from +0: 0 + x is x but
+     * for x = -0, a mean whose sign only reaches var through a square. */
+    for (size_t i = 0; i < n; i++)
+        s[i] = t[0][i];
+    for (uint32_t j = 1; j < nm; j++)
         for (size_t i = 0; i < n; i++)
             s[i] += t[j][i];
-    for (size_t i = 0; i < n; i++)
-        s[i] /= N;
-    for (uint32_t j = 0; j < nm; j++)
+    /* x / N is x * (1 / N) when N is a power of two (both are the exact
+     * quotient rounded once), and a multiplication is cheaper. */
+    const bool pow2 = (nm & (nm - 1)) == 0;
+    const double inv = 1.0 / N;
+    if (pow2)
+        for (size_t i = 0; i < n; i++)
+            s[i] *= inv;
+    else
+        for (size_t i = 0; i < n; i++)
+            s[i] /= N;
+    for (size_t i = 0; i < n; i++) {
+        double d = t[0][i] - s[i];
+        v[i] = d * d;
+    }
+    for (uint32_t j = 1; j < nm; j++)
         for (size_t i = 0; i < n; i++) {
             double d = t[j][i] - s[i];
             v[i] += d * d;
         }
-    for (size_t i = 0; i < n; i++)
-        var[i] = ms_rnd(dt, (float)(v[i] / N));
+    if (pow2)
+        for (size_t i = 0; i < n; i++)
+            var[i] = ms_rnd(dt, (float)(v[i] * inv));
+    else
+        for (size_t i = 0; i < n; i++)
+            var[i] = ms_rnd(dt, (float)(v[i] / N));
 }
 
 /* Deltas of a block with the variance mask applied (t * mask, exact 0/1). */
