@@ -22,7 +22,14 @@
  *     squared deviations) and rounded once to D; torch's Welford kernel may
  *     differ by an ulp (mergekit-spec.md 7.20);
  *   - topk ties (equal |var|) go to the lower flat index (DESIGN.md 2);
- *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once.
+ *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once;
+ *   - NaN as torch's IEEE arithmetic on x86: sign(NaN) is 0 (never the
+ *     majority), ew_i = W_i * mask_i is NaN where W_i is, mask 0 or not (so a
+ *     NaN weight makes every output NaN), a * b and a + b keep a's NaN when
+ *     both are NaN, sums over models the first NaN in model order, and a NaN
+ *     mu_i is model i's first NaN of rnd(t_i^2) in element order (sign and
+ *     payload), what a sum in element order keeps (torch's own reduction
+ *     order, and its bf16 rounding of NaN, are not reproducible).
  *
  * Passes (everything is recomputed from the inputs in every pass):
  *   COUNT    select_topk < 1: count_nonzero(var), and the first histogram
@@ -62,15 +69,25 @@ struct sce_state {
     size_t hist_len;
     size_t psize;
     struct ms_xacc mu[MS_MAX_INPUTS];
-    uint64_t hist[];         /* hist_len */
+    uint64_t hist[];         /* hist_len; MU and apply: struct sce_nan (sce_nan) */
 };
 
 /* Partials (one pass at a time). */
 struct sce_part {
     uint64_t count;          /* COUNT: nonzero variances; SELECT ties pass: ties */
     struct ms_xacc mu[MS_MAX_INPUTS]; /* MU */
-    uint32_t hist[];         /* SELECT hist pass */
+    uint32_t hist[];         /* SELECT hist pass; MU: struct sce_nan (sce_nan) */         /* SELECT hist pass */
 };
+
+/* The first NaN of rnd(t_j^2) in element order, per model: in a partial,
+ * the chunk's; in the state, the tensor's (MU fold, in chunk order). It
+ * lives in the room of the histogram, which no pass from MU on uses. */
+struct sce_nan {
+    uint32_t seen;           /* bit j: v[j] holds model j's first NaN square */
+    float v[MS_MAX_INPUTS];
+};
+_Static_assert(sizeof(struct sce_nan) <= 32768 * sizeof(uint32_t), "sce_nan fits in hist");
+#define sce_nan(h) ((struct sce_nan *)(void *)(h))
 
 static size_t sce_state_size(const struct ms_stage_job *job)
 {
@@ -109,22 +126,38 @@ SCE_INLINE void sce_var(enum ms_dtype dt, uint32_t nm, const float (*restrict t)
 {
     const double N = (double)nm;
     double s[SCE_BLOCK], v[SCE_BLOCK];
-    for (size_t i = 0; i < n; i++) {
-        s[i] = 0.0;
-        v[i] = 0.0;
-    }
-    for (uint32_t j = 0; j < nm; j++)
+    /* s and v start from the first term rather than from +0: 0 + x is x but
+     * for x = -0, a mean whose sign only reaches var through a square. */
+    for (size_t i = 0; i < n; i++)
+        s[i] = t[0][i];
+    for (uint32_t j = 1; j < nm; j++)
         for (size_t i = 0; i < n; i++)
             s[i] += t[j][i];
-    for (size_t i = 0; i < n; i++)
-        s[i] /= N;
-    for (uint32_t j = 0; j < nm; j++)
+    /* x / N is x * (1 / N) when N is a power of two (both are the exact
+     * quotient rounded once), and a multiplication is cheaper. */
+    const bool pow2 = (nm & (nm - 1)) == 0;
+    const double inv = 1.0 / N;
+    if (pow2)
+        for (size_t i = 0; i < n; i++)
+            s[i] *= inv;
+    else
+        for (size_t i = 0; i < n; i++)
+            s[i] /= N;
+    for (size_t i = 0; i < n; i++) {
+        double d = t[0][i] - s[i];
+        v[i] = d * d;
+    }
+    for (uint32_t j = 1; j < nm; j++)
         for (size_t i = 0; i < n; i++) {
             double d = t[j][i] - s[i];
             v[i] += d * d;
         }
-    for (size_t i = 0; i < n; i++)
-        var[i] = ms_rnd(dt, (float)(v[i] / N));
+    if (pow2)
+        for (size_t i = 0; i < n; i++)
+            var[i] = ms_rnd(dt, (float)(v[i] * inv));
+    else
+        for (size_t i = 0; i < n; i++)
+            var[i] = ms_rnd(dt, (float)(v[i] / N));
 }
 
 /* Deltas of a block with the variance mask applied (t * mask, exact 0/1). */
@@ -146,18 +179,40 @@ SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const s
             t[j][i] *= keep[i];
 }
 
-/* MU terms of one model's block: sq = rnd(t^2) of the nonzero t, packed (a
- * zero adds nothing to the exact sum; NaN is nonzero). Returns their count. */
-SCE_INLINE size_t sce_squares(enum ms_dtype dt, const float *restrict t, float *restrict sq,
-                              size_t n)
+/* a * b, a + b with a's NaN when both are NaN (as x86 and torch's first
+ * operand); the vectoriser may swap a commutative operation's operands. */
+SCE_INLINE float sce_mul1(float a, float b) { return a != a ? a : a * b; }
+
+/* MU terms of one model's block: sq = rnd(t^2) (a masked t gives 0, which
+ * adds nothing to the exact sum; NaN stays NaN). */
+SCE_INLINE void sce_squares(enum ms_dtype dt, const float *restrict t, float *restrict sq,
+                            size_t n)
 {
-    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        sq[i] = ms_rnd(dt, t[i] * t[i]);
+}
+
+/* out = rnd(b + rnd(rnd(num) / max(rnd(div), lo))) */
+SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *restrict b,
+                        const float *restrict num, const float *restrict div, float lo, size_t n)
+{
     for (size_t i = 0; i < n; i++) {
-        float v = t[i];
-        sq[k] = ms_rnd(dt, v * v);
-        k += v != 0.0f;
+        float d = ms_rnd(dt, div[i]);
+        d = d < lo ? lo : d;
+        out[i] = ms_rnd(dt, ms__acc_add(b[i], ms_rnd(dt, ms_rnd(dt, num[i]) / d)));
     }
-    return k;
+}
+
+/* Rare path of the MU pass, once the chunk's sum of model j is not finite:
+ * keeps the first NaN of sq (with its sign and payload) if there is one. */
+static void sce_first_nan(struct sce_nan *nan, uint32_t j, const float *sq, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (sq[i] != sq[i]) {
+            nan->v[j] = sq[i];
+            nan->seen |= 1u << j;
+            return;
+        }
 }
 
 /* The reduce pass of the current phase over chunk c, into p (zeroed but for
@@ -189,8 +244,12 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
             break;
         case SCE_MU:
             sce_masked(dt, st, c, off, &run, t, n);
-            for (uint32_t j = 0; j < st->nm; j++)
-                ms_xacc_sumabs(&p->mu[j], sq, sce_squares(dt, t[j], sq, n));
+            for (uint32_t j = 0; j < st->nm; j++) {
+                sce_squares(dt, t[j], sq, n);
+                ms_xacc_sumabs(&p->mu[j], sq, n);
+                if (p->mu[j].nonfinite && !(sce_nan(p->hist)->seen & (1u << j)))
+                    sce_first_nan(sce_nan(p->hist), j, sq, n);
+            }
             break;
         default:
             assert(!"no reduce in apply");
@@ -224,17 +283,14 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
             const float w = st->w[j];
             for (size_t i = 0; i < n; i++) {
                 float v = t[j][i];
-                float ew = v * maj[i] > 0.0f ? w : 0.0f; /* sign(v) == maj; maj is +-1 */
-                num[i] = ms__acc_add(num[i], ms_rnd(dt, v * ew));
+                /* ew = W * (sign(v) == maj), maj +-1: a NaN W gives NaN even where
+                 * the mask is 0, as torch's tv_weights * erase_mask does. */
+                float ew = (v * maj[i] > 0.0f ? 1.0f : 0.0f) * w;
+                num[i] = ms__acc_add(num[i], ms_rnd(dt, sce_mul1(v, ew)));
                 div[i] = ms__acc_add(div[i], ew);
             }
         }
-        const float lo = st->clamp_min;
-        for (size_t i = 0; i < n; i++) {
-            float d = ms_rnd(dt, div[i]);
-            d = d < lo ? lo : d;
-            c->out[off + i] = ms_rnd(dt, b[off + i] + ms_rnd(dt, ms_rnd(dt, num[i]) / d));
-        }
+        sce_out(dt, c->out + off, b + off, num, div, st->clamp_min, n);
     }
 }
 
@@ -293,6 +349,7 @@ sce_apply_range_avx512(const struct sce_state *st, const struct ms_chunk *c)
 
 static int sce_after_select(struct sce_state *st)
 {
+    sce_nan(st->hist)->seen = 0; /* COUNT may have left a histogram there */
     st->phase = SCE_MU;
     return MS_STAGE_REDUCE;
 }
@@ -325,6 +382,7 @@ static int sce_begin(void *state, const struct ms_stage_job *job)
         st->phase = SCE_APPLY;
         return MS_STAGE_APPLY;
     }
+    sce_nan(st->hist)->seen = 0;
     st->phase = st->topk ? SCE_COUNT : SCE_MU;
     /* The histogram of |var| does not depend on k: COUNT gathers it too
      * (through a provisional selection, in its counting phase when n >= 2),
@@ -342,6 +400,8 @@ static void sce_reduce(const void *state, const struct ms_stage_job *job, const 
     struct sce_part *p = partial;
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     p->count = 0;
+    if (st->phase == SCE_MU)
+        sce_nan(p->hist)->seen = 0;
     for (uint32_t j = 0; j < MS_MAX_INPUTS; j++)
         ms_xacc_init(&p->mu[j]);
     bool hist = (st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST) ||
@@ -374,10 +434,17 @@ static void sce_fold(void *state, const struct ms_stage_job *job, const struct m
         else
             ms__sel_fold_ties(&st->sel, c->first, p->count);
         break;
-    case SCE_MU:
-        for (uint32_t j = 0; j < st->nm; j++)
+    case SCE_MU: {
+        struct sce_nan *sn = sce_nan(st->hist);
+        const struct sce_nan *pn = sce_nan(p->hist);
+        for (uint32_t j = 0; j < st->nm; j++) {
             ms_xacc_merge(&st->mu[j], &p->mu[j]);
+            if ((pn->seen & ~sn->seen) & (1u << j)) /* chunk order: the first */
+                sn->v[j] = pn->v[j];
+        }
+        sn->seen |= pn->seen;
         break;
+    }
     default:
         break;
     }
@@ -417,7 +484,9 @@ static int sce_end_pass(void *state, const struct ms_stage_job *job)
          * weights / weight_sum divides by it as a float32 scalar. */
         float mu[MS_MAX_INPUTS], sum = 0.0f;
         for (uint32_t j = 0; j < st->nm; j++) {
-            mu[j] = ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
+            mu[j] = sce_nan(st->hist)->seen & (1u << j)
+                        ? sce_nan(st->hist)->v[j]
+                        : ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
             sum += mu[j];
         }
         sum = ms_rnd(st->dt, sum);

@@ -250,3 +250,61 @@ Test(stage_sce, weight_sum_is_rounded_to_the_compute_dtype)
     }
     cr_assert_gt(seen, 0, "no case where the rounded weight sum matters");
 }
+
+/*
+ * A NaN delta, by hand (mergekit-spec.md 2.13 in torch's IEEE arithmetic),
+ * base 0, select_topk 1, t1 = [-NaN, 1, 0, 2], t2 = [1, 1, 0, -2]:
+ *   mu1 = mean(t1^2) = NaN: (-NaN)^2 is the operand's NaN, -NaN, and a sum
+ *         keeps it; mu2 = 6/4; sum = mu1 + mu2 = -NaN; W1 = W2 = -NaN.
+ *   ew_i = W_i * mask_i is -NaN wherever the mask is 0 too (NaN * 0), so
+ *   every element's sum(ew) and num are -NaN: out = 0 + -NaN / -NaN = -NaN.
+ * Element 2 (t = 0, 0: no model has the majority sign) is where a stage that
+ * sets ew = 0 for a masked model gave the base (0); a stage whose mu took
+ * the exact sum's default NaN gave +NaN everywhere. A +NaN in t1 gives +NaN.
+ */
+Test(stage_sce, a_nan_delta_makes_every_output_that_nan)
+{
+    static const uint32_t nans[2] = { 0xffc00000u, 0x7fc00000u };
+    for (int d = 0; d < 3; d++)
+        for (int s = 0; s < 2; s++) {
+            const float q = ms_f32_from_bits(nans[s]);
+            const float b[4] = { 0, 0, 0, 0 }, x1[4] = { q, 1, 0, 2 }, x2[4] = { 1, 1, 0, -2 };
+            const float *in[3] = { b, x1, x2 };
+            struct ms_stage_job job;
+            int64_t shape[1];
+            float out[4];
+            sce_job(&job, shape, dts[d], 4, 3, 0, 1.0);
+            for (uint64_t chunk = 1; chunk <= 4; chunk++) {
+                cr_assert_eq(ms_stage_run_mem(&job, in, out, chunk), 0, "%s", ms_errmsg());
+                for (int e = 0; e < 4; e++)
+                    cr_assert_eq(ms_f32_bits(out[e]), nans[s], "%s chunk %llu element %d: %a",
+                                 ms_dtype_name(dts[d]), (unsigned long long)chunk, e, out[e]);
+            }
+        }
+}
+
+/* NaN of both signs and +-Inf in every model (the base too), against the
+ * reference bit for bit: the first NaN in element order is a model's mu, the
+ * first in model order is kept in the sums over models, a * b keeps a's NaN. */
+Test(stage_sce, nonfinite_inputs_match_the_reference)
+{
+    enum { N = 300, NIN = 3 };
+    static float x[NIN][N];
+    for (int d = 0; d < 3; d++)
+        for (uint64_t seed = 1; seed <= 4; seed++) {
+            uint64_t rs = 77 * seed;
+            for (int i = 0; i < NIN; i++)
+                for (uint64_t e = 0; e < N; e++) {
+                    float v = (float)((int64_t)th_gta_rand(&rs) >> 50) * 0x1p-10f;
+                    uint64_t r = th_gta_rand(&rs) % (23 * seed);
+                    if (r == 0)
+                        v = th_gta_rand(&rs) & 1 ? NAN : -NAN;
+                    else if (r == 1)
+                        v = e & 2 ? INFINITY : -INFINITY;
+                    x[i][e] = th_gta_rnd(dts[d], v);
+                }
+            const float *in[NIN] = { x[0], x[1], x[2] };
+            check(dts[d], N, NIN, (int)(seed % 3), in, 1.0, "nonfinite, topk 1");
+            check(dts[d], N, NIN, (int)(seed % 3), in, 0.5, "nonfinite, topk 0.5");
+        }
+}
