@@ -41,6 +41,13 @@
  * Each whole-tensor figure is a reduce pass (exact sums, ms_xacc, rounded once
  * to float32 as torch's float32 accumulation approximates): the norms, ||u_0||,
  * then per iteration the dots, |T| and ||u||: at most 2 + 3*max_iter passes.
+ * T_k depends on u_k and on the scalars d_i, f_i, skip_i of iteration k only,
+ * and rounded to D those usually repeat from one iteration to the next while u
+ * still moves: so the dots pass of iteration k >= 1 also sums ||T||^2 of u_k
+ * with the scalars of iteration k-1 (a guess), and when iteration k's scalars
+ * come out bit for bit equal to k-1's that sum is |T_k|^2 and the |T| pass is
+ * skipped: 2 passes per such iteration. The guess is made at k = 1 and then
+ * while it keeps holding (the scalars of k-1 equal those of k-2).
  * The elementwise ops depend only on the element and the scalars of the passes
  * before, so an element's iterate is all that has to last between passes: the
  * dots pass of iteration k stores u_k in the chunk's keep area (ms_stage.h; its
@@ -72,7 +79,8 @@
 
 /* Reduce passes of the step form (bf16/f16). */
 enum { KS_NORM, KS_INIT, KS_DOT, KS_NT, KS_NU };
-#define KS_NCNT 2 /* dots pass counters: elements where u_k != u_{k-1}, != u_bp */
+#define KS_NCNT 3 /* dots pass extra sums: counts of elements where u_k != u_{k-1}, != u_bp;
+                     the guessed |T_k|^2 */
 
 struct karcher_state {
     uint32_t n;                   /* inputs */
@@ -97,6 +105,7 @@ struct karcher_state {
     uint32_t bp, bpow;   /* Brent's cycle search: u_bp saved, compared up to bp + bpow */
     bool kept;           /* chunks with a keep area hold u_kat there */
     uint32_t kat;
+    bool guess;          /* the dots pass also sums |T_k|^2 with iteration k-1's scalars */
     uint32_t target;     /* apply: the result is s * u_target */
     uint32_t per;        /* 0, or the iterates' period (target < done) */
     struct ms_xacc acc[MS_MAX_INPUTS + KS_NCNT]; /* the pass's folded sums */
@@ -369,6 +378,10 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
             }
             for (uint32_t p = 0; p < s->m; p++)
                 ms_xacc_dot(&acc[p], u, ui[p], nb);
+            if (s->guess) {
+                ks_T(d, s, k - 1, nb, ui, u, T);
+                ms_xacc_sumsq(&acc[s->m + 2], T, nb);
+            }
             break;
         case KS_NT:
             ks_at(d, s, c, j0, nb, ui, k, u, T, NULL);
@@ -392,6 +405,31 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
 
 /* Torch's float32 norm of a tensor whose exact sum of squares is in a. */
 static float ks_norm(const struct ms_xacc *a) { return sqrtf((float)ms_xacc_value(a)); }
+
+/* True when iterations k and k2 have the same d_i, f_i, skip_i, bit for bit. */
+static bool ks_same_scalars(const struct karcher_state *s, uint32_t k, uint32_t k2)
+{
+    const size_t sz = s->m * sizeof(float);
+    return !memcmp(KS_D(s, k), KS_D(s, k2), sz) && !memcmp(KS_F(s, k), KS_F(s, k2), sz) &&
+           !memcmp(KS_SKIP(s, k), KS_SKIP(s, k2), sz);
+}
+
+/* |T_k| is the float32 norm of the exact sum in a: stop, or the |T| scalars and
+ * the ||u'|| pass next. */
+static int ks_have_nt(struct karcher_state *s, enum ms_dtype d, uint32_t k, const struct ms_xacc *a)
+{
+    float *q = KS_NT_(s, k);
+    q[0] = ks_norm(a);
+    s->iters = k + 1;
+    if ((double)q[0] < s->tol) {
+        s->target = k; /* u stays u_k */
+        return MS_STAGE_APPLY;
+    }
+    q[1] = ms_rnd(d, cosf(q[0]));
+    q[2] = ms_rnd(d, sinf(q[0]));
+    s->phase = KS_NU;
+    return MS_STAGE_REDUCE;
+}
 
 /* Loop thread: turns the pass's sums into the next scalars; chooses the next pass. */
 static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
@@ -457,22 +495,21 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
             skip[p] = (double)th < s->tol;
             f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
         }
-        s->phase = KS_NT;
-        break;
-    }
-    case KS_NT: {
-        float *q = KS_NT_(s, k);
-        q[0] = ks_norm(&s->acc[0]);
-        s->iters = k + 1;
-        if ((double)q[0] < s->tol) {
-            s->target = k; /* u stays u_k */
-            return MS_STAGE_APPLY;
+        /* the guess held: the pass summed |T_k|^2 with these scalars */
+        const bool same = k >= 1 && ks_same_scalars(s, k, k - 1), hit = s->guess && same;
+        s->guess = k == 0 || same;
+        if (hit) {
+            if (ks_have_nt(s, d, k, &s->acc[s->m + 2]) == MS_STAGE_APPLY)
+                return MS_STAGE_APPLY;
+        } else {
+            s->phase = KS_NT;
         }
-        q[1] = ms_rnd(d, cosf(q[0]));
-        q[2] = ms_rnd(d, sinf(q[0]));
-        s->phase = KS_NU;
         break;
     }
+    case KS_NT:
+        if (ks_have_nt(s, d, k, &s->acc[0]) == MS_STAGE_APPLY)
+            return MS_STAGE_APPLY;
+        break;
     default:
         assert(s->phase == KS_NU);
         KS_NT_(s, k)[3] = ks_norm(&s->acc[0]);
