@@ -408,11 +408,20 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
         mslerp_run_isa(job->compute, s, c, MSL_TAN + 1, NULL);
 }
 
-/* The keep area pays in bfloat16 compute with two models or more (see mslerp_k_put_lo). */
+/*
+ * The keep area pays in bfloat16 compute with two models or more (see
+ * mslerp_k_put_lo), and is asked for only up to MSL_KEEP_MAX elements: larger
+ * tensors (embeddings) are rarely resident, and for them the engine would
+ * reserve a keep pool of numel * 4 bytes out of the budget; at the default 512M
+ * that pool (262 MB for a 65.5 M-element embedding) took peak RSS from 465 to
+ * 598 MB on the bench, past budget + 32 MiB. Those tensors replay the chain.
+ */
+#define MSL_KEEP_MAX ((uint64_t)16 << 20)
 static bool mslerp_keeps(const struct ms_stage_job *job)
 {
     bool base = job->base >= 0 && (uint32_t)job->base < job->ninputs;
-    return job->compute == MS_DT_BF16 && job->ninputs - (base ? 1u : 0u) >= 2;
+    return job->compute == MS_DT_BF16 && job->ninputs - (base ? 1u : 0u) >= 2 &&
+           job->numel <= MSL_KEEP_MAX;
 }
 
 static const struct ms_stage_ops mslerp_ops = {
