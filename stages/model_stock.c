@@ -190,7 +190,7 @@ static float mstock_t(enum ms_dtype d, uint32_t n, const struct ms_xacc *a)
  * changes no byte. `mx` (a constant in each caller) selects the per-step dtypes
  * of mixed inputs (struct mstock_dt); otherwise every step rounds to d.
  */
-#define MSTOCK_B 256
+#define MSTOCK_B 1024
 #define MSTOCK_DT(mx, d, field) ((mx) ? s->dt.field : (d))
 
 /* Adds elements [j0, j0 + nb) of the chunk to the vector sums a[]: sum o_i^2

@@ -125,7 +125,7 @@ static inline float mslerp_x(enum ms_dtype d, const struct mslerp_state *s,
  * rounded exactly as the per-element formulas above say: each element sees
  * the same operations in the same order, so the block size changes no byte.
  */
-#define MSL_B 256
+#define MSL_B 1024
 
 /* u = rnd(rnd(x - b) / den), or rnd(x / den) without a base (b NULL): U_i */
 MS__AI void mslerp_k_unit(enum ms_dtype d, float *restrict u, const float *restrict x,
@@ -185,6 +185,38 @@ MS__AI void mslerp_wsum(const enum ms_dtype d, const struct mslerp_state *s, flo
 }
 
 /*
+ * Keep area (bfloat16 compute only, ms_stage.h): one uint32 per element holding
+ * two bfloat16 values of the chain, exact (every value is rounded to bf16):
+ * the low half M after pass 1, then m after pass 2; the high half tau after
+ * pass 3. Passes 2 and 3 then skip the weighted sums and the division they
+ * would redo, and apply reads m and tau instead of replaying the chain. Without
+ * a keep area (or in another compute dtype) every pass replays the chain from
+ * the inputs: the same operations on the same values, the same bytes.
+ */
+MS__AI void mslerp_k_put_lo(uint32_t *restrict kp, const float *restrict x, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        kp[k] = ms_f32_bits(x[k]) >> 16;
+}
+
+MS__AI void mslerp_k_put_both(uint32_t *restrict kp, const float *restrict lo,
+                              const float *restrict hi, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        kp[k] = ms_f32_bits(lo[k]) >> 16 | (ms_f32_bits(hi[k]) & 0xffff0000u);
+}
+
+MS__AI void mslerp_k_get(float *restrict lo, float *restrict hi, const uint32_t *restrict kp,
+                         size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        lo[k] = ms_f32_from_bits(kp[k] << 16);
+    if (hi)
+        for (size_t k = 0; k < n; k++)
+            hi[k] = ms_f32_from_bits(kp[k] & 0xffff0000u);
+}
+
+/*
  * The chain for elements [j0, j0 + nb) as far as pass `upto` needs it: adds
  * the block's terms to a[] when upto is a reduce pass, and writes the output
  * values to c->out when upto is MSL_TAN + 1 (apply).
@@ -195,6 +227,7 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
 {
     float u[MS_MAX_INPUTS][MSL_B], v[MSL_B], m[MSL_B];
     const float *b = s->ib >= 0 ? c->in[s->ib] + j0 : NULL;
+    uint32_t *kp = d == MS_DT_BF16 && c->keep ? (uint32_t *)c->keep + j0 : NULL;
     if (upto == MSL_NORMS) { /* sum X_i^2 */
         for (uint32_t i = 0; i < s->n; i++) {
             const float *x = c->in[s->it[i]] + j0;
@@ -206,14 +239,30 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
         }
         return;
     }
-    for (uint32_t i = 0; i < s->n; i++) /* U_i */
-        mslerp_k_unit(d, u[i], c->in[s->it[i]] + j0, b, s->den[i], nb);
-    mslerp_wsum(d, s, u, v, nb); /* M */
-    if (upto == MSL_MEAN) {
-        ms_xacc_sumsq(&a[0], v, nb);
+    if (kp && upto > MSL_TAN) { /* apply: m and tau kept (read before out, maybe the same memory) */
+        mslerp_k_get(m, v, kp, nb);
+        mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
         return;
     }
-    ms__k_div(d, m, v, s->mn, nb);
+    for (uint32_t i = 0; i < s->n; i++) /* U_i */
+        mslerp_k_unit(d, u[i], c->in[s->it[i]] + j0, b, s->den[i], nb);
+    if (kp && upto == MSL_TAN) {
+        mslerp_k_get(m, NULL, kp, nb); /* m */
+    } else {
+        if (kp && upto == MSL_DOTS)
+            mslerp_k_get(v, NULL, kp, nb); /* M */
+        else
+            mslerp_wsum(d, s, u, v, nb); /* M */
+        if (upto == MSL_MEAN) {
+            if (kp)
+                mslerp_k_put_lo(kp, v, nb);
+            ms_xacc_sumsq(&a[0], v, nb);
+            return;
+        }
+        ms__k_div(d, m, v, s->mn, nb);
+        if (kp)
+            mslerp_k_put_lo(kp, m, nb);
+    }
     if (upto == MSL_DOTS) {
         for (uint32_t i = 0; i < s->n; i++) {
             ms__k_mul(d, v, u[i], m, nb);
@@ -225,6 +274,8 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
         mslerp_k_tan(d, u[i], m, s->dot[i], nb);
     mslerp_wsum(d, s, u, v, nb); /* tau */
     if (upto == MSL_TAN) {
+        if (kp)
+            mslerp_k_put_both(kp, m, v, nb);
         ms_xacc_sumsq(&a[0], v, nb);
         return;
     }
@@ -357,8 +408,25 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
         mslerp_run_isa(job->compute, s, c, MSL_TAN + 1, NULL);
 }
 
+/*
+ * The keep area pays in bfloat16 compute with two models or more (see
+ * mslerp_k_put_lo), and is asked for only up to MSL_KEEP_MAX elements: larger
+ * tensors (embeddings) are rarely resident, and for them the engine would
+ * reserve a keep pool of numel * 4 bytes out of the budget; at the default 512M
+ * that pool (262 MB for a 65.5 M-element embedding) took peak RSS from 465 to
+ * 598 MB on the bench, past budget + 32 MiB. Those tensors replay the chain.
+ */
+#define MSL_KEEP_MAX ((uint64_t)16 << 20)
+static bool mslerp_keeps(const struct ms_stage_job *job)
+{
+    bool base = job->base >= 0 && (uint32_t)job->base < job->ninputs;
+    return job->compute == MS_DT_BF16 && job->ninputs - (base ? 1u : 0u) >= 2 &&
+           job->numel <= MSL_KEEP_MAX;
+}
+
 static const struct ms_stage_ops mslerp_ops = {
     .state_size = mslerp_state_size,
+    .keeps = mslerp_keeps,
     .partial_size = mslerp_partial_size,
     .begin = mslerp_begin,
     .reduce = mslerp_reduce,

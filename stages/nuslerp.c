@@ -276,7 +276,7 @@ static inline float nus_out(struct nus_dt d, const struct nus_state *s, const st
  * comment says; the xacc kernels give the limbs of adding the terms one by one,
  * so the block size changes no byte.
  */
-#define NUS_B 256
+#define NUS_B 1024
 
 /* v_k of elements [j0, j0 + nb): rnd(x_k - base) into buf, or x_k itself (the
  * input) without a base. */

@@ -124,13 +124,31 @@ static int slerp_end_pass(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
-/* y[j] = c0*a[j] + c1*b[j] in float32, each product rounded (no FMA). */
+/*
+ * y[j] = c0*a[j] + c1*b[j] in float32, each product rounded (no FMA). NaN rule
+ * (any version, any position): a term c*x that meets a NaN x gives x's NaN
+ * (quieted), else the product; the sum keeps the a-term's NaN when both terms
+ * are NaN (ms__acc_add). Two NaN meet only when the tensor holds a NaN (the
+ * coefficients are NaN then): the compiler may put either operand of a vector
+ * or scalar mul/add first, and x86 returns the first one's NaN, so the choice
+ * is made explicit here.
+ */
+MS__AI float slerp_term(float c, float x)
+{
+    return x != x ? x + x : c * x;
+}
+
 static void slerp_mix(float *restrict y, const float *restrict a, const float *restrict b,
                       float c0, float c1, size_t n)
 {
     for (size_t j = 0; j < n; j++)
-        y[j] = c0 * a[j] + c1 * b[j];
+        y[j] = ms__acc_add(slerp_term(c0, a[j]), slerp_term(c1, b[j]));
 }
+
+MS__ISA_VERSIONS(slerp_mix_isa, slerp_mix,
+                 (float *restrict y, const float *restrict a, const float *restrict b, float c0,
+                  float c1, size_t n),
+                 (y, a, b, c0, c1, n))
 
 static void slerp_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
@@ -139,7 +157,7 @@ static void slerp_apply(const void *state, const struct ms_stage_job *job, const
     if (s->copy)
         memcpy(c->out, c->in[s->ia], n * sizeof(float));
     else
-        slerp_mix(c->out, c->in[s->ia], c->in[s->ib], s->c0, s->c1, n);
+        slerp_mix_isa(c->out, c->in[s->ia], c->in[s->ib], s->c0, s->c1, n);
 }
 
 static const struct ms_stage_ops slerp_ops = {

@@ -206,6 +206,8 @@ static const struct isa_case isa_cases[] = {
     { "model_stock", 3, 0, "filter_wise", NULL, 1, 0, true, false },
     { "multislerp", 3, -1, "weight", NULL, 0.2, 0, false, false },
     { "multislerp", 4, 0, "weight", "normalize_weights", 0.6, 0, false, false },
+    { "slerp", 2, 0, "t", NULL, 0.3, 0, false, false },
+    { "slerp", 2, 1, "t", NULL, 0.7, 0, false, true }, /* NaN coefficients: the NaN rule */
 };
 #define ISA_NCASES (sizeof isa_cases / sizeof isa_cases[0])
 

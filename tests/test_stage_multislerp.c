@@ -205,3 +205,37 @@ Test(multislerp, random_vs_reference_bit_exact)
                                   norm, j, out[j], want[j]);
                 }
 }
+
+/* bfloat16 keeps M, m and tau in the keep area (stages/multislerp.c); the
+ * engine's fallback without one replays the chain: both give the reference's
+ * bytes, with and without a base, for every chunking. */
+Test(multislerp, keep_area_and_replay_give_the_same_bytes)
+{
+    enum { R_ = 9, C_ = 37, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float store[4][N], out[N], alt[N], want[N];
+    for (int withbase = 0; withbase < 2; withbase++) {
+        uint64_t s = 4711 + (uint64_t)withbase;
+        uint32_t nin = 3 + (uint32_t)withbase;
+        int base = withbase ? 1 : -1;
+        double w[MS_MAX_INPUTS] = { 0.5, 0.3, 0.2, 0.4 };
+        const float *in[4];
+        for (uint32_t i = 0; i < nin; i++) {
+            for (int j = 0; j < N; j++)
+                store[i][j] = th_stage_round(MS_DT_BF16, th_stage_value(MS_DT_F32, &s, 0.05f));
+            in[i] = store[i];
+        }
+        struct ms_stage_job job = mk(shape, 2, MS_DT_BF16, nin, base, w);
+        cr_assert(job.method->ops->keeps && job.method->ops->keeps(&job));
+        static const uint64_t sizes[] = { 0, 1, 5, C_, 256, 300 };
+        th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+        ref_multislerp(MS_DT_BF16, in, nin, base, w, true, 1e-8, N, want);
+        cr_assert(!memcmp(out, want, sizeof out), "base %d: keep area differs from reference", base);
+        for (size_t k = 0; k < MS_ARRAY_LEN(sizes); k++) {
+            cr_assert_eq(ms_stage_run_mem_keep(&job, in, alt, sizes[k], false), 0, "%s",
+                         ms_errmsg());
+            cr_assert(!memcmp(out, alt, sizeof out), "base %d chunk %llu: replay differs", base,
+                      (unsigned long long)sizes[k]);
+        }
+    }
+}

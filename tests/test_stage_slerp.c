@@ -295,3 +295,42 @@ Test(slerp, random_vs_references)
                 (unsigned long long)exact, (unsigned long long)total);
     cr_assert(exact * 10 >= total * 9);
 }
+
+/* Two NaN meet in slerp's mix only when the tensor holds a NaN, which makes
+ * the coefficients NaN (c0, c1 with the payload K of the whole-tensor sums).
+ * The rule (stages/slerp.c): an element's own NaN wins over the coefficient's,
+ * and the a-term's NaN over the b-term's; so out[j] is a[j]'s NaN where a[j] is
+ * NaN, else K, at every position and for every chunking (the old loop's
+ * vector body gave a's NaN and its scalar tail the coefficient's, so the bytes
+ * depended on where a chunk ended). */
+Test(slerp, nan_payloads_follow_the_rule_at_every_position_and_chunking)
+{
+    enum { N = 37 };
+    static const int64_t shape[1] = { N };
+    float a[N], b[N], out[N];
+    uint64_t st = 5;
+    for (int j = 0; j < N; j++) {
+        a[j] = th_stage_value(MS_DT_F32, &st, 1.0f);
+        b[j] = th_stage_value(MS_DT_F32, &st, 1.0f);
+    }
+    static const int apos[] = { 3, 17, 35, 36 };
+    static const uint32_t apay[] = { 0x7fc00011u, 0xffc00022u, 0x7fc00044u, 0x7fd00055u };
+    for (int k = 0; k < 4; k++) {
+        memcpy(&a[apos[k]], &apay[k], 4);
+        uint32_t bp = 0x7fc00033u + (uint32_t)k;
+        memcpy(&b[apos[k]], &bp, 4);
+    }
+    uint32_t b5 = 0xffc00066u; /* b alone NaN: the a-term (K) wins */
+    memcpy(&b[5], &b5, 4);
+    const float *in[2] = { a, b };
+    struct ms_stage_job job;
+    slerp_job(&job, shape, 1, MS_DT_F32, 2, 0, 0.3);
+    static const uint64_t sizes[] = { 0, 1, 2, 5, 16, 17, 36 };
+    th_stage_run_sweep(&job, in, out, sizes, 7);
+    uint32_t want_k = fbits(out[0]);
+    cr_assert(out[0] != out[0], "%a", out[0]);
+    for (int j = 0, k = 0; j < N; j++) {
+        uint32_t want = k < 4 && j == apos[k] ? apay[k++] : want_k;
+        cr_assert_eq(fbits(out[j]), want, "element %d: %08x, want %08x", j, fbits(out[j]), want);
+    }
+}
