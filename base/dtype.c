@@ -160,7 +160,6 @@ uint16_t ms_f32_to_f16_1(float f)
     return (uint16_t)(sign | q);
 }
 
-float ms_round_f16_1(float f) { return ms_f16_to_f32_1(ms_f32_to_f16_1(f)); }
 
 /* ------------------------------------------------------- scalar references */
 

@@ -66,6 +66,25 @@ int ms_isa_check_env(void)
 
 static atomic_int g_isa = -1;
 
+static int isa_best(void)
+{
+    for (int k = MS_ISA_COUNT - 1; k > 0; k--)
+        if (ms_isa_available((enum ms_isa)k))
+            return k;
+    return MS_ISA_SCALAR;
+}
+
+int ms_isa_select(const char *name)
+{
+    int i = strcmp(name, "auto") ? isa_parse(name) : isa_best();
+    if (i < 0)
+        return ms_error(MS_EINVAL, "--isa: '%s' is not one of scalar, avx2, avx512, auto", name);
+    if (!ms_isa_available((enum ms_isa)i))
+        return ms_error(MS_EINVAL, "--isa: %s is not available on this CPU or build", name);
+    atomic_store_explicit(&g_isa, i, memory_order_relaxed);
+    return 0;
+}
+
 enum ms_isa ms_isa_active(void)
 {
     int i = atomic_load_explicit(&g_isa, memory_order_relaxed);
@@ -73,14 +92,8 @@ enum ms_isa ms_isa_active(void)
         return (enum ms_isa)i;
     const char *v = getenv("MERGESTREAM_ISA");
     i = v ? isa_parse(v) : -1;
-    if (i < 0 || !ms_isa_available((enum ms_isa)i)) {
-        i = MS_ISA_SCALAR;
-        for (int k = MS_ISA_COUNT - 1; k > 0; k--)
-            if (ms_isa_available((enum ms_isa)k)) {
-                i = k;
-                break;
-            }
-    }
+    if (i < 0 || !ms_isa_available((enum ms_isa)i))
+        i = isa_best();
     atomic_store_explicit(&g_isa, i, memory_order_relaxed); /* every thread computes the same */
     return (enum ms_isa)i;
 }

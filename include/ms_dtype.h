@@ -82,7 +82,27 @@ uint16_t ms_f32_to_f16_1(float f);
 
 /* Rounds one float to the nearest value of dt (F32: identity; F16; BF16). */
 static inline float ms_round_bf16_1(float f) { return ms_bf16_to_f32_1(ms_f32_to_bf16_1(f)); }
-float ms_round_f16_1(float f);
+/*
+ * ms_f16_to_f32_1(ms_f32_to_f16_1(f)), bit for bit, computed in the float
+ * domain without branches so that loops over it vectorise in every ISA
+ * version (tests/test_isa.c compares it over all 2^32 inputs' classes):
+ * |f| >= 2^-14 rounds the mantissa to 10 bits (RNE, carry into the exponent);
+ * |f| >= 65520 gives Inf; below 2^-14, adding 0.5 rounds |f| to a multiple of
+ * 2^-24 (RNE by the FPU; DAZ/FTZ do not change it) and subtracting 0.5 is
+ * exact; a NaN becomes quiet keeping the top 10 payload bits; the sign is kept.
+ */
+static inline float ms_round_f16_1(float f)
+{
+    uint32_t u = ms_f32_bits(f);
+    uint32_t a = u & 0x7fffffffu;
+    uint32_t nan = (a | 0x00400000u) & ~0x1fffu;
+    uint32_t nrm = (a + 0xfffu + ((a >> 13) & 1u)) & ~0x1fffu;
+    uint32_t sub = ms_f32_bits((ms_f32_from_bits(a) + 0.5f) - 0.5f);
+    uint32_t r = a > 0x7f800000u ? nan
+               : a >= 0x477ff000u ? 0x7f800000u
+               : a >= 0x38800000u ? nrm : sub;
+    return ms_f32_from_bits((u & 0x80000000u) | r);
+}
 
 /* Array conversions. n elements; src and dst must not overlap. */
 void ms_bf16_to_f32(const uint16_t *restrict src, float *restrict dst, size_t n);

@@ -9,7 +9,7 @@
  * speed. It is made once, on first use: MERGESTREAM_ISA=scalar|avx2|avx512 if
  * set (a value this build or CPU cannot run falls back to the best available;
  * the CLI refuses it first, through ms_isa_check_env), else the best the CPU
- * supports (__builtin_cpu_supports).
+ * supports (__builtin_cpu_supports); `merge --isa` sets it (ms_isa_select).
  *
  * Any thread; the choice is an atomic read after the first call.
  */
@@ -34,5 +34,11 @@ const char *ms_isa_name(enum ms_isa isa);
 /* 0, or MS_EINVAL with a diagnostic naming MERGESTREAM_ISA when it is set to a
  * value that is not an ISA name or that this build or CPU cannot run. */
 int ms_isa_check_env(void);
+/* Fixes the version from a name: "scalar", "avx2", "avx512", or "auto" (the
+ * best the CPU supports, ignoring MERGESTREAM_ISA); overrides the environment.
+ * 0, or MS_EINVAL with a diagnostic naming --isa when the name is unknown or
+ * the build or CPU cannot run it (the choice is then unchanged). Call before
+ * any kernel runs (the CLI does it while parsing options). */
+int ms_isa_select(const char *name);
 
 #endif

@@ -57,9 +57,17 @@ static int nearswap_begin(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
+/* x * y, x's NaN when both are NaN (as x86's mul, and torch's, with x first): the
+ * compiler may swap a vectorised multiply's operands, so the order is explicit
+ * (ms__acc_add does the same for the add). */
+MS__AI float nearswap_mul(float x, float y)
+{
+    return x != x ? x : x * y;
+}
+
 /* y[j] = nearswap(a[j], b[j]) as in the file comment; d is a constant in each caller. */
-static inline void nearswap_kern(enum ms_dtype d, float *restrict y, const float *restrict a,
-                                 const float *restrict b, float t, float lo, size_t n)
+MS__AI void nearswap_kern(enum ms_dtype d, float *restrict y, const float *restrict a,
+                          const float *restrict b, float t, float lo, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
         float ad = fabsf(ms_rnd(d, a[j] - b[j]));
@@ -67,9 +75,41 @@ static inline void nearswap_kern(enum ms_dtype d, float *restrict y, const float
         float w = ms_rnd(d, ms_rnd(d, 1.0f / cl) * t);
         w = w < 0.0f ? 0.0f : w;
         w = w > 1.0f ? 1.0f : w;
-        y[j] = ms_rnd(d, ms_rnd(d, w * b[j]) + ms_rnd(d, ms_rnd(d, 1.0f - w) * a[j]));
+        float wb = ms_rnd(d, nearswap_mul(w, b[j]));
+        y[j] = ms_rnd(d, ms__acc_add(wb, ms_rnd(d, nearswap_mul(ms_rnd(d, 1.0f - w), a[j]))));
     }
 }
+
+/* Elements per block: a constant trip count for the vectoriser (MS__BLOCK_CALL). */
+#define NEARSWAP_BLOCK 512
+
+MS__AI void nearswap_chunk(enum ms_dtype d, float *restrict y, const float *restrict a,
+                           const float *restrict b, float t, float lo, size_t n)
+{
+    for (size_t k = 0; k < n; k += NEARSWAP_BLOCK) {
+        size_t m = MS_MIN((size_t)NEARSWAP_BLOCK, n - k);
+        MS__BLOCK_CALL(nearswap_kern, m, NEARSWAP_BLOCK, d, y + k, a + k, b + k, t, lo);
+    }
+}
+
+/* nearswap_chunk specialised for the compute dtype (a constant in each call). */
+static void nearswap_run(enum ms_dtype d, float *restrict y, const float *restrict a,
+                         const float *restrict b, float t, float lo, size_t n)
+{
+    switch (d) {
+    case MS_DT_BF16: nearswap_chunk(MS_DT_BF16, y, a, b, t, lo, n); break;
+    case MS_DT_F16: nearswap_chunk(MS_DT_F16, y, a, b, t, lo, n); break;
+    default:
+        assert(d == MS_DT_F32);
+        nearswap_chunk(MS_DT_F32, y, a, b, t, lo, n);
+        break;
+    }
+}
+
+MS__ISA_VERSIONS(nearswap_run_isa, nearswap_run,
+                 (enum ms_dtype d, float *restrict y, const float *restrict a,
+                  const float *restrict b, float t, float lo, size_t n),
+                 (d, y, a, b, t, lo, n))
 
 static void nearswap_apply(const void *state, const struct ms_stage_job *job,
                            const struct ms_chunk *c)
@@ -81,19 +121,7 @@ static void nearswap_apply(const void *state, const struct ms_stage_job *job,
         memcpy(c->out, a, n * sizeof(float));
         return;
     }
-    const float *b = c->in[s->ib];
-    switch (job->compute) {
-    case MS_DT_BF16:
-        nearswap_kern(MS_DT_BF16, c->out, a, b, s->t, s->lo, n);
-        break;
-    case MS_DT_F16:
-        nearswap_kern(MS_DT_F16, c->out, a, b, s->t, s->lo, n);
-        break;
-    default:
-        assert(job->compute == MS_DT_F32);
-        nearswap_kern(MS_DT_F32, c->out, a, b, s->t, s->lo, n);
-        break;
-    }
+    nearswap_run_isa(job->compute, c->out, a, c->in[s->ib], s->t, s->lo, n);
 }
 
 static const struct ms_stage_ops nearswap_ops = {

@@ -4,7 +4,7 @@
  * completions; --no- forms; notes that name the option; --transformers-cache as a
  * model cache; hub ids for inspect and verify; the model card's Hub links (format of
  * mergekit's mergekit/card.py); tar member times; plan's alignment and memory line;
- * the progress line's wording.
+ * the progress line's wording; --isa.
  */
 #include <criterion/criterion.h>
 #include <ctype.h>
@@ -14,6 +14,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "ms_isa.h"
 #include "th.h"
 
 #ifndef MS_SOURCE_DIR
@@ -377,6 +378,39 @@ Test(cli, notes_name_the_option_not_its_value)
     for (size_t i = 0; i < MS_ARRAY_LEN(bad); i++)
         cr_assert(!strstr(err, bad[i]), "'%s' in:\n%s", bad[i], err);
     free(err);
+}
+
+/* --isa: each version this CPU runs writes the bytes of the default choice;
+ * an unknown name, or one the CPU or build cannot run, is a one-line usage error. */
+Test(cli, isa_option_forces_a_version_or_refuses_in_one_line)
+{
+    static const char *const names[] = { "scalar", "avx2", "avx512", "auto" };
+    RUN_OK("mergestream merge local.yml isa-def -q");
+    for (size_t i = 0; i < MS_ARRAY_LEN(names); i++) {
+        if (i < MS_ISA_COUNT && !ms_isa_available((enum ms_isa)i))
+            continue;
+        RUN_OK("mergestream merge local.yml isa-%s -q --isa %s && "
+               "cmp isa-def/model.safetensors isa-%s/model.safetensors",
+               names[i], names[i], names[i]);
+    }
+    /* --isa wins over MERGESTREAM_ISA */
+    RUN_OK("MERGESTREAM_ISA=scalar mergestream merge local.yml isa-env -q --isa auto && "
+           "cmp isa-def/model.safetensors isa-env/model.safetensors");
+    char *err = NULL;
+    cr_assert_eq(run(NULL, &err, "mergestream merge local.yml isa-bad -q --isa sse9"), 2);
+    cr_assert(strstr(err, "--isa: 'sse9' is not one of scalar, avx2, avx512, auto"), "%s", err);
+    cr_assert(strchr(err, '\n') == err + strlen(err) - 1, "not one line:\n%s", err);
+    free(err);
+    for (int i = 1; i < MS_ISA_COUNT; i++) {
+        if (ms_isa_available((enum ms_isa)i))
+            continue;
+        err = NULL;
+        cr_assert_eq(run(NULL, &err, "mergestream merge local.yml isa-na -q --isa %s",
+                         ms_isa_name((enum ms_isa)i)), 2);
+        cr_assert(strstr(err, "is not available on this CPU or build"), "%s", err);
+        cr_assert(strchr(err, '\n') == err + strlen(err) - 1, "not one line:\n%s", err);
+        free(err);
+    }
 }
 
 Test(cli, transformers_cache_is_the_model_cache)

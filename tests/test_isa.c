@@ -5,7 +5,7 @@
  * ms_rng_u32 element by element, the exact-sum kernels (stages/xacc.c) against
  * ms_xacc_add term by term; on odd lengths, misaligned starts, NaN (quiet
  * and signalling, with payloads), infinities, subnormals and rounding ties.
- * The element loops of linear, nuslerp, model_stock and multislerp
+ * The element loops of linear, nuslerp, model_stock, multislerp and nearswap
  * (MS__ISA_VERSIONS in stages/stage_impl.h): each version, run in a child
  * process, gives the scalar version's bytes in every mode and compute dtype.
  * End to end: every example recipe merged with MERGESTREAM_ISA=scalar and with
@@ -176,6 +176,84 @@ Test(isa, rng_fill_gives_ms_rng_u32_in_every_version)
     }
 }
 
+/* ------------------------------------------------------ inline f16 rounding */
+
+/* ms_round_f16_1 (the stages' ms_rnd for float16) in loops of a constant count,
+ * which the compiler vectorises, compiled for the baseline and for each ISA
+ * version's target: every one must give ms_f16_to_f32_1(ms_f32_to_f16_1(x)). */
+#define RND16_BLOCK 64
+#define RND16_BODY                                                                                \
+    {                                                                                             \
+        size_t i = 0;                                                                             \
+        for (; i + RND16_BLOCK <= n; i += RND16_BLOCK)                                            \
+            for (size_t k = 0; k < RND16_BLOCK; k++)                                              \
+                y[i + k] = ms_round_f16_1(x[i + k]);                                              \
+        for (; i < n; i++)                                                                        \
+            y[i] = ms_round_f16_1(x[i]);                                                          \
+    }
+static void rnd16_scalar(float *restrict y, const float *restrict x, size_t n) RND16_BODY
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) static void rnd16_avx2(float *restrict y, const float *restrict x,
+                                                       size_t n) RND16_BODY
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) static void
+rnd16_avx512(float *restrict y, const float *restrict x, size_t n) RND16_BODY
+#endif
+
+Test(isa, inline_f16_rounding_gives_the_conversion_round_trip_in_every_version)
+{
+    void (*fns[MS_ISA_COUNT])(float *restrict, const float *restrict, size_t) = {
+        rnd16_scalar,
+#if defined(__x86_64__) && defined(__GNUC__)
+        rnd16_avx2, rnd16_avx512,
+#endif
+    };
+    enum { M = 1 << 16 };
+    static uint32_t u[M];
+    static float got[M];
+    /* the specials and ties of fill_f32, then every 257th pattern and the
+     * neighbourhood of every f16 boundary exponent */
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!fns[isa] || !ms_isa_available((enum ms_isa)isa))
+            continue;
+        for (int pass = 0; pass < 2; pass++) {
+            uint64_t p = 0;
+            while (p < (UINT64_C(1) << 32)) {
+                size_t n = 0;
+                if (pass == 0) {
+                    fill_f32(u, M);
+                    n = M;
+                    p = UINT64_C(1) << 32;
+                } else {
+                    for (; n < M && p < (UINT64_C(1) << 32); n++, p += 257)
+                        u[n] = (uint32_t)p;
+                }
+                const float *x = (const float *)(const void *)u;
+                fns[isa](got, x, n);
+                for (size_t i = 0; i < n; i++) {
+                    float w = ms_f16_to_f32_1(ms_f32_to_f16_1(x[i]));
+                    cr_assert(!memcmp(&w, &got[i], 4), "%s: x=%08x gives %08x, want %08x",
+                              ms_isa_name((enum ms_isa)isa), u[i], ms_f32_bits(got[i]),
+                              ms_f32_bits(w));
+                }
+            }
+        }
+        /* every exponent, its mantissas around the 13 dropped bits' half point */
+        for (uint32_t s = 0; s < 2; s++) {
+            size_t n = 0;
+            for (uint32_t e = 0; e < 256; e++)
+                for (uint32_t m = 0; m < 64 && n < M; m++)
+                    u[n++] = s << 31 | e << 23 | ((m * 0x9e3779b1u) & 0x7fe000u) | (0xfffu + m % 3);
+            const float *x = (const float *)(const void *)u;
+            fns[isa](got, x, n);
+            for (size_t i = 0; i < n; i++) {
+                float w = ms_f16_to_f32_1(ms_f32_to_f16_1(x[i]));
+                cr_assert(!memcmp(&w, &got[i], 4), "%s: x=%08x", ms_isa_name((enum ms_isa)isa),
+                          u[i]);
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------ stage methods */
 
 /* A stage job: method, inputs, base, and up to two parameters (per-model ones
@@ -208,6 +286,8 @@ static const struct isa_case isa_cases[] = {
     { "multislerp", 4, 0, "weight", "normalize_weights", 0.6, 0, false, false },
     { "slerp", 2, 0, "t", NULL, 0.3, 0, false, false },
     { "slerp", 2, 1, "t", NULL, 0.7, 0, false, true }, /* NaN coefficients: the NaN rule */
+    { "nearswap", 2, 0, "t", NULL, 0.02, 0, false, true },
+    { "nearswap", 2, 1, "t", NULL, 0.5, 0, false, false },
 };
 #define ISA_NCASES (sizeof isa_cases / sizeof isa_cases[0])
 

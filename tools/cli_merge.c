@@ -17,6 +17,7 @@
 #include "ms_plan.h"
 #include "ms_recipe.h"
 #include "ms_safetensors.h"
+#include "ms_isa.h"
 #include "ms_stage.h"
 
 #include "cli.h"
@@ -54,6 +55,10 @@ static const char merge_usage[] =
     "                           use it by that name, the unnamed one is written to OUT\n"
     "  --lazy / --no-lazy       skip a named merge whose DIR/NAME holds a complete model\n"
     "                           (default on, as mergekit-multi)\n"
+    "  --isa scalar|avx2|avx512|auto\n"
+    "                           kernel versions to run (default auto: the best this CPU\n"
+    "                           supports, or $MERGESTREAM_ISA); every version writes the\n"
+    "                           same bytes, only the speed differs\n"
     "  -q, --quiet / --no-quiet no progress line\n"
     "  -h, --help               this text\n"
     "\n"
@@ -123,6 +128,7 @@ enum {
     OPT_LAZY,
     OPT_NOLAZY,
     OPT_LORADT,
+    OPT_ISA,
     OPT_LORACACHE,
 };
 
@@ -183,6 +189,7 @@ static const struct option merge_opts[] = {
     { "write-threads", required_argument, NULL, OPT_NOOP_ARG },
     { "lora-merge-cache", required_argument, NULL, OPT_LORACACHE },
     { "lora-merge-dtype", required_argument, NULL, OPT_LORADT },
+    { "isa", required_argument, NULL, OPT_ISA },
     { "verbose", no_argument, NULL, 'v' },
     { NULL, 0, NULL, 0 },
 };
@@ -362,6 +369,12 @@ int ms_cli_merge(int argc, char **argv)
             eo.threads = (unsigned)v;
             if (c == OPT_NUMTHREADS)
                 ms_log_info("note: --num-threads is taken as --threads %u", eo.threads);
+            break;
+        case OPT_ISA:
+            if (ms_isa_select(optarg)) {
+                ms_cli_report(MS_EINVAL, NULL);
+                return 2;
+            }
             break;
         case OPT_SHARD:
             if (ms_parse_size(optarg, false, &po.out_shard_size))
