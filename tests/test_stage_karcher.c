@@ -332,6 +332,25 @@ static void run_keep_and_replay(const struct ms_stage_job *job, const float *con
     }
 }
 
+/* Three inputs run to exactly max_iter (tol 1e-30) in dt: with and without a keep
+ * area at each size of sizes, bit for bit the per-step reference's bytes. */
+static void check_every_iteration(enum ms_dtype dt, const int64_t *shape, int ndim,
+                                  const float *const in[3], int max_iter,
+                                  const uint64_t *sizes, int nsizes)
+{
+    static float out[4096], want[4096];
+    struct ms_stage_job job;
+    th_stage_job(&job, "karcher", shape, ndim, dt, 3);
+    th_stage_set(&job, -1, "max_iter", max_iter);
+    th_stage_set(&job, -1, "tol", 1e-30);
+    run_keep_and_replay(&job, in, out, sizes, nsizes);
+    int it = ref_karcher_dt(dt, in, 3, (size_t)job.numel, max_iter, 1e-30, want);
+    cr_assert_eq(it, max_iter, "the reference should run every iteration");
+    for (uint64_t j = 0; j < job.numel; j++)
+        cr_assert(ks_same(out[j], want[j]), "dt %d max_iter %d elt %llu: %a vs %a", dt, max_iter,
+                  (unsigned long long)j, out[j], want[j]);
+}
+
 /* bf16 and f16 equal the per-step reference bit for bit, whatever the chunking;
  * near and far directions, 2-7 inputs, one of them zero in some cases, tol small
  * (the loop runs to max_iter or a fixed point) and large (stops early). */
@@ -395,7 +414,7 @@ Test(karcher, step_cycles)
 {
     enum { N = 64 };
     static const int64_t shape[1] = { N };
-    static float a[N], b[N], c3[N], out[N], want[N];
+    static float a[N], b[N], c3[N];
     for (int d = 0; d < 2; d++)
         for (int max_iter = 3000; max_iter < 3010; max_iter++) {
             uint64_t s = 77;
@@ -405,17 +424,8 @@ Test(karcher, step_cycles)
                 c3[j] = th_stage_round(dts[d], -a[j] + th_stage_value(MS_DT_F32, &s, 0.9f));
             }
             const float *in[3] = { a, b, c3 };
-            struct ms_stage_job job;
-            th_stage_job(&job, "karcher", shape, 1, dts[d], 3);
-            th_stage_set(&job, -1, "max_iter", max_iter);
-            th_stage_set(&job, -1, "tol", 1e-30);
             static const uint64_t sizes[] = { 0, 5 };
-            run_keep_and_replay(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
-            int it = ref_karcher_dt(dts[d], in, 3, N, max_iter, 1e-30, want);
-            cr_assert_eq(it, max_iter, "the reference should run every iteration");
-            for (int j = 0; j < N; j++)
-                cr_assert(ks_same(out[j], want[j]), "dt %d max_iter %d elt %d: %a vs %a", dts[d],
-                          max_iter, j, out[j], want[j]);
+            check_every_iteration(dts[d], shape, 1, in, max_iter, sizes, MS_ARRAY_LEN(sizes));
         }
 }
 
@@ -429,7 +439,7 @@ Test(karcher, step_scalars_repeat)
 {
     enum { N = 4096 };
     static const int64_t shape[2] = { 64, 64 };
-    static float a[N], b[N], c3[N], out[N], want[N];
+    static float a[N], b[N], c3[N];
     for (int d = 0; d < 2; d++) {
         uint64_t s = 4242 + (uint64_t)d;
         for (int j = 0; j < N; j++) {
@@ -438,18 +448,8 @@ Test(karcher, step_scalars_repeat)
             c3[j] = th_stage_round(dts[d], a[j] + th_stage_value(MS_DT_F32, &s, 0.01f));
         }
         const float *in[3] = { a, b, c3 };
-        for (int max_iter = 1; max_iter <= 8; max_iter++) {
-            struct ms_stage_job job;
-            th_stage_job(&job, "karcher", shape, 2, dts[d], 3);
-            th_stage_set(&job, -1, "max_iter", max_iter);
-            th_stage_set(&job, -1, "tol", 1e-30);
-            static const uint64_t sizes[] = { 0, 64, 1000 };
-            run_keep_and_replay(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
-            int it = ref_karcher_dt(dts[d], in, 3, N, max_iter, 1e-30, want);
-            cr_assert_eq(it, max_iter, "the reference should run every iteration");
-            for (int j = 0; j < N; j++)
-                cr_assert(ks_same(out[j], want[j]), "dt %d max_iter %d elt %d: %a vs %a", dts[d],
-                          max_iter, j, out[j], want[j]);
-        }
+        static const uint64_t sizes[] = { 0, 64, 1000 };
+        for (int max_iter = 1; max_iter <= 8; max_iter++)
+            check_every_iteration(dts[d], shape, 2, in, max_iter, sizes, MS_ARRAY_LEN(sizes));
     }
 }
