@@ -22,14 +22,7 @@
  *     squared deviations) and rounded once to D; torch's Welford kernel may
  *     differ by an ulp (mergekit-spec.md 7.20);
  *   - topk ties (equal |var|) go to the lower flat index (DESIGN.md 2);
- *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once;
- *   - NaN as torch's IEEE arithmetic on x86: sign(NaN) is 0 (never the
- *     majority), ew_i = W_i * mask_i is NaN where W_i is, mask 0 or not (so a
- *     NaN weight makes every output NaN), a * b and a + b keep a's NaN when
- *     both are NaN, sums over models the first NaN in model order, and a NaN
- *     mu_i is model i's first NaN of rnd(t_i^2) in element order (sign and
- *     payload), what a sum in element order keeps (torch's own reduction
- *     order, and its bf16 rounding of NaN, are not reproducible).
+ *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once.
  *
  * Passes (everything is recomputed from the inputs in every pass):
  *   COUNT    select_topk < 1: count_nonzero(var), and the first histogram
@@ -69,25 +62,15 @@ struct sce_state {
     size_t hist_len;
     size_t psize;
     struct ms_xacc mu[MS_MAX_INPUTS];
-    uint64_t hist[];         /* hist_len; MU and apply: struct sce_nan (sce_nan) */
+    uint64_t hist[];         /* hist_len */
 };
 
 /* Partials (one pass at a time). */
 struct sce_part {
     uint64_t count;          /* COUNT: nonzero variances; SELECT ties pass: ties */
     struct ms_xacc mu[MS_MAX_INPUTS]; /* MU */
-    uint32_t hist[];         /* SELECT hist pass; MU: struct sce_nan (sce_nan) */         /* SELECT hist pass */
+    uint32_t hist[];         /* SELECT hist pass */
 };
-
-/* The first NaN of rnd(t_j^2) in element order, per model: in a partial,
- * the chunk's; in the state, the tensor's (MU fold, in chunk order). It
- * lives in the room of the histogram, which no pass from MU on uses. */
-struct sce_nan {
-    uint32_t seen;           /* bit j: v[j] holds model j's first NaN square */
-    float v[MS_MAX_INPUTS];
-};
-_Static_assert(sizeof(struct sce_nan) <= 32768 * sizeof(uint32_t), "sce_nan fits in hist");
-#define sce_nan(h) ((struct sce_nan *)(void *)(h))
 
 static size_t sce_state_size(const struct ms_stage_job *job)
 {
@@ -179,10 +162,6 @@ SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const s
             t[j][i] *= keep[i];
 }
 
-/* a * b, a + b with a's NaN when both are NaN (as x86 and torch's first
- * operand); the vectoriser may swap a commutative operation's operands. */
-SCE_INLINE float sce_mul1(float a, float b) { return a != a ? a : a * b; }
-
 /* MU terms of one model's block: sq = rnd(t^2) (a masked t gives 0, which
  * adds nothing to the exact sum; NaN stays NaN). */
 SCE_INLINE void sce_squares(enum ms_dtype dt, const float *restrict t, float *restrict sq,
@@ -199,20 +178,8 @@ SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *rest
     for (size_t i = 0; i < n; i++) {
         float d = ms_rnd(dt, div[i]);
         d = d < lo ? lo : d;
-        out[i] = ms_rnd(dt, ms__acc_add(b[i], ms_rnd(dt, ms_rnd(dt, num[i]) / d)));
+        out[i] = ms_rnd(dt, b[i] + ms_rnd(dt, ms_rnd(dt, num[i]) / d));
     }
-}
-
-/* Rare path of the MU pass, once the chunk's sum of model j is not finite:
- * keeps the first NaN of sq (with its sign and payload) if there is one. */
-static void sce_first_nan(struct sce_nan *nan, uint32_t j, const float *sq, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (sq[i] != sq[i]) {
-            nan->v[j] = sq[i];
-            nan->seen |= 1u << j;
-            return;
-        }
 }
 
 /* The reduce pass of the current phase over chunk c, into p (zeroed but for
@@ -247,8 +214,6 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
             for (uint32_t j = 0; j < st->nm; j++) {
                 sce_squares(dt, t[j], sq, n);
                 ms_xacc_sumabs(&p->mu[j], sq, n);
-                if (p->mu[j].nonfinite && !(sce_nan(p->hist)->seen & (1u << j)))
-                    sce_first_nan(sce_nan(p->hist), j, sq, n);
             }
             break;
         default:
@@ -283,10 +248,8 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
             const float w = st->w[j];
             for (size_t i = 0; i < n; i++) {
                 float v = t[j][i];
-                /* ew = W * (sign(v) == maj), maj +-1: a NaN W gives NaN even where
-                 * the mask is 0, as torch's tv_weights * erase_mask does. */
-                float ew = (v * maj[i] > 0.0f ? 1.0f : 0.0f) * w;
-                num[i] = ms__acc_add(num[i], ms_rnd(dt, sce_mul1(v, ew)));
+                float ew = v * maj[i] > 0.0f ? w : 0.0f; /* sign(v) == maj; maj is +-1 */
+                num[i] = ms__acc_add(num[i], ms_rnd(dt, v * ew));
                 div[i] = ms__acc_add(div[i], ew);
             }
         }
@@ -349,7 +312,6 @@ sce_apply_range_avx512(const struct sce_state *st, const struct ms_chunk *c)
 
 static int sce_after_select(struct sce_state *st)
 {
-    sce_nan(st->hist)->seen = 0; /* COUNT may have left a histogram there */
     st->phase = SCE_MU;
     return MS_STAGE_REDUCE;
 }
@@ -382,7 +344,6 @@ static int sce_begin(void *state, const struct ms_stage_job *job)
         st->phase = SCE_APPLY;
         return MS_STAGE_APPLY;
     }
-    sce_nan(st->hist)->seen = 0;
     st->phase = st->topk ? SCE_COUNT : SCE_MU;
     /* The histogram of |var| does not depend on k: COUNT gathers it too
      * (through a provisional selection, in its counting phase when n >= 2),
@@ -400,8 +361,6 @@ static void sce_reduce(const void *state, const struct ms_stage_job *job, const 
     struct sce_part *p = partial;
     assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     p->count = 0;
-    if (st->phase == SCE_MU)
-        sce_nan(p->hist)->seen = 0;
     for (uint32_t j = 0; j < MS_MAX_INPUTS; j++)
         ms_xacc_init(&p->mu[j]);
     bool hist = (st->phase == SCE_SELECT && ms__sel_phase(&st->sel) == MS__SEL_HIST) ||
@@ -434,17 +393,10 @@ static void sce_fold(void *state, const struct ms_stage_job *job, const struct m
         else
             ms__sel_fold_ties(&st->sel, c->first, p->count);
         break;
-    case SCE_MU: {
-        struct sce_nan *sn = sce_nan(st->hist);
-        const struct sce_nan *pn = sce_nan(p->hist);
-        for (uint32_t j = 0; j < st->nm; j++) {
+    case SCE_MU:
+        for (uint32_t j = 0; j < st->nm; j++)
             ms_xacc_merge(&st->mu[j], &p->mu[j]);
-            if ((pn->seen & ~sn->seen) & (1u << j)) /* chunk order: the first */
-                sn->v[j] = pn->v[j];
-        }
-        sn->seen |= pn->seen;
         break;
-    }
     default:
         break;
     }
@@ -484,9 +436,7 @@ static int sce_end_pass(void *state, const struct ms_stage_job *job)
          * weights / weight_sum divides by it as a float32 scalar. */
         float mu[MS_MAX_INPUTS], sum = 0.0f;
         for (uint32_t j = 0; j < st->nm; j++) {
-            mu[j] = sce_nan(st->hist)->seen & (1u << j)
-                        ? sce_nan(st->hist)->v[j]
-                        : ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
+            mu[j] = ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
             sum += mu[j];
         }
         sum = ms_rnd(st->dt, sum);
