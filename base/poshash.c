@@ -196,7 +196,10 @@ words_avx512(const unsigned char *p, size_t n)
         __m512i l = _mm512_add_epi64(aL, _mm512_add_epi64(_mm512_srli_epi64(x, 29),
                                      _mm512_slli_epi64(_mm512_and_si512(x, m29), 32)));
         l = _mm512_add_epi64(_mm512_and_si512(l, mp), _mm512_srli_epi64(l, 61)); /* < 2^61 + 2 */
-        uint64_t b = (uint64_t)_mm512_reduce_add_epi64(l); /* < 2^64 */
+        /* < 2^64; unsigned lanes (_mm512_reduce_add_epi64 adds them as signed) */
+        __m256i s4 = _mm256_add_epi64(_mm512_castsi512_si256(l), _mm512_extracti64x4_epi64(l, 1));
+        __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+        uint64_t b = (uint64_t)_mm_cvtsi128_si64(s2) + (uint64_t)_mm_extract_epi64(s2, 1);
         h = mul_lazy(h, A_VB) + reduce(b); /* < 2^61 + 4 + 2^61 */
     }
     return words_tail(h, p, n, g);
