@@ -25,8 +25,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ms_isa.h"
+
 /* The part of bytes data[0..len) lying at file offset off; in [0, 2^61 - 1). */
 uint64_t ms_poshash_range(uint64_t off, const void *data, size_t len);
+
+/* The same, computed by the given version of the kernel (ms_isa.h; it must be
+ * available here): every version gives the same value. ms_poshash_range uses
+ * the ms_isa_active() one. */
+uint64_t ms_poshash_range_isa(enum ms_isa isa, uint64_t off, const void *data, size_t len);
 
 /* Adds two parts (mod 2^61 - 1). */
 uint64_t ms_poshash_add(uint64_t a, uint64_t b);

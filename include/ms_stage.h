@@ -94,6 +94,14 @@ struct ms_chunk {
     void *keep;                   /* ops->keeps: count * MS_KEEP_BYTES bytes, or NULL (above) */
 };
 
+/* What apply_stored sees of one chunk: its elements as the files store them. */
+struct ms_chunk_stored {
+    uint64_t first, count;        /* element range of the output tensor */
+    const void *in[MS_MAX_INPUTS]; /* ninputs pointers, count elements of the compute dtype
+                                     each, little-endian, aligned to the element size */
+    void *out;                    /* count elements of the compute dtype; overlaps no input */
+};
+
 enum { MS_STAGE_APPLY = 0, MS_STAGE_REDUCE = 1 };
 
 /* Stage flags */
@@ -121,6 +129,19 @@ struct ms_stage_ops {
     int (*end_pass)(void *state, const struct ms_stage_job *job);
     /* Required. */
     void (*apply)(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c);
+    /*
+     * Optional: apply on stored bytes. For a job that runs no reduce pass, whose
+     * inputs are stored in the compute dtype and loaded unchanged (no conversion,
+     * LoRA fold or row gather) and whose output is stored in the compute dtype
+     * with nothing rounded in between, the engine may call this, after begin,
+     * instead of decoding, apply and encoding a chunk. Returns false, having
+     * written nothing, when it does not handle the job's compute dtype (the
+     * engine then takes the float path); otherwise out holds the bytes that
+     * apply's floats encode to (ms_dtype_encode), for any split into chunks.
+     * Worker thread, state read-only.
+     */
+    bool (*apply_stored)(const void *state, const struct ms_stage_job *job,
+                         const struct ms_chunk_stored *c);
 };
 
 /* ------------------------------------------------------------------------ */

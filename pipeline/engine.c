@@ -810,6 +810,62 @@ static uint64_t apply_subblock(const struct eng *e, const struct slot *s)
     return sb && sb < s->ck.count ? sb : 0;
 }
 
+/*
+ * True when s's chunk may take its stage's stored-bytes path (ms_stage_ops.
+ * apply_stored): the apply of a job that ran no reduce pass, every input stored
+ * in the compute dtype and loaded as it is (chunk_decode would only decode it),
+ * the output stored in the compute dtype with no rounding to a result dtype
+ * before it (work_cb would only encode apply's floats).
+ */
+static bool stored_path(const struct slot *s)
+{
+    const struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    enum ms_dtype d = j->s.compute;
+    if (!jr->ops->apply_stored || jr->phase != MS_STAGE_APPLY || jr->pass || s->decoded ||
+        j->tok || j->out_dtype != d)
+        return false;
+    if (j->result != d && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
+        return false;
+    for (uint32_t i = 0; i < j->s.ninputs; i++) {
+        const struct ms_plan_input *in = &j->in[i];
+        if (in->dtype != d || in->lora || in->rowmap ||
+            (ms_dtype_is_compute(in->load) && in->load != d))
+            return false;
+    }
+    return true;
+}
+
+/* Applies s's chunk through apply_stored, sub-block by sub-block (the checksum of
+ * each while it is in cache), into the chunk's output packed as work_cb packs it;
+ * false, with nothing written, when the stage declined. Compute thread. */
+static bool work_stored(struct slot *s)
+{
+    struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    uint64_t n = s->ck.count, sb = s->e->subblock ? s->e->subblock : n;
+    uint32_t eb = elem_bytes(j->s.compute);
+    struct ms_chunk_stored sc = { 0 };
+    uint64_t hpart = 0;
+    for (uint64_t off = 0, m; off < n; off += m) {
+        m = MS_MIN(sb, n - off);
+        sc.first = s->ck.first + off;
+        sc.count = m;
+        for (uint32_t i = 0; i < j->s.ninputs; i++)
+            sc.in[i] = s->raw[i] + off * eb;
+        sc.out = (unsigned char *)s->ck.out + off * eb;
+        if (!jr->ops->apply_stored(jr->state, &j->s, &sc)) {
+            assert(off == 0);
+            return false;
+        }
+        if (s->e->hash_writes)
+            hpart = ms_poshash_add(hpart, ms_poshash_range(j->out_offset + sc.first * eb, sc.out,
+                                                           m * eb));
+    }
+    s->hpart = hpart;
+    return true;
+}
+
 static void work_cb(uv_work_t *w)
 {
     struct slot *s = w->data;
@@ -817,6 +873,8 @@ static void work_cb(uv_work_t *w)
     const struct ms_job *j = jr->job;
     uint64_t n = s->ck.count;
     s->ck.pass = jr->pass;
+    if (stored_path(s) && work_stored(s))
+        return;
     uint32_t ob = elem_bytes(j->out_dtype);
     uint64_t sb = jr->phase == MS_STAGE_APPLY ? apply_subblock(s->e, s) : 0;
     bool applied = false;

@@ -45,12 +45,13 @@ static int linear_begin(void *state, const struct ms_stage_job *job)
 
 /* Kernels; d is a constant in each caller so that ms_rnd inlines to one path. */
 
-/* acc[j] += rnd(w * x[j]) */
+/* acc[j] += rnd(w * x[j]); where both are NaN acc's is kept (ms__acc_add: the
+ * first NaN in model order, whatever operand order a vector add gets) */
 MS__AI void linear_axpy(enum ms_dtype d, float *restrict acc, const float *restrict x, float w,
                         size_t n)
 {
     for (size_t j = 0; j < n; j++)
-        acc[j] += ms_rnd(d, w * x[j]);
+        acc[j] = ms__acc_add(acc[j], ms_rnd(d, w * x[j]));
 }
 
 /* y[j] = rnd(y[j]), then y[j] = rnd(y[j] / div) when normalizing */
@@ -113,10 +114,95 @@ static void linear_apply(const void *state, const struct ms_stage_job *job, cons
     linear_run_isa(state, job, c);
 }
 
+/*
+ * The stored-bytes path (ms_stage_ops.apply_stored), bfloat16 compute only:
+ * linear_block's operations in the same order on the same values, read from
+ * the stored elements (a bf16 element is its float's top 16 bits) and written
+ * encoded (ms_f32_to_bf16_1 of the value before its last rounding is the
+ * encoding of the rounded value), so decode, apply and encode become one pass
+ * over L1-sized blocks.
+ */
+
+/* ms_f32_to_bf16_1, with the NaN case as a select so that the loops vectorise */
+MS__AI uint32_t linear_bf16_bits(float f)
+{
+    uint32_t u = ms_f32_bits(f);
+    uint32_t q = (u >> 16) | 0x40u;
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+}
+
+/* ms_round_bf16_1 through linear_bf16_bits */
+MS__AI float linear_round_bf16(float f) { return ms_f32_from_bits(linear_bf16_bits(f) << 16); }
+
+/* f[j] = the float of stored bf16 x[j] */
+MS__AI void linear_decode_bf16(float *restrict f, const uint16_t *restrict x, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        f[j] = ms_f32_from_bits((uint32_t)x[j] << 16);
+}
+
+/* acc[j] += rnd(w * f[j]): linear_axpy in bf16 */
+MS__AI void linear_axpy_bf16(float *restrict acc, const float *restrict f, float w, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        acc[j] = ms__acc_add(acc[j], linear_round_bf16(w * f[j]));
+}
+
+/* out[j] = the bf16 encoding of linear_finish's y[j] */
+MS__AI void linear_finish_bf16(uint16_t *restrict out, const float *restrict y, bool normalize,
+                               float div, size_t n)
+{
+    if (normalize)
+        for (size_t j = 0; j < n; j++)
+            out[j] = (uint16_t)linear_bf16_bits(linear_round_bf16(y[j]) / div);
+    else
+        for (size_t j = 0; j < n; j++)
+            out[j] = (uint16_t)linear_bf16_bits(y[j]);
+}
+
+MS__AI void linear_stored_block(const struct linear_state *s, const struct ms_stage_job *job,
+                                const struct ms_chunk_stored *c, size_t b, size_t m)
+{
+    float y[LINEAR_BLOCK], f[LINEAR_BLOCK];
+    for (size_t j = 0; j < m; j++)
+        y[j] = 0.0f;
+    for (uint32_t i = 0; i < job->ninputs; i++) {
+        linear_decode_bf16(f, (const uint16_t *)c->in[i] + b, m);
+        linear_axpy_bf16(y, f, s->w[i], m);
+    }
+    linear_finish_bf16((uint16_t *)c->out + b, y, s->normalize, s->wsum, m);
+}
+
+static void linear_stored_run(const struct linear_state *s, const struct ms_stage_job *job,
+                              const struct ms_chunk_stored *c)
+{
+    size_t n = (size_t)c->count;
+    for (size_t b = 0; b < n; b += LINEAR_BLOCK) {
+        size_t m = MS_MIN((size_t)LINEAR_BLOCK, n - b);
+        MS__BLOCK_CALL(linear_stored_block, m, LINEAR_BLOCK, s, job, c, b);
+    }
+}
+
+MS__ISA_VERSIONS(linear_stored_isa, linear_stored_run,
+                 (const struct linear_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk_stored *c),
+                 (s, job, c))
+
+static bool linear_apply_stored(const void *state, const struct ms_stage_job *job,
+                                const struct ms_chunk_stored *c)
+{
+    if (job->compute != MS_DT_BF16)
+        return false;
+    linear_stored_isa(state, job, c);
+    return true;
+}
+
 static const struct ms_stage_ops linear_ops = {
     .state_size = linear_state_size,
     .begin = linear_begin,
     .apply = linear_apply,
+    .apply_stored = linear_apply_stored,
 };
 
 /* Weights that sum to zero under normalize: true divide by zero: every element is

@@ -107,12 +107,25 @@ TestSuite(engine, .init = setup, .fini = teardown, .timeout = 120);
  * W_i = bf16(float(w_i)); S = bf16(sum_i bf16(W_i * x_i)) with float accumulation;
  * out = bf16(S / bf16(sum_i W_i)).
  */
+/* recipe: the recipe's text, models base, ft1 and ft2 (or the one it names
+ * `ft2` here) with linear_recipe's weights, dtype: bfloat16 (inputs stored in
+ * other dtypes are rounded to it as mergekit loads them); out: the output
+ * dtype it asks for. */
+static void check_linear_formula_of(const char *recipe, const char *ft2, enum ms_dtype outdt,
+                                    const char *env, const char *opts);
+
 /* env: variables for the merge ("" for none); opts: more merge options. */
 static void check_linear_formula(const char *env, const char *opts)
 {
-    write_recipe("linear.yml", linear_recipe);
+    check_linear_formula_of(linear_recipe, "ft2", MS_DT_BF16, env, opts);
+}
+
+static void check_linear_formula_of(const char *recipe, const char *ft2, enum ms_dtype outdt,
+                                    const char *env, const char *opts)
+{
+    write_recipe("linear.yml", recipe);
     run_ok("cd %s && rm -rf out && %s mergestream merge linear.yml out -q %s", g_dir, env, opts);
-    struct ms_model *in[3] = { open_model("base"), open_model("ft1"), open_model("ft2") };
+    struct ms_model *in[3] = { open_model("base"), open_model("ft1"), open_model(ft2) };
     struct ms_model *out = open_model("out");
     const double w[3] = { 1.0, 0.3, 0.5 };
     float W[3], wsum = 0;
@@ -129,7 +142,7 @@ static void check_linear_formula(const char *env, const char *opts)
         uint64_t n, n2;
         enum ms_dtype dt, dt2;
         float *o = read_tensor(out, t->name, &n, &dt);
-        cr_assert_eq(dt, MS_DT_BF16, "%s: output dtype", t->name);
+        cr_assert_eq(dt, outdt, "%s: output dtype", t->name);
         float *x[3];
         for (int i = 0; i < 3; i++) {
             x[i] = read_tensor(in[i], t->name, &n2, &dt2);
@@ -138,7 +151,7 @@ static void check_linear_formula(const char *env, const char *opts)
         for (uint64_t e = 0; e < n; e++) {
             float s = 0;
             for (int i = 0; i < 3; i++)
-                s += ms_round_bf16_1(W[i] * x[i][e]);
+                s += ms_round_bf16_1(W[i] * ms_round_bf16_1(x[i][e]));
             float want = ms_round_bf16_1(ms_round_bf16_1(s) / den);
             cr_assert(ms_f32_bits(o[e]) == ms_f32_bits(want),
                       "%s[%llu]: got %a want %a", t->name, (unsigned long long)e, o[e], want);
@@ -167,6 +180,44 @@ Test(engine, linear_formula_holds_in_subblocks)
 {
     check_linear_formula("MERGESTREAM_SUBBLOCK=48", "--threads 3 --chunk-elems 1000");
     check_linear_formula("MERGESTREAM_SUBBLOCK=16", "");
+}
+
+/*
+ * The engine computes bf16 inputs straight from their stored bytes when
+ * nothing else is rounded on the way (ms_stage_ops.apply_stored: linear in
+ * bf16). Not when an input is stored as float16 (it is rounded to bf16 as it
+ * is loaded), nor when the output is float32: there the formula holds through
+ * the float path, and the bf16-only inputs and outputs still take the stored
+ * path in sub-blocks and in whole chunks.
+ */
+Test(engine, linear_formula_holds_on_and_off_the_stored_path)
+{
+    run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 13 --dtype f16 ft2h", g_dir);
+    static const char mixed[] =
+        "merge_method: linear\n"
+        "dtype: bfloat16\n"
+        "models:\n"
+        "  - model: base\n"
+        "    parameters: {weight: 1.0}\n"
+        "  - model: ft1\n"
+        "    parameters: {weight: 0.3}\n"
+        "  - model: ft2h\n"
+        "    parameters: {weight: 0.5}\n";
+    static const char out32[] =
+        "merge_method: linear\n"
+        "dtype: bfloat16\n"
+        "out_dtype: float32\n"
+        "models:\n"
+        "  - model: base\n"
+        "    parameters: {weight: 1.0}\n"
+        "  - model: ft1\n"
+        "    parameters: {weight: 0.3}\n"
+        "  - model: ft2\n"
+        "    parameters: {weight: 0.5}\n";
+    check_linear_formula_of(mixed, "ft2h", MS_DT_BF16, "", "");
+    check_linear_formula_of(out32, "ft2", MS_DT_F32, "", "");
+    check_linear_formula_of(out32, "ft2", MS_DT_F32, "MERGESTREAM_SUBBLOCK=48", "--chunk-elems 1000");
+    check_linear_formula("MERGESTREAM_SUBBLOCK=0", "--threads 3 --chunk-elems 777");
 }
 
 /* Every output file of a and b (in g_dir) byte-identical. */

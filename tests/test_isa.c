@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ms_common.h"
 #include "ms_dtype.h"
 #include "ms_isa.h"
 #include "ms_stage.h"
@@ -409,6 +410,85 @@ Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
     th_rmtree(dir);
     free(dir);
     cr_log_info("%d versions compared with scalar", versions);
+}
+
+/*
+ * linear's stored-bytes path (ms_stage_ops.apply_stored, bf16): for each linear
+ * case above (NaN, infinities, subnormals among the values), in chunks of the
+ * whole tensor, 2100 and 1 elements, each version's bytes equal the bf16
+ * encoding of that version's float path (which the test above ties to scalar).
+ * Run in a child process per version, as above.
+ */
+static int stored_cases_run(void)
+{
+    static float in[6][ISA_NUMEL], out[ISA_NUMEL];
+    static uint16_t raw[6][ISA_NUMEL], got[ISA_NUMEL], want[ISA_NUMEL];
+    for (size_t k = 0; k < ISA_NCASES; k++) {
+        const struct isa_case *ic = &isa_cases[k];
+        if (strcmp(ic->method, "linear"))
+            continue;
+        struct ms_stage_job job;
+        th_stage_job(&job, ic->method, isa_shape, 2, MS_DT_BF16, ic->ninputs);
+        const float *ins[6];
+        const uint16_t *rins[6];
+        for (uint32_t i = 0; i < ic->ninputs; i++) {
+            isa_case_inputs(k, i, MS_DT_BF16, in[i]);
+            for (size_t j = 0; j < ISA_NUMEL; j++)
+                raw[i][j] = (uint16_t)(ms_f32_bits(in[i][j]) >> 16);
+            ins[i] = in[i];
+            rins[i] = raw[i];
+        }
+        int pw = ms_method_param(job.method, ic->p1), pn = ms_method_param(job.method, ic->p2);
+        for (uint32_t i = 0; i < ic->ninputs; i++)
+            job.pv[i][pw] = ic->v1 + 0.25 * i;
+        job.gv[pn] = ic->v2;
+        if (ms_stage_run_mem(&job, ins, out, 0) != 0)
+            return 2;
+        ms_f32_to_bf16_ref(out, want, ISA_NUMEL);
+        const struct ms_stage_ops *ops = job.method->ops;
+        _Alignas(64) unsigned char state[4096] = { 0 };
+        if (!ops->apply_stored || ops->state_size(&job) > sizeof state ||
+            ops->begin(state, &job) != MS_STAGE_APPLY)
+            return 3;
+        for (size_t cs = 0; cs < sizeof isa_chunks / sizeof isa_chunks[0]; cs++) {
+            uint64_t ch = isa_chunks[cs] ? isa_chunks[cs] : ISA_NUMEL;
+            memset(got, 0x5a, sizeof got);
+            for (uint64_t first = 0; first < ISA_NUMEL; first += ch) {
+                struct ms_chunk_stored c = { .first = first };
+                c.count = MS_MIN(ch, ISA_NUMEL - first);
+                for (uint32_t i = 0; i < ic->ninputs; i++)
+                    c.in[i] = rins[i] + first;
+                c.out = got + first;
+                if (!ops->apply_stored(state, &job, &c))
+                    return 4;
+            }
+            if (memcmp(got, want, sizeof got))
+                return 10 + (int)k;
+        }
+    }
+    return 0;
+}
+
+Test(isa, linear_stored_path_gives_the_float_paths_bytes_in_every_version)
+{
+    int versions = 0;
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!ms_isa_available((enum ms_isa)isa))
+            continue;
+        fflush(NULL);
+        pid_t pid = fork();
+        cr_assert(pid >= 0);
+        if (pid == 0) {
+            setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
+            _exit(ms_isa_active() == (enum ms_isa)isa ? stored_cases_run() : 9);
+        }
+        int st = 0;
+        cr_assert_eq(waitpid(pid, &st, 0), pid);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s: child status %d (10 + k: case k "
+                  "differs)", ms_isa_name((enum ms_isa)isa), WEXITSTATUS(st));
+        versions++;
+    }
+    cr_assert_gt(versions, 0);
 }
 
 /* The exact-sum kernels: every version's limbs against ms_xacc_add of each term

@@ -96,3 +96,41 @@ Test(poshash, a_changed_byte_or_swapped_words_change_the_digest)
     /* the same bytes as a longer file (zero tail) differ through the size */
     cr_assert_neq(ms_poshash_digest(ms_poshash_range(0, g_data, n), n + 4), d0);
 }
+
+/*
+ * Every version of the kernel (ms_isa.h) against the definition: lengths around
+ * the vector blocks (64 words) and the scalar ones (16), several blocks with a
+ * tail, odd file offsets (the head word and the power of A), and all-0xff bytes
+ * (every lane sum at its largest).
+ */
+Test(poshash, every_version_matches_the_definition)
+{
+    fill();
+    static unsigned char ff[4099];
+    memset(ff, 0xff, sizeof ff);
+    static const size_t lens[] = { 0,   4,   60,  252, 256, 260,  300,  508,
+                                   512, 516, 1024, 1028, 2048, 3000, 4096, 4099 };
+    static const uint64_t offs[] = { 0, 3, 4, 1000004, (uint64_t)1 << 40 };
+    int versions = 0;
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!ms_isa_available((enum ms_isa)isa))
+            continue;
+        versions++;
+        for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++)
+            for (int d = 0; d < 2; d++) {
+                const unsigned char *p = d ? ff : g_data;
+                /* at offset 0 the part is the definition's sum */
+                cr_assert_eq(ms_poshash_range_isa((enum ms_isa)isa, 0, p, lens[k]),
+                             def_acc(p, lens[k]), "%s length %zu data %d",
+                             ms_isa_name((enum ms_isa)isa), lens[k], d);
+                /* elsewhere: the scalar version's value */
+                for (size_t o = 1; o < sizeof offs / sizeof offs[0]; o++)
+                    cr_assert_eq(ms_poshash_range_isa((enum ms_isa)isa, offs[o], p, lens[k]),
+                                 ms_poshash_range_isa(MS_ISA_SCALAR, offs[o], p, lens[k]),
+                                 "%s length %zu offset %llu data %d",
+                                 ms_isa_name((enum ms_isa)isa), lens[k],
+                                 (unsigned long long)offs[o], d);
+            }
+    }
+    cr_assert_gt(versions, 0);
+}

@@ -229,3 +229,142 @@ Test(linear, independent_rounding_agrees_with_kernels)
         cr_assert_eq(fbits(th_stage_round(MS_DT_F16, f)), fbits(ms_rnd(MS_DT_F16, f)), "%a", f);
     }
 }
+
+/* ---- the stored-bytes path (ms_stage_ops.apply_stored): bf16 in, bf16 out */
+
+/* begin, then apply_stored over chunks of `chunk` elements (the last shorter),
+ * last chunk first; returns what apply_stored returned for the first call. */
+static bool run_stored(const struct ms_stage_job *job, const uint16_t *const *in, uint16_t *out,
+                       uint64_t chunk)
+{
+    const struct ms_stage_ops *ops = job->method->ops;
+    cr_assert(ops->apply_stored);
+    size_t sz = ops->state_size ? ops->state_size(job) : 0;
+    void *st = calloc(1, sz ? sz : 1);
+    cr_assert(st);
+    cr_assert_eq(ops->begin(st, job), MS_STAGE_APPLY);
+    bool took = true;
+    uint64_t nch = (job->numel + chunk - 1) / chunk;
+    for (uint64_t k = nch; k-- > 0;) {
+        struct ms_chunk_stored c = { .first = k * chunk };
+        c.count = MS_MIN(chunk, job->numel - c.first);
+        for (uint32_t i = 0; i < job->ninputs; i++)
+            c.in[i] = in[i] + c.first;
+        c.out = out + c.first;
+        took = ops->apply_stored(st, job, &c);
+        if (!took)
+            break;
+    }
+    free(st);
+    return took;
+}
+
+static bool bf16_is_nan(uint16_t h) { return (h & 0x7fffu) > 0x7f80u; }
+
+/* The stored path against the spec formula (ref_linear) in bf16, on values of
+ * every size (overflow to Inf, subnormals, signed zeros, Inf - Inf = NaN), in
+ * chunks that end inside and on the kernel's blocks; NaN results compare as NaN. */
+Test(linear, stored_bf16_gives_the_encoded_reference)
+{
+    static const int64_t shape[1] = { 3001 };
+    enum { NUMEL = 3001 };
+    static const uint32_t ns[] = { 1, 2, 3, 5 };
+    static const uint64_t sizes[] = { NUMEL, 1, 7, 512, 513, 1000 };
+    static const uint16_t special[] = { 0x0000, 0x8000, 0x7f80, 0xff80, 0x0001, 0x807f,
+                                        0x7f7f, 0xff7f, 0x3f80, 0x0080 };
+    static float x[5][NUMEL], ref[NUMEL];
+    static uint16_t raw[5][NUMEL], out[NUMEL];
+    uint64_t s = 4242;
+    for (size_t t = 0; t < MS_ARRAY_LEN(ns); t++) {
+        uint32_t n = ns[t];
+        const float *in[5];
+        const uint16_t *rin[5];
+        double w[5];
+        for (uint32_t i = 0; i < n; i++) {
+            for (int j = 0; j < NUMEL; j++) {
+                float v = th_stage_value(MS_DT_BF16, &s, j % 3 ? 0.01f * (float)(i + 1) : 1e37f);
+                if ((j * 7 + i * 13) % 53 == 0)
+                    v = ms_bf16_to_f32_1(special[(j / 53 + i) % MS_ARRAY_LEN(special)]);
+                x[i][j] = v;
+                raw[i][j] = (uint16_t)(ms_f32_bits(v) >> 16); /* exact in bf16 */
+            }
+            in[i] = x[i];
+            rin[i] = raw[i];
+            w[i] = (double)th_stage_value(MS_DT_F32, &s, 1.0f) + 0.1 * (i + 1) + 0.3333333333;
+        }
+        for (int nz = 0; nz < 2; nz++) {
+            struct ms_stage_job job;
+            linear_job(&job, shape, 1, MS_DT_BF16, n, w, nz != 0);
+            ref_linear(MS_DT_BF16, n, w, nz != 0, in, NUMEL, ref);
+            for (size_t c = 0; c < MS_ARRAY_LEN(sizes); c++) {
+                memset(out, 0x5a, sizeof out);
+                cr_assert(run_stored(&job, rin, out, sizes[c]));
+                for (int j = 0; j < NUMEL; j++) {
+                    uint16_t want = (uint16_t)(ms_f32_bits(ref[j]) >> 16);
+                    if (isnan(ref[j]))
+                        cr_assert(bf16_is_nan(out[j]), "n %u norm %d chunk %llu element %d: %#x",
+                                  n, nz, (unsigned long long)sizes[c], j, out[j]);
+                    else
+                        cr_assert_eq(out[j], want, "n %u norm %d chunk %llu element %d: %#x "
+                                     "want %#x", n, nz, (unsigned long long)sizes[c], j, out[j],
+                                     want);
+                }
+            }
+        }
+    }
+}
+
+/* Where NaNs meet (several inputs NaN at one element, with payloads and signs),
+ * the stored path keeps the float path's NaN: the first in model order
+ * (ms__acc_add), encoded as ms_f32_to_bf16_ref does. */
+Test(linear, stored_bf16_keeps_the_float_paths_nan)
+{
+    static const int64_t shape[1] = { 1100 };
+    enum { NUMEL = 1100 };
+    static const uint16_t nans[] = { 0x7fc0, 0xffc1, 0x7f81, 0xff90, 0x7fff, 0xffa5 };
+    static float x[3][NUMEL], fout[NUMEL];
+    static uint16_t raw[3][NUMEL], out[NUMEL], want[NUMEL];
+    uint64_t s = 77;
+    const float *in[3];
+    const uint16_t *rin[3];
+    for (uint32_t i = 0; i < 3; i++) {
+        for (int j = 0; j < NUMEL; j++) {
+            uint16_t h = (uint16_t)(ms_f32_bits(th_stage_value(MS_DT_BF16, &s, 1.0f)) >> 16);
+            if ((j + i) % 3 == 0 || j % 5 == 0) /* two or three NaNs at most elements */
+                h = nans[(j + 2 * i) % MS_ARRAY_LEN(nans)];
+            raw[i][j] = h;
+            x[i][j] = ms_bf16_to_f32_1(h);
+        }
+        in[i] = x[i];
+        rin[i] = raw[i];
+    }
+    double w[3] = { 0.5, -0.3, 0.2 };
+    for (int nz = 0; nz < 2; nz++) {
+        struct ms_stage_job job;
+        linear_job(&job, shape, 1, MS_DT_BF16, 3, w, nz != 0);
+        run1(&job, in, fout);
+        ms_f32_to_bf16_ref(fout, want, NUMEL);
+        cr_assert(run_stored(&job, rin, out, 333));
+        for (int j = 0; j < NUMEL; j++)
+            cr_assert_eq(out[j], want[j], "norm %d element %d: %#x want %#x", nz, j, out[j],
+                         want[j]);
+    }
+}
+
+/* float16 and float32 compute: apply_stored declines and writes nothing. */
+Test(linear, stored_declines_other_compute_dtypes)
+{
+    static const int64_t shape[1] = { 40 };
+    static uint16_t raw[2][40], out[40];
+    const uint16_t *rin[2] = { raw[0], raw[1] };
+    double w[2] = { 0.5, 0.5 };
+    static const enum ms_dtype dts[] = { MS_DT_F16, MS_DT_F32 };
+    for (size_t d = 0; d < 2; d++) {
+        struct ms_stage_job job;
+        linear_job(&job, shape, 1, dts[d], 2, w, true);
+        memset(out, 0x5a, sizeof out);
+        cr_assert(!run_stored(&job, rin, out, 40));
+        for (int j = 0; j < 40; j++)
+            cr_assert_eq(out[j], 0x5a5a);
+    }
+}
