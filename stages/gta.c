@@ -68,6 +68,10 @@
  * 2^28 with 4; longer rows are refused by begin. bf16/f16 rows of 512 elements
  * or more are ranked by counting keys instead (della_row_counted: the same
  * ranks, in index order, per-thread tables), which leaves the index field unused.
+ * With rescale the rescale pass ranks every row and leaves the keep bits (at
+ * the same places, ib + bit) in the chunk's keep area (ms_stage.h,
+ * della_keeps), so apply ranks no row again; a job without a keep area ranks
+ * in both passes, with the same bytes.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64) per
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
@@ -172,6 +176,8 @@ struct gta_state {
     uint32_t nslots;      /* histogram slots */
     uint32_t nbits;       /* della: models with a keep bit */
     uint32_t ib;          /* della: bits of a row index in the apply scratch */
+    bool kept;            /* della: the rescale pass set the keep bits in the chunks'
+                             keep areas, when they have one (della_reduce) */
     bool rescale, normalize, use_lambda;
     float lambda;         /* float32(lambda) */
     float div;            /* without consensus: the scalar divisor */
@@ -540,26 +546,42 @@ static inline bool della_keep(const struct gta_state *st, const struct gta_model
  * counting, in index order, without sorting. rank(i) = 1 + #{j: key_j < key_i}
  * + #{j < i: key_j == key_i}: the position of i in the stable ascending sort
  * of row_rank, so the masks are the same. One pass counts keys (fine) and
- * their top 8 bits (coarse); the second pass turns a coarse bucket's 128 fine
- * counts into start positions the first time one of its keys is met, then
- * ranks by a post-increment. Cost O(L + 128 * buckets met + 256) per row.
- * The tables live per thread and are left zero after each row.
+ * their top 8 bits (coarse); then the 128 fine counts of each coarse bucket
+ * met become start positions, and the second pass ranks by a post-increment.
+ * Cost O(L + 128 * buckets met + 256) per row. The coarse counts go to
+ * DELLA_LANES tables by index (j % DELLA_LANES), summed after: a row's keys
+ * crowd into a few exponents, and one table would make every count wait for
+ * the store of the one before. The tables live per thread and are left zero
+ * after each row.
  */
 #define DELLA_KEYS 32768u
 #define DELLA_COARSE 256u
 #define DELLA_FINE (DELLA_KEYS / DELLA_COARSE)
+#define DELLA_LANES 4u
 
 struct della_count {
     uint32_t fine[DELLA_KEYS];
-    uint32_t coarse[DELLA_COARSE];
-    unsigned char open[DELLA_COARSE]; /* bucket's fine entries are start positions */
+    uint32_t coarse[DELLA_LANES][DELLA_COARSE];
+    uint8_t met[DELLA_COARSE];    /* the coarse buckets met in the row, ascending */
 };
 
 static _Thread_local struct della_count della_tls;
 
-/* della_p by rank for rows of up to DELLA_PTAB elements, cached per thread for
- * a few (dtype, row, rank_den, lo, eps) at once (apply alternates models row by
- * row). Each entry is della_p's own value: the table changes no bit. */
+/*
+ * The random rule u < p of della_keep on the 24 bits u24 = u & 0xffffff, as an
+ * integer compare: (float)u24 * 2^-24 is exact, and so is p * 2^24 in double,
+ * so u24 * 2^-24 < p iff u24 < p * 2^24 iff u24 < ceil(p * 2^24) (u24 is an
+ * integer). p is in [0, 1] (della_window_ok), so the threshold is in [0, 2^24].
+ */
+static uint32_t della_thr(float p)
+{
+    return (uint32_t)ceil((double)p * 16777216.0);
+}
+
+/* della_thr(della_p) by rank for rows of up to DELLA_PTAB elements, cached per
+ * thread for a few (dtype, row, rank_den, lo, eps) at once (apply alternates
+ * models row by row). Each entry is della_p's own value's threshold: the table
+ * changes no bit. */
 #define DELLA_PTAB 16384u
 #define DELLA_PCACHE 4u
 
@@ -568,13 +590,13 @@ struct della_ptab {
     enum ms_dtype wdt;
     uint64_t row;
     float den, lo, eps, p;
-    float v[DELLA_PTAB];
+    uint32_t thr[DELLA_PTAB];
 };
 
 static _Thread_local struct della_ptab della_ptabs[DELLA_PCACHE];
 static _Thread_local uint32_t della_pnext;
 
-static const float *della_ptab_get(const struct gta_state *st, const struct gta_model *m)
+static const uint32_t *della_ptab_get(const struct gta_state *st, const struct gta_model *m)
 {
     if (st->row > DELLA_PTAB)
         return NULL;
@@ -582,14 +604,14 @@ static const float *della_ptab_get(const struct gta_state *st, const struct gta_
         const struct della_ptab *t = &della_ptabs[i];
         if (t->valid && t->wdt == st->wdt && t->row == st->row && t->den == st->rank_den &&
             t->lo == m->lo && t->eps == m->eps && t->p == m->p)
-            return t->v;
+            return t->thr;
     }
     struct della_ptab *t = &della_ptabs[della_pnext++ % DELLA_PCACHE];
     *t = (struct della_ptab){ .valid = true, .wdt = st->wdt, .row = st->row,
                               .den = st->rank_den, .lo = m->lo, .eps = m->eps, .p = m->p };
     for (uint64_t r = 1; r <= st->row; r++)
-        t->v[r - 1] = della_p(st, m, r);
-    return t->v;
+        t->thr[r - 1] = della_thr(della_p(st, m, r));
+    return t->thr;
 }
 
 /* Rows long enough that counting beats the heap sort (same ranks either way). */
@@ -619,10 +641,48 @@ static void della_keys(enum ms_dtype dt, const float *restrict x, const float *r
 }
 
 /*
+ * della_keepmask: the keep decisions of n elements, branch-free: element i is
+ * kept iff (u[i] & 0xffffff) < thr[i] (della_thr). With words, ORs bit into
+ * words[i] (uint32, memcpy access) of the kept elements; with kept, sets
+ * kept[i] = d[i] for the kept elements and +0 for the dropped ones (a zero
+ * term of the rescale's |masked| sum: a dropped Inf or NaN adds nothing).
+ * Either may be NULL. The scalar reference; the SIMD versions are its callers'
+ * MS__ISA_VERSIONS (della_mark_row_isa, della_reduce_isa), which inline it.
+ */
+GTA_INLINE void della_keepmask_words(const uint32_t *restrict u, const uint32_t *restrict thr,
+                                     uint32_t bit, unsigned char *restrict words, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t mk = 0u - (uint32_t)((u[i] & 0xffffffu) < thr[i]);
+        word_put(words, i, word_get(words, i) | (bit & mk));
+    }
+}
+
+GTA_INLINE void della_keepmask_kept(const uint32_t *restrict u, const uint32_t *restrict thr,
+                                    const float *restrict d, float *restrict kept, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t mk = 0u - (uint32_t)((u[i] & 0xffffffu) < thr[i]);
+        kept[i] = ms_f32_from_bits(ms_f32_bits(d[i]) & mk);
+    }
+}
+
+GTA_INLINE void della_keepmask(const uint32_t *restrict u, const uint32_t *restrict thr,
+                               const float *restrict d, uint32_t bit, unsigned char *words,
+                               float *restrict kept, size_t n)
+{
+    if (words)
+        MS__BLOCK_CALL(della_keepmask_words, n, GTA_BLOCK, u, thr, bit, words);
+    if (kept)
+        MS__BLOCK_CALL(della_keepmask_kept, n, GTA_BLOCK, u, thr, d, kept);
+}
+
+/*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements; else adds every |d| to before and the |d| of the
- * kept elements to after (a dropped one as a zero term: no NaN from Inf*0).
+ * words[i] of kept elements; with before and after, adds every |d| to before
+ * and the |d| of the kept elements to after (a dropped one as a zero term: no
+ * NaN from Inf*0). Either or both.
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
@@ -632,23 +692,43 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     struct della_count *t = &della_tls;
     const enum ms_dtype dt = st->dt;
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
-    const float *ptab = della_ptab_get(st, m);
-    uint32_t keys[GTA_BLOCK], u[GTA_BLOCK];
+    const uint32_t *ttab = della_ptab_get(st, m);
+    uint32_t keys[GTA_BLOCK], u[GTA_BLOCK], thr[GTA_BLOCK];
     float d[GTA_BLOCK], kept[GTA_BLOCK];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0), j = 0;
         della_keys(dt, x + i0, b + i0, d, keys, n);
-        for (size_t j = 0; j < n; j++) {
+        for (; j + DELLA_LANES <= n; j += DELLA_LANES) {
+            for (uint32_t q = 0; q < DELLA_LANES; q++) {
+                uint32_t k = keys[j + q];
+                assert(k < DELLA_KEYS);
+                t->fine[k]++;
+                t->coarse[q][k / DELLA_FINE]++;
+            }
+        }
+        for (; j < n; j++) {
             uint32_t k = keys[j];
             assert(k < DELLA_KEYS);
             t->fine[k]++;
-            t->coarse[k / DELLA_FINE]++;
+            t->coarse[j % DELLA_LANES][k / DELLA_FINE]++;
         }
     }
-    uint32_t acc = 0;
+    /* fine[k] = #{keys < k}: start positions, in the buckets met */
+    uint32_t acc = 0, nmet = 0;
     for (uint32_t c = 0; c < DELLA_COARSE; c++) {
-        uint32_t v = t->coarse[c];
-        t->coarse[c] = acc;
+        uint32_t v = 0;
+        for (uint32_t q = 0; q < DELLA_LANES; q++) {
+            v += t->coarse[q][c];
+            t->coarse[q][c] = 0;
+        }
+        if (v == 0)
+            continue;
+        for (uint32_t f = c * DELLA_FINE, pos = acc; f < (c + 1) * DELLA_FINE; f++) {
+            uint32_t w = t->fine[f];
+            t->fine[f] = pos;
+            pos += w;
+        }
+        t->met[nmet++] = (uint8_t)c;
         acc += v;
     }
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
@@ -656,39 +736,17 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
         ms_rng_fill(stream, first + i0, u, n);
         della_keys(dt, x + i0, b + i0, d, keys, n);
         for (size_t j = 0; j < n; j++) {
-            uint32_t k = keys[j], c = k / DELLA_FINE;
-            if (!t->open[c]) {
-                uint32_t pos = t->coarse[c];
-                for (uint32_t f = c * DELLA_FINE; f < (c + 1) * DELLA_FINE; f++) {
-                    uint32_t v = t->fine[f];
-                    t->fine[f] = pos;
-                    pos += v;
-                }
-                t->open[c] = 1;
-            }
-            uint64_t rank = ++t->fine[k];
-            float p = ptab ? ptab[rank - 1] : della_p(st, m, rank);
-            bool keep = (float)(u[j] & 0xffffffu) * 0x1p-24f < p;
-            if (words) {
-                uint32_t set = bit & (0u - (uint32_t)keep); /* no branch on a coin flip */
-                word_put(words, i0 + j, word_get(words, i0 + j) | set);
-            } else {
-                /* dropped: +0, which leaves the sum as it is; no branch on a coin flip */
-                kept[j] = ms_f32_from_bits(ms_f32_bits(d[j]) & (0u - (uint32_t)keep));
-            }
+            uint64_t rank = ++t->fine[keys[j]];
+            thr[j] = ttab ? ttab[rank - 1] : della_thr(della_p(st, m, rank));
         }
-        if (!words) {
+        della_keepmask(u, thr, d, bit, words ? words + 4 * i0 : NULL, before ? kept : NULL, n);
+        if (before) {
             ms_xacc_sumabs(after, kept, n);
             ms_xacc_sumabs(before, d, n);
         }
     }
-    for (uint32_t c = 0; c < DELLA_COARSE; c++) {
-        if (t->open[c])
-            memset(&t->fine[c * DELLA_FINE], 0, DELLA_FINE * sizeof(t->fine[0]));
-        t->open[c] = 0;
-        t->coarse[c] = 0;
-    }
-    /* buckets met in the first pass were all opened in the second */
+    for (uint32_t i = 0; i < nmet; i++)
+        memset(&t->fine[t->met[i] * DELLA_FINE], 0, DELLA_FINE * sizeof(t->fine[0]));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -877,18 +935,23 @@ static int gta_begin(void *state, const struct ms_stage_job *job)
 }
 
 /* della rescale pass over one chunk of whole rows: before += |d|, after +=
- * |d| of the kept elements, for model m; words is one row of scratch. */
+ * |d| of the kept elements, for model m; words is one row of scratch. With
+ * keep (the chunk's keep area, ms_stage.h), also ORs m's keep bit (1 << (ib +
+ * bit), as della_mark_row sets them) into the keep word of each kept element,
+ * so that apply reads the masks instead of ranking the rows again. */
 static void della_reduce(const struct gta_state *st, const struct gta_model *m,
-                         const struct ms_chunk *c, unsigned char *words, struct ms_xacc *before,
-                         struct ms_xacc *after)
+                         const struct ms_chunk *c, unsigned char *words, unsigned char *keep,
+                         struct ms_xacc *before, struct ms_xacc *after)
 {
     const float *x = c->in[m->input], *b = c->in[st->base];
     const uint64_t L = st->row;
-    assert(c->count % L == 0);
+    const uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
+    assert(c->count % L == 0 && m->bit >= 0);
     if (della_counts(st)) {
         /* every |d| into before, the kept ones (dropped ones as zeros) into after */
         for (uint64_t r0 = 0; r0 < c->count; r0 += L)
-            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, NULL, 0, before, after);
+            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, keep ? keep + 4 * r0 : NULL,
+                              bit, before, after);
         return;
     }
     float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
@@ -903,11 +966,21 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
         row_rank(&r, L);
         for (uint64_t pos = 0; pos < L; pos++) {
             uint32_t idx = row_idx(&r, pos);
-            if (della_keep(st, m, c->first + r0 + idx, pos + 1))
-                ms_xacc_add(after, fabsf(ms_rnd(st->dt, r.x[idx] - r.b[idx])));
+            if (!della_keep(st, m, c->first + r0 + idx, pos + 1))
+                continue;
+            ms_xacc_add(after, fabsf(ms_rnd(st->dt, r.x[idx] - r.b[idx])));
+            if (keep)
+                word_put(keep, r0 + idx, word_get(keep, r0 + idx) | bit);
         }
     }
 }
+
+/* The versions of ms_isa.h of della_reduce, as gta_apply_range's. */
+MS__ISA_VERSIONS(della_reduce_isa, della_reduce,
+                 (const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
+                  unsigned char *words, unsigned char *keep, struct ms_xacc *before,
+                  struct ms_xacc *after),
+                 (st, m, c, words, keep, before, after))
 
 /* SELECT pass of model m over chunk c: the deltas of each block once, then
  * the histogram or tie count of each of its unfinished selections. */
@@ -943,16 +1016,12 @@ MS__ISA_VERSIONS(gta_select_model_isa, gta_select_model,
                   struct gta_part_select *p),
                  (st, m, c, p))
 
-/* RESCALE pass of model m over chunk c: before = sum |d|, after = sum |d *
- * mask| (exact); words is della's row scratch. */
+/* RESCALE pass of model m over chunk c (not della: della_reduce): before =
+ * sum |d|, after = sum |d * mask| (exact). */
 static void gta_rescale_model(const struct gta_state *st, const struct gta_model *m,
-                              const struct ms_chunk *c, unsigned char *words,
-                              struct ms_xacc *before, struct ms_xacc *after)
+                              const struct ms_chunk *c, struct ms_xacc *before,
+                              struct ms_xacc *after)
 {
-    if (st->kind.sparse == GTA_SPARSE_DELLA) {
-        della_reduce(st, m, c, words, before, after);
-        return;
-    }
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     float masked[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
@@ -980,8 +1049,8 @@ static void gta_rescale_model(const struct gta_state *st, const struct gta_model
  * (elementwise rounding, integer masks and ranks: no value changes). */
 MS__ISA_VERSIONS(gta_rescale_model_isa, gta_rescale_model,
                  (const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
-                  unsigned char *words, struct ms_xacc *before, struct ms_xacc *after),
-                 (st, m, c, words, before, after))
+                  struct ms_xacc *before, struct ms_xacc *after),
+                 (st, m, c, before, after))
 
 static void gta_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                        void *partial)
@@ -1000,13 +1069,20 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
 
     assert(st->phase == GTA_RESCALE);
     struct gta_part_rescale *p = partial;
+    const bool della = st->kind.sparse == GTA_SPARSE_DELLA;
+    if (della && c->keep)
+        memset(c->keep, 0, (size_t)c->count * MS_KEEP_BYTES); /* no keep bit set yet */
     for (uint32_t j = 0; j < st->nm; j++) {
         const struct gta_model *m = &st->m[j];
         if (!m->trim || m->none)
             continue;
         ms_xacc_init(&p->before[j]);
         ms_xacc_init(&p->after[j]);
-        gta_rescale_model_isa(st, m, c, (unsigned char *)p->scratch, &p->before[j], &p->after[j]);
+        if (della)
+            della_reduce_isa(st, m, c, (unsigned char *)p->scratch, c->keep, &p->before[j],
+                             &p->after[j]);
+        else
+            gta_rescale_model_isa(st, m, c, &p->before[j], &p->after[j]);
     }
 }
 
@@ -1081,6 +1157,7 @@ static int gta_end_pass(void *state, const struct ms_stage_job *job)
         m->scale = !(before < 1e-7 || after < 1e-7);
         m->factor = m->scale ? ms_rnd(st->wdt, before / after) : 1.0f;
     }
+    st->kept = st->nbits > 0;
     st->phase = GTA_APPLY;
     return MS_STAGE_APPLY;
 }
@@ -1115,8 +1192,18 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
     }
 }
 
+/* della, apply: the keep words of the elements from off of chunk c: the keep
+ * area when the rescale pass filled it, else the output words (della_mark_row). */
+static inline const unsigned char *della_words(const struct gta_state *st,
+                                               const struct ms_chunk *c, uint64_t off)
+{
+    if (st->kept && c->keep)
+        return (const unsigned char *)c->keep + (size_t)off * MS_KEEP_BYTES;
+    return (const unsigned char *)(c->out + off);
+}
+
 /* Output elements [off, off+count) of chunk c. For della, the keep bits of
- * those elements are in the output words (della_mark_row). */
+ * those elements are in della_words, read before out is written there. */
 static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
                             uint64_t count, uint64_t (*run)[2])
 {
@@ -1139,7 +1226,7 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
                 if (!della || m->none) {
                     gta_keep(st, m, c->first, c->first + off, run[j], wd[j], keep, n);
                 } else {
-                    const unsigned char *words = (const unsigned char *)(c->out + off);
+                    const unsigned char *words = della_words(st, c, off);
                     uint32_t sh = st->ib + (uint32_t)m->bit;
                     for (size_t i = 0; i < n; i++)
                         keep[i] = (word_get(words, i) >> sh) & 1u ? 1.0f : 0.0f;
@@ -1181,11 +1268,12 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     }
     uint64_t run[MS_MAX_INPUTS][2];
     memset(run, 0, sizeof(run));
-    if (st->nbits == 0) {
+    if (st->nbits == 0 || (st->kept && c->keep)) {
         gta_apply_range_isa(st, c, 0, c->count, run);
         return;
     }
-    /* della: row by row, the output row is the ranking scratch first. */
+    /* della without the masks of a rescale pass: row by row, the output row is
+     * the ranking scratch first. */
     assert(c->count % st->row == 0);
     for (uint64_t r0 = 0; r0 < c->count; r0 += st->row) {
         della_mark_row_isa(st, c, r0, (unsigned char *)(c->out + r0));
@@ -1275,11 +1363,26 @@ static const struct ms_stage_ops gta_ops = {
     .apply = gta_apply,
 };
 
+/* della with rescale: a rescale pass will rank every trimmed model's rows, and
+ * its keep bits can wait in the keep area for apply (della_reduce). The same
+ * conditions as begin's for a rescale pass with keep bits. */
+static bool della_keeps(const struct ms_stage_job *job)
+{
+    int id = param_index(job, "density"), iresc = param_index(job, "rescale");
+    if (id < 0 || iresc < 0 || job->gv[iresc] == 0.0 || !della_ranks(job) || job->numel == 0)
+        return false;
+    for (uint32_t i = 0; i < job->ninputs && i < MS_MAX_INPUTS; i++)
+        if ((int)i != job->base && job->pv[i][id] > 0.0 && job->pv[i][id] < 1.0)
+            return true;
+    return false;
+}
+
 /* della ranks whole rows. */
 static const struct ms_stage_ops gta_rowwise_ops = {
     .flags = MS_STAGE_ROWWISE,
     .state_size = gta_state_size,
     .partial_size = gta_partial_size,
+    .keeps = della_keeps,
     .begin = gta_begin,
     .reduce = gta_reduce,
     .fold = gta_fold,

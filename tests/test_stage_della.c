@@ -3,7 +3,11 @@
  * mergekit-spec.md 2.6, 2.7) against the plain reference in tests/th_gta.c,
  * bit for bit in BF16, F16 and F32, on 1-D and 2-D tensors, for several
  * chunkings (whole rows) and chunk orders; ranks rounded to bf16; the rule
- * for one-element rows; the kept fraction; validation errors.
+ * for one-element rows; the kept fraction; validation errors. With rescale,
+ * the masks of the rescale pass wait in the keep area for apply: with a keep
+ * area, without one, and with the keep area in the output buffer (the
+ * engine's resident jobs) the bytes are the same; the keep rule at its
+ * boundary u * 2^-24 == p.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -69,6 +73,74 @@ Test(stage_della, ranks_are_rounded_to_bf16)
     free(exact);
 }
 
+/*
+ * Runs job through its ops as the engine runs a resident job: the keep area of
+ * chunk i is chunk i's own output buffer (ms_stage.h), and apply writes there.
+ * Chunks of `chunk` elements (whole rows), reduced and applied in chunk order.
+ */
+static int run_keep_in_out(const struct ms_stage_job *job, const float *const *in, float *out,
+                           uint64_t chunk)
+{
+    const struct ms_stage_ops *ops = job->method->ops;
+    const uint64_t n = job->numel, row = job->row_len ? job->row_len : 1;
+    chunk = (chunk / row ? chunk / row : 1) * row;
+    size_t ssize = ops->state_size(job), psize = ops->partial_size(job);
+    void *state = ms_aligned_alloc(ssize + 64), *part = ms_aligned_alloc(psize + 64);
+    cr_assert(state && part);
+    memset(state, 0, ssize + 64);
+    memset(out, 0xff, n * sizeof(float)); /* the keep area's "undefined" content */
+    int rc = ops->begin(state, job);
+    for (uint32_t pass = 0; rc == MS_STAGE_REDUCE; pass++) {
+        for (uint64_t first = 0; first < n; first += chunk) {
+            struct ms_chunk c = { .first = first, .count = MS_MIN(chunk, n - first),
+                                  .index = (uint32_t)(first / chunk), .pass = pass,
+                                  .keep = out + first };
+            for (uint32_t i = 0; i < job->ninputs; i++)
+                c.in[i] = in[i] + first;
+            memset(part, 0x5a, psize);
+            ops->reduce(state, job, &c, part);
+            ops->fold(state, job, &c, part);
+        }
+        rc = ops->end_pass(state, job);
+    }
+    for (uint64_t first = 0; rc == MS_STAGE_APPLY && first < n; first += chunk) {
+        struct ms_chunk c = { .first = first, .count = MS_MIN(chunk, n - first),
+                              .index = (uint32_t)(first / chunk), .out = out + first,
+                              .keep = out + first };
+        for (uint32_t i = 0; i < job->ninputs; i++)
+            c.in[i] = in[i] + first;
+        ops->apply(state, job, &c);
+    }
+    ms_aligned_free(state);
+    ms_aligned_free(part);
+    return rc;
+}
+
+/* g through ms_stage_run_mem (a keep area of its own), without a keep area and
+ * with the keep area in the output (run_keep_in_out), chunks of `chunk`
+ * elements: each must give want. */
+static void expect_every_keep(const struct th_gta *g, uint64_t chunk, const float *want,
+                              const char *what)
+{
+    float *got = malloc(g->numel * sizeof(float));
+    struct ms_stage_job job;
+    int64_t shape[2];
+    th_gta_job(g, &job, shape);
+    cr_assert(job.method->ops->keeps(&job) == (g->rescale != 0), "%s: keeps", what);
+    for (int how = 0; how < 3; how++) {
+        int rc = how == 0   ? ms_stage_run_mem(&job, g->in, got, chunk)
+                 : how == 1 ? ms_stage_run_mem_keep(&job, g->in, got, chunk, false)
+                            : run_keep_in_out(&job, g->in, got, chunk);
+        cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
+        long d = th_gta_first_diff(got, want, g->numel);
+        cr_assert_eq(d, -1, "%s, chunk %llu, %s: element %ld is %a, want %a", what,
+                     (unsigned long long)chunk,
+                     how == 0 ? "keep area" : how == 1 ? "no keep area" : "keep area in out", d,
+                     d >= 0 ? got[d] : 0, d >= 0 ? want[d] : 0);
+    }
+    free(got);
+}
+
 /* Rows of 512 elements and more in bf16/f16 are ranked by counting keys
  * (stages/gta.c), shorter ones and float32 by the heap sort: long rows with
  * many ties, zeros, both signs, Inf and NaN match the reference sort in every
@@ -99,18 +171,23 @@ static void della_long_rows(enum ms_dtype dt, uint64_t L)
                             .lambda = 1, .seed = 11 };
         cr_assert_eq(th_gta_ref(&g, want), 0);
         const uint64_t chunks[] = { L, 2 * L + 1, n };
-        for (int c = 0; c < 3; c++) {
-            cr_assert_eq(th_gta_run(&g, chunks[c], got), 0, "%s", ms_errmsg());
-            long d = th_gta_first_diff(got, want, n);
-            cr_assert_eq(d, -1, "L %llu chunk %llu: element %ld is %a, want %a",
-                         (unsigned long long)L, (unsigned long long)chunks[c], d,
-                         d >= 0 ? got[d] : 0, d >= 0 ? want[d] : 0);
-        }
+        char what[64];
+        snprintf(what, sizeof what, "%s L %llu", g.method, (unsigned long long)L);
+        for (int c = 0; c < 3; c++)
+            expect_every_keep(&g, chunks[c], want, what);
     }
     for (int i = 0; i < 3; i++)
         free(x[i]);
     free(got);
     free(want);
+}
+
+/* Short rows (the heap sort) in every dtype, with the keep area, without it
+ * and with it in the output. */
+Test(stage_della, keep_area_short_rows)
+{
+    for (int k = 0; k < 3; k++)
+        della_long_rows(dts[k], 100);
 }
 
 Test(stage_della, counted_ranks_bf16) { della_long_rows(MS_DT_BF16, 512); della_long_rows(MS_DT_BF16, 2051); }
@@ -255,4 +332,64 @@ Test(stage_della, registered)
     cr_assert_not_null(ms_method_find("della")->ops);
     cr_assert_not_null(ms_method_find("della_linear")->ops);
     cr_assert(ms_method_find("della")->ops->flags & MS_STAGE_ROWWISE);
+}
+
+/*
+ * The keep rule at its boundary: element e of model i is kept iff u24 * 2^-24
+ * < p, u24 = ms_rng_u32(seed, key, i, e) & 0xffffff. With epsilon 0 every rank
+ * has p = density in the work dtype: bf16 0.5 (p * 2^24 = 2^23, an integer)
+ * and, for f16 (work dtype float32), float32(0.2) = 13421773 * 2^-26 (p * 2^24
+ * = 3355443.25). Seeds are searched until a row of 512 (the counted ranking)
+ * holds an element with u24 on each side of p * 2^24 at distance below 1:
+ * u24 = 2^23 - 1 kept and 2^23 dropped; 3355443 kept and 3355444 dropped.
+ * della_linear, weight 1, no normalize: the output is the delta (rescaled
+ * with rescale) or zero, with the masks of apply and those of the rescale pass.
+ */
+static void della_boundary(enum ms_dtype dt, double density, uint32_t keep_u, uint32_t drop_u)
+{
+    enum { L = 512 };
+    static float base[L], x[L], got[L];
+    for (int e = 0; e < L; e++)
+        x[e] = ms_f32_from_bits((0x3c00u + (uint32_t)e) << 16); /* bf16 and f16 values */
+    if (dt == MS_DT_F16)
+        for (int e = 0; e < L; e++)
+            x[e] = ms_rnd(MS_DT_F16, x[e]);
+    const uint32_t want_u[2] = { keep_u, drop_u };
+    for (int side = 0; side < 2; side++) {
+        uint64_t seed = 0;
+        int hit = -1;
+        for (; hit < 0 && seed < (1u << 20); seed++) {
+            uint32_t u[L];
+            ms_rng_fill(ms_rng_stream(seed, ms_hash_str("t"), 1), 0, u, L);
+            for (int e = 0; e < L && hit < 0; e++)
+                if ((u[e] & 0xffffffu) == want_u[side])
+                    hit = e;
+        }
+        seed--;
+        cr_assert(hit >= 0, "no seed puts u24 = %u in a row", want_u[side]);
+        for (int resc = 0; resc < 2; resc++) {
+            struct th_gta g = { .method = "della_linear", .dt = dt, .numel = L, .row_len = L,
+                                .ninputs = 2, .base = 0, .in = { base, x },
+                                .weight = { 0, 1 }, .density = { 1, density },
+                                .epsilon = { 0, 0 }, .rescale = resc, .lambda = 1,
+                                .seed = seed };
+            cr_assert_eq(th_gta_run(&g, 0, got), 0, "%s", ms_errmsg());
+            bool kept = got[hit] != 0.0f;
+            cr_assert_eq(kept, side == 0, "%s seed %llu element %d u24 %u: %s",
+                         ms_dtype_name(dt), (unsigned long long)seed, hit, want_u[side],
+                         kept ? "kept" : "dropped");
+            for (int e = 0; e < L; e++) {
+                uint32_t u = ms_rng_u32(seed, ms_hash_str("t"), 1, (uint64_t)e) & 0xffffffu;
+                bool k = (double)u < (double)(float)density * 16777216.0;
+                cr_assert_eq(got[e] != 0.0f, k, "%s seed %llu element %d u24 %u",
+                             ms_dtype_name(dt), (unsigned long long)seed, e, u);
+            }
+        }
+    }
+}
+
+Test(stage_della, keep_rule_boundary)
+{
+    della_boundary(MS_DT_BF16, 0.5, (1u << 23) - 1, 1u << 23);
+    della_boundary(MS_DT_F16, 0.2, 3355443u, 3355444u);
 }
