@@ -40,14 +40,20 @@
  *   out  = r(float(s) * u)
  * Each whole-tensor figure is a reduce pass (exact sums, ms_xacc, rounded once
  * to float32 as torch's float32 accumulation approximates): the norms, ||u_0||,
- * then per iteration the dots, |T| and ||u||: at most 2 + 3*max_iter passes.
+ * then per iteration the dots, |T| and ||u'||: at most 2 + 3*max_iter passes.
  * T_k depends on u_k and on the scalars d_i, f_i, skip_i of iteration k only,
  * and rounded to D those usually repeat from one iteration to the next while u
  * still moves: so the dots pass of iteration k >= 1 also sums ||T||^2 of u_k
  * with the scalars of iteration k-1 (a guess), and when iteration k's scalars
  * come out bit for bit equal to k-1's that sum is |T_k|^2 and the |T| pass is
  * skipped: 2 passes per such iteration. The guess is made at k = 1 and then
- * while it keeps holding (the scalars of k-1 equal those of k-2).
+ * while it keeps holding (the scalars of k-1 equal those of k-2). Likewise
+ * ||u'|| often repeats with period 2 (or 1) while u still moves: once ||u'_{k-1}||
+ * equals ||u'_{k-3}|| (or ||u'_{k-2}||), the ||u'|| pass of iteration k also sums
+ * the dots pass k+1's sums for u_{k+1} = r(u'_k / g), g = ||u'_{k-2}|| (or
+ * ||u'_{k-1}||), and when ||u'_k|| comes out bit for bit equal to g those are the
+ * dots pass's sums (which writes nothing else) and it is skipped: 1 pass per
+ * such iteration.
  * The elementwise ops depend only on the element and the scalars of the passes
  * before, so an element's iterate is all that has to last between passes: the
  * ||u'|| pass of iteration k stores u'_k (u before renormalisation) in the
@@ -83,8 +89,11 @@
 
 /* Reduce passes of the step form (bf16/f16). */
 enum { KS_NORM, KS_INIT, KS_DOT, KS_NT, KS_NU };
-#define KS_NCNT 3 /* sums beyond the n dots: the dots pass's guessed |T_k|^2 at [m]; the
-                     ||u'|| pass's counts of elements where u'_k != u'_{k-1}, != u'_bp at [1], [2] */
+/* Sums beyond the n dots: the dots pass's guessed |T_k|^2 at [m]; the ||u'||
+ * pass's counts of elements where u'_k != u'_{k-1}, != u'_bp at [1], [2], and
+ * when it speculates, the dots pass k+1's sums at [KS_SPEC], [KS_SPEC + m]. */
+#define KS_NCNT 4
+#define KS_SPEC 3
 
 struct karcher_state {
     uint32_t n;                   /* inputs */
@@ -110,6 +119,8 @@ struct karcher_state {
     bool kept;           /* chunks with a keep area hold u'_{kat-1} there (kat >= 1) */
     uint32_t kat;
     bool guess;          /* the dots pass also sums |T_k|^2 with iteration k-1's scalars */
+    bool spec;           /* the ||u'|| pass also sums the next dots pass's sums, guessing */
+    float nug;           /* ||u'_k|| = nug */
     uint32_t target;     /* apply: the result is s * u_target */
     uint32_t per;        /* 0, or the iterates' period (target < done) */
     struct ms_xacc acc[MS_MAX_INPUTS + KS_NCNT]; /* the pass's folded sums */
@@ -435,6 +446,21 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
                 }
                 memcpy(kp, w, nb * sizeof(uint32_t));
             }
+            if (s->spec) {
+                /* the dots pass k+1's sums with u_{k+1} = r(u'_k / nug) (prev is free) */
+                const float g = s->nug;
+                if ((double)g > s->tol)
+                    for (size_t j = 0; j < nb; j++)
+                        prev[j] = ks_rnd(d, u[j] / g);
+                else
+                    memcpy(prev, u, nb * sizeof(float));
+                for (uint32_t p = 0; p < s->m; p++)
+                    ms_xacc_dot(&acc[KS_SPEC + p], prev, ui[p], nb);
+                if (s->guess) {
+                    ks_T(d, s, k, nb, ui, prev, T);
+                    ms_xacc_sumsq(&acc[KS_SPEC + s->m], T, nb);
+                }
+            }
             break;
         }
     }
@@ -469,6 +495,46 @@ static int ks_have_nt(struct karcher_state *s, enum ms_dtype d, uint32_t k, cons
     q[1] = ms_rnd(d, cosf(q[0]));
     q[2] = ms_rnd(d, sinf(q[0]));
     s->phase = KS_NU;
+    /* Speculation: where the iterates keep moving without a cycle, ||u'|| often
+     * repeats with period 2 (or 1) before the iterates do; then the ||u'|| pass
+     * guesses ||u'_k|| from the norms before and also sums the dots pass k+1's
+     * sums on that guess, which are that pass's when the guess comes out bit
+     * for bit (a wrong guess costs those sums only). Not for the last iteration. */
+    s->spec = false;
+    if (k + 1 < (uint32_t)s->max_iter && k >= 2) {
+        const float n1 = KS_NT_(s, k - 1)[3], n2 = KS_NT_(s, k - 2)[3];
+        if (k >= 3 && !memcmp(&n1, &KS_NT_(s, k - 3)[3], sizeof(float))) {
+            s->spec = true;
+            s->nug = n2;
+        } else if (!memcmp(&n1, &n2, sizeof(float))) {
+            s->spec = true;
+            s->nug = n1;
+        }
+    }
+    return MS_STAGE_REDUCE;
+}
+
+/* The dots of u_k with every u_i are the exact sums dots[0..m), and guess (when
+ * s->guess) is |T_k|^2 with iteration k-1's scalars: iteration k's scalars, then
+ * stop, or the ||u'|| pass (the guess held), or the |T| pass next. */
+static int ks_have_dots(struct karcher_state *s, enum ms_dtype d, uint32_t k,
+                        const struct ms_xacc *dots, const struct ms_xacc *guess)
+{
+    float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
+    for (uint32_t p = 0; p < s->m; p++) {
+        float dot = ms_rnd(d, (float)ms_xacc_value(&dots[p]));
+        dot = dot < -1.0f ? -1.0f : dot > 1.0f ? 1.0f : dot;
+        float th = ms_rnd(d, acosf(dot));
+        dd[p] = dot;
+        skip[p] = (double)th < s->tol;
+        f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
+    }
+    /* the guess held: the pass summed |T_k|^2 with these scalars */
+    const bool same = k >= 1 && ks_same_scalars(s, k, k - 1), hit = s->guess && same;
+    s->guess = k == 0 || same;
+    if (hit)
+        return ks_have_nt(s, d, k, guess);
+    s->phase = KS_NT;
     return MS_STAGE_REDUCE;
 }
 
@@ -505,27 +571,10 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
             return MS_STAGE_APPLY; /* target 0: u_0 */
         s->phase = KS_DOT;
         break;
-    case KS_DOT: {
-        float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
-        for (uint32_t p = 0; p < s->m; p++) {
-            float dot = ms_rnd(d, (float)ms_xacc_value(&s->acc[p]));
-            dot = dot < -1.0f ? -1.0f : dot > 1.0f ? 1.0f : dot;
-            float th = ms_rnd(d, acosf(dot));
-            dd[p] = dot;
-            skip[p] = (double)th < s->tol;
-            f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
-        }
-        /* the guess held: the pass summed |T_k|^2 with these scalars */
-        const bool same = k >= 1 && ks_same_scalars(s, k, k - 1), hit = s->guess && same;
-        s->guess = k == 0 || same;
-        if (hit) {
-            if (ks_have_nt(s, d, k, &s->acc[s->m]) == MS_STAGE_APPLY)
-                return MS_STAGE_APPLY;
-        } else {
-            s->phase = KS_NT;
-        }
+    case KS_DOT:
+        if (ks_have_dots(s, d, k, &s->acc[0], &s->acc[s->m]) == MS_STAGE_APPLY)
+            return MS_STAGE_APPLY;
         break;
-    }
     case KS_NT:
         if (ks_have_nt(s, d, k, &s->acc[0]) == MS_STAGE_APPLY)
             return MS_STAGE_APPLY;
@@ -559,6 +608,13 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
         if (ks_save(s, k)) {
             s->bpow = k == 0 ? 1 : 2 * s->bpow;
             s->bp = k;
+        }
+        if (s->spec && !memcmp(&KS_NT_(s, k)[3], &s->nug, sizeof(float))) {
+            /* the guess held: this pass summed the dots pass k+1's sums */
+            if (ks_have_dots(s, d, k + 1, &s->acc[KS_SPEC], &s->acc[KS_SPEC + s->m]) ==
+                MS_STAGE_APPLY)
+                return MS_STAGE_APPLY;
+            break;
         }
         s->phase = KS_DOT;
         break;
