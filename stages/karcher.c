@@ -40,29 +40,39 @@
  *   out  = r(float(s) * u)
  * Each whole-tensor figure is a reduce pass (exact sums, ms_xacc, rounded once
  * to float32 as torch's float32 accumulation approximates): the norms, ||u_0||,
- * then per iteration the dots, |T| and ||u||: at most 2 + 3*max_iter passes.
+ * then per iteration the dots, |T| and ||u'||: at most 2 + 3*max_iter passes.
  * T_k depends on u_k and on the scalars d_i, f_i, skip_i of iteration k only,
  * and rounded to D those usually repeat from one iteration to the next while u
  * still moves: so the dots pass of iteration k >= 1 also sums ||T||^2 of u_k
  * with the scalars of iteration k-1 (a guess), and when iteration k's scalars
  * come out bit for bit equal to k-1's that sum is |T_k|^2 and the |T| pass is
  * skipped: 2 passes per such iteration. The guess is made at k = 1 and then
- * while it keeps holding (the scalars of k-1 equal those of k-2).
+ * while it keeps holding (the scalars of k-1 equal those of k-2). Likewise
+ * ||u'|| often repeats with period 2 (or 1) while u still moves: once ||u'_{k-1}||
+ * equals ||u'_{k-3}|| (or ||u'_{k-2}||), the ||u'|| pass of iteration k also sums
+ * the dots pass k+1's sums for u_{k+1} = r(u'_k / g), g = ||u'_{k-2}|| (or
+ * ||u'_{k-1}||), and when ||u'_k|| comes out bit for bit equal to g those are the
+ * dots pass's sums (which writes nothing else) and it is skipped: 1 pass per
+ * such iteration.
  * The elementwise ops depend only on the element and the scalars of the passes
  * before, so an element's iterate is all that has to last between passes: the
- * dots pass of iteration k stores u_k in the chunk's keep area (ms_stage.h; its
- * D bits, 2 bytes) and the next passes continue from it, O(N) per element and
- * pass. Without a keep area (the engine could not hold one) every pass replays
- * the element's iterates from u_0 instead, O(k * N) per element in pass k, with
- * the same bytes. Rounded to D the iterates usually end in a cycle rather than
- * converge (|T| stays above tol): the dots pass also counts the elements where
- * u_k differs from u_{k-1} and from a saved iterate u_bp (Brent's cycle search:
- * bp moves to k when k - bp reaches a power of two; u_bp takes the keep area's
- * other 2 bytes). When u_k equals u_{k-L} in every element, each iterate being a
- * function of the one before, the sequence repeats with period L and the stage
- * jumps to the iterate max_iter lands on (the same bytes as running on), which
- * apply reaches from u_k in fewer than L steps. The scalars of every iteration
- * are kept in the state (max_iter * (3N + 4) floats, counted by state_size).
+ * ||u'|| pass of iteration k stores u'_k (u before renormalisation) in the
+ * chunk's keep area (ms_stage.h; its D bits, 2 bytes), and the passes of
+ * iteration k+1 continue from it (u_{k+1} = r(u'_k / ||u'_k||)), O(N) per
+ * element and pass: per iteration the dots pass computes one T (the guess) and
+ * the ||u'|| pass one T and u'. Without a keep area (the engine could not hold
+ * one) every pass replays the element's iterates from u_0 instead, O(k * N) per
+ * element in pass k, with the same bytes. Rounded to D the iterates usually end
+ * in a cycle rather than converge (|T| stays above tol): the ||u'|| pass also
+ * counts the elements where u'_k differs from u'_{k-1} and from a saved u'_bp
+ * (Brent's cycle search: bp moves to k when k - bp reaches a power of two;
+ * u'_bp takes the keep area's other 2 bytes). When u'_k equals u'_{k-L} in
+ * every element, so do their norms and u_{k+1} equals u_{k+1-L}; each iterate
+ * being a function of the one before, the sequence repeats with period L from
+ * there and the stage jumps to the iterate max_iter lands on (the same bytes as
+ * running on), which apply reaches from u_{k+1} in fewer than L steps. The
+ * scalars of every iteration are kept in the state (max_iter * (3N + 4) floats,
+ * counted by state_size).
  *
  * Inputs: a lone tensor is returned unchanged; no valid input (all norms <= tol)
  * gives zeros.
@@ -79,8 +89,11 @@
 
 /* Reduce passes of the step form (bf16/f16). */
 enum { KS_NORM, KS_INIT, KS_DOT, KS_NT, KS_NU };
-#define KS_NCNT 3 /* dots pass extra sums: counts of elements where u_k != u_{k-1}, != u_bp;
-                     the guessed |T_k|^2 */
+/* Sums beyond the n dots: the dots pass's guessed |T_k|^2 at [m]; the ||u'||
+ * pass's counts of elements where u'_k != u'_{k-1}, != u'_bp at [1], [2], and
+ * when it speculates, the dots pass k+1's sums at [KS_SPEC], [KS_SPEC + m]. */
+#define KS_NCNT 4
+#define KS_SPEC 3
 
 struct karcher_state {
     uint32_t n;                   /* inputs */
@@ -102,10 +115,12 @@ struct karcher_state {
     bool fallback; /* ||u_0|| < tol: u starts as the first valid unit vector */
     float nu0;     /* ||u_0|| */
     uint32_t done;       /* iterations whose scalars are complete */
-    uint32_t bp, bpow;   /* Brent's cycle search: u_bp saved, compared up to bp + bpow */
-    bool kept;           /* chunks with a keep area hold u_kat there */
+    uint32_t bp, bpow;   /* Brent's cycle search: u'_bp saved, compared up to bp + bpow */
+    bool kept;           /* chunks with a keep area hold u'_{kat-1} there (kat >= 1) */
     uint32_t kat;
     bool guess;          /* the dots pass also sums |T_k|^2 with iteration k-1's scalars */
+    bool spec;           /* the ||u'|| pass also sums the next dots pass's sums, guessing */
+    float nug;           /* ||u'_k|| = nug */
     uint32_t target;     /* apply: the result is s * u_target */
     uint32_t per;        /* 0, or the iterates' period (target < done) */
     struct ms_xacc acc[MS_MAX_INPUTS + KS_NCNT]; /* the pass's folded sums */
@@ -189,6 +204,20 @@ static int karcher_begin(void *state, const struct ms_stage_job *job)
 #define KS_B 256
 #define KS_INLINE static inline __attribute__((always_inline))
 
+/* ms_rnd(d, x) bit for bit, written so that the vectoriser keeps bf16 in 32-bit
+ * lanes: the rounded bits masked in place (ms_round_bf16_1 goes through 16 bits,
+ * which GCC turns into word packing and unpacking); a NaN (x != x) gets its
+ * quiet bit and keeps its top payload bits, as there. */
+KS_INLINE float ks_rnd(enum ms_dtype d, float x)
+{
+    if (d != MS_DT_BF16)
+        return ms_rnd(d, x);
+    uint32_t u = ms_f32_bits(x);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    uint32_t q = (u | 0x00400000u) & 0xffff0000u;
+    return ms_f32_from_bits(x != x ? q : r);
+}
+
 /* Unit inputs of elements [j0, j0+nb): ui[p][j] = r(x_{v_p} / n_{v_p}), p < m. */
 KS_INLINE void ks_units(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
                         size_t j0, size_t nb, float (*restrict ui)[KS_B])
@@ -197,20 +226,22 @@ KS_INLINE void ks_units(enum ms_dtype d, const struct karcher_state *s, const st
         const float *restrict x = c->in[s->v[p]] + j0;
         const float nrm = s->norm[s->v[p]];
         for (size_t j = 0; j < nb; j++)
-            ui[p][j] = ms_rnd(d, x[j] / nrm);
+            ui[p][j] = ks_rnd(d, x[j] / nrm);
     }
 }
 
-/* The initial guess before normalisation: u = r(u + r(a*u_i)) over valid i. */
+/* The initial guess before normalisation: u = r(u + r(a*u_i)) over valid i, from
+ * u = +0. The first sum needs no rounding: r(a*u_i) is in D, and adding +0 to it
+ * changes only -0 (to +0), exactly as r(+0 + r(a*u_i)) does. */
 KS_INLINE void ks_u0(enum ms_dtype d, const struct karcher_state *s, size_t nb,
                      const float (*restrict ui)[KS_B], float *restrict u)
 {
     const float af = s->af;
     for (size_t j = 0; j < nb; j++)
-        u[j] = 0.0f;
-    for (uint32_t p = 0; p < s->m; p++)
+        u[j] = 0.0f + ks_rnd(d, af * ui[0][j]);
+    for (uint32_t p = 1; p < s->m; p++)
         for (size_t j = 0; j < nb; j++)
-            u[j] = ms_rnd(d, u[j] + ms_rnd(d, af * ui[p][j]));
+            u[j] = ks_rnd(d, u[j] + ks_rnd(d, af * ui[p][j]));
 }
 
 KS_INLINE void ks_start(enum ms_dtype d, const struct karcher_state *s, size_t nb,
@@ -223,25 +254,36 @@ KS_INLINE void ks_start(enum ms_dtype d, const struct karcher_state *s, size_t n
     ks_u0(d, s, nb, ui, u);
     const float nu = s->nu0;
     for (size_t j = 0; j < nb; j++)
-        u[j] = ms_rnd(d, u[j] / nu);
+        u[j] = ks_rnd(d, u[j] / nu);
 }
 
-/* T from u with the scalars of iteration k. */
+/* T from u with the scalars of iteration k: T = r(T + r(f_i * w_i)) over the
+ * inputs not skipped, from T = +0 (the first sum unrounded, as in ks_u0). */
 KS_INLINE void ks_T(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
                     const float (*restrict ui)[KS_B], const float *restrict u, float *restrict T)
 {
     const float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
-    for (size_t j = 0; j < nb; j++)
-        T[j] = 0.0f;
+    bool first = true;
     for (uint32_t p = 0; p < s->m; p++) {
         if (skip[p] != 0.0f)
             continue;
         const float dp = dd[p], fp = f[p];
+        if (first) {
+            for (size_t j = 0; j < nb; j++) {
+                float w = ks_rnd(d, ui[p][j] - ks_rnd(d, dp * u[j]));
+                T[j] = 0.0f + ks_rnd(d, fp * w);
+            }
+            first = false;
+            continue;
+        }
         for (size_t j = 0; j < nb; j++) {
-            float w = ms_rnd(d, ui[p][j] - ms_rnd(d, dp * u[j]));
-            T[j] = ms_rnd(d, T[j] + ms_rnd(d, fp * w));
+            float w = ks_rnd(d, ui[p][j] - ks_rnd(d, dp * u[j]));
+            T[j] = ks_rnd(d, T[j] + ks_rnd(d, fp * w));
         }
     }
+    if (first)
+        for (size_t j = 0; j < nb; j++)
+            T[j] = 0.0f;
 }
 
 /* u' of iteration k (before renormalisation), in place of u. */
@@ -251,7 +293,7 @@ KS_INLINE void ks_next(enum ms_dtype d, const struct karcher_state *s, uint32_t 
     const float *q = KS_NT_(s, k); /* |T|, r(cos), r(sin), ||u'|| */
     const float nt = q[0], cs = q[1], sn = q[2];
     for (size_t j = 0; j < nb; j++)
-        u[j] = ms_rnd(d, ms_rnd(d, cs * u[j]) + ms_rnd(d, sn * ms_rnd(d, T[j] / nt)));
+        u[j] = ks_rnd(d, ks_rnd(d, cs * u[j]) + ks_rnd(d, sn * ks_rnd(d, T[j] / nt)));
 }
 
 KS_INLINE void ks_renorm(enum ms_dtype d, const struct karcher_state *s, uint32_t k, size_t nb,
@@ -260,7 +302,7 @@ KS_INLINE void ks_renorm(enum ms_dtype d, const struct karcher_state *s, uint32_
     const float nu = KS_NT_(s, k)[3];
     if ((double)nu > s->tol)
         for (size_t j = 0; j < nb; j++)
-            u[j] = ms_rnd(d, u[j] / nu);
+            u[j] = ks_rnd(d, u[j] / nu);
 }
 
 /* One whole iteration with the scalars of iteration k: u_{t+1} from u_t; T is scratch. */
@@ -272,8 +314,8 @@ KS_INLINE void ks_step(enum ms_dtype d, const struct karcher_state *s, uint32_t 
     ks_renorm(d, s, k, nb, u);
 }
 
-/* Keep: element j's uint32 holds the iterate of s->kat in its low half and
- * Brent's saved iterate u_bp in its high half, each as its D bits (exact). */
+/* Keep: element j's uint32 holds u'_{kat-1} in its low half and Brent's saved
+ * u'_bp in its high half, each as its D bits (exact). */
 KS_INLINE uint32_t ks_bits(enum ms_dtype d, float x)
 {
     return d == MS_DT_BF16 ? ms_f32_bits(x) >> 16 : ms_f32_to_f16_1(x);
@@ -284,31 +326,42 @@ KS_INLINE float ks_val(enum ms_dtype d, uint32_t h)
     return d == MS_DT_BF16 ? ms_f32_from_bits(h << 16) : ms_f16_to_f32_1((uint16_t)h);
 }
 
-/* u = u_k of elements [j0, j0+nb), and sv = u_bp when sv is not NULL (bp <= k):
- * from the keep area (k == s->kat) or replayed from u_0 with the scalars found
- * so far. T is scratch. */
+/* u = u_k of elements [j0, j0+nb); with prev (k >= 1) also prev = u'_{k-1}, with
+ * sv (s->bp < k) sv = u'_bp. u_0 from the inputs; u_k, k >= 1, from the keep
+ * area (k == s->kat: it holds u'_{k-1} and u'_bp) or replayed from u_0 with the
+ * scalars found so far. T is scratch. */
 KS_INLINE void ks_at(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
                      size_t j0, size_t nb, const float (*restrict ui)[KS_B], uint32_t k,
-                     float *restrict u, float *restrict T, float *restrict sv)
+                     float *restrict u, float *restrict T, float *restrict prev,
+                     float *restrict sv)
 {
+    if (k == 0) {
+        ks_start(d, s, nb, ui, u);
+        return;
+    }
     if (c->keep) {
         assert(s->kept && s->kat == k);
         uint32_t w[KS_B];
         memcpy(w, (const uint32_t *)c->keep + j0, nb * sizeof(uint32_t));
         for (size_t j = 0; j < nb; j++)
             u[j] = ks_val(d, w[j] & 0xffffu);
+        if (prev)
+            memcpy(prev, u, nb * sizeof(float));
         if (sv)
             for (size_t j = 0; j < nb; j++)
                 sv[j] = ks_val(d, w[j] >> 16);
+        ks_renorm(d, s, k - 1, nb, u);
         return;
     }
     ks_start(d, s, nb, ui, u);
-    if (sv && s->bp == 0)
-        memcpy(sv, u, nb * sizeof(float));
     for (uint32_t t = 0; t < k; t++) {
-        ks_step(d, s, t, nb, ui, u, T);
-        if (sv && t + 1 == s->bp)
+        ks_T(d, s, t, nb, ui, u, T);
+        ks_next(d, s, t, nb, u, T);
+        if (sv && t == s->bp)
             memcpy(sv, u, nb * sizeof(float));
+        if (prev && t + 1 == k)
+            memcpy(prev, u, nb * sizeof(float));
+        ks_renorm(d, s, t, nb, u);
     }
 }
 
@@ -327,7 +380,7 @@ static uint64_t ks_miss(const float *restrict a, const float *restrict b, size_t
     return mm;
 }
 
-/* Brent's cycle search saves u_k in the dots pass of iteration k when this holds. */
+/* Brent's cycle search saves u'_k in the ||u'|| pass of iteration k when this holds. */
 static bool ks_save(const struct karcher_state *s, uint32_t k)
 {
     return k == 0 || k - s->bp == s->bpow;
@@ -355,51 +408,65 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
             ms_xacc_sumsq(&acc[0], u, nb);
             break;
         case KS_DOT:
-            /* u_k and its dots with every u_i; counts the elements where u_k differs
-             * from u_{k-1} and from Brent's saved u_bp; keeps u_k (and saves it) */
-            if (k == 0) {
-                ks_start(d, s, nb, ui, u);
-                memcpy(sv, u, nb * sizeof(float));
-            } else {
-                ks_at(d, s, c, j0, nb, ui, k - 1, u, T, sv);
-                memcpy(prev, u, nb * sizeof(float));
-                ks_step(d, s, k - 1, nb, ui, u, T);
-                miss1 += ks_miss(u, prev, nb);
-                if (brent)
-                    missb += ks_miss(u, sv, nb);
-                if (save)
-                    memcpy(sv, u, nb * sizeof(float));
-            }
-            if (c->keep) {
-                uint32_t w[KS_B];
-                for (size_t j = 0; j < nb; j++)
-                    w[j] = ks_bits(d, u[j]) | ks_bits(d, sv[j]) << 16;
-                memcpy((uint32_t *)c->keep + j0, w, nb * sizeof(uint32_t));
-            }
+            /* the dots of u_k with every u_i, and the guessed |T_k|^2 */
+            ks_at(d, s, c, j0, nb, ui, k, u, T, NULL, NULL);
             for (uint32_t p = 0; p < s->m; p++)
                 ms_xacc_dot(&acc[p], u, ui[p], nb);
             if (s->guess) {
                 ks_T(d, s, k - 1, nb, ui, u, T);
-                ms_xacc_sumsq(&acc[s->m + 2], T, nb);
+                ms_xacc_sumsq(&acc[s->m], T, nb);
             }
             break;
         case KS_NT:
-            ks_at(d, s, c, j0, nb, ui, k, u, T, NULL);
+            ks_at(d, s, c, j0, nb, ui, k, u, T, NULL, NULL);
             ks_T(d, s, k, nb, ui, u, T);
             ms_xacc_sumsq(&acc[0], T, nb);
             break;
         default:
+            /* ||u'_k||; counts the elements where u'_k differs from u'_{k-1} and
+             * from Brent's saved u'_bp; keeps u'_k (and saves it) */
             assert(s->phase == KS_NU);
-            ks_at(d, s, c, j0, nb, ui, k, u, T, NULL);
+            ks_at(d, s, c, j0, nb, ui, k, u, T, k >= 1 ? prev : NULL, brent ? sv : NULL);
             ks_T(d, s, k, nb, ui, u, T);
             ks_next(d, s, k, nb, u, T);
             ms_xacc_sumsq(&acc[0], u, nb);
+            if (k >= 1)
+                miss1 += ks_miss(u, prev, nb);
+            if (brent)
+                missb += ks_miss(u, sv, nb);
+            if (c->keep) {
+                uint32_t w[KS_B], *kp = (uint32_t *)c->keep + j0;
+                if (save) {
+                    for (size_t j = 0; j < nb; j++)
+                        w[j] = ks_bits(d, u[j]) * 0x10001u;
+                } else {
+                    memcpy(w, kp, nb * sizeof(uint32_t));
+                    for (size_t j = 0; j < nb; j++)
+                        w[j] = (w[j] & 0xffff0000u) | ks_bits(d, u[j]);
+                }
+                memcpy(kp, w, nb * sizeof(uint32_t));
+            }
+            if (s->spec) {
+                /* the dots pass k+1's sums with u_{k+1} = r(u'_k / nug) (prev is free) */
+                const float g = s->nug;
+                if ((double)g > s->tol)
+                    for (size_t j = 0; j < nb; j++)
+                        prev[j] = ks_rnd(d, u[j] / g);
+                else
+                    memcpy(prev, u, nb * sizeof(float));
+                for (uint32_t p = 0; p < s->m; p++)
+                    ms_xacc_dot(&acc[KS_SPEC + p], prev, ui[p], nb);
+                if (s->guess) {
+                    ks_T(d, s, k, nb, ui, prev, T);
+                    ms_xacc_sumsq(&acc[KS_SPEC + s->m], T, nb);
+                }
+            }
             break;
         }
     }
-    if (s->phase == KS_DOT) {
-        ks_count(&acc[s->m], miss1);
-        ks_count(&acc[s->m + 1], missb);
+    if (s->phase == KS_NU) {
+        ks_count(&acc[1], miss1);
+        ks_count(&acc[2], missb);
     }
 }
 
@@ -428,6 +495,46 @@ static int ks_have_nt(struct karcher_state *s, enum ms_dtype d, uint32_t k, cons
     q[1] = ms_rnd(d, cosf(q[0]));
     q[2] = ms_rnd(d, sinf(q[0]));
     s->phase = KS_NU;
+    /* Speculation: where the iterates keep moving without a cycle, ||u'|| often
+     * repeats with period 2 (or 1) before the iterates do; then the ||u'|| pass
+     * guesses ||u'_k|| from the norms before and also sums the dots pass k+1's
+     * sums on that guess, which are that pass's when the guess comes out bit
+     * for bit (a wrong guess costs those sums only). Not for the last iteration. */
+    s->spec = false;
+    if (k + 1 < (uint32_t)s->max_iter && k >= 2) {
+        const float n1 = KS_NT_(s, k - 1)[3], n2 = KS_NT_(s, k - 2)[3];
+        if (k >= 3 && !memcmp(&n1, &KS_NT_(s, k - 3)[3], sizeof(float))) {
+            s->spec = true;
+            s->nug = n2;
+        } else if (!memcmp(&n1, &n2, sizeof(float))) {
+            s->spec = true;
+            s->nug = n1;
+        }
+    }
+    return MS_STAGE_REDUCE;
+}
+
+/* The dots of u_k with every u_i are the exact sums dots[0..m), and guess (when
+ * s->guess) is |T_k|^2 with iteration k-1's scalars: iteration k's scalars, then
+ * stop, or the ||u'|| pass (the guess held), or the |T| pass next. */
+static int ks_have_dots(struct karcher_state *s, enum ms_dtype d, uint32_t k,
+                        const struct ms_xacc *dots, const struct ms_xacc *guess)
+{
+    float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
+    for (uint32_t p = 0; p < s->m; p++) {
+        float dot = ms_rnd(d, (float)ms_xacc_value(&dots[p]));
+        dot = dot < -1.0f ? -1.0f : dot > 1.0f ? 1.0f : dot;
+        float th = ms_rnd(d, acosf(dot));
+        dd[p] = dot;
+        skip[p] = (double)th < s->tol;
+        f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
+    }
+    /* the guess held: the pass summed |T_k|^2 with these scalars */
+    const bool same = k >= 1 && ks_same_scalars(s, k, k - 1), hit = s->guess && same;
+    s->guess = k == 0 || same;
+    if (hit)
+        return ks_have_nt(s, d, k, guess);
+    s->phase = KS_NT;
     return MS_STAGE_REDUCE;
 }
 
@@ -464,20 +571,36 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
             return MS_STAGE_APPLY; /* target 0: u_0 */
         s->phase = KS_DOT;
         break;
-    case KS_DOT: {
+    case KS_DOT:
+        if (ks_have_dots(s, d, k, &s->acc[0], &s->acc[s->m]) == MS_STAGE_APPLY)
+            return MS_STAGE_APPLY;
+        break;
+    case KS_NT:
+        if (ks_have_nt(s, d, k, &s->acc[0]) == MS_STAGE_APPLY)
+            return MS_STAGE_APPLY;
+        break;
+    default: {
+        assert(s->phase == KS_NU);
+        KS_NT_(s, k)[3] = ks_norm(&s->acc[0]);
+        s->done = k + 1;
         s->kept = true;
-        s->kat = k;
+        s->kat = k + 1; /* the keep holds u'_k */
+        if (s->done >= (uint32_t)s->max_iter) {
+            s->target = s->done;
+            return MS_STAGE_APPLY;
+        }
         uint32_t l = 0;
-        if (k >= 1 && ms_xacc_value(&s->acc[s->m]) == 0)
+        if (k >= 1 && ms_xacc_value(&s->acc[1]) == 0)
             l = 1;
-        else if (k >= 1 && s->bp < k - 1 && ms_xacc_value(&s->acc[s->m + 1]) == 0)
+        else if (k >= 1 && s->bp < k - 1 && ms_xacc_value(&s->acc[2]) == 0)
             l = k - s->bp;
         if (l) {
-            /* u_k == u_{k-l} everywhere: the iterates repeat with period l from
-             * u_{k-l} on (each depends only on the one before, and none of
+            /* u'_k == u'_{k-l} everywhere, hence ||u'_k|| == ||u'_{k-l}|| and
+             * u_{k+1} == u_{k+1-l}: the iterates repeat with period l from
+             * u_{k+1-l} on (each depends only on the one before, and none of
              * those iterations stopped), so iteration max_iter ends on
-             * u_{k-l + (max_iter - (k-l)) mod l}, which apply computes */
-            uint32_t k0 = k - l;
+             * u_{k0 + (max_iter - k0) mod l}, k0 = k+1-l, which apply computes */
+            uint32_t k0 = k + 1 - l;
             s->target = k0 + (uint32_t)(((unsigned long)s->max_iter - k0) % l);
             s->per = l;
             return MS_STAGE_APPLY;
@@ -486,48 +609,24 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
             s->bpow = k == 0 ? 1 : 2 * s->bpow;
             s->bp = k;
         }
-        float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
-        for (uint32_t p = 0; p < s->m; p++) {
-            float dot = ms_rnd(d, (float)ms_xacc_value(&s->acc[p]));
-            dot = dot < -1.0f ? -1.0f : dot > 1.0f ? 1.0f : dot;
-            float th = ms_rnd(d, acosf(dot));
-            dd[p] = dot;
-            skip[p] = (double)th < s->tol;
-            f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
-        }
-        /* the guess held: the pass summed |T_k|^2 with these scalars */
-        const bool same = k >= 1 && ks_same_scalars(s, k, k - 1), hit = s->guess && same;
-        s->guess = k == 0 || same;
-        if (hit) {
-            if (ks_have_nt(s, d, k, &s->acc[s->m + 2]) == MS_STAGE_APPLY)
+        if (s->spec && !memcmp(&KS_NT_(s, k)[3], &s->nug, sizeof(float))) {
+            /* the guess held: this pass summed the dots pass k+1's sums */
+            if (ks_have_dots(s, d, k + 1, &s->acc[KS_SPEC], &s->acc[KS_SPEC + s->m]) ==
+                MS_STAGE_APPLY)
                 return MS_STAGE_APPLY;
-        } else {
-            s->phase = KS_NT;
-        }
-        break;
-    }
-    case KS_NT:
-        if (ks_have_nt(s, d, k, &s->acc[0]) == MS_STAGE_APPLY)
-            return MS_STAGE_APPLY;
-        break;
-    default:
-        assert(s->phase == KS_NU);
-        KS_NT_(s, k)[3] = ks_norm(&s->acc[0]);
-        s->done = k + 1;
-        if (s->done >= (uint32_t)s->max_iter) {
-            s->target = s->done;
-            return MS_STAGE_APPLY;
+            break;
         }
         s->phase = KS_DOT;
         break;
+    }
     }
     for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
         ms_xacc_init(&s->acc[i]);
     return MS_STAGE_REDUCE;
 }
 
-/* y[j] = r(float32(s) * u_target[j]). From the keep area, the iterations after
- * s->kat run on; past the scalars found (a cycle), iteration t uses those of t - per. */
+/* y[j] = r(float32(s) * u_target[j]). From u_kat (the keep area), the iterations
+ * after kat run on; past the scalars found (a cycle), iteration t uses those of t - per. */
 KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c)
 {
     float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B];
@@ -543,14 +642,11 @@ KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const st
     for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
         const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
         ks_units(d, s, c, j0, nb, ui);
-        if (kept)
-            ks_at(d, s, c, j0, nb, ui, from, u, T, NULL);
-        else
-            ks_start(d, s, nb, ui, u);
+        ks_at(d, s, c, j0, nb, ui, from, u, T, NULL, NULL);
         for (uint32_t t = from; t < to; t++)
             ks_step(d, s, t < s->done ? t : t - s->per, nb, ui, u, T);
         for (size_t j = 0; j < nb; j++)
-            c->out[j0 + j] = ms_rnd(d, scale * u[j]);
+            c->out[j0 + j] = ks_rnd(d, scale * u[j]);
     }
 }
 
