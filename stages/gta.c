@@ -982,6 +982,18 @@ MS__ISA_VERSIONS(della_reduce_isa, della_reduce,
                   struct ms_xacc *after),
                  (st, m, c, words, keep, before, after))
 
+/* The selection of m whose partial histogram selection q folds: breadcrumbs'
+ * two selections count the same deltas into the same bins while both are at
+ * the same level (and, at F32's second, in the same high bin), so the second
+ * folds the first's histogram and none is counted for it. */
+static uint32_t gta_hist_of(const struct gta_model *m, uint32_t q)
+{
+    const struct ms__sel *a = &m->sel[0], *b = &m->sel[1];
+    bool same = q == 1 && ms__sel_phase(a) == MS__SEL_HIST && ms__sel_phase(b) == MS__SEL_HIST &&
+                a->level == b->level && (a->level == 0 || a->hi == b->hi);
+    return same ? 0 : q;
+}
+
 /* SELECT pass of model m over chunk c: the deltas of each block once, then
  * the histogram or tie count of each of its unfinished selections. */
 static void gta_select_model(const struct gta_state *st, const struct gta_model *m,
@@ -998,7 +1010,8 @@ static void gta_select_model(const struct gta_state *st, const struct gta_model 
             int32_t slot = m->slot + (int32_t)q;
             switch (ms__sel_phase(sel)) {
             case MS__SEL_HIST:
-                ms__sel_count(sel, p->hist + (size_t)slot * st->hist_len, d, n);
+                if (gta_hist_of(m, q) == q)
+                    ms__sel_count(sel, p->hist + (size_t)slot * st->hist_len, d, n);
                 break;
             case MS__SEL_TIES:
                 p->ties[slot] += ms__sel_count_ties(sel, d, n);
@@ -1098,10 +1111,10 @@ static void gta_fold(void *state, const struct ms_stage_job *job, const struct m
                 continue;
             for (uint32_t q = 0; q < kind_nsel(&st->kind); q++) {
                 int32_t slot = m->slot + (int32_t)q;
+                size_t from = (size_t)(m->slot + (int32_t)gta_hist_of(m, q)) * st->hist_len;
                 switch (ms__sel_phase(&m->sel[q])) {
                 case MS__SEL_HIST:
-                    ms__sel_fold_hist(&m->sel[q], state_hist(st, slot),
-                                      p->hist + (size_t)slot * st->hist_len);
+                    ms__sel_fold_hist(&m->sel[q], state_hist(st, slot), p->hist + from);
                     break;
                 case MS__SEL_TIES:
                     ms__sel_fold_ties(&m->sel[q], c->first, p->ties[slot]);

@@ -16,6 +16,11 @@
  * is O(1) state: apply decides every tie from (its chunk's first element, its
  * rank inside its chunk) alone, so the result is independent of the chunking
  * as long as every pass and apply use the same chunks (the protocol's promise).
+ *
+ * NaN. BF16 counting takes the magnitude's bit pattern as the bin (no NaN
+ * test in the loop), so a NaN lands in the bin of its payload, 0x7f81..0x7fff,
+ * all above +Inf's 0x7f80; the end of the pass moves them into the NaN key
+ * 0x7fff before looking for T, so every NaN ranks as one magnitude.
  */
 #include <assert.h>
 #include <string.h>
@@ -65,13 +70,30 @@ static inline __attribute__((always_inline)) void count_body(enum ms_dtype dt, u
         hist[ms__sel_key(dt, x[i]) >> shift]++;
 }
 
+/* BF16: the bin is the magnitude's bit pattern (NaN payloads in bins above
+ * 0x7f80: see the top), four independent loads per step. */
+static void count_bf16(uint32_t *restrict hist, const float *restrict x, size_t n)
+{
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t a = ms_f32_bits(x[i]) >> 16 & 0x7fffu, b = ms_f32_bits(x[i + 1]) >> 16 & 0x7fffu;
+        uint32_t c = ms_f32_bits(x[i + 2]) >> 16 & 0x7fffu, d = ms_f32_bits(x[i + 3]) >> 16 & 0x7fffu;
+        hist[a]++;
+        hist[b]++;
+        hist[c]++;
+        hist[d]++;
+    }
+    for (; i < n; i++)
+        hist[ms_f32_bits(x[i]) >> 16 & 0x7fffu]++;
+}
+
 void ms__sel_count(const struct ms__sel *s, uint32_t *restrict hist, const float *restrict x,
                    size_t n)
 {
     assert(s->phase == MS__SEL_HIST);
     switch (s->dt) {
     case MS_DT_BF16:
-        count_body(MS_DT_BF16, 0, hist, x, n);
+        count_bf16(hist, x, n);
         break;
     case MS_DT_F16:
         count_body(MS_DT_F16, 0, hist, x, n);
@@ -118,10 +140,24 @@ static void sel_set_threshold(struct ms__sel *s, uint32_t key, uint64_t need, ui
     s->phase = MS__SEL_TIES;
 }
 
+/* First raw bin that count_bf16 fills with NaNs (through the NaN key 0x7fff),
+ * or 0 when the current level's bins are keys already. */
+static uint32_t sel_nan_bins(const struct ms__sel *s)
+{
+    return s->dt == MS_DT_BF16 ? 0x7f81u : 0u;
+}
+
 void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
 {
     assert(s->phase == MS__SEL_HIST);
     size_t bins = ms__sel_bins(s);
+    uint32_t nan0 = sel_nan_bins(s);
+    if (nan0) {
+        for (uint32_t b = nan0; b < 0x7fffu; b++) {
+            acc[0x7fff] += acc[b];
+            acc[b] = 0;
+        }
+    }
     uint64_t target = s->k - s->above; /* elements still to select at this level */
     uint64_t cum = 0;
     size_t b = bins;
@@ -275,10 +311,22 @@ void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
         SEL_ISA(mask, s->dt, s->key, tie, x, keep, n);
         return;
     }
-    /* The chunk holding the cut: its first cut_r ties are the low side. */
+    /* The chunk holding the cut: its first cut_r ties are the low side. A run
+     * of elements wholly before or after the cut takes the vector mask; only
+     * the run where the tie count crosses cut_r is decided element by element. */
     const uint32_t key = s->key;
     const enum ms_dtype dt = s->dt;
     uint64_t r = *run;
+    if (r >= s->cut_r) {
+        SEL_ISA(mask, dt, key, s->high_first, x, keep, n); /* past the cut: r stays past it */
+        return;
+    }
+    uint64_t t = SEL_ISA(ties, dt, key, x, n);
+    if (r + t <= s->cut_r) {
+        SEL_ISA(mask, dt, key, !s->high_first, x, keep, n);
+        *run = r + t;
+        return;
+    }
     for (size_t i = 0; i < n; i++) {
         uint32_t k = ms__sel_key(dt, x[i]);
         bool sel = k > key;

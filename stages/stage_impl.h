@@ -207,7 +207,9 @@ static inline size_t ms__sel_bins(const struct ms__sel *s)
 {
     return s->dt == MS_DT_F32 && s->level == 1 ? 65536u : 32768u;
 }
-/* HIST pass, worker: hist[key bin of x[i]] += 1 for n values (hist zeroed by the caller). */
+/* HIST pass, worker: hist[key bin of x[i]] += 1 for n values (hist zeroed by the caller).
+ * BF16 counts the magnitude's bit pattern, so a NaN lands in its payload's bin
+ * (0x7f81..0x7fff); ms__sel_end_hist moves those into the NaN key's bin. */
 void ms__sel_count(const struct ms__sel *s, uint32_t *restrict hist, const float *restrict x,
                    size_t n);
 /* HIST pass, loop thread: acc += part over ms__sel_bins(s) entries. */
@@ -225,8 +227,9 @@ void ms__sel_end_ties(struct ms__sel *s);
  * Apply, worker: keep[i] = 1.0f if element i of x is selected, else 0.0f, for
  * n consecutive elements of the chunk that starts at element chunk_first.
  * Calls for one chunk go in element order: *run carries the count of key-T
- * elements already met in this chunk (0 at the chunk's first element) and is
- * updated for the next call on the same chunk.
+ * elements already met in this chunk (0 at the chunk's first element; once it
+ * reaches the cut, any value at or past it) and is updated for the next call
+ * on the same chunk.
  */
 void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
                   const float *restrict x, float *restrict keep, size_t n);

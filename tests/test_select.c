@@ -347,3 +347,50 @@ Test(select, two_sided_matches_ascending_stable_sort)
         free(want);
     }
 }
+
+/* ------------------------------------------------------------------------ */
+/* BF16 NaN payloads                                                         */
+
+/*
+ * Every bf16 NaN pattern, quiet and signalling, of either sign (0x7f81..0x7fff,
+ * 0xff81..0xffff: 254 of them) ranks as the one NaN magnitude, above +-Inf:
+ * among them only the index decides. The NaNs come first in ascending then
+ * descending pattern order (so no payload is always the last NaN), then Infs
+ * and finite values; k from 1 to past the NaNs (cuts next to each end of
+ * either sign's run of payloads) is checked against the reference over
+ * several chunkings.
+ */
+Test(select, bf16_every_nan_payload_ranks_as_nan)
+{
+    enum { NNAN = 254, N = NNAN + 40 };
+    float x[N], keep[N];
+    unsigned char want[N];
+    for (int order = 0; order < 2; order++) {
+        for (int i = 0; i < NNAN; i++) {
+            uint32_t j = order ? (uint32_t)(NNAN - 1 - i) : (uint32_t)i;
+            uint32_t h = (j < 127 ? 0x7f81u + j : 0xff81u + (j - 127)) << 16;
+            x[i] = ms_f32_from_bits(h);
+            cr_assert(isnan(x[i]));
+        }
+        for (int i = NNAN; i < N; i++)
+            x[i] = i % 4 == 0 ? (i & 1 ? -INFINITY : INFINITY)
+                              : ms_round_bf16_1((float)(i - NNAN) * (i & 1 ? -0.37f : 0.37f));
+        uint64_t chunks[3] = { 7, 64, N };
+        static const uint32_t ks[] = { 1, 2, 3, 64, 126, 127, 128, 129, 200, 252, 253, 254, 255,
+                                       256, 266 };
+        for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+            uint32_t k = ks[ki];
+            ref_select(x, N, k, 0, want);
+            for (int ci = 0; ci < 3; ci++) {
+                struct ms__sel s;
+                ms__sel_init(&s, MS_DT_BF16, N, k, false);
+                drive(&s, x, N, chunks[ci], keep);
+                for (int i = 0; i < N; i++)
+                    cr_assert_eq(keep[i] == 1.0f, want[i] == 1,
+                                 "order %d k %u chunk %llu: element %d (bf16 %04x) %s",
+                                 order, k, (unsigned long long)chunks[ci], i,
+                                 ms_f32_bits(x[i]) >> 16, keep[i] == 1.0f ? "kept" : "dropped");
+            }
+        }
+    }
+}
