@@ -10,7 +10,9 @@
  *   out = rnd(rnd(w*b) + rnd(rnd(1 - w) * a))
  * Every element depends only on its own inputs: no reduce pass, and the result
  * is mergekit's bit for bit in every compute dtype (spec 7.20). NaN propagates
- * through the clamps as torch's does.
+ * through the clamps as torch's does; where both operands of a product or of
+ * the sum are NaN, the first one's is kept (ms__mul_first, ms__acc_add), as
+ * x86 gives it in torch's operand order.
  *
  * Inputs: the base (required) and exactly one other model. The base alone is
  * returned unchanged; a lone tensor that is not the base's is an error, as in
@@ -57,14 +59,6 @@ static int nearswap_begin(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
-/* x * y, x's NaN when both are NaN (as x86's mul, and torch's, with x first): the
- * compiler may swap a vectorised multiply's operands, so the order is explicit
- * (ms__acc_add does the same for the add). */
-MS__AI float nearswap_mul(float x, float y)
-{
-    return x != x ? x : x * y;
-}
-
 /* y[j] = nearswap(a[j], b[j]) as in the file comment; d is a constant in each caller. */
 MS__AI void nearswap_kern(enum ms_dtype d, float *restrict y, const float *restrict a,
                           const float *restrict b, float t, float lo, size_t n)
@@ -75,8 +69,8 @@ MS__AI void nearswap_kern(enum ms_dtype d, float *restrict y, const float *restr
         float w = ms_rnd(d, ms_rnd(d, 1.0f / cl) * t);
         w = w < 0.0f ? 0.0f : w;
         w = w > 1.0f ? 1.0f : w;
-        float wb = ms_rnd(d, nearswap_mul(w, b[j]));
-        y[j] = ms_rnd(d, ms__acc_add(wb, ms_rnd(d, nearswap_mul(ms_rnd(d, 1.0f - w), a[j]))));
+        float wb = ms_rnd(d, ms__mul_first(w, b[j]));
+        y[j] = ms_rnd(d, ms__acc_add(wb, ms_rnd(d, ms__mul_first(ms_rnd(d, 1.0f - w), a[j]))));
     }
 }
 

@@ -22,15 +22,33 @@
  *     squared deviations) and rounded once to D; torch's Welford kernel may
  *     differ by an ulp (mergekit-spec.md 7.20);
  *   - topk ties (equal |var|) go to the lower flat index (DESIGN.md 2);
- *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once.
+ *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once;
+ *   - NaN: every NaN that reaches the output is fixed by the code, as x86
+ *     arithmetic in torch's operand order gives it: a * b and a + b keep a's
+ *     NaN, quieted, when a is NaN (ms__mul_first, sce_add_first); a sum over
+ *     models keeps the first NaN in model order (ms__acc_add); x - y, x / y
+ *     and x * y with one NaN operand are the hardware's; an invalid operation
+ *     (Inf - Inf, Inf / Inf, Inf * 0) gives the hardware's default NaN. A NaN
+ *     mean mu_i is +NaN (the exact sum's NaN; torch's reduction order and its
+ *     bf16 rounding of NaN are not reproducible), an Inf one +Inf. sign(NaN)
+ *     is 0, never the majority; ew_i = rnd(W_i * mask_i) is NaN where W_i is,
+ *     mask 0 or not (torch's tv_weights * erase_mask), so a NaN or Inf delta
+ *     that survives the variance mask makes the whole tensor NaN, as in
+ *     mergekit. Only the NaN's sign and payload are our rule.
  *
- * Passes (everything is recomputed from the inputs in every pass):
+ * Passes (everything is recomputed from the inputs in every pass, but var
+ * when a keep area holds it, below):
  *   COUNT    select_topk < 1: count_nonzero(var), and the first histogram
  *            pass of select.c over var (it does not depend on k);
  *   SELECT   0 < k < numel: the remaining histogram pass (F32) and the tie
  *            pass of select.c over var, when needed;
  *   MU       sum rnd(t_i^2) per model after the mask (ms_xacc);
  *   apply    per element, in blocks of SCE_BLOCK.
+ * Keep area (select_topk < 1, two models or more, at most SCE_KEEP_MAX
+ * elements): COUNT stores each element's var there, and the later passes read
+ * it instead of computing the variance again (SELECT needs no deltas then).
+ * Without one (the engine could not hold it) every pass recomputes var: the
+ * same values, so the same bytes.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64).
  */
 #include <assert.h>
@@ -80,6 +98,22 @@ static size_t sce_state_size(const struct ms_stage_job *job)
 static size_t sce_partial_size(const struct ms_stage_job *job)
 {
     return sizeof(struct sce_part) + ms__sel_hist_len(job->compute) * sizeof(uint32_t);
+}
+
+/*
+ * A keep area holds var between passes (file comment). It is asked for only up
+ * to SCE_KEEP_MAX elements: a resident tensor keeps in its own output buffer at
+ * no cost, while for a larger one (an embedding, rarely resident) the engine
+ * would reserve a keep pool of numel * 4 bytes out of the budget, as
+ * multislerp.c found (peak RSS past budget + 32 MiB at 512M); those recompute.
+ */
+#define SCE_KEEP_MAX ((uint64_t)16 << 20)
+static bool sce_keeps(const struct ms_stage_job *job)
+{
+    int itop = job->method ? ms_method_param(job->method, "select_topk") : -1;
+    bool base = job->base >= 0 && (uint32_t)job->base < job->ninputs;
+    return itop >= 0 && job->gv[itop] < 1.0 && base && job->ninputs >= 3 &&
+           job->numel <= SCE_KEEP_MAX;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -143,16 +177,26 @@ SCE_INLINE void sce_var(enum ms_dtype dt, uint32_t nm, const float (*restrict t)
             var[i] = ms_rnd(dt, (float)(v[i] / N));
 }
 
-/* Deltas of a block with the variance mask applied (t * mask, exact 0/1). */
+/* The chunk's keep area as the variances the COUNT pass stored, or NULL. */
+static inline const float *sce_kept_var(const struct ms_chunk *c)
+{
+    return (const float *)c->keep;
+}
+
+/* Deltas of a block with the variance mask applied (t * mask, exact 0/1); kv:
+ * the block's variances from the keep area, or NULL to compute them. */
 SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
                            uint64_t off, uint64_t *run, float (*restrict t)[SCE_BLOCK], size_t n)
 {
     float var[SCE_BLOCK], keep[SCE_BLOCK];
+    const float *kv = sce_kept_var(c);
     sce_deltas(dt, st, c, off, t, n);
     if (!st->topk || st->keep_all)
         return;
     if (st->keep_none) {
         memset(keep, 0, sizeof(keep));
+    } else if (kv) {
+        ms__sel_mask(&st->sel, c->first, run, kv + off, keep, n);
     } else {
         sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
         ms__sel_mask(&st->sel, c->first, run, var, keep, n);
@@ -171,14 +215,21 @@ SCE_INLINE void sce_squares(enum ms_dtype dt, const float *restrict t, float *re
         sq[i] = ms_rnd(dt, t[i] * t[i]);
 }
 
-/* out = rnd(b + rnd(rnd(num) / max(rnd(div), lo))) */
+/* b + x, b's NaN made quiet when b is NaN: torch's base_tensor + final_tv on
+ * x86 (the first operand's NaN); the order is explicit, as in ms__mul_first. */
+SCE_INLINE float sce_add_first(float b, float x)
+{
+    return b != b ? ms_f32_from_bits(ms_f32_bits(b) | 0x00400000u) : b + x;
+}
+
+/* out = rnd(b + rnd(rnd(num) / max(rnd(div), lo))); the clamp keeps a NaN */
 SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *restrict b,
                         const float *restrict num, const float *restrict div, float lo, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         float d = ms_rnd(dt, div[i]);
         d = d < lo ? lo : d;
-        out[i] = ms_rnd(dt, b[i] + ms_rnd(dt, ms_rnd(dt, num[i]) / d));
+        out[i] = ms_rnd(dt, sce_add_first(b[i], ms_rnd(dt, ms_rnd(dt, num[i]) / d)));
     }
 }
 
@@ -189,25 +240,33 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
 {
     float t[MS_MAX_INPUTS][SCE_BLOCK];
     float var[SCE_BLOCK], sq[SCE_BLOCK];
+    float *kv = c->keep;
     uint64_t run = 0;
     for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
+        const float *v = var;
         switch (st->phase) {
         case SCE_COUNT:
             sce_deltas(dt, st, c, off, t, n);
             sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
+            if (kv)
+                memcpy(kv + off, var, n * sizeof(float));
             for (size_t i = 0; i < n; i++)
                 p->count += var[i] != 0.0f; /* NaN counts, as count_nonzero */
             if (hist)
                 ms__sel_count(&st->sel, p->hist, var, n);
             break;
         case SCE_SELECT:
-            sce_deltas(dt, st, c, off, t, n);
-            sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
+            if (kv) {
+                v = kv + off;
+            } else {
+                sce_deltas(dt, st, c, off, t, n);
+                sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
+            }
             if (hist)
-                ms__sel_count(&st->sel, p->hist, var, n);
+                ms__sel_count(&st->sel, p->hist, v, n);
             else
-                p->count += ms__sel_count_ties(&st->sel, var, n);
+                p->count += ms__sel_count_ties(&st->sel, v, n);
             break;
         case SCE_MU:
             sce_masked(dt, st, c, off, &run, t, n);
@@ -223,7 +282,8 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
 }
 
 /* out = rnd(B + rnd(rnd(sum rnd(t*ew)) / max(rnd(sum ew), clamp))) over the
- * chunk, ew = W * (sign(t) == maj), maj the sign of rnd(sum t) (NaN: -1). */
+ * chunk, ew = rnd(W * (sign(t) == maj)), maj the sign of rnd(sum t) (NaN: -1),
+ * each product and sum with the NaN rule of the file comment. */
 SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
                                const struct ms_chunk *c)
 {
@@ -245,11 +305,13 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
             div[i] = 0.0f;
         }
         for (uint32_t j = 0; j < st->nm; j++) {
-            const float w = st->w[j];
+            /* w0 = rnd(W * 0), ew where the sign is not the majority's (W * False):
+             * +0 for a finite W (>= 0 here), W's NaN for a NaN one */
+            const float w = st->w[j], w0 = ms_rnd(dt, ms__mul_first(w, 0.0f));
             for (size_t i = 0; i < n; i++) {
                 float v = t[j][i];
-                float ew = v * maj[i] > 0.0f ? w : 0.0f; /* sign(v) == maj; maj is +-1 */
-                num[i] = ms__acc_add(num[i], ms_rnd(dt, v * ew));
+                float ew = v * maj[i] > 0.0f ? w : w0; /* sign(v) == maj; maj is +-1 */
+                num[i] = ms__acc_add(num[i], ms_rnd(dt, ms__mul_first(v, ew)));
                 div[i] = ms__acc_add(div[i], ew);
             }
         }
@@ -437,7 +499,7 @@ static int sce_end_pass(void *state, const struct ms_stage_job *job)
         float mu[MS_MAX_INPUTS], sum = 0.0f;
         for (uint32_t j = 0; j < st->nm; j++) {
             mu[j] = ms_rnd(st->dt, (float)(ms_xacc_value(&st->mu[j]) / (double)job->numel));
-            sum += mu[j];
+            sum = ms__acc_add(sum, mu[j]);
         }
         sum = ms_rnd(st->dt, sum);
         for (uint32_t j = 0; j < st->nm; j++)
@@ -471,6 +533,7 @@ static void sce_apply(const void *state, const struct ms_stage_job *job, const s
 static const struct ms_stage_ops sce_ops = {
     .state_size = sce_state_size,
     .partial_size = sce_partial_size,
+    .keeps = sce_keeps,
     .begin = sce_begin,
     .reduce = sce_reduce,
     .fold = sce_fold,

@@ -49,6 +49,17 @@ static inline __attribute__((always_inline)) float ms__acc_add(float acc, float 
     return acc != acc ? acc : acc + x;
 }
 
+/* x * y, x's NaN made quiet when x is NaN: the NaN torch's x * y gives on x86
+ * (the first operand's, quieted, when both are NaN; the one NaN operand's when
+ * only one is, which is y's here and needs no rule). The multiply twin of
+ * ms__acc_add: the compiler may swap a vectorised multiply's operands, so the
+ * order is explicit, and the quiet bit is set by integer work, not left to the
+ * instruction chosen. */
+static inline __attribute__((always_inline)) float ms__mul_first(float x, float y)
+{
+    return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x * y;
+}
+
 /*
  * MS__ISA_VERSIONS(name, fn, PARAMS, ARGS) defines `static void name PARAMS`,
  * which runs fn (a static void function of those parameters) in the version

@@ -107,3 +107,35 @@ Test(nearswap, random_vs_reference_bit_exact)
             }
         }
 }
+
+/*
+ * NaN operands, by hand, as x86 arithmetic in torch's operand order gives them
+ * (t 0.5, a the base):
+ *   a = [-P, 1], b = [-qNaN, -P] with P = NaN payload 0x00600000 (bit 21 and
+ *   the quiet bit), -P = 0xffe00000, -qNaN = 0xffc00000.
+ *   a - b = [-P, -P] (a's NaN; the only NaN), |.| = +P, 1/+P * t = +P, the
+ *   clamps keep it: w = +P (0x7fe00000) at both elements.
+ *   w * b: both NaN at element 0, w first: +P (b first would give -qNaN);
+ *   element 1: +P (b first: -P). (1 - w) * a = +P, and +P + +P = +P.
+ * out = [+P, +P] in every dtype (the payload is in bf16's top bits).
+ */
+Test(nearswap, nan_operands_keep_torch_order)
+{
+    /* the pair repeated over two whole vector blocks (NEARSWAP_BLOCK 512) and a tail */
+    enum { N = 1030 };
+    static const int64_t shape[1] = { N };
+    static float a[N], b[N], out[N];
+    for (int i = 0; i < N; i++) {
+        a[i] = i % 2 ? 1.0f : ms_f32_from_bits(0xffe00000u);
+        b[i] = ms_f32_from_bits(i % 2 ? 0xffe00000u : 0xffc00000u);
+    }
+    const float *in[2] = { a, b };
+    for (int d = 0; d < 3; d++) {
+        struct ms_stage_job job;
+        job_for(&job, shape, 1, dts[d], 2, 0, 0.5);
+        cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0, "%s", ms_errmsg());
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(ms_f32_bits(out[i]), 0x7fe00000u, "dt %d elt %d: %#x", dts[d], i,
+                         ms_f32_bits(out[i]));
+    }
+}

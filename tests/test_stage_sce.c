@@ -19,7 +19,21 @@
 static float store[MS_MAX_INPUTS * MAXN];
 static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
 
-static float R(enum ms_dtype dt, float x) { return th_gta_rnd(dt, x); }
+/* NaN as x86 arithmetic in torch's operand order: an op whose first operand
+ * is NaN gives that NaN made quiet; rounding to bf16/f16 keeps the sign and
+ * the payload's top 7 / 10 bits and sets the quiet bit (NUMERICS.md). These
+ * make every NaN of the reference explicit, so that no operand order the
+ * compiler picks can change it. */
+static float quiet(float x) { return ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u); }
+static float mul1(float a, float b) { return isnan(a) ? quiet(a) : a * b; }
+static float add1(float a, float b) { return isnan(a) ? quiet(a) : a + b; }
+
+static float R(enum ms_dtype dt, float x)
+{
+    if (isnan(x) && dt != MS_DT_F32)
+        return ms_f32_from_bits(ms_f32_bits(quiet(x)) & (dt == MS_DT_BF16 ? ~0xffffu : ~0x1fffu));
+    return th_gta_rnd(dt, x);
+}
 
 static const float *sort_v;
 static int by_var_desc(const void *pa, const void *pb)
@@ -86,16 +100,23 @@ static void sce_ref(enum ms_dtype D, uint64_t n, uint32_t ninputs, int base,
     /* sce_weight: weights = mean(tvs**2) in D; weight_sum = torch.sum(weights).item()
      * (float32 accumulation, one rounding to D); weights / weight_sum (a float32
      * scalar). g_exact_wsum: the exact double sum instead (what we did before),
-     * to show that the cases below can tell the two apart. */
+     * to show that the cases below can tell the two apart. A NaN square makes
+     * the mean +NaN (our rule: torch's NaN there is not reproducible). */
     double mu[MS_MAX_INPUTS], sum = 0;
     float fsum = 0;
     for (uint32_t j = 0; j < N; j++) {
         double s = 0;
-        for (uint64_t e = 0; e < n; e++)
-            s += R(D, t[j][e] * t[j][e]);
-        mu[j] = R(D, (float)(s / (double)n));
+        bool nan = false;
+        for (uint64_t e = 0; e < n; e++) {
+            float sq = R(D, t[j][e] * t[j][e]);
+            if (isnan(sq))
+                nan = true;
+            else
+                s += sq;
+        }
+        mu[j] = nan ? (double)ms_f32_from_bits(0x7fc00000u) : R(D, (float)(s / (double)n));
         sum += mu[j];
-        fsum += (float)mu[j];
+        fsum = add1(fsum, (float)mu[j]);
     }
     float W[MS_MAX_INPUTS];
     fsum = R(D, fsum);
@@ -114,14 +135,15 @@ static void sce_ref(enum ms_dtype D, uint64_t n, uint32_t ninputs, int base,
         float num = 0, div = 0;
         for (uint32_t j = 0; j < N; j++) {
             float sg = t[j][e] > 0 ? 1.0f : (t[j][e] < 0 ? -1.0f : 0.0f);
-            float ew = R(D, W[j] * (sg == maj ? 1.0f : 0.0f));
-            num += R(D, t[j][e] * ew);
-            div += ew;
+            /* tv_weights * erase_mask: NaN * 0 is NaN */
+            float ew = R(D, mul1(W[j], sg == maj ? 1.0f : 0.0f));
+            num = add1(num, R(D, mul1(t[j][e], ew)));
+            div = add1(div, ew);
         }
         num = R(D, num);
         div = R(D, div);
-        div = div < cmin ? cmin : div;
-        out[e] = R(D, B[e] + R(D, num / div));
+        div = div < cmin ? cmin : div; /* clamp(min=1e-6) keeps a NaN */
+        out[e] = R(D, add1(B[e], R(D, num / div)));
     }
     for (uint32_t j = 0; j < N; j++)
         free(t[j]);
@@ -154,14 +176,16 @@ static void check(enum ms_dtype dt, uint64_t n, uint32_t ninputs, int base,
     int64_t shape[1];
     sce_job(&job, shape, dt, n, ninputs, base, topk);
     const uint64_t chunks[] = { 1, 7, 100, n };
-    for (int c = 0; c < 5; c++) {
+    for (int c = 0; c < 6; c++) {
         int rc;
         if (c < 4) {
             if (chunks[c] == 1 && n > 48)
                 continue;
             rc = ms_stage_run_mem(&job, in, got, chunks[c]);
-        } else {
+        } else if (c == 4) {
             rc = th_stage_run_shuffled(&job, in, got, 13, n + 3);
+        } else { /* no keep area: every pass recomputes the variance */
+            rc = ms_stage_run_mem_keep(&job, in, got, 7, false);
         }
         cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
         long d = th_gta_first_diff(got, want, n);
@@ -250,3 +274,110 @@ Test(stage_sce, weight_sum_is_rounded_to_the_compute_dtype)
     }
     cr_assert_gt(seen, 0, "no case where the rounded weight sum matters");
 }
+
+/*
+ * Non-finite inputs by hand (mergekit-spec.md 2.13 in torch's IEEE arithmetic
+ * on x86), select_topk 1, base B and two models:
+ *   B  = [sNaN_B, 0, 0, 0]       sNaN_B = 0xff810000 (signalling, -)
+ *   x1 = [+qNaN, P, 0, 2]        P = 0x7fe00000 (quiet, a payload bit)
+ *   x2 = [1, -qNaN, 0, -2]
+ *   t1 = x1 - B = [+qNaN, P, 0, 2]; t2 = [qB, -qNaN, 0, -2] (qB = sNaN_B
+ *   quieted, 0xffc10000). Both means are NaN, +NaN by our rule, so the sum
+ *   and W1 = W2 = +NaN, and ew = W * mask is +NaN wherever the mask is 0 too.
+ *   0: maj -1 (a NaN sum); num = t1 * ew first = +qNaN; q = +qNaN; out =
+ *      B + q = qB (B's NaN first, quieted).
+ *   1: num = P * ew = P (t first), q = P / NaN = P, out = 0 + P = P.
+ *   2: t = 0, 0: no model has the majority sign, ew = W * 0 = +NaN, so
+ *      num = 0 * NaN = +qNaN: out +qNaN (a stage setting ew = 0 there
+ *      gives the base, 0).
+ *   3: +qNaN likewise.
+ * Every value is exact in BF16, F16 and F32 (the payload bits are in the top
+ * 7 of the mantissa).
+ */
+Test(stage_sce, nan_inputs_by_hand)
+{
+    const float b[4] = { ms_f32_from_bits(0xff810000u), 0, 0, 0 };
+    const float x1[4] = { ms_f32_from_bits(0x7fc00000u), ms_f32_from_bits(0x7fe00000u), 0, 2 };
+    const float x2[4] = { 1, ms_f32_from_bits(0xffc00000u), 0, -2 };
+    const uint32_t want[4] = { 0xffc10000u, 0x7fe00000u, 0x7fc00000u, 0x7fc00000u };
+    const float *in[3] = { b, x1, x2 };
+    for (int d = 0; d < 3; d++) {
+        struct ms_stage_job job;
+        int64_t shape[1];
+        float out[4];
+        sce_job(&job, shape, dts[d], 4, 3, 0, 1.0);
+        for (uint64_t chunk = 1; chunk <= 4; chunk++) {
+            cr_assert_eq(ms_stage_run_mem(&job, in, out, chunk), 0, "%s", ms_errmsg());
+            for (int e = 0; e < 4; e++)
+                cr_assert_eq(ms_f32_bits(out[e]), want[e], "%s chunk %llu element %d: %#x",
+                             ms_dtype_name(dts[d]), (unsigned long long)chunk, e,
+                             ms_f32_bits(out[e]));
+        }
+    }
+}
+
+/*
+ * An Inf delta and no NaN input, by hand: B = 0, x1 = [+Inf, 1, 0, 2],
+ * x2 = [1, 1, 0, -2], select_topk 1. mu1 = +Inf, mu2 = 1.5, the sum +Inf, so
+ * W1 = Inf / Inf = the hardware's default NaN (dn, computed here at run time:
+ * 0xffc00000 on x86) and W2 = 1.5 / Inf = 0. ew1 = W1 * mask1 is dn at every
+ * element, so every sum of ew is dn and every output dn: one Inf makes the
+ * whole tensor NaN, as in mergekit.
+ */
+Test(stage_sce, an_inf_delta_makes_every_output_nan)
+{
+    volatile float inf = INFINITY;
+    const uint32_t dn = ms_f32_bits(inf / inf);
+    const float b[4] = { 0, 0, 0, 0 }, x1[4] = { INFINITY, 1, 0, 2 }, x2[4] = { 1, 1, 0, -2 };
+    const float *in[3] = { b, x1, x2 };
+    for (int d = 0; d < 3; d++) {
+        struct ms_stage_job job;
+        int64_t shape[1];
+        float out[4];
+        sce_job(&job, shape, dts[d], 4, 3, 0, 1.0);
+        for (uint64_t chunk = 1; chunk <= 4; chunk += 3) {
+            cr_assert_eq(ms_stage_run_mem(&job, in, out, chunk), 0, "%s", ms_errmsg());
+            for (int e = 0; e < 4; e++)
+                cr_assert_eq(ms_f32_bits(out[e]), dn, "%s chunk %llu element %d: %#x, want %#x",
+                             ms_dtype_name(dts[d]), (unsigned long long)chunk, e,
+                             ms_f32_bits(out[e]), dn);
+        }
+    }
+}
+
+/*
+ * Random NaN (both signs, quiet and signalling, with payloads) and +-Inf in
+ * every input, the base too, against the reference bit for bit: every NaN the
+ * stage returns is fixed by its code (the file comment of stages/sce.c), and
+ * the reference makes each one explicit (mul1, add1, R), so sign and payload
+ * are compared as well as NaN-ness, whatever the build's optimisation. Some
+ * seeds give Inf only, or no non-finite value in a masked-out element.
+ */
+Test(stage_sce, nonfinite_inputs_match_the_reference)
+{
+    enum { N = 300, NIN = 3 };
+    static float x[NIN][N];
+    for (int d = 0; d < 3; d++)
+        for (uint64_t seed = 1; seed <= 6; seed++) {
+            uint64_t rs = 77 * seed + (uint64_t)d;
+            cr_log_info("seed %llu", (unsigned long long)rs);
+            for (int i = 0; i < NIN; i++)
+                for (uint64_t e = 0; e < N; e++) {
+                    float v = (float)((int64_t)th_gta_rand(&rs) >> 50) * 0x1p-10f;
+                    uint64_t r = th_gta_rand(&rs) % (29 * seed);
+                    if (r == 0 && seed % 3 != 0) {
+                        /* sign, quiet bit and two payload bits, all kept by bf16 */
+                        uint32_t u = 0x7f800000u | (uint32_t)(th_gta_rand(&rs) & 0x80610000u);
+                        v = ms_f32_from_bits((u & 0x007f0000u) ? u : u | 0x00400000u);
+                    } else if (r == 1) {
+                        v = e & 2 ? INFINITY : -INFINITY;
+                    }
+                    x[i][e] = isnan(v) ? v : R(dts[d], v);
+                }
+            const float *in[NIN] = { x[0], x[1], x[2] };
+            check(dts[d], N, NIN, (int)(seed % 3), in, 1.0, "nonfinite, topk 1");
+            check(dts[d], N, NIN, (int)(seed % 3), in, 0.5, "nonfinite, topk 0.5");
+            check(dts[d], N, NIN, (int)(seed % 3), in, 0.02, "nonfinite, topk 0.02");
+        }
+}
+
