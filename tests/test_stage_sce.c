@@ -275,6 +275,25 @@ Test(stage_sce, weight_sum_is_rounded_to_the_compute_dtype)
     cr_assert_gt(seen, 0, "no case where the rounded weight sum matters");
 }
 
+/* Runs sce (3 inputs of 4 elements, select_topk 1) in every compute dtype and
+ * chunk sizes 1, 1 + step, ... up to 4, and wants the output's bits. */
+static void check_bits4(const float *const in[3], const uint32_t want[4], uint64_t step)
+{
+    for (int d = 0; d < 3; d++) {
+        struct ms_stage_job job;
+        int64_t shape[1];
+        float out[4];
+        sce_job(&job, shape, dts[d], 4, 3, 0, 1.0);
+        for (uint64_t chunk = 1; chunk <= 4; chunk += step) {
+            cr_assert_eq(ms_stage_run_mem(&job, in, out, chunk), 0, "%s", ms_errmsg());
+            for (int e = 0; e < 4; e++)
+                cr_assert_eq(ms_f32_bits(out[e]), want[e],
+                             "%s chunk %llu element %d: %#x, want %#x", ms_dtype_name(dts[d]),
+                             (unsigned long long)chunk, e, ms_f32_bits(out[e]), want[e]);
+        }
+    }
+}
+
 /*
  * Non-finite inputs by hand (mergekit-spec.md 2.13 in torch's IEEE arithmetic
  * on x86), select_topk 1, base B and two models:
@@ -301,19 +320,7 @@ Test(stage_sce, nan_inputs_by_hand)
     const float x2[4] = { 1, ms_f32_from_bits(0xffc00000u), 0, -2 };
     const uint32_t want[4] = { 0xffc10000u, 0x7fe00000u, 0x7fc00000u, 0x7fc00000u };
     const float *in[3] = { b, x1, x2 };
-    for (int d = 0; d < 3; d++) {
-        struct ms_stage_job job;
-        int64_t shape[1];
-        float out[4];
-        sce_job(&job, shape, dts[d], 4, 3, 0, 1.0);
-        for (uint64_t chunk = 1; chunk <= 4; chunk++) {
-            cr_assert_eq(ms_stage_run_mem(&job, in, out, chunk), 0, "%s", ms_errmsg());
-            for (int e = 0; e < 4; e++)
-                cr_assert_eq(ms_f32_bits(out[e]), want[e], "%s chunk %llu element %d: %#x",
-                             ms_dtype_name(dts[d]), (unsigned long long)chunk, e,
-                             ms_f32_bits(out[e]));
-        }
-    }
+    check_bits4(in, want, 1);
 }
 
 /*
@@ -330,19 +337,8 @@ Test(stage_sce, an_inf_delta_makes_every_output_nan)
     const uint32_t dn = ms_f32_bits(inf / inf);
     const float b[4] = { 0, 0, 0, 0 }, x1[4] = { INFINITY, 1, 0, 2 }, x2[4] = { 1, 1, 0, -2 };
     const float *in[3] = { b, x1, x2 };
-    for (int d = 0; d < 3; d++) {
-        struct ms_stage_job job;
-        int64_t shape[1];
-        float out[4];
-        sce_job(&job, shape, dts[d], 4, 3, 0, 1.0);
-        for (uint64_t chunk = 1; chunk <= 4; chunk += 3) {
-            cr_assert_eq(ms_stage_run_mem(&job, in, out, chunk), 0, "%s", ms_errmsg());
-            for (int e = 0; e < 4; e++)
-                cr_assert_eq(ms_f32_bits(out[e]), dn, "%s chunk %llu element %d: %#x, want %#x",
-                             ms_dtype_name(dts[d]), (unsigned long long)chunk, e,
-                             ms_f32_bits(out[e]), dn);
-        }
-    }
+    const uint32_t want[4] = { dn, dn, dn, dn };
+    check_bits4(in, want, 3);
 }
 
 /*
