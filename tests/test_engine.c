@@ -58,16 +58,20 @@ static void write_recipe(const char *name, const char *text)
     free(p);
 }
 
-static const char linear_recipe[] =
-    "merge_method: linear\n"
+/* The linear recipe's head and models, the third model named `third`. */
+#define LINEAR_HEAD                                                                                \
+    "merge_method: linear\n"                                                                       \
     "dtype: bfloat16\n"
-    "models:\n"
-    "  - model: base\n"
-    "    parameters: {weight: 1.0}\n"
-    "  - model: ft1\n"
-    "    parameters: {weight: 0.3}\n"
-    "  - model: ft2\n"
-    "    parameters: {weight: 0.5}\n";
+#define LINEAR_MODELS(third)                                                                       \
+    "models:\n"                                                                                    \
+    "  - model: base\n"                                                                            \
+    "    parameters: {weight: 1.0}\n"                                                              \
+    "  - model: ft1\n"                                                                             \
+    "    parameters: {weight: 0.3}\n"                                                              \
+    "  - model: " third "\n"                                                                       \
+    "    parameters: {weight: 0.5}\n"
+
+static const char linear_recipe[] = LINEAR_HEAD LINEAR_MODELS("ft2");
 
 /* Reads tensor `name` of the model at dir as floats (malloc'd). */
 static float *read_tensor(const struct ms_model *m, const char *name, uint64_t *numel,
@@ -193,27 +197,8 @@ Test(engine, linear_formula_holds_in_subblocks)
 Test(engine, linear_formula_holds_on_and_off_the_stored_path)
 {
     run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 13 --dtype f16 ft2h", g_dir);
-    static const char mixed[] =
-        "merge_method: linear\n"
-        "dtype: bfloat16\n"
-        "models:\n"
-        "  - model: base\n"
-        "    parameters: {weight: 1.0}\n"
-        "  - model: ft1\n"
-        "    parameters: {weight: 0.3}\n"
-        "  - model: ft2h\n"
-        "    parameters: {weight: 0.5}\n";
-    static const char out32[] =
-        "merge_method: linear\n"
-        "dtype: bfloat16\n"
-        "out_dtype: float32\n"
-        "models:\n"
-        "  - model: base\n"
-        "    parameters: {weight: 1.0}\n"
-        "  - model: ft1\n"
-        "    parameters: {weight: 0.3}\n"
-        "  - model: ft2\n"
-        "    parameters: {weight: 0.5}\n";
+    static const char mixed[] = LINEAR_HEAD LINEAR_MODELS("ft2h");
+    static const char out32[] = LINEAR_HEAD "out_dtype: float32\n" LINEAR_MODELS("ft2");
     check_linear_formula_of(mixed, "ft2h", MS_DT_BF16, "", "");
     check_linear_formula_of(out32, "ft2", MS_DT_F32, "", "");
     check_linear_formula_of(out32, "ft2", MS_DT_F32, "MERGESTREAM_SUBBLOCK=48", "--chunk-elems 1000");
