@@ -25,7 +25,7 @@
  *   - the whole-tensor sums of mu are exact (ms_xacc), rounded once;
  *   - NaN: every NaN that reaches the output is fixed by the code, as x86
  *     arithmetic in torch's operand order gives it: a * b and a + b keep a's
- *     NaN, quieted, when a is NaN (ms__mul_first, sce_add_first); a sum over
+ *     NaN, quieted, when a is NaN (ms__mul_first, ms__add_first); a sum over
  *     models keeps the first NaN in model order (ms__acc_add); x - y, x / y
  *     and x * y with one NaN operand are the hardware's; an invalid operation
  *     (Inf - Inf, Inf / Inf, Inf * 0) gives the hardware's default NaN. A NaN
@@ -215,13 +215,6 @@ SCE_INLINE void sce_squares(enum ms_dtype dt, const float *restrict t, float *re
         sq[i] = ms_rnd(dt, t[i] * t[i]);
 }
 
-/* b + x, b's NaN made quiet when b is NaN: torch's base_tensor + final_tv on
- * x86 (the first operand's NaN); the order is explicit, as in ms__mul_first. */
-SCE_INLINE float sce_add_first(float b, float x)
-{
-    return b != b ? ms_f32_from_bits(ms_f32_bits(b) | 0x00400000u) : b + x;
-}
-
 /* out = rnd(b + rnd(rnd(num) / max(rnd(div), lo))); the clamp keeps a NaN */
 SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *restrict b,
                         const float *restrict num, const float *restrict div, float lo, size_t n)
@@ -229,7 +222,7 @@ SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *rest
     for (size_t i = 0; i < n; i++) {
         float d = ms_rnd(dt, div[i]);
         d = d < lo ? lo : d;
-        out[i] = ms_rnd(dt, sce_add_first(b[i], ms_rnd(dt, ms_rnd(dt, num[i]) / d)));
+        out[i] = ms_rnd(dt, ms__add_first(b[i], ms_rnd(dt, ms_rnd(dt, num[i]) / d)));
     }
 }
 

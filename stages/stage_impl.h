@@ -60,6 +60,14 @@ static inline __attribute__((always_inline)) float ms__mul_first(float x, float 
     return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x * y;
 }
 
+/* x + y, x's NaN made quiet when x is NaN: the add twin of ms__mul_first (torch's
+ * x + y on x86 when x is NaN), where ms__acc_add keeps an accumulator's NaN as
+ * it is. */
+static inline __attribute__((always_inline)) float ms__add_first(float x, float y)
+{
+    return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x + y;
+}
+
 /*
  * MS__ISA_VERSIONS(name, fn, PARAMS, ARGS) defines `static void name PARAMS`,
  * which runs fn (a static void function of those parameters) in the version
