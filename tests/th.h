@@ -57,6 +57,20 @@ const char *th_fail_problem(int rc, const char *err, int want, const char *has);
         free(o_);                                                                       \
         free(e_);                                                                       \
     } while (0)
+/*
+ * A shell command (for th_run_in) that runs `mergestream merge ARGS` into k/ and
+ * kills it (SIGKILL) once k/.mergestream-run.json lists model-00002; exits 0 only
+ * if the merge died of the kill with that shard listed. The run file is polled, so
+ * a merge that ends before a poll sees it is started again, up to five times.
+ * ARGS is a string literal and must not name the output directory.
+ */
+#define TH_MERGE_KILLED_AFTER_TWO_SHARDS(args)                                          \
+    "for try in 1 2 3 4 5; do rm -rf k; mergestream merge " args " k & pid=$!; "         \
+    "while kill -0 $pid 2>/dev/null && "                                                \
+    "! grep -q model-00002 k/.mergestream-run.json 2>/dev/null; do sleep 0.01; done; "  \
+    "kill -9 $pid 2>/dev/null; wait $pid; rc=$?; [ $rc = 137 ] && break; "              \
+    "echo \"try $try: the merge ended ($rc) before the kill\" >&2; done; "              \
+    "test $rc = 137 && grep -q model-00002 k/.mergestream-run.json"
 /* Byte-compares two files; 0 if equal. */
 int th_cmp_files(const char *a, const char *b);
 
