@@ -1114,7 +1114,9 @@ static void gta_fold(void *state, const struct ms_stage_job *job, const struct m
                 size_t from = (size_t)(m->slot + (int32_t)gta_hist_of(m, q)) * st->hist_len;
                 switch (ms__sel_phase(&m->sel[q])) {
                 case MS__SEL_HIST:
-                    ms__sel_fold_hist(&m->sel[q], state_hist(st, slot), p->hist + from);
+                    ms__sel_fold_hist_at(&m->sel[q], state_hist(st, slot), p->hist + from,
+                                         c->first, c->count,
+                                         ms__sel_share(&m->sel[q], c->first + c->count));
                     break;
                 case MS__SEL_TIES:
                     ms__sel_fold_ties(&m->sel[q], c->first, p->ties[slot]);

@@ -439,12 +439,16 @@ static void sce_fold(void *state, const struct ms_stage_job *job, const struct m
     switch (st->phase) {
     case SCE_COUNT:
         st->nonzero += p->count;
+        /* The records' predicted cut: k as end_pass will compute it, over the
+         * chunks folded so far. */
         if (st->count_hist)
-            ms__sel_fold_hist(&st->sel, st->hist, p->hist);
+            ms__sel_fold_hist_at(&st->sel, st->hist, p->hist, c->first, c->count,
+                                 (uint64_t)((float)st->nonzero * (float)st->select_topk));
         break;
     case SCE_SELECT:
         if (ms__sel_phase(&st->sel) == MS__SEL_HIST)
-            ms__sel_fold_hist(&st->sel, st->hist, p->hist);
+            ms__sel_fold_hist_at(&st->sel, st->hist, p->hist, c->first, c->count,
+                                 ms__sel_share(&st->sel, c->first + c->count));
         else
             ms__sel_fold_ties(&st->sel, c->first, p->count);
         break;

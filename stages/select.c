@@ -112,16 +112,125 @@ void ms__sel_count(const struct ms__sel *s, uint32_t *restrict hist, const float
     }
 }
 
+/* The accumulator holds uint32 counts while the stream has fewer than 2^32
+ * elements: a bin never counts more than n elements, so it cannot wrap. */
+static bool sel_narrow(const struct ms__sel *s)
+{
+    return s->n < ((uint64_t)1 << 32);
+}
+
+/* The narrow accumulator's records area (the uint64 accumulator's second half
+ * seen as uint32: ms__sel_hist_len(dt) words). The uint64 array is only
+ * accessed as uint32 while narrow (and memset), so no object is read through
+ * the other type. */
+static uint32_t *sel_records(const struct ms__sel *s, uint64_t *acc)
+{
+    return (uint32_t *)acc + ms__sel_hist_len(s->dt);
+}
+
 void ms__sel_fold_hist(const struct ms__sel *s, uint64_t *restrict acc,
                        const uint32_t *restrict part)
 {
     size_t bins = ms__sel_bins(s);
+    if (sel_narrow(s)) {
+        uint32_t *restrict a = (uint32_t *)acc;
+        for (size_t b = 0; b < bins; b++)
+            a[b] += part[b];
+        return;
+    }
     for (size_t b = 0; b < bins; b++)
         acc[b] += part[b];
 }
 
-/* Enters the tie phase for threshold key T, or finishes when every tie is in. */
-static void sel_set_threshold(struct ms__sel *s, uint32_t key, uint64_t need, uint64_t at)
+uint64_t ms__sel_share(const struct ms__sel *s, uint64_t folded)
+{
+    /* (k - above) <= n and folded <= n: the product fits while n < 2^32. */
+    if (!sel_narrow(s) || s->n == 0)
+        return 0;
+    return (s->k - s->above) * MS_MIN(folded, s->n) / s->n;
+}
+
+/*
+ * Records of the chunks' ties (narrow accumulator, final level, not an order
+ * statistic). Layout of the records area, uint32 words:
+ *   [0] W, window bins per record (0: no records in this pass)
+ *   [1] records written, [2] first element of the next chunk expected
+ *   then per chunk in chunk order: first element, lo, counts of bins [lo, lo+W)
+ * W is fixed at chunk 0 from the chunk count its size implies; a chunk that
+ * does not fit is not recorded, nor is any after it.
+ */
+#define SEL_REC_HDR 3u
+#define SEL_REC_MIN 16u /* smallest useful window: fewer bins and the tie pass runs */
+
+void ms__sel_fold_hist_at(const struct ms__sel *s, uint64_t *restrict acc,
+                          const uint32_t *restrict part, uint64_t first, uint64_t count,
+                          uint64_t want)
+{
+    ms__sel_fold_hist(s, acc, part);
+    if (!sel_narrow(s) || s->exact || (s->dt == MS_DT_F32 && s->level == 0) || count == 0)
+        return;
+    const uint32_t room = (uint32_t)ms__sel_hist_len(s->dt);
+    const uint32_t bins = (uint32_t)ms__sel_bins(s);
+    uint32_t *rec = sel_records(s, acc);
+    if (first == 0) {
+        uint64_t chunks = (s->n + count - 1) / count;
+        uint64_t per = (room - SEL_REC_HDR) / chunks;
+        rec[0] = per >= 2 + SEL_REC_MIN ? (uint32_t)MS_MIN(per - 2, (uint64_t)bins) : 0;
+        rec[1] = 0;
+        rec[2] = 0;
+    }
+    const uint32_t w = rec[0];
+    if (w == 0 || first != rec[2])
+        return;
+    uint64_t used = SEL_REC_HDR + (uint64_t)rec[1] * (w + 2);
+    if (used + w + 2 > room) {
+        rec[2] = UINT32_MAX; /* no room: this chunk and the later ones go unrecorded */
+        return;
+    }
+    /* Predicted threshold bin: where the count from the top of the histogram
+     * folded so far reaches want (at least 1). */
+    const uint32_t *a = (const uint32_t *)acc;
+    uint64_t target = MS_MAX(want, (uint64_t)1), cum = 0;
+    uint32_t p = bins;
+    while (p > 0 && cum < target)
+        cum += a[--p];
+    uint32_t lo = p > w / 2 ? p - w / 2 : 0;
+    lo = MS_MIN(lo, bins - w);
+    uint32_t *r = rec + used;
+    r[0] = (uint32_t)first;
+    r[1] = lo;
+    memcpy(r + 2, part + lo, (size_t)w * sizeof(*part));
+    rec[1]++;
+    rec[2] = (uint32_t)(first + count);
+}
+
+/* Folds the recorded tie counts of bin `bin` (the level's bin of T) in chunk
+ * order, as the tie pass would; leaves the TIES phase for DONE when they
+ * locate the cut, or resets the fold for the tie pass. */
+static void sel_ties_from_records(struct ms__sel *s, uint32_t bin, const uint32_t *rec)
+{
+    const uint32_t w = rec[0], nrec = rec[1];
+    /* BF16's NaN key holds the raw bins 0x7f81..0x7fff: not one recorded bin. */
+    if (w != 0 && !(s->dt == MS_DT_BF16 && bin > 0x7f80u)) {
+        const uint32_t *r = rec + SEL_REC_HDR;
+        for (uint32_t i = 0; i < nrec && !s->located; i++, r += w + 2) {
+            if (bin < r[1] || bin - r[1] >= w)
+                break; /* T outside this chunk's window */
+            ms__sel_fold_ties(s, r[0], r[2 + (bin - r[1])]);
+        }
+        if (s->located) {
+            s->phase = MS__SEL_DONE;
+            return;
+        }
+    }
+    s->seen = 0;
+    s->located = false;
+}
+
+/* Enters the tie phase for threshold key T, or finishes when every tie is in
+ * or the records (NULL: none) locate the cut. */
+static void sel_set_threshold(struct ms__sel *s, uint32_t key, uint64_t need, uint64_t at,
+                              uint32_t bin, const uint32_t *rec)
 {
     s->key = key;
     s->need = need;
@@ -138,6 +247,8 @@ static void sel_set_threshold(struct ms__sel *s, uint32_t key, uint64_t need, ui
     s->seen = 0;
     s->located = false;
     s->phase = MS__SEL_TIES;
+    if (rec)
+        sel_ties_from_records(s, bin, rec);
 }
 
 /* First raw bin that count_bf16 fills with NaNs (through the NaN key 0x7fff),
@@ -150,12 +261,20 @@ static uint32_t sel_nan_bins(const struct ms__sel *s)
 void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
 {
     assert(s->phase == MS__SEL_HIST);
+    const bool narrow = sel_narrow(s);
+    uint32_t *a32 = (uint32_t *)acc;
+#define SEL_BIN(b) (narrow ? (uint64_t)a32[b] : acc[b])
     size_t bins = ms__sel_bins(s);
     uint32_t nan0 = sel_nan_bins(s);
     if (nan0) {
         for (uint32_t b = nan0; b < 0x7fffu; b++) {
-            acc[0x7fff] += acc[b];
-            acc[b] = 0;
+            if (narrow) {
+                a32[0x7fff] += a32[b]; /* at most n in all: no wrap */
+                a32[b] = 0;
+            } else {
+                acc[0x7fff] += acc[b];
+                acc[b] = 0;
+            }
         }
     }
     uint64_t target = s->k - s->above; /* elements still to select at this level */
@@ -164,17 +283,18 @@ void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
     /* Scan from the top: b is the bin where the running count reaches target.
      * target >= 1 and the bins hold >= target elements, so the loop stops. */
     while (b-- > 0) {
-        if (cum + acc[b] >= target)
+        if (cum + SEL_BIN(b) >= target)
             break;
-        cum += acc[b];
+        cum += SEL_BIN(b);
     }
     assert(b < bins && target > cum);
-    uint64_t at = acc[b], need = target - cum;
+    uint64_t at = SEL_BIN(b), need = target - cum;
+#undef SEL_BIN
     s->above += cum;
-    memset(acc, 0, bins * sizeof(*acc));
+    const uint32_t *rec = narrow ? sel_records(s, acc) : NULL;
 
     if (s->dt != MS_DT_F32) {
-        sel_set_threshold(s, (uint32_t)b, need, at);
+        sel_set_threshold(s, (uint32_t)b, need, at, (uint32_t)b, rec);
     } else if (s->level == 0) {
         if (need == at && !s->exact) {
             /* The whole high bin is selected: key >= b << 16, no second level. */
@@ -187,8 +307,10 @@ void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc)
             s->level = 1;
         }
     } else {
-        sel_set_threshold(s, s->hi << 16 | (uint32_t)b, need, at);
+        sel_set_threshold(s, s->hi << 16 | (uint32_t)b, need, at, (uint32_t)b, rec);
     }
+    /* The histogram, and when narrow the records after their use. */
+    memset(acc, 0, narrow ? ms__sel_hist_len(s->dt) * sizeof(*acc) : bins * sizeof(*acc));
 }
 
 static inline __attribute__((always_inline)) uint64_t ties_body(enum ms_dtype dt, uint32_t key,

@@ -169,14 +169,22 @@ MS__AI void ms__k_div(enum ms_dtype d, float *restrict y, const float *restrict 
  *   ms__sel_init                              begin (loop thread)
  *   while ms__sel_phase() != MS__SEL_DONE:    one reduce pass per step
  *     HIST: ms__sel_count per chunk (worker) into a zeroed uint32 partial of
- *           ms__sel_bins() entries; ms__sel_fold_hist (loop, chunk order) into
- *           a uint64 accumulator of ms__sel_hist_len(dt) entries, zero at
- *           init; ms__sel_end_hist at end_pass (zeroes the accumulator again)
+ *           ms__sel_bins() entries; ms__sel_fold_hist_at (loop, strictly in
+ *           chunk order) or ms__sel_fold_hist (loop, any order) into an
+ *           accumulator of ms__sel_hist_len(dt) uint64, zero at init;
+ *           ms__sel_end_hist at end_pass (zeroes the accumulator again)
  *     TIES: ms__sel_count_ties per chunk (worker); ms__sel_fold_ties (loop,
  *           strictly in chunk order); ms__sel_end_ties at end_pass
  *   ms__sel_mask per chunk in apply (worker), with the same chunks as the passes.
  * Workers read only fields that change in init/end_*; fold changes the others.
  * A chunk holds fewer than 2^32 elements (uint32 partial counts).
+ *
+ * Fused tie count: while n < 2^32 the accumulator counts in uint32 (no bin
+ * exceeds n) and its other half records, per chunk, the counts of a window of
+ * bins around the threshold predicted from the histogram folded so far
+ * (ms__sel_fold_hist_at). When every chunk up to the one holding the cut has
+ * T in its window, ms__sel_end_hist locates the cut from them and the TIES
+ * pass is skipped, with the same result: the tie pass is the fallback.
  */
 enum ms__sel_phase { MS__SEL_DONE = 0, MS__SEL_HIST = 1, MS__SEL_TIES = 2 };
 
@@ -234,7 +242,18 @@ void ms__sel_count(const struct ms__sel *s, uint32_t *restrict hist, const float
 /* HIST pass, loop thread: acc += part over ms__sel_bins(s) entries. */
 void ms__sel_fold_hist(const struct ms__sel *s, uint64_t *restrict acc,
                        const uint32_t *restrict part);
-/* End of a HIST pass: finds the boundary bin, advances the phase, zeroes acc. */
+/* HIST pass, loop thread, strictly in chunk order: ms__sel_fold_hist of the
+ * chunk [first, first + count), which also records the chunk's counts around
+ * the threshold predicted for `want` elements to select among the elements
+ * folded so far (ms__sel_share(s, first + count) for a fixed k). */
+void ms__sel_fold_hist_at(const struct ms__sel *s, uint64_t *restrict acc,
+                          const uint32_t *restrict part, uint64_t first, uint64_t count,
+                          uint64_t want);
+/* The share of the elements still to select at this level in the first
+ * `folded` elements of the stream: (k - above) * folded / n. */
+uint64_t ms__sel_share(const struct ms__sel *s, uint64_t folded);
+/* End of a HIST pass: finds the boundary bin, advances the phase (past TIES
+ * when the records locate the cut), zeroes acc. */
 void ms__sel_end_hist(struct ms__sel *s, uint64_t *acc);
 /* TIES pass, worker: elements of x whose key is T. */
 uint64_t ms__sel_count_ties(const struct ms__sel *s, const float *restrict x, size_t n);
