@@ -212,6 +212,46 @@ Test(stage_ties, nan_ranks_above_every_magnitude)
     }
 }
 
+/*
+ * Ties at the cut spread over many chunks (select.c's records of the
+ * histogram pass, or the tie pass when there is no room for them): two models
+ * whose deltas take three magnitudes 1/16, 1/16 + 1/2048, 1/16 + 1/1024 (next
+ * to each other in every dtype's keys) and zero, densities cutting through a
+ * run of equal magnitudes, rescale on and off, against the reference, for
+ * chunks of 3 (2,000 chunks: no records in bf16/f16), 64, 999 and numel.
+ */
+Test(stage_ties, cut_ties_across_chunks)
+{
+    enum { N = 6000 };
+    static float in[3][N], want[N], got[N];
+    uint64_t rs = 2026;
+    for (int d = 0; d < 3; d++) {
+        for (int e = 0; e < N; e++) {
+            in[0][e] = th_gta_rnd(dts[d], (float)(e % 13) * 0.25f);
+            for (int m = 1; m < 3; m++) {
+                uint64_t r = th_gta_rand(&rs) % 6;
+                float v = r == 0 ? 0.0f : r < 3 ? 0x1p-4f : r < 5 ? 0x1.02p-4f : 0x1.04p-4f;
+                in[m][e] = th_gta_rnd(dts[d], in[0][e] + ((th_gta_rand(&rs) & 1) ? -v : v));
+            }
+        }
+        for (int resc = 0; resc < 2; resc++) {
+            struct th_gta g = { .method = "ties", .dt = dts[d], .numel = N, .ninputs = 3,
+                                .base = 0, .in = { in[0], in[1], in[2] },
+                                .weight = { 0, 0.7, 0.4 }, .density = { 1, 0.45, 0.2 },
+                                .normalize = true, .rescale = resc, .lambda = 1.0 };
+            cr_assert_eq(th_gta_ref(&g, want), 0);
+            const uint64_t chunks[] = { 3, 64, 999, N };
+            for (size_t ci = 0; ci < MS_ARRAY_LEN(chunks); ci++) {
+                cr_assert_eq(th_gta_run(&g, chunks[ci], got), 0, "%s", ms_errmsg());
+                long i = th_gta_first_diff(got, want, N);
+                cr_assert_eq(i, -1, "%s rescale %d chunk %llu: element %ld is %a, want %a",
+                             ms_dtype_name(dts[d]), resc, (unsigned long long)chunks[ci], i,
+                             i >= 0 ? got[i] : 0.0f, i >= 0 ? want[i] : 0.0f);
+            }
+        }
+    }
+}
+
 /* The registry points ties and task_arithmetic at their stages. */
 Test(stage_ties, registered)
 {
