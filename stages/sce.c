@@ -41,7 +41,8 @@
  *   COUNT    select_topk < 1: count_nonzero(var), and the first histogram
  *            pass of select.c over var (it does not depend on k);
  *   SELECT   0 < k < numel: the remaining histogram pass (F32) and the tie
- *            pass of select.c over var, when needed;
+ *            pass of select.c over var, when needed (the histogram pass's
+ *            records predict the cut from the nonzero count so far);
  *   MU       sum rnd(t_i^2) per model after the mask (ms_xacc);
  *   apply    per element, in blocks of SCE_BLOCK.
  * Keep area (select_topk < 1, two models or more, at most SCE_KEEP_MAX

@@ -17,6 +17,17 @@
  * rank inside its chunk) alone, so the result is independent of the chunking
  * as long as every pass and apply use the same chunks (the protocol's promise).
  *
+ * Fused tie count. While n < 2^32 the uint64 accumulator holds uint32 counts
+ * in its first half; the second half records, for each chunk folded in chunk
+ * order in the pass that decides T (the only pass of F16/BF16, F32's second),
+ * the chunk's counts over a window of bins around the threshold predicted from
+ * the histogram folded so far. If T lies in the window of every chunk up to
+ * the one holding the cut, end_hist folds those counts as the tie pass would
+ * (the same counts: a bin of this level holds exactly the elements of its key)
+ * and the tie pass is skipped; otherwise it runs. The windows are as wide as
+ * the area allows for the chunk count chunk 0's size implies; the state does
+ * not grow.
+ *
  * NaN. BF16 counting takes the magnitude's bit pattern as the bin (no NaN
  * test in the loop), so a NaN lands in the bin of its payload, 0x7f81..0x7fff,
  * all above +Inf's 0x7f80; the end of the pass moves them into the NaN key
