@@ -312,6 +312,20 @@ static void xacc_sumabs_c(struct ms_xacc *a, const float *restrict x, size_t n)
 /*    (sum h) * 2^(P + S) + (sum r) * 2^S: the sum of m << s of its terms,   */
 /*    the integer the scalar kernels add.                                    */
 /*                                                                           */
+/* The double path: pass 1 also ORs the terms' bit patterns; with z the     */
+/* trailing zero bits of the OR'd 52-bit mantissas (and the implicit bit),   */
+/* every term is a multiple of 2^(emin - 52 + z) (emin: the exponent of the  */
+/* smallest nonzero |term|), and every partial sum of m terms is below       */
+/* m * 2^(emax + 1). If b + (emax - emin) + ceil(log2 m) <= 53 with          */
+/* b = 53 - z (at most 16 for products of bf16 values, 8 for bf16 values),   */
+/* every such partial sum is a double, so a plain double sum in any order    */
+/* is exact. Pass 2 then sums the terms in double per limb instead: a sum of */
+/* all, and sums of the terms at or above each limb's lower edge but the     */
+/* lowest (masked adds); the differences are the limbs' exact sums, each     */
+/* an integer number of that limb's units, converted at the block's end.     */
+/* Same integers per limb as the int64 path. Blocks that do not qualify take */
+/* the int64 path.                                                           */
+/*                                                                           */
 /* Elements after the last whole vector go through xacc_term. All integer    */
 /* additions: any order or split gives the same limbs.                       */
 
@@ -353,6 +367,35 @@ static inline __int128 xv_shl(__int128 v, int sh)
     return (__int128)((unsigned __int128)v << sh);
 }
 
+/* Whether a double sum of the m terms of a block is exact in any order (the
+ * double path above): hi and lo as for xv_plan (nonzero, finite), bits the OR
+ * of the terms' bit patterns. */
+static inline bool xv_exact(uint64_t hi, uint64_t lo, uint64_t bits, size_t m)
+{
+    int emax = (int)((hi >> 52) & 0x7ffu), emin = (int)((lo >> 52) & 0x7ffu);
+    int b = 53 - __builtin_ctzll((bits & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52));
+    int lg = m > 1 ? 64 - __builtin_clzll((uint64_t)(m - 1)) : 0; /* ceil(log2 m) */
+    return b + (emax - emin) + lg <= 53;
+}
+
+/* The limb increment of d, an exact sum of terms of limb L (an integer number
+ * of the limb's units 2^(32L - 352), below 2^94 of them). */
+static inline __int128 xv_limb_int(double d, uint32_t L)
+{
+    uint64_t u;
+    memcpy(&u, &d, sizeof(u));
+    uint64_t bexp = (u >> 52) & 0x7ffu;
+    if (bexp == 0)
+        return 0; /* +-0: a nonzero d is at least one unit, a normal double */
+    unsigned __int128 m = (u & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52);
+    int e = (int)bexp - 1075 + XACC_BIAS - 32 * (int)L; /* d = m * 2^e units */
+    __int128 v = (__int128)(e >= 0 ? m << e : m >> -e); /* exact: d is whole units */
+    return u >> 63 ? -v : v;
+}
+
+/* Bits of the double 2^(32L - 352 + 52): the lower edge of limb L's terms. */
+static inline int64_t xv_edge_bits(uint32_t L) { return (int64_t)(XB_LO + 32 * L) << 52; }
+
 /* The driver and the four entry points of one ISA (PFX: x2, x5; ISA: avx2,
  * avx512; ATTR, INLINE: its target attributes) from its PFX_range and
  * PFX_accum: blocks, plan, the vector pass (the number of limbs a constant in
@@ -369,6 +412,16 @@ static inline __int128 xv_shl(__int128 v, int sh)
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
+    INLINE void PFX##_fsum_n(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,         \
+                             const float *y, size_t n, __int128 *add)                              \
+    {                                                                                              \
+        switch (nlimb) {                                                                           \
+        case 1: PFX##_fsum(kind, 1, top, x, y, n, add); break;                                     \
+        case 2: PFX##_fsum(kind, 2, top, x, y, n, add); break;                                     \
+        default: PFX##_fsum(kind, 3, top, x, y, n, add); break;                                    \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
     INLINE void PFX##_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,         \
                           const float *restrict y, size_t n)                                       \
     {                                                                                              \
@@ -376,9 +429,9 @@ static inline __int128 xv_shl(__int128 v, int sh)
         for (size_t i0 = 0; i0 < nv; i0 += XV_B) {                                                 \
             size_t m = MS_MIN((size_t)XV_B, nv - i0);                                              \
             const float *xb = x + i0, *yb = kind == XK_DOT ? y + i0 : NULL;                        \
-            uint64_t hi, lo;                                                                       \
+            uint64_t hi, lo, bits;                                                                 \
             uint32_t top = 0;                                                                      \
-            PFX##_range(kind, xb, yb, m, &hi, &lo);                                                \
+            PFX##_range(kind, xb, yb, m, &hi, &lo, &bits);                                         \
             int nlimb = xv_plan(hi, lo, &top);                                                     \
             if (nlimb < 0) {                                                                       \
                 if (binned + m > 2 * XB_BLOCK) {                                                   \
@@ -389,7 +442,10 @@ static inline __int128 xv_shl(__int128 v, int sh)
                 binned += m;                                                                       \
             } else if (nlimb > 0) {                                                                \
                 __int128 add[XV_J];                                                                \
-                PFX##_accum_n(kind, nlimb, top, xb, yb, m, add);                                   \
+                if (xv_exact(hi, lo, bits, m))                                                     \
+                    PFX##_fsum_n(kind, nlimb, top, xb, yb, m, add);                                \
+                else                                                                               \
+                    PFX##_accum_n(kind, nlimb, top, xb, yb, m, add);                               \
                 for (int j = 0; j < nlimb; j++)                                                    \
                     a->limb[top - (uint32_t)j] += add[j];                                          \
             }                                                                                      \
@@ -434,17 +490,18 @@ X2_INLINE __m256d x2_term(enum xacc_kind kind, const float *x, const float *y, s
     }
 }
 
-/* Bit patterns of the largest |term| and smallest nonzero |term| of x[0..n).
- * Only the high 32 bits (sign, exponent, top of the mantissa) are kept, which
+/* Bit patterns of the largest |term| and smallest nonzero |term| of x[0..n),
+ * and the OR of all terms' patterns (for xv_exact). Only the high 32 bits (sign, exponent, top of the mantissa) are kept, which
  * is enough for the exponents: unsigned 32-bit max and min over the high
  * halves; zero becomes the largest by the -1 (undone at the end). */
 X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
-                        uint64_t *hi, uint64_t *lo)
+                        uint64_t *hi, uint64_t *lo, uint64_t *bits)
 {
     const __m256i abs = _mm256_set1_epi64x(INT64_MAX), one = _mm256_set1_epi32(1);
-    __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+    __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1), vor = vmax;
     for (size_t i = 0; i < n; i += 4) {
         __m256i b = _mm256_castpd_si256(x2_term(kind, x, y, i));
+        vor = _mm256_or_si256(vor, b);
         if (kind == XK_DOT || kind == XK_SUM)
             b = _mm256_and_si256(b, abs);
         vmax = _mm256_max_epu32(vmax, b);
@@ -460,6 +517,9 @@ X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, siz
     }
     *hi = (uint64_t)h << 32;
     *lo = (uint64_t)(uint32_t)(l + 1) << 32;
+    uint64_t o[4];
+    _mm256_storeu_si256((__m256i *)o, vor);
+    *bits = o[0] | o[1] | o[2] | o[3];
 }
 
 /* The lanes of v, less count * XV_MAGIC_BITS each, summed (exactly, as 128-bit). */
@@ -522,6 +582,51 @@ X2_INLINE void x2_accum(enum xacc_kind kind, int nlimb, uint32_t top, const floa
     add[nlimb - 1] = last;
 }
 
+/* As x2_accum by the double path (the caller checked xv_exact): four
+ * accumulators of each sum hide the latency of the additions. */
+X2_INLINE void x2_fsum(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
+                       const float *y, size_t n, __int128 *add)
+{
+    const bool sign = kind == XK_DOT || kind == XK_SUM;
+    const __m256d abs = _mm256_castsi256_pd(_mm256_set1_epi64x(INT64_MAX));
+    __m256d t[4], sj[XV_J - 1][4], edge[XV_J - 1];
+    for (int u = 0; u < 4; u++) {
+        t[u] = _mm256_setzero_pd();
+        for (int j = 0; j < nlimb - 1; j++)
+            sj[j][u] = t[u];
+    }
+    for (int j = 0; j < nlimb - 1; j++)
+        edge[j] = _mm256_castsi256_pd(_mm256_set1_epi64x(xv_edge_bits(top - (uint32_t)j)));
+    size_t i = 0;
+#define X2_FSUM_STEP(u, i)                                                                         \
+    do {                                                                                           \
+        __m256d v = x2_term(kind, x, y, (i));                                                      \
+        t[u] = _mm256_add_pd(t[u], v);                                                             \
+        __m256d av = sign ? _mm256_and_pd(v, abs) : v;                                             \
+        for (int j = 0; j < nlimb - 1; j++)                                                        \
+            sj[j][u] = _mm256_add_pd(                                                              \
+                sj[j][u], _mm256_and_pd(_mm256_cmp_pd(av, edge[j], _CMP_GE_OQ), v));             \
+    } while (0)
+    for (; i + 16 <= n; i += 16) {
+        X2_FSUM_STEP(0, i);
+        X2_FSUM_STEP(1, i + 4);
+        X2_FSUM_STEP(2, i + 8);
+        X2_FSUM_STEP(3, i + 12);
+    }
+    for (; i < n; i += 4)
+        X2_FSUM_STEP(0, i);
+#undef X2_FSUM_STEP
+    double sum[XV_J]; /* sum[j]: the terms of limbs top - j and above; the last: all */
+    for (int j = 0; j < nlimb; j++) {
+        __m256d *v = j < nlimb - 1 ? sj[j] : t;
+        double l[4];
+        _mm256_storeu_pd(l, _mm256_add_pd(_mm256_add_pd(v[0], v[1]), _mm256_add_pd(v[2], v[3])));
+        sum[j] = (l[0] + l[1]) + (l[2] + l[3]);
+    }
+    for (int j = 0; j < nlimb; j++)
+        add[j] = xv_limb_int(j ? sum[j] - sum[j - 1] : sum[0], top - (uint32_t)j);
+}
+
 XV_DEFINE(x2, avx2, 4, X2_ATTR, X2_INLINE)
 
 /* ---- AVX-512: 8 lanes, vcvtpd2qq, mask registers ------------------------ */
@@ -542,12 +647,13 @@ X5_INLINE __m512d x5_term(enum xacc_kind kind, const float *x, const float *y, s
 
 /* As x2_range, with whole 64-bit patterns (zero becomes the largest by the -1). */
 X5_INLINE void x5_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
-                        uint64_t *hi, uint64_t *lo)
+                        uint64_t *hi, uint64_t *lo, uint64_t *bits)
 {
     const __m512i abs = _mm512_set1_epi64(INT64_MAX), one = _mm512_set1_epi64(1);
-    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi64(-1);
+    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi64(-1), vor = vmax;
     for (size_t i = 0; i < n; i += 8) {
         __m512i b = _mm512_castpd_si512(x5_term(kind, x, y, i));
+        vor = _mm512_or_si512(vor, b);
         if (kind == XK_DOT || kind == XK_SUM)
             b = _mm512_and_si512(b, abs);
         vmax = _mm512_max_epu64(vmax, b);
@@ -555,6 +661,7 @@ X5_INLINE void x5_range(enum xacc_kind kind, const float *x, const float *y, siz
     }
     *hi = _mm512_reduce_max_epu64(vmax);
     *lo = _mm512_reduce_min_epu64(vmin) + 1;
+    *bits = (uint64_t)_mm512_reduce_or_epi64(vor);
 }
 
 /* The lanes of v summed exactly (as 128-bit). */
@@ -615,6 +722,48 @@ X5_INLINE void x5_accum(enum xacc_kind kind, int nlimb, uint32_t top, const floa
         last -= add[j];
     }
     add[nlimb - 1] = last;
+}
+
+/* As x2_fsum, with mask registers. */
+X5_INLINE void x5_fsum(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
+                       const float *y, size_t n, __int128 *add)
+{
+    const bool sign = kind == XK_DOT || kind == XK_SUM;
+    __m512d t[4], sj[XV_J - 1][4], edge[XV_J - 1];
+    for (int u = 0; u < 4; u++) {
+        t[u] = _mm512_setzero_pd();
+        for (int j = 0; j < nlimb - 1; j++)
+            sj[j][u] = t[u];
+    }
+    for (int j = 0; j < nlimb - 1; j++)
+        edge[j] = _mm512_castsi512_pd(_mm512_set1_epi64(xv_edge_bits(top - (uint32_t)j)));
+    size_t i = 0;
+#define X5_FSUM_STEP(u, i)                                                                         \
+    do {                                                                                           \
+        __m512d v = x5_term(kind, x, y, (i));                                                      \
+        t[u] = _mm512_add_pd(t[u], v);                                                             \
+        __m512d av = sign ? _mm512_abs_pd(v) : v;                                                  \
+        for (int j = 0; j < nlimb - 1; j++)                                                        \
+            sj[j][u] = _mm512_mask_add_pd(sj[j][u], _mm512_cmp_pd_mask(av, edge[j], _CMP_GE_OQ), \
+                                          sj[j][u], v);                                            \
+    } while (0)
+    for (; i + 32 <= n; i += 32) {
+        X5_FSUM_STEP(0, i);
+        X5_FSUM_STEP(1, i + 8);
+        X5_FSUM_STEP(2, i + 16);
+        X5_FSUM_STEP(3, i + 24);
+    }
+    for (; i < n; i += 8)
+        X5_FSUM_STEP(0, i);
+#undef X5_FSUM_STEP
+    double sum[XV_J]; /* sum[j]: the terms of limbs top - j and above; the last: all */
+    for (int j = 0; j < nlimb; j++) {
+        __m512d *v = j < nlimb - 1 ? sj[j] : t;
+        sum[j] = _mm512_reduce_add_pd(
+            _mm512_add_pd(_mm512_add_pd(v[0], v[1]), _mm512_add_pd(v[2], v[3])));
+    }
+    for (int j = 0; j < nlimb; j++)
+        add[j] = xv_limb_int(j ? sum[j] - sum[j - 1] : sum[0], top - (uint32_t)j);
 }
 
 XV_DEFINE(x5, avx512, 8, X5_ATTR, X5_INLINE)
