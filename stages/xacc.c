@@ -312,19 +312,20 @@ static void xacc_sumabs_c(struct ms_xacc *a, const float *restrict x, size_t n)
 /*    (sum h) * 2^(P + S) + (sum r) * 2^S: the sum of m << s of its terms,   */
 /*    the integer the scalar kernels add.                                    */
 /*                                                                           */
-/* The double path: pass 1 also ORs the terms' bit patterns; with z the     */
-/* trailing zero bits of the OR'd 52-bit mantissas (and the implicit bit),   */
-/* every term is a multiple of 2^(emin - 52 + z) (emin: the exponent of the  */
-/* smallest nonzero |term|), and every partial sum of m terms is below       */
-/* m * 2^(emax + 1). If b + (emax - emin) + ceil(log2 m) <= 53 with          */
-/* b = 53 - z (at most 16 for products of bf16 values, 8 for bf16 values),   */
-/* every such partial sum is a double, so a plain double sum in any order    */
-/* is exact. Pass 2 then sums the terms in double per limb instead: a sum of */
-/* all, and sums of the terms at or above each limb's lower edge but the     */
-/* lowest (masked adds); the differences are the limbs' exact sums, each     */
-/* an integer number of that limb's units, converted at the block's end.     */
-/* Same integers per limb as the int64 path. Blocks that do not qualify take */
-/* the int64 path.                                                           */
+/* The double path. Pass 1 also bounds the significant bits b of the terms */
+/* (from the OR of their bit patterns, or of the inputs' for sums of x, |x| */
+/* and x * x, whose range pass 1 then takes from the inputs too: 16 floats  */
+/* per AVX-512 vector). A limb's terms have exponents in [eL, eH], the      */
+/* limb's 32 exponents clipped to the block's [emin, emax]: each term is a  */
+/* multiple of 2^(eL - b + 1) and any partial sum of m of them is below     */
+/* m * 2^(eH + 1). If b + (eH - eL) + ceil(log2 m) <= 53 for every limb of  */
+/* the block (xv_exact; b is at most 16 for products of bf16 values, 8 for  */
+/* bf16 values), every such partial sum is a double and a plain double sum  */
+/* of the limb's terms in any order is exact. Pass 2 then adds each term in */
+/* double to its limb's sum (masked adds; the limb told by comparing |term| */
+/* with the limbs' lower edges); at the block's end each sum, an integer    */
+/* number of its limb's units, is converted (xv_limb_int): the same integer */
+/* per limb as the int64 path. Other blocks take the int64 path.            */
 /*                                                                           */
 /* Elements after the last whole vector go through xacc_term. All integer    */
 /* additions: any order or split gives the same limbs.                       */
@@ -526,9 +527,11 @@ X2_INLINE __m256d x2_term(enum xacc_kind kind, const float *x, const float *y, s
 }
 
 /* Bit patterns of the largest |term| and smallest nonzero |term| of x[0..n),
- * and the significant bits at most of the terms (for xv_exact). Only the high 32 bits (sign, exponent, top of the mantissa) are kept, which
- * is enough for the exponents: unsigned 32-bit max and min over the high
- * halves; zero becomes the largest by the -1 (undone at the end). */
+ * and the terms' significant bits at most (*sig, for xv_exact). XK_DOT: only
+ * the high 32 bits (sign, exponent, top of the mantissa) are kept, which is
+ * enough for the exponents: unsigned 32-bit max and min over the high halves;
+ * zero becomes the largest by the -1 (undone at the end). The other kinds:
+ * from the inputs (xv_from_inputs). */
 X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
                         uint64_t *hi, uint64_t *lo, int *sig)
 {
@@ -537,9 +540,9 @@ X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, siz
     if (kind != XK_DOT) { /* from the inputs, 8 at a time (n is a multiple of 4) */
         const __m256i abs32 = _mm256_set1_epi32(INT32_MAX);
         for (size_t i = 0; i < n; i += 8) {
-            __m256i v = i + 8 <= n ? _mm256_loadu_si256((const __m256i *)(x + i))
-                                   : _mm256_inserti128_si256(_mm256_setzero_si256(),
-                                                             _mm_loadu_si128((const __m128i *)(x + i)), 0);
+            const __m128i *q = (const __m128i *)(x + i);
+            __m256i v = i + 8 <= n ? _mm256_loadu_si256((const __m256i *)q)
+                                   : _mm256_zextsi128_si256(_mm_loadu_si128(q));
             v = _mm256_and_si256(v, abs32);
             vor = _mm256_or_si256(vor, v);
             vmax = _mm256_max_epu32(vmax, v);
