@@ -312,6 +312,21 @@ static void xacc_sumabs_c(struct ms_xacc *a, const float *restrict x, size_t n)
 /*    (sum h) * 2^(P + S) + (sum r) * 2^S: the sum of m << s of its terms,   */
 /*    the integer the scalar kernels add.                                    */
 /*                                                                           */
+/* The double path. Pass 1 also bounds the significant bits b of the terms */
+/* (from the OR of their bit patterns, or of the inputs' for sums of x, |x| */
+/* and x * x, whose range pass 1 then takes from the inputs too: 16 floats  */
+/* per AVX-512 vector). A limb's terms have exponents in [eL, eH], the      */
+/* limb's 32 exponents clipped to the block's [emin, emax]: each term is a  */
+/* multiple of 2^(eL - b + 1) and any partial sum of m of them is below     */
+/* m * 2^(eH + 1). If b + (eH - eL) + ceil(log2 m) <= 53 for every limb of  */
+/* the block (xv_exact; b is at most 16 for products of bf16 values, 8 for  */
+/* bf16 values), every such partial sum is a double and a plain double sum  */
+/* of the limb's terms in any order is exact. Pass 2 then adds each term in */
+/* double to its limb's sum (masked adds; the limb told by comparing |term| */
+/* with the limbs' lower edges); at the block's end each sum, an integer    */
+/* number of its limb's units, is converted (xv_limb_int): the same integer */
+/* per limb as the int64 path. Other blocks take the int64 path.            */
+/*                                                                           */
 /* Elements after the last whole vector go through xacc_term. All integer    */
 /* additions: any order or split gives the same limbs.                       */
 
@@ -353,6 +368,69 @@ static inline __int128 xv_shl(__int128 v, int sh)
     return (__int128)((unsigned __int128)v << sh);
 }
 
+/* Significant bits at most of a term whose bit patterns OR to bits. */
+static inline int xv_sigbits(uint64_t bits)
+{
+    return 53 - __builtin_ctzll((bits & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52));
+}
+
+/* hi, lo and the significant bits of the terms of a kind other than XK_DOT
+ * from the bit patterns of the inputs' largest |x| (mx) and smallest nonzero
+ * |x| (mn, 0 if none) and their OR (bits): a term is x, |x| or x * x. A float
+ * (also a subnormal) with trailing zero bits z in its 23-bit fraction field
+ * has at most 24 - z significant bits; a square at most twice as many. */
+static inline void xv_from_inputs(enum xacc_kind kind, uint32_t mx, uint32_t mn, uint32_t bits,
+                                  uint64_t *hi, uint64_t *lo, int *sig)
+{
+    float fx, fn;
+    memcpy(&fx, &mx, 4);
+    memcpy(&fn, &mn, 4);
+    double dx = fx, dn = fn;
+    if (kind == XK_SUMSQ) {
+        dx *= dx;
+        dn *= dn;
+    }
+    memcpy(hi, &dx, 8);
+    memcpy(lo, &dn, 8);
+    int bx = 24 - __builtin_ctz((bits & 0x7fffffu) | 0x800000u);
+    *sig = kind == XK_SUMSQ ? 2 * bx : bx;
+}
+
+/* Whether a double sum of the terms of each limb of a block of m terms is
+ * exact in any order (the double path above): hi, lo, top and nlimb (>= 1) as
+ * for xv_plan, b the terms' significant bits at most. A limb's terms lie in
+ * its 32 exponents and in [emin, emax]. */
+static inline bool xv_exact(uint64_t hi, uint64_t lo, int b, size_t m, uint32_t top, int nlimb)
+{
+    int emax = (int)((hi >> 52) & 0x7ffu), emin = (int)((lo >> 52) & 0x7ffu);
+    int lg = m > 1 ? 64 - __builtin_clzll((uint64_t)(m - 1)) : 0; /* ceil(log2 m) */
+    for (int j = 0; j < nlimb; j++) {
+        int e0 = XB_LO + 32 * ((int)top - j), e1 = e0 + 31; /* the limb's exponents */
+        int s = MS_MIN(e1, emax) - MS_MAX(e0, emin);
+        if (b + s + lg > 53)
+            return false;
+    }
+    return true;
+}
+
+/* The limb increment of d, an exact sum of terms of limb L (an integer number
+ * of the limb's units 2^(32L - 352), below 2^94 of them). */
+static inline __int128 xv_limb_int(double d, uint32_t L)
+{
+    uint64_t u;
+    memcpy(&u, &d, sizeof(u));
+    uint64_t bexp = (u >> 52) & 0x7ffu;
+    if (bexp == 0)
+        return 0; /* +-0: a nonzero d is at least one unit, a normal double */
+    unsigned __int128 m = (u & ((UINT64_C(1) << 52) - 1)) | (UINT64_C(1) << 52);
+    int e = (int)bexp - 1075 + XACC_BIAS - 32 * (int)L; /* d = m * 2^e units */
+    __int128 v = (__int128)(e >= 0 ? m << e : m >> -e); /* exact: d is whole units */
+    return u >> 63 ? -v : v;
+}
+
+/* Bits of the double 2^(32L - 352 + 52): the lower edge of limb L's terms. */
+static inline int64_t xv_edge_bits(uint32_t L) { return (int64_t)(XB_LO + 32 * L) << 52; }
+
 /* The driver and the four entry points of one ISA (PFX: x2, x5; ISA: avx2,
  * avx512; ATTR, INLINE: its target attributes) from its PFX_range and
  * PFX_accum: blocks, plan, the vector pass (the number of limbs a constant in
@@ -369,6 +447,16 @@ static inline __int128 xv_shl(__int128 v, int sh)
         }                                                                                          \
     }                                                                                              \
                                                                                                    \
+    INLINE void PFX##_fsum_n(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,         \
+                             const float *y, size_t n, __int128 *add)                              \
+    {                                                                                              \
+        switch (nlimb) {                                                                           \
+        case 1: PFX##_fsum(kind, 1, top, x, y, n, add); break;                                     \
+        case 2: PFX##_fsum(kind, 2, top, x, y, n, add); break;                                     \
+        default: PFX##_fsum(kind, 3, top, x, y, n, add); break;                                    \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
     INLINE void PFX##_run(struct ms_xacc *a, enum xacc_kind kind, const float *restrict x,         \
                           const float *restrict y, size_t n)                                       \
     {                                                                                              \
@@ -378,7 +466,8 @@ static inline __int128 xv_shl(__int128 v, int sh)
             const float *xb = x + i0, *yb = kind == XK_DOT ? y + i0 : NULL;                        \
             uint64_t hi, lo;                                                                       \
             uint32_t top = 0;                                                                      \
-            PFX##_range(kind, xb, yb, m, &hi, &lo);                                                \
+            int b;                                                                                 \
+            PFX##_range(kind, xb, yb, m, &hi, &lo, &b);                                            \
             int nlimb = xv_plan(hi, lo, &top);                                                     \
             if (nlimb < 0) {                                                                       \
                 if (binned + m > 2 * XB_BLOCK) {                                                   \
@@ -389,7 +478,10 @@ static inline __int128 xv_shl(__int128 v, int sh)
                 binned += m;                                                                       \
             } else if (nlimb > 0) {                                                                \
                 __int128 add[XV_J];                                                                \
-                PFX##_accum_n(kind, nlimb, top, xb, yb, m, add);                                   \
+                if (xv_exact(hi, lo, b, m, top, nlimb))                                            \
+                    PFX##_fsum_n(kind, nlimb, top, xb, yb, m, add);                                \
+                else                                                                               \
+                    PFX##_accum_n(kind, nlimb, top, xb, yb, m, add);                               \
                 for (int j = 0; j < nlimb; j++)                                                    \
                     a->limb[top - (uint32_t)j] += add[j];                                          \
             }                                                                                      \
@@ -434,17 +526,43 @@ X2_INLINE __m256d x2_term(enum xacc_kind kind, const float *x, const float *y, s
     }
 }
 
-/* Bit patterns of the largest |term| and smallest nonzero |term| of x[0..n).
- * Only the high 32 bits (sign, exponent, top of the mantissa) are kept, which
- * is enough for the exponents: unsigned 32-bit max and min over the high
- * halves; zero becomes the largest by the -1 (undone at the end). */
+/* Bit patterns of the largest |term| and smallest nonzero |term| of x[0..n),
+ * and the terms' significant bits at most (*sig, for xv_exact). XK_DOT: only
+ * the high 32 bits (sign, exponent, top of the mantissa) are kept, which is
+ * enough for the exponents: unsigned 32-bit max and min over the high halves;
+ * zero becomes the largest by the -1 (undone at the end). The other kinds:
+ * from the inputs (xv_from_inputs). */
 X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
-                        uint64_t *hi, uint64_t *lo)
+                        uint64_t *hi, uint64_t *lo, int *sig)
 {
     const __m256i abs = _mm256_set1_epi64x(INT64_MAX), one = _mm256_set1_epi32(1);
-    __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+    __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1), vor = vmax;
+    if (kind != XK_DOT) { /* from the inputs, 8 at a time (n is a multiple of 4) */
+        const __m256i abs32 = _mm256_set1_epi32(INT32_MAX);
+        for (size_t i = 0; i < n; i += 8) {
+            const __m128i *q = (const __m128i *)(x + i);
+            __m256i v = i + 8 <= n ? _mm256_loadu_si256((const __m256i *)q)
+                                   : _mm256_zextsi128_si256(_mm_loadu_si128(q));
+            v = _mm256_and_si256(v, abs32);
+            vor = _mm256_or_si256(vor, v);
+            vmax = _mm256_max_epu32(vmax, v);
+            vmin = _mm256_min_epu32(vmin, _mm256_sub_epi32(v, one));
+        }
+        uint32_t mx[8], mn[8], o[8], h = 0, l = UINT32_MAX, bits = 0;
+        _mm256_storeu_si256((__m256i *)mx, vmax);
+        _mm256_storeu_si256((__m256i *)mn, vmin);
+        _mm256_storeu_si256((__m256i *)o, vor);
+        for (int k = 0; k < 8; k++) {
+            h = mx[k] > h ? mx[k] : h;
+            l = mn[k] < l ? mn[k] : l;
+            bits |= o[k];
+        }
+        xv_from_inputs(kind, h, l + 1, bits, hi, lo, sig);
+        return;
+    }
     for (size_t i = 0; i < n; i += 4) {
         __m256i b = _mm256_castpd_si256(x2_term(kind, x, y, i));
+        vor = _mm256_or_si256(vor, b);
         if (kind == XK_DOT || kind == XK_SUM)
             b = _mm256_and_si256(b, abs);
         vmax = _mm256_max_epu32(vmax, b);
@@ -460,6 +578,9 @@ X2_INLINE void x2_range(enum xacc_kind kind, const float *x, const float *y, siz
     }
     *hi = (uint64_t)h << 32;
     *lo = (uint64_t)(uint32_t)(l + 1) << 32;
+    uint64_t o[4];
+    _mm256_storeu_si256((__m256i *)o, vor);
+    *sig = xv_sigbits(o[0] | o[1] | o[2] | o[3]);
 }
 
 /* The lanes of v, less count * XV_MAGIC_BITS each, summed (exactly, as 128-bit). */
@@ -522,6 +643,49 @@ X2_INLINE void x2_accum(enum xacc_kind kind, int nlimb, uint32_t top, const floa
     add[nlimb - 1] = last;
 }
 
+/* As x2_accum by the double path (the caller checked xv_exact): a double
+ * sum per limb, the limb told by comparing |term| with the lower edges of the
+ * limbs above the lowest; four accumulators of each hide the latency of the
+ * additions. */
+X2_INLINE void x2_fsum(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
+                       const float *y, size_t n, __int128 *add)
+{
+    const bool sign = kind == XK_DOT || kind == XK_SUM;
+    const __m256d abs = _mm256_castsi256_pd(_mm256_set1_epi64x(INT64_MAX));
+    __m256d acc[XV_J][4], edge[XV_J - 1];
+    for (int j = 0; j < nlimb; j++)
+        for (int u = 0; u < 4; u++)
+            acc[j][u] = _mm256_setzero_pd();
+    for (int j = 0; j < nlimb - 1; j++)
+        edge[j] = _mm256_castsi256_pd(_mm256_set1_epi64x(xv_edge_bits(top - (uint32_t)j)));
+    size_t i = 0;
+#define X2_FSUM_STEP(u, i)                                                                         \
+    do {                                                                                           \
+        __m256d v = x2_term(kind, x, y, (i)), av = sign ? _mm256_and_pd(v, abs) : v, prev = v;     \
+        for (int j = 0; j < nlimb - 1; j++) { /* k: at or above limb top - j */                    \
+            __m256d k = _mm256_cmp_pd(av, edge[j], _CMP_GE_OQ);                                    \
+            acc[j][u] = _mm256_add_pd(acc[j][u], _mm256_and_pd(k, j ? prev : v));                  \
+            prev = _mm256_andnot_pd(k, v);                                                         \
+        }                                                                                          \
+        acc[nlimb - 1][u] = _mm256_add_pd(acc[nlimb - 1][u], prev);                                \
+    } while (0)
+    for (; i + 16 <= n; i += 16) {
+        X2_FSUM_STEP(0, i);
+        X2_FSUM_STEP(1, i + 4);
+        X2_FSUM_STEP(2, i + 8);
+        X2_FSUM_STEP(3, i + 12);
+    }
+    for (; i < n; i += 4)
+        X2_FSUM_STEP(0, i);
+#undef X2_FSUM_STEP
+    for (int j = 0; j < nlimb; j++) {
+        __m256d *v = acc[j];
+        double l[4];
+        _mm256_storeu_pd(l, _mm256_add_pd(_mm256_add_pd(v[0], v[1]), _mm256_add_pd(v[2], v[3])));
+        add[j] = xv_limb_int((l[0] + l[1]) + (l[2] + l[3]), top - (uint32_t)j);
+    }
+}
+
 XV_DEFINE(x2, avx2, 4, X2_ATTR, X2_INLINE)
 
 /* ---- AVX-512: 8 lanes, vcvtpd2qq, mask registers ------------------------ */
@@ -542,12 +706,26 @@ X5_INLINE __m512d x5_term(enum xacc_kind kind, const float *x, const float *y, s
 
 /* As x2_range, with whole 64-bit patterns (zero becomes the largest by the -1). */
 X5_INLINE void x5_range(enum xacc_kind kind, const float *x, const float *y, size_t n,
-                        uint64_t *hi, uint64_t *lo)
+                        uint64_t *hi, uint64_t *lo, int *sig)
 {
     const __m512i abs = _mm512_set1_epi64(INT64_MAX), one = _mm512_set1_epi64(1);
-    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi64(-1);
+    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi64(-1), vor = vmax;
+    if (kind != XK_DOT) { /* from the inputs, 16 at a time (n is a multiple of 8) */
+        const __m512i abs32 = _mm512_set1_epi32(INT32_MAX), one32 = _mm512_set1_epi32(1);
+        for (size_t i = 0; i < n; i += 16) {
+            __mmask16 k = i + 16 <= n ? 0xffff : 0x00ff;
+            __m512i v = _mm512_and_si512(_mm512_maskz_loadu_epi32(k, x + i), abs32);
+            vor = _mm512_or_si512(vor, v);
+            vmax = _mm512_max_epu32(vmax, v);
+            vmin = _mm512_min_epu32(vmin, _mm512_sub_epi32(v, one32));
+        }
+        xv_from_inputs(kind, _mm512_reduce_max_epu32(vmax), _mm512_reduce_min_epu32(vmin) + 1,
+                       (uint32_t)_mm512_reduce_or_epi32(vor), hi, lo, sig);
+        return;
+    }
     for (size_t i = 0; i < n; i += 8) {
         __m512i b = _mm512_castpd_si512(x5_term(kind, x, y, i));
+        vor = _mm512_or_si512(vor, b);
         if (kind == XK_DOT || kind == XK_SUM)
             b = _mm512_and_si512(b, abs);
         vmax = _mm512_max_epu64(vmax, b);
@@ -555,6 +733,7 @@ X5_INLINE void x5_range(enum xacc_kind kind, const float *x, const float *y, siz
     }
     *hi = _mm512_reduce_max_epu64(vmax);
     *lo = _mm512_reduce_min_epu64(vmin) + 1;
+    *sig = xv_sigbits((uint64_t)_mm512_reduce_or_epi64(vor));
 }
 
 /* The lanes of v summed exactly (as 128-bit). */
@@ -615,6 +794,46 @@ X5_INLINE void x5_accum(enum xacc_kind kind, int nlimb, uint32_t top, const floa
         last -= add[j];
     }
     add[nlimb - 1] = last;
+}
+
+/* As x2_fsum, with mask registers. */
+X5_INLINE void x5_fsum(enum xacc_kind kind, int nlimb, uint32_t top, const float *x,
+                       const float *y, size_t n, __int128 *add)
+{
+    const bool sign = kind == XK_DOT || kind == XK_SUM;
+    __m512d acc[XV_J][4], edge[XV_J - 1];
+    for (int j = 0; j < nlimb; j++)
+        for (int u = 0; u < 4; u++)
+            acc[j][u] = _mm512_setzero_pd();
+    for (int j = 0; j < nlimb - 1; j++)
+        edge[j] = _mm512_castsi512_pd(_mm512_set1_epi64(xv_edge_bits(top - (uint32_t)j)));
+    size_t i = 0;
+#define X5_FSUM_STEP(u, i)                                                                         \
+    do {                                                                                           \
+        __m512d v = x5_term(kind, x, y, (i)), av = sign ? _mm512_abs_pd(v) : v;                    \
+        __mmask8 rest = 0xff; /* lanes below the limbs handled so far */                           \
+        for (int j = 0; j < nlimb - 1; j++) {                                                      \
+            __mmask8 k = _mm512_cmp_pd_mask(av, edge[j], _CMP_GE_OQ);                              \
+            acc[j][u] = _mm512_mask_add_pd(acc[j][u], k & rest, acc[j][u], v);                     \
+            rest = (__mmask8)~k;                                                                   \
+        }                                                                                          \
+        acc[nlimb - 1][u] = _mm512_mask_add_pd(acc[nlimb - 1][u], rest, acc[nlimb - 1][u], v);     \
+    } while (0)
+    for (; i + 32 <= n; i += 32) {
+        X5_FSUM_STEP(0, i);
+        X5_FSUM_STEP(1, i + 8);
+        X5_FSUM_STEP(2, i + 16);
+        X5_FSUM_STEP(3, i + 24);
+    }
+    for (; i < n; i += 8)
+        X5_FSUM_STEP(0, i);
+#undef X5_FSUM_STEP
+    for (int j = 0; j < nlimb; j++) {
+        __m512d *v = acc[j];
+        add[j] = xv_limb_int(_mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(v[0], v[1]),
+                                                                _mm512_add_pd(v[2], v[3]))),
+                             top - (uint32_t)j);
+    }
 }
 
 XV_DEFINE(x5, avx512, 8, X5_ATTR, X5_INLINE)

@@ -592,3 +592,184 @@ Test(xacc, versions_lane_capacity)
         big[i] = i & 1 ? -0x1.fffffep127f : 0x1.fffffep127f;
     check_versions("largest", big, big, 0, LONG);
 }
+
+/* ------------------------------------------------------------------------ */
+/* The double path of the vector kernels (xacc.c): a block's limb is summed   */
+/* in double when b + spread + ceil(log2 m) <= 53 (b: significant bits of the */
+/* terms). Blocks built at that limit and one over it, where one over needs   */
+/* 54 bits for the block's sum (a double sum would round): limbs against      */
+/* ms_xacc_add term by term (check_versions), value against an __int128 sum   */
+/* of the terms as integer multiples of the smallest term's last bit.         */
+
+/* The exact sum of the terms of x[0..n) (and y), rounded once: every term is
+ * m * 2^e with m an integer below 2^53; the terms span at most 60 bits (and
+ * there are fewer than 2^13 of them). */
+static double ref_i128(int kind, const float *x, const float *y, size_t n)
+{
+    int emin = INT32_MAX;
+    for (size_t i = 0; i < n; i++) {
+        double t = term_of(kind, x, y, i);
+        int e;
+        if (t != 0) {
+            frexp(t, &e);
+            emin = MS_MIN(emin, e - 53);
+        }
+    }
+    if (emin == INT32_MAX)
+        return 0.0;
+    __int128 s = 0;
+    for (size_t i = 0; i < n; i++) {
+        double t = term_of(kind, x, y, i);
+        if (t == 0)
+            continue;
+        int e;
+        double f = frexp(t, &e);
+        int64_t m = (int64_t)ldexp(f, 53); /* t = m * 2^(e - 53) */
+        cr_assert(e - 53 - emin <= 60 && n < 8192);
+        s += (__int128)m << (e - 53 - emin);
+    }
+    return ldexp((double)s, emin); /* __int128 -> double rounds once, to nearest */
+}
+
+/* The default version and every version's limbs on x[0..n) (and y): */
+static void check_block(const char *what, int kind, const float *x, const float *y, size_t n)
+{
+    check_versions(what, x, y, 0, n);
+    struct ms_xacc a;
+    ms_xacc_init(&a);
+    switch (kind) {
+    case 0: ms_xacc_dot(&a, x, y, n); break;
+    case 1: ms_xacc_sumsq(&a, x, n); break;
+    case 2: ms_xacc_sum(&a, x, n); break;
+    default: ms_xacc_sumabs(&a, x, n); break;
+    }
+    ASSERT_SAME_DOUBLE_CTX(ms_xacc_value(&a), ref_i128(kind, x, y, n), "%s %s", what,
+                           kind_name[kind]);
+}
+
+enum { DB = 1024 }; /* the vector kernels' block */
+
+/* (2^b - 1) * 2^(e - b + 1) and (2^(b-1) + 1) * 2^(e - b + 1): b significant
+ * bits, exponent e. */
+static float bits_max(int b, int e) { return ldexpf((float)((1u << b) - 1), e - b + 1); }
+static float bits_min(int b, int e) { return ldexpf((float)((1u << (b - 1)) + 1), e - b + 1); }
+
+/* One limb (exponents 20..51 of a float: limb 10), b significant bits: 1023
+ * terms of the largest b-bit value at 2^51 and one of exponent 51 - s, its last
+ * bit set. The sum has its top bit at 60 and its last at 51 - s - b + 1: it
+ * needs s + b + 10 bits (b + s + log2 1024 > 53: one over needs 54). Signs:
+ * all positive, alternating (mixed), and pairs that cancel to 0. */
+Test(xacc, double_path_spread_limit)
+{
+    static float x[2 * DB + 24], y[2 * DB + 24];
+    static const int bs[] = { 16, 22, 24 };
+    for (size_t bi = 0; bi < sizeof bs / sizeof bs[0]; bi++) {
+        int b = bs[bi], limit = 53 - b - 10;
+        for (int s = limit - 1; s <= limit + 1; s++) {
+            for (int sg = 0; sg < 3; sg++) {
+                size_t n = sizeof x / sizeof x[0];
+                for (size_t i = 0; i < n; i++) {
+                    float v = bits_max(b, 51);
+                    x[i] = sg == 0 ? v : (sg == 1 ? (i % 3 ? v : -v) : (i & 1 ? -v : v));
+                    y[i] = 1.0f; /* dot: the same terms */
+                }
+                /* the small term in both blocks (and its negation beside it for sg 2) */
+                for (size_t blk = 0; blk < 2; blk++) {
+                    size_t at = blk * DB + 2 * (37 + 100 * blk);
+                    x[at] = bits_min(b, 51 - s);
+                    x[at + 1] = sg == 2 ? -x[at] : x[at + 1];
+                    if (sg == 2)
+                        x[at + 2] = -(x[at + 3] = x[at + 2]); /* keep the pairs cancelling */
+                }
+                char what[64];
+                snprintf(what, sizeof what, "limit b %d s %d signs %d", b, s, sg);
+                for (int kind = 0; kind < 4; kind++) {
+                    if (kind == 1)
+                        continue; /* squares: below */
+                    check_block(what, kind, x, y, DB);
+                    check_block(what, kind, x, y, n);
+                }
+            }
+        }
+    }
+}
+
+/* The same for squares of bf16 values (8 bits, squares 16): 1023 of
+ * (255 * 2^18)^2 (exponent 51) and one (255 * 2^j)^2 (exponent 15 + 2j, last
+ * bit 2j): spread s = 2 (18 - j), the sum needs 26 + s bits; 16 + s + 10 <= 53
+ * takes s = 26 to the double path, s = 28 not. */
+Test(xacc, double_path_squares_limit)
+{
+    static float x[DB], y[DB];
+    for (int j = 3; j <= 6; j++) {
+        for (size_t i = 0; i < DB; i++) {
+            x[i] = (i & 1 ? -255.0f : 255.0f) * 0x1p18f;
+            y[i] = 1.0f;
+        }
+        x[500] = 255.0f * ldexpf(1.0f, j);
+        char what[64];
+        snprintf(what, sizeof what, "squares spread %d", 2 * (18 - j));
+        check_block(what, 1, x, y, DB);
+    }
+}
+
+/* Two limbs (10: exponents 20..51, 9: -12..19), each checked on its own
+ * while the block spans more than 53 - 22 - 10 = 21 binades. b = 22. Limb 10:
+ * a quarter of the terms, exponent 41, some exactly at its lower edge 2^20
+ * (spread 21: at the limit). Limb 9: 768 terms of exponent 19 and one of
+ * exponent 19 - s with its last bit set: 768 * (2^22 - 1) * 2^-2 has its top
+ * bit at 29, the small term its last at -2 - s, so s = 22 needs 54 bits. */
+Test(xacc, double_path_two_limbs)
+{
+    static float x[DB + 8], y[DB + 8];
+    for (int s = 20; s <= 22; s++) {
+        for (int sg = 0; sg < 2; sg++) {
+            for (size_t i = 0; i < DB + 8; i++) {
+                float v = i % 16 == 0 ? 0x1p20f : i % 4 == 0 ? bits_max(22, 41) : bits_max(22, 19);
+                x[i] = sg && (i & 2) ? -v : v;
+                y[i] = 1.0f;
+            }
+            x[701] = bits_min(22, 19 - s);
+            char what[64];
+            snprintf(what, sizeof what, "two limbs s %d signs %d", s, sg);
+            for (int kind = 0; kind < 4; kind++)
+                if (kind != 1)
+                    check_block(what, kind, x, y, DB + 8);
+        }
+    }
+}
+
+/* bf16 values (8 bits) in windows of a few binades, float subnormals among
+ * them, zeros, an Inf or NaN in some blocks: most blocks take the double path,
+ * the others the int64 path or the bins; pieces and tails as check_versions. */
+Test(xacc, double_path_bf16_windows)
+{
+    t_seed(4242, "bf16 windows");
+    static float x[4 * DB + 13], y[4 * DB + 13];
+    size_t n = sizeof x / sizeof x[0];
+    static const int lo[] = { -20, -140, -149, 100 }; /* exponent windows */
+    for (int w = 0; w < 4; w++) {
+        for (int width = 4; width <= 40; width += 12) {
+            for (size_t i = 0; i < n; i++) {
+                int e = lo[w] + (int)(t_next() % (uint64_t)width);
+                e = MS_MIN(e, 127);
+                uint32_t m8 = 128 | (uint32_t)(t_next() & 127);
+                float v = ldexpf((float)m8, e - 7); /* subnormal below 2^-126: fewer bits */
+                uint64_t r = t_next() % 64;
+                x[i] = r < 8 ? 0.0f : (t_next() & 1 ? -v : v);
+                y[i] = ldexpf((float)(128 | (t_next() & 127)), (int)(t_next() % 16) - 14);
+            }
+            if (width == 28) {
+                x[DB + 5] = INFINITY;
+                x[3 * DB + 700] = NAN;
+            }
+            char what[64];
+            snprintf(what, sizeof what, "bf16 window %d width %d", lo[w], width);
+            check_versions(what, x, y, 0, n);
+            check_versions(what, x, y, 3, n - 3);
+            if (width <= 16 && lo[w] < 100) /* the terms span at most 60 bits */
+                for (int kind = 0; kind < 4; kind++)
+                    check_block(what, kind, x, y, n);
+        }
+    }
+}

@@ -14,6 +14,8 @@
  * rescale pass, 256 as sce and multislerp):
  *   delta  bf16-rounded task-vector deltas: Gaussian-like values of scale 1e-3,
  *          a third of them zero (as after a DARE mask)
+ *   weights bf16-rounded weights: Gaussian-like values of scale 2e-2, no zeros
+ *          (slerp's and model_stock's sums of squares and dot products)
  *   wide   random finite float bit patterns of every exponent (most blocks
  *          span too many limbs for the vector path: the worst case)
  */
@@ -46,6 +48,14 @@ static void fill_delta(float *x, size_t n)
         double g = unit() + unit() + unit() + unit() - 2.0;
         float v = next_u64() % 3 == 0 ? 0.0f : (float)(g * 1.7e-3);
         x[i] = ms_round_bf16_1(v);
+    }
+}
+
+static void fill_weights(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        double g = unit() + unit() + unit() + unit() - 2.0;
+        x[i] = ms_round_bf16_1((float)(g * 3.5e-2));
     }
 }
 
@@ -93,13 +103,16 @@ int main(int argc, char **argv)
         return 2;
     }
     static float x[NDATA], y[NDATA];
-    const char *data_names[2] = { "delta", "wide" };
+    const char *data_names[3] = { "delta", "weights", "wide" };
     size_t reps = (size_t)(millions * 1e6 / NDATA) + 1;
     int bad = 0;
-    for (int d = 0; d < 2; d++) {
+    for (int d = 0; d < 3; d++) {
         if (d == 0) {
             fill_delta(x, NDATA);
             fill_delta(y, NDATA);
+        } else if (d == 1) {
+            fill_weights(x, NDATA);
+            fill_weights(y, NDATA);
         } else {
             fill_wide(x, NDATA);
             fill_wide(y, NDATA);
