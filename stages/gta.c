@@ -545,24 +545,23 @@ static inline bool della_keep(const struct gta_state *st, const struct gta_model
  * della with 16-bit keys (bf16, f16: ms__sel_key < 2^15): the ranks of a row by
  * counting, in index order, without sorting. rank(i) = 1 + #{j: key_j < key_i}
  * + #{j < i: key_j == key_i}: the position of i in the stable ascending sort
- * of row_rank, so the masks are the same. One pass counts keys (fine) and
- * their top 8 bits (coarse); then the 128 fine counts of each coarse bucket
- * met become start positions, and the second pass ranks by a post-increment.
- * Cost O(L + 128 * buckets met + 256) per row. The coarse counts go to
- * DELLA_LANES tables by index (j % DELLA_LANES), summed after: a row's keys
- * crowd into a few exponents, and one table would make every count wait for
- * the store of the one before. The tables live per thread and are left zero
- * after each row.
+ * of row_rank, so the masks are the same. One pass counts the keys and finds
+ * the smallest nonzero and the largest (vector min/max in the key loop); then
+ * the counts of the coarse buckets (128 keys: one binade) from the smallest's
+ * to the largest's, and of bucket 0 (zeros and subnormals), become start
+ * positions, and the second pass ranks by a post-increment. Only the keys
+ * present need a start position, so groups of DELLA_GROUP counts that are all
+ * zero are skipped (a row of 2048 bf16 deltas holds about 300 distinct keys
+ * over some 10 binades). Cost O(L + 128 / DELLA_GROUP * buckets spanned +
+ * keys met) per row. The table lives per thread and is left zero after each
+ * row.
  */
 #define DELLA_KEYS 32768u
-#define DELLA_COARSE 256u
-#define DELLA_FINE (DELLA_KEYS / DELLA_COARSE)
-#define DELLA_LANES 4u
+#define DELLA_FINE 128u /* keys per coarse bucket */
+#define DELLA_GROUP 16u
 
 struct della_count {
     uint32_t fine[DELLA_KEYS];
-    uint32_t coarse[DELLA_LANES][DELLA_COARSE];
-    uint8_t met[DELLA_COARSE];    /* the coarse buckets met in the row, ascending */
 };
 
 static _Thread_local struct della_count della_tls;
@@ -640,14 +639,43 @@ static void della_keys(enum ms_dtype dt, const float *restrict x, const float *r
 #undef CALL
 }
 
+/* della_keys_body, and lo = min(lo, key - 1) (unsigned: a zero key gives
+ * UINT32_MAX, so lo + 1 is the smallest nonzero key), hi = max(hi, key). */
+GTA_INLINE void della_keys_range_body(enum ms_dtype dt, const float *restrict x,
+                                      const float *restrict b, float *restrict d,
+                                      uint32_t *restrict keys, uint32_t *lo, uint32_t *hi,
+                                      size_t n)
+{
+    uint32_t l = *lo, h = *hi;
+    for (size_t i = 0; i < n; i++) {
+        d[i] = ms_rnd(dt, x[i] - b[i]);
+        uint32_t k = ms__sel_key(dt, d[i]);
+        keys[i] = k;
+        l = MS_MIN(l, k - 1u);
+        h = MS_MAX(h, k);
+    }
+    *lo = l;
+    *hi = h;
+}
+
+static void della_keys_range(enum ms_dtype dt, const float *restrict x, const float *restrict b,
+                             float *restrict d, uint32_t *restrict keys, uint32_t *lo,
+                             uint32_t *hi, size_t n)
+{
+#define CALL(t) MS__BLOCK_CALL(della_keys_range_body, n, GTA_BLOCK, t, x, b, d, keys, lo, hi)
+    MS__DT_DISPATCH(dt, CALL);
+#undef CALL
+}
+
 /*
  * della_keepmask: the keep decisions of n elements, branch-free: element i is
  * kept iff (u[i] & 0xffffff) < thr[i] (della_thr). With words, ORs bit into
  * words[i] (uint32, memcpy access) of the kept elements; with kept, sets
- * kept[i] = d[i] for the kept elements and +0 for the dropped ones (a zero
- * term of the rescale's |masked| sum: a dropped Inf or NaN adds nothing).
- * Either may be NULL. The scalar reference; the SIMD versions are its callers'
- * MS__ISA_VERSIONS (della_mark_row_isa, della_reduce_isa), which inline it.
+ * kept[i] = d[i] * keep (1 or 0): torch's masked delta, whose magnitudes the
+ * rescale's "after" sum adds (a dropped Inf or NaN gives NaN, a dropped finite
+ * value a zero, which adds nothing). Either may be NULL. The scalar reference;
+ * the SIMD versions are its callers' MS__ISA_VERSIONS (della_mark_row_isa,
+ * della_reduce_isa), which inline it.
  */
 GTA_INLINE void della_keepmask_words(const uint32_t *restrict u, const uint32_t *restrict thr,
                                      uint32_t bit, unsigned char *restrict words, size_t n)
@@ -663,7 +691,7 @@ GTA_INLINE void della_keepmask_kept(const uint32_t *restrict u, const uint32_t *
 {
     for (size_t i = 0; i < n; i++) {
         uint32_t mk = 0u - (uint32_t)((u[i] & 0xffffffu) < thr[i]);
-        kept[i] = ms_f32_from_bits(ms_f32_bits(d[i]) & mk);
+        kept[i] = d[i] * ms_f32_from_bits(0x3f800000u & mk); /* d * 1.0f or d * 0.0f */
     }
 }
 
@@ -678,11 +706,82 @@ GTA_INLINE void della_keepmask(const uint32_t *restrict u, const uint32_t *restr
 }
 
 /*
+ * della_row_counted's "before" from its key counts. A 16-bit key k of dt
+ * (bf16: 8 exponent and 7 mantissa bits; f16: 5 and 10) is the magnitude
+ * m(k) * q with m(k) the mantissa with its hidden bit (an integer below 2^11)
+ * and q = 2^(max(e, 1) - bias - mantissa bits) the same for every key of a
+ * coarse bucket (one exponent e). The sum of count * m(k) over a bucket is an
+ * integer below 2^31 * 2^11 (the row length L < 2^31: begin), so S * q is
+ * exact in double, with at most 42 significant bits: hi = (float)(S * q) and
+ * lo = S * q - hi (at most 18 significant bits) are floats for ms_xacc_add,
+ * and their sum is the bucket's exact sum of |d|. The last exponent (Inf,
+ * NaN) adds each key met as it is.
+ */
+static inline uint32_t della_mbits(enum ms_dtype dt) { return dt == MS_DT_BF16 ? 7u : 10u; }
+
+/* The exponent field of key k (all ones: Inf or NaN). */
+static inline uint32_t della_kexp(enum ms_dtype dt, uint32_t k) { return k >> della_mbits(dt); }
+
+static inline bool della_kspecial(enum ms_dtype dt, uint32_t k)
+{
+    return della_kexp(dt, k) == (dt == MS_DT_BF16 ? 255u : 31u);
+}
+
+/* Adds S * q (above) for the keys of exponent e, their count cnt and the sum
+ * mant of count * (key's mantissa bits) to a. */
+static void della_add_bucket(struct ms_xacc *a, enum ms_dtype dt, uint32_t e, uint64_t cnt,
+                             uint64_t mant)
+{
+    const uint32_t mb = della_mbits(dt);
+    const int bias = dt == MS_DT_BF16 ? 127 : 15;
+    uint64_t S = mant + (e ? cnt << mb : 0);
+    double v = ldexp((double)S, (int)(e ? e : 1) - bias - (int)mb);
+    float hi = (float)v;
+    ms_xacc_add(a, hi);
+    ms_xacc_add(a, (float)(v - (double)hi));
+}
+
+/* The counts of coarse bucket c of t become start positions from *pos on
+ * (advanced past them); with before, adds their exact sum of |d|
+ * (della_add_bucket; Inf and NaN keys as they are). */
+static inline void della_starts(struct della_count *t, enum ms_dtype dt, uint32_t c,
+                                uint32_t *pos, struct ms_xacc *before)
+{
+    const uint32_t kc = c * DELLA_FINE, pos0 = *pos;
+    const uint32_t mmask = (1u << della_mbits(dt)) - 1;
+    const bool special = della_kspecial(dt, kc);
+    uint32_t p = *pos;
+    uint64_t mant = 0; /* sum of count * mantissa bits */
+    if (before && special)
+        for (uint32_t f = kc; f < kc + DELLA_FINE; f++)
+            if (t->fine[f])
+                ms_xacc_add(before, ms__sel_key_value(dt, f)); /* Inf, NaN */
+    for (uint32_t g = 0; g < DELLA_FINE; g += DELLA_GROUP) {
+        uint32_t *grp = &t->fine[kc + g];
+        uint32_t any = 0;
+        for (uint32_t q = 0; q < DELLA_GROUP; q++)
+            any |= grp[q];
+        if (!any)
+            continue;
+        for (uint32_t q = 0; q < DELLA_GROUP; q++) {
+            uint32_t w = grp[q];
+            grp[q] = p;
+            p += w;
+            mant += (uint64_t)w * ((kc + g + q) & mmask);
+        }
+    }
+    *pos = p;
+    if (before && !special && p != pos0)
+        della_add_bucket(before, dt, della_kexp(dt, kc), p - pos0, mant);
+}
+
+/*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
  * words[i] of kept elements; with before and after, adds every |d| to before
- * and the |d| of the kept elements to after (a dropped one as a zero term: no
- * NaN from Inf*0). Either or both.
+ * (from the key counts: count * magnitude per key, the same exact sum) and
+ * |d * keep| to after (della_keepmask_kept: a dropped Inf or NaN makes it
+ * NaN, as torch's masked sum). Either or both.
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
@@ -695,42 +794,26 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     const uint32_t *ttab = della_ptab_get(st, m);
     uint32_t keys[GTA_BLOCK], u[GTA_BLOCK], thr[GTA_BLOCK];
     float d[GTA_BLOCK], kept[GTA_BLOCK];
+    uint32_t lo = UINT32_MAX, hi = 0;
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0), j = 0;
-        della_keys(dt, x + i0, b + i0, d, keys, n);
-        for (; j + DELLA_LANES <= n; j += DELLA_LANES) {
-            for (uint32_t q = 0; q < DELLA_LANES; q++) {
-                uint32_t k = keys[j + q];
-                assert(k < DELLA_KEYS);
-                t->fine[k]++;
-                t->coarse[q][k / DELLA_FINE]++;
-            }
-        }
-        for (; j < n; j++) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
+        della_keys_range(dt, x + i0, b + i0, d, keys, &lo, &hi, n);
+        for (size_t j = 0; j < n; j++) {
             uint32_t k = keys[j];
             assert(k < DELLA_KEYS);
             t->fine[k]++;
-            t->coarse[j % DELLA_LANES][k / DELLA_FINE]++;
         }
     }
-    /* fine[k] = #{keys < k}: start positions, in the buckets met */
-    uint32_t acc = 0, nmet = 0;
-    for (uint32_t c = 0; c < DELLA_COARSE; c++) {
-        uint32_t v = 0;
-        for (uint32_t q = 0; q < DELLA_LANES; q++) {
-            v += t->coarse[q][c];
-            t->coarse[q][c] = 0;
-        }
-        if (v == 0)
-            continue;
-        for (uint32_t f = c * DELLA_FINE, pos = acc; f < (c + 1) * DELLA_FINE; f++) {
-            uint32_t w = t->fine[f];
-            t->fine[f] = pos;
-            pos += w;
-        }
-        t->met[nmet++] = (uint8_t)c;
-        acc += v;
-    }
+    /* fine[k] = #{keys < k} for the keys met (start positions), bucket 0 and
+     * then the buckets of the nonzero keys; before gets each bucket's exact
+     * sum of |d| */
+    const uint32_t c1 = lo == UINT32_MAX ? 1 : MS_MAX((lo + 1) / DELLA_FINE, 1u);
+    const uint32_t c2 = lo == UINT32_MAX ? 0 : hi / DELLA_FINE;
+    uint32_t pos = 0;
+    della_starts(t, dt, 0, &pos, before);
+    for (uint32_t c = c1; c <= c2; c++)
+        della_starts(t, dt, c, &pos, before);
+    assert(pos == L);
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         ms_rng_fill(stream, first + i0, u, n);
@@ -740,13 +823,12 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
             thr[j] = ttab ? ttab[rank - 1] : della_thr(della_p(st, m, rank));
         }
         della_keepmask(u, thr, d, bit, words ? words + 4 * i0 : NULL, before ? kept : NULL, n);
-        if (before) {
+        if (before)
             ms_xacc_sumabs(after, kept, n);
-            ms_xacc_sumabs(before, d, n);
-        }
     }
-    for (uint32_t i = 0; i < nmet; i++)
-        memset(&t->fine[t->met[i] * DELLA_FINE], 0, DELLA_FINE * sizeof(t->fine[0]));
+    memset(t->fine, 0, DELLA_FINE * sizeof(t->fine[0]));
+    if (c1 <= c2)
+        memset(&t->fine[c1 * DELLA_FINE], 0, (c2 - c1 + 1) * DELLA_FINE * sizeof(t->fine[0]));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -935,7 +1017,8 @@ static int gta_begin(void *state, const struct ms_stage_job *job)
 }
 
 /* della rescale pass over one chunk of whole rows: before += |d|, after +=
- * |d| of the kept elements, for model m; words is one row of scratch. With
+ * |d * keep| (the kept |d|, and NaN for a dropped Inf or NaN, as torch's
+ * masked sum), for model m; words is one row of scratch. With
  * keep (the chunk's keep area, ms_stage.h), also ORs m's keep bit (1 << (ib +
  * bit), as della_mark_row sets them) into the keep word of each kept element,
  * so that apply reads the masks instead of ranking the rows again. */
@@ -948,7 +1031,7 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
     const uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
     assert(c->count % L == 0 && m->bit >= 0);
     if (della_counts(st)) {
-        /* every |d| into before, the kept ones (dropped ones as zeros) into after */
+        /* every |d| into before, every |d * keep| into after */
         for (uint64_t r0 = 0; r0 < c->count; r0 += L)
             della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, keep ? keep + 4 * r0 : NULL,
                               bit, before, after);
@@ -966,9 +1049,13 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
         row_rank(&r, L);
         for (uint64_t pos = 0; pos < L; pos++) {
             uint32_t idx = row_idx(&r, pos);
-            if (!della_keep(st, m, c->first + r0 + idx, pos + 1))
+            float v = ms_rnd(st->dt, r.x[idx] - r.b[idx]);
+            if (!della_keep(st, m, c->first + r0 + idx, pos + 1)) {
+                if (!isfinite(v))
+                    ms_xacc_add(after, NAN); /* torch's Inf * 0 or NaN * 0 */
                 continue;
-            ms_xacc_add(after, fabsf(ms_rnd(st->dt, r.x[idx] - r.b[idx])));
+            }
+            ms_xacc_add(after, fabsf(v));
             if (keep)
                 word_put(keep, r0 + idx, word_get(keep, r0 + idx) | bit);
         }

@@ -144,24 +144,34 @@ static void expect_every_keep(const struct th_gta *g, uint64_t chunk, const floa
 /* Rows of 512 elements and more in bf16/f16 are ranked by counting keys
  * (stages/gta.c), shorter ones and float32 by the heap sort: long rows with
  * many ties, zeros, both signs, Inf and NaN match the reference sort in every
- * chunking, with and without the rescale pass. */
-static void della_long_rows(enum ms_dtype dt, uint64_t L)
+ * chunking, with and without the rescale pass. With finite (1 or 2), the
+ * deltas are finite, so that the rescale's sum of |d| (taken from the key
+ * counts in the counted ranking) is finite: spread over some 140 binades
+ * (subnormals, zeros, values near 8), or with 2 all below 2^-14 (subnormal in
+ * f16, where they make the sum). */
+static void della_rows(enum ms_dtype dt, uint64_t L, int finite)
 {
     const uint64_t n = 3 * L;
     float *x[3], *got = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
-    uint64_t rs = L + dt;
+    uint64_t rs = L + dt + 1000 * (uint64_t)finite;
     for (int i = 0; i < 3; i++) {
         x[i] = malloc(n * sizeof(float));
         for (uint64_t e = 0; e < n; e++) {
             float v = (float)((int64_t)th_gta_rand(&rs) >> 52) * 0x1p-8f; /* few values: ties */
-            if (i > 0 && e % 97 == 5)
+            if (finite && i > 0)
+                v = ldexpf((float)((int64_t)th_gta_rand(&rs) >> 56),
+                           finite == 2 ? -21 - (int)(th_gta_rand(&rs) % 4)
+                                       : -(int)(th_gta_rand(&rs) % 140));
+            if (!finite && i > 0 && e % 97 == 5)
                 v = e % 2 ? INFINITY : -INFINITY;
-            if (i > 0 && e % 131 == 7)
+            if (!finite && i > 0 && e % 131 == 7)
                 v = NAN;
             if (i > 0 && e % 13 == 0)
                 v = x[0][e]; /* zero delta */
-            x[i][e] = dt == MS_DT_BF16 ? ms_round_bf16_1(v) : ms_rnd(MS_DT_F16, v);
+            x[i][e] = dt == MS_DT_BF16 ? ms_round_bf16_1(v) : ms_rnd(dt, v);
         }
+        if (finite && i == 0)
+            memset(x[0], 0, n * sizeof(float)); /* the deltas are the models' values */
     }
     for (int resc = 0; resc < 2; resc++) {
         struct th_gta g = { .method = resc ? "della" : "della_linear", .dt = dt, .numel = n,
@@ -182,6 +192,12 @@ static void della_long_rows(enum ms_dtype dt, uint64_t L)
     free(want);
 }
 
+static void della_long_rows(enum ms_dtype dt, uint64_t L)
+{
+    for (int finite = 0; finite < 3; finite++)
+        della_rows(dt, L, finite);
+}
+
 /* Short rows (the heap sort) in every dtype, with the keep area, without it
  * and with it in the output. */
 Test(stage_della, keep_area_short_rows)
@@ -191,7 +207,7 @@ Test(stage_della, keep_area_short_rows)
 }
 
 Test(stage_della, counted_ranks_bf16) { della_long_rows(MS_DT_BF16, 512); della_long_rows(MS_DT_BF16, 2051); }
-Test(stage_della, counted_ranks_f16) { della_long_rows(MS_DT_F16, 777); }
+Test(stage_della, counted_ranks_f16) { della_long_rows(MS_DT_F16, 777); della_long_rows(MS_DT_F16, 5000); }
 Test(stage_della, long_rows_f32) { della_long_rows(MS_DT_F32, 600); }
 
 /* A one-element row has rank norm 0/0 in mergekit. Our rule: p = density, so
@@ -392,4 +408,79 @@ Test(stage_della, keep_rule_boundary)
 {
     della_boundary(MS_DT_BF16, 0.5, (1u << 23) - 1, 1u << 23);
     della_boundary(MS_DT_F16, 0.2, 3355443u, 3355444u);
+}
+
+/*
+ * A dropped Inf makes the rescale NaN (mergekit's rescaled_masked_tensor:
+ * masked = delta * mask holds Inf * 0 = NaN, so after = sum |masked| is NaN,
+ * `after < eps` is false and the result is masked * (before / after) = NaN
+ * everywhere). By hand, for della_linear, one model, weight 1, base 0, no
+ * normalize, epsilon 0 (every rank has p = 0.5, exact in bf16 and float32:
+ * element e is kept iff u24(e) < 2^23), a row of finite values and one +-Inf
+ * at element h:
+ *   h dropped: before = Inf, after = NaN, factor = rnd(Inf / NaN) = NaN;
+ *   h kept:    before = Inf, after = Inf, factor = rnd(Inf / Inf) = NaN;
+ * so every output is rnd(0 + rnd(1 * rnd(masked * NaN))) = NaN either way.
+ * Without rescale the masked delta is the output: the kept values, +0 for a
+ * dropped finite value (the base is +0) and NaN for the dropped Inf. Rows of
+ * 512 bf16 (counted ranking), 100 bf16 and 64 float32 (heap sort), with the
+ * keep area, without one and with it in the output, every chunking.
+ */
+static void della_inf_row(enum ms_dtype dt, uint64_t L, bool drop, float inf)
+{
+    const uint64_t h = 3;
+    float *base = calloc(L, sizeof(float)), *x = malloc(L * sizeof(float));
+    float *got = malloc(L * sizeof(float));
+    for (uint64_t e = 0; e < L; e++)
+        x[e] = (float)(e % 7 + 1) * 0.25f; /* exact in bf16 */
+    x[h] = inf;
+    uint64_t seed = 0;
+    for (;; seed++) { /* element h dropped (or kept) by the seed's stream */
+        uint32_t u = ms_rng_u32(seed, ms_hash_str("t"), 1, h) & 0xffffffu;
+        if ((u >= (1u << 23)) == drop)
+            break;
+    }
+    for (int resc = 0; resc < 2; resc++) {
+        struct th_gta g = { .method = "della_linear", .dt = dt, .numel = L, .row_len = L,
+                            .ninputs = 2, .base = 0, .in = { base, x }, .weight = { 0, 1 },
+                            .density = { 1, 0.5 }, .epsilon = { 0, 0 }, .rescale = resc,
+                            .lambda = 1, .seed = seed };
+        struct ms_stage_job job;
+        int64_t shape[2];
+        th_gta_job(&g, &job, shape);
+        const uint64_t chunks[] = { L, 0 };
+        for (int c = 0; c < 2; c++) {
+            for (int how = 0; how < 3; how++) {
+                int rc = how == 0   ? ms_stage_run_mem(&job, g.in, got, chunks[c])
+                         : how == 1 ? ms_stage_run_mem_keep(&job, g.in, got, chunks[c], false)
+                                    : run_keep_in_out(&job, g.in, got, chunks[c] ? chunks[c] : L);
+                cr_assert_eq(rc, 0, "%s", ms_errmsg());
+                for (uint64_t e = 0; e < L; e++) {
+                    uint32_t u = ms_rng_u32(seed, ms_hash_str("t"), 1, e) & 0xffffffu;
+                    bool kept = u < (1u << 23);
+                    float want = resc ? NAN : !kept ? (e == h ? NAN : 0.0f) : x[e];
+                    bool ok = isnan(want) ? isnan(got[e]) : got[e] == want && signbit(got[e]) == signbit(want);
+                    cr_assert(ok, "%s L %llu %s %s, rescale %d, how %d: element %llu "
+                              "(%s) is %a, want %a", ms_dtype_name(dt), (unsigned long long)L,
+                              inf > 0 ? "+Inf" : "-Inf", drop ? "dropped" : "kept", resc, how,
+                              (unsigned long long)e, kept ? "kept" : "dropped", got[e], want);
+                }
+            }
+        }
+    }
+    free(base);
+    free(x);
+    free(got);
+}
+
+Test(stage_della, dropped_inf_makes_the_rescale_nan)
+{
+    const struct { enum ms_dtype dt; uint64_t L; } rows[] = {
+        { MS_DT_BF16, 512 }, { MS_DT_BF16, 100 }, { MS_DT_F32, 64 }, { MS_DT_F16, 600 },
+    };
+    for (int r = 0; r < 4; r++)
+        for (int drop = 0; drop < 2; drop++) {
+            della_inf_row(rows[r].dt, rows[r].L, drop, INFINITY);
+            della_inf_row(rows[r].dt, rows[r].L, drop, -INFINITY);
+        }
 }
