@@ -297,7 +297,9 @@ struct gta_fin {
 
 /* out = rnd(b + post(mixed)): normalize by div (per element, or p->div when
  * div is NULL), then lambda; mixed is overwritten. One loop per step, so the
- * loops vectorise. */
+ * loops vectorise. Where b and mixed are both NaN, b's is kept, quieted
+ * (ms__add_first), whatever operand order the compiler gives the add: the
+ * float and stored paths (gta_apply_stored) inline this into different code. */
 GTA_INLINE void finish_body(enum ms_dtype dt, const struct gta_fin *p, const float *restrict b,
                             float *restrict mixed, const float *restrict div,
                             float *restrict out, size_t n)
@@ -315,8 +317,8 @@ GTA_INLINE void finish_body(enum ms_dtype dt, const struct gta_fin *p, const flo
         for (size_t i = 0; i < n; i++)
             mixed[i] = ms_rnd(dt, mixed[i] * l);
     }
-    for (size_t i = 0; i < n; i++)
-        out[i] = ms_rnd(dt, b[i] + mixed[i]);
+    for (size_t i = 0; i < n; i++) /* b's NaN when both are NaN: torch's base + mixed */
+        out[i] = ms_rnd(dt, ms__add_first(b[i], mixed[i]));
 }
 
 /* Without consensus: mixed = rnd(sum_j wd[j]), scalar divisor. The sums run
@@ -1294,6 +1296,82 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     }
 }
 
+/*
+ * The stored-bytes path (ms_stage_ops.apply_stored), bfloat16 compute, for
+ * jobs whose masks depend on the element index only: no model trimmed
+ * (task_arithmetic, or any member with every density >= 1), or dare's random
+ * masks without a rescale pass. Per block of GTA_BLOCK elements the inputs are
+ * decoded into L1-resident floats (a bf16 element is its float's top 16 bits,
+ * exactly as the engine decodes it), gta_apply_range runs on them as on a
+ * chunk of that block's elements (the float path's operations on the same
+ * values, ms__acc_add order included), and its floats are encoded as
+ * ms_f32_to_bf16_1 does: the bytes the float path writes, for any chunking.
+ */
+
+/* ms_f32_to_bf16_1, with the NaN case as a select so that the loop vectorises */
+GTA_INLINE uint32_t gta_bf16_bits(float f)
+{
+    uint32_t u = ms_f32_bits(f);
+    uint32_t q = (u >> 16) | 0x40u;
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+}
+
+GTA_INLINE void gta_stored_block(const struct gta_state *st, uint32_t ninputs,
+                                 const struct ms_chunk_stored *c, size_t b, size_t n)
+{
+    float f[MS_MAX_INPUTS][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float y[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    struct ms_chunk ck = { .first = c->first + b, .count = n, .out = y };
+    uint16_t *restrict out = (uint16_t *)c->out + b;
+    for (uint32_t i = 0; i < ninputs; i++) {
+        const uint16_t *restrict x = (const uint16_t *)c->in[i] + b;
+        for (size_t j = 0; j < n; j++)
+            f[i][j] = ms_f32_from_bits((uint32_t)x[j] << 16);
+        ck.in[i] = f[i];
+    }
+    if (st->nm == 0) { /* gta_apply's copy of the base */
+        for (size_t j = 0; j < n; j++)
+            out[j] = (uint16_t)gta_bf16_bits(f[st->base][j]);
+        return;
+    }
+    uint64_t run[MS_MAX_INPUTS][2]; /* unused: no selection */
+    gta_apply_range(st, &ck, 0, n, run);
+    for (size_t j = 0; j < n; j++)
+        out[j] = (uint16_t)gta_bf16_bits(y[j]);
+}
+
+static void gta_stored_run(const struct gta_state *st, uint32_t ninputs,
+                           const struct ms_chunk_stored *c)
+{
+    size_t n = (size_t)c->count;
+    for (size_t b = 0; b < n; b += GTA_BLOCK) {
+        size_t m = MS_MIN((size_t)GTA_BLOCK, n - b);
+        MS__BLOCK_CALL(gta_stored_block, m, GTA_BLOCK, st, ninputs, c, b);
+    }
+}
+
+/* The versions of ms_isa.h of gta_stored_run, as gta_apply_range's. */
+MS__ISA_VERSIONS(gta_stored_isa, gta_stored_run,
+                 (const struct gta_state *st, uint32_t ninputs, const struct ms_chunk_stored *c),
+                 (st, ninputs, c))
+
+/* Declines (writes nothing) unless the compute dtype is bfloat16 and every
+ * mask is absent or random (a selection's mask depends on the chunking). */
+static bool gta_apply_stored(const void *state, const struct ms_stage_job *job,
+                             const struct ms_chunk_stored *c)
+{
+    const struct gta_state *st = state;
+    assert(st->phase == GTA_APPLY);
+    if (st->dt != MS_DT_BF16)
+        return false;
+    for (uint32_t j = 0; j < st->nm; j++)
+        if (st->m[j].trim && st->kind.sparse != GTA_SPARSE_RANDOM)
+            return false;
+    gta_stored_isa(st, job->ninputs, c);
+    return true;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Plan-time rules                                                           */
 
@@ -1374,6 +1452,7 @@ static const struct ms_stage_ops gta_ops = {
     .fold = gta_fold,
     .end_pass = gta_end_pass,
     .apply = gta_apply,
+    .apply_stored = gta_apply_stored,
 };
 
 /* della with rescale: a rescale pass will rank every trimmed model's rows, and
