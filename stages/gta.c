@@ -84,6 +84,10 @@
 
 #include "stage_impl.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h> /* gta_split_avx512 */
+#endif
+
 #define GTA_BLOCK 256 /* elements per inner block: bounds the stack scratch */
 #define GTA_RBLOCK 4096 /* elements per exact-sum call in the rescale pass */
 
@@ -297,7 +301,9 @@ struct gta_fin {
 
 /* out = rnd(b + post(mixed)): normalize by div (per element, or p->div when
  * div is NULL), then lambda; mixed is overwritten. One loop per step, so the
- * loops vectorise. */
+ * loops vectorise. Where b and mixed are both NaN, b's is kept, quieted
+ * (ms__add_first), whatever operand order the compiler gives the add: the
+ * float and stored paths (gta_apply_stored) inline this into different code. */
 GTA_INLINE void finish_body(enum ms_dtype dt, const struct gta_fin *p, const float *restrict b,
                             float *restrict mixed, const float *restrict div,
                             float *restrict out, size_t n)
@@ -315,8 +321,8 @@ GTA_INLINE void finish_body(enum ms_dtype dt, const struct gta_fin *p, const flo
         for (size_t i = 0; i < n; i++)
             mixed[i] = ms_rnd(dt, mixed[i] * l);
     }
-    for (size_t i = 0; i < n; i++)
-        out[i] = ms_rnd(dt, b[i] + mixed[i]);
+    for (size_t i = 0; i < n; i++) /* b's NaN when both are NaN: torch's base + mixed */
+        out[i] = ms_rnd(dt, ms__add_first(b[i], mixed[i]));
 }
 
 /* Without consensus: mixed = rnd(sum_j wd[j]), scalar divisor. The sums run
@@ -1116,41 +1122,119 @@ MS__ISA_VERSIONS(gta_select_model_isa, gta_select_model,
                   struct gta_part_select *p),
                  (st, m, c, p))
 
-/* RESCALE pass of model m over chunk c (not della: della_reduce): before =
- * sum |d|, after = sum |d * mask| (exact). */
-static void gta_rescale_model(const struct gta_state *st, const struct gta_model *m,
-                              const struct ms_chunk *c, struct ms_xacc *before,
-                              struct ms_xacc *after)
+/*
+ * The rescale sums of one model's block from its deltas d and keep (0/1):
+ * before += sum |d|, after += sum |d * keep|. The scalar reference sums both
+ * streams whole (gta_rescale_sums); with AVX-512 the block is split into its
+ * kept and dropped terms (packed in order, vcompressps), summed once each:
+ * after takes the kept ones, before the dropped ones and, at the end of the
+ * chunk (gta_rescale_chunk), after's limbs too, so every term is summed once
+ * instead of twice. The exact sums (ms_xacc) make the limbs the same either
+ * way; a dropped Inf or NaN, which makes d * 0 a NaN term of after, is noted in
+ * *nf and added to after as one NaN.
+ */
+GTA_INLINE void gta_rescale_sums(const float *restrict d, const float *restrict keep,
+                                 float *restrict masked, size_t n, struct ms_xacc *before,
+                                 struct ms_xacc *after)
 {
-    float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    masked_body(d, keep, masked, n);
+    ms_xacc_sumabs(before, d, n);
+    ms_xacc_sumabs(after, masked, n);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GTA_SPLIT 1
+/* kept/dropped: n + 16 floats each. Returns the count of kept terms. */
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) static inline size_t
+gta_split_avx512(const float *restrict d, const float *restrict keep, float *restrict kept,
+                 float *restrict dropped, size_t n, bool *nf)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i ex = _mm512_set1_epi32(0x7f800000);
+    size_t nk = 0, nd = 0, i = 0;
+    __mmask16 bad = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(d + i);
+        __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(keep + i), zero, _CMP_NEQ_UQ);
+        _mm512_storeu_ps(kept + nk, _mm512_maskz_compress_ps(k, v));
+        _mm512_storeu_ps(dropped + nd, _mm512_maskz_compress_ps((__mmask16)~k, v));
+        unsigned c = (unsigned)__builtin_popcount((unsigned)k);
+        nk += c;
+        nd += 16 - c;
+        bad |= _mm512_mask_cmpeq_epi32_mask((__mmask16)~k,
+                                            _mm512_and_si512(_mm512_castps_si512(v), ex), ex);
+    }
+    for (; i < n; i++) {
+        bool k = keep[i] != 0.0f;
+        kept[nk] = d[i];
+        dropped[nd] = d[i];
+        nk += k;
+        nd += !k;
+        bad |= !k && (ms_f32_bits(d[i]) & 0x7f800000u) == 0x7f800000u;
+    }
+    *nf |= bad != 0;
+    return nk;
+}
+#else
+#define GTA_SPLIT 0
+#endif
+
+/* RESCALE pass over chunk c (not della: della_reduce), for every trimmed
+ * model: before[j] = sum |d|, after[j] = sum |d * mask| (exact). Block by
+ * block, model by model inside a block, so that the base's block is read from
+ * memory once for all the models. */
+static void gta_rescale_chunk(const struct gta_state *st, const struct ms_chunk *c,
+                              struct gta_part_rescale *p)
+{
     float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
-    float masked[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
-    const float *x = c->in[m->input], *b = c->in[st->base];
-    uint64_t run[2] = { 0, 0 };
-    /* before = sum |d| over every delta, after = sum |d * keep| over every
-     * delta (exact sums: zero terms add nothing, so this equals summing the
-     * nonzero kept and dropped terms apart). Both are elementwise streams with
-     * no compaction, so the loops vectorise. Sums over up to GTA_RBLOCK terms
-     * per call, masks in GTA_BLOCK pieces. */
+    float keep[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
+    float kept[GTA_RBLOCK + 16] __attribute__((aligned(MS_ALIGN)));
+    float dropped[GTA_RBLOCK + 16] __attribute__((aligned(MS_ALIGN)));
+    uint64_t run[MS_MAX_INPUTS][2];
+    bool nf[MS_MAX_INPUTS] = { false };
+    const float *b = c->in[st->base];
+    const bool split = GTA_SPLIT && ms_isa_active() == MS_ISA_AVX512;
+    memset(run, 0, sizeof run);
+    /* keep[] in GTA_BLOCK pieces; a model's masks in element order (run[j]:
+     * its selections' tie counts). */
     for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
-        gta_delta(st->dt, rd, x + off, b + off, n);
-        for (size_t o = 0; o < n; o += GTA_BLOCK) {
-            size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
-            gta_keep(st, m, c->first, c->first + off + o, run, rd + o, keep, k);
-            masked_body(rd + o, keep, masked + o, k);
+        for (uint32_t j = 0; j < st->nm; j++) {
+            const struct gta_model *m = &st->m[j];
+            if (!m->trim || m->none)
+                continue;
+            gta_delta(st->dt, rd, c->in[m->input] + off, b + off, n);
+            for (size_t o = 0; o < n; o += GTA_BLOCK) {
+                size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
+                gta_keep(st, m, c->first, c->first + off + o, run[j], rd + o, keep + o, k);
+            }
+#if GTA_SPLIT
+            if (split) {
+                size_t nk = gta_split_avx512(rd, keep, kept, dropped, n, &nf[j]);
+                ms_xacc_sumabs(&p->after[j], kept, nk);
+                ms_xacc_sumabs(&p->before[j], dropped, n - nk);
+                continue;
+            }
+#endif
+            gta_rescale_sums(rd, keep, kept, n, &p->before[j], &p->after[j]);
         }
-        ms_xacc_sumabs(before, rd, n);
-        ms_xacc_sumabs(after, masked, n);
+    }
+    if (!split)
+        return;
+    static const float nan_term = NAN;
+    for (uint32_t j = 0; j < st->nm; j++) { /* before: the dropped terms, then the kept */
+        ms_xacc_merge(&p->before[j], &p->after[j]);
+        if (nf[j])
+            ms_xacc_sumabs(&p->after[j], &nan_term, 1);
     }
 }
 
-/* The versions of ms_isa.h of gta_rescale_model, as gta_apply_range's
+/* The versions of ms_isa.h of gta_rescale_chunk, as gta_apply_range's
  * (elementwise rounding, integer masks and ranks: no value changes). */
-MS__ISA_VERSIONS(gta_rescale_model_isa, gta_rescale_model,
-                 (const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
-                  struct ms_xacc *before, struct ms_xacc *after),
-                 (st, m, c, before, after))
+MS__ISA_VERSIONS(gta_rescale_chunk_isa, gta_rescale_chunk,
+                 (const struct gta_state *st, const struct ms_chunk *c,
+                  struct gta_part_rescale *p),
+                 (st, c, p))
 
 static void gta_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                        void *partial)
@@ -1181,9 +1265,9 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         if (della)
             della_reduce_isa(st, m, c, (unsigned char *)p->scratch, c->keep, &p->before[j],
                              &p->after[j]);
-        else
-            gta_rescale_model_isa(st, m, c, &p->before[j], &p->after[j]);
     }
+    if (!della)
+        gta_rescale_chunk_isa(st, c, p);
 }
 
 static void gta_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -1383,6 +1467,82 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     }
 }
 
+/*
+ * The stored-bytes path (ms_stage_ops.apply_stored), bfloat16 compute, for
+ * jobs whose masks depend on the element index only: no model trimmed
+ * (task_arithmetic, or any member with every density >= 1), or dare's random
+ * masks without a rescale pass. Per block of GTA_BLOCK elements the inputs are
+ * decoded into L1-resident floats (a bf16 element is its float's top 16 bits,
+ * exactly as the engine decodes it), gta_apply_range runs on them as on a
+ * chunk of that block's elements (the float path's operations on the same
+ * values, ms__acc_add order included), and its floats are encoded as
+ * ms_f32_to_bf16_1 does: the bytes the float path writes, for any chunking.
+ */
+
+/* ms_f32_to_bf16_1, with the NaN case as a select so that the loop vectorises */
+GTA_INLINE uint32_t gta_bf16_bits(float f)
+{
+    uint32_t u = ms_f32_bits(f);
+    uint32_t q = (u >> 16) | 0x40u;
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+}
+
+GTA_INLINE void gta_stored_block(const struct gta_state *st, uint32_t ninputs,
+                                 const struct ms_chunk_stored *c, size_t b, size_t n)
+{
+    float f[MS_MAX_INPUTS][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float y[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    struct ms_chunk ck = { .first = c->first + b, .count = n, .out = y };
+    uint16_t *restrict out = (uint16_t *)c->out + b;
+    for (uint32_t i = 0; i < ninputs; i++) {
+        const uint16_t *restrict x = (const uint16_t *)c->in[i] + b;
+        for (size_t j = 0; j < n; j++)
+            f[i][j] = ms_f32_from_bits((uint32_t)x[j] << 16);
+        ck.in[i] = f[i];
+    }
+    if (st->nm == 0) { /* gta_apply's copy of the base */
+        for (size_t j = 0; j < n; j++)
+            out[j] = (uint16_t)gta_bf16_bits(f[st->base][j]);
+        return;
+    }
+    uint64_t run[MS_MAX_INPUTS][2]; /* unused: no selection */
+    gta_apply_range(st, &ck, 0, n, run);
+    for (size_t j = 0; j < n; j++)
+        out[j] = (uint16_t)gta_bf16_bits(y[j]);
+}
+
+static void gta_stored_run(const struct gta_state *st, uint32_t ninputs,
+                           const struct ms_chunk_stored *c)
+{
+    size_t n = (size_t)c->count;
+    for (size_t b = 0; b < n; b += GTA_BLOCK) {
+        size_t m = MS_MIN((size_t)GTA_BLOCK, n - b);
+        MS__BLOCK_CALL(gta_stored_block, m, GTA_BLOCK, st, ninputs, c, b);
+    }
+}
+
+/* The versions of ms_isa.h of gta_stored_run, as gta_apply_range's. */
+MS__ISA_VERSIONS(gta_stored_isa, gta_stored_run,
+                 (const struct gta_state *st, uint32_t ninputs, const struct ms_chunk_stored *c),
+                 (st, ninputs, c))
+
+/* Declines (writes nothing) unless the compute dtype is bfloat16 and every
+ * mask is absent or random (a selection's mask depends on the chunking). */
+static bool gta_apply_stored(const void *state, const struct ms_stage_job *job,
+                             const struct ms_chunk_stored *c)
+{
+    const struct gta_state *st = state;
+    assert(st->phase == GTA_APPLY);
+    if (st->dt != MS_DT_BF16)
+        return false;
+    for (uint32_t j = 0; j < st->nm; j++)
+        if (st->m[j].trim && st->kind.sparse != GTA_SPARSE_RANDOM)
+            return false;
+    gta_stored_isa(st, job->ninputs, c);
+    return true;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Plan-time rules                                                           */
 
@@ -1463,6 +1623,7 @@ static const struct ms_stage_ops gta_ops = {
     .fold = gta_fold,
     .end_pass = gta_end_pass,
     .apply = gta_apply,
+    .apply_stored = gta_apply_stored,
 };
 
 /* della with rescale: a rescale pass will rank every trimmed model's rows, and

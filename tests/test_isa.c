@@ -26,6 +26,7 @@
 #include "ms_isa.h"
 #include "ms_stage.h"
 #include "th.h"
+#include "th_gta.h"
 #include "th_stage.h"
 
 #ifndef MS_SOURCE_DIR
@@ -481,6 +482,90 @@ Test(isa, linear_stored_path_gives_the_float_paths_bytes_in_every_version)
         if (pid == 0) {
             setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
             _exit(ms_isa_active() == (enum ms_isa)isa ? stored_cases_run() : 9);
+        }
+        int st = 0;
+        cr_assert_eq(waitpid(pid, &st, 0), pid);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s: child status %d (10 + k: case k "
+                  "differs)", ms_isa_name((enum ms_isa)isa), WEXITSTATUS(st));
+        versions++;
+    }
+    cr_assert_gt(versions, 0);
+}
+
+/*
+ * The GTA family's stored-bytes path (gta.c's apply_stored, bf16): on random
+ * task_arithmetic, dare_linear and dare_ties (no rescale) cases with NaN and
+ * infinities among the inputs, in chunks of the whole tensor, 300 and 1
+ * elements, each version's bytes equal the bf16 encoding of that version's
+ * float path (which the tests above tie to scalar). A child process per version.
+ */
+static int gta_stored_cases_run(void)
+{
+    enum { SN = 1500 };
+    static const char *const methods[] = { "task_arithmetic", "dare_linear", "dare_ties" };
+    static const uint32_t special[] = { 0x7fc00000u, 0xffc10000u, 0x7f800000u, 0xff800000u,
+                                        0x00010000u, 0x80000000u };
+    static float store[MS_MAX_INPUTS * SN], out[SN];
+    static uint16_t raw[MS_MAX_INPUTS][SN], got[SN], want[SN];
+    for (size_t k = 0; k < 3 * 12; k++) {
+        uint64_t rs = 777 + k;
+        struct th_gta g = { .method = methods[k % 3], .dt = MS_DT_BF16 };
+        th_gta_random(&g, store, SN, &rs);
+        g.rescale = false;
+        g.seed = k;
+        const uint16_t *rin[MS_MAX_INPUTS];
+        for (uint32_t i = 0; i < g.ninputs; i++) {
+            float *x = (float *)g.in[i];
+            for (uint64_t j = 0; j < g.numel; j++) {
+                if ((j * 7 + i * 131 + k) % 41 == 0)
+                    x[j] = ms_f32_from_bits(special[(j / 41 + i) % 6]);
+                raw[i][j] = (uint16_t)(ms_f32_bits(x[j]) >> 16);
+            }
+            rin[i] = raw[i];
+        }
+        if (th_gta_run(&g, 0, out) != 0)
+            return 2;
+        ms_f32_to_bf16_ref(out, want, g.numel);
+        struct ms_stage_job job;
+        int64_t shape[2];
+        th_gta_job(&g, &job, shape);
+        const struct ms_stage_ops *ops = job.method->ops;
+        void *state = calloc(1, ops->state_size(&job));
+        if (!state || !ops->apply_stored || ops->begin(state, &job) != MS_STAGE_APPLY)
+            return 3;
+        static const uint64_t chunks[] = { 0, 300, 1 };
+        for (size_t cs = 0; cs < 3; cs++) {
+            uint64_t ch = chunks[cs] ? chunks[cs] : g.numel;
+            memset(got, 0x5a, sizeof got);
+            for (uint64_t first = 0; first < g.numel; first += ch) {
+                struct ms_chunk_stored c = { .first = first };
+                c.count = MS_MIN(ch, g.numel - first);
+                for (uint32_t i = 0; i < g.ninputs; i++)
+                    c.in[i] = rin[i] + first;
+                c.out = got + first;
+                if (!ops->apply_stored(state, &job, &c))
+                    return 4;
+            }
+            if (memcmp(got, want, g.numel * sizeof(uint16_t)))
+                return 10 + (int)k;
+        }
+        free(state);
+    }
+    return 0;
+}
+
+Test(isa, gta_stored_path_gives_the_float_paths_bytes_in_every_version)
+{
+    int versions = 0;
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!ms_isa_available((enum ms_isa)isa))
+            continue;
+        fflush(NULL);
+        pid_t pid = fork();
+        cr_assert(pid >= 0);
+        if (pid == 0) {
+            setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
+            _exit(ms_isa_active() == (enum ms_isa)isa ? gta_stored_cases_run() : 9);
         }
         int st = 0;
         cr_assert_eq(waitpid(pid, &st, 0), pid);

@@ -177,6 +177,44 @@ Test(stage_dare, rescale_is_l1_not_inverse_density)
                   (unsigned long long)e, out[e], f);
 }
 
+/*
+ * A dropped Inf (no NaN anywhere): mergekit's masked delta has Inf * 0 = NaN
+ * there, so after = sum |masked| is NaN, the factor before / after is NaN and
+ * every element of the model's rescaled delta is NaN (the < 1e-7 guards are
+ * false for NaN); the merge is base + NaN, NaN everywhere (by hand). A kept
+ * Inf instead gives before = after = Inf, factor NaN too. Both models of
+ * dare_linear, every dtype, chunks that split and do not split the tensor.
+ */
+Test(stage_dare, rescale_with_a_dropped_inf_is_nan)
+{
+    enum { N = 300 };
+    static float base[N], x[N], out[N];
+    for (int d = 0; d < 3; d++) {
+        for (int kept = 0; kept < 2; kept++) {
+            struct th_gta g;
+            mask_case(&g, base, x, N, dts[d], 0.5, 7);
+            g.rescale = true;
+            /* the element the mask drops (kept = 0) or keeps (1), by the rule of
+             * NUMERICS.md: kept iff (u & 0xffffff) * 2^-24 < p, p = 0.5 */
+            uint64_t e0 = 0;
+            while (((float)(ms_rng_u32(7, ms_hash_str("t"), 1, e0) & 0xffffffu) * 0x1p-24f <
+                    0.5f) != (kept != 0))
+                e0++;
+            cr_assert_lt(e0, N);
+            for (int e = 0; e < N; e++) {
+                base[e] = 0.0f;
+                x[e] = e == (int)e0 ? INFINITY : 1.0f;
+            }
+            for (uint64_t c = 1; c <= N; c += 149) {
+                cr_assert_eq(th_gta_run(&g, c, out), 0, "%s", ms_errmsg());
+                for (int e = 0; e < N; e++)
+                    cr_assert(isnan(out[e]), "%s kept %d chunk %llu: element %d is %a",
+                              ms_dtype_name(dts[d]), kept, (unsigned long long)c, e, out[e]);
+            }
+        }
+    }
+}
+
 /* Density >= 1 leaves a model untouched: with all densities 1, dare_linear is
  * task_arithmetic bit for bit. Another seed changes a trimmed merge. */
 Test(stage_dare, density_one_is_task_arithmetic_and_seed_matters)

@@ -7,6 +7,7 @@
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ms_common.h"
@@ -256,5 +257,181 @@ Test(stage_task_arith, nonfinite_inputs_in_every_method)
                 th_gta_expect(&g, want, what);
             }
         }
+    }
+}
+
+/* ---- the stored-bytes path (ms_stage_ops.apply_stored): bf16 in, bf16 out */
+
+#define SMAXN 1200 /* several of the kernel's 256-element blocks */
+
+/* begin (which must run no reduce pass), then apply_stored over chunks of
+ * `chunk` elements (the last shorter), last chunk first; returns what
+ * apply_stored returned for the first call (false: it declined). */
+static bool run_stored(const struct th_gta *g, const uint16_t *const *in, uint16_t *out,
+                       uint64_t chunk)
+{
+    struct ms_stage_job job;
+    int64_t shape[2];
+    th_gta_job(g, &job, shape);
+    const struct ms_stage_ops *ops = job.method->ops;
+    cr_assert(ops->apply_stored, "%s", g->method);
+    void *st = calloc(1, ops->state_size(&job));
+    cr_assert(st);
+    cr_assert_eq(ops->begin(st, &job), MS_STAGE_APPLY, "%s", g->method);
+    bool took = true;
+    for (uint64_t k = (g->numel + chunk - 1) / chunk; k-- > 0;) {
+        struct ms_chunk_stored c = { .first = k * chunk };
+        c.count = MS_MIN(chunk, g->numel - c.first);
+        for (uint32_t i = 0; i < g->ninputs; i++)
+            c.in[i] = in[i] + c.first;
+        c.out = out + c.first;
+        took = ops->apply_stored(st, &job, &c);
+        if (!took)
+            break;
+    }
+    free(st);
+    return took;
+}
+
+/* The stored path of g at several chunkings gives want (bf16 bits), every bit
+ * (NaN payloads too). */
+static void expect_stored_bits(const struct th_gta *g, const uint16_t *want, const char *what)
+{
+    static uint16_t raw[MS_MAX_INPUTS][SMAXN], out[SMAXN];
+    const uint16_t *rin[MS_MAX_INPUTS];
+    for (uint32_t i = 0; i < g->ninputs; i++) {
+        for (uint64_t e = 0; e < g->numel; e++) {
+            uint32_t u = ms_f32_bits(g->in[i][e]);
+            cr_assert_eq(u & 0xffffu, 0u, "%s: input %u element %llu is not bf16", what, i,
+                         (unsigned long long)e);
+            raw[i][e] = (uint16_t)(u >> 16);
+        }
+        rin[i] = raw[i];
+    }
+    const uint64_t sizes[] = { g->numel, 1, 7, 256, 257, 1000 };
+    for (size_t c = 0; c < MS_ARRAY_LEN(sizes); c++) {
+        memset(out, 0x5a, sizeof out);
+        cr_assert(run_stored(g, rin, out, sizes[c]), "%s: declined", what);
+        for (uint64_t e = 0; e < g->numel; e++)
+            cr_assert_eq(out[e], want[e], "%s chunk %llu: element %llu is %#x, want %#x", what,
+                         (unsigned long long)sizes[c], (unsigned long long)e, out[e], want[e]);
+    }
+}
+
+/* ... against the reference's floats encoded by ms_f32_to_bf16_ref. */
+static void expect_stored(const struct th_gta *g, const char *what)
+{
+    static float ref[SMAXN];
+    static uint16_t want[SMAXN];
+    cr_assert_eq(th_gta_ref(g, ref), 0, "%s", what);
+    ms_f32_to_bf16_ref(ref, want, g->numel);
+    expect_stored_bits(g, want, what);
+}
+
+/*
+ * task_arithmetic in bf16 through the stored path gives the reference's
+ * bytes on random cases (zero deltas, weights summing to zero, normalize,
+ * lambda); so do dare_* without rescale (masks keyed by the element) and
+ * ties with every density 1 (the sign election, no mask), which run no
+ * reduce pass either.
+ */
+Test(stage_task_arith, stored_bf16_gives_the_encoded_reference)
+{
+    static float st[MS_MAX_INPUTS * SMAXN];
+    static const char *const methods[] = { "task_arithmetic", "dare_linear", "dare_ties",
+                                           "ties" };
+    for (size_t k = 0; k < MS_ARRAY_LEN(methods); k++) {
+        for (int s = 0; s < 40; s++) {
+            uint64_t rs = 9000 + 100 * k + (uint64_t)s;
+            struct th_gta g = { .method = methods[k], .dt = MS_DT_BF16 };
+            th_gta_random(&g, st, SMAXN, &rs);
+            g.rescale = false;
+            g.seed = rs;
+            if (!strcmp(methods[k], "ties"))
+                for (uint32_t i = 0; i < g.ninputs; i++)
+                    g.density[i] = 1.0;
+            char what[160];
+            snprintf(what, sizeof what, "%s seed %d (n %llu, %u inputs, base %d)", methods[k], s,
+                     (unsigned long long)g.numel, g.ninputs, g.base);
+            expect_stored(&g, what);
+        }
+    }
+}
+
+/*
+ * NaN of both signs and with payloads (a signalling one among them), +-Inf,
+ * and several NaN at one element: the stored path writes the float path's
+ * bytes (the float path is tied to the reference elsewhere; where the base and
+ * the mixed delta are both NaN the reference leaves the operand order of its
+ * add to the compiler, the stage keeps the base's, as torch's base + mixed).
+ * By hand, element 0: every input NaN, the base 0xff90 (signalling), so the
+ * output is the base's NaN quieted, 0xffd0. Also the base alone: its NaN come
+ * out quieted, as the float path's encode makes them.
+ */
+Test(stage_task_arith, stored_bf16_nonfinite_keeps_the_float_paths_nan)
+{
+    static const uint16_t special[] = { 0x7fc0, 0xffc1, 0x7f81, 0xff90, 0x7fff, 0xffa5,
+                                        0x7f80, 0xff80 };
+    static const char *const methods[] = { "task_arithmetic", "dare_linear", "dare_ties" };
+    enum { N = 1100, NIN = 4 };
+    static float x[NIN][N], fl[N];
+    static uint16_t want[N];
+    uint64_t rs = 31;
+    for (int i = 0; i < NIN; i++)
+        for (int e = 0; e < N; e++) {
+            float v = (float)((int64_t)th_gta_rand(&rs) >> 50) * 0x1p-10f;
+            if ((e + i) % 3 == 0 || e % 5 == 0) /* two or more non-finite at most elements */
+                v = ms_bf16_to_f32_1(special[(e + 3 * i) % MS_ARRAY_LEN(special)]);
+            x[i][e] = th_gta_rnd(MS_DT_BF16, v);
+            if (v != v) /* keep the payload: th_gta_rnd would quiet a signalling NaN */
+                x[i][e] = v;
+        }
+    for (size_t m = 0; m < MS_ARRAY_LEN(methods); m++)
+        for (int norm = 0; norm < 2; norm++) {
+            struct th_gta g = { .method = methods[m], .dt = MS_DT_BF16, .numel = N,
+                                .ninputs = NIN, .base = 1, .in = { x[0], x[1], x[2], x[3] },
+                                .weight = { 0.7, 0, 0.5, -0.25 }, .density = { 0.5, 1, 0.3, 1 },
+                                .normalize = norm, .lambda = norm ? 1 : 0.5, .seed = 3 + m };
+            char what[80];
+            snprintf(what, sizeof what, "%s normalize %d", methods[m], norm);
+            cr_assert_eq(th_gta_run(&g, 100, fl), 0, "%s", ms_errmsg());
+            ms_f32_to_bf16_ref(fl, want, N);
+            cr_assert_eq(want[0], 0xffd0, "%s: the float path's element 0 is %#x", what, want[0]);
+            expect_stored_bits(&g, want, what);
+        }
+    struct th_gta g = { .method = "task_arithmetic", .dt = MS_DT_BF16, .numel = N, .ninputs = 1,
+                        .base = 0, .in = { x[0] }, .weight = { 1 }, .density = { 1 },
+                        .lambda = 1 };
+    expect_stored(&g, "base only");
+}
+
+/* Compute dtypes other than bfloat16, and masks that are not the element's own
+ * (breadcrumbs with gamma 0 keeps nothing and runs no reduce pass), are
+ * declined with nothing written. (della's row-wise ops have no stored path.) */
+Test(stage_task_arith, stored_declines_other_dtypes_and_masks)
+{
+    static float b[40], a[40];
+    static uint16_t raw[2][40], out[40];
+    const uint16_t *rin[2] = { raw[0], raw[1] };
+    for (int e = 0; e < 40; e++) {
+        b[e] = (float)e / 8.0f;
+        a[e] = b[e] + 0.25f;
+        raw[0][e] = (uint16_t)(ms_f32_bits(b[e]) >> 16);
+        raw[1][e] = (uint16_t)(ms_f32_bits(a[e]) >> 16);
+    }
+    static const struct { const char *method; enum ms_dtype dt; double density; } c[] = {
+        { "task_arithmetic", MS_DT_F16, 1 }, { "task_arithmetic", MS_DT_F32, 1 },
+        { "dare_linear", MS_DT_F32, 0.5 }, { "breadcrumbs", MS_DT_BF16, 0.5 },
+    };
+    for (size_t k = 0; k < MS_ARRAY_LEN(c); k++) {
+        struct th_gta g = { .method = c[k].method, .dt = c[k].dt, .numel = 40, .ninputs = 2,
+                            .base = 0, .in = { b, a }, .weight = { 0, 1 },
+                            .density = { 1, c[k].density }, .gamma = { 0, 0 },
+                            .epsilon = { 0, 0.1 }, .lambda = 1, .row_len = 8 };
+        memset(out, 0x5a, sizeof out);
+        cr_assert(!run_stored(&g, rin, out, 40), "%s %s", c[k].method,
+                  ms_dtype_name(c[k].dt));
+        for (int e = 0; e < 40; e++)
+            cr_assert_eq(out[e], 0x5a5a, "%s", c[k].method);
     }
 }
