@@ -1109,7 +1109,8 @@ static void fused_done(struct eng *e, struct slot *s)
         return;
     }
     if (s->frc < 0) {
-        eng_fail(e, s->frc, "%s", s->ferr); /* io/ names the file and the tensor */
+        if (!g_cancel_signo) /* a signal: the pump that follows reports it */
+            eng_fail(e, s->frc, "%s", s->ferr); /* io/ names the file and the tensor */
         slot_put(e, s);
         return;
     }

@@ -571,3 +571,22 @@ Test(engine, fused_chunks_record_the_checksums_resume_checks)
     free(out);
     free(err);
 }
+
+/* A fused chunk whose first block is not in the page cache (the inputs dropped
+ * from it: synced, then `dd iflag=nocache`; models larger than the 8 MiB the
+ * header reads may read ahead) takes the asynchronous path with the rest of its
+ * job: the same bytes. */
+Test(engine, uncached_inputs_leave_the_fused_path_with_the_same_bytes)
+{
+    write_recipe("lin2.yml", "merge_method: linear\ndtype: bfloat16\nmodels:\n"
+                             "  - model: big\n    parameters: {weight: 1.0}\n"
+                             "  - model: big1\n    parameters: {weight: 0.3}\n");
+    run_ok("cd %s && ms-mkmodel --layers 1 --hidden 256 --intermediate 256 --vocab 24000 "
+           "--dtype bf16 --seed 21 big >/dev/null && "
+           "ms-mkmodel --base big --noise 0.01 --seed 22 big1 >/dev/null && "
+           "rm -rf a b && MERGESTREAM_FUSE=0 mergestream merge lin2.yml a/out -q && "
+           "sync big/* big1/* && for f in big/*.safetensors big1/*.safetensors; do "
+           "dd if=$f iflag=nocache count=0 status=none || exit 1; done && "
+           "mergestream merge lin2.yml b/out -q", g_dir);
+    assert_same_output("a/out", "b/out");
+}
