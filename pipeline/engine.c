@@ -10,6 +10,10 @@
  *             -> WRITING (ms_shard_write at the tensor's known offset, or in
  *                         order through ms_out) -> FREE
  *
+ * One-pass jobs from plain files into positional shard files whose inputs are in
+ * the page cache run "fused" instead (fused_work): one pool thread reads,
+ * computes and writes a chunk block by block, so the bytes stay in its cache.
+ *
  * Memory: nslots slots of slot_bytes each plus nstates job states are
  * allocated once at start from --max-memory; a chunk is carved out of one slot
  * (partial, one buffer per input, output), so nothing grows with model size.
@@ -957,7 +961,7 @@ static void chunk_compute(struct slot *s)
  * read, compute and write. A block is a smaller chunk of a job that runs no
  * reduce pass, so the bytes are the same (as for apply_subblock). */
 
-#define FUSE_DEFAULT 65536u /* elements per block of a fused chunk (fuse_elems) */
+#define FUSE_DEFAULT 65536u /* elements per block of a fused chunk (MERGESTREAM_FUSE) */
 #define FUSED_UNCACHED 1    /* slot.frc: the first block is not all in the page cache */
 
 /* Elements per block of jr's fused chunks: e->fuse, whole rows for row-wise stages. */
@@ -1104,6 +1108,7 @@ static void fused_done(struct eng *e, struct slot *s)
     if (s->frc == FUSED_UNCACHED) { /* from the disk: this chunk and the job's next ones read
                                        asynchronously, many at once */
         jr->fused = false;
+        s->state = SLOT_READING;
         slot_setup(e, jr, s, s->ck.index);
         slot_read(e, s);
         return;
