@@ -1043,7 +1043,11 @@ static void work_cb(uv_work_t *w)
 
 static void start_compute(struct eng *e)
 {
-    while (e->cq_head && e->compute_inflight < e->compute_max && !eng_stopping(e)) {
+    /* A fused chunk may be one beyond the compute threads (job_issue keeps at most
+     * that many): a thread that finishes one has the next at hand, without waiting
+     * for the loop to hear of it (under load, the loop waits for a core). */
+    while (e->cq_head && e->compute_inflight < e->compute_max + (e->cq_head->fused ? 1 : 0) &&
+           !eng_stopping(e)) {
         struct slot *s = slot_fifo_pop(&e->cq_head, &e->cq_tail);
         s->state = SLOT_COMPUTING;
         s->work.data = s;
@@ -1618,7 +1622,7 @@ static void job_issue(struct eng *e, struct jrun *jr)
             return;
         uint32_t inflight = e->nslots - e->nfree - e->nresident;
         if (inflight >= e->depth || (jr->fused && inflight > e->compute_max))
-            return; /* fused: one chunk waits for each pool thread, few slots are touched */
+            return; /* fused: threads + 1 chunks at once (start_compute), few slots touched */
         struct slot *s = slot_get(e);
         if (!s)
             return;
