@@ -209,6 +209,15 @@ int ms_shard_file_open(struct ms_shard_file *f, uint64_t size, const void *heade
 int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_shard_write *req,
                          const void *buf, size_t len, uint64_t off, ms_shard_write_cb cb);
 /*
+ * Writes exactly len bytes (len > 0) of buf at offset off of the open file,
+ * blocking: for a caller already on a pool thread (the engine's fused chunks);
+ * not with write-behind. Any thread; f is only read, and must stay open until
+ * the call returns. Consults ms__io_should_fail() once. Returns 0, or a negative
+ * code with the diagnostic (thread-local) "<tmp>: write failed: <reason>".
+ */
+int ms_shard_file_pwrite(const struct ms_shard_file *f, const void *buf, size_t len,
+                         uint64_t off);
+/*
  * Write-behind, for output larger than memory: after this, each write also
  * starts the writeback of its bytes (sync_file_range), and once more than
  * `window` bytes (MS_SHARD_BEHIND_BYTES) have been written after them, waits

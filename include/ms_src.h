@@ -78,6 +78,22 @@ struct ms_src_read {
  * MS_ENOMEM); *out is NULL on error.
  */
 int ms_src_open(const char *path, bool compressed, struct ms_src **out);
+
+/* True when src is a plain local file (ms_src_pread serves it). Any thread. */
+bool ms_src_is_plain(const struct ms_src *src);
+
+/*
+ * Reads exactly len bytes at offset off of a plain source (ms_src_is_plain)
+ * into buf, blocking: for a caller already on a pool thread (the engine's fused
+ * chunks). Any thread; src is only read. With nowait, the read is only tried
+ * from the page cache (preadv2 RWF_NOWAIT): 1 when not every byte is there
+ * (buf's contents unspecified), so the caller can take the asynchronous path.
+ * Each call consults ms__io_should_fail() once (UV_EIO). Returns 0, 1 (nowait only), or a negative
+ * code with the diagnostic (thread-local, ms_errmsg()) of ms_src_read_cb's
+ * status for a plain file.
+ */
+int ms_src_pread(struct ms_src *src, void *buf, size_t len, uint64_t off, const char *tensor,
+                 bool nowait);
 /*
  * Starts reading exactly len bytes (len > 0) at offset off into buf, which must
  * stay valid until the callback. tensor names what is read, for diagnostics.

@@ -268,6 +268,26 @@ int ms_shard_write_start(uv_loop_t *loop, struct ms_shard_file *f, struct ms_sha
     return 0;
 }
 
+int ms_shard_file_pwrite(const struct ms_shard_file *f, const void *buf, size_t len,
+                         uint64_t off)
+{
+    assert(f->fd >= 0 && !f->behind && buf && len > 0);
+    if (ms__io_should_fail()) /* test hook */
+        return ms_error(UV_EIO, "%s: write failed: %s", f->tmp_path, uv_strerror(UV_EIO));
+    const unsigned char *b = buf;
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pwrite(f->fd, b + done, MS_MIN(len - done, MAX_CALL), (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return ms_error(r < 0 ? -errno : MS_EIO, "%s: write failed: %s", f->tmp_path,
+                            r < 0 ? ms_strerror(-errno) : "no progress");
+        done += (size_t)r;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ end */
 
 int ms_shard_file_finish(struct ms_shard_file *f)

@@ -6,11 +6,13 @@
  * touches only the source's decoder, its zrc/zerr and the request's buffer;
  * the source serves one compressed read at a time, so nothing else does.
  */
+#define _GNU_SOURCE /* preadv2, RWF_NOWAIT */
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <uv.h>
@@ -190,6 +192,48 @@ int ms_src_read_start(uv_loop_t *loop, struct ms_src *src, struct ms_src_read *r
     else
         src->qhead = req;
     src->qtail = req;
+    return 0;
+}
+
+bool ms_src_is_plain(const struct ms_src *src) { return src->fd >= 0; }
+
+int ms_src_pread(struct ms_src *src, void *buf, size_t len, uint64_t off, const char *tensor,
+                 bool nowait)
+{
+    assert(src->fd >= 0 && buf && len > 0 && tensor);
+    unsigned char *b = buf;
+    if (ms__io_should_fail()) /* test hook */
+        return ms_error(UV_EIO, "%s: read failed: %s", src->path, ms_strerror(UV_EIO));
+    if (nowait) {
+#ifdef RWF_NOWAIT
+        size_t done = 0;
+        while (done < len) {
+            struct iovec v = { b + done, MS_MIN(len - done, MAX_CALL) };
+            ssize_t r = preadv2(src->fd, &v, 1, (off_t)(off + done), RWF_NOWAIT);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                return 1; /* not cached (EAGAIN), unsupported, or an error the plain read reports */
+            done += (size_t)r;
+        }
+        return 0;
+#else
+        return 1;
+#endif
+    }
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(src->fd, b + done, MS_MIN(len - done, MAX_CALL), (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return ms_error(-errno, "%s: read of tensor '%s' failed: %s", src->path, tensor,
+                            ms_strerror(-errno));
+        if (r == 0)
+            return ms_error(MS_EIO, "%s: unexpected end of file reading tensor '%s' (file "
+                            "truncated after the plan was made?)", src->path, tensor);
+        done += (size_t)r;
+    }
     return 0;
 }
 

@@ -10,6 +10,10 @@
  *             -> WRITING (ms_shard_write at the tensor's known offset, or in
  *                         order through ms_out) -> FREE
  *
+ * One-pass jobs from plain files into positional shard files whose inputs are in
+ * the page cache run "fused" instead (fused_work): one pool thread reads,
+ * computes and writes a chunk block by block, so the bytes stay in its cache.
+ *
  * Memory: nslots slots of slot_bytes each plus nstates job states are
  * allocated once at start from --max-memory; a chunk is carved out of one slot
  * (partial, one buffer per input, output), so nothing grows with model size.
@@ -93,6 +97,10 @@ struct slot {
     uint64_t wlen, woff;          /* bytes, and the offset in the output shard */
     uint64_t hpart;               /* hash_writes: ms_poshash_range of those bytes */
     struct slot *next_queued;     /* compute queue link, then the shard's write queue link */
+    bool fused;                   /* the chunk runs fused (fused_job) */
+    /* Fused chunks (fused_work): read, compute and write on one pool thread. */
+    int frc;                      /* its result: 0, FUSED_UNCACHED, or a code with ferr */
+    char ferr[512];               /* its diagnostic (the worker's is thread-local) */
 };
 
 struct jrun {
@@ -112,6 +120,7 @@ struct jrun {
     bool resident;
     bool keeps;                   /* the stage wants a keep area (ops->keeps) */
     bool keep_pool;               /* holds e->keep_pool */
+    bool fused;                   /* chunks run fused (fused_job) */
     size_t partial_bytes;
     uint32_t issued, folded, done; /* chunks of the current pass */
     struct slot **ring;           /* chunk c of the current pass at ring[c % nslots] */
@@ -210,6 +219,8 @@ struct eng {
     bool hash_writes;             /* positional files: checksums from the chunks as written */
     uint64_t subblock;            /* elements per compute sub-block of an apply (apply_subblock);
                                      0: whole chunks */
+    uint64_t fuse;                /* elements per block of a fused chunk (fused_job); 0: none */
+    atomic_int stop;              /* set by eng_fail: fused chunks stop between blocks */
     uint64_t fp;
     uint64_t *sums;               /* per shard */
     bool *have;                   /* sums[k] is known */
@@ -270,6 +281,7 @@ static int eng_fail(struct eng *e, int code, const char *fmt, ...)
         if (e->src[i])
             ms_src_cancel(e->src[i]);
     atomic_store(&e->hstop, 1);
+    atomic_store(&e->stop, 1);
     for (size_t k = 0; e->osh && k < e->nsh; k++)
         ms_shard_file_cancel(&e->osh[k].file);
     return code;
@@ -521,6 +533,7 @@ static struct slot *slot_get(struct eng *e)
     assert(s->state == SLOT_FREE);
     s->state = SLOT_READING;
     s->decoded = false;
+    s->fused = false;
     return s;
 }
 
@@ -531,18 +544,17 @@ static void slot_put(struct eng *e, struct slot *s)
     e->free_slots[e->nfree++] = s;
 }
 
-/* Carves chunk c of jr out of slot s: partial, inputs, output. */
-static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t c)
+/* Carves elements (bytes for a copy) [first, first + count) of s->jr's tensor out
+ * of slot s from its start: partial, inputs, output, and the reads that fill them.
+ * Loop thread, or the pool thread running s's fused chunk (which carves each
+ * block of it in turn). */
+static void slot_carve(const struct eng *e, struct slot *s, uint64_t first, uint64_t count)
 {
+    const struct jrun *jr = s->jr;
     const struct ms_job *j = jr->job;
-    uint64_t first = (uint64_t)c * jr->chunk;
-    uint64_t count = MS_MIN(jr->chunk, jr->total - first);
     unsigned char *p = s->mem;
-    memset(&s->ck, 0, sizeof s->ck);
-    s->jr = jr;
     s->ck.first = first;
     s->ck.count = count;
-    s->ck.index = c;
     s->reads_left = 0;
     if (jr->copy) {
         s->partial = NULL;
@@ -575,6 +587,16 @@ static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t 
     else if (jr->keeps && jr->resident)
         s->ck.keep = s->ck.out;
     s->reads_left = j->s.ninputs;
+}
+
+/* Carves chunk c of jr out of slot s (slot_carve). Loop thread. */
+static void slot_setup(struct eng *e, struct jrun *jr, struct slot *s, uint32_t c)
+{
+    uint64_t first = (uint64_t)c * jr->chunk;
+    memset(&s->ck, 0, sizeof s->ck);
+    s->jr = jr;
+    s->ck.index = c;
+    slot_carve(e, s, first, MS_MIN(jr->chunk, jr->total - first));
 }
 
 /* ------------------------------------------------------------------ reads */
@@ -866,9 +888,11 @@ static bool work_stored(struct slot *s)
     return true;
 }
 
-static void work_cb(uv_work_t *w)
+/* Computes s's chunk (its inputs read): a reduce pass's partial, or apply's
+ * bytes packed at the start of ck.out with their checksum in hpart. Compute
+ * thread, s's memory only. */
+static void chunk_compute(struct slot *s)
 {
-    struct slot *s = w->data;
     struct jrun *jr = s->jr;
     const struct ms_job *j = jr->job;
     uint64_t n = s->ck.count;
@@ -927,9 +951,103 @@ static void work_cb(uv_work_t *w)
     s->hpart = hpart;
 }
 
+/* ---- fused chunks: a chunk of a one-pass job whose inputs are plain files and
+ * whose output is a positional shard file runs on one pool thread, block by
+ * block: read the block's inputs (blocking preads, most often from the page
+ * cache), compute it, write it. Each block is carved from the start of the
+ * slot (slot_carve), so the bytes read are computed and written while they
+ * are still in this core's cache, a chunk touches only the first block's
+ * worth of its slot, and the loop hears once per chunk instead of once per
+ * read, compute and write. A block is a smaller chunk of a job that runs no
+ * reduce pass, so the bytes are the same (as for apply_subblock). */
+
+#define FUSE_DEFAULT 65536u /* elements per block of a fused chunk (MERGESTREAM_FUSE) */
+#define FUSED_UNCACHED 1    /* slot.frc: the first block is not all in the page cache */
+
+/* Elements per block of jr's fused chunks: e->fuse, whole rows for row-wise stages. */
+static uint64_t fuse_block(const struct eng *e, const struct jrun *jr)
+{
+    uint64_t fb = e->fuse;
+    if (jr->ops->flags & MS_STAGE_ROWWISE) {
+        uint64_t row = MS_MAX(jr->job->s.row_len, 1);
+        fb = fb < row ? row : fb - fb % row;
+    }
+    return fb;
+}
+
+/* True when jr's chunks may run fused (above): after begin, a job that runs only
+ * its apply pass, plain file inputs read as they are (no LoRA, no row gather, no
+ * tokenizer merge), no keep area, floats no wider than float, positional output
+ * that fits in memory (the write-behind and sequential outputs keep their path). */
+static bool fused_job(struct eng *e, const struct jrun *jr)
+{
+    const struct ms_job *j = jr->job;
+    if (!e->fuse || e->seq || e->behind || jr->copy || !jr->total || jr->phase != MS_STAGE_APPLY ||
+        jr->keeps || jr->keep_pool || j->tok || elem_bytes(j->out_dtype) > 4 ||
+        input_elem_bytes(j) > 4)
+        return false;
+    for (uint32_t i = 0; i < j->s.ninputs; i++) {
+        const struct ms_plan_input *in = &j->in[i];
+        if (in->lora || in->rowmap || !ms_src_is_plain(input_src(e, in)))
+            return false;
+    }
+    return true;
+}
+
+/* Runs s's fused chunk; s->frc gets 0, FUSED_UNCACHED (nothing written: the
+ * chunk takes the asynchronous path), or an error with its diagnostic in
+ * s->ferr. The chunk's checksum is in s->hpart. Pool thread. */
+static void fused_work(struct slot *s)
+{
+    struct eng *e = s->e;
+    struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    const struct ms_shard_file *f = &e->osh[j->shard].file;
+    uint64_t first = s->ck.first, count = s->ck.count, fb = fuse_block(e, jr), hpart = 0;
+    uint32_t ob = elem_bytes(j->out_dtype);
+    int rc = 0;
+    ms_error_clear();
+    for (uint64_t off = 0, m; off < count && !rc; off += m) {
+        m = MS_MIN(fb, count - off);
+        if (atomic_load(&e->stop) || g_cancel_signo) {
+            rc = ms_error(MS_ECANCELED, "canceled");
+            break;
+        }
+        slot_carve(e, s, first + off, m);
+        for (uint32_t i = 0; i < j->s.ninputs && !rc; i++)
+            rc = ms_src_pread(input_src(e, &j->in[i]), s->raw[i], (size_t)s->raw_len[i],
+                              s->raw_off[i], j->in[i].name, off == 0);
+        if (rc)
+            break;
+        s->decoded = false;
+        chunk_compute(s);
+        hpart = ms_poshash_add(hpart, s->hpart);
+        rc = ms_shard_file_pwrite(f, s->ck.out, (size_t)(m * ob), j->out_offset + s->ck.first * ob);
+    }
+    s->frc = rc;
+    if (rc < 0)
+        snprintf(s->ferr, sizeof s->ferr, "%s", ms_errmsg());
+    s->ck.first = first;
+    s->ck.count = count;
+    s->hpart = hpart;
+}
+
+static void work_cb(uv_work_t *w)
+{
+    struct slot *s = w->data;
+    if (s->fused)
+        fused_work(s);
+    else
+        chunk_compute(s);
+}
+
 static void start_compute(struct eng *e)
 {
-    while (e->cq_head && e->compute_inflight < e->compute_max && !eng_stopping(e)) {
+    /* A fused chunk may be one beyond the compute threads (job_issue keeps at most
+     * that many): a thread that finishes one has the next at hand, without waiting
+     * for the loop to hear of it (under load, the loop waits for a core). */
+    while (e->cq_head && e->compute_inflight < e->compute_max + (e->cq_head->fused ? 1 : 0) &&
+           !eng_stopping(e)) {
         struct slot *s = slot_fifo_pop(&e->cq_head, &e->cq_tail);
         s->state = SLOT_COMPUTING;
         s->work.data = s;
@@ -983,6 +1101,38 @@ static void fold_ready(struct eng *e, struct jrun *jr)
     jr->issued = jr->folded = jr->done = 0;
 }
 
+static void chunk_written(struct eng *e, struct slot *s);
+static void slot_read(struct eng *e, struct slot *s);
+
+/* A fused chunk is back from the pool (not stopping). */
+static void fused_done(struct eng *e, struct slot *s)
+{
+    struct jrun *jr = s->jr;
+    const struct ms_job *j = jr->job;
+    if (s->frc == FUSED_UNCACHED) { /* from the disk: this chunk and the job's next ones read
+                                       asynchronously, many at once */
+        jr->fused = false;
+        s->state = SLOT_READING;
+        slot_setup(e, jr, s, s->ck.index);
+        slot_read(e, s);
+        return;
+    }
+    if (s->frc < 0) {
+        if (!g_cancel_signo) /* a signal: the pump that follows reports it */
+            eng_fail(e, s->frc, "%s", s->ferr); /* io/ names the file and the tensor */
+        slot_put(e, s);
+        return;
+    }
+    for (uint32_t i = 0; i < j->s.ninputs; i++)
+        e->bytes_in += s->ck.count * elem_bytes(j->in[i].dtype);
+    e->bytes_out += s->ck.count * elem_bytes(j->out_dtype);
+    if (e->hash_writes) {
+        struct out_shard *sh = &e->osh[j->shard];
+        sh->hacc = ms_poshash_add(sh->hacc, s->hpart);
+    }
+    chunk_written(e, s);
+}
+
 static void after_work_cb(uv_work_t *w, int status)
 {
     struct slot *s = w->data;
@@ -996,7 +1146,9 @@ static void after_work_cb(uv_work_t *w, int status)
         pump(e);
         return;
     }
-    if (jr->phase == MS_STAGE_REDUCE) {
+    if (s->fused) {
+        fused_done(e, s);
+    } else if (jr->phase == MS_STAGE_REDUCE) {
         s->state = SLOT_REDUCED;
         fold_ready(e, jr);
     } else {
@@ -1438,9 +1590,18 @@ static int job_activate(struct eng *e)
         jr->phase = rc;
     }
     jr->resident = jr->phase == MS_STAGE_REDUCE && e->opts->in_memory && jr->nchunks <= e->nslots;
+    jr->fused = fused_job(e, jr);
     if (jr->nchunks == 0)
         job_finish(e, jr);
     return 0;
+}
+
+/* Starts the reads of s's chunk (slot_setup). Loop thread. */
+static void slot_read(struct eng *e, struct slot *s)
+{
+    uint32_t n = s->reads_left;
+    for (uint32_t i = 0; i < n && !eng_stopping(e); i++)
+        read_issue(e, s, i);
 }
 
 /* Issues chunks of jr's current pass while slots are free. */
@@ -1459,8 +1620,9 @@ static void job_issue(struct eng *e, struct jrun *jr)
         /* A streaming reduce pass keeps at most nslots chunks between fold and issue. */
         if (jr->phase == MS_STAGE_REDUCE && c - jr->folded >= e->nslots)
             return;
-        if (e->nslots - e->nfree - e->nresident >= e->depth)
-            return;
+        uint32_t inflight = e->nslots - e->nfree - e->nresident;
+        if (inflight >= e->depth || (jr->fused && inflight > e->compute_max))
+            return; /* fused: threads + 1 chunks at once (start_compute), few slots touched */
         struct slot *s = slot_get(e);
         if (!s)
             return;
@@ -1468,9 +1630,12 @@ static void job_issue(struct eng *e, struct jrun *jr)
         if (jr->phase == MS_STAGE_REDUCE)
             jr->ring[c % e->nslots] = s;
         jr->issued++;
-        uint32_t n = s->reads_left;
-        for (uint32_t i = 0; i < n && !eng_stopping(e); i++)
-            read_issue(e, s, i);
+        if (jr->fused) {
+            s->fused = true;
+            chunk_ready(e, s);
+        } else {
+            slot_read(e, s);
+        }
     }
 }
 
@@ -1559,12 +1724,12 @@ static void on_signal(uv_signal_t *h, int signo)
  * it, for tests and measurements. */
 #define SUBBLOCK_DEFAULT 16384u
 
-static uint64_t subblock_elems(void)
+static uint64_t env_elems(const char *name, uint64_t dflt)
 {
-    const char *v = getenv("MERGESTREAM_SUBBLOCK");
+    const char *v = getenv(name);
     char *end;
     unsigned long long n = v && *v ? strtoull(v, &end, 10) : 0;
-    return v && *v && !*end ? (uint64_t)n : SUBBLOCK_DEFAULT;
+    return v && *v && !*end ? (uint64_t)n : dflt;
 }
 
 static bool io_behind(const struct ms_plan *p)
@@ -1908,7 +2073,10 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     e->compute_max = threads;
     e->depth = 2 * threads + 4;
     e->behind = io_behind(plan);
-    e->subblock = subblock_elems();
+    e->subblock = env_elems("MERGESTREAM_SUBBLOCK", SUBBLOCK_DEFAULT);
+    /* MERGESTREAM_FUSE=N: elements per block of a fused chunk (0: no fused chunks), for
+     * tests and measurements */
+    e->fuse = env_elems("MERGESTREAM_FUSE", FUSE_DEFAULT);
     /* The pool serves file I/O and compute: leave room for reads beside compute (more
      * when they come from a disk and block: then compute must not queue behind them). */
     char tp[16];

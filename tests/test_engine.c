@@ -491,3 +491,102 @@ Test(engine, subblocks_give_the_bytes_of_whole_chunks, .timeout = 300)
         }
     }
 }
+
+/*
+ * Fused chunks (pipeline/engine.c fused_work: a one-pass job's chunk read,
+ * computed and written block by block on one pool thread). The hand formula
+ * holds in blocks of 48 elements (a partial last block in chunks of 1000),
+ * through the stored path and the float path (an f16 input; float32 output).
+ */
+Test(engine, linear_formula_holds_in_fused_blocks)
+{
+    run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 13 --dtype f16 ft2h", g_dir);
+    static const char mixed[] = LINEAR_HEAD LINEAR_MODELS("ft2h");
+    static const char out32[] = LINEAR_HEAD "out_dtype: float32\n" LINEAR_MODELS("ft2");
+    check_linear_formula("MERGESTREAM_FUSE=48", "--chunk-elems 1000");
+    check_linear_formula("MERGESTREAM_FUSE=48 MERGESTREAM_SUBBLOCK=16", "--threads 3");
+    check_linear_formula_of(mixed, "ft2h", MS_DT_BF16, "MERGESTREAM_FUSE=48", "--chunk-elems 1000");
+    check_linear_formula_of(out32, "ft2", MS_DT_F32, "MERGESTREAM_FUSE=48", "");
+}
+
+/*
+ * Fused blocks give the bytes of the asynchronous path (MERGESTREAM_FUSE=0):
+ * masks keyed by element index (dare_linear), a row-wise stage (nuslerp per row
+ * of 64: blocks of 100 and 48 elements become whole rows), other output widths,
+ * and a method with reduce passes (ties: never fused); with sharded output.
+ */
+Test(engine, fused_blocks_give_the_bytes_of_the_async_path, .timeout = 300)
+{
+    static const char *const recipes[][2] = {
+        { "linear.yml", linear_recipe },
+        { "lin16.yml", "merge_method: linear\nout_dtype: float16\nmodels:\n"
+                       "  - model: base\n    parameters: {weight: 1.0}\n"
+                       "  - model: ft1\n    parameters: {weight: 0.3}\n" },
+        { "dare.yml", "merge_method: dare_linear\nbase_model: base\nmodels:\n"
+                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n"
+                      "parameters:\n  rescale: false\n" },
+        { "ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\nmodels:\n"
+                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
+        { "nuslerp.yml", "merge_method: nuslerp\nmodels:\n"
+                         "  - model: ft1\n    parameters: {weight: 0.4}\n"
+                         "  - model: ft2\n    parameters: {weight: 0.6}\n"
+                         "parameters:\n  nuslerp_flatten: false\n" },
+    };
+    static const char *const variants[][2] = {
+        { "MERGESTREAM_FUSE=100", "--out-shard-size 50K" },
+        { "MERGESTREAM_FUSE=48", "--threads 3 --chunk-elems 1000 --out-shard-size 50K" },
+        { "MERGESTREAM_FUSE=4096", "--threads 1 --max-memory 4M --out-shard-size 50K" },
+    };
+    for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
+        write_recipe(recipes[r][0], recipes[r][1]);
+        run_ok("cd %s && rm -rf a && MERGESTREAM_FUSE=0 mergestream merge %s a/out -q "
+               "--out-shard-size 50K", g_dir, recipes[r][0]);
+        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], recipes[r][0], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
+    }
+}
+
+/* The run file's shard checksums (--resume) from fused chunks are the files'
+ * own: a run that fails after its shards are written (a directory stands where
+ * config.json's temporary goes), resumed, keeps every shard. */
+Test(engine, fused_chunks_record_the_checksums_resume_checks)
+{
+    write_recipe("linear.yml", linear_recipe);
+    run_ok("cd %s && rm -rf r && mkdir -p r/out/config.json.tmp && "
+           "! MERGESTREAM_FUSE=48 mergestream merge linear.yml r/out -q --out-shard-size 50K "
+           "--force 2>/dev/null && test -e r/out/.mergestream-run.json && "
+           "rmdir r/out/config.json.tmp", g_dir);
+    char cmd[4096], *out = NULL, *err = NULL;
+    snprintf(cmd, sizeof cmd, "cd %s && mergestream merge linear.yml r/out --out-shard-size 50K "
+             "--resume", g_dir);
+    int rc = th_run(cmd, &out, &err);
+    cr_assert_eq(rc, 0, "%s", err);
+    cr_assert(strstr(err, "keeping r/out/model-00001-of-"), "%s", err);
+    cr_assert(!strstr(err, "writing it again"), "%s", err);
+    free(out);
+    free(err);
+}
+
+/* A fused chunk whose first block is not in the page cache (the inputs dropped
+ * from it: synced, then `dd iflag=nocache`; models larger than the 8 MiB the
+ * header reads may read ahead) takes the asynchronous path with the rest of its
+ * job: the same bytes. */
+Test(engine, uncached_inputs_leave_the_fused_path_with_the_same_bytes)
+{
+    write_recipe("lin2.yml", "merge_method: linear\ndtype: bfloat16\nmodels:\n"
+                             "  - model: big\n    parameters: {weight: 1.0}\n"
+                             "  - model: big1\n    parameters: {weight: 0.3}\n");
+    run_ok("cd %s && ms-mkmodel --layers 1 --hidden 256 --intermediate 256 --vocab 24000 "
+           "--dtype bf16 --seed 21 big >/dev/null && "
+           "ms-mkmodel --base big --noise 0.01 --seed 22 big1 >/dev/null && "
+           "rm -rf a b && MERGESTREAM_FUSE=0 mergestream merge lin2.yml a/out -q && "
+           "sync big/* big1/* && for f in big/*.safetensors big1/*.safetensors; do "
+           "dd if=$f iflag=nocache count=0 status=none || exit 1; done && "
+           "mergestream merge lin2.yml b/out -q", g_dir);
+    assert_same_output("a/out", "b/out");
+}
