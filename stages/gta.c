@@ -649,8 +649,7 @@ static void della_keys(enum ms_dtype dt, const float *restrict x, const float *r
  * UINT32_MAX, so lo + 1 is the smallest nonzero key), hi = max(hi, key). */
 GTA_INLINE void della_keys_range_body(enum ms_dtype dt, const float *restrict x,
                                       const float *restrict b, float *restrict d,
-                                      uint32_t *restrict keys, uint32_t *lo, uint32_t *hi,
-                                      size_t n)
+                                      uint32_t *restrict keys, uint32_t *lo, uint32_t *hi, size_t n)
 {
     uint32_t l = *lo, h = *hi;
     for (size_t i = 0; i < n; i++) {
@@ -665,8 +664,8 @@ GTA_INLINE void della_keys_range_body(enum ms_dtype dt, const float *restrict x,
 }
 
 static void della_keys_range(enum ms_dtype dt, const float *restrict x, const float *restrict b,
-                             float *restrict d, uint32_t *restrict keys, uint32_t *lo,
-                             uint32_t *hi, size_t n)
+                             float *restrict d, uint32_t *restrict keys, uint32_t *lo, uint32_t *hi,
+                             size_t n)
 {
 #define CALL(t) MS__BLOCK_CALL(della_keys_range_body, n, GTA_BLOCK, t, x, b, d, keys, lo, hi)
     MS__DT_DISPATCH(dt, CALL);
@@ -750,8 +749,8 @@ static void della_add_bucket(struct ms_xacc *a, enum ms_dtype dt, uint32_t e, ui
 /* The counts of coarse bucket c of t become start positions from *pos on
  * (advanced past them); with before, adds their exact sum of |d|
  * (della_add_bucket; Inf and NaN keys as they are). */
-static inline void della_starts(struct della_count *t, enum ms_dtype dt, uint32_t c,
-                                uint32_t *pos, struct ms_xacc *before)
+static inline void della_starts(struct della_count *t, enum ms_dtype dt, uint32_t c, uint32_t *pos,
+                                struct ms_xacc *before)
 {
     const uint32_t kc = c * DELLA_FINE, pos0 = *pos;
     const uint32_t mmask = (1u << della_mbits(dt)) - 1;

@@ -207,7 +207,11 @@ Test(stage_della, keep_area_short_rows)
 }
 
 Test(stage_della, counted_ranks_bf16) { della_long_rows(MS_DT_BF16, 512); della_long_rows(MS_DT_BF16, 2051); }
-Test(stage_della, counted_ranks_f16) { della_long_rows(MS_DT_F16, 777); della_long_rows(MS_DT_F16, 5000); }
+Test(stage_della, counted_ranks_f16)
+{
+    della_long_rows(MS_DT_F16, 777);
+    della_long_rows(MS_DT_F16, 5000);
+}
 Test(stage_della, long_rows_f32) { della_long_rows(MS_DT_F32, 600); }
 
 /* A one-element row has rank norm 0/0 in mergekit. Our rule: p = density, so
@@ -441,10 +445,19 @@ static void della_inf_row(enum ms_dtype dt, uint64_t L, bool drop, float inf)
             break;
     }
     for (int resc = 0; resc < 2; resc++) {
-        struct th_gta g = { .method = "della_linear", .dt = dt, .numel = L, .row_len = L,
-                            .ninputs = 2, .base = 0, .in = { base, x }, .weight = { 0, 1 },
-                            .density = { 1, 0.5 }, .epsilon = { 0, 0 }, .rescale = resc,
-                            .lambda = 1, .seed = seed };
+        struct th_gta g = { .method = "della_linear",
+                            .dt = dt,
+                            .numel = L,
+                            .row_len = L,
+                            .ninputs = 2,
+                            .base = 0,
+                            .in = { base, x },
+                            .weight = { 0, 1 },
+                            .density = { 1, 0.5 },
+                            .epsilon = { 0, 0 },
+                            .rescale = resc,
+                            .lambda = 1,
+                            .seed = seed };
         struct ms_stage_job job;
         int64_t shape[2];
         th_gta_job(&g, &job, shape);
@@ -459,11 +472,14 @@ static void della_inf_row(enum ms_dtype dt, uint64_t L, bool drop, float inf)
                     uint32_t u = ms_rng_u32(seed, ms_hash_str("t"), 1, e) & 0xffffffu;
                     bool kept = u < (1u << 23);
                     float want = resc ? NAN : !kept ? (e == h ? NAN : 0.0f) : x[e];
-                    bool ok = isnan(want) ? isnan(got[e]) : got[e] == want && signbit(got[e]) == signbit(want);
-                    cr_assert(ok, "%s L %llu %s %s, rescale %d, how %d: element %llu "
-                              "(%s) is %a, want %a", ms_dtype_name(dt), (unsigned long long)L,
-                              inf > 0 ? "+Inf" : "-Inf", drop ? "dropped" : "kept", resc, how,
-                              (unsigned long long)e, kept ? "kept" : "dropped", got[e], want);
+                    bool ok = isnan(want) ? isnan(got[e])
+                                          : got[e] == want && signbit(got[e]) == signbit(want);
+                    cr_assert(ok,
+                              "%s L %llu %s %s, rescale %d, how %d: element %llu "
+                              "(%s) is %a, want %a",
+                              ms_dtype_name(dt), (unsigned long long)L, inf > 0 ? "+Inf" : "-Inf",
+                              drop ? "dropped" : "kept", resc, how, (unsigned long long)e,
+                              kept ? "kept" : "dropped", got[e], want);
                 }
             }
         }
@@ -475,8 +491,14 @@ static void della_inf_row(enum ms_dtype dt, uint64_t L, bool drop, float inf)
 
 Test(stage_della, dropped_inf_makes_the_rescale_nan)
 {
-    const struct { enum ms_dtype dt; uint64_t L; } rows[] = {
-        { MS_DT_BF16, 512 }, { MS_DT_BF16, 100 }, { MS_DT_F32, 64 }, { MS_DT_F16, 600 },
+    const struct {
+        enum ms_dtype dt;
+        uint64_t L;
+    } rows[] = {
+        { MS_DT_BF16, 512 },
+        { MS_DT_BF16, 100 },
+        { MS_DT_F32, 64 },
+        { MS_DT_F16, 600 },
     };
     for (int r = 0; r < 4; r++)
         for (int drop = 0; drop < 2; drop++) {

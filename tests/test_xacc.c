@@ -626,7 +626,7 @@ static double ref_i128(int kind, const float *x, const float *y, size_t n)
         double f = frexp(t, &e);
         int64_t m = (int64_t)ldexp(f, 53); /* t = m * 2^(e - 53) */
         cr_assert(e - 53 - emin <= 60 && n < 8192);
-        s += (__int128)m << (e - 53 - emin);
+        s += (__int128)((unsigned __int128)(__int128)m << (e - 53 - emin)); /* m may be negative */
     }
     return ldexp((double)s, emin); /* __int128 -> double rounds once, to nearest */
 }
