@@ -824,11 +824,18 @@ static uint64_t apply_subblock(const struct eng *e, const struct slot *s)
     uint64_t sb = e->subblock;
     if (!sb || jr->pass || j->tok || elem_bytes(j->out_dtype) > 4 || input_elem_bytes(j) > 4)
         return 0;
-    if (jr->ops->flags & MS_STAGE_ROWWISE) {
-        uint64_t row = MS_MAX(j->s.row_len, 1);
-        sb = sb < row ? row : sb - sb % row;
+    uint64_t unit = MS_ALIGN / sizeof(float); /* sub-chunk pointers stay MS_ALIGN-aligned */
+    if (jr->ops->flags & MS_STAGE_ROWWISE) { /* and whole rows: a multiple of lcm(row, unit) */
+        uint64_t row = MS_MAX(j->s.row_len, 1), a = row, b = unit;
+        while (b) {
+            uint64_t t = a % b;
+            a = b;
+            b = t;
+        }
+        unit = row / a * unit;
+        sb = MS_MAX(sb, unit);
     }
-    sb -= sb % (MS_ALIGN / sizeof(float)); /* rows whose floats do not fill MS_ALIGN: whole */
+    sb -= sb % unit;
     return sb && sb < s->ck.count ? sb : 0;
 }
 

@@ -446,7 +446,7 @@ Test(engine, slerp_rounds_to_the_base_dtype_before_out_dtype)
  * Sub-blocks (pipeline/engine.c apply_subblock) give the bytes of whole chunks
  * (MERGESTREAM_SUBBLOCK=0) for one-pass methods, masks keyed by element index
  * (dare_linear: a sub-chunk's `first` must move with its pointers), a row-wise
- * stage (nuslerp per row), other output widths (out_dtype float16: 2-byte
+ * stage (nuslerp per row, rows of 64 and of 40 floats), other output widths (out_dtype float16: 2-byte
  * encodes packed into earlier sub-blocks; float32: in place), and for methods
  * with reduce passes (ties, slerp: their apply must keep whole chunks).
  */
@@ -473,13 +473,21 @@ Test(engine, subblocks_give_the_bytes_of_whole_chunks, .timeout = 300)
                          "  - model: ft1\n    parameters: {weight: 0.4}\n"
                          "  - model: ft2\n    parameters: {weight: 0.6}\n"
                          "parameters:\n  nuslerp_flatten: false\n" },
+        /* rows of 40 floats: a sub-block of whole rows is a multiple of 80 elements */
+        { "nus40.yml", "merge_method: nuslerp\nmodels:\n"
+                       "  - model: r40a\n    parameters: {weight: 0.4}\n"
+                       "  - model: r40b\n    parameters: {weight: 0.6}\n"
+                       "parameters:\n  nuslerp_flatten: false\n" },
     };
     static const char *const variants[][2] = {
+        { "", "" }, /* the default sub-block */
         { "MERGESTREAM_SUBBLOCK=16", "" },
         { "MERGESTREAM_SUBBLOCK=17", "--threads 3 --chunk-elems 1000" },
         { "MERGESTREAM_SUBBLOCK=48", "--chunk-elems 1000 --reread" },
         { "MERGESTREAM_SUBBLOCK=4096", "--threads 1 --max-memory 4M" },
     };
+    run_ok("cd %s && ms-mkmodel --layers 1 --hidden 40 --intermediate 80 --vocab 2000 --seed 5 "
+           "r40a >/dev/null && ms-mkmodel --base r40a --noise 0.01 --seed 6 r40b >/dev/null", g_dir);
     for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
         write_recipe(recipes[r][0], recipes[r][1]);
         run_ok("cd %s && rm -rf a && MERGESTREAM_SUBBLOCK=0 mergestream merge %s a/out -q", g_dir,
