@@ -360,6 +360,39 @@ static int isa_cases_run(const char *path)
     return fclose(f) ? 3 : 0;
 }
 
+/* Runs run(arg) in a child process whose kernels are version isa (the choice is
+ * made once per process: a fresh one per version); returns the child's exit
+ * status, 9 when the version could not be forced. */
+static int run_as_version(enum ms_isa isa, int (*run)(const char *), const char *arg)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        setenv("MERGESTREAM_ISA", ms_isa_name(isa), 1);
+        _exit(ms_isa_active() == isa ? run(arg) : 9);
+    }
+    int st = 0;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    cr_assert(WIFEXITED(st), "%s: child status %d", ms_isa_name(isa), st);
+    return WEXITSTATUS(st);
+}
+
+/* run(NULL) returns 0 in every available version (10 + k: case k differs). */
+static void each_version_passes(int (*run)(const char *))
+{
+    int versions = 0;
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!ms_isa_available((enum ms_isa)isa))
+            continue;
+        int rc = run_as_version((enum ms_isa)isa, run, NULL);
+        cr_assert_eq(rc, 0, "%s: child status %d (10 + k: case k differs)",
+                     ms_isa_name((enum ms_isa)isa), rc);
+        versions++;
+    }
+    cr_assert_gt(versions, 0);
+}
+
 Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
 {
     char *dir = th_tmpdir();
@@ -374,17 +407,8 @@ Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
         }
         char path[4096];
         snprintf(path, sizeof path, "%s/%s.bin", dir, ms_isa_name((enum ms_isa)isa));
-        fflush(NULL);
-        pid_t pid = fork();
-        cr_assert(pid >= 0);
-        if (pid == 0) { /* the choice is made once per process: a fresh one per version */
-            setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
-            _exit(ms_isa_active() == (enum ms_isa)isa ? isa_cases_run(path) : 9);
-        }
-        int st = 0;
-        cr_assert_eq(waitpid(pid, &st, 0), pid);
-        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s: child status %d",
-                  ms_isa_name((enum ms_isa)isa), st);
+        int rc = run_as_version((enum ms_isa)isa, isa_cases_run, path);
+        cr_assert_eq(rc, 0, "%s: child status %d", ms_isa_name((enum ms_isa)isa), rc);
         size_t len = 0;
         char *got = th_read(path, &len);
         cr_assert(got && len == nruns * ISA_NUMEL * sizeof(float), "%s: %zu bytes",
@@ -420,7 +444,7 @@ Test(isa, stage_methods_give_the_scalar_bytes_in_every_version, .timeout = 600)
  * encoding of that version's float path (which the test above ties to scalar).
  * Run in a child process per version, as above.
  */
-static int stored_cases_run(void)
+static int stored_cases_run(const char *unused)
 {
     static float in[6][ISA_NUMEL], out[ISA_NUMEL];
     static uint16_t raw[6][ISA_NUMEL], got[ISA_NUMEL], want[ISA_NUMEL];
@@ -472,24 +496,7 @@ static int stored_cases_run(void)
 
 Test(isa, linear_stored_path_gives_the_float_paths_bytes_in_every_version)
 {
-    int versions = 0;
-    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
-        if (!ms_isa_available((enum ms_isa)isa))
-            continue;
-        fflush(NULL);
-        pid_t pid = fork();
-        cr_assert(pid >= 0);
-        if (pid == 0) {
-            setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
-            _exit(ms_isa_active() == (enum ms_isa)isa ? stored_cases_run() : 9);
-        }
-        int st = 0;
-        cr_assert_eq(waitpid(pid, &st, 0), pid);
-        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s: child status %d (10 + k: case k "
-                  "differs)", ms_isa_name((enum ms_isa)isa), WEXITSTATUS(st));
-        versions++;
-    }
-    cr_assert_gt(versions, 0);
+    each_version_passes(stored_cases_run);
 }
 
 /*
@@ -499,7 +506,7 @@ Test(isa, linear_stored_path_gives_the_float_paths_bytes_in_every_version)
  * elements, each version's bytes equal the bf16 encoding of that version's
  * float path (which the tests above tie to scalar). A child process per version.
  */
-static int gta_stored_cases_run(void)
+static int gta_stored_cases_run(const char *unused)
 {
     enum { SN = 1500 };
     static const char *const methods[] = { "task_arithmetic", "dare_linear", "dare_ties" };
@@ -556,24 +563,7 @@ static int gta_stored_cases_run(void)
 
 Test(isa, gta_stored_path_gives_the_float_paths_bytes_in_every_version)
 {
-    int versions = 0;
-    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
-        if (!ms_isa_available((enum ms_isa)isa))
-            continue;
-        fflush(NULL);
-        pid_t pid = fork();
-        cr_assert(pid >= 0);
-        if (pid == 0) {
-            setenv("MERGESTREAM_ISA", ms_isa_name((enum ms_isa)isa), 1);
-            _exit(ms_isa_active() == (enum ms_isa)isa ? gta_stored_cases_run() : 9);
-        }
-        int st = 0;
-        cr_assert_eq(waitpid(pid, &st, 0), pid);
-        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s: child status %d (10 + k: case k "
-                  "differs)", ms_isa_name((enum ms_isa)isa), WEXITSTATUS(st));
-        versions++;
-    }
-    cr_assert_gt(versions, 0);
+    each_version_passes(gta_stored_cases_run);
 }
 
 /* The exact-sum kernels: every version's limbs against ms_xacc_add of each term
