@@ -443,42 +443,65 @@ Test(engine, slerp_rounds_to_the_base_dtype_before_out_dtype)
 }
 
 /*
- * Sub-blocks (pipeline/engine.c apply_subblock) give the bytes of whole chunks
- * (MERGESTREAM_SUBBLOCK=0) for one-pass methods, masks keyed by element index
- * (dare_linear: a sub-chunk's `first` must move with its pointers), a row-wise
- * stage (nuslerp per row, rows of 64 and of 40 floats), other output widths (out_dtype float16: 2-byte
- * encodes packed into earlier sub-blocks; float32: in place), and for methods
- * with reduce passes (ties, slerp: their apply must keep whole chunks).
+ * Recipes whose bytes may not depend on how a chunk is split: one-pass methods,
+ * masks keyed by element index (dare_linear: a piece's `first` must move with its
+ * pointers), a row-wise stage (nuslerp per row, rows of 64 and of 40 floats),
+ * other output widths (out_dtype float16: 2-byte encodes packed into earlier
+ * pieces; float32: in place), and methods with reduce passes (ties, slerp: their
+ * apply keeps whole chunks, and they never run fused).
  */
+static const char *const split_recipes[][2] = {
+    { "linear.yml", linear_recipe },
+    { "lin16.yml", "merge_method: linear\nout_dtype: float16\nmodels:\n"
+                   "  - model: base\n    parameters: {weight: 1.0}\n"
+                   "  - model: ft1\n    parameters: {weight: 0.3}\n" },
+    { "lin32.yml", "merge_method: linear\nout_dtype: float32\nmodels:\n"
+                   "  - model: base\n    parameters: {weight: 1.0}\n"
+                   "  - model: ft1\n    parameters: {weight: 0.3}\n" },
+    { "dare.yml", "merge_method: dare_linear\nbase_model: base\nmodels:\n"
+                  "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                  "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n"
+                  "parameters:\n  rescale: false\n" }, /* no reduce pass */
+    { "ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\nmodels:\n"
+                  "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                  "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
+    { "slerp.yml", "merge_method: slerp\nbase_model: base\nmodels:\n"
+                   "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n" },
+    { "nuslerp.yml", "merge_method: nuslerp\nmodels:\n"
+                     "  - model: ft1\n    parameters: {weight: 0.4}\n"
+                     "  - model: ft2\n    parameters: {weight: 0.6}\n"
+                     "parameters:\n  nuslerp_flatten: false\n" },
+    /* rows of 40 floats: a sub-block of whole rows is a multiple of 80 elements */
+    { "nus40.yml", "merge_method: nuslerp\nmodels:\n"
+                   "  - model: r40a\n    parameters: {weight: 0.4}\n"
+                   "  - model: r40b\n    parameters: {weight: 0.6}\n"
+                   "parameters:\n  nuslerp_flatten: false\n" },
+};
+
+/* Every split_recipes merge with each variant (environment, options) gives the
+ * bytes of the merge with ref (environment, options). */
+static void check_split_recipes(const char *const ref[2], const char *const (*variants)[2],
+                                size_t nvariants)
+{
+    run_ok("cd %s && ms-mkmodel --layers 1 --hidden 40 --intermediate 80 --vocab 2000 --seed 5 "
+           "r40a >/dev/null && ms-mkmodel --base r40a --noise 0.01 --seed 6 r40b >/dev/null", g_dir);
+    for (size_t r = 0; r < MS_ARRAY_LEN(split_recipes); r++) {
+        write_recipe(split_recipes[r][0], split_recipes[r][1]);
+        run_ok("cd %s && rm -rf a && %s mergestream merge %s a/out -q %s", g_dir, ref[0],
+               split_recipes[r][0], ref[1]);
+        for (size_t v = 0; v < nvariants; v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], split_recipes[r][0], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
+    }
+}
+
+/* Sub-blocks (pipeline/engine.c apply_subblock) give the bytes of whole chunks
+ * (MERGESTREAM_SUBBLOCK=0). */
 Test(engine, subblocks_give_the_bytes_of_whole_chunks, .timeout = 300)
 {
-    static const char *const recipes[][2] = {
-        { "linear.yml", linear_recipe },
-        { "lin16.yml", "merge_method: linear\nout_dtype: float16\nmodels:\n"
-                       "  - model: base\n    parameters: {weight: 1.0}\n"
-                       "  - model: ft1\n    parameters: {weight: 0.3}\n" },
-        { "lin32.yml", "merge_method: linear\nout_dtype: float32\nmodels:\n"
-                       "  - model: base\n    parameters: {weight: 1.0}\n"
-                       "  - model: ft1\n    parameters: {weight: 0.3}\n" },
-        { "dare.yml", "merge_method: dare_linear\nbase_model: base\nmodels:\n"
-                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
-                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n"
-                      "parameters:\n  rescale: false\n" }, /* no reduce pass */
-        { "ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\nmodels:\n"
-                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
-                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
-        { "slerp.yml", "merge_method: slerp\nbase_model: base\nmodels:\n"
-                       "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n" },
-        { "nuslerp.yml", "merge_method: nuslerp\nmodels:\n"
-                         "  - model: ft1\n    parameters: {weight: 0.4}\n"
-                         "  - model: ft2\n    parameters: {weight: 0.6}\n"
-                         "parameters:\n  nuslerp_flatten: false\n" },
-        /* rows of 40 floats: a sub-block of whole rows is a multiple of 80 elements */
-        { "nus40.yml", "merge_method: nuslerp\nmodels:\n"
-                       "  - model: r40a\n    parameters: {weight: 0.4}\n"
-                       "  - model: r40b\n    parameters: {weight: 0.6}\n"
-                       "parameters:\n  nuslerp_flatten: false\n" },
-    };
+    static const char *const ref[2] = { "MERGESTREAM_SUBBLOCK=0", "" };
     static const char *const variants[][2] = {
         { "", "" }, /* the default sub-block */
         { "MERGESTREAM_SUBBLOCK=16", "" },
@@ -486,18 +509,7 @@ Test(engine, subblocks_give_the_bytes_of_whole_chunks, .timeout = 300)
         { "MERGESTREAM_SUBBLOCK=48", "--chunk-elems 1000 --reread" },
         { "MERGESTREAM_SUBBLOCK=4096", "--threads 1 --max-memory 4M" },
     };
-    run_ok("cd %s && ms-mkmodel --layers 1 --hidden 40 --intermediate 80 --vocab 2000 --seed 5 "
-           "r40a >/dev/null && ms-mkmodel --base r40a --noise 0.01 --seed 6 r40b >/dev/null", g_dir);
-    for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
-        write_recipe(recipes[r][0], recipes[r][1]);
-        run_ok("cd %s && rm -rf a && MERGESTREAM_SUBBLOCK=0 mergestream merge %s a/out -q", g_dir,
-               recipes[r][0]);
-        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
-                   variants[v][0], recipes[r][0], variants[v][1]);
-            assert_same_output("a/out", "b/out");
-        }
-    }
+    check_split_recipes(ref, variants, MS_ARRAY_LEN(variants));
 }
 
 /*
@@ -517,46 +529,17 @@ Test(engine, linear_formula_holds_in_fused_blocks)
     check_linear_formula_of(out32, "ft2", MS_DT_F32, "MERGESTREAM_FUSE=48", "");
 }
 
-/*
- * Fused blocks give the bytes of the asynchronous path (MERGESTREAM_FUSE=0):
- * masks keyed by element index (dare_linear), a row-wise stage (nuslerp per row
- * of 64: blocks of 100 and 48 elements become whole rows), other output widths,
- * and a method with reduce passes (ties: never fused); with sharded output.
- */
+/* Fused blocks give the bytes of the asynchronous path (MERGESTREAM_FUSE=0), with
+ * sharded output; row-wise blocks of 100 and 48 elements become whole rows. */
 Test(engine, fused_blocks_give_the_bytes_of_the_async_path, .timeout = 300)
 {
-    static const char *const recipes[][2] = {
-        { "linear.yml", linear_recipe },
-        { "lin16.yml", "merge_method: linear\nout_dtype: float16\nmodels:\n"
-                       "  - model: base\n    parameters: {weight: 1.0}\n"
-                       "  - model: ft1\n    parameters: {weight: 0.3}\n" },
-        { "dare.yml", "merge_method: dare_linear\nbase_model: base\nmodels:\n"
-                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
-                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n"
-                      "parameters:\n  rescale: false\n" },
-        { "ties.yml", "merge_method: ties\ndtype: bfloat16\nbase_model: base\nmodels:\n"
-                      "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
-                      "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
-        { "nuslerp.yml", "merge_method: nuslerp\nmodels:\n"
-                         "  - model: ft1\n    parameters: {weight: 0.4}\n"
-                         "  - model: ft2\n    parameters: {weight: 0.6}\n"
-                         "parameters:\n  nuslerp_flatten: false\n" },
-    };
+    static const char *const ref[2] = { "MERGESTREAM_FUSE=0", "--out-shard-size 50K" };
     static const char *const variants[][2] = {
         { "MERGESTREAM_FUSE=100", "--out-shard-size 50K" },
         { "MERGESTREAM_FUSE=48", "--threads 3 --chunk-elems 1000 --out-shard-size 50K" },
         { "MERGESTREAM_FUSE=4096", "--threads 1 --max-memory 4M --out-shard-size 50K" },
     };
-    for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
-        write_recipe(recipes[r][0], recipes[r][1]);
-        run_ok("cd %s && rm -rf a && MERGESTREAM_FUSE=0 mergestream merge %s a/out -q "
-               "--out-shard-size 50K", g_dir, recipes[r][0]);
-        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
-                   variants[v][0], recipes[r][0], variants[v][1]);
-            assert_same_output("a/out", "b/out");
-        }
-    }
+    check_split_recipes(ref, variants, MS_ARRAY_LEN(variants));
 }
 
 /* The run file's shard checksums (--resume) from fused chunks are the files'
