@@ -185,23 +185,32 @@ static void behind_drop(int fd, uint64_t off, uint64_t len)
     (void)posix_fadvise(fd, (off_t)off, (off_t)len, POSIX_FADV_DONTNEED);
 }
 
+/* Blocking: writes exactly len bytes of b at off (EINTR retried). 0, or a
+ * negative errno (MS_EIO when a write makes no progress). */
+static int pwrite_full(int fd, const unsigned char *b, size_t len, uint64_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pwrite(fd, b + done, MS_MIN(len - done, MAX_CALL), (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : MS_EIO;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
 /* Pool thread: the whole write, then its writeback started and older ranges dropped. */
 static void behind_work_cb(uv_work_t *w)
 {
     struct ms_shard_write *req = w->data;
     struct ms_shard_file *f = req->file;
-    req->wrc = 0;
-    while (req->done < req->len) {
-        ssize_t r = pwrite(f->fd, req->buf + req->done, MS_MIN(req->len - req->done, MAX_CALL),
-                           (off_t)(req->off + req->done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            req->wrc = r < 0 ? -errno : MS_EIO;
-            return;
-        }
-        req->done += (uint64_t)r;
-    }
+    req->wrc = pwrite_full(f->fd, req->buf + req->done, (size_t)(req->len - req->done),
+                           req->off + req->done);
+    if (req->wrc)
+        return;
+    req->done = req->len;
     (void)sync_file_range(f->fd, (off_t)req->off, (off_t)req->len, SYNC_FILE_RANGE_WRITE);
     uint64_t o[MS_SHARD_BEHIND_RANGES], l[MS_SHARD_BEHIND_RANGES];
     uv_mutex_lock(&f->wb_lock);
@@ -274,17 +283,10 @@ int ms_shard_file_pwrite(const struct ms_shard_file *f, const void *buf, size_t 
     assert(f->fd >= 0 && !f->behind && buf && len > 0);
     if (ms__io_should_fail()) /* test hook */
         return ms_error(UV_EIO, "%s: write failed: %s", f->tmp_path, uv_strerror(UV_EIO));
-    const unsigned char *b = buf;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = pwrite(f->fd, b + done, MS_MIN(len - done, MAX_CALL), (off_t)(off + done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return ms_error(r < 0 ? -errno : MS_EIO, "%s: write failed: %s", f->tmp_path,
-                            r < 0 ? ms_strerror(-errno) : "no progress");
-        done += (size_t)r;
-    }
+    int rc = pwrite_full(f->fd, buf, len, off);
+    if (rc)
+        return ms_error(rc, "%s: write failed: %s", f->tmp_path,
+                        rc == MS_EIO ? "no progress" : ms_strerror(rc));
     return 0;
 }
 
