@@ -94,12 +94,17 @@ struct ms_chunk {
     void *keep;                   /* ops->keeps: count * MS_KEEP_BYTES bytes, or NULL (above) */
 };
 
-/* What apply_stored sees of one chunk: its elements as the files store them. */
+/* What apply_stored and reduce_stored see of one chunk: its elements as the files
+ * store them, in dtype dt. */
 struct ms_chunk_stored {
     uint64_t first, count;        /* element range of the output tensor */
-    const void *in[MS_MAX_INPUTS]; /* ninputs pointers, count elements of the compute dtype
-                                     each, little-endian, aligned to the element size */
-    void *out;                    /* count elements of the compute dtype; overlaps no input */
+    const void *in[MS_MAX_INPUTS]; /* ninputs pointers, count elements of dt each,
+                                     little-endian, aligned to the element size */
+    void *out;                    /* apply_stored: count elements of dt; overlaps no input.
+                                     reduce_stored: NULL */
+    uint32_t index;               /* as ms_chunk (stored_passes jobs; 0 otherwise) */
+    uint32_t pass;                /* as ms_chunk (stored_passes jobs; 0 otherwise) */
+    enum ms_dtype dt;             /* job->compute, or the dtype stored_passes accepted */
 };
 
 enum { MS_STAGE_APPLY = 0, MS_STAGE_REDUCE = 1 };
@@ -142,6 +147,26 @@ struct ms_stage_ops {
      */
     bool (*apply_stored)(const void *state, const struct ms_stage_job *job,
                          const struct ms_chunk_stored *c);
+    /*
+     * Optional (with reduce_stored and apply_stored): every pass on stored bytes.
+     * For a job whose begin asked for a reduce pass, that holds no keep area,
+     * whose inputs are all stored in dt (BF16 or F16) and loaded unchanged (as
+     * for apply_stored), whose compute dtype is dt or F32 (the float path's
+     * inputs are then dt's values, exactly) and whose output is stored in dt
+     * with at most a rounding to dt before it, the engine asks, after begin,
+     * whether the stage takes the job this way. True commits both sides: every
+     * chunk of every reduce pass then goes to reduce_stored instead of reduce,
+     * and every chunk of the apply pass to apply_stored (c->dt == dt), which
+     * must not decline it; the chunks are those the float path would see, and
+     * the partials and the bytes written must be the float path's (apply's
+     * floats rounded to dt). False: the job takes the float path. Loop thread,
+     * state read-only.
+     */
+    bool (*stored_passes)(const void *state, const struct ms_stage_job *job, enum ms_dtype dt);
+    /* reduce on stored bytes (c->out NULL), for stored_passes jobs: must fully write
+     * *partial, the partial reduce writes for the same chunk. Worker thread. */
+    void (*reduce_stored)(const void *state, const struct ms_stage_job *job,
+                          const struct ms_chunk_stored *c, void *partial);
 };
 
 /* ------------------------------------------------------------------------ */
@@ -302,6 +327,18 @@ int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, flo
  * first pass. */
 int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in, float *out,
                           uint64_t chunk_elems, bool keep);
+/*
+ * The stored-bytes path of the same job, as the engine runs it: in[i] has
+ * job->numel elements of dt, out gets numel elements of dt. A job that runs a
+ * reduce pass goes through stored_passes, reduce_stored and apply_stored; one
+ * that does not through apply_stored (dt must then be job->compute). Same
+ * freedoms exercised as ms_stage_run_mem (reversed windows, poisoned partials
+ * and outputs, aligned copies). Returns 0, the stage's error, MS_EUNSUPPORTED
+ * when the stage does not take the job on this path, MS_EINVAL or MS_ENOMEM.
+ * Tests compare its bytes with ms_stage_run_mem's floats encoded to dt.
+ */
+int ms_stage_run_stored(const struct ms_stage_job *job, enum ms_dtype dt, const void *const *in,
+                        void *out, uint64_t chunk_elems);
 
 /* ------------------------------------------------------------------------ */
 /* Shared numeric helpers for stages.                                        */

@@ -31,42 +31,45 @@
 struct run {
     const struct ms_stage_job *job;
     const struct ms_stage_ops *ops;
-    const float *const *in;
-    float *out;
+    enum ms_dtype dt;             /* the stored path's dtype; MS_DT_NONE: the float path */
+    size_t eb;                    /* bytes per element of in and out: 4, or dt's */
+    const unsigned char *const *in;
+    unsigned char *out;
     uint64_t chunk;               /* elements per chunk (the last may be shorter) */
     uint64_t nchunks;
-    float *scratch_in;            /* ninputs * chunk floats, one aligned run per input */
-    float *scratch_out;           /* chunk floats */
-    size_t in_stride;             /* floats between inputs in scratch_in (multiple of MS_ALIGN/4) */
+    unsigned char *scratch_in;    /* ninputs aligned runs of chunk elements */
+    unsigned char *scratch_out;   /* chunk elements */
+    size_t in_stride;             /* bytes between inputs in scratch_in (multiple of MS_ALIGN) */
     unsigned char *keep;          /* numel * MS_KEEP_BYTES, or NULL: no keep area */
 };
 
-/* Fills c for chunk i: element range, and inputs copied into aligned scratch. */
-static void run_chunk(struct run *r, uint64_t i, uint32_t pass, struct ms_chunk *c)
+/* Fills c (the float path) and sc (the stored path) for chunk i: element range,
+ * and inputs copied into aligned scratch. */
+static void run_chunk(struct run *r, uint64_t i, uint32_t pass, struct ms_chunk *c,
+                      struct ms_chunk_stored *sc)
 {
     const struct ms_stage_job *job = r->job;
     memset(c, 0, sizeof(*c));
-    c->first = i * r->chunk;
-    c->count = MS_MIN(r->chunk, job->numel - c->first);
-    c->index = (uint32_t)i;
-    c->pass = pass;
+    memset(sc, 0, sizeof(*sc));
+    c->first = sc->first = i * r->chunk;
+    c->count = sc->count = MS_MIN(r->chunk, job->numel - c->first);
+    c->index = sc->index = (uint32_t)i;
+    c->pass = sc->pass = pass;
+    sc->dt = r->dt;
     for (uint32_t k = 0; k < job->ninputs; k++) {
-        float *dst = r->scratch_in + (size_t)k * r->in_stride;
-        memcpy(dst, r->in[k] + c->first, (size_t)c->count * sizeof(float));
-        c->in[k] = dst;
+        unsigned char *dst = r->scratch_in + (size_t)k * r->in_stride;
+        memcpy(dst, r->in[k] + (size_t)c->first * r->eb, (size_t)c->count * r->eb);
+        c->in[k] = (const float *)(const void *)dst;
+        sc->in[k] = dst;
     }
-    c->out = r->scratch_out;
+    c->out = (float *)(void *)r->scratch_out;
+    sc->out = r->scratch_out;
     c->keep = r->keep ? r->keep + (size_t)c->first * MS_KEEP_BYTES : NULL;
 }
 
-int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
-                     uint64_t chunk_elems)
-{
-    return ms_stage_run_mem_keep(job, in, out, chunk_elems, true);
-}
-
-int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in, float *out,
-                          uint64_t chunk_elems, bool keep)
+/* Both paths: dt MS_DT_NONE runs the float path (in, out: floats), else the stored one. */
+static int run_job(const struct ms_stage_job *job, enum ms_dtype dt, const void *const *in,
+                   void *out, uint64_t chunk_elems, bool keep)
 {
     assert(job && (in || job->ninputs == 0) && (out || job->numel == 0));
     const struct ms_stage_ops *ops = job->method ? job->method->ops : NULL;
@@ -77,7 +80,11 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
         return ms_error(MS_EINVAL, "%s: %u inputs, at most %d", job->name ? job->name : "?",
                         job->ninputs, MS_MAX_INPUTS);
 
-    struct run r = { .job = job, .ops = ops, .in = in, .out = out };
+    bool stored = dt != MS_DT_NONE;
+    if (stored && !ops->apply_stored)
+        return MS_EUNSUPPORTED;
+    struct run r = { .job = job, .ops = ops, .dt = dt, .eb = stored ? ms_dtype_bits(dt) / 8 : 4,
+                     .in = (const unsigned char *const *)in, .out = out };
     /* Chunk size: 0 means the whole tensor; ROWWISE rounds down to whole rows. */
     uint64_t chunk = chunk_elems ? chunk_elems : MS_MAX(job->numel, 1);
     if (ops->flags & MS_STAGE_ROWWISE) {
@@ -96,14 +103,13 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
     size_t ssize = ops->state_size ? ops->state_size(job) : 0;
     size_t psize = ops->partial_size ? ops->partial_size(job) : 0;
     size_t pstride = (MS_MAX(psize, 1) + MS_ALIGN - 1) / MS_ALIGN * MS_ALIGN;
-    r.in_stride = ((size_t)r.chunk + MS_ALIGN / sizeof(float) - 1) / (MS_ALIGN / sizeof(float)) *
-                  (MS_ALIGN / sizeof(float));
+    r.in_stride = ((size_t)r.chunk * r.eb + MS_ALIGN - 1) / MS_ALIGN * MS_ALIGN;
 
     state = ms_aligned_alloc(MS_MAX(ssize, 1));
     partials = ms_aligned_alloc(pstride * RUN_WINDOW);
-    r.scratch_in = ms_aligned_alloc(r.in_stride * MS_MAX(job->ninputs, 1) * sizeof(float));
-    r.scratch_out = ms_aligned_alloc((size_t)r.chunk * sizeof(float));
-    bool want_keep = keep && ops->keeps && ops->keeps(job);
+    r.scratch_in = ms_aligned_alloc(r.in_stride * MS_MAX(job->ninputs, 1));
+    r.scratch_out = ms_aligned_alloc((size_t)r.chunk * r.eb);
+    bool want_keep = !stored && keep && ops->keeps && ops->keeps(job);
     if (want_keep)
         r.keep = ms_aligned_alloc(MS_MAX((size_t)job->numel * MS_KEEP_BYTES, 1));
     if (!state || !partials || !r.scratch_in || !r.scratch_out || (want_keep && !r.keep)) {
@@ -115,6 +121,15 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
         memset(r.keep, 0xff, (size_t)job->numel * MS_KEEP_BYTES);
 
     int next = ops->begin ? ops->begin(state, job) : MS_STAGE_APPLY;
+    if (stored && next == MS_STAGE_REDUCE &&
+        !(ops->stored_passes && ops->reduce_stored && ops->stored_passes(state, job, dt))) {
+        rc = MS_EUNSUPPORTED;
+        goto out;
+    }
+    if (stored && next == MS_STAGE_APPLY && dt != job->compute) {
+        rc = MS_EUNSUPPORTED; /* one-pass jobs: apply_stored sees the compute dtype only */
+        goto out;
+    }
     uint32_t pass = 0;
     while (next == MS_STAGE_REDUCE) {
         assert(ops->reduce && ops->fold && ops->end_pass);
@@ -126,11 +141,17 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
         for (uint64_t w0 = 0; w0 < r.nchunks; w0 += RUN_WINDOW) {
             uint64_t w1 = MS_MIN(w0 + RUN_WINDOW, r.nchunks);
             struct ms_chunk c;
+            struct ms_chunk_stored sc;
             for (uint64_t i = w1; i-- > w0;) {
                 unsigned char *p = partials + (size_t)(i - w0) * pstride;
                 memset(p, 0xa5, pstride);
-                run_chunk(&r, i, pass, &c);
-                ops->reduce(state, job, &c, p);
+                run_chunk(&r, i, pass, &c, &sc);
+                if (stored) {
+                    sc.out = NULL;
+                    ops->reduce_stored(state, job, &sc, p);
+                } else {
+                    ops->reduce(state, job, &c, p);
+                }
             }
             for (uint64_t i = w0; i < w1; i++) {
                 /* fold sees the chunk geometry; its inputs are not needed again. */
@@ -153,10 +174,19 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
 
     for (uint64_t i = r.nchunks; i-- > 0;) {
         struct ms_chunk c;
-        run_chunk(&r, i, pass, &c);
-        memset(r.scratch_out, 0xff, (size_t)c.count * sizeof(float)); /* NaN: unwritten shows */
-        ops->apply(state, job, &c);
-        memcpy(out + c.first, r.scratch_out, (size_t)c.count * sizeof(float));
+        struct ms_chunk_stored sc;
+        run_chunk(&r, i, pass, &c, &sc);
+        memset(r.scratch_out, 0xff, (size_t)c.count * r.eb); /* NaN: unwritten shows */
+        if (!stored) {
+            ops->apply(state, job, &c);
+        } else if (!ops->apply_stored(state, job, &sc)) {
+            /* declining is allowed only where the stage was not committed (one pass) */
+            rc = pass ? ms_error(MS_EINVAL, "%s: %s declined a committed stored chunk",
+                                 job->name, job->method->name)
+                      : MS_EUNSUPPORTED;
+            goto out;
+        }
+        memcpy(r.out + (size_t)c.first * r.eb, r.scratch_out, (size_t)c.count * r.eb);
     }
 
 out:
@@ -166,4 +196,25 @@ out:
     ms_aligned_free(partials);
     ms_aligned_free(state);
     return rc;
+}
+
+int ms_stage_run_mem(const struct ms_stage_job *job, const float *const *in, float *out,
+                     uint64_t chunk_elems)
+{
+    return run_job(job, MS_DT_NONE, (const void *const *)in, out, chunk_elems, true);
+}
+
+int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in, float *out,
+                          uint64_t chunk_elems, bool keep)
+{
+    return run_job(job, MS_DT_NONE, (const void *const *)in, out, chunk_elems, keep);
+}
+
+int ms_stage_run_stored(const struct ms_stage_job *job, enum ms_dtype dt, const void *const *in,
+                        void *out, uint64_t chunk_elems)
+{
+    if (dt != MS_DT_BF16 && dt != MS_DT_F16)
+        return ms_error(MS_EINVAL, "%s: stored path in %s", job->name ? job->name : "?",
+                        ms_dtype_name(dt));
+    return run_job(job, dt, in, out, chunk_elems, false);
 }
