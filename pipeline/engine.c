@@ -121,6 +121,8 @@ struct jrun {
     bool keeps;                   /* the stage wants a keep area (ops->keeps) */
     bool keep_pool;               /* holds e->keep_pool */
     bool fused;                   /* chunks run fused (fused_job) */
+    bool stored;                  /* every pass on the stored bytes (stored_job) */
+    enum ms_dtype sdt;            /* stored: the inputs' and the output's dtype */
     size_t partial_bytes;
     uint32_t issued, folded, done; /* chunks of the current pass */
     struct slot **ring;           /* chunk c of the current pass at ring[c % nslots] */
@@ -220,6 +222,7 @@ struct eng {
     uint64_t subblock;            /* elements per compute sub-block of an apply (apply_subblock);
                                      0: whole chunks */
     uint64_t fuse;                /* elements per block of a fused chunk (fused_job); 0: none */
+    bool no_stored;               /* MERGESTREAM_STORED=0: no stored-bytes paths (tests) */
     atomic_int stop;              /* set by eng_fail: fused chunks stop between blocks */
     uint64_t fp;
     uint64_t *sums;               /* per shard */
@@ -566,6 +569,22 @@ static void slot_carve(const struct eng *e, struct slot *s, uint64_t first, uint
     }
     s->partial = jr->partial_bytes ? p : NULL;
     p += align_up(jr->partial_bytes);
+    if (jr->stored) { /* the stored bytes only, packed: a chunk touches half as much */
+        uint32_t sb = elem_bytes(jr->sdt);
+        for (uint32_t i = 0; i < j->s.ninputs; i++) {
+            s->raw[i] = p;
+            s->ck.in[i] = NULL;
+            s->raw_len[i] = count * sb;
+            s->raw_off[i] = j->in[i].file_offset + first * sb;
+            s->gnext[i] = 0;
+            p += align_up(count * sb);
+        }
+        s->ck.out = (float *)(void *)p;
+        p += align_up(count * sb);
+        assert((size_t)(p - s->mem) <= e->slot_bytes);
+        s->reads_left = j->s.ninputs;
+        return;
+    }
     uint32_t eb = input_elem_bytes(j);
     for (uint32_t i = 0; i < j->s.ninputs; i++) {
         uint32_t ib = elem_bytes(j->in[i].dtype);
@@ -851,8 +870,8 @@ static bool stored_path(const struct slot *s)
     const struct jrun *jr = s->jr;
     const struct ms_job *j = jr->job;
     enum ms_dtype d = j->s.compute;
-    if (!jr->ops->apply_stored || jr->phase != MS_STAGE_APPLY || jr->pass || s->decoded ||
-        j->tok || j->out_dtype != d)
+    if (s->e->no_stored || !jr->ops->apply_stored || jr->phase != MS_STAGE_APPLY || jr->pass ||
+        s->decoded || j->tok || j->out_dtype != d)
         return false;
     if (j->result != d && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
         return false;
@@ -865,16 +884,61 @@ static bool stored_path(const struct slot *s)
     return true;
 }
 
+/*
+ * The stored dtype in which jr may run every pass (ms_stage_ops.stored_passes),
+ * or MS_DT_NONE: after begin asked for a reduce pass, a job with no keep area,
+ * every input stored in one dtype dt (BF16 or F16) and loaded as it is
+ * (chunk_decode would only decode it: no LoRA fold, row gather or tokenizer
+ * merge, no rounding to another load or compute dtype), computed in dt or F32,
+ * and stored in dt with at most a rounding to dt before (work_cb would only
+ * round and encode apply's floats to dt). Loop thread.
+ */
+static enum ms_dtype stored_job(const struct eng *e, const struct jrun *jr)
+{
+    const struct ms_job *j = jr->job;
+    if (e->no_stored || jr->copy || jr->phase != MS_STAGE_REDUCE || jr->keeps || j->tok ||
+        !j->s.ninputs || !jr->ops->stored_passes || !jr->ops->reduce_stored ||
+        !jr->ops->apply_stored)
+        return MS_DT_NONE;
+    enum ms_dtype dt = j->in[0].dtype;
+    if ((dt != MS_DT_BF16 && dt != MS_DT_F16) || (j->s.compute != dt && j->s.compute != MS_DT_F32) ||
+        j->out_dtype != dt || (j->result != dt && j->result != MS_DT_F32 &&
+                               ms_dtype_is_compute(j->result)))
+        return MS_DT_NONE;
+    for (uint32_t i = 0; i < j->s.ninputs; i++) {
+        const struct ms_plan_input *in = &j->in[i];
+        if (in->dtype != dt || in->lora || in->rowmap ||
+            (ms_dtype_is_compute(in->load) && in->load != dt && in->load != MS_DT_F32))
+            return MS_DT_NONE;
+    }
+    return jr->ops->stored_passes(jr->state, &j->s, dt) ? dt : MS_DT_NONE;
+}
+
 /* Applies s's chunk through apply_stored, sub-block by sub-block (the checksum of
  * each while it is in cache), into the chunk's output packed as work_cb packs it;
- * false, with nothing written, when the stage declined. Compute thread. */
+ * false, with nothing written, when the stage declined. A stored job's chunks
+ * (jr->stored): its reduce passes through reduce_stored, its apply whole, as
+ * the passes saw it (apply_subblock). Compute thread. */
 static bool work_stored(struct slot *s)
 {
     struct jrun *jr = s->jr;
     const struct ms_job *j = jr->job;
-    uint64_t n = s->ck.count, sb = s->e->subblock ? s->e->subblock : n;
-    uint32_t eb = elem_bytes(j->s.compute);
-    struct ms_chunk_stored sc = { 0 };
+    uint64_t n = s->ck.count, sb = s->e->subblock && !jr->stored ? s->e->subblock : n;
+    enum ms_dtype dt = jr->stored ? jr->sdt : j->s.compute;
+    uint32_t eb = elem_bytes(dt);
+    struct ms_chunk_stored sc = { .dt = dt };
+    if (jr->stored) {
+        sc.index = s->ck.index;
+        sc.pass = jr->pass;
+    }
+    if (jr->phase == MS_STAGE_REDUCE) {
+        sc.first = s->ck.first;
+        sc.count = n;
+        for (uint32_t i = 0; i < j->s.ninputs; i++)
+            sc.in[i] = s->raw[i];
+        jr->ops->reduce_stored(jr->state, &j->s, &sc, s->partial);
+        return true;
+    }
     uint64_t hpart = 0;
     for (uint64_t off = 0, m; off < n; off += m) {
         m = MS_MIN(sb, n - off);
@@ -884,7 +948,7 @@ static bool work_stored(struct slot *s)
             sc.in[i] = s->raw[i] + off * eb;
         sc.out = (unsigned char *)s->ck.out + off * eb;
         if (!jr->ops->apply_stored(jr->state, &j->s, &sc)) {
-            assert(off == 0);
+            assert(off == 0 && !jr->stored);
             return false;
         }
         if (s->e->hash_writes)
@@ -904,7 +968,7 @@ static void chunk_compute(struct slot *s)
     const struct ms_job *j = jr->job;
     uint64_t n = s->ck.count;
     s->ck.pass = jr->pass;
-    if (stored_path(s) && work_stored(s))
+    if ((jr->stored || stored_path(s)) && work_stored(s))
         return;
     uint32_t ob = elem_bytes(j->out_dtype);
     uint64_t sb = jr->phase == MS_STAGE_APPLY ? apply_subblock(s->e, s) : 0;
@@ -1597,6 +1661,8 @@ static int job_activate(struct eng *e)
         jr->phase = rc;
     }
     jr->resident = jr->phase == MS_STAGE_REDUCE && e->opts->in_memory && jr->nchunks <= e->nslots;
+    jr->sdt = jr->total ? stored_job(e, jr) : MS_DT_NONE;
+    jr->stored = jr->sdt != MS_DT_NONE;
     jr->fused = fused_job(e, jr);
     if (jr->nchunks == 0)
         job_finish(e, jr);
@@ -2084,6 +2150,9 @@ int ms_engine_run(const struct ms_plan *plan, const struct ms_engine_opts *opts)
     /* MERGESTREAM_FUSE=N: elements per block of a fused chunk (0: no fused chunks), for
      * tests and measurements */
     e->fuse = env_elems("MERGESTREAM_FUSE", FUSE_DEFAULT);
+    /* MERGESTREAM_STORED=0: every job on the float path (apply_stored and
+     * stored_passes unused), for tests and measurements; the bytes are the same */
+    e->no_stored = env_elems("MERGESTREAM_STORED", 1) == 0;
     /* The pool serves file I/O and compute: leave room for reads beside compute (more
      * when they come from a disk and block: then compute must not queue behind them). */
     char tp[16];

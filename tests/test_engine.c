@@ -513,6 +513,32 @@ Test(engine, subblocks_give_the_bytes_of_whole_chunks, .timeout = 300)
 }
 
 /*
+ * Stored-bytes passes (ms_stage_ops.stored_passes: slerp's reduce and apply on
+ * the bfloat16 bytes, resident or read again each pass; apply_stored of the
+ * one-pass recipes) give the bytes of the float path (MERGESTREAM_STORED=0), for
+ * several chunk sizes, budgets and thread counts, and sequential (zstd) output.
+ */
+Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
+{
+    static const char *const ref[2] = { "MERGESTREAM_STORED=0", "" };
+    static const char *const variants[][2] = {
+        { "", "" },
+        { "", "--threads 3 --chunk-elems 1000" },
+        { "", "--chunk-elems 1000 --reread" },
+        { "MERGESTREAM_SUBBLOCK=16", "--threads 1 --max-memory 4M" },
+        { "", "--chunk-elems 4000 --max-memory 3M" },
+    };
+    check_split_recipes(ref, variants, MS_ARRAY_LEN(variants));
+    write_recipe("slerp.yml", "merge_method: slerp\nbase_model: base\nmodels:\n"
+                              "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n");
+    run_ok("cd %s && rm -rf a b && MERGESTREAM_STORED=0 mergestream merge slerp.yml a/out -q "
+           "--compress zstd && mergestream merge slerp.yml b/out -q --compress zstd "
+           "--chunk-elems 3000",
+           g_dir);
+    assert_same_output("a/out", "b/out");
+}
+
+/*
  * Fused chunks (pipeline/engine.c fused_work: a one-pass job's chunk read,
  * computed and written block by block on one pool thread). The hand formula
  * holds in blocks of 48 elements (a partial last block in chunks of 1000),
