@@ -160,6 +160,67 @@ static void slerp_apply(const void *state, const struct ms_stage_job *job, const
         slerp_mix_isa(c->out, c->in[s->ia], c->in[s->ib], s->c0, s->c1, n);
 }
 
+/*
+ * The stored-bytes path (ms_stage_ops.stored_passes), bfloat16 inputs and
+ * output: each block of SLERP_SB elements is decoded into float scratch that
+ * stays in L1, and the float kernels run on it, so the terms summed and the
+ * floats mixed are the float path's; apply's floats are encoded to bfloat16,
+ * which is what rounding them to the base's bfloat16 and encoding gives (one
+ * round to nearest even; NaN quieted either way).
+ */
+#define SLERP_SB 2048u            /* elements per block: 3 * 8 KiB of floats */
+
+static bool slerp_stored_passes(const void *state, const struct ms_stage_job *job,
+                                enum ms_dtype dt)
+{
+    return dt == MS_DT_BF16;
+}
+
+static void slerp_reduce_stored(const void *state, const struct ms_stage_job *job,
+                                const struct ms_chunk_stored *c, void *partial)
+{
+    const struct slerp_state *s = state;
+    struct slerp_sums *p = partial;
+    const uint16_t *a = c->in[s->ia], *b = c->in[s->ib];
+    _Alignas(MS_ALIGN) float fa[SLERP_SB], fb[SLERP_SB];
+    assert(c->dt == MS_DT_BF16);
+    ms_xacc_init(&p->aa);
+    ms_xacc_init(&p->bb);
+    ms_xacc_init(&p->ab);
+    for (size_t off = 0, n = (size_t)c->count, m; off < n; off += m) {
+        m = MS_MIN((size_t)SLERP_SB, n - off);
+        ms_bf16_to_f32(a + off, fa, m);
+        ms_bf16_to_f32(b + off, fb, m);
+        ms_xacc_sumsq(&p->aa, fa, m);
+        ms_xacc_sumsq(&p->bb, fb, m);
+        ms_xacc_dot(&p->ab, fa, fb, m);
+    }
+}
+
+static bool slerp_apply_stored(const void *state, const struct ms_stage_job *job,
+                               const struct ms_chunk_stored *c)
+{
+    const struct slerp_state *s = state;
+    if (c->dt != MS_DT_BF16)
+        return false;
+    size_t n = (size_t)c->count;
+    if (s->copy) {
+        memcpy(c->out, c->in[s->ia], n * sizeof(uint16_t));
+        return true;
+    }
+    const uint16_t *a = c->in[s->ia], *b = c->in[s->ib];
+    uint16_t *y = c->out;
+    _Alignas(MS_ALIGN) float fa[SLERP_SB], fb[SLERP_SB], fy[SLERP_SB];
+    for (size_t off = 0, m; off < n; off += m) {
+        m = MS_MIN((size_t)SLERP_SB, n - off);
+        ms_bf16_to_f32(a + off, fa, m);
+        ms_bf16_to_f32(b + off, fb, m);
+        slerp_mix_isa(fy, fa, fb, s->c0, s->c1, m);
+        ms_f32_to_bf16(fy, y + off, m);
+    }
+    return true;
+}
+
 static const struct ms_stage_ops slerp_ops = {
     .state_size = slerp_state_size,
     .partial_size = slerp_partial_size,
@@ -168,6 +229,9 @@ static const struct ms_stage_ops slerp_ops = {
     .fold = slerp_fold,
     .end_pass = slerp_end_pass,
     .apply = slerp_apply,
+    .apply_stored = slerp_apply_stored,
+    .stored_passes = slerp_stored_passes,
+    .reduce_stored = slerp_reduce_stored,
 };
 
 /* mergekit computes in float32 and casts the result to the base's dtype. */
