@@ -28,7 +28,9 @@
  * Multi-pass jobs whose chunks all fit in the pool at once are "resident":
  * their inputs are read and decoded once, and every pass runs from the slots.
  * Otherwise each pass reads the inputs again. The chunking is the same either
- * way, so both paths give the same bytes.
+ * way, so both paths give the same bytes. A multi-pass job whose stage takes
+ * its stored bytes (ms_stage_ops.stored_passes; stored_job) is never decoded:
+ * its slots hold the raw bytes packed, which every pass hands to the stage.
  *
  * Keep areas (ms_stage.h; stages whose ops->keeps says so): a resident job's
  * chunk keeps in its own output buffer, which no pass before apply uses. For

@@ -161,19 +161,19 @@ static void slerp_apply(const void *state, const struct ms_stage_job *job, const
 }
 
 /*
- * The stored-bytes path (ms_stage_ops.stored_passes), bfloat16 inputs and
- * output: each block of SLERP_SB elements is decoded into float scratch that
- * stays in L1, and the float kernels run on it, so the terms summed and the
- * floats mixed are the float path's; apply's floats are encoded to bfloat16,
- * which is what rounding them to the base's bfloat16 and encoding gives (one
- * round to nearest even; NaN quieted either way).
+ * The stored-bytes path (ms_stage_ops.stored_passes), bfloat16 or float16
+ * inputs and output: each block of SLERP_SB elements is decoded into float
+ * scratch that stays in L1, and the float kernels run on it, so the terms
+ * summed and the floats mixed are the float path's; apply's floats are encoded
+ * to the stored dtype, which is what rounding them to the base's dtype and
+ * encoding gives (one round to nearest even; NaN quieted either way).
  */
 #define SLERP_SB 2048u            /* elements per block: 3 * 8 KiB of floats */
 
 static bool slerp_stored_passes(const void *state, const struct ms_stage_job *job,
                                 enum ms_dtype dt)
 {
-    return dt == MS_DT_BF16;
+    return dt == MS_DT_BF16 || dt == MS_DT_F16;
 }
 
 static void slerp_reduce_stored(const void *state, const struct ms_stage_job *job,
@@ -183,14 +183,14 @@ static void slerp_reduce_stored(const void *state, const struct ms_stage_job *jo
     struct slerp_sums *p = partial;
     const uint16_t *a = c->in[s->ia], *b = c->in[s->ib];
     _Alignas(MS_ALIGN) float fa[SLERP_SB], fb[SLERP_SB];
-    assert(c->dt == MS_DT_BF16);
+    assert(c->dt == MS_DT_BF16 || c->dt == MS_DT_F16);
     ms_xacc_init(&p->aa);
     ms_xacc_init(&p->bb);
     ms_xacc_init(&p->ab);
     for (size_t off = 0, n = (size_t)c->count, m; off < n; off += m) {
         m = MS_MIN((size_t)SLERP_SB, n - off);
-        ms_bf16_to_f32(a + off, fa, m);
-        ms_bf16_to_f32(b + off, fb, m);
+        ms_dtype_decode(c->dt, a + off, fa, m);
+        ms_dtype_decode(c->dt, b + off, fb, m);
         ms_xacc_sumsq(&p->aa, fa, m);
         ms_xacc_sumsq(&p->bb, fb, m);
         ms_xacc_dot(&p->ab, fa, fb, m);
@@ -201,7 +201,7 @@ static bool slerp_apply_stored(const void *state, const struct ms_stage_job *job
                                const struct ms_chunk_stored *c)
 {
     const struct slerp_state *s = state;
-    if (c->dt != MS_DT_BF16)
+    if (c->dt != MS_DT_BF16 && c->dt != MS_DT_F16)
         return false;
     size_t n = (size_t)c->count;
     if (s->copy) {
@@ -213,10 +213,10 @@ static bool slerp_apply_stored(const void *state, const struct ms_stage_job *job
     _Alignas(MS_ALIGN) float fa[SLERP_SB], fb[SLERP_SB], fy[SLERP_SB];
     for (size_t off = 0, m; off < n; off += m) {
         m = MS_MIN((size_t)SLERP_SB, n - off);
-        ms_bf16_to_f32(a + off, fa, m);
-        ms_bf16_to_f32(b + off, fb, m);
+        ms_dtype_decode(c->dt, a + off, fa, m);
+        ms_dtype_decode(c->dt, b + off, fb, m);
         slerp_mix_isa(fy, fa, fb, s->c0, s->c1, m);
-        ms_f32_to_bf16(fy, y + off, m);
+        ms_dtype_encode(c->dt, fy, y + off, m);
     }
     return true;
 }

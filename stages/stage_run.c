@@ -15,6 +15,9 @@
  *     engine's buffers are;
  *   - a keep area (ms_stage_ops.keeps; one for the tensor, chunk i's part at
  *     its first element, as the engine's pool) starts as garbage (NaN bytes).
+ * ms_stage_run_stored runs the stored-bytes hooks (apply_stored, and for jobs
+ * with reduce passes stored_passes and reduce_stored) the same way, with no
+ * keep area.
  */
 #include <assert.h>
 #include <string.h>

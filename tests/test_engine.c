@@ -536,6 +536,18 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
            "--chunk-elems 3000",
            g_dir);
     assert_same_output("a/out", "b/out");
+    /* float16 models: the stored path in float16 */
+    run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 21 --dtype f16 h0 >/dev/null && "
+           "ms-mkmodel --base base --noise 0.01 --seed 22 --dtype f16 h1 >/dev/null", g_dir);
+    write_recipe("slerph.yml", "merge_method: slerp\nbase_model: h0\nmodels:\n"
+                               "  - model: h0\n  - model: h1\nparameters:\n  t: 0.6\n");
+    run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge slerph.yml a/out -q",
+           g_dir);
+    for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+        run_ok("cd %s && rm -rf b && %s mergestream merge slerph.yml b/out -q %s", g_dir,
+               variants[v][0], variants[v][1]);
+        assert_same_output("a/out", "b/out");
+    }
 }
 
 /*

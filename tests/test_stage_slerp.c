@@ -337,7 +337,8 @@ Test(slerp, nan_payloads_follow_the_rule_at_every_position_and_chunking)
 
 /*
  * The stored-bytes path (ms_stage_ops.stored_passes: reduce_stored and
- * apply_stored on bfloat16) writes the float path's floats encoded to bfloat16,
+ * apply_stored on bfloat16 or float16) writes the float path's floats encoded
+ * to that dtype,
  * for chunks smaller and larger than its 2048-element blocks, ordinary tensors
  * (slerp and lerp), and tensors holding subnormals, infinities and NaN. The
  * reference is the float path (ms_stage_run_mem, whose values the tests above
@@ -351,57 +352,65 @@ Test(slerp, stored_path_gives_the_float_path_bytes)
     static uint16_t ha[N], hb[N], want[N], got[N];
     static const double ts[3] = { 0.3, 0.77, 1.4 };
     static const uint64_t sizes[] = { 0, 1, 7, 64, 2047, 2048, 2049, 5000 };
+    static const enum ms_dtype dts[2] = { MS_DT_BF16, MS_DT_F16 };
+    for (int d = 0; d < 2; d++)
     for (int k = 0; k < 3; k++)
         for (int mode = 0; mode < 4; mode++) {
-            uint64_t s = 7100 + (uint64_t)k * 10 + (uint64_t)mode;
+            enum ms_dtype dt = dts[d];
+            uint64_t s = 7100 + (uint64_t)d * 100 + (uint64_t)k * 10 + (uint64_t)mode;
             cr_log_info("seed %llu", (unsigned long long)s);
             for (int i = 0; i < N; i++) {
-                a[i] = th_stage_value(MS_DT_BF16, &s, 0.02f);
-                b[i] = th_stage_value(MS_DT_BF16, &s, 0.03f);
+                a[i] = th_stage_value(dt, &s, 0.02f);
+                b[i] = th_stage_value(dt, &s, 0.03f);
                 if (mode == 1) /* nearly colinear: lerp */
-                    b[i] = th_stage_round(MS_DT_BF16, a[i] + 0.01f * b[i]);
+                    b[i] = th_stage_round(dt, a[i] + 0.01f * b[i]);
             }
             if (mode >= 2) { /* subnormals and zeros; mode 3 also an Inf and a NaN */
-                a[10] = 0x1p-130f;
-                b[11] = -0x1p-133f;
+                a[10] = dt == MS_DT_BF16 ? 0x1p-130f : 0x1p-20f;
+                b[11] = dt == MS_DT_BF16 ? -0x1p-133f : -0x1p-23f;
                 a[2500] = -0.0f;
                 if (mode == 3) {
                     b[3000] = INFINITY;
                     memcpy(&a[4097], &(uint32_t){ 0xffc50000u }, 4);
                 }
             }
-            ms_f32_to_bf16_ref(a, ha, N);
-            ms_f32_to_bf16_ref(b, hb, N);
+            void (*enc)(const float *, uint16_t *, size_t) =
+                dt == MS_DT_BF16 ? ms_f32_to_bf16_ref : ms_f32_to_f16_ref;
+            enc(a, ha, N);
+            enc(b, hb, N);
+            /* the float path's inputs are what the stored bytes decode to */
+            void (*dec)(const uint16_t *, float *, size_t) =
+                dt == MS_DT_BF16 ? ms_bf16_to_f32_ref : ms_f16_to_f32_ref;
+            dec(ha, a, N);
+            dec(hb, b, N);
             for (int base = 0; base < 2; base++) {
                 struct ms_stage_job job;
                 slerp_job(&job, shape, 2, MS_DT_F32, 2, base, ts[k]);
                 const float *in[2] = { a, b };
                 cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0);
-                ms_f32_to_bf16_ref(out, want, N);
+                enc(out, want, N);
                 const void *hin[2] = { ha, hb };
                 for (size_t z = 0; z < MS_ARRAY_LEN(sizes); z++) {
                     memset(got, 0x5a, sizeof got);
-                    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_BF16, hin, got, sizes[z]), 0);
+                    cr_assert_eq(ms_stage_run_stored(&job, dt, hin, got, sizes[z]), 0);
                     for (int i = 0; i < N; i++)
                         cr_assert_eq(got[i], want[i],
-                                     "t %g mode %d base %d chunk %llu elt %d: %04x want %04x",
-                                     ts[k], mode, base, (unsigned long long)sizes[z], i, got[i],
-                                     want[i]);
+                                     "dt %d t %g mode %d base %d chunk %llu elt %d: %04x want %04x",
+                                     dt, ts[k], mode, base, (unsigned long long)sizes[z], i,
+                                     got[i], want[i]);
                 }
             }
         }
 }
 
-/* The stored path is bfloat16's only, and a single input (a one-pass copy under
- * a float32 compute dtype) stays on the float path. */
-Test(slerp, stored_path_declines_float16_and_one_pass_jobs)
+/* A single input (a one-pass copy under a float32 compute dtype) stays on the
+ * float path: one-pass jobs see apply_stored in the compute dtype only. */
+Test(slerp, stored_path_declines_one_pass_jobs)
 {
     static const int64_t shape[1] = { 16 };
     uint16_t x[16] = { 0 }, y[16] = { 0 }, o[16];
     const void *in[2] = { x, y };
     struct ms_stage_job job;
-    slerp_job(&job, shape, 1, MS_DT_F32, 2, 0, 0.5);
-    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_F16, in, o, 0), MS_EUNSUPPORTED);
     slerp_job(&job, shape, 1, MS_DT_F32, 1, 0, 0.5);
     cr_assert_eq(ms_stage_run_stored(&job, MS_DT_BF16, in, o, 0), MS_EUNSUPPORTED);
 }
