@@ -562,13 +562,21 @@ static inline bool della_keep(const struct gta_state *st, const struct gta_model
  * over some 10 binades). Cost O(L + 128 / DELLA_GROUP * buckets spanned +
  * keys met) per row. The table lives per thread and is left zero after each
  * row.
+ * For rows of up to DELLA_PTAB elements the first pass leaves the row's keys
+ * in row[], and the ranking turns them into their keep thresholds in place,
+ * so the keys are made once and each loop is a plain pass over the row.
+ * (Counting in 2 to 8 interleaved segments of the row, to break the chains of
+ * increments of one count, was slower: the start positions and the clearing
+ * grow with the segments.)
  */
 #define DELLA_KEYS 32768u
 #define DELLA_FINE 128u /* keys per coarse bucket */
 #define DELLA_GROUP 16u
+#define DELLA_PTAB 16384u /* della_ptab below */
 
 struct della_count {
     uint32_t fine[DELLA_KEYS];
+    uint32_t row[DELLA_PTAB];
 };
 
 static _Thread_local struct della_count della_tls;
@@ -588,7 +596,6 @@ static uint32_t della_thr(float p)
  * thread for a few (dtype, row, rank_den, lo, eps) at once (apply alternates
  * models row by row). Each entry is della_p's own value's threshold: the table
  * changes no bit. */
-#define DELLA_PTAB 16384u
 #define DELLA_PCACHE 4u
 
 struct della_ptab {
@@ -810,18 +817,26 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     const enum ms_dtype dt = st->dt;
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     const uint32_t *ttab = della_ptab_get(st, m);
+    uint32_t *restrict row = ttab ? t->row : NULL; /* keys, then thresholds */
     uint32_t keys[GTA_BLOCK], u[GTA_BLOCK], thr[GTA_BLOCK];
     float d[GTA_BLOCK], kept[GTA_BLOCK];
     uint32_t lo = UINT32_MAX, hi = 0;
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
-        della_keys_range(dt, x + i0, b + i0, d, keys, &lo, &hi, n);
+        della_keys_range(dt, x + i0, b + i0, d, row ? row + i0 : keys, &lo, &hi, n);
+        if (row)
+            continue;
         for (size_t j = 0; j < n; j++) {
             uint32_t k = keys[j];
             assert(k < DELLA_KEYS);
             t->fine[k]++;
         }
     }
+    if (row)
+        for (uint64_t i = 0; i < L; i++) {
+            assert(row[i] < DELLA_KEYS);
+            t->fine[row[i]]++;
+        }
     /* fine[k] = #{keys < k} for the keys met (start positions), bucket 0 and
      * then the buckets of the nonzero keys; before gets each bucket's exact
      * sum of |d| */
@@ -832,16 +847,24 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     for (uint32_t c = c1; c <= c2; c++)
         della_starts(t, dt, c, &pos, before);
     assert(pos == L);
+    if (row) /* thresholds in place of the keys: ttab[rank - 1] */
+        for (uint64_t i = 0; i < L; i++)
+            row[i] = ttab[t->fine[row[i]]++];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         ms_rng_fill(stream, first + i0, u, n);
-        della_keys(dt, x + i0, b + i0, d, keys, n);
-        for (size_t j = 0; j < n; j++) {
-            uint64_t rank = ++t->fine[keys[j]];
-            thr[j] = ttab ? ttab[rank - 1] : della_thr(della_p(st, m, rank));
+        const uint32_t *th = thr;
+        if (row) {
+            th = row + i0;
+            if (before)
+                gta_delta(dt, d, x + i0, b + i0, n);
+        } else {
+            della_keys(dt, x + i0, b + i0, d, keys, n);
+            for (size_t j = 0; j < n; j++)
+                thr[j] = della_thr(della_p(st, m, ++t->fine[keys[j]]));
         }
         unsigned char *w = words ? words + (packed ? 1 : 4) * i0 : NULL;
-        della_keepmask(u, thr, d, bit, w, packed, before ? kept : NULL, n);
+        della_keepmask(u, th, d, bit, w, packed, before ? kept : NULL, n);
         if (before)
             ms_xacc_sumabs(after, kept, n);
     }
