@@ -803,8 +803,8 @@ static inline void della_starts(struct della_count *t, enum ms_dtype dt, uint32_
 /*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements (uint32 words; with packed, bytes); with before and after, adds every |d| to before
- * (from the key counts: count * magnitude per key, the same exact sum) and
+ * words[i] of kept elements (uint32 words; with packed, bytes); with before
+ * and after, adds every |d| to before (from the key counts: count * magnitude per key, the same exact sum) and
  * |d * keep| to after (della_keepmask_kept: a dropped Inf or NaN makes it
  * NaN, as torch's masked sum). Either or both.
  */
@@ -1062,8 +1062,10 @@ static int gta_begin(void *state, const struct ms_stage_job *job)
  * della's keep area (ms_stage.h: count * MS_KEEP_BYTES bytes per chunk). With
  * at most 8 models with a keep bit (della_packs), the rescale pass stores one
  * byte per element, model m's keep bit at m->bit, in the last quarter of the
- * chunk's area: element i's byte at 3 * count + i. So a job touches a quarter
- * of the area's pages (the keep pool's first touch is a real cost), and the
+ * chunk's area: element i's byte at 3 * count + i. So reduce clears and
+ * writes, and apply reads, a quarter of the bytes (the pages are still all
+ * touched where chunk areas are about a huge page, as in the 512M bench: only
+ * an engine keep pool of 1 byte per element would save them), and the
  * layout holds where the area is the chunk's output (resident jobs): apply
  * reads a block's bytes before it writes the block's floats, and the floats of
  * elements [0, i) end at byte 4i <= 3 * count + i, element i's byte. With more
