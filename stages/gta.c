@@ -804,9 +804,9 @@ static inline void della_starts(struct della_count *t, enum ms_dtype dt, uint32_
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
  * words[i] of kept elements (uint32 words; with packed, bytes); with before
- * and after, adds every |d| to before (from the key counts: count * magnitude per key, the same exact sum) and
- * |d * keep| to after (della_keepmask_kept: a dropped Inf or NaN makes it
- * NaN, as torch's masked sum). Either or both.
+ * and after, adds every |d| to before (from the key counts: count * magnitude
+ * per key, the same exact sum) and |d * keep| to after (della_keepmask_kept: a
+ * dropped Inf or NaN makes it NaN, as torch's masked sum). Either or both.
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
