@@ -68,10 +68,11 @@
  * 2^28 with 4; longer rows are refused by begin. bf16/f16 rows of 512 elements
  * or more are ranked by counting keys instead (della_row_counted: the same
  * ranks, in index order, per-thread tables), which leaves the index field unused.
- * With rescale the rescale pass ranks every row and leaves the keep bits (at
- * the same places, ib + bit) in the chunk's keep area (ms_stage.h,
- * della_keeps), so apply ranks no row again; a job without a keep area ranks
- * in both passes, with the same bytes.
+ * With rescale the rescale pass ranks every row and leaves the keep bits in
+ * the chunk's keep area (ms_stage.h, della_keeps; one byte per element with up
+ * to 8 trimmed models, else words as above: della_packs), so apply ranks no
+ * row again; a job without a keep area ranks in both passes, with the same
+ * bytes.
  * Memory: the state holds one histogram (32,768 or 65,536 uint64) per
  * selection (one per trimmed ties model, two per breadcrumbs model).
  */
@@ -561,13 +562,21 @@ static inline bool della_keep(const struct gta_state *st, const struct gta_model
  * over some 10 binades). Cost O(L + 128 / DELLA_GROUP * buckets spanned +
  * keys met) per row. The table lives per thread and is left zero after each
  * row.
+ * For rows of up to DELLA_PTAB elements the first pass leaves the row's keys
+ * in row[], and the ranking turns them into their keep thresholds in place,
+ * so the keys are made once and each loop is a plain pass over the row.
+ * (Counting in 2 to 8 interleaved segments of the row, to break the chains of
+ * increments of one count, was slower: the start positions and the clearing
+ * grow with the segments.)
  */
 #define DELLA_KEYS 32768u
 #define DELLA_FINE 128u /* keys per coarse bucket */
 #define DELLA_GROUP 16u
+#define DELLA_PTAB 16384u /* della_ptab below */
 
 struct della_count {
     uint32_t fine[DELLA_KEYS];
+    uint32_t row[DELLA_PTAB];
 };
 
 static _Thread_local struct della_count della_tls;
@@ -587,7 +596,6 @@ static uint32_t della_thr(float p)
  * thread for a few (dtype, row, rank_den, lo, eps) at once (apply alternates
  * models row by row). Each entry is della_p's own value's threshold: the table
  * changes no bit. */
-#define DELLA_PTAB 16384u
 #define DELLA_PCACHE 4u
 
 struct della_ptab {
@@ -675,7 +683,8 @@ static void della_keys_range(enum ms_dtype dt, const float *restrict x, const fl
 /*
  * della_keepmask: the keep decisions of n elements, branch-free: element i is
  * kept iff (u[i] & 0xffffff) < thr[i] (della_thr). With words, ORs bit into
- * words[i] (uint32, memcpy access) of the kept elements; with kept, sets
+ * words[i] (uint32, memcpy access; with packed, the byte words[i]) of the
+ * kept elements; with kept, sets
  * kept[i] = d[i] * keep (1 or 0): torch's masked delta, whose magnitudes the
  * rescale's "after" sum adds (a dropped Inf or NaN gives NaN, a dropped finite
  * value a zero, which adds nothing). Either may be NULL. The scalar reference;
@@ -691,6 +700,15 @@ GTA_INLINE void della_keepmask_words(const uint32_t *restrict u, const uint32_t 
     }
 }
 
+GTA_INLINE void della_keepmask_bytes(const uint32_t *restrict u, const uint32_t *restrict thr,
+                                     uint32_t bit, unsigned char *restrict bytes, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t mk = 0u - (uint32_t)((u[i] & 0xffffffu) < thr[i]);
+        bytes[i] = (unsigned char)(bytes[i] | (bit & mk));
+    }
+}
+
 GTA_INLINE void della_keepmask_kept(const uint32_t *restrict u, const uint32_t *restrict thr,
                                     const float *restrict d, float *restrict kept, size_t n)
 {
@@ -702,9 +720,11 @@ GTA_INLINE void della_keepmask_kept(const uint32_t *restrict u, const uint32_t *
 
 GTA_INLINE void della_keepmask(const uint32_t *restrict u, const uint32_t *restrict thr,
                                const float *restrict d, uint32_t bit, unsigned char *words,
-                               float *restrict kept, size_t n)
+                               bool packed, float *restrict kept, size_t n)
 {
-    if (words)
+    if (words && packed)
+        MS__BLOCK_CALL(della_keepmask_bytes, n, GTA_BLOCK, u, thr, bit, words);
+    else if (words)
         MS__BLOCK_CALL(della_keepmask_words, n, GTA_BLOCK, u, thr, bit, words);
     if (kept)
         MS__BLOCK_CALL(della_keepmask_kept, n, GTA_BLOCK, u, thr, d, kept);
@@ -783,32 +803,40 @@ static inline void della_starts(struct della_count *t, enum ms_dtype dt, uint32_
 /*
  * The keep decisions of model m on the row of L elements x, b (elements
  * first..first+L-1 of the tensor), in index order: with words, ORs bit into
- * words[i] of kept elements; with before and after, adds every |d| to before
- * (from the key counts: count * magnitude per key, the same exact sum) and
- * |d * keep| to after (della_keepmask_kept: a dropped Inf or NaN makes it
- * NaN, as torch's masked sum). Either or both.
+ * words[i] of kept elements (uint32 words; with packed, bytes); with before
+ * and after, adds every |d| to before (from the key counts: count * magnitude
+ * per key, the same exact sum) and |d * keep| to after (della_keepmask_kept: a
+ * dropped Inf or NaN makes it NaN, as torch's masked sum). Either or both.
  */
 static void della_row_counted(const struct gta_state *st, const struct gta_model *m,
                               const float *restrict x, const float *restrict b, uint64_t first,
-                              uint64_t L, unsigned char *words, uint32_t bit,
+                              uint64_t L, unsigned char *words, bool packed, uint32_t bit,
                               struct ms_xacc *before, struct ms_xacc *after)
 {
     struct della_count *t = &della_tls;
     const enum ms_dtype dt = st->dt;
     const uint64_t stream = ms_rng_stream(st->seed, st->key, m->input);
     const uint32_t *ttab = della_ptab_get(st, m);
+    uint32_t *restrict row = ttab ? t->row : NULL; /* keys, then thresholds */
     uint32_t keys[GTA_BLOCK], u[GTA_BLOCK], thr[GTA_BLOCK];
     float d[GTA_BLOCK], kept[GTA_BLOCK];
     uint32_t lo = UINT32_MAX, hi = 0;
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
-        della_keys_range(dt, x + i0, b + i0, d, keys, &lo, &hi, n);
+        della_keys_range(dt, x + i0, b + i0, d, row ? row + i0 : keys, &lo, &hi, n);
+        if (row)
+            continue;
         for (size_t j = 0; j < n; j++) {
             uint32_t k = keys[j];
             assert(k < DELLA_KEYS);
             t->fine[k]++;
         }
     }
+    if (row)
+        for (uint64_t i = 0; i < L; i++) {
+            assert(row[i] < DELLA_KEYS);
+            t->fine[row[i]]++;
+        }
     /* fine[k] = #{keys < k} for the keys met (start positions), bucket 0 and
      * then the buckets of the nonzero keys; before gets each bucket's exact
      * sum of |d| */
@@ -819,15 +847,24 @@ static void della_row_counted(const struct gta_state *st, const struct gta_model
     for (uint32_t c = c1; c <= c2; c++)
         della_starts(t, dt, c, &pos, before);
     assert(pos == L);
+    if (row) /* thresholds in place of the keys: ttab[rank - 1] */
+        for (uint64_t i = 0; i < L; i++)
+            row[i] = ttab[t->fine[row[i]]++];
     for (uint64_t i0 = 0; i0 < L; i0 += GTA_BLOCK) {
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, L - i0);
         ms_rng_fill(stream, first + i0, u, n);
-        della_keys(dt, x + i0, b + i0, d, keys, n);
-        for (size_t j = 0; j < n; j++) {
-            uint64_t rank = ++t->fine[keys[j]];
-            thr[j] = ttab ? ttab[rank - 1] : della_thr(della_p(st, m, rank));
+        const uint32_t *th = thr;
+        if (row) {
+            th = row + i0;
+            if (before)
+                gta_delta(dt, d, x + i0, b + i0, n);
+        } else {
+            della_keys(dt, x + i0, b + i0, d, keys, n);
+            for (size_t j = 0; j < n; j++)
+                thr[j] = della_thr(della_p(st, m, ++t->fine[keys[j]]));
         }
-        della_keepmask(u, thr, d, bit, words ? words + 4 * i0 : NULL, before ? kept : NULL, n);
+        unsigned char *w = words ? words + (packed ? 1 : 4) * i0 : NULL;
+        della_keepmask(u, th, d, bit, w, packed, before ? kept : NULL, n);
         if (before)
             ms_xacc_sumabs(after, kept, n);
     }
@@ -1021,25 +1058,50 @@ static int gta_begin(void *state, const struct ms_stage_job *job)
     return gta_after_select(st);
 }
 
+/*
+ * della's keep area (ms_stage.h: count * MS_KEEP_BYTES bytes per chunk). With
+ * at most 8 models with a keep bit (della_packs), the rescale pass stores one
+ * byte per element, model m's keep bit at m->bit, in the last quarter of the
+ * chunk's area: element i's byte at 3 * count + i. So reduce clears and
+ * writes, and apply reads, a quarter of the bytes (the pages are still all
+ * touched where chunk areas are about a huge page, as in the 512M bench: only
+ * an engine keep pool of 1 byte per element would save them), and the
+ * layout holds where the area is the chunk's output (resident jobs): apply
+ * reads a block's bytes before it writes the block's floats, and the floats of
+ * elements [0, i) end at byte 4i <= 3 * count + i, element i's byte. With more
+ * models, element i's uint32 at byte 4i holds m's bit at ib + m->bit, as the
+ * output words of della_mark_row.
+ */
+static bool della_packs(const struct gta_state *st) { return st->nbits <= 8; }
+
+/* The first keep byte (della_packs) or word of chunk c's keep area. */
+static unsigned char *della_keep_start(const struct gta_state *st, const struct ms_chunk *c)
+{
+    unsigned char *k = c->keep;
+    return k && della_packs(st) ? k + 3 * (size_t)c->count : k;
+}
+
 /* della rescale pass over one chunk of whole rows: before += |d|, after +=
  * |d * keep| (the kept |d|, and NaN for a dropped Inf or NaN, as torch's
  * masked sum), for model m; words is one row of scratch. With
- * keep (the chunk's keep area, ms_stage.h), also ORs m's keep bit (1 << (ib +
- * bit), as della_mark_row sets them) into the keep word of each kept element,
- * so that apply reads the masks instead of ranking the rows again. */
+ * keep (della_keep_start of the chunk's keep area), also sets m's keep bit of
+ * each kept element (della_packs above), so that apply reads the masks instead
+ * of ranking the rows again. */
 static void della_reduce(const struct gta_state *st, const struct gta_model *m,
                          const struct ms_chunk *c, unsigned char *words, unsigned char *keep,
                          struct ms_xacc *before, struct ms_xacc *after)
 {
     const float *x = c->in[m->input], *b = c->in[st->base];
     const uint64_t L = st->row;
-    const uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
+    const bool packed = della_packs(st);
+    const uint32_t bit = 1u << ((packed ? 0 : st->ib) + (uint32_t)m->bit);
+    const size_t kb = packed ? 1 : MS_KEEP_BYTES; /* keep bytes per element */
     assert(c->count % L == 0 && m->bit >= 0);
     if (della_counts(st)) {
         /* every |d| into before, every |d * keep| into after */
         for (uint64_t r0 = 0; r0 < c->count; r0 += L)
-            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L, keep ? keep + 4 * r0 : NULL,
-                              bit, before, after);
+            della_row_counted(st, m, x + r0, b + r0, c->first + r0, L,
+                              keep ? keep + kb * r0 : NULL, packed, bit, before, after);
         return;
     }
     float d[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
@@ -1061,7 +1123,9 @@ static void della_reduce(const struct gta_state *st, const struct gta_model *m,
                 continue;
             }
             ms_xacc_add(after, fabsf(v));
-            if (keep)
+            if (keep && packed)
+                keep[r0 + idx] = (unsigned char)(keep[r0 + idx] | bit);
+            else if (keep)
                 word_put(keep, r0 + idx, word_get(keep, r0 + idx) | bit);
         }
     }
@@ -1253,8 +1317,9 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
     assert(st->phase == GTA_RESCALE);
     struct gta_part_rescale *p = partial;
     const bool della = st->kind.sparse == GTA_SPARSE_DELLA;
-    if (della && c->keep)
-        memset(c->keep, 0, (size_t)c->count * MS_KEEP_BYTES); /* no keep bit set yet */
+    unsigned char *keep = della ? della_keep_start(st, c) : NULL;
+    if (keep) /* no keep bit set yet */
+        memset(keep, 0, (size_t)c->count * (della_packs(st) ? 1 : MS_KEEP_BYTES));
     for (uint32_t j = 0; j < st->nm; j++) {
         const struct gta_model *m = &st->m[j];
         if (!m->trim || m->none)
@@ -1262,7 +1327,7 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
         ms_xacc_init(&p->before[j]);
         ms_xacc_init(&p->after[j]);
         if (della)
-            della_reduce_isa(st, m, c, (unsigned char *)p->scratch, c->keep, &p->before[j],
+            della_reduce_isa(st, m, c, (unsigned char *)p->scratch, keep, &p->before[j],
                              &p->after[j]);
     }
     if (!della)
@@ -1363,7 +1428,7 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
         uint32_t bit = 1u << (st->ib + (uint32_t)m->bit);
         if (della_counts(st)) {
             della_row_counted(st, m, c->in[m->input] + r0, c->in[st->base] + r0, c->first + r0,
-                              L, words, bit, NULL, NULL);
+                              L, words, false, bit, NULL, NULL);
             continue;
         }
         struct della_row r = { .dt = st->dt, .x = c->in[m->input] + r0,
@@ -1377,18 +1442,30 @@ static void della_mark_row(const struct gta_state *st, const struct ms_chunk *c,
     }
 }
 
-/* della, apply: the keep words of the elements from off of chunk c: the keep
- * area when the rescale pass filled it, else the output words (della_mark_row). */
-static inline const unsigned char *della_words(const struct gta_state *st,
-                                               const struct ms_chunk *c, uint64_t off)
+/* della, apply: keep[i] = 1 or 0, model m's keep bit of element off + i of
+ * chunk c, i < n: from the keep area when the rescale pass filled it (bytes or
+ * words, della_packs), else from the output words (della_mark_row). */
+GTA_INLINE void della_keep_floats(const struct gta_state *st, const struct gta_model *m,
+                                  const struct ms_chunk *c, uint64_t off, float *restrict keep,
+                                  size_t n)
 {
-    if (st->kept && c->keep)
-        return (const unsigned char *)c->keep + (size_t)off * MS_KEEP_BYTES;
-    return (const unsigned char *)(c->out + off);
+    if (st->kept && c->keep && della_packs(st)) {
+        const unsigned char *kb = (const unsigned char *)c->keep + 3 * (size_t)c->count + off;
+        const uint32_t sh = (uint32_t)m->bit;
+        for (size_t i = 0; i < n; i++)
+            keep[i] = (kb[i] >> sh) & 1u ? 1.0f : 0.0f;
+        return;
+    }
+    const unsigned char *words = st->kept && c->keep
+                                     ? (const unsigned char *)c->keep + (size_t)off * MS_KEEP_BYTES
+                                     : (const unsigned char *)(c->out + off);
+    const uint32_t sh = st->ib + (uint32_t)m->bit;
+    for (size_t i = 0; i < n; i++)
+        keep[i] = (word_get(words, i) >> sh) & 1u ? 1.0f : 0.0f;
 }
 
 /* Output elements [off, off+count) of chunk c. For della, the keep bits of
- * those elements are in della_words, read before out is written there. */
+ * those elements (della_keep_floats) are read before out is written there. */
 static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
                             uint64_t count, uint64_t (*run)[2])
 {
@@ -1411,10 +1488,7 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
                 if (!della || m->none) {
                     gta_keep(st, m, c->first, c->first + off, run[j], wd[j], keep, n);
                 } else {
-                    const unsigned char *words = della_words(st, c, off);
-                    uint32_t sh = st->ib + (uint32_t)m->bit;
-                    for (size_t i = 0; i < n; i++)
-                        keep[i] = (word_get(words, i) >> sh) & 1u ? 1.0f : 0.0f;
+                    della_keep_floats(st, m, c, off, keep, n);
                 }
                 gta_mask(st->dt, wd[j], keep, m->scale, m->factor, n);
             }

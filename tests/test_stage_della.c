@@ -214,6 +214,60 @@ Test(stage_della, counted_ranks_f16)
 }
 Test(stage_della, long_rows_f32) { della_long_rows(MS_DT_F32, 600); }
 
+/* bf16 rows at the counted ranking's threshold table limit (16,384 elements:
+ * the row's keys wait in a per-thread buffer) and one longer (ranked from
+ * the key counts alone): both match the reference sort. */
+Test(stage_della, counted_ranks_longest_rows)
+{
+    della_rows(MS_DT_BF16, 16384, 0);
+    della_rows(MS_DT_BF16, 16385, 0);
+    della_rows(MS_DT_BF16, 16385, 1);
+}
+
+/* nm trimmed models (nm + 1 inputs, the base last): up to 8 keep their bits in
+ * one keep byte per element, more in a keep word (stages/gta.c, della_packs);
+ * every keep way and chunking matches the reference, rows of L (100: the heap
+ * sort; 600 in bf16: counted ranks). */
+static void della_many_models(enum ms_dtype dt, uint32_t nm, uint64_t L)
+{
+    const uint64_t n = 3 * L;
+    float *x[MS_MAX_INPUTS], *want = malloc(n * sizeof(float));
+    uint64_t rs = 77 + nm + L;
+    struct th_gta g = { .method = "della", .dt = dt, .numel = n, .row_len = L,
+                        .ninputs = nm + 1, .base = (int)nm, .normalize = true, .rescale = true,
+                        .lambda = 1, .seed = 5 };
+    for (uint32_t i = 0; i <= nm; i++) {
+        x[i] = malloc(n * sizeof(float));
+        for (uint64_t e = 0; e < n; e++) {
+            float v = (float)((int64_t)th_gta_rand(&rs) >> 54) * 0x1p-6f;
+            x[i][e] = dt == MS_DT_BF16 ? ms_round_bf16_1(v) : ms_rnd(dt, v);
+        }
+        g.in[i] = x[i];
+        g.weight[i] = 0.25 + 0.125 * (i % 5);
+        g.density[i] = 0.3 + 0.05 * (i % 7);
+        g.epsilon[i] = 0.1;
+    }
+    cr_assert_eq(th_gta_ref(&g, want), 0);
+    const uint64_t chunks[] = { L, 2 * L, n };
+    char what[64];
+    snprintf(what, sizeof what, "%u models, L %llu", nm, (unsigned long long)L);
+    for (int c = 0; c < 3; c++)
+        expect_every_keep(&g, chunks[c], want, what);
+    for (uint32_t i = 0; i <= nm; i++)
+        free(x[i]);
+    free(want);
+}
+
+Test(stage_della, keep_bytes_and_words)
+{
+    const uint32_t nms[] = { 1, 8, 9, 14 };
+    for (int k = 0; k < 4; k++) {
+        della_many_models(MS_DT_BF16, nms[k], 100);
+        della_many_models(MS_DT_BF16, nms[k], 600);
+        della_many_models(MS_DT_F32, nms[k], 100);
+    }
+}
+
 /* A one-element row has rank norm 0/0 in mergekit. Our rule: p = density, so
  * della on an [n, 1] tensor is dare_ties (della_linear is dare_linear). */
 Test(stage_della, one_element_rows_are_dare)
