@@ -9,27 +9,42 @@
  *   X_i  = rnd(X_i - B)                                  (with a base)
  *   W_i  = rnd(float32(weight_i)); normalize_weights: S = rnd(0 + W_0 + W_1 ...),
  *          w_i = rnd(W_i / S) (no zero guard, spec 7.7); else w_i = W_i
- *   n_i  = rnd(sqrtf(float32(sum X_i^2)))               pass 0
+ *   n_i  = rnd(sqrtf(float32(sum X_i^2)))               NORMS
  *   U_i  = rnd(X_i / rnd(n_i + e))
  *   M    = rnd(0 + rnd(U_0*w_0) + rnd(U_1*w_1) ...)      float32 sum over models, in order
- *   mn   = rnd(sqrtf(float32(sum M^2)))                 pass 1
+ *   mn   = rnd(sqrtf(float32(sum M^2)))                 CHAIN
  *   mn < rnd(eps): two models give rnd(rnd(X_0*w_0) + rnd(X_1*w_1)) (+ B), more are an error
  *   m    = rnd(M / mn)
- *   dt_i = rnd(float32(sum rnd(U_i*m)))                 pass 2
+ *   dt_i = rnd(float32(sum rnd(U_i*m)))                 CHAIN
  *   T_i  = rnd(U_i - rnd(dt_i*m)); tau = rnd(0 + rnd(T_0*w_0) + ...)
- *   tn   = rnd(rnd(sqrtf(float32(sum tau^2))) + e)      pass 3
+ *   tn   = rnd(rnd(sqrtf(float32(sum tau^2))) + e)      CHAIN
  *   r    = rnd(rnd(m*rnd(cosf(tn))) + rnd(tau*rnd(rnd(sinf(tn))/tn)))
  *   out  = rnd(r * rnd(0 + rnd(n_0*w_0) + ...))  (+ B: rnd(out + B))
  * Elementwise steps are torch's per-op roundings. The four whole-tensor sums
  * are exact (ms_xacc) and rounded once to float32 where torch adds in float32
  * in a blocked order: about 1 ulp of a scalar apart in rare cases (spec 7.20).
- * Each pass recomputes the elementwise steps it needs from the inputs, so the
- * stage holds only scalars; the result does not depend on chunking. The four
- * passes are what torch's roundings need: each sum is over values rounded
- * elementwise after dividing by the previous one (U_i by n_i, m by mn, T_i
- * with dt_i), so none can be derived from an earlier pass's sums (in exact
- * arithmetic tau is 0 and the Gram matrix of the X_i would give the rest; in
- * the compute dtype tau is rounding noise that reaches the output, ~1 ulp).
+ * The result does not depend on chunking.
+ *
+ * Passes. Each sum is over values rounded elementwise after dividing by the
+ * previous one (U_i by n_i, m by mn, T_i with dt_i), so in general none can be
+ * derived from an earlier pass's sums, and a pass per sum gives four reduce
+ * passes. But mn and dt_i are rounded to D, and in exact arithmetic they follow
+ * from the Gram matrix G of the X_i: with p_i = w_i / rnd(n_i + e),
+ * ||M||^2 = p'Gp and <U_i, m> = (Gp)_i / (rnd(n_i + e) mn); only tau is
+ * rounding noise (0 in exact arithmetic, ~1 ulp that reaches the output). So:
+ *   NORMS  sum X_i^2 (exact) and G's other entries (plain double sums: a guess
+ *          only, any error in them costs a pass, never a byte); then n_i, and
+ *          guesses of mn and dt_i from G;
+ *   CHAIN  the whole chain with the guessed mn and dt_i: sums M^2, the dots with
+ *          m = rnd(M / guessed mn), and tau^2 with the guessed dt_i. When the
+ *          exact mn and dt_i come out bit for bit equal to the guesses, every
+ *          value the pass computed is the one the four passes would have, and
+ *          tau^2 is the true one: apply. Otherwise the pass is run again with
+ *          the exact value it found (mn, then the dots re-guessed from G with it;
+ *          or the dots), summing only what is still unknown: at most three
+ *          CHAIN passes, the four passes' number, with the same bytes.
+ * Each pass recomputes the elementwise steps it needs from the inputs (or, in
+ * bfloat16, apply reads m and tau from the keep area, mslerp_k_put).
  *
  * Inputs: one non-base model is returned unchanged (the base is then ignored);
  * none is an error.
@@ -42,7 +57,7 @@
 #include "ms_stage.h"
 #include "stage_impl.h"
 
-enum { MSL_NORMS = 0, MSL_MEAN = 1, MSL_DOTS = 2, MSL_TAN = 3 }; /* reduce passes */
+enum { MSL_NORMS = 0, MSL_CHAIN = 1, MSL_APPLY = 2 }; /* what a run over a chunk does */
 
 struct mslerp_state {
     int ib;                       /* input index of the base, or -1 */
@@ -50,28 +65,67 @@ struct mslerp_state {
     uint32_t it[MS_MAX_INPUTS];   /* their input indices, in input order */
     bool copy;                    /* N == 1: out = X_0 as loaded */
     bool lerp;                    /* mn < eps with N == 2: the linear fallback */
-    uint32_t pass;                /* reduce pass under way (end_pass advances it) */
+    uint32_t pass;                /* MSL_NORMS or MSL_CHAIN: the reduce pass under way */
+    bool mn_known, dt_known;      /* CHAIN: mn, dot[] are exact (else guesses the pass checks) */
     float w[MS_MAX_INPUTS];       /* w_i */
     float e;                      /* float32(eps) */
     float den[MS_MAX_INPUTS];     /* rnd(n_i + e) */
     float norm[MS_MAX_INPUTS];    /* n_i */
-    float mn;                     /* ||M|| */
-    float dot[MS_MAX_INPUTS];     /* dt_i */
+    float mn;                     /* ||M||, exact or guessed */
+    float dot[MS_MAX_INPUTS];     /* dt_i, exact or guessed */
     float cs, q, avg;             /* rnd(cos tn), rnd(sin tn / tn), rnd(sum n_i w_i) */
-    struct ms_xacc acc[MS_MAX_INPUTS]; /* the pass's folded sums */
+    double gram[MS_MAX_INPUTS][MS_MAX_INPUTS]; /* G: the diagonal exact, the rest a plain sum */
+    struct ms_xacc acc[MS_MAX_INPUTS + 2];     /* the pass's folded sums (mslerp_part) */
+    uint32_t ns;                  /* elements in samp (MSL_SAMPLE / N at most) */
+    float samp[];                 /* X_i of sampled elements: samp[k * N + i] (mslerp_sample) */
 };
 
-static size_t mslerp_state_size(const struct ms_stage_job *job) { return sizeof(struct mslerp_state); }
+/*
+ * The sample the guesses correct G's exact-arithmetic figures with: the
+ * rounding of U_i, M, m and the products moves mn and dt_i by up to a few
+ * tenths of their bf16 ulp, and not at random (m = rnd(M / (1 - 2^-8)) rounds
+ * nearly every element up), so the guesses add the difference between the
+ * rounded chain and exact arithmetic over the sample, scaled to the tensor.
+ * At most MSL_SAMPLE values per tensor (16 Ki elements of three models; all
+ * of a smaller tensor: its guesses are then the exact figures), in the
+ * state, and MSL_SAMPLE_CHUNK per chunk, in the partial (24 KiB, 0.3 % of an
+ * 8 MiB slot), spread over the chunks in proportion to their size.
+ */
+#define MSL_SAMPLE 49152u
+#define MSL_SAMPLE_CHUNK 6144u
+
+/*
+ * A chunk's partial: NORMS: sum X_i^2 in xacc[i] and G's entries above the
+ * diagonal, row by row, in g; CHAIN: sum rnd(U_i*m) in xacc[i], sum M^2 in
+ * xacc[N] and sum tau^2 in xacc[N+1].
+ */
+struct mslerp_part {
+    struct ms_xacc *xacc;         /* N + 2 */
+    double *g;                    /* N (N - 1) / 2 */
+    uint32_t *ns;                 /* NORMS: elements sampled */
+    float *samp;                  /* NORMS: their X_i, samp[k * N + i], MSL_SAMPLE_CHUNK at most */
+};
+
+static size_t mslerp_npairs(uint32_t n) { return (size_t)n * (n - 1) / 2; }
+
+static struct mslerp_part mslerp_part(const struct mslerp_state *s, void *partial)
+{
+    struct ms_xacc *x = partial;
+    double *g = (double *)(x + s->n + 2);
+    uint32_t *ns = (uint32_t *)(g + mslerp_npairs(s->n));
+    return (struct mslerp_part){ x, g, ns, (float *)(ns + 1) };
+}
+
+static size_t mslerp_state_size(const struct ms_stage_job *job)
+{
+    return sizeof(struct mslerp_state) + (size_t)MSL_SAMPLE * sizeof(float);
+}
 
 static size_t mslerp_partial_size(const struct ms_stage_job *job)
 {
-    return MS_MIN(job->ninputs, MS_MAX_INPUTS) * sizeof(struct ms_xacc);
-}
-
-/* Sums a pass folds: one per model for norms and dots, else one. */
-static uint32_t mslerp_nsums(const struct mslerp_state *s)
-{
-    return s->pass == MSL_NORMS || s->pass == MSL_DOTS ? s->n : 1;
+    uint32_t n = MS_MIN(job->ninputs, MS_MAX_INPUTS);
+    return (n + 2) * sizeof(struct ms_xacc) + mslerp_npairs(n) * sizeof(double) +
+           sizeof(uint32_t) + (size_t)MSL_SAMPLE_CHUNK * sizeof(float);
 }
 
 static int mslerp_begin(void *state, const struct ms_stage_job *job)
@@ -185,22 +239,36 @@ MS__AI void mslerp_wsum(const enum ms_dtype d, const struct mslerp_state *s, flo
 }
 
 /*
- * Keep area (bfloat16 compute only, ms_stage.h): one uint32 per element holding
- * two bfloat16 values of the chain, exact (every value is rounded to bf16):
- * the low half M after pass 1, then m after pass 2; the high half tau after
- * pass 3. Passes 2 and 3 then skip the weighted sums and the division they
- * would redo, and apply reads m and tau instead of replaying the chain. Without
- * a keep area (or in another compute dtype) every pass replays the chain from
- * the inputs: the same operations on the same values, the same bytes.
+ * G's entry sum x*y for the guesses: a plain sum (products exact in double,
+ * 16 double lanes, then the lanes in a fixed order), not exact and not needed
+ * to be: a guess it makes wrong costs a pass, never a byte.
  */
-MS__AI void mslerp_k_put_lo(uint32_t *restrict kp, const float *restrict x, size_t n)
+MS__AI double mslerp_k_gdot(const float *restrict x, const float *restrict y, size_t n)
 {
-    for (size_t k = 0; k < n; k++)
-        kp[k] = ms_f32_bits(x[k]) >> 16;
+    double l[16] = { 0 };
+    size_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (size_t q = 0; q < 16; q++)
+            l[q] += (double)x[k + q] * (double)y[k + q];
+    for (; k < n; k++)
+        l[0] += (double)x[k] * (double)y[k];
+    for (size_t q = 8; q > 0; q /= 2)
+        for (size_t r = 0; r < q; r++)
+            l[r] += l[r + q];
+    return l[0];
 }
 
-MS__AI void mslerp_k_put_both(uint32_t *restrict kp, const float *restrict lo,
-                              const float *restrict hi, size_t n)
+/*
+ * Keep area (bfloat16 compute only, ms_stage.h): one uint32 per element holding
+ * two bfloat16 values of the chain, exact (every value is rounded to bf16): m
+ * in the low half, tau in the high half, written by every CHAIN pass; the last
+ * one ran with the exact mn and dt_i, so apply reads m and tau instead of
+ * replaying the chain. Without a keep area (or in another compute dtype)
+ * apply replays the chain from the inputs: the same operations on the same
+ * values, the same bytes.
+ */
+MS__AI void mslerp_k_put(uint32_t *restrict kp, const float *restrict lo,
+                         const float *restrict hi, size_t n)
 {
     for (size_t k = 0; k < n; k++)
         kp[k] = ms_f32_bits(lo[k]) >> 16 | (ms_f32_bits(hi[k]) & 0xffff0000u);
@@ -209,125 +277,152 @@ MS__AI void mslerp_k_put_both(uint32_t *restrict kp, const float *restrict lo,
 MS__AI void mslerp_k_get(float *restrict lo, float *restrict hi, const uint32_t *restrict kp,
                          size_t n)
 {
-    for (size_t k = 0; k < n; k++)
+    for (size_t k = 0; k < n; k++) {
         lo[k] = ms_f32_from_bits(kp[k] << 16);
-    if (hi)
-        for (size_t k = 0; k < n; k++)
-            hi[k] = ms_f32_from_bits(kp[k] & 0xffff0000u);
+        hi[k] = ms_f32_from_bits(kp[k] & 0xffff0000u);
+    }
 }
 
 /*
- * The chain for elements [j0, j0 + nb) as far as pass `upto` needs it: adds
- * the block's terms to a[] when upto is a reduce pass, and writes the output
- * values to c->out when upto is MSL_TAN + 1 (apply).
+ * Elements [j0, j0 + nb) of the chunk: NORMS adds sum X_i^2 and G's upper
+ * entries to p; CHAIN runs the chain with s's mn and dt_i and adds the sums
+ * still unknown (and sum tau^2) to p; APPLY writes the output to c->out.
  */
 MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
-                         const struct ms_chunk *c, uint32_t upto, struct ms_xacc *a, size_t j0,
-                         size_t nb)
+                         const struct ms_chunk *c, uint32_t what, struct mslerp_part p,
+                         size_t j0, size_t nb)
 {
     float u[MS_MAX_INPUTS][MSL_B], v[MSL_B], m[MSL_B];
     const float *b = s->ib >= 0 ? c->in[s->ib] + j0 : NULL;
     uint32_t *kp = d == MS_DT_BF16 && c->keep ? (uint32_t *)c->keep + j0 : NULL;
-    if (upto == MSL_NORMS) { /* sum X_i^2 */
+    if (what == MSL_NORMS) {
+        const float *x[MS_MAX_INPUTS];
         for (uint32_t i = 0; i < s->n; i++) {
-            const float *x = c->in[s->it[i]] + j0;
+            x[i] = c->in[s->it[i]] + j0;
             if (b) {
-                ms__k_sub(d, u[i], x, b, nb);
-                x = u[i];
+                ms__k_sub(d, u[i], x[i], b, nb);
+                x[i] = u[i];
             }
-            ms_xacc_sumsq(&a[i], x, nb);
+            ms_xacc_sumsq(&p.xacc[i], x[i], nb);
         }
+        double *g = p.g;
+        for (uint32_t i = 0; i < s->n; i++)
+            for (uint32_t k = i + 1; k < s->n; k++)
+                *g++ += mslerp_k_gdot(x[i], x[k], nb);
         return;
     }
-    if (kp && upto > MSL_TAN) { /* apply: m and tau kept (read before out, maybe the same memory) */
+    if (kp && what == MSL_APPLY) { /* m and tau kept (read before out, maybe the same memory) */
         mslerp_k_get(m, v, kp, nb);
         mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
         return;
     }
     for (uint32_t i = 0; i < s->n; i++) /* U_i */
         mslerp_k_unit(d, u[i], c->in[s->it[i]] + j0, b, s->den[i], nb);
-    if (kp && upto == MSL_TAN) {
-        mslerp_k_get(m, NULL, kp, nb); /* m */
-    } else {
-        if (kp && upto == MSL_DOTS)
-            mslerp_k_get(v, NULL, kp, nb); /* M */
-        else
-            mslerp_wsum(d, s, u, v, nb); /* M */
-        if (upto == MSL_MEAN) {
-            if (kp)
-                mslerp_k_put_lo(kp, v, nb);
-            ms_xacc_sumsq(&a[0], v, nb);
-            return;
-        }
-        ms__k_div(d, m, v, s->mn, nb);
-        if (kp)
-            mslerp_k_put_lo(kp, m, nb);
-    }
-    if (upto == MSL_DOTS) {
+    mslerp_wsum(d, s, u, v, nb); /* M */
+    if (what == MSL_CHAIN && !s->mn_known)
+        ms_xacc_sumsq(&p.xacc[s->n], v, nb);
+    ms__k_div(d, m, v, s->mn, nb);
+    if (what == MSL_CHAIN && !s->dt_known)
         for (uint32_t i = 0; i < s->n; i++) {
             ms__k_mul(d, v, u[i], m, nb);
-            ms_xacc_sum(&a[i], v, nb);
+            ms_xacc_sum(&p.xacc[i], v, nb);
         }
-        return;
-    }
     for (uint32_t i = 0; i < s->n; i++) /* T_i, in place */
         mslerp_k_tan(d, u[i], m, s->dot[i], nb);
     mslerp_wsum(d, s, u, v, nb); /* tau */
-    if (upto == MSL_TAN) {
+    if (what == MSL_CHAIN) {
         if (kp)
-            mslerp_k_put_both(kp, m, v, nb);
-        ms_xacc_sumsq(&a[0], v, nb);
+            mslerp_k_put(kp, m, v, nb);
+        ms_xacc_sumsq(&p.xacc[s->n + 1], v, nb);
         return;
     }
     mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
 }
 
 MS__AI void mslerp_blocks(const enum ms_dtype d, const struct mslerp_state *s,
-                          const struct ms_chunk *c, uint32_t upto, struct ms_xacc *a)
+                          const struct ms_chunk *c, uint32_t what, struct mslerp_part p)
 {
     size_t n = (size_t)c->count;
     for (size_t j0 = 0; j0 < n; j0 += MSL_B) {
         size_t nb = MS_MIN((size_t)MSL_B, n - j0);
-        MS__BLOCK_CALL(mslerp_block, nb, MSL_B, d, s, c, upto, a, j0);
+        MS__BLOCK_CALL(mslerp_block, nb, MSL_B, d, s, c, what, p, j0);
     }
 }
 
 /* The chain specialised for the compute dtype (D is a constant in each). */
 static void mslerp_run(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
-                       uint32_t upto, struct ms_xacc *a)
+                       uint32_t what, struct mslerp_part p)
 {
     switch (d) {
-    case MS_DT_BF16: mslerp_blocks(MS_DT_BF16, s, c, upto, a); break;
-    case MS_DT_F16: mslerp_blocks(MS_DT_F16, s, c, upto, a); break;
+    case MS_DT_BF16: mslerp_blocks(MS_DT_BF16, s, c, what, p); break;
+    case MS_DT_F16: mslerp_blocks(MS_DT_F16, s, c, what, p); break;
     default:
         assert(d == MS_DT_F32);
-        mslerp_blocks(MS_DT_F32, s, c, upto, a);
+        mslerp_blocks(MS_DT_F32, s, c, what, p);
         break;
     }
 }
 
 MS__ISA_VERSIONS(mslerp_run_isa, mslerp_run,
                  (enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
-                  uint32_t upto, struct ms_xacc *a),
-                 (d, s, c, upto, a))
+                  uint32_t what, struct mslerp_part p),
+                 (d, s, c, what, p))
+
+/*
+ * NORMS: X_i of up to MSL_SAMPLE_CHUNK / N elements of the chunk, one at a
+ * jittered place in each of as many equal strata (not a fixed stride, which
+ * could meet the same columns row after row).
+ */
+static void mslerp_sample(const struct ms_stage_job *job, const struct mslerp_state *s,
+                          const struct ms_chunk *c, struct mslerp_part p)
+{
+    const enum ms_dtype d = job->compute;
+    uint64_t k = ((uint64_t)c->count * (MSL_SAMPLE / s->n) + job->numel - 1) / job->numel;
+    k = MS_MIN(k, MS_MIN((uint64_t)(MSL_SAMPLE_CHUNK / s->n), (uint64_t)c->count));
+    double h = (double)c->count / (double)k;
+    for (uint64_t t = 0; t < k; t++) {
+        double jit = (double)(t + 1) * 0.6180339887498949;
+        uint64_t j = (uint64_t)(((double)t + (jit - floor(jit))) * h);
+        j = MS_MIN(j, c->count - 1);
+        for (uint32_t i = 0; i < s->n; i++) {
+            float x = c->in[s->it[i]][j];
+            p.samp[t * s->n + i] = s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
+        }
+    }
+    *p.ns = (uint32_t)k;
+}
 
 static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
                           const struct ms_chunk *c, void *partial)
 {
     const struct mslerp_state *s = state;
-    struct ms_xacc *a = partial;
-    for (uint32_t i = 0; i < mslerp_nsums(s); i++)
-        ms_xacc_init(&a[i]);
-    mslerp_run_isa(job->compute, s, c, s->pass, a);
+    struct mslerp_part p = mslerp_part(s, partial);
+    for (uint32_t i = 0; i < s->n + 2; i++)
+        ms_xacc_init(&p.xacc[i]);
+    for (size_t k = 0; k < mslerp_npairs(s->n); k++)
+        p.g[k] = 0.0;
+    mslerp_run_isa(job->compute, s, c, s->pass, p);
+    if (s->pass == MSL_NORMS)
+        mslerp_sample(job, s, c, p);
 }
 
 static void mslerp_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                         const void *partial)
 {
     struct mslerp_state *s = state;
-    const struct ms_xacc *a = partial;
-    for (uint32_t i = 0; i < mslerp_nsums(s); i++)
-        ms_xacc_merge(&s->acc[i], &a[i]);
+    const struct ms_xacc *x = partial;
+    for (uint32_t i = 0; i < s->n + 2; i++)
+        ms_xacc_merge(&s->acc[i], &x[i]);
+    if (s->pass == MSL_NORMS) {
+        struct mslerp_part p = mslerp_part(s, (void *)partial);
+        const double *g = p.g;
+        for (uint32_t i = 0; i < s->n; i++)
+            for (uint32_t k = i + 1; k < s->n; k++)
+                s->gram[i][k] += *g++;
+        uint32_t take = MS_MIN(*p.ns, MSL_SAMPLE / s->n - s->ns);
+        memcpy(s->samp + (size_t)s->ns * s->n, p.samp, (size_t)take * s->n * sizeof(float));
+        s->ns += take;
+    }
 }
 
 /* rnd(sqrtf(float32(sum))): torch.norm in D from an exact sum of squares. */
@@ -336,22 +431,96 @@ static float mslerp_norm(enum ms_dtype d, const struct ms_xacc *a)
     return ms_rnd(d, sqrtf((float)ms_xacc_value(a)));
 }
 
+/* (G p)_i with p_k = w_k / den_k: <X_i, M> in exact arithmetic. */
+static double mslerp_gp(const struct mslerp_state *s, uint32_t i)
+{
+    double t = 0.0;
+    for (uint32_t k = 0; k < s->n; k++)
+        t += (i <= k ? s->gram[i][k] : s->gram[k][i]) * ((double)s->w[k] / s->den[k]);
+    return t;
+}
+
+/* Sample element k: U_i in u (the chain's roundings), M as the chain rounds it
+ * (returned) and in exact arithmetic (*me). */
+static float mslerp_sample_m(enum ms_dtype d, const struct mslerp_state *s, uint32_t k,
+                             float *u, double *me)
+{
+    const float *x = s->samp + (size_t)k * s->n;
+    float acc = 0.0f;
+    double e = 0.0;
+    for (uint32_t i = 0; i < s->n; i++) {
+        u[i] = ms_rnd(d, x[i] / s->den[i]);
+        acc += ms_rnd(d, u[i] * s->w[i]);
+        e += (double)s->w[i] / s->den[i] * x[i];
+    }
+    *me = e;
+    return ms_rnd(d, acc);
+}
+
+/* The guess of mn: ||M||^2 = p'Gp in exact arithmetic, plus the sample's
+ * rounding difference scaled to the tensor. */
+static void mslerp_guess_mn(enum ms_dtype d, struct mslerp_state *s, uint64_t numel)
+{
+    double mm = 0.0, corr = 0.0, me;
+    for (uint32_t i = 0; i < s->n; i++)
+        mm += mslerp_gp(s, i) * ((double)s->w[i] / s->den[i]);
+    float u[MS_MAX_INPUTS];
+    for (uint32_t k = 0; k < s->ns; k++) {
+        float mk = mslerp_sample_m(d, s, k, u, &me);
+        corr += (double)mk * mk - me * me;
+    }
+    s->mn = ms_rnd(d, sqrtf((float)(mm + corr * ((double)numel / s->ns))));
+}
+
+/* The guess of dt_i = rnd(sum rnd(U_i * rnd(M / mn))) with s->mn: (Gp)_i / (den_i mn)
+ * in exact arithmetic, plus the sample's rounding difference scaled. */
+static void mslerp_guess_dots(enum ms_dtype d, struct mslerp_state *s, uint64_t numel)
+{
+    double corr[MS_MAX_INPUTS] = { 0 }, me;
+    float u[MS_MAX_INPUTS];
+    for (uint32_t k = 0; k < s->ns; k++) {
+        float m = ms_rnd(d, mslerp_sample_m(d, s, k, u, &me) / s->mn);
+        const float *x = s->samp + (size_t)k * s->n;
+        for (uint32_t i = 0; i < s->n; i++)
+            corr[i] += (double)ms_rnd(d, u[i] * m) - x[i] / (double)s->den[i] * (me / s->mn);
+    }
+    for (uint32_t i = 0; i < s->n; i++) {
+        double g = mslerp_gp(s, i) / s->den[i] / s->mn + corr[i] * ((double)numel / s->ns);
+        s->dot[i] = ms_rnd(d, (float)g);
+    }
+}
+
+/* A new CHAIN pass: zero the sums it folds. */
+static int mslerp_chain(struct mslerp_state *s)
+{
+    s->pass = MSL_CHAIN;
+    for (uint32_t i = 0; i < s->n + 2; i++)
+        ms_xacc_init(&s->acc[i]);
+    return MS_STAGE_REDUCE;
+}
+
+static bool mslerp_same(float a, float b) { return ms_f32_bits(a) == ms_f32_bits(b); }
+
 static int mslerp_end_pass(void *state, const struct ms_stage_job *job)
 {
     struct mslerp_state *s = state;
     const enum ms_dtype d = job->compute;
-    switch (s->pass) {
-    case MSL_NORMS:
+    if (s->pass == MSL_NORMS) {
         for (uint32_t i = 0; i < s->n; i++) {
             s->norm[i] = mslerp_norm(d, &s->acc[i]);
             s->den[i] = ms_rnd(d, s->norm[i] + s->e);
+            s->gram[i][i] = ms_xacc_value(&s->acc[i]);
         }
-        break;
-    case MSL_MEAN: {
-        s->mn = mslerp_norm(d, &s->acc[0]);
+        mslerp_guess_mn(d, s, job->numel);
+        mslerp_guess_dots(d, s, job->numel);
+        return mslerp_chain(s);
+    }
+    assert(s->pass == MSL_CHAIN);
+    if (!s->mn_known) {
+        float mn = mslerp_norm(d, &s->acc[s->n]);
         int pe = ms_method_param(job->method, "eps");
         assert(pe >= 0);
-        if (s->mn < ms_rnd_param(d, job->gv[pe])) {
+        if (mn < ms_rnd_param(d, job->gv[pe])) {
             if (s->n != 2)
                 return ms_error(MS_EDATA, "%s: multislerp: the weighted sum of the models' "
                                 "directions is zero (antipodal models whose weights cancel); "
@@ -359,28 +528,32 @@ static int mslerp_end_pass(void *state, const struct ms_stage_job *job)
             s->lerp = true;
             return MS_STAGE_APPLY;
         }
-        break;
+        s->mn_known = true;
+        if (!mslerp_same(mn, s->mn)) { /* the pass's m was wrong: again with mn */
+            s->mn = mn;
+            mslerp_guess_dots(d, s, job->numel);
+            return mslerp_chain(s);
+        }
     }
-    case MSL_DOTS:
-        for (uint32_t i = 0; i < s->n; i++)
-            s->dot[i] = ms_rnd(d, (float)ms_xacc_value(&s->acc[i]));
-        break;
-    default: {
-        assert(s->pass == MSL_TAN);
-        float tn = ms_rnd(d, mslerp_norm(d, &s->acc[0]) + s->e);
-        s->cs = ms_rnd(d, cosf(tn));
-        s->q = ms_rnd(d, ms_rnd(d, sinf(tn)) / tn);
-        float avg = 0.0f; /* rnd(0 + rnd(n_0*w_0) + ...) */
-        for (uint32_t i = 0; i < s->n; i++)
-            avg += ms_rnd(d, s->norm[i] * s->w[i]);
-        s->avg = ms_rnd(d, avg);
-        return MS_STAGE_APPLY;
+    if (!s->dt_known) {
+        bool held = true;
+        for (uint32_t i = 0; i < s->n; i++) {
+            float dt = ms_rnd(d, (float)ms_xacc_value(&s->acc[i]));
+            held = held && mslerp_same(dt, s->dot[i]);
+            s->dot[i] = dt;
+        }
+        s->dt_known = true;
+        if (!held) /* the pass's tau was wrong: again with the dots */
+            return mslerp_chain(s);
     }
-    }
-    s->pass++;
-    for (uint32_t i = 0; i < mslerp_nsums(s); i++)
-        ms_xacc_init(&s->acc[i]);
-    return MS_STAGE_REDUCE;
+    float tn = ms_rnd(d, mslerp_norm(d, &s->acc[s->n + 1]) + s->e);
+    s->cs = ms_rnd(d, cosf(tn));
+    s->q = ms_rnd(d, ms_rnd(d, sinf(tn)) / tn);
+    float avg = 0.0f; /* rnd(0 + rnd(n_0*w_0) + ...) */
+    for (uint32_t i = 0; i < s->n; i++)
+        avg += ms_rnd(d, s->norm[i] * s->w[i]);
+    s->avg = ms_rnd(d, avg);
+    return MS_STAGE_APPLY;
 }
 
 /* The linear fallback (mn < eps, two models). */
@@ -405,12 +578,12 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
     if (s->lerp)
         mslerp_lerp(job->compute, s, c);
     else
-        mslerp_run_isa(job->compute, s, c, MSL_TAN + 1, NULL);
+        mslerp_run_isa(job->compute, s, c, MSL_APPLY, (struct mslerp_part){ 0 });
 }
 
 /*
  * The keep area pays in bfloat16 compute with two models or more (see
- * mslerp_k_put_lo), and is asked for only up to MSL_KEEP_MAX elements: larger
+ * mslerp_k_put), and is asked for only up to MSL_KEEP_MAX elements: larger
  * tensors (embeddings) are rarely resident, and for them the engine would
  * reserve a keep pool of numel * 4 bytes out of the budget; at the default 512M
  * that pool (262 MB for a 65.5 M-element embedding) took peak RSS from 465 to

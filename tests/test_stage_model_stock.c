@@ -305,3 +305,59 @@ Test(model_stock, mixed_input_dtypes_promote_op_by_op)
     }
     cr_assert_gt(differs, 0, "no case tells op-by-op promotion from float32 up front");
 }
+
+/* bfloat16 with filter_wise false keeps avg and w0 in the keep area from the
+ * reduce pass (stages/model_stock.c); the engine's fallback without one
+ * recomputes avg in apply: both give the reference's bytes, for N = 2 and 3
+ * other models (N = 3: avg = rnd(sum / 3), a rounded division), every chunking;
+ * with NaN and infinities among the inputs too (where the long double
+ * reference is not meant to follow: keep and replay are compared bit for bit,
+ * NaN payloads included). */
+Test(model_stock, keep_area_and_replay_give_the_same_bytes)
+{
+    enum { R_ = 11, C_ = 37, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float store[4][N], out[N], alt[N], want[N];
+    for (uint32_t n = 3; n <= 4; n++)
+        for (int special = 0; special < 2; special++) {
+            uint64_t s = 5150 + n * 10 + (uint64_t)special;
+            int base = (int)(n - 2);
+            const float *in[4];
+            for (uint32_t i = 0; i < n; i++) {
+                for (int j = 0; j < N; j++)
+                    store[i][j] = th_stage_round(
+                        MS_DT_BF16, (j % 5 - 2) * 0.03f + th_stage_value(MS_DT_F32, &s, 0.02f));
+                in[i] = store[i];
+            }
+            if (special) {
+                store[0][17] = INFINITY;
+                store[1][40] = -INFINITY;
+                store[n - 1][99] = NAN;
+            }
+            struct ms_stage_job job;
+            th_stage_job(&job, "model_stock", shape, 2, MS_DT_BF16, n);
+            job.base = base;
+            cr_assert(job.method->ops->keeps && job.method->ops->keeps(&job));
+            static const uint64_t sizes[] = { 0, 1, 5, C_, 1000, 1100 };
+            th_stage_run_sweep(&job, in, out, sizes, MS_ARRAY_LEN(sizes));
+            ref_vec(MS_DT_BF16, in, n, base, 0, N, want);
+            for (int j = 0; j < N && !special; j++)
+                cr_assert(ms_f32_bits(out[j]) == ms_f32_bits(want[j]),
+                          "n %u elt %d: %a vs %a", n, j, out[j], want[j]);
+            for (size_t k = 0; k < MS_ARRAY_LEN(sizes); k++) {
+                cr_assert_eq(ms_stage_run_mem_keep(&job, in, alt, sizes[k], false), 0, "%s",
+                             ms_errmsg());
+                cr_assert(!memcmp(out, alt, sizeof out), "n %u special %d chunk %llu: replay differs",
+                          n, special, (unsigned long long)sizes[k]);
+            }
+        }
+    /* filter_wise true and float16 take no keep area */
+    struct ms_stage_job job;
+    th_stage_job(&job, "model_stock", shape, 2, MS_DT_F16, 3);
+    job.base = 0;
+    cr_assert(!job.method->ops->keeps(&job));
+    th_stage_job(&job, "model_stock", shape, 2, MS_DT_BF16, 3);
+    job.base = 0;
+    th_stage_set(&job, -1, "filter_wise", 1);
+    cr_assert(!job.method->ops->keeps(&job));
+}

@@ -7,7 +7,9 @@
  * (the independent rounding of tests/th_stage.c), the four whole-tensor sums
  * in long double rounded once to float32. The stage's sums are exact, so on
  * these sizes the two agree bit for bit in BF16, F16 and F32, with and without
- * a base, at several chunk sizes.
+ * a base, at several chunk sizes. The stage guesses two of the sums and
+ * checks the guesses (stages/multislerp.c); a driver here counts its passes,
+ * so that the tests also reach the passes that follow a wrong guess.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -19,16 +21,15 @@
 
 static const enum ms_dtype dts[3] = { MS_DT_BF16, MS_DT_F16, MS_DT_F32 };
 
-enum { NMAX = 400 };
+enum { NMAX = 1 << 16, NREF = 8 };
 
 static void ref_multislerp(enum ms_dtype dt, const float *const *in, uint32_t n, int base,
                            const double *weight, bool normalize, double eps, size_t numel,
                            float *out)
 {
 #define R(x) th_stage_round(dt, (x))
-    static float X[MS_MAX_INPUTS][NMAX], U[MS_MAX_INPUTS][NMAX], M[NMAX], T[MS_MAX_INPUTS][NMAX],
-        tau[NMAX];
-    cr_assert(numel <= NMAX);
+    static float X[NREF][NMAX], U[NREF][NMAX], M[NMAX], T[NREF][NMAX], tau[NMAX];
+    cr_assert(numel <= NMAX && n <= NREF);
     uint32_t it[MS_MAX_INPUTS], N = 0;
     for (uint32_t i = 0; i < n; i++)
         if ((int)i != base)
@@ -238,4 +239,112 @@ Test(multislerp, keep_area_and_replay_give_the_same_bytes)
                       (unsigned long long)sizes[k]);
         }
     }
+}
+
+/*
+ * Runs the stage protocol over chunks of `chunk` elements (0: one chunk),
+ * forward, with a keep area when keep, and returns the number of reduce
+ * passes; out gets the result. A plain driver (ms_stage_run_mem is the
+ * reference one): here only the count of passes is new.
+ */
+static uint32_t run_counting(const struct ms_stage_job *job, const float *const *in, float *out,
+                             uint64_t chunk, bool keep)
+{
+    const struct ms_stage_ops *ops = job->method->ops;
+    if (!chunk)
+        chunk = job->numel;
+    void *state = calloc(1, ops->state_size(job));
+    void *part = malloc(ops->partial_size(job));
+    uint32_t *kp = keep ? calloc(job->numel, MS_KEEP_BYTES) : NULL;
+    cr_assert(state && part && (kp || !keep));
+    uint32_t passes = 0;
+    int r = ops->begin(state, job);
+    for (; r == MS_STAGE_REDUCE; passes++) {
+        cr_assert(passes < 10);
+        for (uint64_t f = 0; f < job->numel; f += chunk) {
+            struct ms_chunk c = { .first = f, .count = MS_MIN(chunk, job->numel - f),
+                                  .index = (uint32_t)(f / chunk), .pass = passes };
+            for (uint32_t i = 0; i < job->ninputs; i++)
+                c.in[i] = in[i] + f;
+            c.keep = kp ? kp + f : NULL;
+            memset(part, 0xff, ops->partial_size(job));
+            ops->reduce(state, job, &c, part);
+            ops->fold(state, job, &c, part);
+        }
+        r = ops->end_pass(state, job);
+    }
+    cr_assert_eq(r, MS_STAGE_APPLY, "%s", ms_errmsg());
+    for (uint64_t f = 0; f < job->numel; f += chunk) {
+        struct ms_chunk c = { .first = f, .count = MS_MIN(chunk, job->numel - f),
+                              .index = (uint32_t)(f / chunk), .pass = passes, .out = out + f };
+        for (uint32_t i = 0; i < job->ninputs; i++)
+            c.in[i] = in[i] + f;
+        c.keep = kp ? kp + f : NULL;
+        ops->apply(state, job, &c);
+    }
+    free(state);
+    free(part);
+    free(kp);
+    return passes;
+}
+
+/*
+ * Tensors larger than the stage's sample (16 Ki elements) with heavy-tailed
+ * values: the guesses of mn and the dots, corrected from a sample only, now and
+ * then come out one bf16 ulp off, and the stage runs its chain again with the
+ * exact figure. Every run gives the reference's bytes, whatever the number of
+ * passes; the seeds include runs that needed one extra pass (a wrong mn, or
+ * wrong dots) and two (a wrong mn, then wrong dots re-guessed with the exact
+ * one): 2 reduce passes when every guess holds, 4 at most. Small tensors are
+ * sampled whole, so their guesses always hold.
+ */
+Test(multislerp, wrong_guesses_cost_passes_not_bytes, .timeout = 120)
+{
+    enum { R_ = 64, C_ = 1000, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float store[4][N], out[N], want[N];
+    uint32_t seen[6] = { 0 };
+    for (uint64_t seed = 21; seed <= 40; seed++) {
+        uint64_t s = 0x5eed0000u + seed;
+        uint32_t nin = 3 + (uint32_t)(seed % 2);
+        int base = seed % 2 ? 0 : -1;
+        double w[MS_MAX_INPUTS] = { 0.5, 0.3, 0.2, 0.4 };
+        const float *in[4];
+        for (uint32_t i = 0; i < nin; i++) {
+            for (int j = 0; j < N; j++) {
+                /* a shared direction plus noise, scaled by 2^0..2^7 at random */
+                uint64_t t = 0x9e3779b97f4a7c15u * (seed * 131 + (uint64_t)j);
+                float common = (float)((t >> 40) % 2001) / 1000.0f - 1.0f;
+                float x = common + th_stage_value(MS_DT_F32, &s, 0.3f);
+                store[i][j] = th_stage_round(MS_DT_BF16, ldexpf(x, (int)((t >> 20) % 8)));
+            }
+            in[i] = store[i];
+        }
+        struct ms_stage_job job = mk(shape, 2, MS_DT_BF16, nin, base, w);
+        ref_multislerp(MS_DT_BF16, in, nin, base, w, true, 1e-8, N, want);
+        static const uint64_t sizes[] = { 0, 7000 };
+        for (size_t k = 0; k < MS_ARRAY_LEN(sizes); k++)
+            for (int keep = 0; keep < 2; keep++) {
+                uint32_t passes = run_counting(&job, in, out, sizes[k], keep);
+                cr_assert(passes >= 2 && passes <= 4, "seed %llu: %u passes",
+                          (unsigned long long)seed, passes);
+                seen[passes]++;
+                for (int j = 0; j < N; j++)
+                    cr_assert(ms_f32_bits(out[j]) == ms_f32_bits(want[j]),
+                              "seed %llu chunk %llu keep %d (%u passes) elt %d: %a vs %a",
+                              (unsigned long long)seed, (unsigned long long)sizes[k], keep,
+                              passes, j, out[j], want[j]);
+            }
+    }
+    cr_log_info("reduce passes: 2: %u, 3: %u, 4: %u", seen[2], seen[3], seen[4]);
+    cr_assert(seen[2] > 0 && seen[3] > 0 && seen[4] > 0, "2: %u, 3: %u, 4: %u", seen[2], seen[3],
+              seen[4]);
+
+    /* A small tensor is sampled whole: its guesses hold. */
+    enum { NS = 2000 };
+    static const int64_t small[1] = { NS };
+    const float *in[3] = { store[0], store[1], store[2] };
+    struct ms_stage_job job = mk(small, 1, MS_DT_BF16, 3, -1, (const double[]){ 0.5, 0.3, 0.2 });
+    cr_assert_eq(run_counting(&job, in, out, 0, false), 2);
+    cr_assert_eq(run_counting(&job, in, out, 333, true), 2);
 }
