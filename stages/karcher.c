@@ -521,17 +521,26 @@ static int ks_have_dots(struct karcher_state *s, enum ms_dtype d, uint32_t k,
                         const struct ms_xacc *dots, const struct ms_xacc *guess)
 {
     float *dd = KS_D(s, k), *f = KS_F(s, k), *skip = KS_SKIP(s, k);
+    bool all = true;
     for (uint32_t p = 0; p < s->m; p++) {
         float dot = ms_rnd(d, (float)ms_xacc_value(&dots[p]));
         dot = dot < -1.0f ? -1.0f : dot > 1.0f ? 1.0f : dot;
         float th = ms_rnd(d, acosf(dot));
         dd[p] = dot;
         skip[p] = (double)th < s->tol;
+        all = all && skip[p] != 0.0f;
         f[p] = ms_rnd(d, s->af * ms_rnd(d, th / ms_rnd(d, sinf(th))));
     }
     /* the guess held: the pass summed |T_k|^2 with these scalars */
     const bool same = k >= 1 && ks_same_scalars(s, k, k - 1), hit = s->guess && same;
     s->guess = k == 0 || same;
+    if (all) {
+        /* every input skipped: T_k is +0 in every element (ks_T), so the |T|
+         * pass would sum exactly 0 (converged iterates end here) */
+        struct ms_xacc zero;
+        ms_xacc_init(&zero);
+        return ks_have_nt(s, d, k, &zero);
+    }
     if (hit)
         return ks_have_nt(s, d, k, guess);
     s->phase = KS_NT;
@@ -639,9 +648,12 @@ KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const st
         assert(s->per && to + s->per >= from);
         to += s->per;
     }
+    /* from the keep area with no iteration left, the units are not needed */
+    const bool units = !kept || from < to;
     for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
         const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
-        ks_units(d, s, c, j0, nb, ui);
+        if (units)
+            ks_units(d, s, c, j0, nb, ui);
         ks_at(d, s, c, j0, nb, ui, from, u, T, NULL, NULL);
         for (uint32_t t = from; t < to; t++)
             ks_step(d, s, t < s->done ? t : t - s->per, nb, ui, u, T);

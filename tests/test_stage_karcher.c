@@ -453,3 +453,80 @@ Test(karcher, step_scalars_repeat)
             check_every_iteration(dts[d], shape, 2, in, max_iter, sizes, MS_ARRAY_LEN(sizes));
     }
 }
+
+/* Runs job as one chunk through the stage's ops by hand, with a keep area, and
+ * returns the reduce passes it asked for; out gets the result. */
+static int run_counting_passes(const struct ms_stage_job *job, const float *const *in, float *out)
+{
+    const struct ms_stage_ops *ops = job->method->ops;
+    void *state = calloc(1, ops->state_size(job));
+    void *partial = malloc(ops->partial_size(job));
+    void *keep = malloc((size_t)job->numel * MS_KEEP_BYTES);
+    cr_assert(state && partial && keep);
+    struct ms_chunk c = { .first = 0, .count = job->numel, .out = out, .keep = keep };
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        c.in[i] = in[i];
+    int r = ops->begin(state, job), passes = 0;
+    while (r == MS_STAGE_REDUCE) {
+        cr_assert(passes < 1000);
+        c.pass = (uint32_t)passes++;
+        ops->reduce(state, job, &c, partial);
+        ops->fold(state, job, &c, partial);
+        r = ops->end_pass(state, job);
+    }
+    cr_assert_eq(r, MS_STAGE_APPLY);
+    c.pass = (uint32_t)passes;
+    ops->apply(state, job, &c);
+    free(state);
+    free(partial);
+    free(keep);
+    return passes;
+}
+
+/* Inputs so close that every D-rounded dot is 1 (theta 0 < tol, every input
+ * skipped): T is zero and the iteration stops, mergekit's bytes. At iteration 0
+ * that is known from the dots pass: the norms, ||u_0|| and the dots, 3 passes
+ * (no |T| pass). Farther inputs that get there at a later iteration (as the
+ * bench's fine-tunes do at the third) give the reference's bytes too, with no
+ * |T| pass in their last iteration. */
+Test(karcher, step_all_skipped_stops)
+{
+    enum { N = 4096 };
+    static const int64_t shape[2] = { 64, 64 };
+    static float a[N], b[N], c3[N], out[N], want[N], alt[N];
+    static const float noise[] = { 0.0f, 0.02f, 0.1f, 0.5f };
+    int later = 0;
+    for (int d = 0; d < 2; d++)
+        for (int nz = 0; nz < (int)MS_ARRAY_LEN(noise); nz++) {
+            uint64_t s = 5150 + (uint64_t)d * 10 + (uint64_t)nz;
+            for (int j = 0; j < N; j++) {
+                a[j] = th_stage_value(dts[d], &s, 0.02f);
+                b[j] = th_stage_round(dts[d], a[j] * (1 + th_stage_value(MS_DT_F32, &s, noise[nz])));
+                c3[j] = th_stage_round(dts[d], a[j] * (1 + th_stage_value(MS_DT_F32, &s, noise[nz])));
+            }
+            const float *in[3] = { a, b, c3 };
+            struct ms_stage_job job;
+            th_stage_job(&job, "karcher", shape, 2, dts[d], 3);
+            th_stage_set(&job, -1, "max_iter", 10);
+            th_stage_set(&job, -1, "tol", 1e-5);
+            int passes = run_counting_passes(&job, in, out);
+            int it = ref_karcher_dt(dts[d], in, 3, N, 10, 1e-5, want);
+            for (int j = 0; j < N; j++)
+                cr_assert(ks_same(out[j], want[j]), "dt %d noise %g elt %d: %a vs %a", dts[d],
+                          noise[nz], j, out[j], want[j]);
+            static const uint64_t sizes[] = { 0, 64, 1000 };
+            run_keep_and_replay(&job, in, alt, sizes, MS_ARRAY_LEN(sizes));
+            cr_assert(!memcmp(out, alt, sizeof out), "dt %d noise %g: the ways differ", dts[d],
+                      noise[nz]);
+            cr_log_info("dt %d noise %g: %d iterations, %d passes", dts[d], noise[nz], it, passes);
+            if (nz == 0)
+                cr_assert_eq(passes, 3, "dt %d: equal inputs stop after the dots pass", dts[d]);
+            /* stopped early: at most 3 passes per iteration before the last one
+             * and 1 (the dots) for the last, plus the norms and ||u_0|| */
+            if (it < 10)
+                cr_assert_leq(passes, 2 + 3 * (it - 1) + 1, "dt %d noise %g: %d passes for %d",
+                              dts[d], noise[nz], passes, it);
+            later += it > 1 && it < 10;
+        }
+    cr_assert(later > 0, "a case should stop at a later iteration");
+}
