@@ -1517,6 +1517,300 @@ MS__ISA_VERSIONS(della_mark_row_isa, della_mark_row,
                   unsigned char *words),
                  (st, c, r0, words))
 
+/* ------------------------------------------------------------------------ */
+/* Fused apply                                                               */
+
+/*
+ * gta_apply_range's steps for every element in one loop, the values kept in
+ * registers: for jobs of at most GTA_FUSED_MAX models besides the base, with
+ * no della mask, the model count, the mask kind and the consensus are compile
+ * time constants of the loop (gta_fused_block), so the model loops unroll and
+ * the element loop vectorises. Each model's mask is a rule on its own delta:
+ *   range   keep iff lo <= ms__sel_key(d) < hi: magnitude (hi = UINT32_MAX),
+ *           outliers (lo from top(n - n_bot), hi from top(n_top): keep =
+ *           top(n - n_bot) && !top(n_top)), untrimmed (0, UINT32_MAX), a mask
+ *           keeping nothing (UINT32_MAX, 0); the bounds of ms__sel_bounds;
+ *   random  keep iff (u & 0xffffff) * 2^-24 < p (keep_random), p = 2 for an
+ *           untrimmed model (always kept).
+ * A kept untrimmed delta is d * 1 = d (a NaN d is quiet already: the rounding
+ * of a difference), so the operations and their order are gta_apply_range's:
+ * the same bytes (tests/test_stage_gta.c, fused_*; tests/test_isa.c).
+ */
+#define GTA_FUSED_MAX 3
+
+/* The per-model constants of one run of elements. */
+struct gta_fused {
+    const float *x[GTA_FUSED_MAX];    /* the models' inputs at the run */
+    const uint32_t *u[GTA_FUSED_MAX]; /* random: the run's u */
+    uint32_t lo[GTA_FUSED_MAX], hi[GTA_FUSED_MAX]; /* range bounds */
+    float p[GTA_FUSED_MAX];           /* random: keep probability */
+    float f[GTA_FUSED_MAX];           /* rescale factor, 1 without */
+    float w[GTA_FUSED_MAX];           /* W */
+    struct gta_fin fin;
+};
+
+/* ms_rnd for the fused loop: bfloat16 as ms_round_bf16_1 (NaN: sign and top
+ * payload kept, made quiet; else round to nearest even), computed on the
+ * float's 32-bit pattern, so the vectorised loop keeps 32-bit lanes instead of
+ * narrowing to 16-bit words and back at every rounding. */
+GTA_INLINE float fused_rnd(enum ms_dtype dt, float x)
+{
+    if (dt != MS_DT_BF16)
+        return ms_rnd(dt, x);
+    uint32_t u = ms_f32_bits(x);
+    uint32_t q = (u & 0xffff0000u) | 0x00400000u;
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    return ms_f32_from_bits((u & 0x7fffffffu) > 0x7f800000u ? q : r);
+}
+
+/* One model's weighted masked delta rnd(W * rnd(mask(rnd(x - b)) * f)) (range
+ * or random rule; with sc, f the rescale factor, or 1 for a model without). */
+GTA_INLINE float fused_model(enum ms_dtype dt, bool random, bool sc, float x, float b,
+                             uint32_t u, uint32_t lo, uint32_t hi, float p, float f, float w)
+{
+    float d = fused_rnd(dt, x - b);
+    bool keep;
+    if (random) {
+        keep = (float)(u & 0xffffffu) * 0x1p-24f < p;
+    } else {
+        uint32_t k = ms__sel_key(dt, d);
+        keep = k >= lo && k < hi;
+    }
+    float v = d * (keep ? 1.0f : 0.0f);
+    if (sc)
+        v = fused_rnd(dt, v * f); /* f = 1 for a model without rescale: rnd(v * 1) = v */
+    return fused_rnd(dt, w * v);
+}
+
+/* The consensus of the weighted deltas v of W w: the sign vote, then the
+ * running sums of the agreeing ones (combine_ties_body's steps). */
+GTA_INLINE void fused_vote(float maj, float v, float w, float *mx, float *dv)
+{
+    float mk = v * maj > 0.0f ? 1.0f : 0.0f; /* exact: maj is +-1 */
+    *mx = ms__acc_add(*mx, v * mk);
+    *dv = ms__acc_add(*dv, w * mk);
+}
+
+/* The variant of the fused loop: compile-time flags. Without GF_SCALE no model
+ * rescales; without GF_POST neither normalize nor lambda applies (with it, a
+ * step not asked for divides or multiplies by 1, which changes no value: the
+ * operand is rounded to the dtype already). */
+enum { GF_RANDOM = 1, GF_CONSENSUS = 2, GF_POST = 4, GF_SCALE = 8, GF_VARIANTS = 16 };
+
+/*
+ * Three loops over the block, each with a short dependency chain per element
+ * so that the out-of-order core overlaps many elements (one loop doing
+ * everything per element is latency-bound: measured slower than the old
+ * separate steps): the weighted masked deltas per model, the combination into
+ * mixed (and the per-element divisor), then normalize, lambda and the base.
+ * The models are written out one by one (nm is a constant), so the loops have
+ * no inner loop and vectorise.
+ */
+GTA_INLINE void fused_body(enum ms_dtype dt, uint32_t nm, unsigned v, const struct gta_fused *q,
+                           const float *restrict b, float *restrict out, size_t n)
+{
+    float wd[GTA_FUSED_MAX][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float mix[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float div[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    const bool random = v & GF_RANDOM, consensus = v & GF_CONSENSUS, post = v & GF_POST;
+    const bool sc = v & GF_SCALE, norm = q->fin.normalize;
+    for (uint32_t j = 0; j < nm; j++) {
+        const float *restrict x = q->x[j];
+        const uint32_t *restrict u = q->u[j];
+        const uint32_t lo = q->lo[j], hi = q->hi[j];
+        const float p = q->p[j], f = q->f[j], w = q->w[j];
+        float *restrict y = wd[j];
+        for (size_t i = 0; i < n; i++)
+            y[i] = fused_model(dt, random, sc, x[i], b[i], random ? u[i] : 0, lo, hi, p, f, w);
+    }
+    const float *restrict v0 = wd[0], *restrict v1 = wd[nm > 1 ? 1 : 0];
+    const float *restrict v2 = wd[nm > 2 ? 2 : 0];
+    const float w0 = q->w[0], w1 = q->w[nm > 1 ? 1 : 0], w2 = q->w[nm > 2 ? 2 : 0];
+    if (consensus) {
+        for (size_t i = 0; i < n; i++) {
+            float s = 0.0f + v0[i]; /* combine_ties_body's plain sum from +0 */
+            if (nm > 1)
+                s += v1[i];
+            if (nm > 2)
+                s += v2[i];
+            const float maj = fused_rnd(dt, s) >= 0.0f ? 1.0f : -1.0f; /* NaN: -1 */
+            float mx = 0.0f, dv = 0.0f;
+            fused_vote(maj, v0[i], w0, &mx, &dv);
+            if (nm > 1)
+                fused_vote(maj, v1[i], w1, &mx, &dv);
+            if (nm > 2)
+                fused_vote(maj, v2[i], w2, &mx, &dv);
+            mix[i] = fused_rnd(dt, mx);
+            float dd = fused_rnd(dt, dv);
+            div[i] = dd == 0.0f || !norm ? 1.0f : dd;
+        }
+    } else {
+        const float sdiv = norm ? q->fin.div : 1.0f;
+        for (size_t i = 0; i < n; i++) {
+            float s = ms__acc_add(0.0f, v0[i]);
+            if (nm > 1)
+                s = ms__acc_add(s, v1[i]);
+            if (nm > 2)
+                s = ms__acc_add(s, v2[i]);
+            mix[i] = fused_rnd(dt, s);
+            div[i] = sdiv;
+        }
+    }
+    if (post) {
+        for (size_t i = 0; i < n; i++)
+            mix[i] = fused_rnd(dt, mix[i] / div[i]);
+        if (q->fin.use_lambda) {
+            const float lambda = q->fin.lambda;
+            for (size_t i = 0; i < n; i++)
+                mix[i] = fused_rnd(dt, mix[i] * lambda);
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = fused_rnd(dt, ms__add_first(b[i], mix[i]));
+}
+
+/* fused_body with its constants: bfloat16, nm in 1..GTA_FUSED_MAX, variant v. */
+static void gta_fused_block(uint32_t nm, unsigned v, const struct gta_fused *q,
+                            const float *restrict b, float *restrict out, size_t n)
+{
+    assert(nm >= 1 && nm <= GTA_FUSED_MAX && v < GF_VARIANTS && n <= GTA_BLOCK);
+#define F1(NM, V)                                                                                      case (NM - 1) * GF_VARIANTS + V:                                                               \
+        MS__BLOCK_CALL(fused_body, n, GTA_BLOCK, MS_DT_BF16, NM, V, q, b, out);                    \
+        break;
+#define F4(NM, V) F1(NM, V) F1(NM, V + 1) F1(NM, V + 2) F1(NM, V + 3)
+#define F16(NM) F4(NM, 0) F4(NM, 4) F4(NM, 8) F4(NM, 12)
+    switch ((nm - 1) * GF_VARIANTS + v) {
+    F16(1)
+    F16(2)
+    F16(3)
+    default: break;
+    }
+#undef F16
+#undef F4
+#undef F1
+}
+
+/* Whether gta_fused_range takes the job (see the section's top). */
+static bool gta_fused_ok(const struct gta_state *st)
+{
+    return st->dt == MS_DT_BF16 && st->kind.sparse != GTA_SPARSE_DELLA && st->nm >= 1 &&
+           st->nm <= GTA_FUSED_MAX;
+}
+
+/* A selection's key bound in the chunk: lo[0] for the elements before the
+ * absolute element offset sw, lo[1] from sw on (sw = UINT64_MAX until the
+ * cut is found; cut_r == 0: no cut in the chunk, lo[0] == lo[1]). */
+struct gta_bound {
+    const struct ms__sel *s;
+    uint32_t lo[2];
+    uint64_t cut_r, run, sw;
+};
+
+/* Output elements [off0, off0 + count) of chunk c (gta_fused_ok), calls in
+ * element order from the chunk's start (the selections' cut state). */
+static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
+                            uint64_t count)
+{
+    static const uint32_t u_any[GTA_BLOCK]; /* untrimmed random models: p = 2 keeps all */
+    uint32_t u[GTA_FUSED_MAX][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    struct gta_bound bd[2 * GTA_FUSED_MAX];
+    uint32_t bdi[GTA_FUSED_MAX][2]; /* index in bd of lo and hi, or UINT32_MAX: fixed */
+    uint64_t stream[GTA_FUSED_MAX];
+    uint32_t nbd = 0;
+    const uint32_t nm = st->nm;
+    const bool random = st->kind.sparse == GTA_SPARSE_RANDOM;
+    const float *b = c->in[st->base];
+    struct gta_fused q = { .fin = { .normalize = st->normalize, .use_lambda = st->use_lambda,
+                                    .lambda = st->lambda, .div = st->div } };
+    for (uint32_t j = 0; j < nm; j++) {
+        const struct gta_model *m = &st->m[j];
+        q.w[j] = m->w;
+        q.f[j] = m->trim && m->scale ? m->factor : 1.0f;
+        q.p[j] = m->trim ? m->p : 2.0f;
+        q.u[j] = u_any;
+        q.lo[j] = 0;
+        q.hi[j] = UINT32_MAX;
+        bdi[j][0] = bdi[j][1] = UINT32_MAX;
+        if (!m->trim)
+            continue;
+        if (m->none) { /* keeps nothing (random masks are never none) */
+            q.lo[j] = UINT32_MAX;
+            q.hi[j] = 0;
+            continue;
+        }
+        if (random) {
+            stream[j] = ms_rng_stream(st->seed, st->key, m->input);
+            q.u[j] = u[j];
+            continue;
+        }
+        for (uint32_t k = 0; k < kind_nsel(&st->kind); k++) {
+            struct gta_bound *t = &bd[nbd];
+            t->s = &m->sel[k];
+            t->cut_r = ms__sel_bounds(t->s, c->first, t->lo);
+            t->run = 0;
+            t->sw = UINT64_MAX;
+            if (t->cut_r == 0) { /* one bound for the chunk */
+                (k == 0 ? q.lo : q.hi)[j] = t->lo[0];
+                continue;
+            }
+            bdi[j][k] = nbd++;
+        }
+    }
+    assert(off0 == 0 || nbd == 0); /* the cut state starts at the chunk's start */
+    unsigned variant = (random ? GF_RANDOM : 0) | (st->kind.consensus ? GF_CONSENSUS : 0) |
+                       (st->normalize || st->use_lambda ? GF_POST : 0);
+    for (uint32_t j = 0; j < nm; j++)
+        variant |= q.f[j] != 1.0f ? GF_SCALE : 0;
+
+    const uint64_t end = off0 + count;
+    for (uint64_t off = off0; off < end; off += GTA_BLOCK) {
+        const size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, end - off);
+        if (random)
+            for (uint32_t j = 0; j < nm; j++)
+                if (q.u[j] != u_any)
+                    ms_rng_fill(stream[j], c->first + off, u[j], n);
+        /* Selections whose cut is still ahead: is it in this block? */
+        for (uint32_t j = 0; j < nm; j++) {
+            for (uint32_t k = 0; k < 2; k++) {
+                if (bdi[j][k] == UINT32_MAX || bd[bdi[j][k]].sw != UINT64_MAX)
+                    continue;
+                struct gta_bound *g = &bd[bdi[j][k]];
+                bool found;
+                gta_delta(st->dt, d, c->in[st->m[j].input] + off, b + off, n);
+                size_t e = ms__sel_cut_pos(g->s, g->cut_r, &g->run, d, n, &found);
+                if (found)
+                    g->sw = off + e;
+            }
+        }
+        /* The block, in runs between the switch points inside it. */
+        for (uint64_t s0 = off; s0 < off + n;) {
+            uint64_t s1 = off + n;
+            for (uint32_t t = 0; t < nbd; t++)
+                if (bd[t].sw > s0 && bd[t].sw < s1)
+                    s1 = bd[t].sw;
+            for (uint32_t j = 0; j < nm; j++) {
+                q.x[j] = c->in[st->m[j].input] + s0;
+                if (random && q.u[j] != u_any)
+                    q.u[j] = u[j] + (s0 - off);
+                for (uint32_t k = 0; k < 2; k++)
+                    if (bdi[j][k] != UINT32_MAX) {
+                        const struct gta_bound *g = &bd[bdi[j][k]];
+                        (k == 0 ? q.lo : q.hi)[j] = g->lo[s0 < g->sw ? 0 : 1];
+                    }
+            }
+            gta_fused_block(nm, variant, &q, b + s0, c->out + s0, (size_t)(s1 - s0));
+            s0 = s1;
+        }
+    }
+}
+
+/* The versions of ms_isa.h of gta_fused_range, as gta_apply_range's. */
+MS__ISA_VERSIONS(gta_fused_range_isa, gta_fused_range,
+                 (const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
+                  uint64_t count),
+                 (st, c, off0, count))
+
 static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
     const struct gta_state *st = state;
@@ -1527,6 +1821,10 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     }
     uint64_t run[MS_MAX_INPUTS][2];
     memset(run, 0, sizeof(run));
+    if (gta_fused_ok(st)) {
+        gta_fused_range_isa(st, c, 0, c->count);
+        return;
+    }
     if (st->nbits == 0 || (st->kept && c->keep)) {
         gta_apply_range_isa(st, c, 0, c->count, run);
         return;

@@ -469,3 +469,45 @@ void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
     }
     *run = r;
 }
+
+/* A selection as a key bound: key >= bound where the tie side is `tie`
+ * (key == T selected or not). T + 1 cannot wrap: T is UINT32_MAX only for
+ * k == 0, whose every tie side is "selected" (all_ties). */
+static uint32_t sel_bound(const struct ms__sel *s, bool tie)
+{
+    assert(tie || s->key != UINT32_MAX);
+    return tie ? s->key : s->key + 1u;
+}
+
+uint64_t ms__sel_bounds(const struct ms__sel *s, uint64_t chunk_first, uint32_t lo[2])
+{
+    assert(s->phase == MS__SEL_DONE);
+    if (s->all_ties || chunk_first != s->cut_first) {
+        lo[0] = lo[1] = sel_bound(s, s->all_ties || ((chunk_first < s->cut_first) != s->high_first));
+        return 0;
+    }
+    lo[0] = sel_bound(s, !s->high_first); /* ties ranked below cut_r */
+    lo[1] = sel_bound(s, s->high_first);
+    return s->cut_r;
+}
+
+size_t ms__sel_cut_pos(const struct ms__sel *s, uint64_t cut_r, uint64_t *run,
+                       const float *restrict x, size_t n, bool *found)
+{
+    assert(s->phase == MS__SEL_DONE && cut_r > 0);
+    uint64_t r = *run;
+    *found = true;
+    if (r >= cut_r)
+        return 0;
+    uint64_t t = SEL_ISA(ties, s->dt, s->key, x, n);
+    if (r + t < cut_r) {
+        *run = r + t;
+        *found = false;
+        return n;
+    }
+    size_t i = 0;
+    for (; r < cut_r; i++) /* the block holds the cut_r-th tie: the loop stops */
+        r += ms__sel_key(s->dt, x[i]) == s->key;
+    *run = r;
+    return i;
+}

@@ -272,6 +272,27 @@ void ms__sel_end_ties(struct ms__sel *s);
 void ms__sel_mask(const struct ms__sel *s, uint64_t chunk_first, uint64_t *run,
                   const float *restrict x, float *restrict keep, size_t n);
 
+/*
+ * Apply, worker: the selection of the chunk that starts at element chunk_first
+ * as key bounds: an element is selected iff its key (ms__sel_key) is >= lo[0]
+ * while fewer than cut_r elements of key T came before it in the chunk, and
+ * >= lo[1] after that (lo[0] == lo[1] but for the chunk holding the cut).
+ * Returns cut_r, or 0 when the chunk does not hold the cut (lo[0] for all).
+ * The same decisions as ms__sel_mask.
+ */
+uint64_t ms__sel_bounds(const struct ms__sel *s, uint64_t chunk_first, uint32_t lo[2]);
+/*
+ * Apply, worker, in the chunk holding the cut (cut_r from ms__sel_bounds), for
+ * n consecutive elements x of it, calls in element order: *run counts the
+ * key-T elements met before x in the chunk (0 at the chunk's first element)
+ * and is advanced. Returns e: the elements before x + e take lo[0], those from
+ * x + e on take lo[1]; *found tells whether the switch lies in this run (e < n,
+ * or e == n with the cut_r-th key-T element last), after which lo[1] holds for
+ * the rest of the chunk.
+ */
+size_t ms__sel_cut_pos(const struct ms__sel *s, uint64_t cut_r, uint64_t *run,
+                       const float *restrict x, size_t n, bool *found);
+
 /* Order-preserving key of |x| for x representable in dt: the 15-bit pattern
  * of |x| for F16/BF16, the 31-bit pattern for F32; every NaN maps to the
  * largest key (above +Inf). */
