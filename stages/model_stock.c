@@ -210,23 +210,9 @@ MS__AI void mstock_sum(enum ms_dtype d, bool mx, const struct mstock_state *s,
  * half); apply then reads those 4 bytes instead of the N + 1 inputs (12 bytes
  * for the bench's three), which for a resident tensor are its output buffer:
  * apply was bound by reading the inputs back from memory. Without a keep area
- * apply recomputes avg from the inputs: the same operations, the same bytes.
+ * apply recomputes avg from the inputs: the same operations, the same bytes
+ * (ms__k_bf16_pair_put / _get).
  */
-MS__AI void mstock_k_put(uint32_t *restrict kp, const float *restrict avg,
-                         const float *restrict w0, size_t n)
-{
-    for (size_t k = 0; k < n; k++)
-        kp[k] = ms_f32_bits(avg[k]) >> 16 | (ms_f32_bits(w0[k]) & 0xffff0000u);
-}
-
-MS__AI void mstock_k_get(float *restrict avg, float *restrict w0, const uint32_t *restrict kp,
-                         size_t n)
-{
-    for (size_t k = 0; k < n; k++) {
-        avg[k] = ms_f32_from_bits(kp[k] << 16);
-        w0[k] = ms_f32_from_bits(kp[k] & 0xffff0000u);
-    }
-}
 
 /* avg = rnd(sum / fn), in place. */
 MS__AI void mstock_k_avg(enum ms_dtype da, float *restrict sum, float fn, size_t n)
@@ -257,7 +243,7 @@ MS__AI void mstock_sums_block(enum ms_dtype d, bool mx, const struct mstock_stat
     if (kp) {
         mstock_sum(d, mx, s, c, p, j0, nb);
         mstock_k_avg(MSTOCK_DT(mx, d, sd[s->n - 1]), p, (float)s->n, nb);
-        mstock_k_put(kp + j0, p, w0, nb);
+        ms__k_bf16_pair_put(kp + j0, p, w0, nb);
     }
 }
 
@@ -279,7 +265,7 @@ MS__AI void mstock_mix_block(enum ms_dtype d, bool mx, const struct mstock_state
     float avg[MSTOCK_B], w0k[MSTOCK_B];
     const float *w0 = c->in[s->ib] + j0;
     if (kp) {
-        mstock_k_get(avg, w0k, kp + j0, nb);
+        ms__k_bf16_pair_get(avg, w0k, kp + j0, nb);
         w0 = w0k;
     } else {
         mstock_sum(d, mx, s, c, avg, j0, nb);
@@ -403,7 +389,7 @@ static void mstock_apply(const void *state, const struct ms_stage_job *job,
 }
 
 /*
- * The keep area (mstock_k_put) in bfloat16 with filter_wise false, up to
+ * The keep area (ms__k_bf16_pair_put) in bfloat16 with filter_wise false, up to
  * MSTOCK_KEEP_MAX elements: a resident tensor keeps in its own output buffer;
  * for a larger one (an embedding, rarely resident) the engine would reserve a
  * keep pool of numel * 4 bytes out of the budget (multislerp.c). Those

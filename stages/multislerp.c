@@ -44,7 +44,7 @@
  *          or the dots), summing only what is still unknown: at most three
  *          CHAIN passes, the four passes' number, with the same bytes.
  * Each pass recomputes the elementwise steps it needs from the inputs (or, in
- * bfloat16, apply reads m and tau from the keep area, mslerp_k_put).
+ * bfloat16, apply reads m and tau from the keep area, ms__k_bf16_pair_put).
  *
  * Inputs: one non-base model is returned unchanged (the base is then ignored);
  * none is an error.
@@ -265,25 +265,8 @@ MS__AI double mslerp_k_gdot(const float *restrict x, const float *restrict y, si
  * one ran with the exact mn and dt_i, so apply reads m and tau instead of
  * replaying the chain. Without a keep area (or in another compute dtype)
  * apply replays the chain from the inputs: the same operations on the same
- * values, the same bytes.
- */
-MS__AI void mslerp_k_put(uint32_t *restrict kp, const float *restrict lo,
-                         const float *restrict hi, size_t n)
-{
-    for (size_t k = 0; k < n; k++)
-        kp[k] = ms_f32_bits(lo[k]) >> 16 | (ms_f32_bits(hi[k]) & 0xffff0000u);
-}
-
-MS__AI void mslerp_k_get(float *restrict lo, float *restrict hi, const uint32_t *restrict kp,
-                         size_t n)
-{
-    for (size_t k = 0; k < n; k++) {
-        lo[k] = ms_f32_from_bits(kp[k] << 16);
-        hi[k] = ms_f32_from_bits(kp[k] & 0xffff0000u);
-    }
-}
-
-/*
+ * values, the same bytes (ms__k_bf16_pair_put / _get).
+ *
  * Elements [j0, j0 + nb) of the chunk: NORMS adds sum X_i^2 and G's upper
  * entries to p; CHAIN runs the chain with s's mn and dt_i and adds the sums
  * still unknown (and sum tau^2) to p; APPLY writes the output to c->out.
@@ -312,7 +295,7 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
         return;
     }
     if (kp && what == MSL_APPLY) { /* m and tau kept (read before out, maybe the same memory) */
-        mslerp_k_get(m, v, kp, nb);
+        ms__k_bf16_pair_get(m, v, kp, nb);
         mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
         return;
     }
@@ -332,7 +315,7 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
     mslerp_wsum(d, s, u, v, nb); /* tau */
     if (what == MSL_CHAIN) {
         if (kp)
-            mslerp_k_put(kp, m, v, nb);
+            ms__k_bf16_pair_put(kp, m, v, nb);
         ms_xacc_sumsq(&p.xacc[s->n + 1], v, nb);
         return;
     }
@@ -583,7 +566,7 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
 
 /*
  * The keep area pays in bfloat16 compute with two models or more (see
- * mslerp_k_put), and is asked for only up to MSL_KEEP_MAX elements: larger
+ * ms__k_bf16_pair_put), and is asked for only up to MSL_KEEP_MAX elements: larger
  * tensors (embeddings) are rarely resident, and for them the engine would
  * reserve a keep pool of numel * 4 bytes out of the budget; at the default 512M
  * that pool (262 MB for a 65.5 M-element embedding) took peak RSS from 465 to

@@ -115,6 +115,24 @@ static inline __attribute__((always_inline)) float ms__add_first(float x, float 
 #define MS__AI static inline __attribute__((always_inline))
 
 /* y = rnd(x - b) */
+/* Keep-area words holding two bfloat16 values, exact (each float is a bf16
+ * value already): lo in the low half, hi in the high half of kp[k]. */
+MS__AI void ms__k_bf16_pair_put(uint32_t *restrict kp, const float *restrict lo,
+                                const float *restrict hi, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        kp[k] = ms_f32_bits(lo[k]) >> 16 | (ms_f32_bits(hi[k]) & 0xffff0000u);
+}
+
+MS__AI void ms__k_bf16_pair_get(float *restrict lo, float *restrict hi,
+                                const uint32_t *restrict kp, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        lo[k] = ms_f32_from_bits(kp[k] << 16);
+        hi[k] = ms_f32_from_bits(kp[k] & 0xffff0000u);
+    }
+}
+
 MS__AI void ms__k_sub(enum ms_dtype d, float *restrict y, const float *restrict x,
                       const float *restrict b, size_t n)
 {
