@@ -867,23 +867,33 @@ static uint64_t apply_subblock(const struct eng *e, const struct slot *s)
  * the output stored in the compute dtype with no rounding to a result dtype
  * before it (work_cb would only encode apply's floats).
  */
-static bool stored_path(const struct slot *s)
+/*
+ * True when j's bytes as stored are what its chunks would see and write: every
+ * input stored in dt and loaded as it is (no LoRA fold, row gather or tokenizer
+ * merge; a load dtype, if any, of dt or also_load), the output stored in dt
+ * with at most a rounding to dt or F32 before it.
+ */
+static bool job_as_stored(const struct ms_job *j, enum ms_dtype dt, enum ms_dtype also_load)
 {
-    const struct jrun *jr = s->jr;
-    const struct ms_job *j = jr->job;
-    enum ms_dtype d = j->s.compute;
-    if (s->e->no_stored || !jr->ops->apply_stored || jr->phase != MS_STAGE_APPLY || jr->pass ||
-        s->decoded || j->tok || j->out_dtype != d)
-        return false;
-    if (j->result != d && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result))
+    if (j->tok || j->out_dtype != dt ||
+        (j->result != dt && j->result != MS_DT_F32 && ms_dtype_is_compute(j->result)))
         return false;
     for (uint32_t i = 0; i < j->s.ninputs; i++) {
         const struct ms_plan_input *in = &j->in[i];
-        if (in->dtype != d || in->lora || in->rowmap ||
-            (ms_dtype_is_compute(in->load) && in->load != d))
+        if (in->dtype != dt || in->lora || in->rowmap ||
+            (ms_dtype_is_compute(in->load) && in->load != dt && in->load != also_load))
             return false;
     }
     return true;
+}
+
+static bool stored_path(const struct slot *s)
+{
+    const struct jrun *jr = s->jr;
+    if (s->e->no_stored || !jr->ops->apply_stored || jr->phase != MS_STAGE_APPLY || jr->pass ||
+        s->decoded)
+        return false;
+    return job_as_stored(jr->job, jr->job->s.compute, jr->job->s.compute);
 }
 
 /*
@@ -898,21 +908,14 @@ static bool stored_path(const struct slot *s)
 static enum ms_dtype stored_job(const struct eng *e, const struct jrun *jr)
 {
     const struct ms_job *j = jr->job;
-    if (e->no_stored || jr->copy || jr->phase != MS_STAGE_REDUCE || jr->keeps || j->tok ||
+    if (e->no_stored || jr->copy || jr->phase != MS_STAGE_REDUCE || jr->keeps ||
         !j->s.ninputs || !jr->ops->stored_passes || !jr->ops->reduce_stored ||
         !jr->ops->apply_stored)
         return MS_DT_NONE;
     enum ms_dtype dt = j->in[0].dtype;
     if ((dt != MS_DT_BF16 && dt != MS_DT_F16) || (j->s.compute != dt && j->s.compute != MS_DT_F32) ||
-        j->out_dtype != dt || (j->result != dt && j->result != MS_DT_F32 &&
-                               ms_dtype_is_compute(j->result)))
+        !job_as_stored(j, dt, MS_DT_F32))
         return MS_DT_NONE;
-    for (uint32_t i = 0; i < j->s.ninputs; i++) {
-        const struct ms_plan_input *in = &j->in[i];
-        if (in->dtype != dt || in->lora || in->rowmap ||
-            (ms_dtype_is_compute(in->load) && in->load != dt && in->load != MS_DT_F32))
-            return MS_DT_NONE;
-    }
     return jr->ops->stored_passes(jr->state, &j->s, dt) ? dt : MS_DT_NONE;
 }
 
