@@ -105,6 +105,11 @@ struct ms_chunk_stored {
     uint32_t index;               /* as ms_chunk (stored_passes jobs; 0 otherwise) */
     uint32_t pass;                /* as ms_chunk (stored_passes jobs; 0 otherwise) */
     enum ms_dtype dt;             /* job->compute, or the dtype stored_passes accepted */
+    /* stored_passes jobs whose ops->keeps says true: the keep area as ms_chunk.keep
+     * (NULL in every chunk of every pass, or count * MS_KEEP_BYTES bytes aligned to
+     * 4, the same memory for the same chunk index in every pass), except that it
+     * never overlaps in or out. NULL otherwise. */
+    void *keep;
 };
 
 enum { MS_STAGE_APPLY = 0, MS_STAGE_REDUCE = 1 };
@@ -149,8 +154,7 @@ struct ms_stage_ops {
                          const struct ms_chunk_stored *c);
     /*
      * Optional (with reduce_stored and apply_stored): every pass on stored bytes.
-     * For a job whose begin asked for a reduce pass, that holds no keep area,
-     * whose inputs are all stored in dt (BF16 or F16) and loaded unchanged (as
+     * For a job whose begin asked for a reduce pass, whose inputs are all stored in dt (BF16 or F16) and loaded unchanged (as
      * for apply_stored), whose compute dtype is dt or F32 (the float path's
      * inputs are then dt's values, exactly) and whose output is stored in dt
      * with at most a rounding to dt before it, the engine asks, after begin,
@@ -339,6 +343,12 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
  */
 int ms_stage_run_stored(const struct ms_stage_job *job, enum ms_dtype dt, const void *const *in,
                         void *out, uint64_t chunk_elems);
+/* The same; keep false hands a stage that keeps no keep area (NULL), as
+ * ms_stage_run_mem_keep. ms_stage_run_stored gives every such stage a keep
+ * area of its own (overlapping no input or output), poisoned before its first
+ * pass. */
+int ms_stage_run_stored_keep(const struct ms_stage_job *job, enum ms_dtype dt,
+                             const void *const *in, void *out, uint64_t chunk_elems, bool keep);
 
 /* ------------------------------------------------------------------------ */
 /* Shared numeric helpers for stages.                                        */

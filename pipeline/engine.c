@@ -33,7 +33,8 @@
  * its slots hold the raw bytes packed, which every pass hands to the stage.
  *
  * Keep areas (ms_stage.h; stages whose ops->keeps says so): a resident job's
- * chunk keeps in its own output buffer, which no pass before apply uses. For
+ * chunk keeps in its own output buffer, which no pass before apply uses (a
+ * stored job's after its packed output, in the room its half-size data leaves). For
  * jobs that cannot be resident the budget reserves one keep pool, the largest
  * such job's numel * MS_KEEP_BYTES among those at most half of what the method
  * states leave; a job holds the pool from its start to its end (the next one
@@ -125,6 +126,7 @@ struct jrun {
     bool fused;                   /* chunks run fused (fused_job) */
     bool stored;                  /* every pass on the stored bytes (stored_job) */
     enum ms_dtype sdt;            /* stored: the inputs' and the output's dtype */
+    bool skeep;                   /* stored and resident: each chunk keeps after its output */
     size_t partial_bytes;
     uint32_t issued, folded, done; /* chunks of the current pass */
     struct slot **ring;           /* chunk c of the current pass at ring[c % nslots] */
@@ -583,6 +585,13 @@ static void slot_carve(const struct eng *e, struct slot *s, uint64_t first, uint
         }
         s->ck.out = (float *)(void *)p;
         p += align_up(count * sb);
+        /* the keep area: the pool's, or a resident chunk's own after its output */
+        if (jr->keep_pool) {
+            s->ck.keep = e->keep_pool + first * MS_KEEP_BYTES;
+        } else if (jr->skeep) {
+            s->ck.keep = p;
+            p += align_up(count * MS_KEEP_BYTES);
+        }
         assert((size_t)(p - s->mem) <= e->slot_bytes);
         s->reads_left = j->s.ninputs;
         return;
@@ -898,8 +907,7 @@ static bool stored_path(const struct slot *s)
 
 /*
  * The stored dtype in which jr may run every pass (ms_stage_ops.stored_passes),
- * or MS_DT_NONE: after begin asked for a reduce pass, a job with no keep area,
- * every input stored in one dtype dt (BF16 or F16) and loaded as it is
+ * or MS_DT_NONE: after begin asked for a reduce pass, every input stored in one dtype dt (BF16 or F16) and loaded as it is
  * (chunk_decode would only decode it: no LoRA fold, row gather or tokenizer
  * merge, no rounding to another load or compute dtype), computed in dt or F32,
  * and stored in dt with at most a rounding to dt before (work_cb would only
@@ -908,8 +916,7 @@ static bool stored_path(const struct slot *s)
 static enum ms_dtype stored_job(const struct eng *e, const struct jrun *jr)
 {
     const struct ms_job *j = jr->job;
-    if (e->no_stored || jr->copy || jr->phase != MS_STAGE_REDUCE || jr->keeps ||
-        !j->s.ninputs || !jr->ops->stored_passes || !jr->ops->reduce_stored ||
+    if (e->no_stored || jr->copy || jr->phase != MS_STAGE_REDUCE || !j->s.ninputs || !jr->ops->stored_passes || !jr->ops->reduce_stored ||
         !jr->ops->apply_stored)
         return MS_DT_NONE;
     enum ms_dtype dt = j->in[0].dtype;
@@ -935,6 +942,7 @@ static bool work_stored(struct slot *s)
     if (jr->stored) {
         sc.index = s->ck.index;
         sc.pass = jr->pass;
+        sc.keep = s->ck.keep;
     }
     if (jr->phase == MS_STAGE_REDUCE) {
         sc.first = s->ck.first;
@@ -1668,6 +1676,13 @@ static int job_activate(struct eng *e)
     jr->resident = jr->phase == MS_STAGE_REDUCE && e->opts->in_memory && jr->nchunks <= e->nslots;
     jr->sdt = jr->total ? stored_job(e, jr) : MS_DT_NONE;
     jr->stored = jr->sdt != MS_DT_NONE;
+    if (jr->stored && jr->keeps && jr->resident && !jr->keep_pool) {
+        /* the packed chunk leaves room for a keep area in a slot sized for floats,
+         * but for one input; a job without room keeps nothing (keep NULL) */
+        uint64_t c = jr->chunk, sb = elem_bytes(jr->sdt);
+        jr->skeep = align_up(jr->partial_bytes) + (j->s.ninputs + 1) * align_up(c * sb) +
+                        align_up(c * MS_KEEP_BYTES) <= e->slot_bytes;
+    }
     jr->fused = fused_job(e, jr);
     if (jr->nchunks == 0)
         job_finish(e, jr);

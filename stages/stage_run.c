@@ -16,8 +16,8 @@
  *   - a keep area (ms_stage_ops.keeps; one for the tensor, chunk i's part at
  *     its first element, as the engine's pool) starts as garbage (NaN bytes).
  * ms_stage_run_stored runs the stored-bytes hooks (apply_stored, and for jobs
- * with reduce passes stored_passes and reduce_stored) the same way, with no
- * keep area.
+ * with reduce passes stored_passes and reduce_stored) the same way; its keep
+ * area is the same poisoned memory, which there overlaps no output.
  */
 #include <assert.h>
 #include <string.h>
@@ -68,6 +68,7 @@ static void run_chunk(struct run *r, uint64_t i, uint32_t pass, struct ms_chunk 
     c->out = (float *)(void *)r->scratch_out;
     sc->out = r->scratch_out;
     c->keep = r->keep ? r->keep + (size_t)c->first * MS_KEEP_BYTES : NULL;
+    sc->keep = c->keep;
 }
 
 /* Both paths: dt MS_DT_NONE runs the float path (in, out: floats), else the stored one. */
@@ -112,7 +113,7 @@ static int run_job(const struct ms_stage_job *job, enum ms_dtype dt, const void 
     partials = ms_aligned_alloc(pstride * RUN_WINDOW);
     r.scratch_in = ms_aligned_alloc(r.in_stride * MS_MAX(job->ninputs, 1));
     r.scratch_out = ms_aligned_alloc((size_t)r.chunk * r.eb);
-    bool want_keep = !stored && keep && ops->keeps && ops->keeps(job);
+    bool want_keep = keep && ops->keeps && ops->keeps(job);
     if (want_keep)
         r.keep = ms_aligned_alloc(MS_MAX((size_t)job->numel * MS_KEEP_BYTES, 1));
     if (!state || !partials || !r.scratch_in || !r.scratch_out || (want_keep && !r.keep)) {
@@ -216,8 +217,14 @@ int ms_stage_run_mem_keep(const struct ms_stage_job *job, const float *const *in
 int ms_stage_run_stored(const struct ms_stage_job *job, enum ms_dtype dt, const void *const *in,
                         void *out, uint64_t chunk_elems)
 {
+    return ms_stage_run_stored_keep(job, dt, in, out, chunk_elems, true);
+}
+
+int ms_stage_run_stored_keep(const struct ms_stage_job *job, enum ms_dtype dt,
+                             const void *const *in, void *out, uint64_t chunk_elems, bool keep)
+{
     if (dt != MS_DT_BF16 && dt != MS_DT_F16)
         return ms_error(MS_EINVAL, "%s: stored path in %s", job->name ? job->name : "?",
                         ms_dtype_name(dt));
-    return run_job(job, dt, in, out, chunk_elems, false);
+    return run_job(job, dt, in, out, chunk_elems, keep);
 }
