@@ -261,6 +261,56 @@ static void gta_delta(enum ms_dtype dt, float *restrict d, const float *restrict
 #undef CALL
 }
 
+/*
+ * Where a pass reads its inputs: a chunk's floats (the float path), or its
+ * bytes as stored in sdt, BF16 or F16 (the stored path: ms_chunk_stored).
+ * in[i] is input i's element 0 of the chunk. The passes take every delta
+ * from gta_src_delta, so both give the same deltas, hence the same partials.
+ */
+struct gta_src {
+    const void *in[MS_MAX_INPUTS];
+    enum ms_dtype sdt;            /* MS_DT_NONE: floats */
+};
+
+/* d = rnd(bf16(x) - bf16(b)) in compute dtype dt: the decode of a bfloat16
+ * element is its float's top half, exactly as ms_dtype_decode's. */
+GTA_INLINE void delta_bf16_body(enum ms_dtype dt, float *restrict d, const uint16_t *restrict x,
+                                const uint16_t *restrict b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        d[i] = ms_rnd(dt, ms_f32_from_bits((uint32_t)x[i] << 16) -
+                              ms_f32_from_bits((uint32_t)b[i] << 16));
+}
+
+/* d[0..n) = the deltas rnd(x - b) of input `input` at elements [off, off + n)
+ * of the chunk, in the compute dtype st->dt: gta_delta on the floats, or on
+ * the stored bytes decoded as the engine decodes them (ms_dtype_decode). */
+static void gta_src_delta(const struct gta_state *st, const struct gta_src *src, uint32_t input,
+                          uint64_t off, float *restrict d, size_t n)
+{
+    if (src->sdt == MS_DT_NONE) {
+        gta_delta(st->dt, d, (const float *)src->in[input] + off,
+                  (const float *)src->in[st->base] + off, n);
+        return;
+    }
+    const uint16_t *x = (const uint16_t *)src->in[input] + off;
+    const uint16_t *b = (const uint16_t *)src->in[st->base] + off;
+    for (size_t o = 0, k; o < n; o += k) {
+        k = MS_MIN((size_t)GTA_BLOCK, n - o);
+        if (src->sdt == MS_DT_BF16) {
+#define CALL(t) MS__BLOCK_CALL(delta_bf16_body, k, GTA_BLOCK, t, d + o, x + o, b + o)
+            MS__DT_DISPATCH(st->dt, CALL);
+#undef CALL
+        } else {
+            float fx[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+            float fb[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+            ms_dtype_decode(src->sdt, x + o, fx, k);
+            ms_dtype_decode(src->sdt, b + o, fb, k);
+            gta_delta(st->dt, d + o, fx, fb, k);
+        }
+    }
+}
+
 /* d = d * keep (exact 0/1; signed zeros as torch's mask product); then, with
  * scale, d = rnd(d * f). */
 GTA_INLINE void mask_body(enum ms_dtype dt, float *restrict d, const float *restrict keep,
@@ -1153,14 +1203,14 @@ static uint32_t gta_hist_of(const struct gta_model *m, uint32_t q)
 /* SELECT pass of model m over chunk c: the deltas of each block once, then
  * the histogram or tie count of each of its unfinished selections. */
 static void gta_select_model(const struct gta_state *st, const struct gta_model *m,
-                             const struct ms_chunk *c, struct gta_part_select *p)
+                             const struct gta_src *src, uint64_t count,
+                             struct gta_part_select *p)
 {
     float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    const float *x = c->in[m->input], *b = c->in[st->base];
     const uint32_t nsel = kind_nsel(&st->kind);
-    for (uint64_t off = 0; off < c->count; off += GTA_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, c->count - off);
-        gta_delta(st->dt, d, x + off, b + off, n);
+    for (uint64_t off = 0; off < count; off += GTA_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, count - off);
+        gta_src_delta(st, src, m->input, off, d, n);
         for (uint32_t q = 0; q < nsel; q++) {
             const struct ms__sel *sel = &m->sel[q];
             int32_t slot = m->slot + (int32_t)q;
@@ -1181,9 +1231,9 @@ static void gta_select_model(const struct gta_state *st, const struct gta_model 
 
 /* The versions of ms_isa.h of gta_select_model, as gta_apply_range's. */
 MS__ISA_VERSIONS(gta_select_model_isa, gta_select_model,
-                 (const struct gta_state *st, const struct gta_model *m, const struct ms_chunk *c,
-                  struct gta_part_select *p),
-                 (st, m, c, p))
+                 (const struct gta_state *st, const struct gta_model *m,
+                  const struct gta_src *src, uint64_t count, struct gta_part_select *p),
+                 (st, m, src, count, p))
 
 /*
  * The rescale sums of one model's block from its deltas d and keep (0/1):
@@ -1246,8 +1296,8 @@ gta_split_avx512(const float *restrict d, const float *restrict keep, float *res
  * model: before[j] = sum |d|, after[j] = sum |d * mask| (exact). Block by
  * block, model by model inside a block, so that the base's block is read from
  * memory once for all the models. */
-static void gta_rescale_chunk(const struct gta_state *st, const struct ms_chunk *c,
-                              struct gta_part_rescale *p)
+static void gta_rescale_chunk(const struct gta_state *st, const struct gta_src *src,
+                              uint64_t first, uint64_t count, struct gta_part_rescale *p)
 {
     float rd[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_RBLOCK] __attribute__((aligned(MS_ALIGN)));
@@ -1255,21 +1305,20 @@ static void gta_rescale_chunk(const struct gta_state *st, const struct ms_chunk 
     float dropped[GTA_RBLOCK + 16] __attribute__((aligned(MS_ALIGN)));
     uint64_t run[MS_MAX_INPUTS][2];
     bool nf[MS_MAX_INPUTS] = { false };
-    const float *b = c->in[st->base];
     const bool split = GTA_SPLIT && ms_isa_active() == MS_ISA_AVX512;
     memset(run, 0, sizeof run);
     /* keep[] in GTA_BLOCK pieces; a model's masks in element order (run[j]:
      * its selections' tie counts). */
-    for (uint64_t off = 0; off < c->count; off += GTA_RBLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, c->count - off);
+    for (uint64_t off = 0; off < count; off += GTA_RBLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)GTA_RBLOCK, count - off);
         for (uint32_t j = 0; j < st->nm; j++) {
             const struct gta_model *m = &st->m[j];
             if (!m->trim || m->none)
                 continue;
-            gta_delta(st->dt, rd, c->in[m->input] + off, b + off, n);
+            gta_src_delta(st, src, m->input, off, rd, n);
             for (size_t o = 0; o < n; o += GTA_BLOCK) {
                 size_t k = MS_MIN((size_t)GTA_BLOCK, n - o);
-                gta_keep(st, m, c->first, c->first + off + o, run[j], rd + o, keep + o, k);
+                gta_keep(st, m, first, first + off + o, run[j], rd + o, keep + o, k);
             }
 #if GTA_SPLIT
             if (split) {
@@ -1295,29 +1344,51 @@ static void gta_rescale_chunk(const struct gta_state *st, const struct ms_chunk 
 /* The versions of ms_isa.h of gta_rescale_chunk, as gta_apply_range's
  * (elementwise rounding, integer masks and ranks: no value changes). */
 MS__ISA_VERSIONS(gta_rescale_chunk_isa, gta_rescale_chunk,
-                 (const struct gta_state *st, const struct ms_chunk *c,
-                  struct gta_part_rescale *p),
-                 (st, c, p))
+                 (const struct gta_state *st, const struct gta_src *src, uint64_t first,
+                  uint64_t count, struct gta_part_rescale *p),
+                 (st, src, first, count, p))
+
+/* A SELECT pass, or a RESCALE pass but della's, over the chunk
+ * [first, first + count) whose inputs src holds. */
+static void gta_reduce_src(const struct gta_state *st, const struct gta_src *src, uint64_t first,
+                           uint64_t count, void *partial)
+{
+    assert(count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
+    memset(partial, 0, st->psize);
+    if (st->phase == GTA_SELECT) {
+        struct gta_part_select *p = partial;
+        for (uint32_t j = 0; j < st->nm; j++)
+            if (st->m[j].slot >= 0 && !st->m[j].none)
+                gta_select_model_isa(st, &st->m[j], src, count, p);
+        return;
+    }
+    assert(st->phase == GTA_RESCALE && st->kind.sparse != GTA_SPARSE_DELLA);
+    struct gta_part_rescale *p = partial;
+    for (uint32_t j = 0; j < st->nm; j++) {
+        ms_xacc_init(&p->before[j]);
+        ms_xacc_init(&p->after[j]);
+    }
+    gta_rescale_chunk_isa(st, src, first, count, p);
+}
 
 static void gta_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
                        void *partial)
 {
     const struct gta_state *st = state;
-    assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
-    memset(partial, 0, st->psize);
-
-    if (st->phase == GTA_SELECT) {
-        struct gta_part_select *p = partial;
-        for (uint32_t j = 0; j < st->nm; j++)
-            if (st->m[j].slot >= 0 && !st->m[j].none)
-                gta_select_model_isa(st, &st->m[j], c, p);
+    const bool della = st->kind.sparse == GTA_SPARSE_DELLA;
+    if (st->phase == GTA_SELECT || !della) {
+        struct gta_src src = { .sdt = MS_DT_NONE };
+        for (uint32_t i = 0; i < job->ninputs; i++)
+            src.in[i] = c->in[i];
+        gta_reduce_src(st, &src, c->first, c->count, partial);
         return;
     }
+    assert(c->count < ((uint64_t)1 << 32));
+    memset(partial, 0, st->psize);
 
     assert(st->phase == GTA_RESCALE);
     struct gta_part_rescale *p = partial;
-    const bool della = st->kind.sparse == GTA_SPARSE_DELLA;
-    unsigned char *keep = della ? della_keep_start(st, c) : NULL;
+    unsigned char *keep = della_keep_start(st, c);
     if (keep) /* no keep bit set yet */
         memset(keep, 0, (size_t)c->count * (della_packs(st) ? 1 : MS_KEEP_BYTES));
     for (uint32_t j = 0; j < st->nm; j++) {
@@ -1326,12 +1397,9 @@ static void gta_reduce(const void *state, const struct ms_stage_job *job, const 
             continue;
         ms_xacc_init(&p->before[j]);
         ms_xacc_init(&p->after[j]);
-        if (della)
-            della_reduce_isa(st, m, c, (unsigned char *)p->scratch, keep, &p->before[j],
-                             &p->after[j]);
+        della_reduce_isa(st, m, c, (unsigned char *)p->scratch, keep, &p->before[j],
+                         &p->after[j]);
     }
-    if (!della)
-        gta_rescale_chunk_isa(st, c, p);
 }
 
 static void gta_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -1464,15 +1532,18 @@ GTA_INLINE void della_keep_floats(const struct gta_state *st, const struct gta_m
         keep[i] = (word_get(words, i) >> sh) & 1u ? 1.0f : 0.0f;
 }
 
-/* Output elements [off, off+count) of chunk c. For della, the keep bits of
- * those elements (della_keep_floats) are read before out is written there. */
-static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
-                            uint64_t count, uint64_t (*run)[2])
+/* Output elements [off0, off0+count) of chunk c, from in (in[i]: input i's
+ * element off0) into out (element off0): c's own (c->in + off0, c->out +
+ * off0) or scratch holding them; c gives the geometry (and della's keep bits,
+ * della_keep_floats, read before out is written there). */
+static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c,
+                            const float *const *in, float *out, uint64_t off0, uint64_t count,
+                            uint64_t (*run)[2])
 {
     float wd[MS_MAX_INPUTS][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float keep[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float w[MS_MAX_INPUTS];
-    const float *b = c->in[st->base];
+    const float *b = in[st->base];
     const bool della = st->kind.sparse == GTA_SPARSE_DELLA;
     const struct gta_fin fin = { .normalize = st->normalize, .use_lambda = st->use_lambda,
                                  .lambda = st->lambda, .div = st->div };
@@ -1483,7 +1554,7 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
         size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, off0 + count - off);
         for (uint32_t j = 0; j < st->nm; j++) {
             const struct gta_model *m = &st->m[j];
-            gta_delta(st->dt, wd[j], c->in[m->input] + off, b + off, n);
+            gta_delta(st->dt, wd[j], in[m->input] + (off - off0), b + (off - off0), n);
             if (m->trim) {
                 if (!della || m->none) {
                     gta_keep(st, m, c->first, c->first + off, run[j], wd[j], keep, n);
@@ -1495,7 +1566,7 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
             gta_weigh(st->dt, wd[j], m->w, n);
         }
         gta_combine(st->dt, &fin, st->kind.consensus, st->nm, (const float(*)[GTA_BLOCK])wd, w,
-                    b + off, c->out + off, n);
+                    b + (off - off0), out + (off - off0), n);
     }
 }
 
@@ -1507,9 +1578,9 @@ static void gta_apply_range(const struct gta_state *st, const struct ms_chunk *c
  * vector changes no value; tests/test_isa.c merges every example with each.
  */
 MS__ISA_VERSIONS(gta_apply_range_isa, gta_apply_range,
-                 (const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
-                  uint64_t count, uint64_t (*run)[2]),
-                 (st, c, off0, count, run))
+                 (const struct gta_state *st, const struct ms_chunk *c, const float *const *in,
+                  float *out, uint64_t off0, uint64_t count, uint64_t (*run)[2]),
+                 (st, c, in, out, off0, count, run))
 
 /* The versions of ms_isa.h of della_mark_row, as gta_apply_range's. */
 MS__ISA_VERSIONS(della_mark_row_isa, della_mark_row,
@@ -1697,6 +1768,15 @@ static bool gta_fused_ok(const struct gta_state *st)
            st->nm <= GTA_FUSED_MAX;
 }
 
+/* ms_f32_to_bf16_1, with the NaN case as a select so that the loop vectorises */
+GTA_INLINE uint32_t gta_bf16_bits(float f)
+{
+    uint32_t u = ms_f32_bits(f);
+    uint32_t q = (u >> 16) | 0x40u;
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+}
+
 /* A selection's key bound in the chunk: lo[0] for the elements before the
  * absolute element offset sw, lo[1] from sw on (sw = UINT64_MAX until the
  * cut is found; cut_r == 0: no cut in the chunk, lo[0] == lo[1]). */
@@ -1707,20 +1787,28 @@ struct gta_bound {
 };
 
 /* Output elements [off0, off0 + count) of chunk c (gta_fused_ok), calls in
- * element order from the chunk's start (the selections' cut state). */
-static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
-                            uint64_t count)
+ * element order from the chunk's start (the selections' cut state). With sc
+ * (the stored path: c gives the geometry only), the inputs are sc's bfloat16
+ * elements, decoded block by block into scratch, and the floats of each block
+ * are encoded into sc->out: the float path's floats, as the engine encodes
+ * them. */
+static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c,
+                            const struct ms_chunk_stored *sc, uint64_t off0, uint64_t count)
 {
     static const uint32_t u_any[GTA_BLOCK]; /* untrimmed random models: p = 2 keeps all */
     uint32_t u[GTA_FUSED_MAX][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float d[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    /* sc: the block's inputs (the models', then the base's) and outputs */
+    float fx[GTA_FUSED_MAX + 1][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    float fy[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
+    const float *xb[GTA_FUSED_MAX + 1]; /* the models' and base's floats at the block */
+    float *yb;
     struct gta_bound bd[2 * GTA_FUSED_MAX];
     uint32_t bdi[GTA_FUSED_MAX][2]; /* index in bd of lo and hi, or UINT32_MAX: fixed */
     uint64_t stream[GTA_FUSED_MAX];
     uint32_t nbd = 0;
     const uint32_t nm = st->nm;
     const bool random = st->kind.sparse == GTA_SPARSE_RANDOM;
-    const float *b = c->in[st->base];
     struct gta_fused q = { .fin = { .normalize = st->normalize, .use_lambda = st->use_lambda,
                                     .lambda = st->lambda, .div = st->div } };
     for (uint32_t j = 0; j < nm; j++) {
@@ -1766,6 +1854,18 @@ static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c
     const uint64_t end = off0 + count;
     for (uint64_t off = off0; off < end; off += GTA_BLOCK) {
         const size_t n = (size_t)MS_MIN((uint64_t)GTA_BLOCK, end - off);
+        for (uint32_t j = 0; j <= nm; j++) {
+            uint32_t in = j < nm ? st->m[j].input : st->base;
+            if (sc) {
+                const uint16_t *restrict h = (const uint16_t *)sc->in[in] + off;
+                for (size_t i = 0; i < n; i++)
+                    fx[j][i] = ms_f32_from_bits((uint32_t)h[i] << 16);
+                xb[j] = fx[j];
+            } else {
+                xb[j] = c->in[in] + off;
+            }
+        }
+        yb = sc ? fy : c->out + off;
         if (random)
             for (uint32_t j = 0; j < nm; j++)
                 if (q.u[j] != u_any)
@@ -1777,7 +1877,7 @@ static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c
                     continue;
                 struct gta_bound *g = &bd[bdi[j][k]];
                 bool found;
-                gta_delta(st->dt, d, c->in[st->m[j].input] + off, b + off, n);
+                gta_delta(st->dt, d, xb[j], xb[nm], n);
                 size_t e = ms__sel_cut_pos(g->s, g->cut_r, &g->run, d, n, &found);
                 if (found)
                     g->sw = off + e;
@@ -1790,7 +1890,7 @@ static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c
                 if (bd[t].sw > s0 && bd[t].sw < s1)
                     s1 = bd[t].sw;
             for (uint32_t j = 0; j < nm; j++) {
-                q.x[j] = c->in[st->m[j].input] + s0;
+                q.x[j] = xb[j] + (s0 - off);
                 if (random && q.u[j] != u_any)
                     q.u[j] = u[j] + (s0 - off);
                 for (uint32_t k = 0; k < 2; k++)
@@ -1799,17 +1899,23 @@ static void gta_fused_range(const struct gta_state *st, const struct ms_chunk *c
                         (k == 0 ? q.lo : q.hi)[j] = g->lo[s0 < g->sw ? 0 : 1];
                     }
             }
-            gta_fused_block(nm, variant, &q, b + s0, c->out + s0, (size_t)(s1 - s0));
+            gta_fused_block(nm, variant, &q, xb[nm] + (s0 - off), yb + (s0 - off),
+                            (size_t)(s1 - s0));
             s0 = s1;
+        }
+        if (sc) {
+            uint16_t *restrict h = (uint16_t *)sc->out + off;
+            for (size_t i = 0; i < n; i++)
+                h[i] = (uint16_t)gta_bf16_bits(fy[i]);
         }
     }
 }
 
 /* The versions of ms_isa.h of gta_fused_range, as gta_apply_range's. */
 MS__ISA_VERSIONS(gta_fused_range_isa, gta_fused_range,
-                 (const struct gta_state *st, const struct ms_chunk *c, uint64_t off0,
-                  uint64_t count),
-                 (st, c, off0, count))
+                 (const struct gta_state *st, const struct ms_chunk *c,
+                  const struct ms_chunk_stored *sc, uint64_t off0, uint64_t count),
+                 (st, c, sc, off0, count))
 
 static void gta_apply(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c)
 {
@@ -1822,74 +1928,107 @@ static void gta_apply(const void *state, const struct ms_stage_job *job, const s
     uint64_t run[MS_MAX_INPUTS][2];
     memset(run, 0, sizeof(run));
     if (gta_fused_ok(st)) {
-        gta_fused_range_isa(st, c, 0, c->count);
+        gta_fused_range_isa(st, c, NULL, 0, c->count);
         return;
     }
     if (st->nbits == 0 || (st->kept && c->keep)) {
-        gta_apply_range_isa(st, c, 0, c->count, run);
+        gta_apply_range_isa(st, c, c->in, c->out, 0, c->count, run);
         return;
     }
+    const float *in[MS_MAX_INPUTS];
     /* della without the masks of a rescale pass: row by row, the output row is
      * the ranking scratch first. */
     assert(c->count % st->row == 0);
     for (uint64_t r0 = 0; r0 < c->count; r0 += st->row) {
         della_mark_row_isa(st, c, r0, (unsigned char *)(c->out + r0));
-        gta_apply_range_isa(st, c, r0, st->row, run);
+        for (uint32_t i = 0; i < job->ninputs; i++)
+            in[i] = c->in[i] + r0;
+        gta_apply_range_isa(st, c, in, c->out + r0, r0, st->row, run);
     }
 }
 
 /*
- * The stored-bytes path (ms_stage_ops.apply_stored), bfloat16 compute, for
- * jobs whose masks depend on the element index only: no model trimmed
- * (task_arithmetic, or any member with every density >= 1), or dare's random
- * masks without a rescale pass. Per block of GTA_BLOCK elements the inputs are
- * decoded into L1-resident floats (a bf16 element is its float's top 16 bits,
- * exactly as the engine decodes it), gta_apply_range runs on them as on a
- * chunk of that block's elements (the float path's operations on the same
- * values, ms__acc_add order included), and its floats are encoded as
- * ms_f32_to_bf16_1 does: the bytes the float path writes, for any chunking.
+ * The stored-bytes path: every pass on the elements as stored, bfloat16 or
+ * float16 (ms_stage_ops.stored_passes, reduce_stored, apply_stored), for every
+ * member but della (its rankings and keep bits stay on the float path); and
+ * apply_stored alone for one-pass jobs. The reduce passes take their deltas
+ * from gta_src_delta, the stored elements decoded as the engine decodes them,
+ * so the partials are the float path's. apply runs the fused loop on blocks
+ * decoded into scratch (bfloat16 compute, 1..GTA_FUSED_MAX models: the fused
+ * instantiations are the float path's, with no stored variant of their own),
+ * else gta_apply_range on GTA_BLOCK elements of every input decoded into
+ * scratch, and encodes its floats to the stored dtype (bfloat16 by
+ * gta_bf16_bits, ms_f32_to_bf16_1's bits; float16 by ms_dtype_encode): what
+ * the engine writes from the float path's floats, rounded to that dtype when
+ * the compute dtype is float32, with the chunks of the passes.
+ * One-pass jobs (c->pass 0) may see any piece of a chunk (the engine's
+ * sub-blocks): they are taken only when every mask depends on the element
+ * index alone (no model trimmed, or random masks).
  */
 
-/* ms_f32_to_bf16_1, with the NaN case as a select so that the loop vectorises */
-GTA_INLINE uint32_t gta_bf16_bits(float f)
+static bool gta_stored_passes(const void *state, const struct ms_stage_job *job,
+                              enum ms_dtype dt)
 {
-    uint32_t u = ms_f32_bits(f);
-    uint32_t q = (u >> 16) | 0x40u;
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7fffffffu) > 0x7f800000u ? q : r;
+    const struct gta_state *st = state;
+    return (dt == MS_DT_BF16 || dt == MS_DT_F16) && (st->dt == dt || st->dt == MS_DT_F32) &&
+           st->kind.sparse != GTA_SPARSE_DELLA;
 }
 
+static void gta_reduce_stored(const void *state, const struct ms_stage_job *job,
+                              const struct ms_chunk_stored *c, void *partial)
+{
+    const struct gta_state *st = state;
+    struct gta_src src = { .sdt = c->dt };
+    assert(c->dt == MS_DT_BF16 || c->dt == MS_DT_F16);
+    for (uint32_t i = 0; i < job->ninputs; i++)
+        src.in[i] = c->in[i];
+    gta_reduce_src(st, &src, c->first, c->count, partial);
+}
+
+/* Elements [off, off + n) of the stored chunk c (geometry ck): decoded, gta_apply_range
+ * (or gta_apply's copy of the base), encoded into c->out. run: the chunk's
+ * selection cut state, calls in element order. */
 GTA_INLINE void gta_stored_block(const struct gta_state *st, uint32_t ninputs,
-                                 const struct ms_chunk_stored *c, size_t b, size_t n)
+                                 const struct ms_chunk *ck, const struct ms_chunk_stored *c,
+                                 size_t off, uint64_t (*run)[2], size_t n)
 {
     float f[MS_MAX_INPUTS][GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
     float y[GTA_BLOCK] __attribute__((aligned(MS_ALIGN)));
-    struct ms_chunk ck = { .first = c->first + b, .count = n, .out = y };
-    uint16_t *restrict out = (uint16_t *)c->out + b;
+    const float *in[MS_MAX_INPUTS];
+    const bool bf16 = c->dt == MS_DT_BF16;
     for (uint32_t i = 0; i < ninputs; i++) {
-        const uint16_t *restrict x = (const uint16_t *)c->in[i] + b;
-        for (size_t j = 0; j < n; j++)
-            f[i][j] = ms_f32_from_bits((uint32_t)x[j] << 16);
-        ck.in[i] = f[i];
+        const uint16_t *restrict x = (const uint16_t *)c->in[i] + off;
+        if (bf16)
+            for (size_t j = 0; j < n; j++)
+                f[i][j] = ms_f32_from_bits((uint32_t)x[j] << 16);
+        else
+            ms_dtype_decode(c->dt, x, f[i], n);
+        in[i] = f[i];
     }
-    if (st->nm == 0) { /* gta_apply's copy of the base */
+    const float *res = y;
+    if (st->nm == 0)
+        res = f[st->base];
+    else
+        gta_apply_range(st, ck, in, y, off, n, run);
+    uint16_t *restrict out = (uint16_t *)c->out + off;
+    if (bf16)
         for (size_t j = 0; j < n; j++)
-            out[j] = (uint16_t)gta_bf16_bits(f[st->base][j]);
-        return;
-    }
-    uint64_t run[MS_MAX_INPUTS][2]; /* unused: no selection */
-    gta_apply_range(st, &ck, 0, n, run);
-    for (size_t j = 0; j < n; j++)
-        out[j] = (uint16_t)gta_bf16_bits(y[j]);
+            out[j] = (uint16_t)gta_bf16_bits(res[j]);
+    else
+        ms_dtype_encode(c->dt, res, out, n);
 }
 
 static void gta_stored_run(const struct gta_state *st, uint32_t ninputs,
                            const struct ms_chunk_stored *c)
 {
+    const struct ms_chunk ck = { .first = c->first, .count = c->count, .index = c->index,
+                                 .pass = c->pass };
+    uint64_t run[MS_MAX_INPUTS][2];
+    memset(run, 0, sizeof(run));
     size_t n = (size_t)c->count;
-    for (size_t b = 0; b < n; b += GTA_BLOCK) {
-        size_t m = MS_MIN((size_t)GTA_BLOCK, n - b);
-        MS__BLOCK_CALL(gta_stored_block, m, GTA_BLOCK, st, ninputs, c, b);
+    for (size_t off = 0; off < n; off += GTA_BLOCK) {
+        size_t m = MS_MIN((size_t)GTA_BLOCK, n - off);
+        MS__BLOCK_CALL(gta_stored_block, m, GTA_BLOCK, st, ninputs, &ck, c, off, run);
     }
 }
 
@@ -1898,18 +2037,31 @@ MS__ISA_VERSIONS(gta_stored_isa, gta_stored_run,
                  (const struct gta_state *st, uint32_t ninputs, const struct ms_chunk_stored *c),
                  (st, ninputs, c))
 
-/* Declines (writes nothing) unless the compute dtype is bfloat16 and every
- * mask is absent or random (a selection's mask depends on the chunking). */
+/* Declines (writes nothing) a dtype other than BF16 and F16, or other than the
+ * compute dtype unless that is F32; della's keep bits; and, in one-pass jobs, a
+ * selection's mask (it depends on the chunking). */
 static bool gta_apply_stored(const void *state, const struct ms_stage_job *job,
-                             const struct ms_chunk_stored *c)
+                             const struct ms_chunk_stored *cs)
 {
     const struct gta_state *st = state;
     assert(st->phase == GTA_APPLY);
-    if (st->dt != MS_DT_BF16)
+    /* one-pass jobs: the stored dtype is the compute dtype (ms_stage.h) */
+    struct ms_chunk_stored cc = *cs;
+    const struct ms_chunk_stored *c = &cc;
+    if (cs->pass == 0)
+        cc.dt = st->dt;
+    if ((c->dt != MS_DT_BF16 && c->dt != MS_DT_F16) || (st->dt != c->dt && st->dt != MS_DT_F32) ||
+        st->nbits > 0)
         return false;
-    for (uint32_t j = 0; j < st->nm; j++)
+    for (uint32_t j = 0; j < st->nm && c->pass == 0; j++)
         if (st->m[j].trim && st->kind.sparse != GTA_SPARSE_RANDOM)
             return false;
+    if (c->dt == MS_DT_BF16 && gta_fused_ok(st)) {
+        const struct ms_chunk ck = { .first = c->first, .count = c->count, .index = c->index,
+                                     .pass = c->pass };
+        gta_fused_range_isa(st, &ck, c, 0, c->count);
+        return true;
+    }
     gta_stored_isa(st, job->ninputs, c);
     return true;
 }
@@ -1995,6 +2147,8 @@ static const struct ms_stage_ops gta_ops = {
     .end_pass = gta_end_pass,
     .apply = gta_apply,
     .apply_stored = gta_apply_stored,
+    .stored_passes = gta_stored_passes,
+    .reduce_stored = gta_reduce_stored,
 };
 
 /* della with rescale: a rescale pass will rank every trimmed model's rows, and
