@@ -467,6 +467,15 @@ static const char *const split_recipes[][2] = {
                   "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
     { "slerp.yml", "merge_method: slerp\nbase_model: base\nmodels:\n"
                    "  - model: base\n  - model: ft1\nparameters:\n  t: 0.3\n" },
+    /* GTA members with a rescale pass (dare: random masks; breadcrumbs: two
+     * selections each: one model trimmed, so that the state fits --max-memory 4M) */
+    { "dties.yml", "merge_method: dare_ties\nbase_model: base\nmodels:\n"
+                   "  - model: ft1\n    parameters: {weight: 0.6, density: 0.4}\n"
+                   "  - model: ft2\n    parameters: {weight: 0.5, density: 0.7}\n" },
+    { "crumbs.yml", "merge_method: breadcrumbs_ties\nbase_model: base\nmodels:\n"
+                    "  - model: ft1\n    parameters: {weight: 0.6, density: 0.5, gamma: 0.02}\n"
+                    "  - model: ft2\n    parameters: {weight: 0.5}\n"
+                    "parameters:\n  rescale: true\n" },
     { "nuslerp.yml", "merge_method: nuslerp\nmodels:\n"
                      "  - model: ft1\n    parameters: {weight: 0.4}\n"
                      "  - model: ft2\n    parameters: {weight: 0.6}\n"
@@ -541,12 +550,19 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
            "ms-mkmodel --base base --noise 0.01 --seed 22 --dtype f16 h1 >/dev/null", g_dir);
     write_recipe("slerph.yml", "merge_method: slerp\nbase_model: h0\nmodels:\n"
                                "  - model: h0\n  - model: h1\nparameters:\n  t: 0.6\n");
-    run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge slerph.yml a/out -q",
-           g_dir);
-    for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-        run_ok("cd %s && rm -rf b && %s mergestream merge slerph.yml b/out -q %s", g_dir,
-               variants[v][0], variants[v][1]);
-        assert_same_output("a/out", "b/out");
+    write_recipe("tiesh.yml", "merge_method: ties\nbase_model: h0\nmodels:\n"
+                              "  - model: h1\n    parameters: {weight: 0.7, density: 0.4}\n");
+    write_recipe("dareh.yml", "merge_method: dare_linear\nbase_model: h0\nmodels:\n"
+                              "  - model: h1\n    parameters: {weight: 0.7, density: 0.4}\n");
+    static const char *const h16[] = { "slerph.yml", "tiesh.yml", "dareh.yml" };
+    for (size_t r = 0; r < MS_ARRAY_LEN(h16); r++) {
+        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
+               h16[r]);
+        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], h16[r], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
     }
 }
 
