@@ -389,6 +389,139 @@ static void mstock_apply(const void *state, const struct ms_stage_job *job,
 }
 
 /*
+ * The stored-bytes path (bfloat16 or float16 inputs and output): filter_wise
+ * false through ms_stage_ops.stored_passes (reduce_stored, then apply_stored),
+ * filter_wise true and the base alone through apply_stored (one pass, inputs in
+ * the compute dtype). Each block of MSTOCK_B elements of the inputs a step needs
+ * is decoded into float scratch that stays in L1 and the float path's block
+ * functions run on it, so the terms summed, the keep words and the floats mixed
+ * are the float path's; apply's floats are encoded to the stored dtype, which is
+ * what rounding them to the result dtype and encoding gives. apply with a keep
+ * area (never overlapping in or out here) decodes no input, only the keep words.
+ * filter_wise decodes each row twice: for its sums, then for its mix.
+ */
+
+/* Reduce (a != NULL: adds to a[], keep words to kp when kp) or apply (writes the
+ * stored output; avg and w0 from kp when kp) over elements [j0, j1) of the stored
+ * chunk sc, block by block. */
+MS__AI void mstock_srange(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                          const struct ms_chunk_stored *sc, struct ms_xacc *a, uint32_t *kp,
+                          float tv, float omt, size_t j0, size_t j1)
+{
+    _Alignas(MS_ALIGN) float x[MS_MAX_INPUTS][MSTOCK_B], y[MSTOCK_B];
+    struct ms_chunk fc = { .out = y }; /* the block as the float path's chunk sees it */
+    fc.in[s->ib] = x[0];
+    for (uint32_t i = 0; i < s->n; i++)
+        fc.in[s->it[i]] = x[1 + i];
+    for (size_t j = j0; j < j1; j += MSTOCK_B) {
+        size_t nb = MS_MIN((size_t)MSTOCK_B, j1 - j);
+        uint32_t *kb = kp ? kp + j : NULL;
+        if (a || !kb)
+            for (uint32_t i = 0; i <= s->n; i++) {
+                uint32_t k = i ? s->it[i - 1] : s->ib;
+                ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[k] + j, x[i], nb);
+            }
+        if (a) {
+            MS__BLOCK_CALL(mstock_sums_block, nb, MSTOCK_B, d, mx, s, &fc, a, kb, 0);
+        } else {
+            MS__BLOCK_CALL(mstock_mix_block, nb, MSTOCK_B, d, mx, s, &fc, kb, tv, omt, 0);
+            ms_dtype_encode(sc->dt, y, (uint16_t *)sc->out + j, nb);
+        }
+    }
+}
+
+/* mstock_chunk on the stored chunk sc. */
+MS__AI void mstock_schunk(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                          const struct ms_stage_job *job, const struct ms_chunk_stored *sc,
+                          struct ms_xacc *partial)
+{
+    size_t n = (size_t)sc->count;
+    uint32_t *kp = d == MS_DT_BF16 && !mx && !s->filter_wise ? sc->keep : NULL;
+    if (partial) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&partial[k]);
+        mstock_srange(d, mx, s, sc, partial, kp, 0.0f, 0.0f, 0, n);
+        return;
+    }
+    if (!s->filter_wise) {
+        mstock_srange(d, mx, s, sc, NULL, kp, s->t, s->omt, 0, n);
+        return;
+    }
+    size_t row = (size_t)MS_MAX(job->row_len, 1);
+    assert(n % row == 0);
+    struct mstock_sums a;
+    for (size_t r0 = 0; r0 < n; r0 += row) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&a.a[k]);
+        mstock_srange(d, mx, s, sc, a.a, NULL, 0.0f, 0.0f, r0, r0 + row);
+        float t, omt;
+        if (mx) {
+            t = mstock_t_mx(&s->dt, s->n, a.a);
+            omt = ms_rnd(s->dt.cd, 1.0f - t);
+        } else {
+            t = mstock_t(d, s->n, a.a);
+            omt = ms_rnd(d, 1.0f - t);
+        }
+        mstock_srange(d, mx, s, sc, NULL, NULL, t, omt, r0, r0 + row);
+    }
+}
+
+/* mstock_schunk specialised for each compute dtype (the stored dtype or F32). */
+static void mstock_run_stored(const struct mstock_state *s, const struct ms_stage_job *job,
+                              const struct ms_chunk_stored *sc, struct ms_xacc *partial)
+{
+    if (s->mixed) {
+        mstock_schunk(MS_DT_F32, true, s, job, sc, partial);
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16: mstock_schunk(MS_DT_BF16, false, s, job, sc, partial); break;
+    case MS_DT_F16: mstock_schunk(MS_DT_F16, false, s, job, sc, partial); break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        mstock_schunk(MS_DT_F32, false, s, job, sc, partial);
+        break;
+    }
+}
+
+MS__ISA_VERSIONS(mstock_run_stored_isa, mstock_run_stored,
+                 (const struct mstock_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk_stored *sc, struct ms_xacc *partial),
+                 (s, job, sc, partial))
+
+static bool mstock_stored_passes(const void *state, const struct ms_stage_job *job,
+                                 enum ms_dtype dt)
+{
+    return dt == MS_DT_BF16 || dt == MS_DT_F16;
+}
+
+static void mstock_reduce_stored(const void *state, const struct ms_stage_job *job,
+                                 const struct ms_chunk_stored *c, void *partial)
+{
+    assert(c->dt == MS_DT_BF16 || c->dt == MS_DT_F16);
+    mstock_run_stored_isa(state, job, c, partial);
+}
+
+/* Declines (before writing anything) only where no pass committed it: another
+ * dtype, or a filter_wise chunk that is not whole rows (an engine sub-block). */
+static bool mstock_apply_stored(const void *state, const struct ms_stage_job *job,
+                                const struct ms_chunk_stored *c)
+{
+    const struct mstock_state *s = state;
+    if (c->dt != MS_DT_BF16 && c->dt != MS_DT_F16)
+        return false;
+    if (s->copy) {
+        memcpy(c->out, c->in[s->ib], (size_t)c->count * sizeof(uint16_t));
+        return true;
+    }
+    uint64_t row = MS_MAX(job->row_len, 1);
+    if (s->filter_wise && (c->first % row || c->count % row))
+        return false;
+    mstock_run_stored_isa(s, job, c, NULL);
+    return true;
+}
+
+/*
  * The keep area (ms__k_bf16_pair_put) in bfloat16 with filter_wise false, up to
  * MSTOCK_KEEP_MAX elements: a resident tensor keeps in its own output buffer;
  * for a larger one (an embedding, rarely resident) the engine would reserve a
@@ -413,6 +546,9 @@ static const struct ms_stage_ops mstock_ops = {
     .fold = mstock_fold,
     .end_pass = mstock_end_pass,
     .apply = mstock_apply,
+    .apply_stored = mstock_apply_stored,
+    .stored_passes = mstock_stored_passes,
+    .reduce_stored = mstock_reduce_stored,
 };
 
 /* 2.8: the base and one other model: mergekit leaves an optional tensor out and
