@@ -396,16 +396,38 @@ static void mstock_apply(const void *state, const struct ms_stage_job *job,
  * is decoded into float scratch that stays in L1 and the float path's block
  * functions run on it, so the terms summed, the keep words and the floats mixed
  * are the float path's; apply's floats are encoded to the stored dtype, which is
- * what rounding them to the result dtype and encoding gives. apply with a keep
- * area (never overlapping in or out here) decodes no input, only the keep words.
- * filter_wise decodes each row twice: for its sums, then for its mix.
+ * what rounding them to the result dtype and encoding gives. With a keep area
+ * (never overlapping in or out here; below) apply decodes the base and the
+ * kept avg only. filter_wise decodes each row twice: for its sums, then for its
+ * mix.
  */
 
-/* Reduce (a != NULL: adds to a[], keep words to kp when kp) or apply (writes the
- * stored output; avg and w0 from kp when kp) over elements [j0, j1) of the stored
+/*
+ * The stored path's keep area (bfloat16, filter_wise false) holds avg alone, as
+ * bfloat16 bits packed in the area's first count * 2 bytes: w0 is the base's
+ * stored bytes, which apply has anyway, so the area's other half is never
+ * touched (on this path every byte of a slot first touched costs: a resident
+ * job's chunk is then 10 bytes an element instead of 12 for the float path's
+ * word pairs, or 8 without keeping).
+ */
+
+/* avg = rnd(sum / N) of elements [0, nb) of the block fc, into k16 as bfloat16
+ * bits (exact: avg is a bfloat16 value). */
+MS__AI void mstock_avg_put(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                           const struct ms_chunk *fc, float *restrict avg,
+                           uint16_t *restrict k16, size_t nb)
+{
+    mstock_sum(d, mx, s, fc, avg, 0, nb);
+    mstock_k_avg(MSTOCK_DT(mx, d, sd[s->n - 1]), avg, (float)s->n, nb);
+    for (size_t k = 0; k < nb; k++)
+        k16[k] = (uint16_t)(ms_f32_bits(avg[k]) >> 16);
+}
+
+/* Reduce (a != NULL: adds to a[], avg to k16 when k16) or apply (writes the
+ * stored output; avg from k16 when k16) over elements [j0, j1) of the stored
  * chunk sc, block by block. */
 MS__AI void mstock_srange(enum ms_dtype d, bool mx, const struct mstock_state *s,
-                          const struct ms_chunk_stored *sc, struct ms_xacc *a, uint32_t *kp,
+                          const struct ms_chunk_stored *sc, struct ms_xacc *a, uint16_t *k16,
                           float tv, float omt, size_t j0, size_t j1)
 {
     _Alignas(MS_ALIGN) float x[MS_MAX_INPUTS][MSTOCK_B], y[MSTOCK_B];
@@ -415,18 +437,24 @@ MS__AI void mstock_srange(enum ms_dtype d, bool mx, const struct mstock_state *s
         fc.in[s->it[i]] = x[1 + i];
     for (size_t j = j0; j < j1; j += MSTOCK_B) {
         size_t nb = MS_MIN((size_t)MSTOCK_B, j1 - j);
-        uint32_t *kb = kp ? kp + j : NULL;
-        if (a || !kb)
-            for (uint32_t i = 0; i <= s->n; i++) {
-                uint32_t k = i ? s->it[i - 1] : s->ib;
-                ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[k] + j, x[i], nb);
-            }
-        if (a) {
-            MS__BLOCK_CALL(mstock_sums_block, nb, MSTOCK_B, d, mx, s, &fc, a, kb, 0);
-        } else {
-            MS__BLOCK_CALL(mstock_mix_block, nb, MSTOCK_B, d, mx, s, &fc, kb, tv, omt, 0);
-            ms_dtype_encode(sc->dt, y, (uint16_t *)sc->out + j, nb);
+        /* apply with avg kept needs w0 only */
+        uint32_t ndec = a || !k16 ? s->n + 1 : 1;
+        for (uint32_t i = 0; i < ndec; i++) {
+            uint32_t k = i ? s->it[i - 1] : s->ib;
+            ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[k] + j, x[i], nb);
         }
+        if (a) {
+            MS__BLOCK_CALL(mstock_sums_block, nb, MSTOCK_B, d, mx, s, &fc, a, NULL, 0);
+            if (k16)
+                MS__BLOCK_CALL(mstock_avg_put, nb, MSTOCK_B, d, mx, s, &fc, y, k16 + j);
+        } else if (k16) {
+            ms_dtype_decode(MS_DT_BF16, k16 + j, x[1], nb);
+            MS__BLOCK_CALL(mstock_k_mix, nb, MSTOCK_B, d, d, d, y, x[1], x[0], tv, omt);
+        } else {
+            MS__BLOCK_CALL(mstock_mix_block, nb, MSTOCK_B, d, mx, s, &fc, NULL, tv, omt, 0);
+        }
+        if (!a)
+            ms_dtype_encode(sc->dt, y, (uint16_t *)sc->out + j, nb);
     }
 }
 
@@ -436,7 +464,7 @@ MS__AI void mstock_schunk(enum ms_dtype d, bool mx, const struct mstock_state *s
                           struct ms_xacc *partial)
 {
     size_t n = (size_t)sc->count;
-    uint32_t *kp = d == MS_DT_BF16 && !mx && !s->filter_wise ? sc->keep : NULL;
+    uint16_t *kp = d == MS_DT_BF16 && !mx && !s->filter_wise ? sc->keep : NULL;
     if (partial) {
         for (size_t k = 0; k < mstock_nsums(s->n); k++)
             ms_xacc_init(&partial[k]);
