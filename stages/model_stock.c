@@ -247,13 +247,20 @@ MS__AI void mstock_sums_block(enum ms_dtype d, bool mx, const struct mstock_stat
     }
 }
 
-/* y = rnd(rnd(t*avg) + rnd(omt*w0)), each op in its dtype (d1, d2, dout). */
+/* y = rnd(rnd(t*avg) + rnd(omt*w0)), each op in its dtype (d1, d2, dout). NaN
+ * rule (any version, any path): a NaN first operand's NaN, quieted, in torch's
+ * operand order (t, 1 - t, then the t term); two NaN meet only where the tensor
+ * (or row) holds a NaN, and the compiler may put either operand of an
+ * instruction first (x86 returns the first one's NaN), so the choice is made
+ * explicit: the float path, the stored path and every version give the same
+ * bytes. */
 MS__AI void mstock_k_mix(enum ms_dtype d1, enum ms_dtype d2, enum ms_dtype dout,
                          float *restrict y, const float *restrict avg, const float *restrict w0,
                          float tv, float omt, size_t n)
 {
     for (size_t k = 0; k < n; k++)
-        y[k] = ms_rnd(dout, ms_rnd(d1, tv * avg[k]) + ms_rnd(d2, omt * w0[k]));
+        y[k] = ms_rnd(dout, ms__add_first(ms_rnd(d1, ms__mul_first(tv, avg[k])),
+                                          ms_rnd(d2, ms__mul_first(omt, w0[k]))));
 }
 
 /* out = rnd(rnd(t*avg) + rnd(omt*w0)) for elements [j0, j0 + nb) of the chunk, avg

@@ -224,11 +224,31 @@ static int nus_begin(void *state, const struct ms_stage_job *job)
 /* ------------------------------------------------------------------------ */
 /* Per-vector scalars and per-element kernels.                               */
 
+/*
+ * NaN rule of the output's operations (any version, any path): an operation
+ * that meets a NaN first operand gives that NaN, quieted, in torch's operand
+ * order (x - base, coefficient * v, the first term + the second, numerator /
+ * sin th, base + r); otherwise IEEE's. Two NaN meet only where the tensor (or
+ * the row or column) holds a NaN, and then the compiler may put either operand
+ * of an instruction first, and x86 returns the first one's NaN: the choice is
+ * made explicit so that the float path, the stored path and every version give
+ * the same bytes (ms__mul_first, ms__add_first).
+ */
+MS__AI float nus_sub_first(float x, float y)
+{
+    return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x - y;
+}
+
+MS__AI float nus_div_first(float x, float y)
+{
+    return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x / y;
+}
+
 static inline float nus_v(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
                           uint32_t k, size_t j)
 {
     float x = c->in[k ? s->i1 : s->i0][j];
-    return s->ib >= 0 ? ms_rnd(d.v[k], x - c->in[s->ib][j]) : x;
+    return s->ib >= 0 ? ms_rnd(d.v[k], nus_sub_first(x, c->in[s->ib][j])) : x;
 }
 
 /* The clamped norm from a sum of squares. */
@@ -258,8 +278,11 @@ static inline float nus_mix(struct nus_dt dt, const struct nus_state *s, const s
 {
     const enum ms_dtype d = dt.p;
     if (cf->colinear)
-        return ms_rnd(d, ms_rnd(dt.v[0], s->c0 * v0) + ms_rnd(dt.v[1], s->c1 * v1));
-    return ms_rnd(d, ms_rnd(d, ms_rnd(d, cf->a * v0) + ms_rnd(d, cf->b * v1)) / cf->s);
+        return ms_rnd(d, ms__add_first(ms_rnd(dt.v[0], ms__mul_first(s->c0, v0)),
+                                       ms_rnd(dt.v[1], ms__mul_first(s->c1, v1))));
+    float num = ms_rnd(d, ms__add_first(ms_rnd(d, ms__mul_first(cf->a, v0)),
+                                        ms_rnd(d, ms__mul_first(cf->b, v1))));
+    return ms_rnd(d, nus_div_first(num, cf->s));
 }
 
 /* out[j] for element j with the scalars of its vector. */
@@ -267,7 +290,7 @@ static inline float nus_out(struct nus_dt d, const struct nus_state *s, const st
                             const struct nus_coef *cf, size_t j)
 {
     float r = nus_mix(d, s, cf, nus_v(d, s, c, 0, j), nus_v(d, s, c, 1, j));
-    return s->ib >= 0 ? ms_rnd(d.out, c->in[s->ib][j] + r) : r;
+    return s->ib >= 0 ? ms_rnd(d.out, ms__add_first(c->in[s->ib][j], r)) : r;
 }
 
 /*
@@ -278,6 +301,14 @@ static inline float nus_out(struct nus_dt d, const struct nus_state *s, const st
  */
 #define NUS_B 1024
 
+/* y = rnd(x - b), x's NaN first */
+MS__AI void nus_k_sub(enum ms_dtype d, float *restrict y, const float *restrict x,
+                      const float *restrict b, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, nus_sub_first(x[k], b[k]));
+}
+
 /* v_k of elements [j0, j0 + nb): rnd(x_k - base) into buf, or x_k itself (the
  * input) without a base. */
 MS__AI const float *nus_vblock(struct nus_dt d, const struct nus_state *s,
@@ -287,7 +318,7 @@ MS__AI const float *nus_vblock(struct nus_dt d, const struct nus_state *s,
     const float *x = c->in[k ? s->i1 : s->i0] + j0;
     if (s->ib < 0)
         return x;
-    ms__k_sub(d.v[k], buf, x, c->in[s->ib] + j0, nb);
+    nus_k_sub(d.v[k], buf, x, c->in[s->ib] + j0, nb);
     return buf;
 }
 
@@ -308,12 +339,16 @@ MS__AI void nus_k_mix(struct nus_dt d, const struct nus_state *s, const struct n
     if (cf->colinear) {
         const float c0 = s->c0, c1 = s->c1;
         for (size_t k = 0; k < n; k++)
-            r[k] = ms_rnd(dp, ms_rnd(d.v[0], c0 * v0[k]) + ms_rnd(d.v[1], c1 * v1[k]));
+            r[k] = ms_rnd(dp, ms__add_first(ms_rnd(d.v[0], ms__mul_first(c0, v0[k])),
+                                            ms_rnd(d.v[1], ms__mul_first(c1, v1[k]))));
         return;
     }
     const float a = cf->a, b = cf->b, sn = cf->s;
-    for (size_t k = 0; k < n; k++)
-        r[k] = ms_rnd(dp, ms_rnd(dp, ms_rnd(dp, a * v0[k]) + ms_rnd(dp, b * v1[k])) / sn);
+    for (size_t k = 0; k < n; k++) {
+        float num = ms_rnd(dp, ms__add_first(ms_rnd(dp, ms__mul_first(a, v0[k])),
+                                             ms_rnd(dp, ms__mul_first(b, v1[k]))));
+        r[k] = ms_rnd(dp, nus_div_first(num, sn));
+    }
 }
 
 /* y = rnd(b + r) */
@@ -321,7 +356,7 @@ MS__AI void nus_k_addb(enum ms_dtype d, float *restrict y, const float *restrict
                        const float *restrict r, size_t n)
 {
     for (size_t k = 0; k < n; k++)
-        y[k] = ms_rnd(d, b[k] + r[k]);
+        y[k] = ms_rnd(d, ms__add_first(b[k], r[k]));
 }
 
 enum { NUS_DO_SQ, NUS_DO_COS, NUS_DO_OUT };
