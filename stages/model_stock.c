@@ -247,13 +247,20 @@ MS__AI void mstock_sums_block(enum ms_dtype d, bool mx, const struct mstock_stat
     }
 }
 
-/* y = rnd(rnd(t*avg) + rnd(omt*w0)), each op in its dtype (d1, d2, dout). */
+/* y = rnd(rnd(t*avg) + rnd(omt*w0)), each op in its dtype (d1, d2, dout). NaN
+ * rule (any version, any path): a NaN first operand's NaN, quieted, in torch's
+ * operand order (t, 1 - t, then the t term); two NaN meet only where the tensor
+ * (or row) holds a NaN, and the compiler may put either operand of an
+ * instruction first (x86 returns the first one's NaN), so the choice is made
+ * explicit: the float path, the stored path and every version give the same
+ * bytes. */
 MS__AI void mstock_k_mix(enum ms_dtype d1, enum ms_dtype d2, enum ms_dtype dout,
                          float *restrict y, const float *restrict avg, const float *restrict w0,
                          float tv, float omt, size_t n)
 {
     for (size_t k = 0; k < n; k++)
-        y[k] = ms_rnd(dout, ms_rnd(d1, tv * avg[k]) + ms_rnd(d2, omt * w0[k]));
+        y[k] = ms_rnd(dout, ms__add_first(ms_rnd(d1, ms__mul_first(tv, avg[k])),
+                                          ms_rnd(d2, ms__mul_first(omt, w0[k]))));
 }
 
 /* out = rnd(rnd(t*avg) + rnd(omt*w0)) for elements [j0, j0 + nb) of the chunk, avg
@@ -389,6 +396,167 @@ static void mstock_apply(const void *state, const struct ms_stage_job *job,
 }
 
 /*
+ * The stored-bytes path (bfloat16 or float16 inputs and output): filter_wise
+ * false through ms_stage_ops.stored_passes (reduce_stored, then apply_stored),
+ * filter_wise true and the base alone through apply_stored (one pass, inputs in
+ * the compute dtype). Each block of MSTOCK_B elements of the inputs a step needs
+ * is decoded into float scratch that stays in L1 and the float path's block
+ * functions run on it, so the terms summed, the keep words and the floats mixed
+ * are the float path's; apply's floats are encoded to the stored dtype, which is
+ * what rounding them to the result dtype and encoding gives. With a keep area
+ * (never overlapping in or out here; below) apply decodes the base and the
+ * kept avg only. filter_wise decodes each row twice: for its sums, then for its
+ * mix.
+ */
+
+/*
+ * The stored path's keep area (bfloat16, filter_wise false) holds avg alone, as
+ * bfloat16 bits packed in the area's first count * 2 bytes: w0 is the base's
+ * stored bytes, which apply has anyway, so the area's other half is never
+ * touched (on this path every byte of a slot first touched costs: a resident
+ * job's chunk is then 10 bytes an element instead of 12 for the float path's
+ * word pairs, or 8 without keeping).
+ */
+
+/* avg = rnd(sum / N) of elements [0, nb) of the block fc, into k16 as bfloat16
+ * bits (exact: avg is a bfloat16 value). */
+MS__AI void mstock_avg_put(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                           const struct ms_chunk *fc, float *restrict avg,
+                           uint16_t *restrict k16, size_t nb)
+{
+    mstock_sum(d, mx, s, fc, avg, 0, nb);
+    mstock_k_avg(MSTOCK_DT(mx, d, sd[s->n - 1]), avg, (float)s->n, nb);
+    for (size_t k = 0; k < nb; k++)
+        k16[k] = (uint16_t)(ms_f32_bits(avg[k]) >> 16);
+}
+
+/* Reduce (a != NULL: adds to a[], avg to k16 when k16) or apply (writes the
+ * stored output; avg from k16 when k16) over elements [j0, j1) of the stored
+ * chunk sc, block by block. */
+MS__AI void mstock_srange(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                          const struct ms_chunk_stored *sc, struct ms_xacc *a, uint16_t *k16,
+                          float tv, float omt, size_t j0, size_t j1)
+{
+    _Alignas(MS_ALIGN) float x[MS_MAX_INPUTS][MSTOCK_B], y[MSTOCK_B];
+    struct ms_chunk fc = { .out = y }; /* the block as the float path's chunk sees it */
+    fc.in[s->ib] = x[0];
+    for (uint32_t i = 0; i < s->n; i++)
+        fc.in[s->it[i]] = x[1 + i];
+    for (size_t j = j0; j < j1; j += MSTOCK_B) {
+        size_t nb = MS_MIN((size_t)MSTOCK_B, j1 - j);
+        /* apply with avg kept needs w0 only */
+        uint32_t ndec = a || !k16 ? s->n + 1 : 1;
+        for (uint32_t i = 0; i < ndec; i++) {
+            uint32_t k = i ? s->it[i - 1] : s->ib;
+            ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[k] + j, x[i], nb);
+        }
+        if (a) {
+            MS__BLOCK_CALL(mstock_sums_block, nb, MSTOCK_B, d, mx, s, &fc, a, NULL, 0);
+            if (k16)
+                MS__BLOCK_CALL(mstock_avg_put, nb, MSTOCK_B, d, mx, s, &fc, y, k16 + j);
+        } else if (k16) {
+            ms_dtype_decode(MS_DT_BF16, k16 + j, x[1], nb);
+            MS__BLOCK_CALL(mstock_k_mix, nb, MSTOCK_B, d, d, d, y, x[1], x[0], tv, omt);
+        } else {
+            MS__BLOCK_CALL(mstock_mix_block, nb, MSTOCK_B, d, mx, s, &fc, NULL, tv, omt, 0);
+        }
+        if (!a)
+            ms_dtype_encode(sc->dt, y, (uint16_t *)sc->out + j, nb);
+    }
+}
+
+/* mstock_chunk on the stored chunk sc. */
+MS__AI void mstock_schunk(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                          const struct ms_stage_job *job, const struct ms_chunk_stored *sc,
+                          struct ms_xacc *partial)
+{
+    size_t n = (size_t)sc->count;
+    uint16_t *kp = d == MS_DT_BF16 && !mx && !s->filter_wise ? sc->keep : NULL;
+    if (partial) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&partial[k]);
+        mstock_srange(d, mx, s, sc, partial, kp, 0.0f, 0.0f, 0, n);
+        return;
+    }
+    if (!s->filter_wise) {
+        mstock_srange(d, mx, s, sc, NULL, kp, s->t, s->omt, 0, n);
+        return;
+    }
+    size_t row = (size_t)MS_MAX(job->row_len, 1);
+    assert(n % row == 0);
+    struct mstock_sums a;
+    for (size_t r0 = 0; r0 < n; r0 += row) {
+        for (size_t k = 0; k < mstock_nsums(s->n); k++)
+            ms_xacc_init(&a.a[k]);
+        mstock_srange(d, mx, s, sc, a.a, NULL, 0.0f, 0.0f, r0, r0 + row);
+        float t, omt;
+        if (mx) {
+            t = mstock_t_mx(&s->dt, s->n, a.a);
+            omt = ms_rnd(s->dt.cd, 1.0f - t);
+        } else {
+            t = mstock_t(d, s->n, a.a);
+            omt = ms_rnd(d, 1.0f - t);
+        }
+        mstock_srange(d, mx, s, sc, NULL, NULL, t, omt, r0, r0 + row);
+    }
+}
+
+/* mstock_schunk specialised for each compute dtype (the stored dtype or F32). */
+static void mstock_run_stored(const struct mstock_state *s, const struct ms_stage_job *job,
+                              const struct ms_chunk_stored *sc, struct ms_xacc *partial)
+{
+    if (s->mixed) {
+        mstock_schunk(MS_DT_F32, true, s, job, sc, partial);
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16: mstock_schunk(MS_DT_BF16, false, s, job, sc, partial); break;
+    case MS_DT_F16: mstock_schunk(MS_DT_F16, false, s, job, sc, partial); break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        mstock_schunk(MS_DT_F32, false, s, job, sc, partial);
+        break;
+    }
+}
+
+MS__ISA_VERSIONS(mstock_run_stored_isa, mstock_run_stored,
+                 (const struct mstock_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk_stored *sc, struct ms_xacc *partial),
+                 (s, job, sc, partial))
+
+static bool mstock_stored_passes(const void *state, const struct ms_stage_job *job,
+                                 enum ms_dtype dt)
+{
+    return dt == MS_DT_BF16 || dt == MS_DT_F16;
+}
+
+static void mstock_reduce_stored(const void *state, const struct ms_stage_job *job,
+                                 const struct ms_chunk_stored *c, void *partial)
+{
+    assert(c->dt == MS_DT_BF16 || c->dt == MS_DT_F16);
+    mstock_run_stored_isa(state, job, c, partial);
+}
+
+/* Declines (before writing anything) only where no pass committed it: another
+ * dtype, or a filter_wise chunk that is not whole rows (an engine sub-block). */
+static bool mstock_apply_stored(const void *state, const struct ms_stage_job *job,
+                                const struct ms_chunk_stored *c)
+{
+    const struct mstock_state *s = state;
+    if (c->dt != MS_DT_BF16 && c->dt != MS_DT_F16)
+        return false;
+    if (s->copy) {
+        memcpy(c->out, c->in[s->ib], (size_t)c->count * sizeof(uint16_t));
+        return true;
+    }
+    uint64_t row = MS_MAX(job->row_len, 1);
+    if (s->filter_wise && (c->first % row || c->count % row))
+        return false;
+    mstock_run_stored_isa(s, job, c, NULL);
+    return true;
+}
+
+/*
  * The keep area (ms__k_bf16_pair_put) in bfloat16 with filter_wise false, up to
  * MSTOCK_KEEP_MAX elements: a resident tensor keeps in its own output buffer;
  * for a larger one (an embedding, rarely resident) the engine would reserve a
@@ -413,6 +581,9 @@ static const struct ms_stage_ops mstock_ops = {
     .fold = mstock_fold,
     .end_pass = mstock_end_pass,
     .apply = mstock_apply,
+    .apply_stored = mstock_apply_stored,
+    .stored_passes = mstock_stored_passes,
+    .reduce_stored = mstock_reduce_stored,
 };
 
 /* 2.8: the base and one other model: mergekit leaves an optional tensor out and

@@ -224,11 +224,31 @@ static int nus_begin(void *state, const struct ms_stage_job *job)
 /* ------------------------------------------------------------------------ */
 /* Per-vector scalars and per-element kernels.                               */
 
+/*
+ * NaN rule of the output's operations (any version, any path): an operation
+ * that meets a NaN first operand gives that NaN, quieted, in torch's operand
+ * order (x - base, coefficient * v, the first term + the second, numerator /
+ * sin th, base + r); otherwise IEEE's. Two NaN meet only where the tensor (or
+ * the row or column) holds a NaN, and then the compiler may put either operand
+ * of an instruction first, and x86 returns the first one's NaN: the choice is
+ * made explicit so that the float path, the stored path and every version give
+ * the same bytes (ms__mul_first, ms__add_first).
+ */
+MS__AI float nus_sub_first(float x, float y)
+{
+    return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x - y;
+}
+
+MS__AI float nus_div_first(float x, float y)
+{
+    return x != x ? ms_f32_from_bits(ms_f32_bits(x) | 0x00400000u) : x / y;
+}
+
 static inline float nus_v(struct nus_dt d, const struct nus_state *s, const struct ms_chunk *c,
                           uint32_t k, size_t j)
 {
     float x = c->in[k ? s->i1 : s->i0][j];
-    return s->ib >= 0 ? ms_rnd(d.v[k], x - c->in[s->ib][j]) : x;
+    return s->ib >= 0 ? ms_rnd(d.v[k], nus_sub_first(x, c->in[s->ib][j])) : x;
 }
 
 /* The clamped norm from a sum of squares. */
@@ -258,8 +278,11 @@ static inline float nus_mix(struct nus_dt dt, const struct nus_state *s, const s
 {
     const enum ms_dtype d = dt.p;
     if (cf->colinear)
-        return ms_rnd(d, ms_rnd(dt.v[0], s->c0 * v0) + ms_rnd(dt.v[1], s->c1 * v1));
-    return ms_rnd(d, ms_rnd(d, ms_rnd(d, cf->a * v0) + ms_rnd(d, cf->b * v1)) / cf->s);
+        return ms_rnd(d, ms__add_first(ms_rnd(dt.v[0], ms__mul_first(s->c0, v0)),
+                                       ms_rnd(dt.v[1], ms__mul_first(s->c1, v1))));
+    float num = ms_rnd(d, ms__add_first(ms_rnd(d, ms__mul_first(cf->a, v0)),
+                                        ms_rnd(d, ms__mul_first(cf->b, v1))));
+    return ms_rnd(d, nus_div_first(num, cf->s));
 }
 
 /* out[j] for element j with the scalars of its vector. */
@@ -267,7 +290,7 @@ static inline float nus_out(struct nus_dt d, const struct nus_state *s, const st
                             const struct nus_coef *cf, size_t j)
 {
     float r = nus_mix(d, s, cf, nus_v(d, s, c, 0, j), nus_v(d, s, c, 1, j));
-    return s->ib >= 0 ? ms_rnd(d.out, c->in[s->ib][j] + r) : r;
+    return s->ib >= 0 ? ms_rnd(d.out, ms__add_first(c->in[s->ib][j], r)) : r;
 }
 
 /*
@@ -278,6 +301,14 @@ static inline float nus_out(struct nus_dt d, const struct nus_state *s, const st
  */
 #define NUS_B 1024
 
+/* y = rnd(x - b), x's NaN first */
+MS__AI void nus_k_sub(enum ms_dtype d, float *restrict y, const float *restrict x,
+                      const float *restrict b, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_rnd(d, nus_sub_first(x[k], b[k]));
+}
+
 /* v_k of elements [j0, j0 + nb): rnd(x_k - base) into buf, or x_k itself (the
  * input) without a base. */
 MS__AI const float *nus_vblock(struct nus_dt d, const struct nus_state *s,
@@ -287,7 +318,7 @@ MS__AI const float *nus_vblock(struct nus_dt d, const struct nus_state *s,
     const float *x = c->in[k ? s->i1 : s->i0] + j0;
     if (s->ib < 0)
         return x;
-    ms__k_sub(d.v[k], buf, x, c->in[s->ib] + j0, nb);
+    nus_k_sub(d.v[k], buf, x, c->in[s->ib] + j0, nb);
     return buf;
 }
 
@@ -308,12 +339,16 @@ MS__AI void nus_k_mix(struct nus_dt d, const struct nus_state *s, const struct n
     if (cf->colinear) {
         const float c0 = s->c0, c1 = s->c1;
         for (size_t k = 0; k < n; k++)
-            r[k] = ms_rnd(dp, ms_rnd(d.v[0], c0 * v0[k]) + ms_rnd(d.v[1], c1 * v1[k]));
+            r[k] = ms_rnd(dp, ms__add_first(ms_rnd(d.v[0], ms__mul_first(c0, v0[k])),
+                                            ms_rnd(d.v[1], ms__mul_first(c1, v1[k]))));
         return;
     }
     const float a = cf->a, b = cf->b, sn = cf->s;
-    for (size_t k = 0; k < n; k++)
-        r[k] = ms_rnd(dp, ms_rnd(dp, ms_rnd(dp, a * v0[k]) + ms_rnd(dp, b * v1[k])) / sn);
+    for (size_t k = 0; k < n; k++) {
+        float num = ms_rnd(dp, ms__add_first(ms_rnd(dp, ms__mul_first(a, v0[k])),
+                                             ms_rnd(dp, ms__mul_first(b, v1[k]))));
+        r[k] = ms_rnd(dp, nus_div_first(num, sn));
+    }
 }
 
 /* y = rnd(b + r) */
@@ -321,7 +356,7 @@ MS__AI void nus_k_addb(enum ms_dtype d, float *restrict y, const float *restrict
                        const float *restrict r, size_t n)
 {
     for (size_t k = 0; k < n; k++)
-        y[k] = ms_rnd(d, b[k] + r[k]);
+        y[k] = ms_rnd(d, ms__add_first(b[k], r[k]));
 }
 
 enum { NUS_DO_SQ, NUS_DO_COS, NUS_DO_OUT };
@@ -613,6 +648,143 @@ static void nus_apply(const void *state, const struct ms_stage_job *job, const s
     nus_run_isa(s, job, c, NULL);
 }
 
+/* ------------------------------------------------------------------------ */
+/* The stored-bytes path.                                                     */
+
+/*
+ * bfloat16 or float16 inputs and output: the whole-vector mode through
+ * ms_stage_ops.stored_passes (both reduce passes on reduce_stored, then
+ * apply_stored), the per-row mode and a copy through apply_stored (one pass,
+ * inputs in the compute dtype); the row_wise (columns) mode stays on the float
+ * path. Each block of NUS_B elements of the two or three inputs is decoded into
+ * float scratch that stays in L1 and nus_block runs on it, so the terms summed
+ * and the floats mixed are the float path's; apply's floats are encoded to the
+ * stored dtype, which is what rounding them to the result dtype and encoding
+ * gives. Every pass decodes its blocks anew (a row: three times), which costs
+ * less than holding the decoded floats.
+ */
+
+/* nus_range over elements [j0, j1) of the stored chunk sc; NUS_DO_OUT encodes
+ * the output to sc->out. */
+MS__AI void nus_srange(struct nus_dt d, const struct nus_state *s,
+                       const struct ms_chunk_stored *sc, int what, struct ms_xacc *a, float n0,
+                       float n1, const struct nus_coef *cf, size_t j0, size_t j1)
+{
+    _Alignas(MS_ALIGN) float x[3][NUS_B], y[NUS_B];
+    struct ms_chunk fc = { .out = y }; /* the block as the float path's chunk sees it */
+    uint32_t idx[3] = { s->i0, s->i1, s->ib >= 0 ? (uint32_t)s->ib : 0 };
+    uint32_t nin = s->ib >= 0 ? 3 : 2;
+    for (uint32_t i = 0; i < nin; i++)
+        fc.in[idx[i]] = x[i];
+    for (size_t j = j0; j < j1; j += NUS_B) {
+        size_t nb = MS_MIN((size_t)NUS_B, j1 - j);
+        for (uint32_t i = 0; i < nin; i++)
+            ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[idx[i]] + j, x[i], nb);
+        MS__BLOCK_CALL(nus_block, nb, NUS_B, d, s, &fc, what, a, n0, n1, cf, 0);
+        if (what == NUS_DO_OUT)
+            ms_dtype_encode(sc->dt, y, (uint16_t *)sc->out + j, nb);
+    }
+}
+
+/* nus_chunk on the stored chunk sc (whole-vector and per-row modes). */
+MS__AI void nus_schunk(struct nus_dt d, const struct nus_state *s, const struct ms_stage_job *job,
+                       const struct ms_chunk_stored *sc, struct nus_sums *partial)
+{
+    size_t n = (size_t)sc->count;
+    if (partial) {
+        assert(s->mode == NUS_FLAT);
+        if (s->pass == 0) {
+            struct ms_xacc a[2];
+            ms_xacc_init(&a[0]);
+            ms_xacc_init(&a[1]);
+            nus_srange(d, s, sc, NUS_DO_SQ, a, 0.0f, 0.0f, NULL, 0, n);
+            partial->s0 = a[0];
+            partial->s1 = a[1];
+        } else {
+            ms_xacc_init(&partial->sc);
+            nus_srange(d, s, sc, NUS_DO_COS, &partial->sc, s->n0, s->n1, NULL, 0, n);
+        }
+        return;
+    }
+    if (s->mode == NUS_FLAT) {
+        nus_srange(d, s, sc, NUS_DO_OUT, NULL, 0.0f, 0.0f, &s->cf, 0, n);
+        return;
+    }
+    assert(s->mode == NUS_ROWS);
+    size_t row = (size_t)MS_MAX(job->row_len, 1);
+    assert(n % row == 0);
+    for (size_t r0 = 0; r0 < n; r0 += row) {
+        struct ms_xacc a[2], ac;
+        ms_xacc_init(&a[0]);
+        ms_xacc_init(&a[1]);
+        ms_xacc_init(&ac);
+        nus_srange(d, s, sc, NUS_DO_SQ, a, 0.0f, 0.0f, NULL, r0, r0 + row);
+        float n0 = nus_norm(d, s, 0, ms_xacc_value(&a[0]));
+        float n1 = nus_norm(d, s, 1, ms_xacc_value(&a[1]));
+        nus_srange(d, s, sc, NUS_DO_COS, &ac, n0, n1, NULL, r0, r0 + row);
+        struct nus_coef cf = nus_coef_of(d, s, ms_xacc_value(&ac));
+        nus_srange(d, s, sc, NUS_DO_OUT, NULL, 0.0f, 0.0f, &cf, r0, r0 + row);
+    }
+}
+
+/* nus_schunk specialised for the compute dtype (the stored dtype or F32). */
+static void nus_run_stored(const struct nus_state *s, const struct ms_stage_job *job,
+                           const struct ms_chunk_stored *sc, struct nus_sums *partial)
+{
+#define NUS_DT(x) ((struct nus_dt){ { (x), (x) }, (x), (x) })
+    if (s->mixed) {
+        nus_schunk(s->dt, s, job, sc, partial);
+        return;
+    }
+    switch (job->compute) {
+    case MS_DT_BF16: nus_schunk(NUS_DT(MS_DT_BF16), s, job, sc, partial); break;
+    case MS_DT_F16: nus_schunk(NUS_DT(MS_DT_F16), s, job, sc, partial); break;
+    default:
+        assert(job->compute == MS_DT_F32);
+        nus_schunk(NUS_DT(MS_DT_F32), s, job, sc, partial);
+        break;
+    }
+#undef NUS_DT
+}
+
+MS__ISA_VERSIONS(nus_run_stored_isa, nus_run_stored,
+                 (const struct nus_state *s, const struct ms_stage_job *job,
+                  const struct ms_chunk_stored *sc, struct nus_sums *partial),
+                 (s, job, sc, partial))
+
+static bool nus_stored_passes(const void *state, const struct ms_stage_job *job, enum ms_dtype dt)
+{
+    const struct nus_state *s = state;
+    return (dt == MS_DT_BF16 || dt == MS_DT_F16) && s->mode == NUS_FLAT;
+}
+
+static void nus_reduce_stored(const void *state, const struct ms_stage_job *job,
+                              const struct ms_chunk_stored *c, void *partial)
+{
+    assert(c->dt == MS_DT_BF16 || c->dt == MS_DT_F16);
+    nus_run_stored_isa(state, job, c, partial);
+}
+
+/* Declines (before writing anything) only where no pass committed it: another
+ * dtype, the columns mode, or a per-row chunk that is not whole rows (an engine
+ * sub-block). */
+static bool nus_apply_stored(const void *state, const struct ms_stage_job *job,
+                             const struct ms_chunk_stored *c)
+{
+    const struct nus_state *s = state;
+    if ((c->dt != MS_DT_BF16 && c->dt != MS_DT_F16) || s->mode == NUS_COLS)
+        return false;
+    if (s->mode == NUS_COPY) {
+        memcpy(c->out, c->in[s->i0], (size_t)c->count * sizeof(uint16_t));
+        return true;
+    }
+    uint64_t row = MS_MAX(job->row_len, 1);
+    if (s->mode == NUS_ROWS && (c->first % row || c->count % row))
+        return false;
+    nus_run_stored_isa(s, job, c, NULL);
+    return true;
+}
+
 static const struct ms_stage_ops nus_ops = {
     .flags = MS_STAGE_ROWWISE,
     .state_size = nus_state_size,
@@ -622,6 +794,9 @@ static const struct ms_stage_ops nus_ops = {
     .fold = nus_fold,
     .end_pass = nus_end_pass,
     .apply = nus_apply,
+    .apply_stored = nus_apply_stored,
+    .stored_passes = nus_stored_passes,
+    .reduce_stored = nus_reduce_stored,
 };
 
 /* With a base_model, the base's tensor is needed whenever there is anything to merge. */

@@ -485,6 +485,18 @@ static const char *const split_recipes[][2] = {
                    "  - model: r40a\n    parameters: {weight: 0.4}\n"
                    "  - model: r40b\n    parameters: {weight: 0.6}\n"
                    "parameters:\n  nuslerp_flatten: false\n" },
+    /* geo: model_stock (a keep area from its reduce pass; filter_wise: rows, one
+     * pass; float32 compute of bfloat16 bytes) and nuslerp with a base (two
+     * reduce passes) */
+    { "mstock.yml", "merge_method: model_stock\nbase_model: base\nmodels:\n"
+                    "  - model: ft1\n  - model: ft2\n" },
+    { "mstockfw.yml", "merge_method: model_stock\nbase_model: base\nmodels:\n"
+                      "  - model: ft1\n  - model: ft2\nparameters:\n  filter_wise: true\n" },
+    { "mstock32.yml", "merge_method: model_stock\ndtype: float32\nout_dtype: bfloat16\n"
+                      "base_model: base\nmodels:\n  - model: ft1\n  - model: ft2\n" },
+    { "nusbase.yml", "merge_method: nuslerp\nbase_model: base\nmodels:\n"
+                     "  - model: ft1\n    parameters: {weight: 0.4}\n"
+                     "  - model: ft2\n    parameters: {weight: 0.6}\n" },
 };
 
 /* Every split_recipes merge with each variant (environment, options) gives the
@@ -561,6 +573,30 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
         for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
             run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
                    variants[v][0], h16[r], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
+    }
+    /* geo: model_stock and nuslerp (flattened, then per row) in float16 */
+    run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 23 --dtype f16 h2 >/dev/null",
+           g_dir);
+    static const char *const f16_recipes[][2] = {
+        { "mstockh.yml", "merge_method: model_stock\nbase_model: h0\nmodels:\n"
+                         "  - model: h1\n  - model: h2\n" },
+        { "nush.yml", "merge_method: nuslerp\nbase_model: h0\nmodels:\n"
+                      "  - model: h1\n    parameters: {weight: 0.7}\n"
+                      "  - model: h2\n    parameters: {weight: 0.2}\n" },
+        { "nushr.yml", "merge_method: nuslerp\nmodels:\n"
+                       "  - model: h1\n    parameters: {weight: 0.7}\n"
+                       "  - model: h2\n    parameters: {weight: 0.2}\n"
+                       "parameters:\n  nuslerp_flatten: false\n" },
+    };
+    for (size_t r = 0; r < MS_ARRAY_LEN(f16_recipes); r++) {
+        write_recipe(f16_recipes[r][0], f16_recipes[r][1]);
+        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
+               f16_recipes[r][0]);
+        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], f16_recipes[r][0], variants[v][1]);
             assert_same_output("a/out", "b/out");
         }
     }

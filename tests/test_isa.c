@@ -741,3 +741,82 @@ Test(isa, a_version_that_cannot_run_is_refused)
     free(out);
     free(err);
 }
+
+/*
+ * geo: model_stock's and nuslerp's stored-bytes paths (stored_passes,
+ * reduce_stored, apply_stored; model_stock's kept avg): for each of their
+ * cases above with one dtype, in bfloat16 and float16, NaN, infinities and
+ * subnormals among the values too, chunks of the whole tensor, 2100 and 1
+ * elements, with and without a keep area, each version's bytes equal the
+ * encoding of that version's float path (which the test above ties to scalar).
+ * Run in a child process per version, as above.
+ */
+static int geo_stored_cases_run(const char *unused)
+{
+    static const enum ms_dtype dts[2] = { MS_DT_BF16, MS_DT_F16 };
+    static float in[6][ISA_NUMEL], out[ISA_NUMEL];
+    static uint16_t raw[6][ISA_NUMEL], got[ISA_NUMEL], want[ISA_NUMEL];
+    static const uint32_t special[] = { 0x7fc00000u, 0xffc12345u, 0x7f800000u, 0x00000001u };
+    int ran = 0;
+    for (size_t k = 0; k < ISA_NCASES; k++) {
+        const struct isa_case *ic = &isa_cases[k];
+        if ((strcmp(ic->method, "model_stock") && strcmp(ic->method, "nuslerp")) || ic->mixed)
+            continue;
+        for (int d = 0; d < 2; d++)
+            for (int sp = 0; sp < 2; sp++) {
+                enum ms_dtype dt = dts[d];
+                struct ms_stage_job job;
+                th_stage_job(&job, ic->method, isa_shape, 2, dt, ic->ninputs);
+                job.base = ic->base;
+                const char *ps[2] = { ic->p1, ic->p2 };
+                const double vs[2] = { ic->v1, ic->v2 };
+                for (int q = 0; q < 2; q++) {
+                    int pi = ps[q] ? ms_method_param(job.method, ps[q]) : -1;
+                    if (pi >= 0 && job.method->params[pi].per_model)
+                        for (uint32_t i = 0; i < ic->ninputs; i++)
+                            job.pv[i][pi] = vs[q] + 0.25 * i;
+                    else if (pi >= 0)
+                        job.gv[pi] = vs[q];
+                }
+                const float *ins[6];
+                const void *rins[6];
+                for (uint32_t i = 0; i < ic->ninputs; i++) {
+                    isa_case_inputs(k, i, dt, in[i]);
+                    for (size_t j = 0; sp && j < ISA_NUMEL; j += 331) {
+                        float v;
+                        uint32_t u = special[(j / 331 + i) % 4];
+                        memcpy(&v, &u, 4);
+                        in[i][j] = th_stage_round(dt, v);
+                    }
+                    (dt == MS_DT_BF16 ? ms_f32_to_bf16_ref : ms_f32_to_f16_ref)(in[i], raw[i],
+                                                                              ISA_NUMEL);
+                    /* the float path's inputs: what the bytes decode to (NaN payloads) */
+                    (dt == MS_DT_BF16 ? ms_bf16_to_f32_ref : ms_f16_to_f32_ref)(raw[i], in[i],
+                                                                              ISA_NUMEL);
+                    ins[i] = in[i];
+                    rins[i] = raw[i];
+                }
+                if (ms_stage_run_mem(&job, ins, out, 0) != 0)
+                    return 2;
+                (dt == MS_DT_BF16 ? ms_f32_to_bf16_ref : ms_f32_to_f16_ref)(out, want, ISA_NUMEL);
+                for (size_t cs = 0; cs < sizeof isa_chunks / sizeof isa_chunks[0]; cs++)
+                    for (int kp = 0; kp < 2; kp++) {
+                        memset(got, 0x5a, sizeof got);
+                        int rc = ms_stage_run_stored_keep(&job, dt, rins, got, isa_chunks[cs], kp);
+                        if (rc == MS_EUNSUPPORTED) /* nuslerp's columns mode */
+                            continue;
+                        if (rc != 0)
+                            return 3;
+                        if (memcmp(got, want, sizeof got))
+                            return 10 + (int)k;
+                        ran++;
+                    }
+            }
+    }
+    return ran == 5 * 2 * 2 * 3 * 2 ? 0 : 4; /* 2 model_stock and 3 nuslerp cases */
+}
+
+Test(isa, geo_stored_paths_give_the_float_paths_bytes_in_every_version)
+{
+    each_version_passes(geo_stored_cases_run);
+}

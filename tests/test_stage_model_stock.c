@@ -361,3 +361,121 @@ Test(model_stock, keep_area_and_replay_give_the_same_bytes)
     th_stage_set(&job, -1, "filter_wise", 1);
     cr_assert(!job.method->ops->keeps(&job));
 }
+
+/*
+ * The stored-bytes path (stages/model_stock.c: reduce_stored and apply_stored on
+ * bfloat16 or float16 bytes; filter_wise true and the base alone through
+ * apply_stored alone) writes the float path's floats encoded to the stored dtype,
+ * with and without a keep area, for N = 2 and 3 other models, the base first or
+ * last, computed in the stored dtype or in float32 (a recipe's dtype: float32
+ * over 16-bit files), chunks smaller and larger than its 1024-element blocks, and
+ * tensors holding subnormals, -0, infinities and NaN. The float path (checked
+ * above) is the reference, encoded by the scalar reference encoder; on finite
+ * inputs the reference of this file (ref_vec) is checked too.
+ */
+Test(model_stock, stored_path_gives_the_float_path_bytes)
+{
+    enum { R_ = 23, C_ = 97, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float x[4][N], out[N], ref[N];
+    static uint16_t h[4][N], want[N], got[N];
+    static const uint64_t sizes[] = { 0, 1, 7, 257, 1500 };
+    static const enum ms_dtype sdts[2] = { MS_DT_BF16, MS_DT_F16 };
+    int runs = 0;
+    for (int d = 0; d < 2; d++)
+        for (uint32_t n = 3; n <= 4; n++)
+            for (int mode = 0; mode < 3; mode++) {
+                enum ms_dtype dt = sdts[d];
+                uint64_t s = 8200 + (uint64_t)d * 100 + n * 10 + (uint64_t)mode;
+                cr_log_info("seed %llu", (unsigned long long)s);
+                float dir[N];
+                for (int j = 0; j < N; j++) {
+                    x[0][j] = th_stage_value(dt, &s, 0.05f);
+                    dir[j] = th_stage_value(MS_DT_F32, &s, 0.01f);
+                }
+                for (uint32_t i = 1; i < n; i++)
+                    for (int j = 0; j < N; j++)
+                        x[i][j] = th_stage_round(dt, x[0][j] + dir[j] +
+                                                         th_stage_value(MS_DT_F32, &s, 0.01f));
+                if (mode >= 1) { /* subnormals and -0; mode 2 also infinities and a NaN */
+                    x[1][10] = dt == MS_DT_BF16 ? 0x1p-130f : 0x1p-20f;
+                    x[0][11] = dt == MS_DT_BF16 ? -0x1p-133f : -0x1p-23f;
+                    x[n - 1][1200] = -0.0f;
+                    x[0][1201] = -0.0f;
+                    if (mode == 2) {
+                        x[0][300] = INFINITY;
+                        x[1][1800] = -INFINITY;
+                        memcpy(&x[n - 1][2100], &(uint32_t){ 0xffc50000u }, 4);
+                    }
+                }
+                void (*enc)(const float *, uint16_t *, size_t) =
+                    dt == MS_DT_BF16 ? ms_f32_to_bf16_ref : ms_f32_to_f16_ref;
+                void (*dec)(const uint16_t *, float *, size_t) =
+                    dt == MS_DT_BF16 ? ms_bf16_to_f32_ref : ms_f16_to_f32_ref;
+                const float *in[4];
+                const void *hin[4];
+                for (uint32_t i = 0; i < n; i++) {
+                    enc(x[i], h[i], N);
+                    dec(h[i], x[i], N); /* the float path's inputs: what the bytes decode to */
+                    in[i] = x[i];
+                    hin[i] = h[i];
+                }
+                for (int bp = 0; bp < 2; bp++)
+                    for (int fw = 0; fw < 2; fw++)
+                        for (int cf = 0; cf < 2; cf++) {
+                            enum ms_dtype comp = cf ? MS_DT_F32 : dt;
+                            int base = bp ? (int)n - 1 : 0;
+                            struct ms_stage_job job;
+                            th_stage_job(&job, "model_stock", shape, 2, comp, n);
+                            job.base = base;
+                            th_stage_set(&job, -1, "filter_wise", fw);
+                            if (fw && cf) { /* one pass: apply_stored sees the compute dtype */
+                                cr_assert_eq(ms_stage_run_stored(&job, dt, hin, got, 0),
+                                             MS_EUNSUPPORTED);
+                                continue;
+                            }
+                            cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0, "%s",
+                                         ms_errmsg());
+                            enc(out, want, N);
+                            if (mode == 0) {
+                                for (size_t j0 = 0; j0 < N; j0 += fw ? C_ : N)
+                                    ref_vec(comp, in, n, base, j0, fw ? C_ : N, ref);
+                                enc(ref, got, N);
+                                cr_assert(!memcmp(got, want, sizeof want),
+                                          "dt %d n %u fw %d: float path vs reference", dt, n,
+                                          fw);
+                            }
+                            for (size_t z = 0; z < MS_ARRAY_LEN(sizes); z++)
+                                for (int kp = 0; kp < 2; kp++) {
+                                    memset(got, 0x5a, sizeof got);
+                                    cr_assert_eq(ms_stage_run_stored_keep(&job, dt, hin, got,
+                                                                          sizes[z], kp),
+                                                 0, "%s", ms_errmsg());
+                                    for (int j = 0; j < N; j++)
+                                        cr_assert_eq(got[j], want[j],
+                                                     "dt %d n %u mode %d base %d fw %d compute "
+                                                     "%d chunk %llu keep %d elt %d: %04x want "
+                                                     "%04x",
+                                                     dt, n, mode, base, fw, comp,
+                                                     (unsigned long long)sizes[z], kp, j,
+                                                     got[j], want[j]);
+                                    runs++;
+                                }
+                        }
+            }
+    cr_assert_eq(runs, 2 * 2 * 3 * 2 * 3 * 5 * 2);
+}
+
+/* The base alone (a one-pass copy) takes apply_stored in its own dtype: the
+ * stored bytes unchanged, -0 and a NaN's payload included. */
+Test(model_stock, stored_path_copies_the_base_alone)
+{
+    static const int64_t shape[1] = { 5 };
+    uint16_t x[5] = { 0x3f80, 0x8000, 0xffc5, 0x0001, 0x7f80 }, o[5];
+    const void *in[1] = { x };
+    struct ms_stage_job job;
+    th_stage_job(&job, "model_stock", shape, 1, MS_DT_BF16, 1);
+    job.base = 0;
+    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_BF16, in, o, 2), 0);
+    cr_assert(!memcmp(x, o, sizeof x));
+}

@@ -313,3 +313,116 @@ Test(nuslerp, mixed_input_dtypes_promote_op_by_op)
         }
     cr_assert_gt(differs, 0, "no case tells op-by-op promotion from float32 up front");
 }
+
+/*
+ * The stored-bytes path (stages/nuslerp.c: both reduce passes and apply on
+ * bfloat16 or float16 bytes for the whole-vector mode; apply_stored alone for
+ * the per-row mode and a copy) writes the float path's floats encoded to the
+ * stored dtype (the keep flag changes nothing: nuslerp keeps nothing), without
+ * a base and with the base at each position, computed in the stored dtype or in
+ * float32 (whole-vector mode), for chunks smaller and larger than its
+ * 1024-element blocks, ordinary, colinear (x1 = x0: sin th = 0) and nearly
+ * aligned vectors, and tensors holding subnormals, -0, infinities and NaN. The
+ * float path (checked above) is the reference, encoded by the scalar reference
+ * encoder; on finite inputs ref_nuslerp is checked too. The columns mode stays
+ * on the float path.
+ */
+Test(nuslerp, stored_path_gives_the_float_path_bytes)
+{
+    enum { R_ = 19, C_ = 131, N = R_ * C_ };
+    static const int64_t shape[2] = { R_, C_ };
+    static float x[3][N], out[N], ref[N];
+    static uint16_t h[3][N], want[N], got[N];
+    static const uint64_t sizes[] = { 0, 1, 7, 257, 1500 };
+    static const enum ms_dtype sdts[2] = { MS_DT_BF16, MS_DT_F16 };
+    int runs = 0;
+    for (int d = 0; d < 2; d++)
+        for (int mode = 0; mode < 4; mode++) {
+            enum ms_dtype dt = sdts[d];
+            uint64_t s = 12300 + (uint64_t)d * 100 + (uint64_t)mode;
+            cr_log_info("seed %llu", (unsigned long long)s);
+            for (int j = 0; j < N; j++) {
+                x[2][j] = th_stage_value(dt, &s, 0.05f); /* the base when there is one */
+                float e0 = th_stage_value(MS_DT_F32, &s, 0.02f);
+                float e1 = th_stage_value(MS_DT_F32, &s, 0.02f);
+                x[0][j] = th_stage_round(dt, x[2][j] + e0);
+                x[1][j] = th_stage_round(dt, mode == 1 ? x[0][j] + 0.05f * e1 : x[2][j] + e1);
+            }
+            if (mode == 2) /* colinear */
+                memcpy(x[1], x[0], sizeof x[0]);
+            if (mode == 3) { /* subnormals, -0, infinities (row 2) and a NaN (row 15) */
+                x[0][10] = dt == MS_DT_BF16 ? 0x1p-130f : 0x1p-20f;
+                x[2][11] = dt == MS_DT_BF16 ? -0x1p-133f : -0x1p-23f;
+                x[1][1200] = -0.0f;
+                x[2][1201] = -0.0f;
+                x[0][2 * C_ + 5] = INFINITY;
+                x[2][2 * C_ + 9] = -INFINITY;
+                memcpy(&x[1][15 * C_ + 3], &(uint32_t){ 0xffc50000u }, 4);
+            }
+            void (*enc)(const float *, uint16_t *, size_t) =
+                dt == MS_DT_BF16 ? ms_f32_to_bf16_ref : ms_f32_to_f16_ref;
+            void (*dec)(const uint16_t *, float *, size_t) =
+                dt == MS_DT_BF16 ? ms_bf16_to_f32_ref : ms_f16_to_f32_ref;
+            for (int i = 0; i < 3; i++) {
+                enc(x[i], h[i], N);
+                dec(h[i], x[i], N); /* the float path's inputs: what the bytes decode to */
+            }
+            for (int base = -1; base < 3; base++)
+                for (int vm = FLAT; vm <= COLS; vm++)
+                    for (int cf = 0; cf < 2; cf++) {
+                        enum ms_dtype comp = cf ? MS_DT_F32 : dt;
+                        uint32_t n = base < 0 ? 2 : 3;
+                        struct ms_stage_job job = mk(shape, 2, comp, n, base, 0.3, 0.9, vm);
+                        const float *in[3];
+                        const void *hin[3];
+                        for (uint32_t i = 0, k = 0; i < n; i++) {
+                            uint32_t src = (int)i == base ? 2 : k++;
+                            in[i] = x[src];
+                            hin[i] = h[src];
+                        }
+                        if (vm == COLS || (vm == ROWS && cf)) { /* float path only */
+                            cr_assert_eq(ms_stage_run_stored(&job, dt, hin, got, 0),
+                                         MS_EUNSUPPORTED);
+                            continue;
+                        }
+                        run(&job, in, out);
+                        enc(out, want, N);
+                        if (mode < 3) {
+                            ref_nuslerp(comp, x[0], x[1], base >= 0 ? x[2] : NULL,
+                                        0.9 / (0.3 + 0.9), vm, shape, 2, ref);
+                            enc(ref, got, N);
+                            cr_assert(!memcmp(got, want, sizeof want),
+                                      "dt %d mode %d base %d vm %d: float path vs reference", dt,
+                                      mode, base, vm);
+                        }
+                        for (size_t z = 0; z < MS_ARRAY_LEN(sizes); z++)
+                            for (int kp = 0; kp < 2; kp++) {
+                                memset(got, 0x5a, sizeof got);
+                                cr_assert_eq(ms_stage_run_stored_keep(&job, dt, hin, got,
+                                                                      sizes[z], kp),
+                                             0, "%s", ms_errmsg());
+                                for (int j = 0; j < N; j++)
+                                    cr_assert_eq(got[j], want[j],
+                                                 "dt %d mode %d base %d vm %d compute %d chunk "
+                                                 "%llu keep %d elt %d: %04x want %04x",
+                                                 dt, mode, base, vm, comp,
+                                                 (unsigned long long)sizes[z], kp, j, got[j],
+                                                 want[j]);
+                                runs++;
+                            }
+                    }
+        }
+    cr_assert_eq(runs, 2 * 4 * 4 * 3 * 5 * 2);
+}
+
+/* One tensor (a one-pass copy) takes apply_stored in its own dtype: the stored
+ * bytes unchanged, -0 and a NaN's payload included. */
+Test(nuslerp, stored_path_copies_a_single_input)
+{
+    static const int64_t shape[1] = { 5 };
+    uint16_t x[5] = { 0x3c00, 0x8000, 0xfe45, 0x0001, 0x7c00 }, o[5];
+    const void *in[1] = { x };
+    struct ms_stage_job job = mk(shape, 1, MS_DT_F16, 1, -1, 1, 1, FLAT);
+    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_F16, in, o, 3), 0);
+    cr_assert(!memcmp(x, o, sizeof x));
+}
