@@ -164,14 +164,6 @@ static int mslerp_begin(void *state, const struct ms_stage_job *job)
     return MS_STAGE_REDUCE;
 }
 
-/* X_i of element j: the model minus the base when there is one. */
-static inline float mslerp_x(enum ms_dtype d, const struct mslerp_state *s,
-                             const struct ms_chunk *c, uint32_t i, size_t j)
-{
-    float x = c->in[s->it[i]][j];
-    return s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
-}
-
 /*
  * The elementwise chain runs over blocks of MSL_B elements, one step at a
  * time over the block through leaf kernels (restrict parameters, a constant
@@ -259,6 +251,82 @@ MS__AI double mslerp_k_gdot(const float *restrict x, const float *restrict y, si
 }
 
 /*
+ * What the chain runs over: one chunk's inputs and output, as floats (the
+ * float path) or as the stored bytes of sdt (bfloat16 or float16: the stored
+ * path, ms_stage_ops.stored_passes), which a block decodes into float scratch
+ * (L1) before the same kernels run on it; apply's floats are then encoded to
+ * sdt, the float path's floats rounded to sdt. Borrowed from the chunk.
+ */
+struct mslerp_view {
+    const void *in[MS_MAX_INPUTS]; /* by input index: count floats, or count sdt elements */
+    void *out;                    /* apply: count floats or sdt elements; reduce: NULL */
+    uint32_t *keep;               /* the keep area (bfloat16 compute) or NULL */
+    uint64_t count;
+    uint32_t nin;                 /* inputs */
+    enum ms_dtype sdt;            /* MS_DT_NONE: floats; MS_DT_BF16 or MS_DT_F16: stored */
+};
+
+static struct mslerp_view mslerp_view_float(const struct ms_chunk *c, uint32_t ninputs)
+{
+    struct mslerp_view v = { .out = c->out, .keep = c->keep, .count = c->count,
+                             .nin = ninputs, .sdt = MS_DT_NONE };
+    for (uint32_t i = 0; i < ninputs; i++)
+        v.in[i] = c->in[i];
+    return v;
+}
+
+static struct mslerp_view mslerp_view_stored(const struct ms_chunk_stored *c, uint32_t ninputs)
+{
+    struct mslerp_view v = { .out = c->out, .keep = c->keep, .count = c->count, .nin = ninputs,
+                             .sdt = c->dt };
+    for (uint32_t i = 0; i < ninputs; i++)
+        v.in[i] = c->in[i];
+    return v;
+}
+
+/* y = the bfloat16 values at h as floats (exact) */
+MS__AI void mslerp_k_bf16(float *restrict y, const uint16_t *restrict h, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        y[k] = ms_f32_from_bits((uint32_t)h[k] << 16);
+}
+
+/* Input i's elements [j0, j0 + nb): the floats themselves, or decoded into scr. */
+MS__AI const float *mslerp_load(const struct mslerp_view *v, uint32_t i, size_t j0, size_t nb,
+                                float *restrict scr)
+{
+    if (v->sdt == MS_DT_NONE)
+        return (const float *)v->in[i] + j0;
+    const uint16_t *h = (const uint16_t *)v->in[i] + j0;
+    if (v->sdt == MS_DT_BF16)
+        mslerp_k_bf16(scr, h, nb);
+    else
+        ms_dtype_decode(v->sdt, h, scr, nb);
+    return scr;
+}
+
+/* Where apply writes elements [j0, j0 + nb): the float output, or scr (then mslerp_store). */
+MS__AI float *mslerp_dest(const struct mslerp_view *v, size_t j0, float *restrict scr)
+{
+    return v->sdt == MS_DT_NONE ? (float *)v->out + j0 : scr;
+}
+
+MS__AI void mslerp_store(const struct mslerp_view *v, size_t j0, const float *y, size_t nb)
+{
+    if (v->sdt != MS_DT_NONE)
+        ms_dtype_encode(v->sdt, y, (uint16_t *)v->out + j0, nb);
+}
+
+/* Input i's element j as a float (the sample). */
+static inline float mslerp_elt(const struct mslerp_view *v, uint32_t i, size_t j)
+{
+    if (v->sdt == MS_DT_NONE)
+        return ((const float *)v->in[i])[j];
+    uint16_t h = ((const uint16_t *)v->in[i])[j];
+    return v->sdt == MS_DT_BF16 ? ms_bf16_to_f32_1(h) : ms_f16_to_f32_1(h);
+}
+
+/*
  * Keep area (bfloat16 compute only, ms_stage.h): one uint32 per element holding
  * two bfloat16 values of the chain, exact (every value is rounded to bf16): m
  * in the low half, tau in the high half, written by every CHAIN pass; the last
@@ -269,19 +337,20 @@ MS__AI double mslerp_k_gdot(const float *restrict x, const float *restrict y, si
  *
  * Elements [j0, j0 + nb) of the chunk: NORMS adds sum X_i^2 and G's upper
  * entries to p; CHAIN runs the chain with s's mn and dt_i and adds the sums
- * still unknown (and sum tau^2) to p; APPLY writes the output to c->out.
+ * still unknown (and sum tau^2) to p; APPLY writes the output to v->out.
  */
 MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
-                         const struct ms_chunk *c, uint32_t what, struct mslerp_part p,
+                         const struct mslerp_view *c, uint32_t what, struct mslerp_part p,
                          size_t j0, size_t nb)
 {
     float u[MS_MAX_INPUTS][MSL_B], v[MSL_B], m[MSL_B];
-    const float *b = s->ib >= 0 ? c->in[s->ib] + j0 : NULL;
-    uint32_t *kp = d == MS_DT_BF16 && c->keep ? (uint32_t *)c->keep + j0 : NULL;
+    _Alignas(MS_ALIGN) float xs[MSL_B], bs[MSL_B]; /* decoded input, decoded base (stored) */
+    const float *b = s->ib >= 0 ? mslerp_load(c, (uint32_t)s->ib, j0, nb, bs) : NULL;
+    uint32_t *kp = d == MS_DT_BF16 && c->keep ? c->keep + j0 : NULL;
     if (what == MSL_NORMS) {
         const float *x[MS_MAX_INPUTS];
         for (uint32_t i = 0; i < s->n; i++) {
-            x[i] = c->in[s->it[i]] + j0;
+            x[i] = mslerp_load(c, s->it[i], j0, nb, b ? xs : u[i]);
             if (b) {
                 ms__k_sub(d, u[i], x[i], b, nb);
                 x[i] = u[i];
@@ -296,11 +365,13 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
     }
     if (kp && what == MSL_APPLY) { /* m and tau kept (read before out, maybe the same memory) */
         ms__k_bf16_pair_get(m, v, kp, nb);
-        mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
+        float *y = mslerp_dest(c, j0, xs);
+        mslerp_k_out(d, y, m, v, b, s->cs, s->q, s->avg, nb);
+        mslerp_store(c, j0, y, nb);
         return;
     }
     for (uint32_t i = 0; i < s->n; i++) /* U_i */
-        mslerp_k_unit(d, u[i], c->in[s->it[i]] + j0, b, s->den[i], nb);
+        mslerp_k_unit(d, u[i], mslerp_load(c, s->it[i], j0, nb, xs), b, s->den[i], nb);
     mslerp_wsum(d, s, u, v, nb); /* M */
     if (what == MSL_CHAIN && !s->mn_known)
         ms_xacc_sumsq(&p.xacc[s->n], v, nb);
@@ -319,21 +390,94 @@ MS__AI void mslerp_block(const enum ms_dtype d, const struct mslerp_state *s,
         ms_xacc_sumsq(&p.xacc[s->n + 1], v, nb);
         return;
     }
-    mslerp_k_out(d, c->out + j0, m, v, b, s->cs, s->q, s->avg, nb);
+    float *y = mslerp_dest(c, j0, xs);
+    mslerp_k_out(d, y, m, v, b, s->cs, s->q, s->avg, nb);
+    mslerp_store(c, j0, y, nb);
+}
+
+/* The linear fallback (mn < eps, two models): y = rnd(rnd(X_0*w_0) + rnd(X_1*w_1)),
+ * then rnd(y + b) with a base (b non-NULL; X_i = rnd(x_i - b)). */
+MS__AI void mslerp_k_lerp(enum ms_dtype d, float *restrict y, const float *restrict x0,
+                          const float *restrict x1, const float *restrict b, float w0, float w1,
+                          size_t n)
+{
+    if (b)
+        for (size_t k = 0; k < n; k++) {
+            float r = ms_rnd(d, ms_rnd(d, ms_rnd(d, x0[k] - b[k]) * w0) +
+                                    ms_rnd(d, ms_rnd(d, x1[k] - b[k]) * w1));
+            y[k] = ms_rnd(d, r + b[k]);
+        }
+    else
+        for (size_t k = 0; k < n; k++)
+            y[k] = ms_rnd(d, ms_rnd(d, x0[k] * w0) + ms_rnd(d, x1[k] * w1));
+}
+
+MS__AI void mslerp_lerp_block(const enum ms_dtype d, const struct mslerp_state *s,
+                              const struct mslerp_view *c, size_t j0, size_t nb)
+{
+    _Alignas(MS_ALIGN) float x0[MSL_B], x1[MSL_B], bs[MSL_B], ys[MSL_B];
+    const float *b = s->ib >= 0 ? mslerp_load(c, (uint32_t)s->ib, j0, nb, bs) : NULL;
+    const float *a0 = mslerp_load(c, s->it[0], j0, nb, x0);
+    const float *a1 = mslerp_load(c, s->it[1], j0, nb, x1);
+    float *y = mslerp_dest(c, j0, ys);
+    mslerp_k_lerp(d, y, a0, a1, b, s->w[0], s->w[1], nb);
+    mslerp_store(c, j0, y, nb);
+}
+
+/* One input unchanged (N == 1): the stored path decodes and encodes (a NaN
+ * quieted, as the float path's encode does). */
+MS__AI void mslerp_copy_block(const struct mslerp_state *s, const struct mslerp_view *c,
+                              size_t j0, size_t nb)
+{
+    _Alignas(MS_ALIGN) float xs[MSL_B];
+    const float *x = mslerp_load(c, s->it[0], j0, nb, xs);
+    float *y = mslerp_dest(c, j0, xs);
+    if (y != x)
+        memcpy(y, x, nb * sizeof(float));
+    mslerp_store(c, j0, y, nb);
+}
+
+enum { MSL_LERP = 3, MSL_COPY = 4 }; /* apply's other runs (mslerp_blocks) */
+
+/*
+ * Asks for the next block's inputs (and keep words) while this one computes:
+ * a block's compute is long enough for the hardware streams to stop short of
+ * it, and its first loads then waited on memory (a sixth of mslerp_run's
+ * samples on the bench). Hints only: no byte depends on them.
+ */
+MS__AI void mslerp_prefetch(const struct mslerp_state *s, const struct mslerp_view *c, size_t j0,
+                            size_t nb)
+{
+    size_t eb = c->sdt == MS_DT_NONE ? sizeof(float) : sizeof(uint16_t);
+    for (uint32_t i = 0; i < c->nin; i++) {
+        const char *p = (const char *)c->in[i] + j0 * eb;
+        for (size_t o = 0; o < nb * eb; o += 64)
+            __builtin_prefetch(p + o, 0, 3);
+    }
+    if (c->keep)
+        for (size_t o = 0; o < nb * MS_KEEP_BYTES; o += 64)
+            __builtin_prefetch((const char *)(c->keep + j0) + o, 1, 3);
 }
 
 MS__AI void mslerp_blocks(const enum ms_dtype d, const struct mslerp_state *s,
-                          const struct ms_chunk *c, uint32_t what, struct mslerp_part p)
+                          const struct mslerp_view *c, uint32_t what, struct mslerp_part p)
 {
     size_t n = (size_t)c->count;
     for (size_t j0 = 0; j0 < n; j0 += MSL_B) {
         size_t nb = MS_MIN((size_t)MSL_B, n - j0);
-        MS__BLOCK_CALL(mslerp_block, nb, MSL_B, d, s, c, what, p, j0);
+        if (j0 + MSL_B < n)
+            mslerp_prefetch(s, c, j0 + MSL_B, MS_MIN((size_t)MSL_B, n - j0 - MSL_B));
+        if (what == MSL_LERP)
+            MS__BLOCK_CALL(mslerp_lerp_block, nb, MSL_B, d, s, c, j0);
+        else if (what == MSL_COPY)
+            mslerp_copy_block(s, c, j0, nb);
+        else
+            MS__BLOCK_CALL(mslerp_block, nb, MSL_B, d, s, c, what, p, j0);
     }
 }
 
 /* The chain specialised for the compute dtype (D is a constant in each). */
-static void mslerp_run(enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
+static void mslerp_run(enum ms_dtype d, const struct mslerp_state *s, const struct mslerp_view *c,
                        uint32_t what, struct mslerp_part p)
 {
     switch (d) {
@@ -347,7 +491,7 @@ static void mslerp_run(enum ms_dtype d, const struct mslerp_state *s, const stru
 }
 
 MS__ISA_VERSIONS(mslerp_run_isa, mslerp_run,
-                 (enum ms_dtype d, const struct mslerp_state *s, const struct ms_chunk *c,
+                 (enum ms_dtype d, const struct mslerp_state *s, const struct mslerp_view *c,
                   uint32_t what, struct mslerp_part p),
                  (d, s, c, what, p))
 
@@ -357,7 +501,7 @@ MS__ISA_VERSIONS(mslerp_run_isa, mslerp_run,
  * could meet the same columns row after row).
  */
 static void mslerp_sample(const struct ms_stage_job *job, const struct mslerp_state *s,
-                          const struct ms_chunk *c, struct mslerp_part p)
+                          const struct mslerp_view *c, struct mslerp_part p)
 {
     const enum ms_dtype d = job->compute;
     uint64_t k = ((uint64_t)c->count * (MSL_SAMPLE / s->n) + job->numel - 1) / job->numel;
@@ -368,17 +512,17 @@ static void mslerp_sample(const struct ms_stage_job *job, const struct mslerp_st
         uint64_t j = (uint64_t)(((double)t + (jit - floor(jit))) * h);
         j = MS_MIN(j, c->count - 1);
         for (uint32_t i = 0; i < s->n; i++) {
-            float x = c->in[s->it[i]][j];
-            p.samp[t * s->n + i] = s->ib >= 0 ? ms_rnd(d, x - c->in[s->ib][j]) : x;
+            float x = mslerp_elt(c, s->it[i], j);
+            p.samp[t * s->n + i] =
+                s->ib >= 0 ? ms_rnd(d, x - mslerp_elt(c, (uint32_t)s->ib, j)) : x;
         }
     }
     *p.ns = (uint32_t)k;
 }
 
-static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
-                          const struct ms_chunk *c, void *partial)
+static void mslerp_reduce_view(const struct mslerp_state *s, const struct ms_stage_job *job,
+                               const struct mslerp_view *c, void *partial)
 {
-    const struct mslerp_state *s = state;
     struct mslerp_part p = mslerp_part(s, partial);
     for (uint32_t i = 0; i < s->n + 2; i++)
         ms_xacc_init(&p.xacc[i]);
@@ -387,6 +531,13 @@ static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
     mslerp_run_isa(job->compute, s, c, s->pass, p);
     if (s->pass == MSL_NORMS)
         mslerp_sample(job, s, c, p);
+}
+
+static void mslerp_reduce(const void *state, const struct ms_stage_job *job,
+                          const struct ms_chunk *c, void *partial)
+{
+    struct mslerp_view v = mslerp_view_float(c, job->ninputs);
+    mslerp_reduce_view(state, job, &v, partial);
 }
 
 static void mslerp_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -539,17 +690,6 @@ static int mslerp_end_pass(void *state, const struct ms_stage_job *job)
     return MS_STAGE_APPLY;
 }
 
-/* The linear fallback (mn < eps, two models). */
-static inline void mslerp_lerp(enum ms_dtype d, const struct mslerp_state *s,
-                               const struct ms_chunk *c)
-{
-    for (size_t j = 0; j < (size_t)c->count; j++) {
-        float r = ms_rnd(d, ms_rnd(d, mslerp_x(d, s, c, 0, j) * s->w[0]) +
-                                ms_rnd(d, mslerp_x(d, s, c, 1, j) * s->w[1]));
-        c->out[j] = s->ib >= 0 ? ms_rnd(d, r + c->in[s->ib][j]) : r;
-    }
-}
-
 static void mslerp_apply(const void *state, const struct ms_stage_job *job,
                          const struct ms_chunk *c)
 {
@@ -558,10 +698,43 @@ static void mslerp_apply(const void *state, const struct ms_stage_job *job,
         memcpy(c->out, c->in[s->it[0]], (size_t)c->count * sizeof(float));
         return;
     }
-    if (s->lerp)
-        mslerp_lerp(job->compute, s, c);
-    else
-        mslerp_run_isa(job->compute, s, c, MSL_APPLY, (struct mslerp_part){ 0 });
+    struct mslerp_view v = mslerp_view_float(c, job->ninputs);
+    mslerp_run_isa(job->compute, s, &v, s->lerp ? MSL_LERP : MSL_APPLY, (struct mslerp_part){ 0 });
+}
+
+/*
+ * The stored-bytes path (ms_stage_ops.stored_passes), bfloat16 or float16
+ * inputs and output, compute in that dtype or float32: every pass runs the
+ * float path's kernels on blocks of MSL_B elements decoded into scratch
+ * (mslerp_view), so the sums, the sample and apply's floats are the float
+ * path's; apply's floats are encoded to the stored dtype (rounding them to it
+ * first would change nothing: encoding rounds to nearest even, a NaN quieted).
+ * The keep area, when there is one, is used as on the float path.
+ */
+static bool mslerp_stored_passes(const void *state, const struct ms_stage_job *job,
+                                 enum ms_dtype dt)
+{
+    return dt == MS_DT_BF16 || dt == MS_DT_F16;
+}
+
+static void mslerp_reduce_stored(const void *state, const struct ms_stage_job *job,
+                                 const struct ms_chunk_stored *c, void *partial)
+{
+    assert(c->dt == MS_DT_BF16 || c->dt == MS_DT_F16);
+    struct mslerp_view v = mslerp_view_stored(c, job->ninputs);
+    mslerp_reduce_view(state, job, &v, partial);
+}
+
+static bool mslerp_apply_stored(const void *state, const struct ms_stage_job *job,
+                                const struct ms_chunk_stored *c)
+{
+    const struct mslerp_state *s = state;
+    if (c->dt != MS_DT_BF16 && c->dt != MS_DT_F16)
+        return false;
+    struct mslerp_view v = mslerp_view_stored(c, job->ninputs);
+    uint32_t what = s->copy ? MSL_COPY : s->lerp ? MSL_LERP : MSL_APPLY;
+    mslerp_run_isa(job->compute, s, &v, what, (struct mslerp_part){ 0 });
+    return true;
 }
 
 /*
@@ -589,6 +762,9 @@ static const struct ms_stage_ops mslerp_ops = {
     .fold = mslerp_fold,
     .end_pass = mslerp_end_pass,
     .apply = mslerp_apply,
+    .apply_stored = mslerp_apply_stored,
+    .stored_passes = mslerp_stored_passes,
+    .reduce_stored = mslerp_reduce_stored,
 };
 
 const struct ms_method ms_method_multislerp = {

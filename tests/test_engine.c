@@ -497,6 +497,10 @@ static const char *const split_recipes[][2] = {
     { "nusbase.yml", "merge_method: nuslerp\nbase_model: base\nmodels:\n"
                      "  - model: ft1\n    parameters: {weight: 0.4}\n"
                      "  - model: ft2\n    parameters: {weight: 0.6}\n" },
+    /* multislerp: two reduce passes (three or four on a wrong guess), a keep area */
+    { "mslerp.yml", "merge_method: multislerp\ndtype: bfloat16\nbase_model: base\nmodels:\n"
+                    "  - model: base\n  - model: ft1\n    parameters: {weight: 0.6}\n"
+                    "  - model: ft2\n    parameters: {weight: 0.4}\n" },
 };
 
 /* Every split_recipes merge with each variant (environment, options) gives the
@@ -597,6 +601,24 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
         for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
             run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
                    variants[v][0], f16_recipes[r][0], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
+    }
+    /* multislerp in float16, and in float32 on bfloat16 bytes written as bfloat16 */
+    write_recipe("mslerph.yml", "merge_method: multislerp\nmodels:\n"
+                                "  - model: h0\n    parameters: {weight: 0.7}\n"
+                                "  - model: h1\n    parameters: {weight: 0.3}\n");
+    write_recipe("mslerp32.yml", "merge_method: multislerp\ndtype: float32\nout_dtype: bfloat16\n"
+                                 "models:\n  - model: base\n    parameters: {weight: 0.5}\n"
+                                 "  - model: ft1\n    parameters: {weight: 0.3}\n"
+                                 "  - model: ft2\n    parameters: {weight: 0.2}\n");
+    static const char *const more[2] = { "mslerph.yml", "mslerp32.yml" };
+    for (size_t r = 0; r < 2; r++) {
+        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
+               more[r]);
+        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], more[r], variants[v][1]);
             assert_same_output("a/out", "b/out");
         }
     }
