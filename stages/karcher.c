@@ -202,6 +202,7 @@ static int karcher_begin(void *state, const struct ms_stage_job *job)
 /* (leaf loops over arrays, so that -O3 vectorises them).                     */
 
 #define KS_B 256
+#define KS_NB 2048 /* the stored norms pass: elements decoded per block (8 KiB of floats) */
 #define KS_INLINE static inline __attribute__((always_inline))
 
 /* ms_rnd(d, x) bit for bit, written so that the vectoriser keeps bf16 in 32-bit
@@ -218,13 +219,22 @@ KS_INLINE float ks_rnd(enum ms_dtype d, float x)
     return ms_f32_from_bits(x != x ? q : r);
 }
 
-/* Unit inputs of elements [j0, j0+nb): ui[p][j] = r(x_{v_p} / n_{v_p}), p < m. */
+/* Unit inputs of elements [j0, j0+nb): ui[p][j] = r(x_{v_p} / n_{v_p}), p < m.
+ * x is c's floats, or with sc (the stored path) sc's bytes decoded into ui first:
+ * the same floats (ms_dtype_decode). */
 KS_INLINE void ks_units(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-                        size_t j0, size_t nb, float (*restrict ui)[KS_B])
+                        const struct ms_chunk_stored *sc, size_t j0, size_t nb,
+                        float (*restrict ui)[KS_B])
 {
     for (uint32_t p = 0; p < s->m; p++) {
-        const float *restrict x = c->in[s->v[p]] + j0;
         const float nrm = s->norm[s->v[p]];
+        if (sc) {
+            ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[s->v[p]] + j0, ui[p], nb);
+            for (size_t j = 0; j < nb; j++)
+                ui[p][j] = ks_rnd(d, ui[p][j] / nrm);
+            continue;
+        }
+        const float *restrict x = c->in[s->v[p]] + j0;
         for (size_t j = 0; j < nb; j++)
             ui[p][j] = ks_rnd(d, x[j] / nrm);
     }
@@ -386,14 +396,27 @@ static bool ks_save(const struct karcher_state *s, uint32_t k)
     return k == 0 || k - s->bp == s->bpow;
 }
 
+/* A reduce pass over chunk c (c->in and c->keep; with sc, the stored path,
+ * sc->in instead of c->in) into acc. */
 KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-                         struct ms_xacc *acc)
+                         const struct ms_chunk_stored *sc, struct ms_xacc *acc)
 {
     const size_t cnt = (size_t)c->count;
     const uint32_t k = s->done;
     if (s->phase == KS_NORM) {
+        if (!sc) {
+            for (uint32_t i = 0; i < s->n; i++)
+                ms_xacc_sumsq(&acc[i], c->in[i], cnt);
+            return;
+        }
+        /* the same exact sums over the decoded floats, block by block */
+        float x[KS_NB];
         for (uint32_t i = 0; i < s->n; i++)
-            ms_xacc_sumsq(&acc[i], c->in[i], cnt);
+            for (size_t j0 = 0; j0 < cnt; j0 += KS_NB) {
+                const size_t nb = MS_MIN((size_t)KS_NB, cnt - j0);
+                ms_dtype_decode(sc->dt, (const uint16_t *)sc->in[i] + j0, x, nb);
+                ms_xacc_sumsq(&acc[i], x, nb);
+            }
         return;
     }
     float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B], prev[KS_B], sv[KS_B];
@@ -401,7 +424,7 @@ KS_INLINE void ks_reduce(enum ms_dtype d, const struct karcher_state *s, const s
     const bool save = ks_save(s, k), brent = k >= 1 && s->bp < k - 1;
     for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
         const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
-        ks_units(d, s, c, j0, nb, ui);
+        ks_units(d, s, c, sc, j0, nb, ui);
         switch (s->phase) {
         case KS_INIT:
             ks_u0(d, s, nb, ui, u);
@@ -635,10 +658,12 @@ static int ks_end_pass(struct karcher_state *s, const struct ms_stage_job *job)
 }
 
 /* y[j] = r(float32(s) * u_target[j]). From u_kat (the keep area), the iterations
- * after kat run on; past the scalars found (a cycle), iteration t uses those of t - per. */
-KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c)
+ * after kat run on; past the scalars found (a cycle), iteration t uses those of t - per.
+ * y is c->out, or with sc (the stored path) sc->out, y encoded to sc->dt. */
+KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
+                        const struct ms_chunk_stored *sc)
 {
-    float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B];
+    float ui[MS_MAX_INPUTS][KS_B], u[KS_B], T[KS_B], y[KS_B];
     const size_t cnt = (size_t)c->count;
     const float scale = s->scale;
     const bool kept = c->keep && s->kept;
@@ -653,31 +678,37 @@ KS_INLINE void ks_apply(enum ms_dtype d, const struct karcher_state *s, const st
     for (size_t j0 = 0; j0 < cnt; j0 += KS_B) {
         const size_t nb = MS_MIN((size_t)KS_B, cnt - j0);
         if (units)
-            ks_units(d, s, c, j0, nb, ui);
+            ks_units(d, s, c, sc, j0, nb, ui);
         ks_at(d, s, c, j0, nb, ui, from, u, T, NULL, NULL);
         for (uint32_t t = from; t < to; t++)
             ks_step(d, s, t < s->done ? t : t - s->per, nb, ui, u, T);
+        if (sc) {
+            for (size_t j = 0; j < nb; j++)
+                y[j] = ks_rnd(d, scale * u[j]);
+            ms_dtype_encode(sc->dt, y, (uint16_t *)sc->out + j0, nb);
+            continue;
+        }
         for (size_t j = 0; j < nb; j++)
             c->out[j0 + j] = ks_rnd(d, scale * u[j]);
     }
 }
 
 /* A reduce pass over chunk c into acc, or apply when acc is NULL; D a constant
- * in each branch. */
+ * in each branch. sc: the stored path (c then holds only the geometry and keep). */
 static void ks_run(enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-                   struct ms_xacc *acc)
+                   const struct ms_chunk_stored *sc, struct ms_xacc *acc)
 {
     if (d == MS_DT_BF16) {
         if (acc)
-            ks_reduce(MS_DT_BF16, s, c, acc);
+            ks_reduce(MS_DT_BF16, s, c, sc, acc);
         else
-            ks_apply(MS_DT_BF16, s, c);
+            ks_apply(MS_DT_BF16, s, c, sc);
     } else {
         assert(d == MS_DT_F16);
         if (acc)
-            ks_reduce(MS_DT_F16, s, c, acc);
+            ks_reduce(MS_DT_F16, s, c, sc, acc);
         else
-            ks_apply(MS_DT_F16, s, c);
+            ks_apply(MS_DT_F16, s, c, sc);
     }
 }
 
@@ -687,8 +718,8 @@ static void ks_run(enum ms_dtype d, const struct karcher_state *s, const struct 
  * changes no value; the sums are ms_xacc's, exact in any order. */
 MS__ISA_VERSIONS(ks_run_isa, ks_run,
                  (enum ms_dtype d, const struct karcher_state *s, const struct ms_chunk *c,
-                  struct ms_xacc *acc),
-                 (d, s, c, acc))
+                  const struct ms_chunk_stored *sc, struct ms_xacc *acc),
+                 (d, s, c, sc, acc))
 
 /* ------------------------------------------------------------------------ */
 /* Coefficient form (float32).                                               */
@@ -702,7 +733,7 @@ static void karcher_reduce(const void *state, const struct ms_stage_job *job,
     if (s->step) {
         for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
             ms_xacc_init(&g[i]);
-        ks_run_isa(job->compute, s, c, g);
+        ks_run_isa(job->compute, s, c, NULL, g);
         return;
     }
     for (uint32_t i = 0; i < s->n; i++)
@@ -858,11 +889,67 @@ static void karcher_apply(const void *state, const struct ms_stage_job *job,
         return;
     }
     if (s->step) {
-        ks_run_isa(job->compute, s, c, NULL);
+        ks_run_isa(job->compute, s, c, NULL, NULL);
         return;
     }
     assert(job->compute == MS_DT_F32);
     karcher_kern(MS_DT_F32, s, c, cnt);
+}
+
+/*
+ * The stored-bytes path (ms_stage_ops.stored_passes): the step form with its
+ * inputs and output stored in the compute dtype D (bf16 or f16). Each block's
+ * inputs are decoded into the units' scratch (L1) instead of the engine's
+ * float buffers, every later step is the float path's, and apply's floats are
+ * encoded to D (exact: they are D values), so the partials, the keep area's
+ * words and the bytes are the float path's. The coefficient form (float32) and
+ * a lone input take the float path.
+ */
+static bool karcher_stored_passes(const void *state, const struct ms_stage_job *job,
+                                  enum ms_dtype dt)
+{
+    const struct karcher_state *s = state;
+    return s->step && dt == job->compute && (dt == MS_DT_BF16 || dt == MS_DT_F16);
+}
+
+/* The geometry and keep area of sc as the step form's loops read them. */
+static void karcher_stored_chunk(const struct ms_chunk_stored *sc, struct ms_chunk *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->first = sc->first;
+    c->count = sc->count;
+    c->index = sc->index;
+    c->pass = sc->pass;
+    c->keep = sc->keep;
+}
+
+static void karcher_reduce_stored(const void *state, const struct ms_stage_job *job,
+                                  const struct ms_chunk_stored *sc, void *partial)
+{
+    const struct karcher_state *s = state;
+    struct ms_xacc *g = partial;
+    struct ms_chunk c;
+    assert(s->step && sc->dt == job->compute);
+    karcher_stored_chunk(sc, &c);
+    for (uint32_t i = 0; i < s->n + KS_NCNT; i++)
+        ms_xacc_init(&g[i]);
+    ks_run_isa(job->compute, s, &c, sc, g);
+}
+
+static bool karcher_apply_stored(const void *state, const struct ms_stage_job *job,
+                                 const struct ms_chunk_stored *sc)
+{
+    const struct karcher_state *s = state;
+    if (s->copy || !s->step || sc->dt != job->compute)
+        return false;
+    if (s->zero) {
+        memset(sc->out, 0, (size_t)sc->count * sizeof(uint16_t)); /* +0 in bf16 and f16 */
+        return true;
+    }
+    struct ms_chunk c;
+    karcher_stored_chunk(sc, &c);
+    ks_run_isa(job->compute, s, &c, sc, NULL);
+    return true;
 }
 
 static const struct ms_stage_ops karcher_ops = {
@@ -874,6 +961,9 @@ static const struct ms_stage_ops karcher_ops = {
     .fold = karcher_fold,
     .end_pass = karcher_end_pass,
     .apply = karcher_apply,
+    .apply_stored = karcher_apply_stored,
+    .stored_passes = karcher_stored_passes,
+    .reduce_stored = karcher_reduce_stored,
 };
 
 const struct ms_method ms_method_karcher = {

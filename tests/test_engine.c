@@ -292,6 +292,44 @@ Test(engine, karcher_bf16_in_memory_and_reread_paths_agree)
 }
 
 /*
+ * karcher in bf16 and f16 on the stored bytes (stages/karcher.c: every reduce
+ * pass and apply through reduce_stored / apply_stored) gives the bytes of the
+ * float path (MERGESTREAM_STORED=0): resident (keeping after its packed output),
+ * re-read with the keep pool (--reread; 512K: the embeddings only), without a
+ * keep area (450K: the embeddings replay their iterates), several chunkings and
+ * thread counts.
+ */
+Test(engine, karcher_stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
+{
+    run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 31 --dtype f16 k0 >/dev/null && "
+           "ms-mkmodel --base base --noise 0.01 --seed 32 --dtype f16 k1 >/dev/null && "
+           "ms-mkmodel --base base --noise 0.01 --seed 33 --dtype f16 k2 >/dev/null", g_dir);
+    static const char *const recipes[][2] = {
+        { "karcher.yml", "merge_method: karcher\ndtype: bfloat16\nmodels:\n"
+                         "  - model: base\n  - model: ft1\n  - model: ft2\n"
+                         "parameters:\n  max_iter: 6\n" },
+        { "karcherh.yml", "merge_method: karcher\nmodels:\n"
+                          "  - model: k0\n  - model: k1\n  - model: k2\n"
+                          "parameters:\n  max_iter: 6\n  tol: 1.0e-30\n" },
+    };
+    const char *variants[] = {
+        "", "--reread", "--chunk-elems 1000 --threads 3", "--max-memory 512K",
+        "--max-memory 512K --reread --threads 1", "--max-memory 450K",
+        "--max-memory 450K --reread --chunk-elems 100",
+    };
+    for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
+        write_recipe(recipes[r][0], recipes[r][1]);
+        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
+               recipes[r][0]);
+        for (size_t i = 0; i < MS_ARRAY_LEN(variants); i++) {
+            run_ok("cd %s && rm -rf b && mergestream merge %s b/out -q %s", g_dir, recipes[r][0],
+                   variants[i]);
+            assert_same_output("a/out", "b/out");
+        }
+    }
+}
+
+/*
  * Larger-than-memory I/O (MERGESTREAM_IO_BEHIND=1: inputs dropped from the page
  * cache behind the last read, output written behind with writeback and drops)
  * gives the same bytes as the default, for a one-pass method and for a

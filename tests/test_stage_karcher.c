@@ -530,3 +530,112 @@ Test(karcher, step_all_skipped_stops)
         }
     cr_assert(later > 0, "a case should stop at a later iteration");
 }
+
+/* ------------------------------------------------------------------------ */
+/* The stored-bytes path (ms_stage_ops.stored_passes) in bf16 and f16.       */
+
+/*
+ * Every reduce pass and apply on the stored bytes give the float path's bytes:
+ * ms_stage_run_stored_keep with and without a keep area, at chunk sizes 1, 7,
+ * 257 and the whole tensor, against the float path (ms_stage_run_mem, whose
+ * bytes the tests above check against the per-step reference) encoded by the
+ * scalar reference encoder. Cases: near fine-tunes run to max_iter (the scalars
+ * repeat: guessed |T| and ||u'||), far-apart inputs with a zero input (not
+ * valid), equal inputs (all skipped: stop at the dots pass), a short cycle,
+ * subnormals and -0, an Inf and a NaN input, every input zero (zeros out).
+ */
+Test(karcher, stored_path_gives_the_float_path_bytes, .timeout = 120)
+{
+    enum { R_ = 47, C_ = 50, N = R_ * C_, NI = 4 }; /* over KS_NB (2048): two norm blocks */
+    static const int64_t shape[2] = { R_, C_ };
+    static float f[NI][N], out[N];
+    static uint16_t h[NI][N], want[N], got[N];
+    static const uint64_t sizes[] = { 1, 7, 257, 0 };
+    static const enum ms_dtype sdts[2] = { MS_DT_BF16, MS_DT_F16 };
+    int iterated = 0;
+    for (int d = 0; d < 2; d++)
+        for (int mode = 0; mode < 7; mode++) {
+            enum ms_dtype dt = sdts[d];
+            uint64_t s = 6100 + (uint64_t)d * 100 + (uint64_t)mode;
+            cr_log_info("seed %llu", (unsigned long long)s);
+            uint32_t n = mode == 1 ? 4 : 3;
+            for (int j = 0; j < N; j++) {
+                f[0][j] = th_stage_value(dt, &s, 0.05f);
+                for (uint32_t i = 1; i < n; i++) {
+                    float e = th_stage_value(MS_DT_F32, &s, mode == 1 ? 0.05f : 0.01f);
+                    f[i][j] = mode == 2   ? f[0][j]
+                              : mode == 3 ? th_stage_round(dt, (i == 2 ? -1.0f : 1.0f) * f[0][j] +
+                                                                   80 * e)
+                              : mode == 1 ? th_stage_round(dt, 0.3f * f[0][j] + e)
+                                          : th_stage_round(dt, f[0][j] + e);
+                }
+            }
+            if (mode == 1)
+                memset(f[2], 0, sizeof f[2]); /* a zero input: not valid, counts in s */
+            if (mode == 4 || mode == 5) { /* subnormals, -0; mode 5 also an Inf and a NaN */
+                float sub = dt == MS_DT_BF16 ? 0x1p-130f : 0x1p-20f;
+                for (int j = 0; j < N; j += 5) {
+                    f[0][j] = j % 2 ? -0.0f : sub;
+                    f[1][j + 1] = -sub;
+                }
+                if (mode == 5) {
+                    f[2][100] = INFINITY;
+                    memcpy(&f[1][300], &(uint32_t){ 0xffc50000u }, 4);
+                }
+            }
+            if (mode == 6)
+                for (uint32_t i = 0; i < n; i++)
+                    memset(f[i], 0, sizeof f[i]);
+            void (*enc)(const float *, uint16_t *, size_t) =
+                dt == MS_DT_BF16 ? ms_f32_to_bf16_ref : ms_f32_to_f16_ref;
+            void (*dec)(const uint16_t *, float *, size_t) =
+                dt == MS_DT_BF16 ? ms_bf16_to_f32_ref : ms_f16_to_f32_ref;
+            const float *in[NI];
+            const void *hin[NI];
+            for (uint32_t i = 0; i < n; i++) {
+                enc(f[i], h[i], N);
+                dec(h[i], f[i], N); /* the float path's inputs: what the bytes decode to */
+                in[i] = f[i];
+                hin[i] = h[i];
+            }
+            struct ms_stage_job job;
+            th_stage_job(&job, "karcher", shape, 2, dt, n);
+            int max_iter = mode == 3 ? 41 : mode == 1 ? 10 : 6;
+            double tol = mode == 1 ? 1e-5 : 1e-30;
+            th_stage_set(&job, -1, "max_iter", max_iter);
+            th_stage_set(&job, -1, "tol", tol);
+            cr_assert_eq(ms_stage_run_mem(&job, in, out, 0), 0, "%s", ms_errmsg());
+            enc(out, want, N);
+            int it = ref_karcher_dt(dt, in, n, N, max_iter, tol, out);
+            cr_log_info("dt %d mode %d: %d iterations", dt, mode, it);
+            iterated += it > 1;
+            for (size_t z = 0; z < MS_ARRAY_LEN(sizes); z++)
+                for (int keep = 0; keep < 2; keep++) {
+                    memset(got, 0x5a, sizeof got);
+                    cr_assert_eq(ms_stage_run_stored_keep(&job, dt, hin, got, sizes[z], keep), 0,
+                                 "%s", ms_errmsg());
+                    for (int j = 0; j < N; j++)
+                        cr_assert_eq(got[j], want[j],
+                                     "dt %d mode %d chunk %llu keep %d elt %d: %04x want %04x", dt,
+                                     mode, (unsigned long long)sizes[z], keep, j, got[j], want[j]);
+                }
+        }
+    cr_assert_geq(iterated, 10, "the cases should iterate");
+}
+
+/* The stored path takes the step form only: the float32 coefficient form (bf16
+ * bytes, float32 compute), a lone input (one pass) and bytes of a dtype other
+ * than the compute dtype stay on the float path. */
+Test(karcher, stored_path_declines_other_jobs)
+{
+    static const int64_t shape[1] = { 16 };
+    uint16_t x[16] = { 0x3f80 }, y[16] = { 0x4000 }, o[16];
+    const void *in[2] = { x, y };
+    struct ms_stage_job job;
+    th_stage_job(&job, "karcher", shape, 1, MS_DT_F32, 2);
+    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_BF16, in, o, 0), MS_EUNSUPPORTED);
+    th_stage_job(&job, "karcher", shape, 1, MS_DT_BF16, 1);
+    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_BF16, in, o, 0), MS_EUNSUPPORTED);
+    th_stage_job(&job, "karcher", shape, 1, MS_DT_BF16, 2);
+    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_F16, in, o, 0), MS_EUNSUPPORTED);
+}
