@@ -50,6 +50,9 @@
  * it instead of computing the variance again (SELECT needs no deltas then).
  * Without one (the engine could not hold it) every pass recomputes var: the
  * same values, so the same bytes.
+ * Stored bytes (bfloat16 or float16 inputs and output computed in that dtype,
+ * ms_stage_ops.stored_passes): every pass runs the same kernels on blocks
+ * decoded into L1 scratch, the keep area used as above (sce_stored_passes).
  * Memory: the state holds one histogram (32,768 or 65,536 uint64).
  */
 #include <assert.h>
