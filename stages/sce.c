@@ -50,6 +50,9 @@
  * it instead of computing the variance again (SELECT needs no deltas then).
  * Without one (the engine could not hold it) every pass recomputes var: the
  * same values, so the same bytes.
+ * Stored bytes (bfloat16 or float16 inputs and output computed in that dtype,
+ * ms_stage_ops.stored_passes): every pass runs the same kernels on blocks
+ * decoded into L1 scratch, the keep area used as above (sce_stored_passes).
  * Memory: the state holds one histogram (32,768 or 65,536 uint64).
  */
 #include <assert.h>
@@ -118,20 +121,56 @@ static bool sce_keeps(const struct ms_stage_job *job)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Kernels. Each is specialised on the dtype through always-inline helpers  */
-/* and one switch per chunk, so rounding inlines; the element loops run     */
+/* Kernels. Each is specialised on the compute dtype and on how the inputs  */
+/* are held (floats, or stored bytes) through always-inline helpers and one */
+/* switch per chunk, so rounding and decoding inline; the element loops run */
 /* model by model over a block (the same operations per element as one     */
 /* element at a time), so they vectorise.                                    */
 
 #define SCE_INLINE static inline __attribute__((always_inline))
 
-/* t[j][i] = rnd(x_j - B) for every model, over n elements of the chunk at off. */
-SCE_INLINE void sce_deltas(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
-                           uint64_t off, float (*restrict t)[SCE_BLOCK], size_t n)
+/*
+ * One chunk as the kernels see it, from either path. sdt says how in and out
+ * hold elements: MS_DT_F32 for the float path's floats, MS_DT_BF16 or
+ * MS_DT_F16 for stored bytes (the stored path runs only when the compute dtype
+ * is that dtype: sce_stored_passes). Borrowed from the chunk for one call.
+ */
+struct sce_view {
+    uint64_t first, count;        /* element range of the output tensor */
+    const void *in[MS_MAX_INPUTS]; /* count elements of sdt each */
+    void *out;                    /* apply: count elements of sdt; reduce: NULL */
+    float *keep;                  /* the chunk's kept variances (COUNT writes them), or NULL */
+};
+
+/* The block [off, off + n) of every input as floats: pointers into the float
+ * path's chunk, or the stored bytes decoded into buf (the float path's values:
+ * the engine decodes those with the same conversion). */
+SCE_INLINE void sce_load(enum ms_dtype sdt, const struct sce_state *st, const struct sce_view *v,
+                         uint64_t off, size_t n, float (*restrict buf)[SCE_BLOCK],
+                         const float **in)
 {
-    const float *b = c->in[st->base] + off;
+    for (uint32_t k = 0; k <= st->nm; k++) {
+        if (sdt == MS_DT_F32) {
+            in[k] = (const float *)v->in[k] + off;
+            continue;
+        }
+        const uint16_t *src = (const uint16_t *)v->in[k] + off;
+        if (sdt == MS_DT_BF16)
+            for (size_t i = 0; i < n; i++)
+                buf[k][i] = ms_bf16_to_f32_1(src[i]);
+        else
+            ms_f16_to_f32(src, buf[k], n);
+        in[k] = buf[k];
+    }
+}
+
+/* t[j][i] = rnd(x_j - B) for every model, over n elements of the block. */
+SCE_INLINE void sce_deltas(enum ms_dtype dt, const struct sce_state *st, const float *const *in,
+                           float (*restrict t)[SCE_BLOCK], size_t n)
+{
+    const float *b = in[st->base];
     for (uint32_t j = 0; j < st->nm; j++) {
-        const float *x = c->in[st->in[j]] + off;
+        const float *x = in[st->in[j]];
         for (size_t i = 0; i < n; i++)
             t[j][i] = ms_rnd(dt, x[i] - b[i]);
     }
@@ -178,29 +217,23 @@ SCE_INLINE void sce_var(enum ms_dtype dt, uint32_t nm, const float (*restrict t)
             var[i] = ms_rnd(dt, (float)(v[i] / N));
 }
 
-/* The chunk's keep area as the variances the COUNT pass stored, or NULL. */
-static inline const float *sce_kept_var(const struct ms_chunk *c)
-{
-    return (const float *)c->keep;
-}
-
-/* Deltas of a block with the variance mask applied (t * mask, exact 0/1); kv:
- * the block's variances from the keep area, or NULL to compute them. */
-SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const struct ms_chunk *c,
-                           uint64_t off, uint64_t *run, float (*restrict t)[SCE_BLOCK], size_t n)
+/* Deltas of the block at off with the variance mask applied (t * mask, exact
+ * 0/1); the variances come from the keep area when it holds them. */
+SCE_INLINE void sce_masked(enum ms_dtype dt, const struct sce_state *st, const struct sce_view *v,
+                           const float *const *in, uint64_t off, uint64_t *run,
+                           float (*restrict t)[SCE_BLOCK], size_t n)
 {
     float var[SCE_BLOCK], keep[SCE_BLOCK];
-    const float *kv = sce_kept_var(c);
-    sce_deltas(dt, st, c, off, t, n);
+    sce_deltas(dt, st, in, t, n);
     if (!st->topk || st->keep_all)
         return;
     if (st->keep_none) {
         memset(keep, 0, sizeof(keep));
-    } else if (kv) {
-        ms__sel_mask(&st->sel, c->first, run, kv + off, keep, n);
+    } else if (v->keep) {
+        ms__sel_mask(&st->sel, v->first, run, v->keep + off, keep, n);
     } else {
         sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
-        ms__sel_mask(&st->sel, c->first, run, var, keep, n);
+        ms__sel_mask(&st->sel, v->first, run, var, keep, n);
     }
     for (uint32_t j = 0; j < st->nm; j++)
         for (size_t i = 0; i < n; i++)
@@ -227,21 +260,23 @@ SCE_INLINE void sce_out(enum ms_dtype dt, float *restrict out, const float *rest
     }
 }
 
-/* The reduce pass of the current phase over chunk c, into p (zeroed but for
+/* The reduce pass of the current phase over the chunk, into p (zeroed but for
  * the xacc sums, which the caller initialises). */
-SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
-                                const struct ms_chunk *c, struct sce_part *p, bool hist)
+SCE_INLINE void sce_reduce_body(enum ms_dtype dt, enum ms_dtype sdt, const struct sce_state *st,
+                                const struct sce_view *v, struct sce_part *p, bool hist)
 {
-    float t[MS_MAX_INPUTS][SCE_BLOCK];
+    float t[MS_MAX_INPUTS][SCE_BLOCK], buf[MS_MAX_INPUTS][SCE_BLOCK];
     float var[SCE_BLOCK], sq[SCE_BLOCK];
-    float *kv = c->keep;
+    const float *in[MS_MAX_INPUTS];
+    float *kv = v->keep;
     uint64_t run = 0;
-    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
-        const float *v = var;
+    for (uint64_t off = 0; off < v->count; off += SCE_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, v->count - off);
+        const float *vb = var;
         switch (st->phase) {
         case SCE_COUNT:
-            sce_deltas(dt, st, c, off, t, n);
+            sce_load(sdt, st, v, off, n, buf, in);
+            sce_deltas(dt, st, in, t, n);
             sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
             if (kv)
                 memcpy(kv + off, var, n * sizeof(float));
@@ -252,18 +287,20 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
             break;
         case SCE_SELECT:
             if (kv) {
-                v = kv + off;
+                vb = kv + off;
             } else {
-                sce_deltas(dt, st, c, off, t, n);
+                sce_load(sdt, st, v, off, n, buf, in);
+                sce_deltas(dt, st, in, t, n);
                 sce_var(dt, st->nm, (const float(*)[SCE_BLOCK])t, var, n);
             }
             if (hist)
-                ms__sel_count(&st->sel, p->hist, v, n);
+                ms__sel_count(&st->sel, p->hist, vb, n);
             else
-                p->count += ms__sel_count_ties(&st->sel, v, n);
+                p->count += ms__sel_count_ties(&st->sel, vb, n);
             break;
         case SCE_MU:
-            sce_masked(dt, st, c, off, &run, t, n);
+            sce_load(sdt, st, v, off, n, buf, in);
+            sce_masked(dt, st, v, in, off, &run, t, n);
             for (uint32_t j = 0; j < st->nm; j++) {
                 sce_squares(dt, t[j], sq, n);
                 ms_xacc_sumabs(&p->mu[j], sq, n);
@@ -277,17 +314,19 @@ SCE_INLINE void sce_reduce_body(enum ms_dtype dt, const struct sce_state *st,
 
 /* out = rnd(B + rnd(rnd(sum rnd(t*ew)) / max(rnd(sum ew), clamp))) over the
  * chunk, ew = rnd(W * (sign(t) == maj)), maj the sign of rnd(sum t) (NaN: -1),
- * each product and sum with the NaN rule of the file comment. */
-SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
-                               const struct ms_chunk *c)
+ * each product and sum with the NaN rule of the file comment; stored: the
+ * floats encoded to sdt (exact: they are values of the compute dtype sdt). */
+SCE_INLINE void sce_apply_body(enum ms_dtype dt, enum ms_dtype sdt, const struct sce_state *st,
+                               const struct sce_view *v)
 {
-    const float *b = c->in[st->base];
-    float t[MS_MAX_INPUTS][SCE_BLOCK];
-    float maj[SCE_BLOCK], num[SCE_BLOCK], div[SCE_BLOCK];
+    float t[MS_MAX_INPUTS][SCE_BLOCK], buf[MS_MAX_INPUTS][SCE_BLOCK];
+    float maj[SCE_BLOCK], num[SCE_BLOCK], div[SCE_BLOCK], fo[SCE_BLOCK];
+    const float *in[MS_MAX_INPUTS];
     uint64_t run = 0;
-    for (uint64_t off = 0; off < c->count; off += SCE_BLOCK) {
-        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, c->count - off);
-        sce_masked(dt, st, c, off, &run, t, n);
+    for (uint64_t off = 0; off < v->count; off += SCE_BLOCK) {
+        size_t n = (size_t)MS_MIN((uint64_t)SCE_BLOCK, v->count - off);
+        sce_load(sdt, st, v, off, n, buf, in);
+        sce_masked(dt, st, v, in, off, &run, t, n);
         for (size_t i = 0; i < n; i++)
             maj[i] = 0.0f;
         for (uint32_t j = 0; j < st->nm; j++)
@@ -303,28 +342,55 @@ SCE_INLINE void sce_apply_body(enum ms_dtype dt, const struct sce_state *st,
              * +0 for a finite W (>= 0 here), W's NaN for a NaN one */
             const float w = st->w[j], w0 = ms_rnd(dt, ms__mul_first(w, 0.0f));
             for (size_t i = 0; i < n; i++) {
-                float v = t[j][i];
-                float ew = v * maj[i] > 0.0f ? w : w0; /* sign(v) == maj; maj is +-1 */
-                num[i] = ms__acc_add(num[i], ms_rnd(dt, ms__mul_first(v, ew)));
+                float x = t[j][i];
+                float ew = x * maj[i] > 0.0f ? w : w0; /* sign(x) == maj; maj is +-1 */
+                num[i] = ms__acc_add(num[i], ms_rnd(dt, ms__mul_first(x, ew)));
                 div[i] = ms__acc_add(div[i], ew);
             }
         }
-        sce_out(dt, c->out + off, b + off, num, div, st->clamp_min, n);
+        if (sdt == MS_DT_F32) {
+            sce_out(dt, (float *)v->out + off, in[st->base], num, div, st->clamp_min, n);
+            continue;
+        }
+        sce_out(dt, fo, in[st->base], num, div, st->clamp_min, n);
+        uint16_t *y = (uint16_t *)v->out + off;
+        if (sdt == MS_DT_BF16)
+            for (size_t i = 0; i < n; i++)
+                y[i] = ms_f32_to_bf16_1(fo[i]);
+        else
+            ms_f32_to_f16(fo, y, n);
     }
 }
 
-static void sce_reduce_range(const struct sce_state *st, const struct ms_chunk *c,
-                             struct sce_part *p, bool hist)
+/* One call per (compute dtype, sdt) pair the paths use: the float path in any
+ * compute dtype, the stored one in bfloat16 or float16 (sdt == dt). */
+#define SCE_DISPATCH(dt, sdt, call)                                                                \
+    do {                                                                                           \
+        if ((sdt) == MS_DT_BF16)                                                                   \
+            call(MS_DT_BF16, MS_DT_BF16);                                                          \
+        else if ((sdt) == MS_DT_F16)                                                               \
+            call(MS_DT_F16, MS_DT_F16);                                                            \
+        else if ((dt) == MS_DT_BF16)                                                               \
+            call(MS_DT_BF16, MS_DT_F32);                                                           \
+        else if ((dt) == MS_DT_F16)                                                                \
+            call(MS_DT_F16, MS_DT_F32);                                                            \
+        else                                                                                       \
+            call(MS_DT_F32, MS_DT_F32);                                                            \
+    } while (0)
+
+static void sce_reduce_range(const struct sce_state *st, enum ms_dtype sdt,
+                             const struct sce_view *v, struct sce_part *p, bool hist)
 {
-#define CALL(t) sce_reduce_body(t, st, c, p, hist)
-    MS__DT_DISPATCH(st->dt, CALL);
+#define CALL(t, s) sce_reduce_body(t, s, st, v, p, hist)
+    SCE_DISPATCH(st->dt, sdt, CALL);
 #undef CALL
 }
 
-static void sce_apply_range(const struct sce_state *st, const struct ms_chunk *c)
+static void sce_apply_range(const struct sce_state *st, enum ms_dtype sdt,
+                            const struct sce_view *v)
 {
-#define CALL(t) sce_apply_body(t, st, c)
-    MS__DT_DISPATCH(st->dt, CALL);
+#define CALL(t, s) sce_apply_body(t, s, st, v)
+    SCE_DISPATCH(st->dt, sdt, CALL);
 #undef CALL
 }
 
@@ -335,33 +401,13 @@ static void sce_apply_range(const struct sce_state *st, const struct ms_chunk *c
  * reassociate float arithmetic (no -ffast-math, -ffp-contract=off), so a wider
  * vector changes no value; tests/test_isa.c compares the versions.
  */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"), flatten)) static void
-sce_reduce_range_avx2(const struct sce_state *st, const struct ms_chunk *c, struct sce_part *p,
-                      bool hist)
-{
-    sce_reduce_range(st, c, p, hist);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-sce_reduce_range_avx512(const struct sce_state *st, const struct ms_chunk *c, struct sce_part *p,
-                        bool hist)
-{
-    sce_reduce_range(st, c, p, hist);
-}
-
-__attribute__((target("avx2"), flatten)) static void
-sce_apply_range_avx2(const struct sce_state *st, const struct ms_chunk *c)
-{
-    sce_apply_range(st, c);
-}
-
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"), flatten)) static void
-sce_apply_range_avx512(const struct sce_state *st, const struct ms_chunk *c)
-{
-    sce_apply_range(st, c);
-}
-#endif
+MS__ISA_VERSIONS(sce_reduce_isa, sce_reduce_range,
+                 (const struct sce_state *st, enum ms_dtype sdt, const struct sce_view *v,
+                  struct sce_part *p, bool hist),
+                 (st, sdt, v, p, hist))
+MS__ISA_VERSIONS(sce_apply_isa, sce_apply_range,
+                 (const struct sce_state *st, enum ms_dtype sdt, const struct sce_view *v),
+                 (st, sdt, v))
 
 /* ------------------------------------------------------------------------ */
 /* Stage operations                                                          */
@@ -410,12 +456,23 @@ static int sce_begin(void *state, const struct ms_stage_job *job)
     return MS_STAGE_REDUCE;
 }
 
-static void sce_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
-                       void *partial)
+/* The view of a float path chunk (sdt MS_DT_F32) or a stored one. */
+static void sce_view_of(struct sce_view *v, const struct sce_state *st, const struct ms_chunk *c,
+                        const struct ms_chunk_stored *sc)
 {
-    const struct sce_state *st = state;
-    struct sce_part *p = partial;
-    assert(c->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
+    v->first = c ? c->first : sc->first;
+    v->count = c ? c->count : sc->count;
+    for (uint32_t k = 0; k <= st->nm; k++)
+        v->in[k] = c ? (const void *)c->in[k] : sc->in[k];
+    v->out = c ? (void *)c->out : sc->out;
+    v->keep = c ? c->keep : sc->keep;
+}
+
+/* The reduce pass of either path: sdt as struct sce_view. */
+static void sce_reduce_view(const struct sce_state *st, enum ms_dtype sdt,
+                            const struct sce_view *v, struct sce_part *p)
+{
+    assert(v->count < ((uint64_t)1 << 32)); /* uint32 histogram counts */
     p->count = 0;
     for (uint32_t j = 0; j < MS_MAX_INPUTS; j++)
         ms_xacc_init(&p->mu[j]);
@@ -423,13 +480,16 @@ static void sce_reduce(const void *state, const struct ms_stage_job *job, const 
                 (st->phase == SCE_COUNT && st->count_hist);
     if (hist)
         memset(p->hist, 0, ms__sel_bins(&st->sel) * sizeof(uint32_t));
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: sce_reduce_range_avx512(st, c, p, hist); return;
-    case MS_ISA_AVX2: sce_reduce_range_avx2(st, c, p, hist); return;
-#endif
-    default: sce_reduce_range(st, c, p, hist); return;
-    }
+    sce_reduce_isa(st, sdt, v, p, hist);
+}
+
+static void sce_reduce(const void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
+                       void *partial)
+{
+    const struct sce_state *st = state;
+    struct sce_view v;
+    sce_view_of(&v, st, c, NULL);
+    sce_reduce_view(st, MS_DT_F32, &v, partial);
 }
 
 static void sce_fold(void *state, const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -519,13 +579,53 @@ static void sce_apply(const void *state, const struct ms_stage_job *job, const s
         memcpy(c->out, c->in[st->base], (size_t)c->count * sizeof(float));
         return;
     }
-    switch (ms_isa_active()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case MS_ISA_AVX512: sce_apply_range_avx512(st, c); return;
-    case MS_ISA_AVX2: sce_apply_range_avx2(st, c); return;
-#endif
-    default: sce_apply_range(st, c); return;
+    struct sce_view v;
+    sce_view_of(&v, st, c, NULL);
+    sce_apply_isa(st, MS_DT_F32, &v);
+}
+
+/*
+ * The stored-bytes path (ms_stage_ops.stored_passes): inputs and output in
+ * bfloat16 or float16, computed in that dtype (a float32 compute dtype takes
+ * the float path). Every block of SCE_BLOCK elements is decoded into float
+ * scratch that stays in L1 and the float path's kernels run on it, so every
+ * pass sees the float path's values and writes its partials; apply's floats
+ * are values of the stored dtype, and their encoding is the float path's.
+ * The keep area is used as on the float path (it only never overlaps in or
+ * out here).
+ */
+static bool sce_stored_passes(const void *state, const struct ms_stage_job *job,
+                              enum ms_dtype dt)
+{
+    const struct sce_state *st = state;
+    return (dt == MS_DT_BF16 || dt == MS_DT_F16) && st->dt == dt;
+}
+
+static void sce_reduce_stored(const void *state, const struct ms_stage_job *job,
+                              const struct ms_chunk_stored *c, void *partial)
+{
+    const struct sce_state *st = state;
+    struct sce_view v;
+    assert(c->dt == st->dt);
+    sce_view_of(&v, st, NULL, c);
+    sce_reduce_view(st, c->dt, &v, partial);
+}
+
+static bool sce_apply_stored(const void *state, const struct ms_stage_job *job,
+                             const struct ms_chunk_stored *c)
+{
+    const struct sce_state *st = state;
+    if ((c->dt != MS_DT_BF16 && c->dt != MS_DT_F16) || c->dt != st->dt)
+        return false;
+    assert(st->phase == SCE_APPLY);
+    if (st->nm == 0) {
+        memcpy(c->out, c->in[st->base], (size_t)c->count * sizeof(uint16_t));
+        return true;
     }
+    struct sce_view v;
+    sce_view_of(&v, st, NULL, c);
+    sce_apply_isa(st, c->dt, &v);
+    return true;
 }
 
 static const struct ms_stage_ops sce_ops = {
@@ -537,6 +637,9 @@ static const struct ms_stage_ops sce_ops = {
     .fold = sce_fold,
     .end_pass = sce_end_pass,
     .apply = sce_apply,
+    .apply_stored = sce_apply_stored,
+    .stored_passes = sce_stored_passes,
+    .reduce_stored = sce_reduce_stored,
 };
 
 const struct ms_method ms_method_sce = {

@@ -663,6 +663,44 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
 }
 
 /*
+ * sce on the stored bytes (stages/sce.c: every pass on the bfloat16 or float16
+ * bytes, the variances in the keep area: a resident chunk's own, the keep pool
+ * with --reread, none when the budget holds neither) gives the bytes of the
+ * float path (MERGESTREAM_STORED=0), select_topk keeping some and all.
+ */
+Test(engine, sce_stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
+{
+    static const char *const variants[][2] = {
+        { "", "" },
+        { "", "--threads 3 --chunk-elems 1000" },
+        { "", "--chunk-elems 1000 --reread" },
+        { "MERGESTREAM_SUBBLOCK=16", "--threads 1 --max-memory 4M" },
+        { "", "--chunk-elems 4000 --max-memory 3M" },
+    };
+    run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 31 --dtype f16 g0 >/dev/null && "
+           "ms-mkmodel --base base --noise 0.01 --seed 32 --dtype f16 g1 >/dev/null && "
+           "ms-mkmodel --base base --noise 0.02 --seed 33 --dtype f16 g2 >/dev/null", g_dir);
+    static const char *const recipes[][2] = {
+        { "sce.yml", "merge_method: sce\nbase_model: base\nmodels:\n  - model: base\n"
+                     "  - model: ft1\n  - model: ft2\nparameters: {select_topk: 0.3}\n" },
+        { "sce1.yml", "merge_method: sce\nbase_model: ft1\nmodels:\n  - model: base\n"
+                      "  - model: ft1\n  - model: ft2\n" },
+        { "sceh.yml", "merge_method: sce\nbase_model: g1\nmodels:\n  - model: g0\n"
+                      "  - model: g1\n  - model: g2\nparameters: {select_topk: 0.6}\n" },
+    };
+    for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
+        write_recipe(recipes[r][0], recipes[r][1]);
+        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
+               recipes[r][0]);
+        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
+            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
+                   variants[v][0], recipes[r][0], variants[v][1]);
+            assert_same_output("a/out", "b/out");
+        }
+    }
+}
+
+/*
  * Fused chunks (pipeline/engine.c fused_work: a one-pass job's chunk read,
  * computed and written block by block on one pool thread). The hand formula
  * holds in blocks of 48 elements (a partial last block in chunks of 1000),

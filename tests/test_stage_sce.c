@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "ms_common.h"
+#include "ms_isa.h"
 #include "ms_stage.h"
 #include "th_gta.h"
 
@@ -377,3 +378,202 @@ Test(stage_sce, nonfinite_inputs_match_the_reference)
         }
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* The stored-bytes path (ms_stage_ops.stored_passes, reduce_stored,        */
+/* apply_stored) in bfloat16 and float16.                                    */
+
+/* Counts of the variance-mask cases the stored checks met (keep all, none, some). */
+static int g_mask_seen[3];
+
+/* The k of the variance mask as sce_ref computes it (-1: select_topk 1, no mask). */
+static int64_t ref_k(enum ms_dtype D, uint64_t n, uint32_t ninputs, int base,
+                     const float *const *in, double topk)
+{
+    if (topk >= 1.0 || ninputs < 2)
+        return -1;
+    uint64_t nz = 0;
+    for (uint64_t e = 0; e < n; e++) {
+        double t[MS_MAX_INPUTS], m = 0, v = 0;
+        uint32_t N = 0;
+        for (uint32_t i = 0; i < ninputs; i++)
+            if ((int)i != base)
+                m += t[N++] = R(D, in[i][e] - in[base][e]);
+        m /= N;
+        for (uint32_t j = 0; j < N; j++)
+            v += (t[j] - m) * (t[j] - m);
+        nz += R(D, (float)(v / N)) != 0.0f;
+    }
+    return (int64_t)(uint64_t)((float)nz * (float)topk);
+}
+
+/*
+ * The stored path on in (floats exact in dt, encoded here), chunks of 1 (small
+ * tensors), 7, 257 and the whole tensor, with and without a keep area, gives
+ * the bytes of the reference's floats encoded to dt, which are also those of
+ * the float path (ms_stage_run_mem) encoded.
+ */
+static void check_stored(enum ms_dtype dt, uint64_t n, uint32_t ninputs, int base,
+                         const float *const *in, double topk, const char *what)
+{
+    static float want[4096], got[4096];
+    static uint16_t raw[MS_MAX_INPUTS][4096], want16[4096], got16[4096];
+    cr_assert(n <= 4096 && ninputs <= MS_MAX_INPUTS);
+    sce_ref(dt, n, ninputs, base, in, topk, want);
+    ms_dtype_encode(dt, want, want16, n);
+    const void *rin[MS_MAX_INPUTS];
+    for (uint32_t i = 0; i < ninputs; i++) {
+        ms_dtype_encode(dt, in[i], raw[i], n);
+        rin[i] = raw[i];
+    }
+    int64_t k = ref_k(dt, n, ninputs, base, in, topk);
+    if (k >= 0)
+        g_mask_seen[k == 0 ? 1 : (uint64_t)k >= n ? 0 : 2]++;
+    struct ms_stage_job job;
+    int64_t shape[1];
+    sce_job(&job, shape, dt, n, ninputs, base, topk);
+    /* the float path, encoded: the stored path's contract */
+    cr_assert_eq(ms_stage_run_mem(&job, in, got, 7), 0, "%s", ms_errmsg());
+    ms_dtype_encode(dt, got, got16, n);
+    cr_assert_eq(memcmp(got16, want16, n * 2), 0, "%s: float path", what);
+    const uint64_t chunks[] = { 1, 7, 257, 0 };
+    for (int c = 0; c < 4; c++)
+        for (int keep = 0; keep < 2; keep++) {
+            if (chunks[c] == 1 && n > 64)
+                continue;
+            memset(got16, 0x5a, sizeof got16);
+            int rc = ms_stage_run_stored_keep(&job, dt, rin, got16, chunks[c], keep);
+            cr_assert_eq(rc, 0, "%s: %s", what, ms_errmsg());
+            for (uint64_t e = 0; e < n; e++)
+                cr_assert_eq(got16[e], want16[e],
+                             "%s %s topk %g chunk %llu keep %d: element %llu is %#x, want %#x",
+                             what, ms_dtype_name(dt), topk, (unsigned long long)chunks[c], keep,
+                             (unsigned long long)e, got16[e], want16[e]);
+        }
+}
+
+/* count random cases; every_mask: the variance mask must have kept all, none
+ * and some elements in some of them. */
+static void stored_random_cases(enum ms_dtype dt, uint64_t seed0, int count, bool every_mask)
+{
+    /* 0.99999999 is 1.0f as float32: k = count_nonzero(var), all or some */
+    static const double topks[] = { 1.0, 0.5, 0.1, 0.99999999, 0.0, 0.01, 0.333 };
+    memset(g_mask_seen, 0, sizeof g_mask_seen);
+    for (int s = 0; s < count; s++) {
+        uint64_t seed = seed0 + (uint64_t)s, rs = seed * 0x9E3779B97F4A7C15ULL + 1;
+        struct th_gta g = { .method = "task_arithmetic", .dt = dt };
+        th_gta_random(&g, store, s % 5 ? 48 : 400, &rs); /* data only */
+        char what[120];
+        snprintf(what, sizeof what, "stored seed %llu (n %llu, %u inputs, base %d)",
+                 (unsigned long long)seed, (unsigned long long)g.numel, g.ninputs, g.base);
+        check_stored(dt, g.numel, g.ninputs, g.base, g.in, topks[s % 7], what);
+    }
+    for (int m = 0; m < 3 && every_mask; m++)
+        cr_assert_gt(g_mask_seen[m], 0, "no case where the mask keeps %s",
+                     m == 0 ? "all" : m == 1 ? "none" : "some");
+}
+
+Test(stage_sce, stored_random_bf16) { stored_random_cases(MS_DT_BF16, 400, 70, true); }
+Test(stage_sce, stored_random_f16) { stored_random_cases(MS_DT_F16, 500, 70, true); }
+
+/*
+ * Two and three models with the base first, in the middle and last, every
+ * delta nonzero and distinct in variance (so that select_topk 0.99999999 keeps
+ * all), with NaN (quiet and signalling, both signs, payloads), +-Inf, -0 and
+ * subnormal values of the dtype in some of them: the stored path against the
+ * reference, for select_topk keeping all, none and some.
+ */
+Test(stage_sce, stored_special_values_and_base_positions)
+{
+    enum { N = 300 };
+    static float x[4][N];
+    for (int d = 0; d < 2; d++) {
+        enum ms_dtype dt = dts[d];
+        /* smallest subnormal and a larger one of dt */
+        float sub = dt == MS_DT_BF16 ? 0x1p-133f : 0x1p-24f;
+        float sub2 = dt == MS_DT_BF16 ? 0x1p-127f : 0x1p-15f;
+        for (uint32_t ninputs = 3; ninputs <= 4; ninputs++)
+            for (int bp = 0; bp < 3; bp++)
+                for (int special = 0; special < 4; special++) {
+                    const int base = bp == 0 ? 0 : bp == 1 ? 1 : (int)ninputs - 1;
+                    uint64_t rs = 31 * ninputs + 7 * (uint64_t)base + (uint64_t)special;
+                    for (uint32_t i = 0; i < ninputs; i++)
+                        for (int e = 0; e < N; e++) {
+                            float v = (float)(e % 17 + 1) / 16.0f +
+                                      (float)(i + 1) * (float)(e % 5 + 1) / 64.0f;
+                            uint64_t r = th_gta_rand(&rs) % 23;
+                            if (special == 1 && r == 0)
+                                v = e & 1 ? -0.0f : 0.0f;
+                            else if (special == 1 && r == 1)
+                                v = e & 2 ? sub : -sub2;
+                            else if (special == 2 && r == 0)
+                                v = e & 1 ? INFINITY : -INFINITY;
+                            else if (special == 3 && r == 0)
+                                v = ms_f32_from_bits((e & 1 ? 0xff810000u : 0x7fc00000u) |
+                                                     (e & 4 ? 0x00200000u : 0));
+                            else if (special == 3 && r == 1)
+                                v = e & 1 ? -sub : sub2;
+                            x[i][e] = isnan(v) ? v : R(dt, v);
+                        }
+                    const float *in[4] = { x[0], x[1], x[2], x[3] };
+                    static const double topks[] = { 1.0, 0.99999999, 0.0, 0.4, 0.02 };
+                    for (int t = 0; t < 5; t++) {
+                        char what[96];
+                        snprintf(what, sizeof what, "%u inputs, base %d, special %d", ninputs,
+                                 base, special);
+                        check_stored(dt, N, ninputs, base, in, topks[t], what);
+                    }
+                }
+    }
+}
+
+/* One model (no variance, no keep area) and an empty selection: the base copied
+ * (select_topk < 1) or the model (1), through the stored path. */
+Test(stage_sce, stored_one_model)
+{
+    static float b[64], x[64];
+    for (int e = 0; e < 64; e++) {
+        b[e] = (float)e / 8.0f;
+        x[e] = b[e] + (float)((e % 3) - 1) / 16.0f;
+    }
+    for (int d = 0; d < 2; d++) {
+        const float *in[2] = { b, x }, *in2[2] = { x, b };
+        check_stored(dts[d], 64, 2, 0, in, 0.5, "one model");
+        check_stored(dts[d], 64, 2, 1, in2, 1.0, "one model, base second");
+        check_stored(dts[d], 64, 1, 0, in, 0.5, "base only");
+    }
+}
+
+/* Every ISA version of the stored kernels gives the reference's bytes. */
+Test(stage_sce, stored_every_isa_version)
+{
+    for (int isa = 0; isa < MS_ISA_COUNT; isa++) {
+        if (!ms_isa_available((enum ms_isa)isa))
+            continue;
+        cr_assert_eq(ms_isa_select(ms_isa_name((enum ms_isa)isa)), 0);
+        cr_assert_eq(ms_isa_active(), (enum ms_isa)isa);
+        stored_random_cases(MS_DT_BF16, 600, 21, false);
+        stored_random_cases(MS_DT_F16, 700, 21, false);
+    }
+    ms_isa_select("auto");
+}
+
+/* A float32 compute dtype (bfloat16 inputs, float32 compute) takes the float path. */
+Test(stage_sce, stored_declines_another_compute_dtype)
+{
+    static float b[16], x[16], y[16];
+    static uint16_t rb[16], rx[16], ry[16], out[16];
+    for (int e = 0; e < 16; e++) {
+        b[e] = (float)e;
+        x[e] = b[e] + 1;
+        y[e] = b[e] - 0.5f;
+    }
+    ms_dtype_encode(MS_DT_BF16, b, rb, 16);
+    ms_dtype_encode(MS_DT_BF16, x, rx, 16);
+    ms_dtype_encode(MS_DT_BF16, y, ry, 16);
+    const void *rin[3] = { rb, rx, ry };
+    struct ms_stage_job job;
+    int64_t shape[1];
+    sce_job(&job, shape, MS_DT_F32, 16, 3, 0, 0.5);
+    cr_assert_eq(ms_stage_run_stored(&job, MS_DT_BF16, rin, out, 0), MS_EUNSUPPORTED);
+}
