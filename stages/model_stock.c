@@ -297,6 +297,16 @@ MS__AI void mstock_range(enum ms_dtype d, bool mx, const struct mstock_state *s,
     }
 }
 
+/* t from the sums a (the tensor's, or with filter_wise a row's), and *omt = 1 - t
+ * rounded to the compute dtype; mx: mixed input dtypes (mstock_t_mx). */
+MS__AI float mstock_row_t(enum ms_dtype d, bool mx, const struct mstock_state *s,
+                          const struct ms_xacc *a, float *omt)
+{
+    float t = mx ? mstock_t_mx(&s->dt, s->n, a) : mstock_t(d, s->n, a);
+    *omt = ms_rnd(mx ? s->dt.cd : d, 1.0f - t);
+    return t;
+}
+
 /* Reduce (partial != NULL: the chunk's sums into it) or apply, in dtype d. */
 MS__AI void mstock_chunk(enum ms_dtype d, bool mx, const struct mstock_state *s,
                          const struct ms_stage_job *job, const struct ms_chunk *c,
@@ -322,14 +332,7 @@ MS__AI void mstock_chunk(enum ms_dtype d, bool mx, const struct mstock_state *s,
         for (size_t k = 0; k < mstock_nsums(s->n); k++)
             ms_xacc_init(&a.a[k]);
         mstock_range(d, mx, s, c, a.a, NULL, 0.0f, 0.0f, r0, r0 + row);
-        float t, omt;
-        if (mx) {
-            t = mstock_t_mx(&s->dt, s->n, a.a);
-            omt = ms_rnd(s->dt.cd, 1.0f - t);
-        } else {
-            t = mstock_t(d, s->n, a.a);
-            omt = ms_rnd(d, 1.0f - t);
-        }
+        float omt, t = mstock_row_t(d, mx, s, a.a, &omt);
         mstock_range(d, mx, s, c, NULL, NULL, t, omt, r0, r0 + row);
     }
 }
@@ -374,13 +377,7 @@ static void mstock_fold(void *state, const struct ms_stage_job *job, const struc
 static int mstock_end_pass(void *state, const struct ms_stage_job *job)
 {
     struct mstock_state *s = state;
-    if (s->mixed) {
-        s->t = mstock_t_mx(&s->dt, s->n, s->sums.a);
-        s->omt = ms_rnd(s->dt.cd, 1.0f - s->t);
-    } else {
-        s->t = mstock_t(job->compute, s->n, s->sums.a);
-        s->omt = ms_rnd(job->compute, 1.0f - s->t);
-    }
+    s->t = mstock_row_t(job->compute, s->mixed, s, s->sums.a, &s->omt);
     return MS_STAGE_APPLY;
 }
 
@@ -489,14 +486,7 @@ MS__AI void mstock_schunk(enum ms_dtype d, bool mx, const struct mstock_state *s
         for (size_t k = 0; k < mstock_nsums(s->n); k++)
             ms_xacc_init(&a.a[k]);
         mstock_srange(d, mx, s, sc, a.a, NULL, 0.0f, 0.0f, r0, r0 + row);
-        float t, omt;
-        if (mx) {
-            t = mstock_t_mx(&s->dt, s->n, a.a);
-            omt = ms_rnd(s->dt.cd, 1.0f - t);
-        } else {
-            t = mstock_t(d, s->n, a.a);
-            omt = ms_rnd(d, 1.0f - t);
-        }
+        float omt, t = mstock_row_t(d, mx, s, a.a, &omt);
         mstock_srange(d, mx, s, sc, NULL, NULL, t, omt, r0, r0 + row);
     }
 }
