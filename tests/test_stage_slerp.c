@@ -403,6 +403,31 @@ Test(slerp, stored_path_gives_the_float_path_bytes)
         }
 }
 
+/* A single input on the stored path gives the float path's bytes: its copy
+ * quiets a signalling NaN as the float path's encode does (hand values:
+ * bf16 0x7f81 -> 0x7fc1, 0xff81 -> 0xffc1; f16 0x7c01 -> 0x7e01), and keeps
+ * every other value, quiet NaNs and -0 included. */
+Test(slerp, stored_copy_quiets_signalling_nans)
+{
+    static const int64_t shape[1] = { 6 };
+    static const uint16_t bx[6] = { 0x7f81, 0xff81, 0x7fc5, 0x8000, 0x3f80, 0x0001 };
+    static const uint16_t bw[6] = { 0x7fc1, 0xffc1, 0x7fc5, 0x8000, 0x3f80, 0x0001 };
+    static const uint16_t hx[6] = { 0x7c01, 0xfc01, 0x7e05, 0x8000, 0x3c00, 0x0001 };
+    static const uint16_t hw[6] = { 0x7e01, 0xfe01, 0x7e05, 0x8000, 0x3c00, 0x0001 };
+    const uint16_t *xs[2] = { bx, hx }, *ws[2] = { bw, hw };
+    static const enum ms_dtype dts[2] = { MS_DT_BF16, MS_DT_F16 };
+    for (int d = 0; d < 2; d++) {
+        uint16_t o[6];
+        const void *in[1] = { xs[d] };
+        struct ms_stage_job job;
+        slerp_job(&job, shape, 1, dts[d], 1, 0, 0.5);
+        cr_assert_eq(ms_stage_run_stored(&job, dts[d], in, o, 0), 0);
+        for (int i = 0; i < 6; i++)
+            cr_assert_eq(o[i], ws[d][i], "dtype %d element %d: 0x%04x, want 0x%04x", d, i, o[i],
+                         ws[d][i]);
+    }
+}
+
 /* A single input (a one-pass copy under a float32 compute dtype) stays on the
  * float path: one-pass jobs see apply_stored in the compute dtype only. */
 Test(slerp, stored_path_declines_one_pass_jobs)
