@@ -541,6 +541,20 @@ static const char *const split_recipes[][2] = {
                     "  - model: ft2\n    parameters: {weight: 0.4}\n" },
 };
 
+/* The merge of recipe with every stored path off (MERGESTREAM_STORED=0) gives the
+ * bytes of its merge with each variant (environment, options). */
+static void check_stored_vs_float(const char *recipe, const char *const (*variants)[2],
+                                  size_t nvariants)
+{
+    run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
+           recipe);
+    for (size_t v = 0; v < nvariants; v++) {
+        run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir, variants[v][0],
+               recipe, variants[v][1]);
+        assert_same_output("a/out", "b/out");
+    }
+}
+
 /* Every split_recipes merge with each variant (environment, options) gives the
  * bytes of the merge with ref (environment, options). */
 static void check_split_recipes(const char *const ref[2], const char *const (*variants)[2],
@@ -610,13 +624,7 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
                               "  - model: h1\n    parameters: {weight: 0.7, density: 0.4}\n");
     static const char *const h16[] = { "slerph.yml", "tiesh.yml", "dareh.yml" };
     for (size_t r = 0; r < MS_ARRAY_LEN(h16); r++) {
-        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
-               h16[r]);
-        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
-                   variants[v][0], h16[r], variants[v][1]);
-            assert_same_output("a/out", "b/out");
-        }
+        check_stored_vs_float(h16[r], variants, MS_ARRAY_LEN(variants));
     }
     /* geo: model_stock and nuslerp (flattened, then per row) in float16 */
     run_ok("cd %s && ms-mkmodel --base base --noise 0.01 --seed 23 --dtype f16 h2 >/dev/null",
@@ -634,13 +642,7 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
     };
     for (size_t r = 0; r < MS_ARRAY_LEN(f16_recipes); r++) {
         write_recipe(f16_recipes[r][0], f16_recipes[r][1]);
-        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
-               f16_recipes[r][0]);
-        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
-                   variants[v][0], f16_recipes[r][0], variants[v][1]);
-            assert_same_output("a/out", "b/out");
-        }
+        check_stored_vs_float(f16_recipes[r][0], variants, MS_ARRAY_LEN(variants));
     }
     /* multislerp in float16, and in float32 on bfloat16 bytes written as bfloat16 */
     write_recipe("mslerph.yml", "merge_method: multislerp\nmodels:\n"
@@ -652,13 +654,7 @@ Test(engine, stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
                                  "  - model: ft2\n    parameters: {weight: 0.2}\n");
     static const char *const more[2] = { "mslerph.yml", "mslerp32.yml" };
     for (size_t r = 0; r < 2; r++) {
-        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
-               more[r]);
-        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
-                   variants[v][0], more[r], variants[v][1]);
-            assert_same_output("a/out", "b/out");
-        }
+        check_stored_vs_float(more[r], variants, MS_ARRAY_LEN(variants));
     }
 }
 
@@ -690,13 +686,7 @@ Test(engine, sce_stored_passes_give_the_bytes_of_the_float_path, .timeout = 300)
     };
     for (size_t r = 0; r < MS_ARRAY_LEN(recipes); r++) {
         write_recipe(recipes[r][0], recipes[r][1]);
-        run_ok("cd %s && rm -rf a && MERGESTREAM_STORED=0 mergestream merge %s a/out -q", g_dir,
-               recipes[r][0]);
-        for (size_t v = 0; v < MS_ARRAY_LEN(variants); v++) {
-            run_ok("cd %s && rm -rf b && %s mergestream merge %s b/out -q %s", g_dir,
-                   variants[v][0], recipes[r][0], variants[v][1]);
-            assert_same_output("a/out", "b/out");
-        }
+        check_stored_vs_float(recipes[r][0], variants, MS_ARRAY_LEN(variants));
     }
 }
 
